@@ -1,0 +1,47 @@
+"""trio_dpsup: a Trio supervisor for data-parallel LLM inference servers.
+
+Start one HTTP server per rank, watch them, serve a control plane for probes, and tear
+everything down in a strict order on request or on the first failure::
+
+    config = SupervisorConfig(command=("python", "-m", "trio_dpsup.demo", "--port", "{port}"),
+                              ranks=2, base_port=8000, control_port=9000)
+    async with trio.open_nursery() as nursery:
+        handle = await nursery.start(Supervisor(config).run)
+        await handle.wait_ready()
+        ...
+        handle.request_shutdown()
+"""
+
+from ._config import SupervisorConfig
+from ._errors import (
+    ConfigError,
+    RankExited,
+    RankSpawnFailed,
+    RankUnhealthy,
+    StartupTimeout,
+    SupervisorFailure,
+)
+from ._plan import RankPlan, plan_ranks
+from ._state import ProbeResult, RankState, RankStatus, SupervisorState, SupervisorStatus
+from ._supervisor import Supervisor, SupervisorHandle
+
+__all__ = [
+    "ConfigError",
+    "ProbeResult",
+    "RankExited",
+    "RankPlan",
+    "RankSpawnFailed",
+    "RankState",
+    "RankStatus",
+    "RankUnhealthy",
+    "StartupTimeout",
+    "Supervisor",
+    "SupervisorConfig",
+    "SupervisorFailure",
+    "SupervisorHandle",
+    "SupervisorState",
+    "SupervisorStatus",
+    "plan_ranks",
+]
+
+__version__ = "0.1.0"

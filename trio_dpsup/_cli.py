@@ -1,0 +1,250 @@
+"""The command line: ``trio-dpsup [options] -- COMMAND [ARGS...]``.
+
+The CLI owns what the library leaves to its caller: signal handling (the first SIGTERM or
+SIGINT starts the ordered shutdown and is forwarded to the ranks, a second one kills them
+at once), logging setup, becoming a child subreaper, and the exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import AsyncIterator, Sequence
+from typing import NoReturn, TypeVar
+
+import trio
+
+from ._config import SupervisorConfig
+from ._errors import EXIT_USAGE, ConfigError, SupervisorFailure
+from ._plan import PLACEHOLDERS
+from ._spawn import become_subreaper
+from ._supervisor import Supervisor, SupervisorHandle
+
+__all__ = ["main", "run_cli"]
+
+logger = logging.getLogger("trio_dpsup")
+
+PROG = "trio-dpsup"
+E = TypeVar("E", bound=BaseException)
+_DEFAULTS = SupervisorConfig(command=("unused",))
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    """Console-script entry point: run the CLI and exit with its status."""
+    sys.exit(run_cli(sys.argv[1:] if argv is None else argv))
+
+
+def run_cli(argv: Sequence[str]) -> int:
+    """Parse `argv`, supervise, and return the exit status (2 for bad input)."""
+    parser = build_parser()
+    options, command = _split_command(argv)
+    args = parser.parse_args(options)  # exits 2 itself on a malformed option
+    logging.basicConfig(
+        level=args.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # One line per probe from httpx, and hypercorn's banner, would drown the ranks' events.
+    for noisy in ("httpx", "httpcore", "hypercorn.error"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        config = _config_from_args(args, command)
+    except ConfigError as exc:
+        return _usage_error(exc)
+    return trio.run(_supervise, config)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    placeholders = "\n".join(f"  {{{name}}}  {text}" for name, text in PLACEHOLDERS.items())
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        usage=f"{PROG} [options] -- COMMAND [ARGS...]",
+        description=(
+            "Start one HTTP server per data-parallel rank, watch them, serve a control plane "
+            "for probes, and tear everything down in order on a signal or the first failure."
+        ),
+        epilog=(
+            f"COMMAND and ARGS are templates; these placeholders are filled in per rank:\n"
+            f"{placeholders}\n\n"
+            "Devices: --devices, else CUDA_VISIBLE_DEVICES, is split into groups of "
+            "--gpus-per-rank; each rank gets CUDA_VISIBLE_DEVICES set to its own group. "
+            "With no devices known, --ranks is required and CUDA_VISIBLE_DEVICES is left "
+            "alone.\n\n"
+            "Exit status: 0 after a requested shutdown in which every rank stopped within the "
+            "grace period; the first failing rank's status (128+N for signal N); 1 for a "
+            "probe failure, a startup timeout or a rank that had to be killed; 2 for bad input."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    d = _DEFAULTS
+    ranks = parser.add_argument_group("ranks")
+    ranks.add_argument("--ranks", type=int, help="local ranks (default: devices / gpus-per-rank)")
+    ranks.add_argument(
+        "--start-rank",
+        type=int,
+        default=d.start_rank,
+        help="global rank of local rank 0 (default: %(default)s)",
+    )
+    ranks.add_argument(
+        "--gpus-per-rank",
+        type=int,
+        default=d.gpus_per_rank,
+        help="devices per rank, e.g. TP x PP (default: %(default)s)",
+    )
+    ranks.add_argument(
+        "--devices",
+        type=_device_list,
+        help="comma list of devices to hand out (default: CUDA_VISIBLE_DEVICES)",
+    )
+    ranks.add_argument(
+        "--host",
+        default=d.host,
+        help="host the ranks listen on, for {host} and probes (default: %(default)s)",
+    )
+    ranks.add_argument(
+        "--base-port",
+        type=int,
+        default=d.base_port,
+        help="port of local rank 0; rank i gets base+i (default: %(default)s)",
+    )
+    control = parser.add_argument_group("control plane")
+    control.add_argument("--control-host", default=d.control_host, help="(default: %(default)s)")
+    control.add_argument(
+        "--control-port",
+        type=int,
+        default=d.control_port,
+        help="0 for any free port (default: %(default)s)",
+    )
+    probes = parser.add_argument_group("health probes")
+    probes.add_argument("--health-path", default=d.health_path, help="(default: %(default)s)")
+    probes.add_argument(
+        "--probe-interval",
+        type=float,
+        default=d.probe_interval,
+        help="seconds between probes of a ready rank (default: %(default)s)",
+    )
+    probes.add_argument(
+        "--probe-timeout",
+        type=float,
+        default=d.probe_timeout,
+        help="seconds (default: %(default)s)",
+    )
+    probes.add_argument(
+        "--failure-threshold",
+        type=int,
+        default=d.failure_threshold,
+        help="consecutive failures that fail a ready rank (default: %(default)s)",
+    )
+    probes.add_argument(
+        "--startup-timeout",
+        type=float,
+        default=d.startup_timeout,
+        help="seconds for every rank to become ready; 0: no limit (default: %(default)s)",
+    )
+    stop = parser.add_argument_group("shutdown")
+    stop.add_argument(
+        "--grace-period",
+        type=float,
+        default=d.grace_period,
+        help="seconds between the forwarded signal and SIGKILL (default: %(default)s)",
+    )
+    stop.add_argument(
+        "--drain-delay",
+        type=float,
+        default=d.drain_delay,
+        help="seconds to stay up, not ready, before signalling ranks (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="(default: %(default)s)",
+    )
+    return parser
+
+
+def _split_command(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Options before the first ``--``, the rank command after it."""
+    argv = list(argv)
+    if "--" not in argv:
+        return argv, []
+    index = argv.index("--")
+    return argv[:index], argv[index + 1 :]
+
+
+def _device_list(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(","))
+
+
+def _config_from_args(args: argparse.Namespace, command: list[str]) -> SupervisorConfig:
+    return SupervisorConfig(
+        command=tuple(command),
+        ranks=args.ranks,
+        start_rank=args.start_rank,
+        gpus_per_rank=args.gpus_per_rank,
+        devices=args.devices,
+        host=args.host,
+        base_port=args.base_port,
+        control_host=args.control_host,
+        control_port=args.control_port,
+        health_path=args.health_path,
+        probe_interval=args.probe_interval,
+        probe_timeout=args.probe_timeout,
+        failure_threshold=args.failure_threshold,
+        startup_timeout=args.startup_timeout,
+        grace_period=args.grace_period,
+        drain_delay=args.drain_delay,
+    )
+
+
+def _usage_error(exc: ConfigError) -> int:
+    print(f"{PROG}: error: {exc}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+async def _supervise(config: SupervisorConfig) -> int:
+    # Orphaned grandchildren of ranks re-parent to us, not to init, so that they stay in
+    # our tree until we have killed and reaped them.
+    if not become_subreaper():
+        logger.warning("could not become a child subreaper; orphans re-parent to init")
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        try:
+            async with trio.open_nursery() as nursery:
+                handle: SupervisorHandle = await nursery.start(Supervisor(config).run)
+                nursery.start_soon(_forward_signals, signals, handle)
+                status = await handle.wait_stopped()
+                nursery.cancel_scope.cancel()
+                return status
+        except BaseExceptionGroup as group:
+            config_error = _first_leaf(group, ConfigError)
+            if config_error is not None:
+                return _usage_error(config_error)
+            failure = _first_leaf(group, SupervisorFailure)
+            if failure is not None:
+                return failure.exit_status
+            raise
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def _forward_signals(signals: AsyncIterator[int], handle: SupervisorHandle) -> None:
+    first = True
+    async for signum in signals:
+        if first:
+            handle.request_shutdown(signum)
+            first = False
+        else:
+            logger.warning("second signal (%s): killing ranks now", signal.Signals(signum).name)
+            handle.kill()
+
+
+def _first_leaf(group: BaseExceptionGroup[BaseException], cls: type[E]) -> E | None:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            found = _first_leaf(exc, cls)
+            if found is not None:
+                return found
+        elif isinstance(exc, cls):
+            return exc
+    return None

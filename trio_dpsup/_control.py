@@ -1,0 +1,192 @@
+"""The control plane: a small raw ASGI app served by hypercorn.
+
+It listens before any rank is spawned and stops after every rank is gone, so probes always
+get an answer that says why (503 with a reason while starting or stopping). GET and HEAD only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import socket
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Any
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve
+from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
+
+from ._errors import ConfigError
+from ._state import RankStatus, SupervisorState, SupervisorStatus
+
+__all__ = ["ControlApp", "bind_control_socket", "serve_control_plane", "status_to_json"]
+
+logger = logging.getLogger(__name__)
+
+#: Connections still open when the control plane stops get this long to finish. Probes are
+#: tiny; anything slower is a client that keeps an idle connection open.
+GRACEFUL_TIMEOUT = 0.5
+
+_RANK_READY = re.compile(r"^/ranks/(-?\d+)/ready$")
+_READY_PATHS = frozenset({"/ready", "/readyz", "/health"})
+_ALLOWED = "GET, HEAD"
+
+
+class ControlApp:
+    """Answers the probe and status endpoints from `snapshot()`, a fresh status each call."""
+
+    def __init__(self, snapshot: Callable[[], SupervisorStatus]) -> None:
+        self._snapshot = snapshot
+
+    async def __call__(
+        self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return  # websockets: refused by closing without accepting
+        status, headers, body = self._route(scope["method"], scope["path"])
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(b"content-length", str(len(body)).encode()), *headers],
+                "trailers": False,
+            }
+        )
+        payload = b"" if scope["method"] == "HEAD" else body
+        await send({"type": "http.response.body", "body": payload, "more_body": False})
+
+    def _route(self, method: str, path: str) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        if method not in ("GET", "HEAD"):
+            return 405, [(b"allow", _ALLOWED.encode()), *_TEXT], b"method not allowed\n"
+        status = self._snapshot()
+        if path == "/livez":
+            return 200, _TEXT, b"ok\n"
+        if path == "/startupz":
+            if status.started:
+                return 200, _TEXT, b"ok\n"
+            return 503, _TEXT, _reason(status).encode()
+        if path in _READY_PATHS:
+            if status.ready:
+                return 200, _TEXT, b"ok\n"
+            return 503, _TEXT, _reason(status).encode()
+        if path == "/status":
+            body = json.dumps(status_to_json(status), indent=2).encode() + b"\n"
+            return 200, [(b"content-type", b"application/json")], body
+        if match := _RANK_READY.match(path):
+            return self._rank_ready(status, int(match.group(1)))
+        return 404, _TEXT, b"not found\n"
+
+    @staticmethod
+    def _rank_ready(
+        status: SupervisorStatus, rank: int
+    ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        found = [r for r in status.ranks if r.rank == rank]
+        if not found:
+            return 404, _TEXT, f"no rank {rank} here\n".encode()
+        rank_status = found[0]
+        if rank_status.ready and not status.stopping:
+            return 200, _TEXT, b"ok\n"
+        return 503, _TEXT, f"rank {rank} is {rank_status.state.value}\n".encode()
+
+
+_TEXT = [(b"content-type", b"text/plain; charset=utf-8")]
+
+
+def _reason(status: SupervisorStatus) -> str:
+    if status.failure is not None:
+        return f"{status.state.value}: {status.failure}\n"
+    if status.state is SupervisorState.STARTING:
+        ranks = ", ".join(str(r) for r in status.not_ready())
+        return f"starting: ranks not ready: {ranks}\n"
+    return f"{status.state.value}\n"
+
+
+async def _lifespan(receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+def status_to_json(status: SupervisorStatus) -> dict[str, Any]:
+    """The /status document: supervisor state, first failure, and one object per rank."""
+    return {
+        "state": status.state.value,
+        "ready": status.ready,
+        "started": status.started,
+        "failure": None if status.failure is None else str(status.failure),
+        "ranks": [_rank_json(r) for r in status.ranks],
+    }
+
+
+def _rank_json(rank: RankStatus) -> dict[str, Any]:
+    probe = rank.last_probe
+    return {
+        "rank": rank.rank,
+        "local_rank": rank.local_rank,
+        "state": rank.state.value,
+        "ready": rank.ready,
+        "pid": rank.pid,
+        "port": rank.port,
+        "devices": list(rank.devices),
+        "returncode": rank.returncode,
+        "consecutive_failures": rank.consecutive_failures,
+        "last_probe": None
+        if probe is None
+        else {
+            "ok": probe.ok,
+            "status_code": probe.status_code,
+            "error": probe.error,
+            "latency_ms": round(probe.latency * 1000, 3),
+        },
+        "command": list(rank.command),
+    }
+
+
+def bind_control_socket(host: str, port: int) -> socket.socket:
+    """Bind the control plane's socket now, so a taken port is a ConfigError before any rank
+    is spawned. Port 0 binds any free port."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        family, _, _, _, address = infos[0]
+        return socket.create_server(address, family=family)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot listen on --control-host {host} --control-port {port}: {exc.strerror or exc}"
+            ": choose a free port (or 0 for any free port)"
+        ) from exc
+
+
+async def serve_control_plane(
+    app: ControlApp,
+    sock: socket.socket,
+    shutdown_trigger: Callable[[], Awaitable[Any]],
+    *,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve `app` on `sock` until `shutdown_trigger` returns. Takes ownership of `sock`.
+
+    Calls ``task_status.started(url)`` with the bound address once it accepts connections.
+
+    **Cancellation**: stops serving at once, dropping open connections.
+    """
+    config = HypercornConfig()
+    config.bind = [f"fd://{sock.detach()}"]  # hypercorn owns the descriptor from here on
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")  # hypercorn's own name for it
+    config.graceful_timeout = GRACEFUL_TIMEOUT
+    config.include_server_header = False
+    async with trio.open_nursery() as nursery:
+        binds: list[str] = await nursery.start(
+            partial(serve, app, config, shutdown_trigger=shutdown_trigger, mode="asgi")
+        )
+        task_status.started(binds[0])

@@ -1,0 +1,99 @@
+"""The exceptions trio_dpsup raises, and the exit status each one maps to.
+
+A supervisor stops for one reason, the first failure it saw. Each failure is an exception
+raised by the task that saw it; the nursery turns it into cancellation of everything else,
+and `Supervisor.run` re-raises that first failure alone (not an exception group), so callers
+can write ``except RankExited``.
+"""
+
+from __future__ import annotations
+
+import signal
+
+__all__ = [
+    "ConfigError",
+    "RankExited",
+    "RankSpawnFailed",
+    "RankUnhealthy",
+    "StartupTimeout",
+    "SupervisorFailure",
+]
+
+#: Exit status for a usage or configuration error (the argparse convention).
+EXIT_USAGE = 2
+#: Exit status when the first failure has no process status of its own (probe, deadline).
+EXIT_FAILURE = 1
+
+
+class ConfigError(ValueError):
+    """Bad input: the message says what to change. Raised before anything is started."""
+
+
+class SupervisorFailure(Exception):
+    """The first failure that made a supervisor stop. `exit_status` is the CLI's exit code."""
+
+    @property
+    def exit_status(self) -> int:
+        return EXIT_FAILURE
+
+
+class RankExited(SupervisorFailure):
+    """A rank's process exited without being asked to, with any status (0 included)."""
+
+    def __init__(self, rank: int, returncode: int) -> None:
+        self.rank = rank
+        #: As in `subprocess.Popen.returncode`: negative for death by a signal.
+        self.returncode = returncode
+        super().__init__(f"rank {rank} exited unexpectedly: {describe_returncode(returncode)}")
+
+    @property
+    def exit_status(self) -> int:
+        # Exit 0 after a crash is the bug this project exists to avoid: an unexpected
+        # exit with status 0 is still a failure.
+        if self.returncode == 0:
+            return EXIT_FAILURE
+        if self.returncode < 0:
+            return 128 - self.returncode  # the shell's convention for death by signal
+        return self.returncode
+
+
+class RankSpawnFailed(SupervisorFailure):
+    """A rank's command could not be executed (it passed validation, then exec failed)."""
+
+    def __init__(self, rank: int, reason: str) -> None:
+        self.rank = rank
+        self.reason = reason
+        super().__init__(f"rank {rank} could not be started: {reason}")
+
+
+class RankUnhealthy(SupervisorFailure):
+    """A ready rank failed `failure_threshold` consecutive health probes."""
+
+    def __init__(self, rank: int, failures: int, last_error: str) -> None:
+        self.rank = rank
+        self.failures = failures
+        self.last_error = last_error
+        super().__init__(
+            f"rank {rank} is unhealthy: {failures} consecutive probe failures, last: {last_error}"
+        )
+
+
+class StartupTimeout(SupervisorFailure):
+    """Not every rank became ready within the startup deadline."""
+
+    def __init__(self, timeout: float, not_ready: tuple[int, ...]) -> None:
+        self.timeout = timeout
+        self.not_ready = not_ready
+        ranks = ", ".join(str(r) for r in not_ready)
+        super().__init__(f"startup timed out after {timeout:g}s; ranks not ready: {ranks}")
+
+
+def describe_returncode(returncode: int) -> str:
+    """``exit status 3`` or ``killed by SIGKILL``, for logs and messages."""
+    if returncode >= 0:
+        return f"exit status {returncode}"
+    try:
+        name = signal.Signals(-returncode).name
+    except ValueError:
+        name = f"signal {-returncode}"
+    return f"killed by {name}"

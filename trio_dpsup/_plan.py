@@ -1,0 +1,203 @@
+"""The rank plan: for each local rank, its global rank, port, devices, environment and argv.
+
+Everything here is pure and eager: `plan_ranks` either returns the full plan or raises
+ConfigError naming the fix, before any process is started.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from ._config import SupervisorConfig, check_port_range
+from ._errors import ConfigError
+
+__all__ = ["PLACEHOLDERS", "RankPlan", "plan_ranks", "redact_argv", "resolve_devices"]
+
+#: The placeholders a command template may use, and what each stands for.
+PLACEHOLDERS: Mapping[str, str] = {
+    "rank": "global data-parallel rank (start rank + local rank)",
+    "local_rank": "rank on this node, from 0",
+    "port": "the rank's port (base port + local rank)",
+    "host": "the host ranks listen on",
+    "gpus": "comma list of the rank's devices",
+    "ranks": "number of local ranks",
+}
+
+# `{name}` is a placeholder; `{{` and `}}` are literal braces. Anything else with braces
+# (JSON such as '{"max_tokens": 8}') passes through untouched, because vLLM options take JSON.
+_TEMPLATE = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+#: Option names whose values are secrets, matched case-insensitively inside the name.
+_SECRET_WORDS = ("key", "token", "secret", "password")
+REDACTED = "***"
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    """One rank, fully resolved. `env` holds only what the supervisor sets for this rank."""
+
+    local_rank: int
+    rank: int
+    port: int
+    devices: tuple[str, ...]
+    argv: tuple[str, ...]
+    env: tuple[tuple[str, str], ...]
+
+    @property
+    def redacted_argv(self) -> tuple[str, ...]:
+        return redact_argv(self.argv)
+
+
+def plan_ranks(config: SupervisorConfig, environ: Mapping[str, str]) -> tuple[RankPlan, ...]:
+    """Resolve `config` against `environ` (for CUDA_VISIBLE_DEVICES and PATH).
+
+    Raises ConfigError for an unknown placeholder, a command that cannot be run, too few
+    devices, or `ranks` missing when no device is known.
+    """
+    devices = resolve_devices(config, environ)
+    ranks = _rank_count(config, devices)
+    check_port_range(config, ranks)
+    _check_placeholders(config.command, has_devices=devices is not None)
+    plans = []
+    for local_rank in range(ranks):
+        own = () if devices is None else _slice(devices, local_rank, config.gpus_per_rank)
+        values = {
+            "rank": str(config.start_rank + local_rank),
+            "local_rank": str(local_rank),
+            "port": str(config.base_port + local_rank),
+            "host": config.host,
+            "gpus": ",".join(own),
+            "ranks": str(ranks),
+        }
+        env = list(config.env)
+        if devices is not None:
+            env.append(("CUDA_VISIBLE_DEVICES", ",".join(own)))
+        plans.append(
+            RankPlan(
+                local_rank=local_rank,
+                rank=config.start_rank + local_rank,
+                port=config.base_port + local_rank,
+                devices=own,
+                argv=tuple(_fill(arg, values) for arg in config.command),
+                env=tuple(env),
+            )
+        )
+    _check_executable(plans[0].argv[0], environ)
+    return tuple(plans)
+
+
+def resolve_devices(config: SupervisorConfig, environ: Mapping[str, str]) -> tuple[str, ...] | None:
+    """The devices to hand out: `config.devices`, else CUDA_VISIBLE_DEVICES, else None."""
+    if config.devices is not None:
+        return config.devices
+    visible = environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return None
+    # An empty CUDA_VISIBLE_DEVICES means "no GPUs" to CUDA; keep that meaning.
+    devices = tuple(d.strip() for d in visible.split(",") if d.strip())
+    if len(set(devices)) != len(devices):
+        raise ConfigError(
+            f"CUDA_VISIBLE_DEVICES={visible!r} lists a device twice: list each device once"
+        )
+    return devices
+
+
+def redact_argv(argv: Sequence[str]) -> tuple[str, ...]:
+    """Hide values of options whose name contains key, token, secret or password.
+
+    Handles ``--api-key VALUE`` and ``--api-key=VALUE``; used for /status and logs.
+    """
+    out: list[str] = []
+    hide_next = False
+    for arg in argv:
+        if hide_next:
+            out.append(REDACTED)
+            hide_next = False
+            continue
+        if arg.startswith("-"):
+            name, eq, _ = arg.partition("=")
+            if _is_secret_option(name):
+                if eq:
+                    out.append(f"{name}={REDACTED}")
+                    continue
+                hide_next = True
+        out.append(arg)
+    return tuple(out)
+
+
+def _is_secret_option(name: str) -> bool:
+    lowered = name.lower()
+    return any(word in lowered for word in _SECRET_WORDS)
+
+
+def _rank_count(config: SupervisorConfig, devices: tuple[str, ...] | None) -> int:
+    if devices is None:
+        if config.ranks is None:
+            raise ConfigError(
+                "no devices are known, so the rank count cannot be derived: pass --ranks N "
+                "(or --devices, or set CUDA_VISIBLE_DEVICES)"
+            )
+        return config.ranks
+    available = len(devices) // config.gpus_per_rank
+    ranks = available if config.ranks is None else config.ranks
+    if ranks < 1 or ranks * config.gpus_per_rank > len(devices):
+        wanted = (config.ranks or 1) * config.gpus_per_rank
+        raise ConfigError(
+            f"{ranks or 1} ranks x {config.gpus_per_rank} GPUs per rank need {wanted} devices, "
+            f"but only {len(devices)} are available ({','.join(devices) or 'none'}): "
+            f"lower --ranks or --gpus-per-rank, or pass more --devices"
+        )
+    return ranks
+
+
+def _slice(devices: tuple[str, ...], local_rank: int, per_rank: int) -> tuple[str, ...]:
+    return devices[local_rank * per_rank : (local_rank + 1) * per_rank]
+
+
+def _check_placeholders(command: Sequence[str], *, has_devices: bool) -> None:
+    for arg in command:
+        for match in _TEMPLATE.finditer(arg):
+            name = match.group(1)
+            if name is None:
+                continue
+            if name not in PLACEHOLDERS:
+                known = ", ".join("{" + p + "}" for p in PLACEHOLDERS)
+                raise ConfigError(
+                    f"unknown placeholder {{{name}}} in {arg!r}: use one of {known} "
+                    "(write {{ and }} for literal braces)"
+                )
+            if name == "gpus" and not has_devices:
+                raise ConfigError(
+                    "{gpus} is used but no devices are known: pass --devices or set "
+                    "CUDA_VISIBLE_DEVICES"
+                )
+
+
+def _fill(arg: str, values: Mapping[str, str]) -> str:
+    def replace(match: re.Match[str]) -> str:
+        text = match.group(0)
+        if text in ("{{", "}}"):
+            return text[0]
+        return values[match.group(1)]
+
+    return _TEMPLATE.sub(replace, arg)
+
+
+def _check_executable(program: str, environ: Mapping[str, str]) -> None:
+    if os.sep in program:
+        if not os.path.isfile(program):
+            raise ConfigError(f"command {program!r} does not exist: check the path after '--'")
+        if not os.access(program, os.X_OK):
+            raise ConfigError(
+                f"command {program!r} is not executable: chmod +x it, or run it through "
+                "its interpreter"
+            )
+        return
+    if shutil.which(program, path=environ.get("PATH", os.defpath)) is None:
+        raise ConfigError(
+            f"command {program!r} is not found on PATH: install it, or give its full path"
+        )

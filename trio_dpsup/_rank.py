@@ -1,0 +1,81 @@
+"""The task that owns one rank's process: spawn it, await its exit, stop it.
+
+An exit that nobody asked for is a failure (`RankExited`), also with status 0. Cancellation
+of the task is the request to stop: it runs the stop procedure, shielded and bounded by the
+shared grace deadline.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+
+import trio
+
+from ._errors import RankExited, RankSpawnFailed, SupervisorFailure, describe_returncode
+from ._process_tree import TREE_ENV
+from ._spawn import Spawner
+from ._state import RankRecord, RankState
+from ._stop import StopClock, stop_rank
+
+__all__ = ["run_rank"]
+
+logger = logging.getLogger(__name__)
+
+
+async def run_rank(
+    record: RankRecord,
+    *,
+    spawner: Spawner,
+    clock: StopClock,
+    environ: Mapping[str, str],
+    cookie: str,
+    fail: Callable[[SupervisorFailure], SupervisorFailure],
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run one rank until it exits or this task is cancelled.
+
+    Calls ``task_status.started()`` once the process exists. `fail` records a failure and
+    cancels the other ranks at once, before this rank's own leftovers are cleaned up.
+
+    **Cancellation**: stops the rank (signal, grace, tree kill) before returning; that part
+    is shielded and bounded by the shared grace deadline plus the kill timeout.
+    """
+    plan = record.plan
+    env = {**environ, **dict(plan.env), TREE_ENV: cookie}
+    since = time.time()
+    try:
+        process = await spawner.spawn(plan.argv, env)
+    except OSError as exc:
+        record.state = RankState.FAILED
+        raise fail(RankSpawnFailed(plan.rank, str(exc))) from exc
+    record.pid = process.pid
+    record.state = RankState.STARTING
+    logger.info("rank %d started: pid %d, port %d", plan.rank, process.pid, plan.port)
+    task_status.started()
+
+    failure: SupervisorFailure | None = None
+    try:
+        returncode = await process.wait()
+        record.returncode = returncode
+        record.state = RankState.FAILED
+        logger.error("rank %d exited unexpectedly: %s", plan.rank, describe_returncode(returncode))
+        failure = fail(RankExited(plan.rank, returncode))
+    finally:
+        with trio.CancelScope(shield=True):
+            if record.state is not RankState.FAILED:
+                record.state = RankState.STOPPING
+            graceful = await stop_rank(plan.rank, process, cookie, since, clock)
+            record.killed = not graceful
+            record.returncode = process.returncode
+            if record.state is RankState.STOPPING:
+                record.state = RankState.STOPPED
+                logger.info(
+                    "rank %d stopped: %s",
+                    plan.rank,
+                    describe_returncode(process.returncode)
+                    if process.returncode is not None
+                    else "still running",
+                )
+    raise failure

@@ -1,0 +1,166 @@
+"""The supervisor's state: typed, in one place, and read through frozen snapshots.
+
+Rank tasks and the prober write to a `Board`; the control plane and the library handle only
+read `SupervisorStatus` snapshots of it. Everything runs on one Trio thread, so no locks.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import trio
+
+from ._errors import SupervisorFailure
+from ._plan import RankPlan
+
+__all__ = ["ProbeResult", "RankState", "RankStatus", "SupervisorState", "SupervisorStatus"]
+
+
+class RankState(enum.Enum):
+    """The life of one rank."""
+
+    PENDING = "pending"  # planned, not spawned yet
+    STARTING = "starting"  # spawned, not yet answering its health path
+    READY = "ready"  # answered 200 and has not failed `failure_threshold` probes since
+    STOPPING = "stopping"  # being stopped: signalled, within its grace period
+    STOPPED = "stopped"  # exited after we asked it to
+    FAILED = "failed"  # exited on its own, or failed its probes
+
+
+class SupervisorState(enum.Enum):
+    """The life of the supervisor as a whole. Only READY answers 200 on /ready."""
+
+    STARTING = "starting"
+    READY = "ready"
+    DRAINING = "draining"  # shutdown requested; not ready, ranks still serving
+    STOPPING = "stopping"  # ranks being signalled and killed
+    STOPPED = "stopped"
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """One health probe of one rank."""
+
+    ok: bool
+    #: HTTP status, or None when no response came (refused, timed out).
+    status_code: int | None
+    error: str | None
+    latency: float
+
+
+@dataclass(frozen=True)
+class RankStatus:
+    rank: int
+    local_rank: int
+    port: int
+    devices: tuple[str, ...]
+    state: RankState
+    pid: int | None
+    returncode: int | None
+    last_probe: ProbeResult | None
+    consecutive_failures: int
+    #: The command line with secrets redacted.
+    command: tuple[str, ...]
+
+    @property
+    def ready(self) -> bool:
+        return self.state is RankState.READY
+
+
+@dataclass(frozen=True)
+class SupervisorStatus:
+    state: SupervisorState
+    ranks: tuple[RankStatus, ...]
+    #: Every rank has been ready at least once (what /startupz reports).
+    started: bool
+    #: The first failure, once there is one.
+    failure: SupervisorFailure | None
+
+    @property
+    def ready(self) -> bool:
+        return self.state is SupervisorState.READY
+
+    @property
+    def stopping(self) -> bool:
+        """Shutdown or a failure has begun: nothing should be routed here any more."""
+        return self.state not in (SupervisorState.STARTING, SupervisorState.READY)
+
+    def not_ready(self) -> tuple[int, ...]:
+        return tuple(r.rank for r in self.ranks if not r.ready)
+
+
+class RankRecord:
+    """The mutable state of one rank, written by its task and by the prober."""
+
+    def __init__(self, plan: RankPlan) -> None:
+        self.plan = plan
+        self.state = RankState.PENDING
+        self.pid: int | None = None
+        self.returncode: int | None = None
+        self.last_probe: ProbeResult | None = None
+        self.consecutive_failures = 0
+        #: Set when the rank needed SIGKILL: it did not stop within the grace period.
+        self.killed = False
+
+    def snapshot(self) -> RankStatus:
+        return RankStatus(
+            rank=self.plan.rank,
+            local_rank=self.plan.local_rank,
+            port=self.plan.port,
+            devices=self.plan.devices,
+            state=self.state,
+            pid=self.pid,
+            returncode=self.returncode,
+            last_probe=self.last_probe,
+            consecutive_failures=self.consecutive_failures,
+            command=self.plan.redacted_argv,
+        )
+
+
+class Board:
+    """All state of one supervisor run, and the events that announce its changes."""
+
+    def __init__(self, plans: tuple[RankPlan, ...]) -> None:
+        self.ranks = tuple(RankRecord(plan) for plan in plans)
+        self.state = SupervisorState.STARTING
+        self.failure: SupervisorFailure | None = None
+        self.started = False
+        self.all_ready = trio.Event()  # set once, when every rank is first ready
+        self.stopping = trio.Event()  # set once, when shutdown or a failure begins
+
+    def by_rank(self, rank: int) -> RankRecord | None:
+        index = rank - self.ranks[0].plan.rank
+        return self.ranks[index] if 0 <= index < len(self.ranks) else None
+
+    def mark_ready(self, record: RankRecord) -> None:
+        if record.state is not RankState.STARTING:
+            return  # stopping already: a late probe result must not revive it
+        record.state = RankState.READY
+        if all(r.state is RankState.READY for r in self.ranks):
+            self.started = True
+            if self.state is SupervisorState.STARTING:
+                self.state = SupervisorState.READY
+            self.all_ready.set()
+
+    def fail(self, failure: SupervisorFailure) -> SupervisorFailure:
+        """Record `failure` if it is the first, stop answering ready, and return it to raise."""
+        if self.failure is None:
+            self.failure = failure
+        self.begin_stopping(SupervisorState.STOPPING)
+        return failure
+
+    def begin_stopping(self, state: SupervisorState) -> None:
+        """Enter DRAINING or STOPPING: /ready answers 503 from this moment on."""
+        if self.state in (SupervisorState.STOPPING, SupervisorState.STOPPED):
+            return
+        self.state = state
+        self.stopping.set()
+
+    def snapshot(self) -> SupervisorStatus:
+        return SupervisorStatus(
+            state=self.state,
+            ranks=tuple(r.snapshot() for r in self.ranks),
+            started=self.started,
+            failure=self.failure,
+        )

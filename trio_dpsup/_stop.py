@@ -1,0 +1,131 @@
+"""The stop procedure of one rank, and the grace deadline that all ranks share.
+
+Forward the signal to the rank's process group (and to tree members that left the group),
+wait for the whole tree up to the shared grace deadline, then SIGKILL whatever is left,
+wait a bounded time, reap, and name by pid anything that could not be killed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import signal
+from collections.abc import Iterator
+
+import psutil
+import trio
+
+from ._process_tree import kill_all, reap, signal_all, snapshot_tree, wait_gone
+from ._spawn import RankProcess
+
+__all__ = ["StopClock", "stop_rank"]
+
+logger = logging.getLogger(__name__)
+
+#: How long to wait after SIGKILL. Any process outside uninterruptible sleep dies within
+#: milliseconds; one that outlives this is reported by pid instead of hanging shutdown.
+KILL_TIMEOUT = 2.0
+
+
+class StopClock:
+    """One grace deadline for every rank, fixed when the first rank starts stopping.
+
+    `kill_now` (a second signal) moves it to the past: every rank still in its grace period
+    goes straight to SIGKILL.
+    """
+
+    def __init__(self, grace_period: float) -> None:
+        self._grace_period = grace_period
+        self._deadline: float | None = None
+        self._scopes: set[trio.CancelScope] = set()
+        #: The signal forwarded to ranks: the one the supervisor received, else SIGTERM.
+        self.signum: int = signal.SIGTERM
+
+    @property
+    def deadline(self) -> float:
+        if self._deadline is None:
+            self._deadline = trio.current_time() + self._grace_period
+        return self._deadline
+
+    @contextlib.contextmanager
+    def grace(self) -> Iterator[trio.CancelScope]:
+        """A cancel scope that ends at the shared deadline, or at `kill_now`."""
+        with trio.CancelScope(deadline=self.deadline) as scope:
+            self._scopes.add(scope)
+            try:
+                yield scope
+            finally:
+                self._scopes.discard(scope)
+
+    def kill_now(self) -> None:
+        self._deadline = -math.inf
+        for scope in self._scopes:
+            scope.deadline = -math.inf
+
+
+async def stop_rank(
+    rank: int, process: RankProcess, cookie: str, since: float, clock: StopClock
+) -> bool:
+    """Stop a rank and its whole tree; True if it all exited within the grace period.
+
+    Also right for a rank that already exited: its leftovers are stopped the same way.
+
+    **Cancellation**: not cancellable in practice; callers shield it, and it is bounded by
+    the grace deadline plus KILL_TIMEOUT.
+    """
+    signum = clock.signum
+    process.signal_group(signum)
+    # After the signal, not before: the signal must not wait on a process-table scan.
+    tree = await trio.to_thread.run_sync(snapshot_tree, process.pid, cookie, since)
+    signal_all(_outside_group(tree, process.pid), signum)
+
+    graceful = False
+    with clock.grace():
+        await process.wait()
+        await wait_gone(tree)
+        graceful = True
+    if not graceful:
+        logger.warning("rank %d did not stop within the grace period: killing its tree", rank)
+        process.signal_group(signal.SIGKILL)
+
+    # Scan again: the tree may have forked between the first scan and the signal.
+    late = await trio.to_thread.run_sync(snapshot_tree, process.pid, cookie, since)
+    tree = _union(tree, late)
+    survivors = await kill_all(tree, KILL_TIMEOUT)
+    with trio.move_on_after(KILL_TIMEOUT):
+        await process.wait()
+    reap(tree)
+    if process.returncode is None:
+        survivors.append(psutil.Process(process.pid))
+    if survivors:
+        logger.error(
+            "rank %d: could not kill pids %s (uninterruptible sleep?); they are left running",
+            rank,
+            ", ".join(str(p.pid) for p in survivors),
+        )
+    return graceful
+
+
+def _outside_group(procs: list[psutil.Process], pgid: int) -> list[psutil.Process]:
+    """Tree members that left the rank's process group, and so missed its signal.
+
+    Group members must not get the signal twice: many servers treat a second SIGINT as
+    "quit now, skip cleanup".
+    """
+    outside = []
+    for proc in procs:
+        try:
+            if os.getpgid(proc.pid) != pgid:
+                outside.append(proc)
+        except ProcessLookupError:
+            continue
+    return outside
+
+
+def _union(first: list[psutil.Process], second: list[psutil.Process]) -> list[psutil.Process]:
+    seen = {p.pid: p for p in first}
+    for proc in second:
+        seen.setdefault(proc.pid, proc)
+    return list(seen.values())

@@ -1,0 +1,277 @@
+"""The supervisor: the nurseries whose structure is the shutdown order.
+
+    run()                              root nursery
+    ├── control plane (hypercorn)      started first, stopped last
+    └── ranks nursery                  cancelled on shutdown or on the first failure
+        ├── one task per rank          owns its process: spawn, wait, stop
+        ├── prober                     one httpx client, one loop per rank
+        └── shutdown watcher           drain delay, then cancels the ranks nursery
+
+A failure is an exception raised by the task that saw it. Before raising, that task records
+it on the board (the first one wins) and cancels the ranks nursery, so /ready answers 503 and
+every other rank is signalled in the same scheduler tick.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import uuid
+from collections.abc import Mapping
+from functools import partial
+
+import httpx
+import trio
+
+from ._config import SupervisorConfig
+from ._control import ControlApp, bind_control_socket, serve_control_plane
+from ._errors import EXIT_FAILURE, SupervisorFailure
+from ._plan import plan_ranks
+from ._prober import run_prober
+from ._rank import run_rank
+from ._spawn import open_spawner
+from ._state import Board, SupervisorState, SupervisorStatus
+from ._stop import StopClock
+
+__all__ = ["Supervisor", "SupervisorHandle"]
+
+logger = logging.getLogger(__name__)
+
+
+class Supervisor:
+    """Runs one supervisor from a `SupervisorConfig`. Start it with ``nursery.start``::
+
+        handle = await nursery.start(Supervisor(config).run)
+        await handle.wait_ready()
+
+    `environ` is the environment ranks inherit and the one CUDA_VISIBLE_DEVICES and PATH are
+    read from (default: os.environ). `transport` replaces the prober's HTTP transport.
+    Signals are the caller's business: the library installs no signal handler.
+    """
+
+    def __init__(
+        self,
+        config: SupervisorConfig,
+        *,
+        environ: Mapping[str, str] | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.config = config
+        self._environ = dict(os.environ if environ is None else environ)
+        self._transport = transport
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[SupervisorHandle] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Supervise the ranks until a shutdown request or the first failure.
+
+        ``task_status.started(handle)`` comes once the control plane listens and every rank
+        process exists. Raises ConfigError (nothing started) for bad input or a taken control
+        port, and the first `SupervisorFailure` after a failure, once everything is stopped.
+        Returns normally after a requested shutdown; `SupervisorHandle.exit_status` then says
+        whether every rank stopped within the grace period.
+
+        **Cancellation**: every rank is stopped (signal, grace, tree kill) before this
+        returns; the stop is shielded and bounded by the grace period plus a kill timeout.
+        """
+        plans = plan_ranks(self.config, self._environ)
+        sock = bind_control_socket(self.config.control_host, self.config.control_port)
+        run = _Run(self.config, Board(plans), self._environ, self._transport)
+        await run.run(sock, task_status)
+
+
+class SupervisorHandle:
+    """What ``nursery.start(supervisor.run)`` returns: readiness, state, shutdown."""
+
+    def __init__(self, run: _Run, control_url: str) -> None:
+        self._run = run
+        #: Where the control plane listens, e.g. ``http://127.0.0.1:9000``.
+        self.control_url = control_url
+
+    def status(self) -> SupervisorStatus:
+        """A snapshot of the supervisor's and every rank's state."""
+        return self._run.board.snapshot()
+
+    async def wait_ready(self) -> None:
+        """Return once every rank is ready.
+
+        Raises the failure if the supervisor failed first, and RuntimeError if a shutdown
+        began before every rank was ready.
+
+        **Cancellation**: safe; nothing changes.
+        """
+        board = self._run.board
+        await _first_of(board.all_ready, board.stopping)
+        if board.state is SupervisorState.READY:
+            return
+        if board.failure is not None:
+            raise board.failure
+        raise RuntimeError("the supervisor began shutting down before every rank was ready")
+
+    def request_shutdown(self, signum: int = signal.SIGTERM) -> None:
+        """Begin the ordered shutdown, forwarding `signum` to the ranks. Idempotent."""
+        self._run.request_shutdown(signum)
+
+    def kill(self) -> None:
+        """Skip the drain delay and the rest of the grace period: SIGKILL every rank now."""
+        self._run.kill()
+
+    async def wait_stopped(self) -> int:
+        """Wait until the supervisor has stopped; return its exit status (0: clean).
+
+        **Cancellation**: safe; nothing changes.
+        """
+        await self._run.stopped.wait()
+        assert self._run.exit_status is not None
+        return self._run.exit_status
+
+    @property
+    def exit_status(self) -> int | None:
+        """None while running; then 0, or the failure's exit status, or 1 when a rank had
+        to be killed at the end of the grace period."""
+        return self._run.exit_status
+
+
+class _Run:
+    """The state of one call to `Supervisor.run`."""
+
+    def __init__(
+        self,
+        config: SupervisorConfig,
+        board: Board,
+        environ: dict[str, str],
+        transport: httpx.AsyncBaseTransport | None,
+    ) -> None:
+        self.config = config
+        self.board = board
+        self.environ = environ
+        self.transport = transport
+        self.clock = StopClock(config.grace_period)
+        # Marks every process of this run's rank trees (see _process_tree).
+        self.cookie = uuid.uuid4().hex
+        self.shutdown_requested = trio.Event()
+        self.stopped = trio.Event()
+        self.exit_status: int | None = None
+        self._drain_scope = trio.CancelScope()
+        self._ranks_scope: trio.CancelScope | None = None
+
+    async def run(
+        self, sock: socket.socket, task_status: trio.TaskStatus[SupervisorHandle]
+    ) -> None:
+        stop_control = trio.Event()
+        try:
+            async with trio.open_nursery() as root:
+                url: str = await root.start(
+                    serve_control_plane, ControlApp(self.board.snapshot), sock, stop_control.wait
+                )
+                logger.info("control plane listening on %s", url)
+                try:
+                    await self._run_ranks(partial(SupervisorHandle, self, url), task_status)
+                finally:
+                    stop_control.set()  # the control plane stops last, after every rank is gone
+        finally:
+            self._finish()
+        if self.board.failure is not None:
+            raise self.board.failure
+
+    async def _run_ranks(
+        self,
+        make_handle: partial[SupervisorHandle],
+        task_status: trio.TaskStatus[SupervisorHandle],
+    ) -> None:
+        async with open_spawner() as spawner:
+            try:
+                async with trio.open_nursery() as ranks:
+                    self._ranks_scope = ranks.cancel_scope
+                    for record in self.board.ranks:
+                        await ranks.start(
+                            partial(
+                                run_rank,
+                                record,
+                                spawner=spawner,
+                                clock=self.clock,
+                                environ=self.environ,
+                                cookie=f"{self.cookie}:{record.plan.rank}",
+                                fail=self.fail,
+                            )
+                        )
+                    await ranks.start(
+                        partial(
+                            run_prober,
+                            self.config,
+                            self.board,
+                            fail=self.fail,
+                            transport=self.transport,
+                        )
+                    )
+                    ranks.start_soon(self._watch_shutdown)
+                    task_status.started(make_handle())
+            except BaseExceptionGroup as group:
+                # Failures are on the board already; anything else is a bug to surface.
+                _, rest = group.split(SupervisorFailure)
+                if rest is not None:
+                    raise
+
+    def fail(self, failure: SupervisorFailure) -> SupervisorFailure:
+        """Record `failure` (the first one wins) and start stopping every rank at once."""
+        self.board.fail(failure)
+        self._drain_scope.cancel()
+        if self._ranks_scope is not None:
+            self._ranks_scope.cancel()
+        return failure
+
+    def request_shutdown(self, signum: int) -> None:
+        if self.shutdown_requested.is_set():
+            return
+        logger.info("shutdown requested (%s)", signal.Signals(signum).name)
+        self.clock.signum = signum
+        self.shutdown_requested.set()
+
+    def kill(self) -> None:
+        logger.warning("kill requested: skipping the rest of the drain and grace periods")
+        self.clock.kill_now()
+        self._drain_scope.cancel()
+        self.shutdown_requested.set()
+
+    async def _watch_shutdown(self) -> None:
+        await self.shutdown_requested.wait()
+        # Drain only a supervisor that was serving: while starting, nobody routes to it yet.
+        if self.board.state is SupervisorState.READY and self.config.drain_delay > 0:
+            self.board.begin_stopping(SupervisorState.DRAINING)
+            logger.info("draining for %gs before stopping ranks", self.config.drain_delay)
+            with self._drain_scope:
+                await trio.sleep(self.config.drain_delay)
+        self.board.begin_stopping(SupervisorState.STOPPING)
+        assert self._ranks_scope is not None
+        self._ranks_scope.cancel()
+
+    def _finish(self) -> None:
+        self.board.state = SupervisorState.STOPPED
+        killed = [r.plan.rank for r in self.board.ranks if r.killed]
+        if self.board.failure is not None:
+            self.exit_status = self.board.failure.exit_status
+            logger.error("stopped after a failure: %s", self.board.failure)
+        elif killed:
+            self.exit_status = EXIT_FAILURE
+            logger.error(
+                "stopped, but ranks %s had to be killed at the end of the grace period",
+                ", ".join(map(str, killed)),
+            )
+        else:
+            self.exit_status = 0
+            logger.info("stopped cleanly")
+        self.stopped.set()
+
+
+async def _first_of(*events: trio.Event) -> None:
+    """Return as soon as any of `events` is set."""
+    async with trio.open_nursery() as nursery:
+
+        async def wait_and_cancel(event: trio.Event) -> None:
+            await event.wait()
+            nursery.cancel_scope.cancel()
+
+        for event in events:
+            nursery.start_soon(wait_and_cancel, event)

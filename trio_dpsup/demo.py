@@ -1,0 +1,124 @@
+"""A demo rank server: ``python -m trio_dpsup.demo --port {port}``.
+
+It stands in for vLLM or SGLang where there is no GPU: it serves its health path (503 until
+``--ready-after`` seconds have passed, then 200) and ``/`` (a JSON description of itself,
+behind ``--api-key`` when one is given),
+and exits with status 0 on SIGTERM or SIGINT. Standard library only, so a rank starts in
+tens of milliseconds even on a small machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import FrameType
+from typing import Any
+
+__all__ = ["DemoHandler", "DemoServer", "build_parser", "main"]
+
+
+class DemoHandler(BaseHTTPRequestHandler):
+    server: DemoServer  # set by socketserver; the annotation is for type checkers
+    protocol_version = "HTTP/1.1"  # keep-alive, as the prober's client expects
+
+    def do_GET(self) -> None:
+        path = self.path.split("?", 1)[0]
+        if path == self.server.health_path:
+            status, text = self.server.health()
+            self.reply(status, text)
+        elif path == "/":
+            if not self.server.authorized(self.headers.get("Authorization")):
+                self.reply(401, "missing or wrong bearer key\n")
+                return
+            self.reply(200, json.dumps(self.server.describe()) + "\n", "application/json")
+        else:
+            self.reply(404, "not found\n")
+
+    def reply(self, status: int, text: str, content_type: str = "text/plain") -> None:
+        body = text.encode()
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # probes every second would drown the rank's own output
+
+
+class DemoServer(ThreadingHTTPServer):
+    """The server and the state its handlers read."""
+
+    daemon_threads = True  # a hung handler must not keep the process alive at exit
+    handler_class: type[BaseHTTPRequestHandler] = DemoHandler
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        health_path: str,
+        ready_after: float,
+        api_key: str | None = None,
+    ) -> None:
+        if ":" in host:
+            self.address_family = socket.AF_INET6
+        self.health_path = health_path
+        self.api_key = api_key
+        self.ready_at = time.monotonic() + ready_after
+        super().__init__((host, port), self.handler_class)
+
+    def health(self) -> tuple[int, str]:
+        if time.monotonic() < self.ready_at:
+            return 503, "loading\n"
+        return 200, "ok\n"
+
+    def authorized(self, header: str | None) -> bool:
+        return self.api_key is None or header == f"Bearer {self.api_key}"
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "pid": os.getpid(),
+            "port": self.server_address[1],
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        }
+
+
+def build_parser(prog: str = "python -m trio_dpsup.demo") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--health-path", default="/health")
+    parser.add_argument("--ready-after", type=float, default=0.0, help="seconds of 503 before 200")
+    parser.add_argument("--api-key", help="bearer key that / requires, as vLLM (health stays open)")
+    return parser
+
+
+SignalHandler = Callable[[int, FrameType | None], Any] | int
+
+
+def exit_cleanly(signum: int, frame: FrameType | None) -> None:
+    sys.exit(0)  # unwinds serve_forever() in the main thread, closing the socket
+
+
+def serve(server: DemoServer, on_sigterm: SignalHandler = exit_cleanly) -> None:
+    """Serve until SIGINT, or SIGTERM as `on_sigterm` decides (by default: exit 0)."""
+    signal.signal(signal.SIGTERM, on_sigterm)
+    signal.signal(signal.SIGINT, exit_cleanly)
+    with server:
+        server.serve_forever()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    serve(DemoServer(args.host, args.port, args.health_path, args.ready_after, args.api_key))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Test support: a fake rank server with faults (``python -m trio_dpsup.testing.fake_rank``)."""

@@ -1,0 +1,162 @@
+"""A fake rank with faults: ``python -m trio_dpsup.testing.fake_rank --port {port} [faults]``.
+
+The demo rank server plus the faults a supervisor must survive, chosen by flag at start and,
+for health and exit, by HTTP at run time:
+
+* ``POST /fault/health?status=503`` makes the health path answer that status from now on;
+* ``POST /fault/hang`` makes the health path hang (the probe-timeout path);
+* ``POST /fault/exit?code=3`` exits at once with that status (``code=-9`` kills itself).
+
+``--pid-file`` gets one JSON line per process it started (``{"role": ..., "pid": ...}``),
+written before the server listens: once the rank is healthy, the file is complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from types import FrameType
+from urllib.parse import parse_qs, urlsplit
+
+from ..demo import DemoHandler, DemoServer, SignalHandler, build_parser, exit_cleanly, serve
+
+__all__ = ["GRANDCHILD_KINDS", "main"]
+
+#: A grandchild that stays in the rank's process group, one that calls setsid, and one that
+#: double-forks into a new session (its parent exits, so it re-parents).
+GRANDCHILD_KINDS = ("group", "setsid", "double-fork")
+
+# Prints its pid, lets go of the pipe, and sleeps: a long-lived grandchild.
+_SLEEPER = (
+    "import os, sys, time\n"
+    "print(os.getpid(), flush=True)\n"
+    "os.dup2(os.open(os.devnull, os.O_WRONLY), 1)\n"
+    "time.sleep(3600)\n"
+)
+# Starts the sleeper in a new session and exits, so the sleeper is orphaned.
+_DOUBLE_FORK = (
+    "import subprocess, sys\n"
+    f"subprocess.Popen([sys.executable, '-c', {_SLEEPER!r}], start_new_session=True)\n"
+)
+
+
+class FaultHandler(DemoHandler):
+    server: FaultServer
+
+    def do_POST(self) -> None:
+        url = urlsplit(self.path)
+        query = {k: v[0] for k, v in parse_qs(url.query).items()}
+        if url.path == "/fault/health":
+            self.server.health_override = int(query.get("status", "503"))
+            self.reply(200, "ok\n")
+        elif url.path == "/fault/hang":
+            self.server.health_hang.set()
+            self.reply(200, "ok\n")
+        elif url.path == "/fault/exit":
+            code = int(query.get("code", "1"))
+            self.reply(200, "ok\n")
+            self.wfile.flush()
+            if code < 0:
+                os.kill(os.getpid(), -code)
+            os._exit(code)
+        else:
+            self.reply(404, "not found\n")
+
+
+class FaultServer(DemoServer):
+    handler_class = FaultHandler
+
+    def __init__(
+        self, host: str, port: int, health_path: str, ready_after: float, api_key: str | None
+    ) -> None:
+        self.health_override: int | None = None
+        self.health_hang = threading.Event()
+        super().__init__(host, port, health_path, ready_after, api_key)
+
+    def health(self) -> tuple[int, str]:
+        if self.health_hang.is_set():
+            threading.Event().wait()  # a daemon handler thread, so this never blocks exit
+        if self.health_override is not None:
+            return self.health_override, "fault injected\n"
+        return super().health()
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = build_parser("python -m trio_dpsup.testing.fake_rank")
+    parser.add_argument("--ignore-sigterm", action="store_true", help="ignore SIGTERM")
+    parser.add_argument(
+        "--stop-delay", type=float, default=0.0, help="seconds to take to exit on SIGTERM"
+    )
+    parser.add_argument(
+        "--grandchild",
+        action="append",
+        choices=GRANDCHILD_KINDS,
+        default=[],
+        help="start a long-lived grandchild of this kind (repeatable)",
+    )
+    parser.add_argument("--pid-file", help="append one JSON line per process started")
+    parser.add_argument(
+        "--exit-after",
+        type=float,
+        help="exit by itself after this many seconds, with --exit-code",
+    )
+    parser.add_argument("--exit-code", type=int, default=1)
+    return parser
+
+
+def _start_grandchild(kind: str) -> int:
+    code = _DOUBLE_FORK if kind == "double-fork" else _SLEEPER
+    child = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        start_new_session=kind == "setsid",
+    )
+    assert child.stdout is not None
+    pid = int(child.stdout.readline())
+    child.stdout.close()
+    if kind == "double-fork":
+        child.wait()  # the middle process exits at once; reap it
+    return pid
+
+
+def _record(pid_file: str | None, role: str, pid: int) -> None:
+    if pid_file is not None:
+        with open(pid_file, "a") as f:
+            f.write(json.dumps({"role": role, "pid": pid}) + "\n")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = _build_parser().parse_args(argv)
+    _record(args.pid_file, "rank", os.getpid())
+    for kind in args.grandchild:
+        _record(args.pid_file, f"grandchild-{kind}", _start_grandchild(kind))
+    if args.exit_after is not None:
+        timer = threading.Timer(args.exit_after, os._exit, (args.exit_code,))
+        timer.daemon = True
+        timer.start()
+    on_sigterm: SignalHandler = exit_cleanly
+    if args.ignore_sigterm:
+        on_sigterm = signal.SIG_IGN
+    elif args.stop_delay:
+        on_sigterm = _slow_exit(args.stop_delay)
+    server = FaultServer(args.host, args.port, args.health_path, args.ready_after, args.api_key)
+    serve(server, on_sigterm)
+
+
+def _slow_exit(delay: float) -> SignalHandler:
+    def handler(signum: int, frame: FrameType | None) -> None:
+        time.sleep(delay)
+        sys.exit(0)
+
+    return handler
+
+
+if __name__ == "__main__":
+    main()
