@@ -20,6 +20,7 @@ from ._errors import (
     RankUnhealthy,
     StartupTimeout,
     SupervisorFailure,
+    SupervisorStopped,
 )
 from ._plan import RankPlan, plan_ranks
 from ._state import ProbeResult, RankState, RankStatus, SupervisorState, SupervisorStatus
@@ -41,6 +42,7 @@ __all__ = [
     "SupervisorHandle",
     "SupervisorState",
     "SupervisorStatus",
+    "SupervisorStopped",
     "plan_ranks",
 ]
 

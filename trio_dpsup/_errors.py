@@ -17,6 +17,7 @@ __all__ = [
     "RankUnhealthy",
     "StartupTimeout",
     "SupervisorFailure",
+    "SupervisorStopped",
 ]
 
 #: Exit status for a usage or configuration error (the argparse convention).
@@ -86,6 +87,17 @@ class StartupTimeout(SupervisorFailure):
         self.not_ready = not_ready
         ranks = ", ".join(str(r) for r in not_ready)
         super().__init__(f"startup timed out after {timeout:g}s; ranks not ready: {ranks}")
+
+
+class SupervisorStopped(RuntimeError):
+    """Raised by `SupervisorHandle.wait_ready` when shutdown began before every rank was
+    ready. `failure` (also the ``__cause__``) is the failure that stopped it, if any; the
+    failure itself is raised by `Supervisor.run`."""
+
+    def __init__(self, failure: SupervisorFailure | None) -> None:
+        self.failure = failure
+        reason = "a shutdown was requested" if failure is None else str(failure)
+        super().__init__(f"the supervisor stopped before every rank was ready: {reason}")
 
 
 def describe_returncode(returncode: int) -> str:

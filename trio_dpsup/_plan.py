@@ -31,8 +31,10 @@ PLACEHOLDERS: Mapping[str, str] = {
 # (JSON such as '{"max_tokens": 8}') passes through untouched, because vLLM options take JSON.
 _TEMPLATE = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
-#: Option names whose values are secrets, matched case-insensitively inside the name.
-_SECRET_WORDS = ("key", "token", "secret", "password")
+#: An option is secret when a part of its name (split on - and _) ends with one of these:
+#: --api-key, --apikey, --hf-token, --db-password. Parts, not substrings, so that
+#: --tokenizer and --max-num-batched-tokens stay readable.
+_SECRET_WORDS = ("key", "token", "secret", "password", "passwd")
 REDACTED = "***"
 
 
@@ -107,7 +109,7 @@ def resolve_devices(config: SupervisorConfig, environ: Mapping[str, str]) -> tup
 
 
 def redact_argv(argv: Sequence[str]) -> tuple[str, ...]:
-    """Hide values of options whose name contains key, token, secret or password.
+    """Hide the values of secret options (see _SECRET_WORDS).
 
     Handles ``--api-key VALUE`` and ``--api-key=VALUE``; used for /status and logs.
     """
@@ -130,8 +132,8 @@ def redact_argv(argv: Sequence[str]) -> tuple[str, ...]:
 
 
 def _is_secret_option(name: str) -> bool:
-    lowered = name.lower()
-    return any(word in lowered for word in _SECRET_WORDS)
+    parts = re.split(r"[-_]+", name.lower().lstrip("-"))
+    return any(part.endswith(_SECRET_WORDS) for part in parts)
 
 
 def _rank_count(config: SupervisorConfig, devices: tuple[str, ...] | None) -> int:

@@ -96,8 +96,9 @@ async def _probe_rank(
         if record.last_probe.ok:
             break
         await trio.sleep(config.startup_probe_interval)
-    board.mark_ready(record)
     logger.info("rank %d is ready", record.plan.rank)
+    if board.mark_ready(record):
+        logger.info("all %d ranks are ready", len(board.ranks))
 
     while True:  # ready: until failure_threshold consecutive failures; ends by cancellation
         await trio.sleep(config.probe_interval)

@@ -34,8 +34,8 @@ TREE_ENV = "TRIO_DPSUP_TREE"
 def snapshot_tree(root_pid: int, cookie: str, since: float) -> list[psutil.Process]:
     """Every live process of a rank's tree, the rank itself (`root_pid`) excluded.
 
-    `since` (seconds since the epoch) skips the environment read of processes older than the
-    rank, which cannot belong to it. Blocking: run it in a thread.
+    `since` is the rank's psutil create_time: the environment of older processes, which cannot
+    belong to it, is not read. Blocking: run it in a thread.
     """
     found: dict[int, psutil.Process] = {}
     with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
@@ -46,8 +46,7 @@ def snapshot_tree(root_pid: int, cookie: str, since: float) -> list[psutil.Proce
             continue
         try:
             proc = psutil.Process(pid)
-            # create_time is rounded by the kernel's clock tick; allow one tick of slack.
-            if proc.create_time() + 0.01 < since:
+            if proc.create_time() < since:
                 continue
             if proc.environ().get(TREE_ENV) == cookie:
                 found[pid] = proc

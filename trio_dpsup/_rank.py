@@ -8,9 +8,9 @@ shared grace deadline.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Mapping
 
+import psutil
 import trio
 
 from ._errors import RankExited, RankSpawnFailed, SupervisorFailure, describe_returncode
@@ -44,12 +44,14 @@ async def run_rank(
     """
     plan = record.plan
     env = {**environ, **dict(plan.env), TREE_ENV: cookie}
-    since = time.time()
     try:
         process = await spawner.spawn(plan.argv, env)
     except OSError as exc:
         record.state = RankState.FAILED
         raise fail(RankSpawnFailed(plan.rank, str(exc))) from exc
+    # The tree scan skips processes older than the rank. psutil's clock, not time.time():
+    # create_time rests on the integer boot time and can read up to a second early.
+    since = psutil.Process(process.pid).create_time()
     record.pid = process.pid
     record.state = RankState.STARTING
     logger.info("rank %d started: pid %d, port %d", plan.rank, process.pid, plan.port)

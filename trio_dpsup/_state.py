@@ -133,15 +133,18 @@ class Board:
         index = rank - self.ranks[0].plan.rank
         return self.ranks[index] if 0 <= index < len(self.ranks) else None
 
-    def mark_ready(self, record: RankRecord) -> None:
+    def mark_ready(self, record: RankRecord) -> bool:
+        """Mark `record` ready; True if that made every rank ready for the first time."""
         if record.state is not RankState.STARTING:
-            return  # stopping already: a late probe result must not revive it
+            return False  # stopping already: a late probe result must not revive it
         record.state = RankState.READY
-        if all(r.state is RankState.READY for r in self.ranks):
-            self.started = True
-            if self.state is SupervisorState.STARTING:
-                self.state = SupervisorState.READY
-            self.all_ready.set()
+        if self.started or any(r.state is not RankState.READY for r in self.ranks):
+            return False
+        self.started = True
+        if self.state is SupervisorState.STARTING:
+            self.state = SupervisorState.READY
+        self.all_ready.set()
+        return True
 
     def fail(self, failure: SupervisorFailure) -> SupervisorFailure:
         """Record `failure` if it is the first, stop answering ready, and return it to raise."""

@@ -27,7 +27,7 @@ import trio
 
 from ._config import SupervisorConfig
 from ._control import ControlApp, bind_control_socket, serve_control_plane
-from ._errors import EXIT_FAILURE, SupervisorFailure
+from ._errors import EXIT_FAILURE, SupervisorFailure, SupervisorStopped
 from ._plan import plan_ranks
 from ._prober import run_prober
 from ._rank import run_rank
@@ -97,18 +97,15 @@ class SupervisorHandle:
     async def wait_ready(self) -> None:
         """Return once every rank is ready.
 
-        Raises the failure if the supervisor failed first, and RuntimeError if a shutdown
-        began before every rank was ready.
+        Raises SupervisorStopped if shutdown began first (its `failure` says why; the
+        failure itself is raised by `run`).
 
         **Cancellation**: safe; nothing changes.
         """
         board = self._run.board
         await _first_of(board.all_ready, board.stopping)
-        if board.state is SupervisorState.READY:
-            return
-        if board.failure is not None:
-            raise board.failure
-        raise RuntimeError("the supervisor began shutting down before every rank was ready")
+        if board.state is not SupervisorState.READY:
+            raise SupervisorStopped(board.failure) from board.failure
 
     def request_shutdown(self, signum: int = signal.SIGTERM) -> None:
         """Begin the ordered shutdown, forwarding `signum` to the ranks. Idempotent."""
@@ -209,8 +206,9 @@ class _Run:
                     ranks.start_soon(self._watch_shutdown)
                     task_status.started(make_handle())
             except BaseExceptionGroup as group:
-                # Failures are on the board already; anything else is a bug to surface.
-                _, rest = group.split(SupervisorFailure)
+                # Failures are on the board already; an outer cancellation is re-delivered by
+                # Trio at the next checkpoint; anything else is a bug to surface.
+                _, rest = group.split((SupervisorFailure, trio.Cancelled))
                 if rest is not None:
                     raise
 

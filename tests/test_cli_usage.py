@@ -1,0 +1,113 @@
+"""Bad input through the real CLI: exit status 2, a message naming the fix, nothing started."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from trio_dpsup.testing import free_port_range
+
+from .conftest import FAKE_RANK
+
+
+@pytest.fixture
+def taken_port() -> Iterator[int]:
+    """A loopback port with a listener on it for the duration of the test."""
+    with socket.create_server(("127.0.0.1", 0)) as sock:
+        yield sock.getsockname()[1]
+
+
+async def run_cli(args: list[str], env: dict[str, str] | None = None) -> tuple[int, str]:
+    with trio.fail_after(30):
+        result = await trio.run_process(
+            [sys.executable, "-m", "trio_dpsup", *args],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            stdin=subprocess.DEVNULL,
+            env=env,
+        )
+    return result.returncode, result.stderr.decode()
+
+
+def rank_command(pid_file: Path) -> list[str]:
+    """A fake rank that records its pid: if the file exists, a rank was started."""
+    return [*FAKE_RANK, "--port", "{port}", "--pid-file", str(pid_file)]
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--ranks", "2", "--base-port", "20000", "--control-port", "20001"],
+         "--control-port 20001 is inside the rank ports 20000-20001"),
+        (["--ranks", "2", "--base-port", "65535"], "go past 65535"),
+        (["--ranks", "1", "--control-port", "70000"], "--control-port must be within"),
+        (["--ranks", "0"], "--ranks must be 1 or more"),
+        (["--ranks", "1", "--gpus-per-rank", "0"], "--gpus-per-rank must be 1 or more"),
+        (["--ranks", "1", "--grace-period", "-1"], "--grace-period must be more than 0"),
+        (["--ranks", "1", "--probe-interval", "0"], "--probe-interval must be more than 0"),
+        (["--ranks", "1", "--startup-timeout", "-5"], "--startup-timeout must be 0 or more"),
+        (["--ranks", "3", "--devices", "0,1"], "3 ranks x 1 GPUs per rank need 3 devices"),
+        (["--devices", "0,1,0"], "device 0 is listed twice"),
+        ([], "no devices are known, so the rank count cannot be derived: pass --ranks N"),
+    ],
+)  # fmt: skip
+async def test_bad_option_exits_2_and_starts_nothing(
+    tmp_path: Path, options: list[str], message: str
+) -> None:
+    pid_file = tmp_path / "pids"
+    env = {"PATH": "/usr/bin:/bin"}  # no CUDA_VISIBLE_DEVICES: no devices are known
+    status, stderr = await run_cli([*options, "--", *rank_command(pid_file)], env=env)
+    assert status == 2
+    assert message in stderr
+    assert stderr.startswith("trio-dpsup: error: ")
+    assert not pid_file.exists()
+
+
+async def test_unknown_placeholder(tmp_path: Path) -> None:
+    status, stderr = await run_cli(["--ranks", "1", "--", *FAKE_RANK, "--port", "{prot}"])
+    assert status == 2
+    assert "unknown placeholder {prot}" in stderr
+
+
+async def test_command_not_found() -> None:
+    status, stderr = await run_cli(["--ranks", "1", "--", "no-such-inference-server"])
+    assert status == 2
+    assert "'no-such-inference-server' is not found on PATH" in stderr
+
+
+async def test_command_not_executable(tmp_path: Path) -> None:
+    script = tmp_path / "serve.sh"
+    script.write_text("#!/bin/sh\nexit 0\n")
+    status, stderr = await run_cli(["--ranks", "1", "--", str(script)])
+    assert status == 2
+    assert "is not executable" in stderr
+
+
+async def test_no_command_after_double_dash() -> None:
+    status, stderr = await run_cli(["--ranks", "1", "--"])
+    assert status == 2
+    assert "no command to run: put the rank command after '--'" in stderr
+
+
+async def test_malformed_option_value() -> None:
+    status, stderr = await run_cli(["--ranks", "two", "--", *FAKE_RANK])
+    assert status == 2
+    assert "invalid int value: 'two'" in stderr
+
+
+async def test_control_port_taken(tmp_path: Path, taken_port: int) -> None:
+    pid_file = tmp_path / "pids"
+    base = free_port_range(1)
+    options = ["--ranks", "1", "--base-port", str(base), "--control-port", str(taken_port)]
+    status, stderr = await run_cli([*options, "--", *rank_command(pid_file)])
+    assert status == 2
+    assert f"cannot listen on --control-host 127.0.0.1 --control-port {taken_port}" in stderr
+    assert "choose a free port" in stderr
+    assert not pid_file.exists()

@@ -1,0 +1,44 @@
+"""The public surface: what `__all__` promises, and the README's library example."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import trio
+
+import trio_dpsup
+from trio_dpsup.testing import free_port_range
+
+ROOT = Path(__file__).parent.parent
+
+
+def test_all_lists_exactly_the_public_names() -> None:
+    public = {
+        name
+        for name in vars(trio_dpsup)
+        if not name.startswith("_") and not isinstance(getattr(trio_dpsup, name), type(trio_dpsup))
+    }
+    assert set(trio_dpsup.__all__) == public
+
+
+def test_readme_shows_the_example_verbatim() -> None:
+    example = (ROOT / "examples" / "embed.py").read_text()
+    assert f"```python\n{example}```" in (ROOT / "README.md").read_text()
+
+
+async def test_readme_example_runs() -> None:
+    base = free_port_range(2)
+    with trio.fail_after(60):
+        result = await trio.run_process(
+            [sys.executable, str(ROOT / "examples" / "embed.py"), str(base)],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            stdin=subprocess.DEVNULL,
+        )
+    assert result.returncode == 0, result.stderr.decode()
+    out = result.stdout.decode()
+    assert "rank 0 (pid" in out
+    assert "rank 1 (pid" in out

@@ -1,0 +1,131 @@
+"""The CLI supervisor as a subprocess, for tests that run it as a user would."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+
+import httpx
+import trio
+
+__all__ = ["CliSupervisor", "open_cli_supervisor"]
+
+#: After the supervisor exits, how long its stderr may stay open (held by a leftover rank).
+_EOF_TIMEOUT = 5.0
+_CONTROL_URL = re.compile(r"control plane listening on (\S+)")
+
+
+class CliSupervisor:
+    """A running ``python -m trio_dpsup`` process and what it has logged so far."""
+
+    def __init__(self, process: trio.Process) -> None:
+        self.process = process
+        #: Every line the supervisor wrote to stderr, as it arrives.
+        self.lines: list[str] = []
+        self._new_line = trio.Event()
+        self._eof = False
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def log(self) -> str:
+        return "\n".join(self.lines)
+
+    async def wait_for_line(self, pattern: str, timeout: float = 30.0) -> re.Match[str]:  # noqa: ASYNC109
+        """Wait for a log line matching the regex `pattern`; fail after `timeout` seconds."""
+        regex = re.compile(pattern)
+        seen = 0
+        with trio.fail_after(timeout):
+            while True:
+                for line in self.lines[seen:]:
+                    if match := regex.search(line):
+                        return match
+                seen = len(self.lines)
+                if self._eof:
+                    raise AssertionError(f"supervisor exited without logging {pattern!r}")
+                await self._new_line.wait()
+
+    async def control_url(self) -> str:
+        """The control plane's URL, from the supervisor's log."""
+        return (await self.wait_for_line(_CONTROL_URL.pattern)).group(1)
+
+    async def wait_ready(self, timeout: float = 30.0) -> str:  # noqa: ASYNC109
+        """Wait until every rank is ready; return the control plane's URL."""
+        url = await self.control_url()
+        await self.wait_for_line(r"all \d+ ranks are ready", timeout)
+        return url
+
+    async def status(self) -> dict[str, object]:
+        """GET /status, parsed."""
+        async with httpx.AsyncClient() as client:
+            response = await client.get(f"{await self.control_url()}/status")
+            result: dict[str, object] = response.json()
+            return result
+
+    async def wait_for_eof(self) -> None:
+        """Wait until every writer of the supervisor's stderr (ranks included) is gone."""
+        while not self._eof:
+            await self._new_line.wait()
+
+    def send_signal(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+    async def wait(self, timeout: float = 60.0) -> int:  # noqa: ASYNC109
+        """Wait for the supervisor to exit; return its exit status."""
+        with trio.fail_after(timeout):
+            return await self.process.wait()
+
+    async def _pump(self, stream: trio.abc.ReceiveStream) -> None:
+        buffer = b""
+        async for chunk in stream:
+            buffer += chunk
+            *complete, buffer = buffer.split(b"\n")
+            if complete:
+                self.lines.extend(line.decode(errors="replace") for line in complete)
+                self._wake()
+        if buffer:
+            self.lines.append(buffer.decode(errors="replace"))
+        self._eof = True
+        self._wake()
+
+    def _wake(self) -> None:
+        self._new_line.set()
+        self._new_line = trio.Event()
+
+
+@asynccontextmanager
+async def open_cli_supervisor(
+    args: Sequence[str], env: Mapping[str, str] | None = None
+) -> AsyncIterator[CliSupervisor]:
+    """Run ``python -m trio_dpsup ARGS`` for the duration of the block.
+
+    On the way out a supervisor still running is sent SIGKILL (its ranks then die with it,
+    by their parent-death signal) and reaped.
+    """
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "trio_dpsup", *args],
+        stdin=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=None if env is None else dict(env),
+    )
+    assert process.stderr is not None
+    supervisor = CliSupervisor(process)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(supervisor._pump, process.stderr)
+        try:
+            yield supervisor
+        finally:
+            with trio.CancelScope(shield=True):
+                if process.returncode is None:
+                    process.send_signal(signal.SIGKILL)
+                await process.wait()
+                # Ranks inherit the pipe; one that outlived the supervisor would hold it open.
+                with trio.move_on_after(_EOF_TIMEOUT):
+                    await supervisor.wait_for_eof()
+            nursery.cancel_scope.cancel()
