@@ -173,15 +173,22 @@ async def test_drain_delay_answers_503_while_ranks_still_serve() -> None:
         assert await wait_pids_gone(pids, 5.0) == []
 
 
-async def test_supervisor_sigkilled_after_a_long_idle_takes_its_ranks_along() -> None:
+async def test_supervisor_sigkilled_after_a_long_idle_takes_its_trees_along(
+    tmp_path: Path,
+) -> None:
     base = free_port_range(2)
-    async with open_cli_supervisor(cli_args(2, base)) as sup:
+    rank_args = ["--pid-file", str(tmp_path / "pids-{rank}")]
+    rank_args += ["--grandchild", "setsid", "--grandchild", "double-fork"]
+    async with open_cli_supervisor(cli_args(2, base, rank_args=rank_args)) as sup:
         await sup.wait_ready()
-        pids = rank_pids(await sup.status())
+        pids = [pid for rank in (0, 1) for pid in read_pid_file(tmp_path / f"pids-{rank}").values()]
+        assert set(rank_pids(await sup.status())) <= set(pids)
+        assert len(pids) == 6
         await trio.sleep(IDLE_SECONDS)  # the idle period under test, not synchronisation
-        assert all(alive(pid) for pid in pids), "a rank died while idle"
+        assert all(alive(pid) for pid in pids), "a process died while idle"
         sup.send_signal(signal.SIGKILL)
         await sup.wait()
+        # Ranks by their parent-death signal, their grandchildren by the guardian.
         assert await wait_pids_gone(pids, 2.0) == []
 
 

@@ -2,6 +2,7 @@
 
     run()                              root nursery
     ├── control plane (hypercorn)      started first, stopped last
+    ├── guardian process               kills the rank trees if the supervisor dies
     └── ranks nursery                  cancelled on shutdown or on the first failure
         ├── one task per rank          owns its process: spawn, wait, stop
         ├── prober                     one httpx client, one loop per rank
@@ -28,6 +29,7 @@ import trio
 from ._config import SupervisorConfig
 from ._control import ControlApp, bind_control_socket, serve_control_plane
 from ._errors import EXIT_FAILURE, SupervisorFailure, SupervisorStopped
+from ._guardian import open_guardian
 from ._plan import plan_ranks
 from ._prober import run_prober
 from ._rank import run_rank
@@ -165,7 +167,8 @@ class _Run:
                 )
                 logger.info("control plane listening on %s", url)
                 try:
-                    await self._run_ranks(partial(SupervisorHandle, self, url), task_status)
+                    async with open_guardian(self.cookie):
+                        await self._run_ranks(partial(SupervisorHandle, self, url), task_status)
                 finally:
                     stop_control.set()  # the control plane stops last, after every rank is gone
         finally:
