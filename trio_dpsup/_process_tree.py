@@ -18,12 +18,12 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import psutil
 import trio
 
-__all__ = ["TREE_ENV", "kill_all", "reap", "signal_all", "snapshot_tree", "wait_gone"]
+__all__ = ["TREE_ENV", "TreeScanner", "kill_all", "reap", "scan_trees", "signal_all", "wait_gone"]
 
 logger = logging.getLogger(__name__)
 
@@ -31,28 +31,85 @@ logger = logging.getLogger(__name__)
 TREE_ENV = "TRIO_DPSUP_TREE"
 
 
-def snapshot_tree(root_pid: int, cookie: str, since: float) -> list[psutil.Process]:
-    """Every live process of a rank's tree, the rank itself (`root_pid`) excluded.
+def scan_trees(roots: Mapping[str, int], since: float) -> dict[str, list[psutil.Process]]:
+    """One pass over the process table: for each cookie in `roots` (cookie -> rank pid), every
+    live process of that rank's tree, the rank itself excluded.
 
-    `since` is the rank's psutil create_time: the environment of older processes, which cannot
-    belong to it, is not read. Blocking: run it in a thread.
+    `since` is the oldest rank's psutil create_time: the environment of older processes, which
+    cannot belong to any rank, is not read. Blocking: run it in a thread.
     """
-    found: dict[int, psutil.Process] = {}
-    with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-        for child in psutil.Process(root_pid).children(recursive=True):
-            found[child.pid] = child
+    parents: dict[int, int] = {}
+    procs: dict[int, psutil.Process] = {}
+    trees: dict[str, dict[int, psutil.Process]] = {cookie: {} for cookie in roots}
     for pid in psutil.pids():
-        if pid in found or pid == root_pid:
-            continue
         try:
             proc = psutil.Process(pid)
-            if proc.create_time() < since:
-                continue
-            if proc.environ().get(TREE_ENV) == cookie:
-                found[pid] = proc
+            with proc.oneshot():
+                parents[pid] = proc.ppid()
+                if proc.create_time() < since or proc.status() == psutil.STATUS_ZOMBIE:
+                    continue
+                procs[pid] = proc
+                cookie = proc.environ().get(TREE_ENV)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
-    return list(found.values())
+        if cookie in trees:
+            trees[cookie][pid] = proc
+    # Descendants by parent links, for tree members that scrubbed their environment.
+    for cookie, root in roots.items():
+        for pid, proc in procs.items():
+            if pid != root and _descends_from(pid, root, parents):
+                trees[cookie].setdefault(pid, proc)
+        trees[cookie].pop(root, None)
+    return {cookie: list(tree.values()) for cookie, tree in trees.items()}
+
+
+class TreeScanner:
+    """Coalesces tree scans: every rank that asks while a scan runs shares its result.
+
+    When all ranks stop at once, one pass over the process table serves them all, instead
+    of one pass per rank competing for the interpreter while the control plane must answer.
+    """
+
+    def __init__(self) -> None:
+        self._roots: dict[str, tuple[int, float]] = {}
+        self._pending: trio.Event | None = None
+        self._result: dict[str, list[psutil.Process]] = {}
+
+    def register(self, cookie: str, root_pid: int, since: float) -> None:
+        self._roots[cookie] = (root_pid, since)
+
+    async def scan(self, cookie: str, *, fresh: bool = False) -> list[psutil.Process]:
+        """The live tree of the rank registered under `cookie`, its own pid excluded.
+
+        With `fresh`, the result comes from a scan that began after this call: nothing forked
+        before the call can be missing from it.
+
+        **Cancellation**: safe; a scan already running in its thread finishes unobserved.
+        """
+        if fresh and self._pending is not None:
+            await self._pending.wait()  # it began before us; the next one will not have
+        if self._pending is None:
+            self._pending = done = trio.Event()
+            roots = {c: pid for c, (pid, _) in self._roots.items()}
+            since = min(created for _, created in self._roots.values())
+            try:
+                self._result = await trio.to_thread.run_sync(scan_trees, roots, since)
+            finally:
+                self._pending = None
+                done.set()
+        else:
+            await self._pending.wait()
+        return self._result.get(cookie, [])
+
+
+def _descends_from(pid: int, root: int, parents: Mapping[int, int]) -> bool:
+    seen = 0
+    while pid in parents and seen < len(parents):  # bounded: a ppid loop cannot hang us
+        pid = parents[pid]
+        if pid == root:
+            return True
+        seen += 1
+    return False
 
 
 def signal_all(procs: Iterable[psutil.Process], signum: int) -> None:

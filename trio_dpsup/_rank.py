@@ -14,7 +14,7 @@ import psutil
 import trio
 
 from ._errors import RankExited, RankSpawnFailed, SupervisorFailure, describe_returncode
-from ._process_tree import TREE_ENV
+from ._process_tree import TREE_ENV, TreeScanner
 from ._spawn import Spawner
 from ._state import RankRecord, RankState
 from ._stop import StopClock, stop_rank
@@ -28,6 +28,7 @@ async def run_rank(
     record: RankRecord,
     *,
     spawner: Spawner,
+    scanner: TreeScanner,
     clock: StopClock,
     environ: Mapping[str, str],
     cookie: str,
@@ -51,7 +52,7 @@ async def run_rank(
         raise fail(RankSpawnFailed(plan.rank, str(exc))) from exc
     # The tree scan skips processes older than the rank. psutil's clock, not time.time():
     # create_time rests on the integer boot time and can read up to a second early.
-    since = psutil.Process(process.pid).create_time()
+    scanner.register(cookie, process.pid, psutil.Process(process.pid).create_time())
     record.pid = process.pid
     record.state = RankState.STARTING
     logger.info("rank %d started: pid %d, port %d", plan.rank, process.pid, plan.port)
@@ -68,7 +69,7 @@ async def run_rank(
         with trio.CancelScope(shield=True):
             if record.state is not RankState.FAILED:
                 record.state = RankState.STOPPING
-            graceful = await stop_rank(plan.rank, process, cookie, since, clock)
+            graceful = await stop_rank(plan.rank, process, cookie, scanner, clock)
             record.killed = not graceful
             record.returncode = process.returncode
             if record.state is RankState.STOPPING:

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import psutil
 import trio
 
-from ._process_tree import kill_all, reap, signal_all, snapshot_tree, wait_gone
+from ._process_tree import TreeScanner, kill_all, reap, signal_all, wait_gone
 from ._spawn import RankProcess
 
 __all__ = ["StopClock", "stop_rank"]
@@ -66,7 +66,7 @@ class StopClock:
 
 
 async def stop_rank(
-    rank: int, process: RankProcess, cookie: str, since: float, clock: StopClock
+    rank: int, process: RankProcess, cookie: str, scanner: TreeScanner, clock: StopClock
 ) -> bool:
     """Stop a rank and its whole tree; True if it all exited within the grace period.
 
@@ -78,7 +78,7 @@ async def stop_rank(
     signum = clock.signum
     process.signal_group(signum)
     # After the signal, not before: the signal must not wait on a process-table scan.
-    tree = await trio.to_thread.run_sync(snapshot_tree, process.pid, cookie, since)
+    tree = await scanner.scan(cookie)
     signal_all(_outside_group(tree, process.pid), signum)
 
     graceful = False
@@ -91,7 +91,7 @@ async def stop_rank(
         process.signal_group(signal.SIGKILL)
 
     # Scan again: the tree may have forked between the first scan and the signal.
-    late = await trio.to_thread.run_sync(snapshot_tree, process.pid, cookie, since)
+    late = await scanner.scan(cookie, fresh=True)
     tree = _union(tree, late)
     survivors = await kill_all(tree, KILL_TIMEOUT)
     with trio.move_on_after(KILL_TIMEOUT):

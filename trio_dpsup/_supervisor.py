@@ -32,6 +32,7 @@ from ._errors import EXIT_FAILURE, SupervisorFailure, SupervisorStopped
 from ._guardian import open_guardian
 from ._plan import plan_ranks
 from ._prober import run_prober
+from ._process_tree import TreeScanner
 from ._rank import run_rank
 from ._spawn import open_spawner
 from ._state import Board, SupervisorState, SupervisorStatus
@@ -148,6 +149,7 @@ class _Run:
         self.environ = environ
         self.transport = transport
         self.clock = StopClock(config.grace_period)
+        self.scanner = TreeScanner()
         # Marks every process of this run's rank trees (see _process_tree).
         self.cookie = uuid.uuid4().hex
         self.shutdown_requested = trio.Event()
@@ -191,6 +193,7 @@ class _Run:
                                 run_rank,
                                 record,
                                 spawner=spawner,
+                                scanner=self.scanner,
                                 clock=self.clock,
                                 environ=self.environ,
                                 cookie=f"{self.cookie}:{record.plan.rank}",

@@ -21,8 +21,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import FrameType
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from ..demo import DemoHandler, DemoServer, SignalHandler, build_parser, exit_cleanly, serve
@@ -78,6 +79,8 @@ class FaultServer(DemoServer):
     ) -> None:
         self.health_override: int | None = None
         self.health_hang = threading.Event()
+        self.first_healthy: float | None = None
+        self.events_file: str | None = None
         super().__init__(host, port, health_path, ready_after, api_key)
 
     def health(self) -> tuple[int, str]:
@@ -85,7 +88,11 @@ class FaultServer(DemoServer):
             threading.Event().wait()  # a daemon handler thread, so this never blocks exit
         if self.health_override is not None:
             return self.health_override, "fault injected\n"
-        return super().health()
+        status, text = super().health()
+        if status == 200 and self.first_healthy is None:
+            self.first_healthy = time.monotonic()
+            _record_event(self.events_file, "first-200", self.first_healthy)
+        return status, text
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -102,6 +109,11 @@ def _build_parser() -> argparse.ArgumentParser:
         help="start a long-lived grandchild of this kind (repeatable)",
     )
     parser.add_argument("--pid-file", help="append one JSON line per process started")
+    parser.add_argument(
+        "--events-file",
+        help='append {"event": E, "monotonic": T} when health first answers 200 (first-200) '
+        "and when SIGTERM arrives (sigterm)",
+    )
     parser.add_argument(
         "--exit-after",
         type=float,
@@ -132,6 +144,13 @@ def _record(pid_file: str | None, role: str, pid: int) -> None:
             f.write(json.dumps({"role": role, "pid": pid}) + "\n")
 
 
+def _record_event(events_file: str | None, event: str, monotonic: float) -> None:
+    """time.monotonic() is CLOCK_MONOTONIC: comparable across processes on one machine."""
+    if events_file is not None:
+        with open(events_file, "a") as f:
+            f.write(json.dumps({"event": event, "monotonic": monotonic}) + "\n")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = _build_parser().parse_args(argv)
     _record(args.pid_file, "rank", os.getpid())
@@ -146,8 +165,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         on_sigterm = signal.SIG_IGN
     elif args.stop_delay:
         on_sigterm = _slow_exit(args.stop_delay)
+    if args.events_file and callable(on_sigterm):
+        on_sigterm = _noting_arrival(on_sigterm, args.events_file)
     server = FaultServer(args.host, args.port, args.health_path, args.ready_after, args.api_key)
+    server.events_file = args.events_file
     serve(server, on_sigterm)
+
+
+def _noting_arrival(handler: Callable[[int, FrameType | None], Any], path: str) -> SignalHandler:
+    def noting(signum: int, frame: FrameType | None) -> None:
+        _record_event(path, "sigterm", time.monotonic())
+        handler(signum, frame)
+
+    return noting
 
 
 def _slow_exit(delay: float) -> SignalHandler:

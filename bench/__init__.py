@@ -1,0 +1,1 @@
+"""Benchmarks of trio_dpsup: ``python -m bench [--quick]`` (see the README's Performance)."""

@@ -1,0 +1,160 @@
+"""The measured scenarios. Each returns seconds; real processes on loopback, CLI form.
+
+Clocks: trio.current_time() here and time.monotonic() in the fake ranks are both
+CLOCK_MONOTONIC, so times taken in different processes can be subtracted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import trio
+
+from trio_dpsup.testing import free_port_range, open_cli_supervisor, wait_pids_gone
+
+FAKE_RANK = (sys.executable, "-m", "trio_dpsup.testing.fake_rank")
+#: Spacing of the bench's own /ready polls: the resolution of "until /ready answered 503".
+POLL_SPACING = 0.001
+POLL_LIMIT = 20_000
+
+
+def cli_args(ranks: int, base: int, *options: str, rank_args: tuple[str, ...] = ()) -> list[str]:
+    return [
+        "--ranks", str(ranks), "--base-port", str(base), "--control-port", "0",
+        "--probe-interval", "1", "--grace-period", "5", "--startup-timeout", "120",
+        *options, "--", *FAKE_RANK, "--port", "{port}", *rank_args,
+    ]  # fmt: skip
+
+
+async def crash(ranks: int, tmp: Path) -> dict[str, float]:
+    """SIGKILL a ready rank: until /ready answers 503, every other rank has its SIGTERM,
+    every other rank is gone, the supervisor has exited."""
+    base = free_port_range(ranks)
+    events = tmp / f"events-{base}-{{rank}}"
+    rank_args = ("--events-file", str(events))
+    async with open_cli_supervisor(cli_args(ranks, base, rank_args=rank_args)) as sup:
+        url = await sup.wait_ready(timeout=120)
+        status = await sup.status()
+        pids = [int(r["pid"]) for r in status["ranks"]]  # type: ignore[index, call-overload]
+        result: dict[str, float] = {}
+        async with httpx.AsyncClient(base_url=url) as client:
+            await client.get("/ready")  # open the connection before the clock starts
+            start = trio.current_time()
+
+            async def until_503() -> None:
+                for _ in range(POLL_LIMIT):
+                    if (await client.get("/ready")).status_code == 503:
+                        result["ready_503"] = trio.current_time() - start
+                        return
+                    await trio.sleep(POLL_SPACING)
+
+            async def until_others_gone() -> None:
+                left = await wait_pids_gone(pids[1:], 30.0)
+                assert not left, f"ranks {left} outlived the failure"
+                result["others_gone"] = trio.current_time() - start
+
+            async def until_exit() -> None:
+                code = await sup.wait()
+                assert code == 137, sup.log
+                result["exit"] = trio.current_time() - start
+
+            async with trio.open_nursery() as nursery:
+                killed_at = time.monotonic()
+                os.kill(pids[0], signal.SIGKILL)
+                nursery.start_soon(until_503)
+                nursery.start_soon(until_others_gone)
+                nursery.start_soon(until_exit)
+    arrivals = []
+    for rank in range(1, ranks):
+        text = await trio.Path(str(events).format(rank=rank)).read_text()
+        times = [json.loads(line) for line in text.splitlines()]
+        arrivals += [e["monotonic"] for e in times if e["event"] == "sigterm"]
+    assert len(arrivals) == ranks - 1
+    result["others_signalled"] = max(arrivals) - killed_at
+    return result
+
+
+async def crash_floor() -> float:
+    """A bare Trio program observing the SIGKILL of its own child."""
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-c", "import time; time.sleep(60)"]
+    )
+    start = trio.current_time()
+    process.kill()
+    await process.wait()
+    return trio.current_time() - start
+
+
+async def ready_overhead(ranks: int, tmp: Path, ready_after: float = 2.0) -> float:
+    """From the last rank's first 200 to the supervisor's first 200 on /ready."""
+    base = free_port_range(ranks)
+    events = tmp / f"events-{base}-{{rank}}"
+    rank_args = ("--ready-after", str(ready_after), "--events-file", str(events))
+    async with open_cli_supervisor(cli_args(ranks, base, rank_args=rank_args)) as sup:
+        url = await sup.control_url()
+        async with httpx.AsyncClient(base_url=url) as client:
+            for _ in range(POLL_LIMIT):
+                if (await client.get("/ready")).status_code == 200:
+                    # time.monotonic, not trio.current_time (which has a random offset):
+                    # it is compared with the ranks' clocks.
+                    ready_at = time.monotonic()
+                    break
+                await trio.sleep(POLL_SPACING)
+            else:
+                raise AssertionError("never ready")
+        sup.send_signal(signal.SIGTERM)
+        await sup.wait()
+    firsts = []
+    for rank in range(ranks):
+        text = await trio.Path(str(events).format(rank=rank)).read_text()
+        firsts.append(json.loads(text.splitlines()[0])["monotonic"])
+    return ready_at - max(firsts)
+
+
+async def rank_exit_floor(ranks: int) -> float:
+    """`ranks` fake ranks with no supervisor: SIGTERM to all at once until all have exited.
+
+    The floor of "every other rank gone": what the ranks' own exits cost on this machine.
+    """
+    base = free_port_range(ranks)
+    processes = [
+        await trio.lowlevel.open_process([*FAKE_RANK, "--port", str(base + i)])
+        for i in range(ranks)
+    ]
+    async with httpx.AsyncClient() as client:
+        for i in range(ranks):
+            for _ in range(POLL_LIMIT):
+                try:
+                    url = f"http://127.0.0.1:{base + i}/health"
+                    if (await client.get(url)).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                await trio.sleep(POLL_SPACING)
+    start = trio.current_time()
+    for process in processes:
+        process.send_signal(signal.SIGTERM)
+    for process in processes:
+        await process.wait()
+    return trio.current_time() - start
+
+
+async def shutdown(ranks: int, *, ignore_sigterm: bool, grace: float) -> float:
+    """SIGTERM to the supervisor until it exits."""
+    base = free_port_range(ranks)
+    rank_args = ("--ignore-sigterm",) if ignore_sigterm else ()
+    args = cli_args(ranks, base, "--grace-period", str(grace), rank_args=rank_args)
+    async with open_cli_supervisor(args) as sup:
+        await sup.wait_ready(timeout=120)
+        start = trio.current_time()
+        sup.send_signal(signal.SIGTERM)
+        code = await sup.wait()
+        elapsed = trio.current_time() - start
+        assert code == (1 if ignore_sigterm else 0), sup.log
+        return elapsed
