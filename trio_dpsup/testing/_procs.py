@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 from collections.abc import Iterable
 from pathlib import Path
 
 import psutil
 import trio
+
+from .._process_tree import wait_gone
 
 __all__ = ["alive", "read_pid_file", "wait_pids_gone"]
 
@@ -35,22 +37,10 @@ async def wait_pids_gone(pids: Iterable[int], timeout: float) -> list[int]:  # n
 
     Event-driven (a pidfd per process), so a process that exits is seen at once.
     """
-    remaining = [pid for pid in pids if alive(pid)]
+    procs = []
+    for pid in pids:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            procs.append(psutil.Process(pid))
     with trio.move_on_after(timeout):
-        async with trio.open_nursery() as nursery:
-            for pid in remaining:
-                nursery.start_soon(_wait_pid, pid)
-    return [pid for pid in remaining if alive(pid)]
-
-
-async def _wait_pid(pid: int) -> None:
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return
-    try:
-        if alive(pid):
-            await trio.lowlevel.wait_readable(fd)
-    finally:
-        trio.lowlevel.notify_closing(fd)
-        os.close(fd)
+        await wait_gone(procs)
+    return [proc.pid for proc in procs if alive(proc.pid)]
