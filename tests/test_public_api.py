@@ -5,22 +5,36 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
+import pytest
 import trio
 
 import trio_dpsup
+import trio_dpsup.testing
 from trio_dpsup.testing import free_port_range
 
 ROOT = Path(__file__).parent.parent
 
 
-def test_all_lists_exactly_the_public_names() -> None:
+@pytest.mark.parametrize("package", [trio_dpsup, trio_dpsup.testing])
+def test_all_lists_exactly_the_public_names(package: ModuleType) -> None:
     public = {
         name
-        for name in vars(trio_dpsup)
-        if not name.startswith("_") and not isinstance(getattr(trio_dpsup, name), type(trio_dpsup))
+        for name in dir(package)
+        if not name.startswith("_") and not isinstance(getattr(package, name), ModuleType)
     }
-    assert set(trio_dpsup.__all__) == public
+    assert set(package.__all__) == public
+
+
+def test_a_rank_imports_none_of_the_supervisor() -> None:
+    """Ranks run `python -m trio_dpsup.demo`: the packages above it must load lazily."""
+    code = (
+        "import sys, trio_dpsup.testing.fake_rank\n"
+        "heavy = {'trio', 'httpx', 'hypercorn', 'psutil'} & set(sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_readme_shows_the_example_verbatim() -> None:

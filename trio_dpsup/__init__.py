@@ -12,19 +12,24 @@ everything down in a strict order on request or on the first failure::
         handle.request_shutdown()
 """
 
-from ._config import SupervisorConfig
-from ._errors import (
-    ConfigError,
-    RankExited,
-    RankSpawnFailed,
-    RankUnhealthy,
-    StartupTimeout,
-    SupervisorFailure,
-    SupervisorStopped,
-)
-from ._plan import RankPlan, plan_ranks
-from ._state import ProbeResult, RankState, RankStatus, SupervisorState, SupervisorStatus
-from ._supervisor import Supervisor, SupervisorHandle
+import typing
+
+from . import _lazy
+
+if typing.TYPE_CHECKING:  # the names for type checkers; at run time they load on first use
+    from ._config import SupervisorConfig
+    from ._errors import (
+        ConfigError,
+        RankExited,
+        RankSpawnFailed,
+        RankUnhealthy,
+        StartupTimeout,
+        SupervisorFailure,
+        SupervisorStopped,
+    )
+    from ._plan import RankPlan, plan_ranks
+    from ._state import ProbeResult, RankState, RankStatus, SupervisorState, SupervisorStatus
+    from ._supervisor import Supervisor, SupervisorHandle
 
 __all__ = [
     "ConfigError",
@@ -47,3 +52,29 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+# Ranks run `python -m trio_dpsup.demo`: this package must import nothing heavy (see _lazy).
+__getattr__, __dir__ = _lazy.lazy_exports(
+    __name__,
+    {
+        "._config": ["SupervisorConfig"],
+        "._errors": [
+            "ConfigError",
+            "RankExited",
+            "RankSpawnFailed",
+            "RankUnhealthy",
+            "StartupTimeout",
+            "SupervisorFailure",
+            "SupervisorStopped",
+        ],
+        "._plan": ["RankPlan", "plan_ranks"],
+        "._state": [
+            "ProbeResult",
+            "RankState",
+            "RankStatus",
+            "SupervisorState",
+            "SupervisorStatus",
+        ],
+        "._supervisor": ["Supervisor", "SupervisorHandle"],
+    },
+)

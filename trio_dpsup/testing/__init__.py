@@ -5,9 +5,14 @@
 * `free_port_range`, `alive`, `wait_pids_gone`, `read_pid_file`: ports and process checks.
 """
 
-from ._cli_process import CliSupervisor, open_cli_supervisor
-from ._ports import free_port_range
-from ._procs import alive, read_pid_file, wait_pids_gone
+import typing
+
+from .. import _lazy
+
+if typing.TYPE_CHECKING:  # the names for type checkers; at run time they load on first use
+    from ._cli_process import CliSupervisor, open_cli_supervisor
+    from ._ports import free_port_range
+    from ._procs import alive, read_pid_file, wait_pids_gone
 
 __all__ = [
     "CliSupervisor",
@@ -17,3 +22,13 @@ __all__ = [
     "read_pid_file",
     "wait_pids_gone",
 ]
+
+# The fake rank runs as `python -m trio_dpsup.testing.fake_rank`: import nothing heavy here.
+__getattr__, __dir__ = _lazy.lazy_exports(
+    __name__,
+    {
+        "._cli_process": ["CliSupervisor", "open_cli_supervisor"],
+        "._ports": ["free_port_range"],
+        "._procs": ["alive", "read_pid_file", "wait_pids_gone"],
+    },
+)
