@@ -56,3 +56,25 @@ async def test_readme_example_runs() -> None:
     out = result.stdout.decode()
     assert "rank 0 (pid" in out
     assert "rank 1 (pid" in out
+
+
+def test_readme_shows_the_testing_example_verbatim() -> None:
+    example = (ROOT / "examples" / "test_my_deployment.py").read_text()
+    assert f"```python\n{example}```" in (ROOT / "README.md").read_text()
+
+
+async def test_testing_example_passes_in_a_project_of_its_own(tmp_path: Path) -> None:
+    """Copied out of this repository (no pytest configuration, no trio_mode), as a user would."""
+    test_file = tmp_path / "test_my_deployment.py"
+    test_file.write_text((ROOT / "examples" / "test_my_deployment.py").read_text())
+    with trio.fail_after(120):
+        result = await trio.run_process(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(test_file)],
+            cwd=tmp_path,
+            capture_stdout=True,
+            check=False,
+            stdin=subprocess.DEVNULL,
+        )
+    out = result.stdout.decode()
+    assert result.returncode == 0, out
+    assert "2 passed" in out

@@ -120,6 +120,7 @@ async def _lifespan(receive: ASGIReceiveCallable, send: ASGISendCallable) -> Non
 def status_to_json(status: SupervisorStatus) -> dict[str, Any]:
     """The /status document: supervisor state, first failure, and one object per rank."""
     return {
+        "run_id": status.run_id,
         "state": status.state.value,
         "ready": status.ready,
         "started": status.started,

@@ -23,12 +23,11 @@ from collections.abc import Iterable, Mapping
 import psutil
 import trio
 
-__all__ = ["TREE_ENV", "TreeScanner", "kill_all", "reap", "scan_trees", "signal_all", "wait_gone"]
+from ._cookie import TREE_ENV
+
+__all__ = ["TreeScanner", "kill_all", "reap", "scan_trees", "signal_all", "wait_gone"]
 
 logger = logging.getLogger(__name__)
-
-#: The environment variable that marks every process of a rank's tree.
-TREE_ENV = "TRIO_DPSUP_TREE"
 
 
 def scan_trees(roots: Mapping[str, int], since: float) -> dict[str, list[psutil.Process]]:

@@ -13,8 +13,9 @@ from collections.abc import Callable, Mapping
 import psutil
 import trio
 
+from ._cookie import TREE_ENV
 from ._errors import RankExited, RankSpawnFailed, SupervisorFailure, describe_returncode
-from ._process_tree import TREE_ENV, TreeScanner
+from ._process_tree import TreeScanner
 from ._spawn import Spawner
 from ._state import RankRecord, RankState
 from ._stop import StopClock, stop_rank

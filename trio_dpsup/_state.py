@@ -70,6 +70,8 @@ class RankStatus:
 
 @dataclass(frozen=True)
 class SupervisorStatus:
+    #: Names this run; every process of its trees carries it in TRIO_DPSUP_TREE.
+    run_id: str
     state: SupervisorState
     ranks: tuple[RankStatus, ...]
     #: Every rank has been ready at least once (what /startupz reports).
@@ -121,7 +123,8 @@ class RankRecord:
 class Board:
     """All state of one supervisor run, and the events that announce its changes."""
 
-    def __init__(self, plans: tuple[RankPlan, ...]) -> None:
+    def __init__(self, plans: tuple[RankPlan, ...], run_id: str) -> None:
+        self.run_id = run_id
         self.ranks = tuple(RankRecord(plan) for plan in plans)
         self.state = SupervisorState.STARTING
         self.failure: SupervisorFailure | None = None
@@ -162,6 +165,7 @@ class Board:
 
     def snapshot(self) -> SupervisorStatus:
         return SupervisorStatus(
+            run_id=self.run_id,
             state=self.state,
             ranks=tuple(r.snapshot() for r in self.ranks),
             started=self.started,

@@ -28,6 +28,7 @@ import trio
 
 from ._config import SupervisorConfig
 from ._control import ControlApp, bind_control_socket, serve_control_plane
+from ._cookie import rank_cookie
 from ._errors import EXIT_FAILURE, SupervisorFailure, SupervisorStopped
 from ._guardian import open_guardian
 from ._plan import plan_ranks
@@ -81,7 +82,9 @@ class Supervisor:
         """
         plans = plan_ranks(self.config, self._environ)
         sock = bind_control_socket(self.config.control_host, self.config.control_port)
-        run = _Run(self.config, Board(plans), self._environ, self._transport)
+        # Names the run in /status and marks every process of its trees (see _cookie).
+        run_id = uuid.uuid4().hex
+        run = _Run(self.config, Board(plans, run_id), self._environ, self._transport)
         await run.run(sock, task_status)
 
 
@@ -150,8 +153,6 @@ class _Run:
         self.transport = transport
         self.clock = StopClock(config.grace_period)
         self.scanner = TreeScanner()
-        # Marks every process of this run's rank trees (see _process_tree).
-        self.cookie = uuid.uuid4().hex
         self.shutdown_requested = trio.Event()
         self.stopped = trio.Event()
         self.exit_status: int | None = None
@@ -169,7 +170,7 @@ class _Run:
                 )
                 logger.info("control plane listening on %s", url)
                 try:
-                    async with open_guardian(self.cookie):
+                    async with open_guardian(self.board.run_id):
                         await self._run_ranks(partial(SupervisorHandle, self, url), task_status)
                 finally:
                     stop_control.set()  # the control plane stops last, after every rank is gone
@@ -196,7 +197,7 @@ class _Run:
                                 scanner=self.scanner,
                                 clock=self.clock,
                                 environ=self.environ,
-                                cookie=f"{self.cookie}:{record.plan.rank}",
+                                cookie=rank_cookie(self.board.run_id, record.plan.rank),
                                 fail=self.fail,
                             )
                         )

@@ -107,10 +107,14 @@ def exit_cleanly(signum: int, frame: FrameType | None) -> None:
     sys.exit(0)  # unwinds serve_forever() in the main thread, closing the socket
 
 
-def serve(server: DemoServer, on_sigterm: SignalHandler = exit_cleanly) -> None:
-    """Serve until SIGINT, or SIGTERM as `on_sigterm` decides (by default: exit 0)."""
+def serve(
+    server: DemoServer,
+    on_sigterm: SignalHandler = exit_cleanly,
+    on_sigint: SignalHandler = exit_cleanly,
+) -> None:
+    """Serve until SIGTERM or SIGINT, as the handlers decide (by default: exit 0)."""
     signal.signal(signal.SIGTERM, on_sigterm)
-    signal.signal(signal.SIGINT, exit_cleanly)
+    signal.signal(signal.SIGINT, on_sigint)
     with server:
         server.serve_forever()
 

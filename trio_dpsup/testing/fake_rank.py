@@ -7,6 +7,11 @@ for health and exit, by HTTP at run time:
 * ``POST /fault/hang`` makes the health path hang (the probe-timeout path);
 * ``POST /fault/exit?code=3`` exits at once with that status (``code=-9`` kills itself).
 
+``--log-lines N`` writes N numbered lines, alternately to stdout and stderr, at
+``--log-rate`` lines a second; ``--last-words TEXT`` is written to stdout with no newline
+just before every exit the rank makes itself (SIGTERM, ``--exit-after``, ``/fault/exit``):
+what a supervisor that relays rank output must not lose.
+
 ``--pid-file`` gets one JSON line per process it started (``{"role": ..., "pid": ...}``),
 written before the server listens: once the rank is healthy, the file is complete.
 """
@@ -64,9 +69,7 @@ class FaultHandler(DemoHandler):
             code = int(query.get("code", "1"))
             self.reply(200, "ok\n")
             self.wfile.flush()
-            if code < 0:
-                os.kill(os.getpid(), -code)
-            os._exit(code)
+            _exit(code)
         else:
             self.reply(404, "not found\n")
 
@@ -98,6 +101,7 @@ class FaultServer(DemoServer):
 def _build_parser() -> argparse.ArgumentParser:
     parser = build_parser("python -m trio_dpsup.testing.fake_rank")
     parser.add_argument("--ignore-sigterm", action="store_true", help="ignore SIGTERM")
+    parser.add_argument("--ignore-sigint", action="store_true", help="ignore SIGINT")
     parser.add_argument(
         "--stop-delay", type=float, default=0.0, help="seconds to take to exit on SIGTERM"
     )
@@ -120,6 +124,11 @@ def _build_parser() -> argparse.ArgumentParser:
         help="exit by itself after this many seconds, with --exit-code",
     )
     parser.add_argument("--exit-code", type=int, default=1)
+    parser.add_argument("--log-lines", type=int, default=0, help="log lines to write")
+    parser.add_argument(
+        "--log-rate", type=float, default=0.0, help="log lines a second (0: as fast as it can)"
+    )
+    parser.add_argument("--last-words", help="written with no newline just before exiting")
     return parser
 
 
@@ -156,11 +165,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     _record(args.pid_file, "rank", os.getpid())
     for kind in args.grandchild:
         _record(args.pid_file, f"grandchild-{kind}", _start_grandchild(kind))
+    global _last_words
+    _last_words = args.last_words
+    if args.log_lines:
+        threading.Thread(
+            target=_write_log, args=(args.log_lines, args.log_rate, args.port), daemon=True
+        ).start()
     if args.exit_after is not None:
-        timer = threading.Timer(args.exit_after, os._exit, (args.exit_code,))
+        timer = threading.Timer(args.exit_after, _exit, (args.exit_code,))
         timer.daemon = True
         timer.start()
-    on_sigterm: SignalHandler = exit_cleanly
+    on_sigterm: SignalHandler = _obey
     if args.ignore_sigterm:
         on_sigterm = signal.SIG_IGN
     elif args.stop_delay:
@@ -169,7 +184,38 @@ def main(argv: Sequence[str] | None = None) -> None:
         on_sigterm = _noting_arrival(on_sigterm, args.events_file)
     server = FaultServer(args.host, args.port, args.health_path, args.ready_after, args.api_key)
     server.events_file = args.events_file
-    serve(server, on_sigterm)
+    serve(server, on_sigterm, signal.SIG_IGN if args.ignore_sigint else _obey)
+
+
+#: Written by `_exit` with no newline; set once, by main().
+_last_words: str | None = None
+
+
+def _say_last_words() -> None:
+    if _last_words is not None:
+        sys.stdout.write(_last_words)
+        sys.stdout.flush()
+
+
+def _exit(code: int) -> None:
+    """Exit now with `code` (a negative code: killed by that signal), after the last words."""
+    _say_last_words()
+    if code < 0:
+        os.kill(os.getpid(), -code)
+    os._exit(code)
+
+
+def _write_log(lines: int, rate: float, port: int) -> None:
+    for i in range(lines):
+        stream = sys.stdout if i % 2 == 0 else sys.stderr
+        print(f"fake rank {port}: log line {i} of {lines}", file=stream, flush=True)
+        if rate > 0:
+            time.sleep(1 / rate)  # pacing the output, not waiting for anything
+
+
+def _obey(signum: int, frame: FrameType | None) -> None:
+    _say_last_words()
+    exit_cleanly(signum, frame)
 
 
 def _noting_arrival(handler: Callable[[int, FrameType | None], Any], path: str) -> SignalHandler:
@@ -182,8 +228,8 @@ def _noting_arrival(handler: Callable[[int, FrameType | None], Any], path: str) 
 
 def _slow_exit(delay: float) -> SignalHandler:
     def handler(signum: int, frame: FrameType | None) -> None:
-        time.sleep(delay)
-        sys.exit(0)
+        time.sleep(delay)  # the fault itself: a server that takes this long to shut down
+        _exit(0)
 
     return handler
 

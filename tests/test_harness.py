@@ -1,0 +1,49 @@
+"""The harness itself: its leftover check can fail, and the fake rank's output faults."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from trio_dpsup.testing import (
+    FAKE_RANK,
+    Form,
+    Harness,
+    LeftoverProcesses,
+    free_port_range,
+    wait_pids_gone,
+)
+
+pytest_plugins = ["trio_dpsup.testing.plugin"]
+
+
+async def test_leftover_check_names_and_kills_survivors(dpsup: Harness) -> None:
+    deployment = await dpsup.start(1, form=Form.CLI, rank_args=["--grandchild", "setsid"])
+    tree = deployment.process_tree()
+    (guardian,) = tree.guardian
+    rank, grandchild = tree.ranks[0]
+    # Without its guardian, a dead supervisor leaves the setsid grandchild behind: the rank
+    # dies by its parent-death signal, the grandchild has no such thing.
+    os.kill(guardian, signal.SIGKILL)
+    deployment.signal_supervisor(signal.SIGKILL)
+    assert await deployment.wait_exit() == -signal.SIGKILL
+    with pytest.raises(LeftoverProcesses, match=rf"pids \[{grandchild}\] outlived"):
+        await deployment.assert_no_leftovers(timeout=1.0)
+    assert await wait_pids_gone([grandchild, rank], 2.0) == [], "the check must kill them"
+
+
+def test_fake_rank_log_lines_and_last_words() -> None:
+    port = free_port_range(1)
+    args = ["--port", str(port), "--log-lines", "5", "--last-words", "bye", "--exit-after", "1"]
+    result = subprocess.run(
+        [*FAKE_RANK, *args], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert result.returncode == 1
+    prefix = f"fake rank {port}: log line"
+    assert result.stdout == "".join(f"{prefix} {i} of 5\n" for i in (0, 2, 4)) + "bye"
+    assert result.stderr == "".join(f"{prefix} {i} of 5\n" for i in (1, 3))
+    assert sys.executable in FAKE_RANK
