@@ -27,6 +27,7 @@ POLL_LIMIT = 20_000
 def cli_args(ranks: int, base: int, *options: str, rank_args: tuple[str, ...] = ()) -> list[str]:
     return [
         "--ranks", str(ranks), "--base-port", str(base), "--control-port", "0",
+        "--gpus-per-rank", "0",
         "--probe-interval", "1", "--grace-period", "5", "--startup-timeout", "120",
         *options, "--", *FAKE_RANK, "--port", "{port}", *rank_args,
     ]  # fmt: skip

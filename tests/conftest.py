@@ -29,6 +29,7 @@ def cli_args(
         "--base-port", str(base_port),
         "--control-host", "127.0.0.1",
         "--control-port", "0",
+        "--gpus-per-rank", "0",  # fake ranks need no GPU, also on a machine that has some
         "--grace-period", "5",
         *FAST_PROBES,
         *options,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -11,6 +12,8 @@ from pathlib import Path
 import pytest
 import trio
 
+from trio_dpsup import NvmlUnavailable
+from trio_dpsup._nvml import open_pynvml
 from trio_dpsup.testing import free_port_range
 
 from .conftest import FAKE_RANK
@@ -36,6 +39,22 @@ async def run_cli(args: list[str], env: dict[str, str] | None = None) -> tuple[i
     return result.returncode, result.stderr.decode()
 
 
+def bare_environment() -> dict[str, str]:
+    """PATH (and PYTHONPATH, where this Python needs it), and no CUDA_VISIBLE_DEVICES."""
+    env = {"PATH": "/usr/bin:/bin"}
+    if "PYTHONPATH" in os.environ:
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+    return env
+
+
+def nvml_available() -> bool:
+    try:
+        open_pynvml().close()
+    except NvmlUnavailable:
+        return False
+    return True
+
+
 def rank_command(pid_file: Path) -> list[str]:
     """A fake rank that records its pid: if the file exists, a rank was started."""
     return [*FAKE_RANK, "--port", "{port}", "--pid-file", str(pid_file)]
@@ -49,24 +68,34 @@ def rank_command(pid_file: Path) -> list[str]:
         (["--ranks", "2", "--base-port", "65535"], "go past 65535"),
         (["--ranks", "1", "--control-port", "70000"], "--control-port must be within"),
         (["--ranks", "0"], "--ranks must be 1 or more"),
-        (["--ranks", "1", "--gpus-per-rank", "0"], "--gpus-per-rank must be 1 or more"),
+        (["--ranks", "1", "--gpus-per-rank", "-1"], "--gpus-per-rank must be 0 (ranks without"),
         (["--ranks", "1", "--grace-period", "-1"], "--grace-period must be more than 0"),
         (["--ranks", "1", "--probe-interval", "0"], "--probe-interval must be more than 0"),
         (["--ranks", "1", "--startup-timeout", "-5"], "--startup-timeout must be 0 or more"),
         (["--ranks", "3", "--devices", "0,1"], "3 ranks x 1 GPUs per rank need 3 devices"),
         (["--devices", "0,1,0"], "device 0 is listed twice"),
-        ([], "no devices are known, so the rank count cannot be derived: pass --ranks N"),
     ],
 )  # fmt: skip
 async def test_bad_option_exits_2_and_starts_nothing(
     tmp_path: Path, options: list[str], message: str
 ) -> None:
     pid_file = tmp_path / "pids"
-    env = {"PATH": "/usr/bin:/bin"}  # no CUDA_VISIBLE_DEVICES: no devices are known
+    env = bare_environment()
     status, stderr = await run_cli([*options, "--", *rank_command(pid_file)], env=env)
     assert status == 2
     assert message in stderr
     assert stderr.startswith("trio-dpsup: error: ")
+    assert not pid_file.exists()
+
+
+@pytest.mark.skipif(nvml_available(), reason="NVML finds this machine's GPUs")
+async def test_no_ranks_and_no_nvml(tmp_path: Path) -> None:
+    pid_file = tmp_path / "pids"
+    env = bare_environment()
+    status, stderr = await run_cli(["--", *rank_command(pid_file)], env=env)
+    assert status == 2
+    assert stderr.startswith("trio-dpsup: error: no devices are known (NVML is unavailable: ")
+    assert "pass --ranks N" in stderr
     assert not pid_file.exists()
 
 

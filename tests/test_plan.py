@@ -86,7 +86,7 @@ def test_too_few_devices() -> None:
 def test_device_listed_twice() -> None:
     with pytest.raises(ConfigError, match="device 1 is listed twice"):
         config(devices=("0", "1", "1"))
-    with pytest.raises(ConfigError, match="lists a device twice"):
+    with pytest.raises(ConfigError, match="lists device 0 twice"):
         plan_ranks(config(ranks=None), {**ENV, "CUDA_VISIBLE_DEVICES": "0,0"})
 
 
@@ -122,7 +122,7 @@ def test_ports_out_of_range(overrides: dict[str, object], message: str) -> None:
     ("overrides", "message"),
     [
         ({"ranks": 0}, "--ranks must be 1 or more"),
-        ({"gpus_per_rank": -1}, "--gpus-per-rank must be 1 or more"),
+        ({"gpus_per_rank": -1}, "--gpus-per-rank must be 0 .ranks without GPUs. or more"),
         ({"failure_threshold": 0}, "--failure-threshold must be 1 or more"),
         ({"start_rank": -1}, "--start-rank must be 0 or more"),
         ({"probe_interval": 0.0}, "--probe-interval must be more than 0"),

@@ -20,6 +20,8 @@ if typing.TYPE_CHECKING:  # the names for type checkers; at run time they load o
     from ._config import SupervisorConfig
     from ._errors import (
         ConfigError,
+        GpuFailed,
+        GpuLeftovers,
         RankExited,
         RankSpawnFailed,
         RankUnhealthy,
@@ -27,12 +29,23 @@ if typing.TYPE_CHECKING:  # the names for type checkers; at run time they load o
         SupervisorFailure,
         SupervisorStopped,
     )
+    from ._nvml import GpuInfo, GpuSample, NvmlBackend, NvmlUnavailable
+    from ._placement import Placement, PlacementIssue, PlacementVerdict
     from ._plan import RankPlan, plan_ranks
     from ._state import ProbeResult, RankState, RankStatus, SupervisorState, SupervisorStatus
     from ._supervisor import Supervisor, SupervisorHandle
 
 __all__ = [
     "ConfigError",
+    "GpuFailed",
+    "GpuInfo",
+    "GpuLeftovers",
+    "GpuSample",
+    "NvmlBackend",
+    "NvmlUnavailable",
+    "Placement",
+    "PlacementIssue",
+    "PlacementVerdict",
     "ProbeResult",
     "RankExited",
     "RankPlan",
@@ -60,6 +73,8 @@ __getattr__, __dir__ = _lazy.lazy_exports(
         "._config": ["SupervisorConfig"],
         "._errors": [
             "ConfigError",
+            "GpuFailed",
+            "GpuLeftovers",
             "RankExited",
             "RankSpawnFailed",
             "RankUnhealthy",
@@ -67,6 +82,8 @@ __getattr__, __dir__ = _lazy.lazy_exports(
             "SupervisorFailure",
             "SupervisorStopped",
         ],
+        "._nvml": ["GpuInfo", "GpuSample", "NvmlBackend", "NvmlUnavailable"],
+        "._placement": ["Placement", "PlacementIssue", "PlacementVerdict"],
         "._plan": ["RankPlan", "plan_ranks"],
         "._state": [
             "ProbeResult",

@@ -11,6 +11,7 @@ import argparse
 import logging
 import signal
 import sys
+import textwrap
 from collections.abc import AsyncIterator, Sequence
 from typing import NoReturn, TypeVar
 
@@ -56,6 +57,21 @@ def run_cli(argv: Sequence[str]) -> int:
     return trio.run(_supervise, config)
 
 
+#: The help's closing paragraphs, after the placeholders.
+_EPILOG = (
+    "Devices: --devices, else CUDA_VISIBLE_DEVICES, else every GPU NVML sees, is split into "
+    "groups of --gpus-per-rank; each rank gets CUDA_VISIBLE_DEVICES set to its own group (and "
+    "CUDA_DEVICE_ORDER=PCI_BUS_ID for indices, so CUDA numbers GPUs as NVML does). Devices are "
+    "indices, GPU UUIDs or MIG UUIDs; an empty or -1 CUDA_VISIBLE_DEVICES means none. "
+    "--gpus-per-rank 0 runs ranks without GPUs. With no devices known (no NVML), --ranks is "
+    "required.",
+    "Exit status: 0 after a requested shutdown in which every rank stopped within the grace "
+    "period; the first failing rank's status (128+N for signal N); 1 for a probe failure, a "
+    "startup timeout, a GPU fault, a rank that had to be killed, or (with --fail-on-leftovers) "
+    "GPU memory left held; 2 for bad input.",
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     placeholders = "\n".join(f"  {{{name}}}  {text}" for name, text in PLACEHOLDERS.items())
     parser = argparse.ArgumentParser(
@@ -65,16 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
             "Start one HTTP server per data-parallel rank, watch them, serve a control plane "
             "for probes, and tear everything down in order on a signal or the first failure."
         ),
-        epilog=(
-            f"COMMAND and ARGS are templates; these placeholders are filled in per rank:\n"
-            f"{placeholders}\n\n"
-            "Devices: --devices, else CUDA_VISIBLE_DEVICES, is split into groups of "
-            "--gpus-per-rank; each rank gets CUDA_VISIBLE_DEVICES set to its own group. "
-            "With no devices known, --ranks is required and CUDA_VISIBLE_DEVICES is left "
-            "alone.\n\n"
-            "Exit status: 0 after a requested shutdown in which every rank stopped within the "
-            "grace period; the first failing rank's status (128+N for signal N); 1 for a "
-            "probe failure, a startup timeout or a rank that had to be killed; 2 for bad input."
+        epilog="\n\n".join(
+            [
+                "COMMAND and ARGS are templates; these placeholders are filled in per rank:\n"
+                + placeholders,
+                *(textwrap.fill(paragraph, 79) for paragraph in _EPILOG),
+            ]
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -91,12 +103,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--gpus-per-rank",
         type=int,
         default=d.gpus_per_rank,
-        help="devices per rank, e.g. TP x PP (default: %(default)s)",
+        help="devices per rank, e.g. TP x PP; 0: no GPU (default: %(default)s)",
     )
     ranks.add_argument(
         "--devices",
         type=_device_list,
-        help="comma list of devices to hand out (default: CUDA_VISIBLE_DEVICES)",
+        help="comma list of devices to hand out: indices, GPU-… or MIG-… UUIDs "
+        "(default: CUDA_VISIBLE_DEVICES, else all NVML devices)",
+    )
+    ranks.add_argument(
+        "--gpu-interval",
+        type=float,
+        default=d.gpu_interval,
+        help="seconds between GPU readings and placement checks (default: %(default)s)",
     )
     ranks.add_argument(
         "--host",
@@ -156,6 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.drain_delay,
         help="seconds to stay up, not ready, before signalling ranks (default: %(default)s)",
     )
+    stop.add_argument(
+        "--fail-on-leftovers",
+        action="store_true",
+        help="exit 1 when processes still hold memory on the ranks' GPUs after shutdown",
+    )
     parser.add_argument(
         "--log-level",
         default="INFO",
@@ -196,6 +220,8 @@ def _config_from_args(args: argparse.Namespace, command: list[str]) -> Superviso
         startup_timeout=args.startup_timeout,
         grace_period=args.grace_period,
         drain_delay=args.drain_delay,
+        gpu_interval=args.gpu_interval,
+        fail_on_leftovers=args.fail_on_leftovers,
     )
 
 

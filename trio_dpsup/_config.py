@@ -52,6 +52,10 @@ class SupervisorConfig:
     grace_period: float = 20.0
     drain_delay: float = 0.0
     startup_probe_interval: float = DEFAULT_STARTUP_PROBE_INTERVAL
+    #: Seconds between GPU readings and placement checks (with NVML).
+    gpu_interval: float = 5.0
+    #: Exit non-zero when processes still hold memory on the ranks' GPUs after shutdown.
+    fail_on_leftovers: bool = False
     #: Extra environment for every rank, applied before the per-rank variables.
     env: tuple[tuple[str, str], ...] = field(default=())
 
@@ -59,7 +63,10 @@ class SupervisorConfig:
         if not self.command:
             raise ConfigError("no command to run: put the rank command after '--'")
         _positive_int("--ranks", self.ranks, allow_none=True)
-        _positive_int("--gpus-per-rank", self.gpus_per_rank)
+        if self.gpus_per_rank < 0:
+            raise ConfigError(
+                f"--gpus-per-rank must be 0 (ranks without GPUs) or more, not {self.gpus_per_rank}"
+            )
         _positive_int("--failure-threshold", self.failure_threshold)
         if self.start_rank < 0:
             raise ConfigError(f"--start-rank must be 0 or more, not {self.start_rank}")
@@ -68,6 +75,7 @@ class SupervisorConfig:
             ("--probe-timeout", self.probe_timeout),
             ("--grace-period", self.grace_period),
             ("startup_probe_interval", self.startup_probe_interval),
+            ("--gpu-interval", self.gpu_interval),
         ):
             _positive_duration(name, value)
         for name, value in (

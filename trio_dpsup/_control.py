@@ -20,6 +20,7 @@ from hypercorn.trio import serve
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
 
 from ._errors import ConfigError
+from ._nvml import MIB
 from ._state import RankStatus, SupervisorState, SupervisorStatus
 
 __all__ = ["ControlApp", "bind_control_socket", "serve_control_plane", "status_to_json"]
@@ -125,6 +126,10 @@ def status_to_json(status: SupervisorStatus) -> dict[str, Any]:
         "ready": status.ready,
         "started": status.started,
         "failure": None if status.failure is None else str(status.failure),
+        "nvml": {
+            "available": status.nvml_unavailable is None,
+            "problem": status.nvml_unavailable,
+        },
         "ranks": [_rank_json(r) for r in status.ranks],
     }
 
@@ -150,7 +155,44 @@ def _rank_json(rank: RankStatus) -> dict[str, Any]:
             "latency_ms": round(probe.latency * 1000, 3),
         },
         "command": list(rank.command),
+        "gpus": _gpus_json(rank),
+        "placement": {
+            "verdict": rank.placement.verdict.value,
+            "issues": [
+                {
+                    "kind": issue.kind.value,
+                    "gpu": issue.gpu,
+                    "pid": issue.pid,
+                    "owner": issue.owner,
+                    "text": issue.describe(rank.rank),
+                }
+                for issue in rank.placement.issues
+            ],
+            "note": rank.placement.note,
+        },
     }
+
+
+def _gpus_json(rank: RankStatus) -> list[dict[str, Any]]:
+    """Each device of the rank, with its latest reading (null fields until the first)."""
+    samples = {s.uuid: s for s in rank.gpu_samples}
+    out = []
+    for gpu in rank.gpus:
+        sample = samples.get(gpu.uuid)
+        out.append(
+            {
+                "index": gpu.index,
+                "mig_index": gpu.mig_index,
+                "uuid": gpu.uuid,
+                "name": gpu.name,
+                "memory_total_mib": gpu.memory_total // MIB,
+                "memory_used_mib": None if sample is None else sample.memory_used // MIB,
+                "utilization_pct": None if sample is None else sample.utilization,
+                "temperature_c": None if sample is None else sample.temperature,
+                "power_w": None if sample is None else sample.power,
+            }
+        )
+    return out
 
 
 def bind_control_socket(host: str, port: int) -> socket.socket:

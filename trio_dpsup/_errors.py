@@ -12,6 +12,8 @@ import signal
 
 __all__ = [
     "ConfigError",
+    "GpuFailed",
+    "GpuLeftovers",
     "RankExited",
     "RankSpawnFailed",
     "RankUnhealthy",
@@ -87,6 +89,28 @@ class StartupTimeout(SupervisorFailure):
         self.not_ready = not_ready
         ranks = ", ".join(str(r) for r in not_ready)
         super().__init__(f"startup timed out after {timeout:g}s; ranks not ready: {ranks}")
+
+
+class GpuFailed(SupervisorFailure):
+    """A rank's GPU failed: NVML reports it lost, or a critical Xid error on it."""
+
+    def __init__(self, rank: int, gpu: str, cause: str) -> None:
+        self.rank = rank
+        self.gpu = gpu
+        self.cause = cause
+        super().__init__(f"rank {rank}: {gpu} failed: {cause}")
+
+
+class GpuLeftovers(SupervisorFailure):
+    """After shutdown, processes still held memory on the ranks' GPUs (with
+    ``fail_on_leftovers``). Only the exit status when nothing failed before."""
+
+    def __init__(self, leftovers: tuple[str, ...]) -> None:
+        self.leftovers = leftovers
+        super().__init__(
+            f"{len(leftovers)} process(es) still hold GPU memory after shutdown: "
+            + "; ".join(leftovers)
+        )
 
 
 class SupervisorStopped(RuntimeError):

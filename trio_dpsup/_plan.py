@@ -11,9 +11,12 @@ import re
 import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from ._config import SupervisorConfig, check_port_range
+from ._devices import parse_visible_devices, resolve_devices_on, uses_indices
 from ._errors import ConfigError
+from ._nvml import GpuInfo
 
 __all__ = ["PLACEHOLDERS", "RankPlan", "plan_ranks", "redact_argv", "resolve_devices"]
 
@@ -37,6 +40,8 @@ _TEMPLATE = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _SECRET_WORDS = ("key", "token", "secret", "password", "passwd")
 REDACTED = "***"
 
+_T = TypeVar("_T")
+
 
 @dataclass(frozen=True)
 class RankPlan:
@@ -48,25 +53,40 @@ class RankPlan:
     devices: tuple[str, ...]
     argv: tuple[str, ...]
     env: tuple[tuple[str, str], ...]
+    #: The NVML devices behind `devices`; empty when NVML is unavailable.
+    gpus: tuple[GpuInfo, ...] = ()
 
     @property
     def redacted_argv(self) -> tuple[str, ...]:
         return redact_argv(self.argv)
 
 
-def plan_ranks(config: SupervisorConfig, environ: Mapping[str, str]) -> tuple[RankPlan, ...]:
-    """Resolve `config` against `environ` (for CUDA_VISIBLE_DEVICES and PATH).
+def plan_ranks(
+    config: SupervisorConfig,
+    environ: Mapping[str, str],
+    inventory: Sequence[GpuInfo] | None = None,
+    *,
+    nvml_problem: str | None = None,
+) -> tuple[RankPlan, ...]:
+    """Resolve `config` against `environ` (for CUDA_VISIBLE_DEVICES and PATH) and NVML's
+    `inventory` (None: NVML is unavailable, for the reason `nvml_problem`).
 
     Raises ConfigError for an unknown placeholder, a command that cannot be run, too few
-    devices, or `ranks` missing when no device is known.
+    devices, a device NVML does not have, or `ranks` missing when no device is known.
     """
-    devices = resolve_devices(config, environ)
-    ranks = _rank_count(config, devices)
+    devices, source = resolve_devices(config, environ, inventory)
+    if config.gpus_per_rank == 0:
+        devices = None  # ranks without GPUs: they are told so below, and need --ranks
+    gpus = None
+    if devices is not None and inventory is not None:
+        gpus = resolve_devices_on(devices, inventory, source=source)
+    ranks = _rank_count(config, devices, nvml_problem)
     check_port_range(config, ranks)
     _check_placeholders(config.command, has_devices=devices is not None)
     plans = []
     for local_rank in range(ranks):
         own = () if devices is None else _slice(devices, local_rank, config.gpus_per_rank)
+        own_gpus = () if gpus is None else _slice(gpus, local_rank, config.gpus_per_rank)
         values = {
             "rank": str(config.start_rank + local_rank),
             "local_rank": str(local_rank),
@@ -76,8 +96,11 @@ def plan_ranks(config: SupervisorConfig, environ: Mapping[str, str]) -> tuple[Ra
             "ranks": str(ranks),
         }
         env = list(config.env)
-        if devices is not None:
+        if devices is not None or config.gpus_per_rank == 0:
             env.append(("CUDA_VISIBLE_DEVICES", ",".join(own)))
+        if uses_indices(own):
+            # CUDA's default order (fastest first) can differ from NVML's (PCI bus order).
+            env.append(("CUDA_DEVICE_ORDER", "PCI_BUS_ID"))
         plans.append(
             RankPlan(
                 local_rank=local_rank,
@@ -86,26 +109,38 @@ def plan_ranks(config: SupervisorConfig, environ: Mapping[str, str]) -> tuple[Ra
                 devices=own,
                 argv=tuple(_fill(arg, values) for arg in config.command),
                 env=tuple(env),
+                gpus=own_gpus,
             )
         )
     _check_executable(plans[0].argv[0], environ)
     return tuple(plans)
 
 
-def resolve_devices(config: SupervisorConfig, environ: Mapping[str, str]) -> tuple[str, ...] | None:
-    """The devices to hand out: `config.devices`, else CUDA_VISIBLE_DEVICES, else None."""
+def resolve_devices(
+    config: SupervisorConfig, environ: Mapping[str, str], inventory: Sequence[GpuInfo] | None
+) -> tuple[tuple[str, ...] | None, str]:
+    """The devices to hand out, and where they came from: `config.devices`, else
+    CUDA_VISIBLE_DEVICES (read as CUDA reads it: empty or -1 means none), else every device
+    NVML sees, else None (unknown)."""
     if config.devices is not None:
-        return config.devices
+        source = "--devices"
+        return parse_visible_devices(",".join(config.devices), strict=True, source=source), source
     visible = environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is None:
-        return None
-    # An empty CUDA_VISIBLE_DEVICES means "no GPUs" to CUDA; keep that meaning.
-    devices = tuple(d.strip() for d in visible.split(",") if d.strip())
-    if len(set(devices)) != len(devices):
-        raise ConfigError(
-            f"CUDA_VISIBLE_DEVICES={visible!r} lists a device twice: list each device once"
-        )
-    return devices
+    if visible is not None:
+        source = f"CUDA_VISIBLE_DEVICES={visible!r}"
+        return parse_visible_devices(visible, strict=False, source=source), source
+    if inventory is not None:
+        return _all_devices(inventory), "NVML"
+    return None, "nothing"
+
+
+def _all_devices(inventory: Sequence[GpuInfo]) -> tuple[str, ...]:
+    """Every GPU by index; where any GPU is split by MIG, every device by UUID instead (CUDA
+    reaches MIG instances only by UUID), MIG instances in place of their parents."""
+    parents = {g.parent_uuid for g in inventory if g.is_mig}
+    if not parents:
+        return tuple(str(g.index) for g in inventory)
+    return tuple(g.uuid for g in inventory if g.uuid not in parents)
 
 
 def redact_argv(argv: Sequence[str]) -> tuple[str, ...]:
@@ -136,11 +171,16 @@ def _is_secret_option(name: str) -> bool:
     return any(part.endswith(_SECRET_WORDS) for part in parts)
 
 
-def _rank_count(config: SupervisorConfig, devices: tuple[str, ...] | None) -> int:
+def _rank_count(
+    config: SupervisorConfig, devices: tuple[str, ...] | None, nvml_problem: str | None
+) -> int:
     if devices is None:
         if config.ranks is None:
+            why = "--gpus-per-rank is 0" if config.gpus_per_rank == 0 else "no devices are known"
+            if nvml_problem and config.gpus_per_rank:
+                why += f" (NVML is unavailable: {nvml_problem})"
             raise ConfigError(
-                "no devices are known, so the rank count cannot be derived: pass --ranks N "
+                f"{why}, so the rank count cannot be derived: pass --ranks N "
                 "(or --devices, or set CUDA_VISIBLE_DEVICES)"
             )
         return config.ranks
@@ -156,7 +196,7 @@ def _rank_count(config: SupervisorConfig, devices: tuple[str, ...] | None) -> in
     return ranks
 
 
-def _slice(devices: tuple[str, ...], local_rank: int, per_rank: int) -> tuple[str, ...]:
+def _slice(devices: tuple[_T, ...], local_rank: int, per_rank: int) -> tuple[_T, ...]:
     return devices[local_rank * per_rank : (local_rank + 1) * per_rank]
 
 

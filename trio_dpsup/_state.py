@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import trio
 
 from ._errors import SupervisorFailure
+from ._nvml import GpuInfo, GpuSample
+from ._placement import PENDING, Placement
 from ._plan import RankPlan
 
 __all__ = ["ProbeResult", "RankState", "RankStatus", "SupervisorState", "SupervisorStatus"]
@@ -62,6 +64,10 @@ class RankStatus:
     consecutive_failures: int
     #: The command line with secrets redacted.
     command: tuple[str, ...]
+    #: The NVML devices behind `devices` (empty without NVML), and their latest readings.
+    gpus: tuple[GpuInfo, ...] = ()
+    gpu_samples: tuple[GpuSample, ...] = ()
+    placement: Placement = PENDING
 
     @property
     def ready(self) -> bool:
@@ -78,6 +84,8 @@ class SupervisorStatus:
     started: bool
     #: The first failure, once there is one.
     failure: SupervisorFailure | None
+    #: Why NVML is not used (no driver, no GPU...); None when it is.
+    nvml_unavailable: str | None = None
 
     @property
     def ready(self) -> bool:
@@ -104,6 +112,8 @@ class RankRecord:
         self.consecutive_failures = 0
         #: Set when the rank needed SIGKILL: it did not stop within the grace period.
         self.killed = False
+        self.gpu_samples: tuple[GpuSample, ...] = ()
+        self.placement = PENDING
 
     def snapshot(self) -> RankStatus:
         return RankStatus(
@@ -117,14 +127,20 @@ class RankRecord:
             last_probe=self.last_probe,
             consecutive_failures=self.consecutive_failures,
             command=self.plan.redacted_argv,
+            gpus=self.plan.gpus,
+            gpu_samples=self.gpu_samples,
+            placement=self.placement,
         )
 
 
 class Board:
     """All state of one supervisor run, and the events that announce its changes."""
 
-    def __init__(self, plans: tuple[RankPlan, ...], run_id: str) -> None:
+    def __init__(
+        self, plans: tuple[RankPlan, ...], run_id: str, nvml_unavailable: str | None = None
+    ) -> None:
         self.run_id = run_id
+        self.nvml_unavailable = nvml_unavailable
         self.ranks = tuple(RankRecord(plan) for plan in plans)
         self.state = SupervisorState.STARTING
         self.failure: SupervisorFailure | None = None
@@ -170,4 +186,5 @@ class Board:
             ranks=tuple(r.snapshot() for r in self.ranks),
             started=self.started,
             failure=self.failure,
+            nvml_unavailable=self.nvml_unavailable,
         )

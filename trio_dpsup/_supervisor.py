@@ -29,8 +29,11 @@ import trio
 from ._config import SupervisorConfig
 from ._control import ControlApp, bind_control_socket, serve_control_plane
 from ._cookie import rank_cookie
-from ._errors import EXIT_FAILURE, SupervisorFailure, SupervisorStopped
+from ._errors import EXIT_FAILURE, GpuLeftovers, SupervisorFailure, SupervisorStopped
+from ._gpu_monitor import find_leftovers, run_gpu_monitor
 from ._guardian import open_guardian
+from ._nvml import GpuInfo, NvmlBackend, NvmlError, NvmlFactory, NvmlUnavailable, open_pynvml
+from ._placement import Placement, PlacementVerdict, owner_from_proc
 from ._plan import plan_ranks
 from ._prober import run_prober
 from ._process_tree import TreeScanner
@@ -61,10 +64,12 @@ class Supervisor:
         *,
         environ: Mapping[str, str] | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        nvml: NvmlFactory = open_pynvml,
     ) -> None:
         self.config = config
         self._environ = dict(os.environ if environ is None else environ)
         self._transport = transport
+        self._nvml = nvml
 
     async def run(
         self, *, task_status: trio.TaskStatus[SupervisorHandle] = trio.TASK_STATUS_IGNORED
@@ -80,12 +85,18 @@ class Supervisor:
         **Cancellation**: every rank is stopped (signal, grace, tree kill) before this
         returns; the stop is shielded and bounded by the grace period plus a kill timeout.
         """
-        plans = plan_ranks(self.config, self._environ)
-        sock = bind_control_socket(self.config.control_host, self.config.control_port)
+        backend, inventory, problem = await _open_nvml(self._nvml)
+        gpu = None if backend is None or inventory is None else (backend, inventory)
+        try:
+            plans = plan_ranks(self.config, self._environ, inventory, nvml_problem=problem)
+            sock = bind_control_socket(self.config.control_host, self.config.control_port)
+        except BaseException:
+            await _close_nvml(gpu)
+            raise
         # Names the run in /status and marks every process of its trees (see _cookie).
-        run_id = uuid.uuid4().hex
-        run = _Run(self.config, Board(plans, run_id), self._environ, self._transport)
-        await run.run(sock, task_status)
+        board = Board(plans, uuid.uuid4().hex, nvml_unavailable=problem)
+        run = _Run(self.config, board, self._environ, self._transport, gpu)
+        await run.run(sock, task_status)  # it closes NVML before it reports itself stopped
 
 
 class SupervisorHandle:
@@ -146,9 +157,12 @@ class _Run:
         board: Board,
         environ: dict[str, str],
         transport: httpx.AsyncBaseTransport | None,
+        gpu: tuple[NvmlBackend, tuple[GpuInfo, ...]] | None,
     ) -> None:
         self.config = config
         self.board = board
+        #: NVML and the devices it sees; None when it is unavailable.
+        self.gpu = gpu
         self.environ = environ
         self.transport = transport
         self.clock = StopClock(config.grace_period)
@@ -172,9 +186,12 @@ class _Run:
                 try:
                     async with open_guardian(self.board.run_id):
                         await self._run_ranks(partial(SupervisorHandle, self, url), task_status)
+                    # After the guardian's last sweep: what is left now outlived everything.
+                    await self._report_leftovers()
                 finally:
                     stop_control.set()  # the control plane stops last, after every rank is gone
         finally:
+            await _close_nvml(self.gpu)
             self._finish()
         if self.board.failure is not None:
             raise self.board.failure
@@ -210,6 +227,7 @@ class _Run:
                             transport=self.transport,
                         )
                     )
+                    await self._start_gpu_monitor(ranks)
                     ranks.start_soon(self._watch_shutdown)
                     task_status.started(make_handle())
             except BaseExceptionGroup as group:
@@ -218,6 +236,40 @@ class _Run:
                 _, rest = group.split((SupervisorFailure, trio.Cancelled))
                 if rest is not None:
                     raise
+
+    async def _start_gpu_monitor(self, nursery: trio.Nursery) -> None:
+        if self.gpu is not None:
+            await nursery.start(
+                partial(
+                    run_gpu_monitor,
+                    *self.gpu,
+                    self.board,
+                    interval=self.config.gpu_interval,
+                    fail=self.fail,
+                )
+            )
+            return
+        unavailable = Placement(PlacementVerdict.UNAVAILABLE, note=self.board.nvml_unavailable)
+        for record in self.board.ranks:
+            record.placement = unavailable
+        if any(record.plan.devices for record in self.board.ranks):
+            logger.warning(
+                "NVML is unavailable (%s): no GPU readings, placement checks, GPU fault "
+                "detection or leftover report",
+                self.board.nvml_unavailable,
+            )
+
+    async def _report_leftovers(self) -> None:
+        gpus = [gpu for record in self.board.ranks for gpu in record.plan.gpus]
+        if self.gpu is None or not gpus:
+            return
+        with trio.CancelScope(shield=True):
+            owner = owner_from_proc(self.board.run_id)
+            leftovers = await find_leftovers(self.gpu[0], gpus, owner)
+        for line in leftovers:
+            logger.error("left over after shutdown: %s", line)
+        if leftovers and self.config.fail_on_leftovers and self.board.failure is None:
+            self.board.fail(GpuLeftovers(tuple(leftovers)))
 
     def fail(self, failure: SupervisorFailure) -> SupervisorFailure:
         """Record `failure` (the first one wins) and start stopping every rank at once."""
@@ -280,3 +332,29 @@ async def _first_of(*events: trio.Event) -> None:
 
         for event in events:
             nursery.start_soon(wait_and_cancel, event)
+
+
+async def _open_nvml(
+    factory: NvmlFactory,
+) -> tuple[NvmlBackend | None, tuple[GpuInfo, ...] | None, str | None]:
+    """The backend and what devices it sees, or None, None and the reason NVML is
+    unavailable. In threads: NVML blocks."""
+    try:
+        backend = await trio.to_thread.run_sync(factory)
+    except NvmlUnavailable as exc:
+        logger.debug("NVML is unavailable: %s", exc)
+        return None, None, str(exc)
+    try:
+        return backend, await trio.to_thread.run_sync(backend.inventory), None
+    except NvmlError as exc:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(backend.close)
+        logger.warning("NVML is unavailable: %s", exc)
+        return None, None, str(exc)
+
+
+async def _close_nvml(gpu: tuple[NvmlBackend, tuple[GpuInfo, ...]] | None) -> None:
+    """**Cancellation**: shielded; waits for an abandoned Xid wait (half a second at most)."""
+    if gpu is not None:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(gpu[0].close)

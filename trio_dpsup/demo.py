@@ -5,6 +5,10 @@ It stands in for vLLM or SGLang where there is no GPU: it serves its health path
 behind ``--api-key`` when one is given),
 and exits with status 0 on SIGTERM or SIGINT. Standard library only, so a rank starts in
 tens of milliseconds even on a small machine.
+
+``--allocate MIB`` takes that much memory on the first GPU it can see, with torch (imported
+only then), before it starts serving: a stand-in for an inference server's weights, so that
+GPU placement and leftovers can be seen on a real machine.
 """
 
 from __future__ import annotations
@@ -97,7 +101,25 @@ def build_parser(prog: str = "python -m trio_dpsup.demo") -> argparse.ArgumentPa
     parser.add_argument("--health-path", default="/health")
     parser.add_argument("--ready-after", type=float, default=0.0, help="seconds of 503 before 200")
     parser.add_argument("--api-key", help="bearer key that / requires, as vLLM (health stays open)")
+    parser.add_argument(
+        "--allocate",
+        type=int,
+        default=0,
+        metavar="MIB",
+        help="hold this many MiB on the first visible GPU (needs torch)",
+    )
     return parser
+
+
+def allocate_gpu_memory(mib: int) -> object:
+    """Hold `mib` MiB on CUDA device 0 (the first in CUDA_VISIBLE_DEVICES); keep the result."""
+    try:
+        import torch
+    except ImportError:
+        sys.exit("--allocate needs torch: pip install torch, or drop --allocate")
+    if not torch.cuda.is_available():
+        sys.exit("--allocate needs a visible GPU: check CUDA_VISIBLE_DEVICES")
+    return torch.empty(mib * 1024 * 1024, dtype=torch.uint8, device="cuda:0")
 
 
 SignalHandler = Callable[[int, FrameType | None], Any] | int
@@ -121,6 +143,7 @@ def serve(
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    held = allocate_gpu_memory(args.allocate) if args.allocate else None  # noqa: F841
     serve(DemoServer(args.host, args.port, args.health_path, args.ready_after, args.api_key))
 
 

@@ -5,6 +5,7 @@
 * `Harness` (the ``dpsup`` fixture of ``trio_dpsup.testing.plugin``): supervisors of fake
   ranks in either `Form`, each a `Deployment` to inject faults into, signal and watch, and a
   check that no process of its tree is left;
+* `FakeNvml`, `no_nvml`: NVML where there is no GPU, for ``Supervisor(config, nvml=...)``;
 * `free_port_range`, `alive`, `wait_pids_gone`, `read_pid_file`: ports and process checks.
 """
 
@@ -17,17 +18,20 @@ if typing.TYPE_CHECKING:  # the names for type checkers; at run time they load o
     from ._harness import FAKE_RANK, Deployment, Form, Harness, LeftoverProcesses, ProcessTree
     from ._ports import free_port_range
     from ._procs import alive, read_pid_file, wait_pids_gone
+    from .fake_nvml import FakeNvml, no_nvml
 
 __all__ = [
     "FAKE_RANK",
     "CliSupervisor",
     "Deployment",
+    "FakeNvml",
     "Form",
     "Harness",
     "LeftoverProcesses",
     "ProcessTree",
     "alive",
     "free_port_range",
+    "no_nvml",
     "open_cli_supervisor",
     "read_pid_file",
     "wait_pids_gone",
@@ -48,5 +52,6 @@ __getattr__, __dir__ = _lazy.lazy_exports(
         ],
         "._ports": ["free_port_range"],
         "._procs": ["alive", "read_pid_file", "wait_pids_gone"],
+        ".fake_nvml": ["FakeNvml", "no_nvml"],
     },
 )

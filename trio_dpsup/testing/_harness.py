@@ -17,7 +17,7 @@ import os
 import re
 import signal
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +27,7 @@ import trio
 from .. import _cookie
 from .._config import SupervisorConfig
 from .._errors import SupervisorFailure
+from .._nvml import NvmlFactory
 from .._supervisor import Supervisor, SupervisorHandle
 from ._cli_process import CliSupervisor, open_cli_supervisor
 from ._ports import free_port_range
@@ -44,6 +45,8 @@ FAST_SETTINGS: Mapping[str, Any] = {
     "failure_threshold": 2,
     "grace_period": 5.0,
     "startup_timeout": 60.0,
+    # Fake ranks need no GPU; on a GPU machine, tests must not claim (or lack) devices.
+    "gpus_per_rank": 0,
 }
 
 #: The CLI's last log line after a failure.
@@ -115,7 +118,7 @@ class Deployment:
     async def wait_for_state(self, state: str, timeout: float = 30.0) -> dict[str, Any]:  # noqa: ASYNC109
         """Wait until the supervisor's state is `state` (``"ready"``, ``"stopping"``...);
         return that /status. Fails after `timeout` seconds, naming the last state seen."""
-        return await self._wait_for(lambda s: s["state"] == state, f"state {state}", timeout)
+        return await self.wait_for_status(lambda s: s["state"] == state, f"state {state}", timeout)
 
     async def wait_for_rank_state(
         self,
@@ -125,7 +128,7 @@ class Deployment:
     ) -> dict[str, Any]:
         """Wait until rank `rank` is in `state` (``"ready"``, ``"failed"``...); return its
         /status entry."""
-        status = await self._wait_for(
+        status = await self.wait_for_status(
             lambda s: _rank_entry(s, rank)["state"] == state, f"rank {rank} {state}", timeout
         )
         return _rank_entry(status, rank)
@@ -232,7 +235,14 @@ class Deployment:
         url = f"http://127.0.0.1:{self.ports[index]}{path}"
         (await self._client.post(url, params=dict(params))).raise_for_status()
 
-    async def _wait_for(self, condition: Any, what: str, timeout: float) -> dict[str, Any]:  # noqa: ASYNC109
+    async def wait_for_status(
+        self,
+        condition: Callable[[dict[str, Any]], bool],
+        what: str = "the condition",
+        timeout: float = 30.0,  # noqa: ASYNC109
+    ) -> dict[str, Any]:
+        """Wait until `condition` holds for /status; return that /status. Fails after
+        `timeout` seconds, saying `what` it waited for and the last state seen."""
         last: dict[str, Any] | None = None
         with trio.move_on_after(timeout):
             for _ in range(math.ceil(timeout / _POLL_SPACING) + 1):
@@ -354,6 +364,7 @@ class Harness:
         rank_args: Sequence[str] = (),
         command: Sequence[str] | None = None,
         wait_ready: bool = True,
+        nvml: NvmlFactory | None = None,
         **settings: Any,
     ) -> Deployment:
         """Start a supervisor of `ranks` fake ranks on free loopback ports.
@@ -362,7 +373,8 @@ class Harness:
         `command` replaces the fake rank (``{port}`` and the other placeholders apply).
         `settings` are `SupervisorConfig` fields (``grace_period=3``), on top of fast-probe
         defaults; the CLI form passes them as the matching options. With `wait_ready`
-        (default), returns once every rank is ready.
+        (default), returns once every rank is ready. `nvml` (library form only) replaces
+        NVML, e.g. with `FakeNvml.factory`.
         """
         base = int(settings.pop("base_port", 0)) or free_port_range(ranks)
         argv = (*(command or (*FAKE_RANK, "--port", "{port}")), *rank_args)
@@ -370,10 +382,13 @@ class Harness:
         ports = tuple(range(base, base + ranks))
         deployment: Deployment
         if form is Form.CLI:
+            if nvml is not None:
+                raise ValueError("nvml is injected into the library form only")
             deployment = await self._nursery.start(self._run_cli, ranks, base, argv, merged)
         else:
             config = SupervisorConfig(command=argv, ranks=ranks, base_port=base, **merged)
-            deployment = await self._nursery.start(self._run_library, config, ports)
+            supervisor = Supervisor(config) if nvml is None else Supervisor(config, nvml=nvml)
+            deployment = await self._nursery.start(self._run_library, supervisor, ports)
         self._deployments.append((deployment, float(merged["grace_period"])))
         await deployment._attach()
         if wait_ready:
@@ -420,7 +435,7 @@ class Harness:
 
     async def _run_library(
         self,
-        config: SupervisorConfig,
+        supervisor: Supervisor,
         ports: tuple[int, ...],
         task_status: trio.TaskStatus[Deployment],
     ) -> None:
@@ -428,7 +443,7 @@ class Harness:
             # A failure is the deployment's outcome, read through its exit status; it must
             # not tear down the test's nursery.
             with contextlib.suppress(SupervisorFailure):
-                await Supervisor(config).run(task_status=task_status)
+                await supervisor.run(task_status=task_status)
 
         async with trio.open_nursery() as nursery:
             handle: SupervisorHandle = await nursery.start(run)

@@ -31,7 +31,15 @@ from types import FrameType
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from ..demo import DemoHandler, DemoServer, SignalHandler, build_parser, exit_cleanly, serve
+from ..demo import (
+    DemoHandler,
+    DemoServer,
+    SignalHandler,
+    allocate_gpu_memory,
+    build_parser,
+    exit_cleanly,
+    serve,
+)
 
 __all__ = ["GRANDCHILD_KINDS", "main"]
 
@@ -182,6 +190,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         on_sigterm = _slow_exit(args.stop_delay)
     if args.events_file and callable(on_sigterm):
         on_sigterm = _noting_arrival(on_sigterm, args.events_file)
+    held = allocate_gpu_memory(args.allocate) if args.allocate else None  # noqa: F841
     server = FaultServer(args.host, args.port, args.health_path, args.ready_after, args.api_key)
     server.events_file = args.events_file
     serve(server, on_sigterm, signal.SIG_IGN if args.ignore_sigint else _obey)

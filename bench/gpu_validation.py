@@ -1,0 +1,227 @@
+"""``python -m bench.gpu_validation OUT.md``: the supervisor on real GPUs, written up as a record.
+
+Needs NVML, two or more GPUs and torch (the demo rank's ``--allocate``). Runs the CLI as a
+user would, one rank per GPU, and records for each scenario the command, what /status said
+and what NVML saw:
+
+1. placement: each rank on its own GPU with its memory; placement ok; SIGTERM; no leftovers;
+2. a rank deliberately started on the wrong GPU is flagged;
+3. the supervisor SIGKILLed: its ranks' GPU memory is released within seconds;
+4. a process outside the trees holding GPU memory is reported after shutdown, and
+   ``--fail-on-leftovers`` turns it into exit status 1.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import shlex
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import trio
+
+from trio_dpsup._nvml import open_pynvml
+from trio_dpsup.testing import CliSupervisor, free_port_range, open_cli_supervisor
+
+PY = sys.executable
+DEMO = (PY, "-m", "trio_dpsup.demo", "--port", "{port}", "--allocate", "2048")
+
+
+class Record:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def add(self, text: str = "") -> None:
+        print(text, flush=True)
+        self.lines.append(text)
+
+    def block(self, text: str, lang: str = "") -> None:
+        self.add(f"```{lang}")
+        self.add(text.rstrip())
+        self.add("```")
+
+
+def nvml_processes() -> dict[str, list[tuple[int, int]]]:
+    """Every GPU's compute processes, (pid, MiB), straight from NVML."""
+    backend = open_pynvml()
+    try:
+        return {
+            g.uuid: [(p.pid, (p.used_memory or 0) >> 20) for p in backend.processes(g.uuid)]
+            for g in backend.inventory()
+        }
+    finally:
+        backend.close()
+
+
+def summary(status: dict[str, Any]) -> str:
+    rows = []
+    for rank in status["ranks"]:
+        gpus = ", ".join(
+            f"GPU {g['index']} {g['uuid'][:12]}… {g['memory_used_mib']}/{g['memory_total_mib']} "
+            f"MiB, {g['utilization_pct']}%, {g['temperature_c']} C, {g['power_w']} W"
+            for g in rank["gpus"]
+        )
+        issues = "; ".join(i["text"] for i in rank["placement"]["issues"]) or "-"
+        rows.append(
+            f"rank {rank['rank']} pid {rank['pid']} state {rank['state']} | {gpus} | "
+            f"placement {rank['placement']['verdict']} | {issues}"
+        )
+    return "\n".join(rows)
+
+
+async def wait_status(
+    sup: CliSupervisor, condition: Callable[[dict[str, Any]], bool]
+) -> dict[str, Any]:
+    """Read /status until `condition` holds; fail after a minute."""
+    url = await sup.control_url()
+    async with httpx.AsyncClient() as client:
+        with trio.fail_after(60):
+            while True:
+                status: dict[str, Any] = (await client.get(f"{url}/status")).json()
+                if condition(status):
+                    return status
+                await trio.sleep(0.2)  # pacing the reads; the condition is what we wait for
+
+
+def verdicts(*expected: str) -> Callable[[dict[str, Any]], bool]:
+    return lambda s: [r["placement"]["verdict"] for r in s["ranks"]] == list(expected)
+
+
+def cli(ranks: int, *options: str, command: tuple[str, ...] = DEMO) -> list[str]:
+    base = free_port_range(ranks)
+    return [
+        "--ranks", str(ranks), "--base-port", str(base), "--control-port", "0",
+        "--gpu-interval", "1", "--grace-period", "10", "--startup-timeout", "300",
+        *options, "--", *command,
+    ]  # fmt: skip
+
+
+async def scenario_placement(record: Record, ranks: int) -> None:
+    args = cli(ranks)
+    record.add("## 1. One rank per GPU: placement, readings, clean shutdown, no leftovers")
+    record.block("python -m trio_dpsup " + shlex.join(args), "sh")
+    async with open_cli_supervisor(args) as sup:
+        await sup.wait_ready(timeout=300)
+        status = await wait_status(sup, verdicts(*["ok"] * ranks))
+        record.add("/status once placement was checked (summary, then the JSON of rank 0):")
+        record.block(summary(status))
+        record.block(json.dumps(status["ranks"][0], indent=2), "json")
+        record.add("NVML's own process list at that moment (uuid: [(pid, MiB)]):")
+        record.block(json.dumps(await trio.to_thread.run_sync(nvml_processes), indent=1))
+        sup.send_signal(signal.SIGTERM)
+        code = await sup.wait(60)
+    record.add(f"SIGTERM -> exit status {code}. The supervisor's log:")
+    record.block(sup.log)
+    left = await trio.to_thread.run_sync(nvml_processes)
+    record.add(f"NVML after exit: {json.dumps(left)}")
+    assert code == 0, "placement scenario: not a clean exit"
+    assert not any(left.values()), "placement scenario: GPU memory left held"
+
+
+async def scenario_wrong_gpu(record: Record) -> None:
+    # Rank 0 overrides its CUDA_VISIBLE_DEVICES and lands on GPU 1: what a wrapper script
+    # with a hard-coded device, or a mis-set environment, does.
+    command = (
+        "sh", "-c",
+        'if [ {local_rank} = 0 ]; then export CUDA_VISIBLE_DEVICES=1; fi; exec "$@"', "sh",
+        *DEMO,
+    )  # fmt: skip
+    args = cli(2, command=command)
+    record.add("## 2. A rank deliberately started on the wrong GPU")
+    record.block("python -m trio_dpsup " + shlex.join(args), "sh")
+    async with open_cli_supervisor(args) as sup:
+        await sup.wait_ready(timeout=300)
+        status = await wait_status(sup, verdicts("misplaced", "misplaced"))
+        record.block(summary(status))
+        sup.send_signal(signal.SIGTERM)
+        code = await sup.wait(60)
+    record.add(f"SIGTERM -> exit status {code}. Placement lines of the log:")
+    record.block("\n".join(line for line in sup.lines if "placement" in line))
+
+
+async def scenario_sigkill(record: Record) -> None:
+    args = cli(2)
+    record.add("## 3. The supervisor SIGKILLed: the ranks' GPU memory is released")
+    record.block(
+        "python -m trio_dpsup " + shlex.join(args) + "; then kill -KILL <supervisor>", "sh"
+    )
+    async with open_cli_supervisor(args) as sup:
+        await sup.wait_ready(timeout=300)
+        await wait_status(sup, verdicts("ok", "ok"))
+        before = await trio.to_thread.run_sync(nvml_processes)
+        killed_at = trio.current_time()
+        sup.send_signal(signal.SIGKILL)
+        await sup.wait(60)
+        left = before
+        with trio.move_on_after(10):
+            while any(left.values()):
+                left = await trio.to_thread.run_sync(nvml_processes)
+                await trio.sleep(0.1)  # pacing NVML reads
+        released = trio.current_time() - killed_at
+    record.add(f"NVML before: {json.dumps(before)}")
+    record.add(f"NVML {released:.2f} s after the SIGKILL: {json.dumps(left)}")
+    assert not any(left.values()), "GPU memory outlived the supervisor"
+
+
+async def scenario_leftovers(record: Record) -> None:
+    holder = (
+        "import torch, time; x = torch.empty(1024 << 20, dtype=torch.uint8, device='cuda'); "
+        "print('holding', flush=True); time.sleep(600)"
+    )
+    stray = await trio.lowlevel.open_process(
+        [PY, "-c", holder], env={"CUDA_VISIBLE_DEVICES": "0", "PATH": "/usr/bin:/bin"},
+        stdout=subprocess.PIPE, start_new_session=True,
+    )  # fmt: skip
+    try:
+        assert stray.stdout is not None
+        await stray.stdout.receive_some()  # "holding": the memory is taken
+        args = cli(2, "--fail-on-leftovers")
+        record.add("## 4. A process outside the trees holds memory on rank 0's GPU")
+        record.add(f"pid {stray.pid}: a torch process holding 1 GiB on GPU 0, started first.")
+        record.block("python -m trio_dpsup " + shlex.join(args), "sh")
+        async with open_cli_supervisor(args) as sup:
+            await sup.wait_ready(timeout=300)
+            status = await wait_status(sup, lambda s: s["ranks"][0]["placement"]["issues"] != [])
+            record.block(summary(status))
+            sup.send_signal(signal.SIGTERM)
+            code = await sup.wait(60)
+        record.add(f"SIGTERM -> exit status {code} (with --fail-on-leftovers). The log's end:")
+        record.block("\n".join(sup.lines[-4:]))
+        assert code == 1, "leftovers did not fail the exit status"
+    finally:
+        stray.kill()
+        await stray.wait()
+
+
+async def main(out: Path) -> None:
+    record = Record()
+    backend = open_pynvml()
+    inventory = backend.inventory()
+    backend.close()
+    gpus = [g for g in inventory if not g.is_mig]
+    smi = await trio.run_process(["nvidia-smi", "-L"], capture_stdout=True, check=False)
+    record.add(f"# trio_dpsup on real GPUs, {datetime.date.today().isoformat()}")
+    record.add()
+    record.add(f"Machine: {platform.node()}, Linux {platform.release()}, Python "
+               f"{platform.python_version()}, {len(gpus)} GPU(s).")  # fmt: skip
+    record.block(smi.stdout.decode())
+    record.add("Produced by `python -m bench.gpu_validation gpu-record.md` "
+               "(bench/gpu_validation.py), every figure and line below from that run.")  # fmt: skip
+    record.add()
+    await scenario_placement(record, len(gpus))
+    await scenario_wrong_gpu(record)
+    await scenario_sigkill(record)
+    await scenario_leftovers(record)
+    record.add("All four scenarios held.")
+    await trio.Path(out).write_text("\n".join(record.lines) + "\n")
+
+
+if __name__ == "__main__":
+    trio.run(main, Path(sys.argv[1]))

@@ -1,0 +1,327 @@
+"""GPU awareness with NVML faked (CI has no GPU): device lists, placement, faults, leftovers.
+
+The supervisor and its ranks are real processes; only what NVML would report is faked, and
+it is injected through `Supervisor(config, nvml=...)`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import trio
+
+from trio_dpsup import (
+    ConfigError,
+    GpuFailed,
+    GpuLeftovers,
+    PlacementVerdict,
+    Supervisor,
+    SupervisorConfig,
+    plan_ranks,
+)
+from trio_dpsup._devices import parse_visible_devices, resolve_devices_on
+from trio_dpsup._nvml import GpuProcess
+from trio_dpsup._placement import OUTSIDE, UNKNOWN_OWNER, IssueKind, check_placement
+from trio_dpsup.testing import (
+    FAKE_RANK,
+    Deployment,
+    FakeNvml,
+    Form,
+    Harness,
+    free_port_range,
+    no_nvml,
+)
+
+pytest_plugins = ["trio_dpsup.testing.plugin"]
+
+PY = sys.executable
+#: The environment without CUDA_VISIBLE_DEVICES: devices come from (fake) NVML.
+ENV = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+#: Settings for GPU ranks under the harness: one GPU each, fast readings.
+GPU_SETTINGS = {"gpus_per_rank": 1, "gpu_interval": 0.1}
+
+
+# -- CUDA_VISIBLE_DEVICES and --devices -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "devices"),
+    [
+        ("0,1", ("0", "1")),
+        (" 2 , 03 ", ("2", "3")),
+        ("", ()),
+        ("-1", ()),
+        ("0,-1,1", ("0",)),  # CUDA stops at the first entry that is not a device
+        ("1,gpu0", ("1",)),
+        ("GPU-8a1b,MIG-4c5d", ("GPU-8a1b", "MIG-4c5d")),
+        ("MIG-GPU-8a1b/1/0", ("MIG-GPU-8a1b/1/0",)),  # the legacy MIG form
+    ],
+)
+def test_cuda_visible_devices_is_read_as_cuda_reads_it(text: str, devices: tuple[str, ...]) -> None:
+    assert parse_visible_devices(text, strict=False, source="CUDA_VISIBLE_DEVICES") == devices
+
+
+def test_devices_option_is_strict() -> None:
+    with pytest.raises(ConfigError, match="--devices has 'gpu0', which is not a device"):
+        parse_visible_devices("0,gpu0", strict=True, source="--devices")
+    with pytest.raises(ConfigError, match="lists device 1 twice"):
+        parse_visible_devices("1,01", strict=True, source="--devices")
+
+
+def test_names_resolve_by_index_uuid_prefix_and_mig() -> None:
+    fake = FakeNvml(gpus=3, mig=2)
+    gpu1, gpu2 = fake.gpus[1], fake.gpus[2]
+    migs = [d for d in fake.devices if d.is_mig]
+    names = ["2", gpu1.uuid[:12], migs[1].uuid]
+    assert resolve_devices_on(names, fake.devices, source="x") == (gpu2, gpu1, migs[1])
+    with pytest.raises(ConfigError, match="names GPU 3, but NVML sees 3 GPU"):
+        resolve_devices_on(["3"], fake.devices, source="x")
+    with pytest.raises(ConfigError, match="matches no device"):
+        resolve_devices_on(["GPU-ffff"], fake.devices, source="x")
+    with pytest.raises(ConfigError, match="matches 3 devices"):
+        resolve_devices_on(["GPU-"], fake.devices, source="x")
+    with pytest.raises(ConfigError, match="twice"):
+        resolve_devices_on(["1", gpu1.uuid], fake.devices, source="x")
+
+
+# -- the plan -------------------------------------------------------------------------------
+
+
+def config(**overrides: object) -> SupervisorConfig:
+    settings: dict[str, object] = {"command": (PY, "--port", "{port}", "--gpus", "{gpus}")}
+    settings.update(overrides)
+    return SupervisorConfig(**settings)  # type: ignore[arg-type]
+
+
+def test_ranks_default_to_every_gpu_nvml_sees() -> None:
+    fake = FakeNvml(gpus=4)
+    plans = plan_ranks(config(gpus_per_rank=2), ENV, fake.inventory())
+    assert [p.devices for p in plans] == [("0", "1"), ("2", "3")]
+    assert [p.argv[-1] for p in plans] == ["0,1", "2,3"]
+    # Indices mean the same GPU to CUDA as to NVML only in PCI bus order.
+    assert dict(plans[1].env) == {"CUDA_VISIBLE_DEVICES": "2,3", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+    assert plans[1].gpus == fake.gpus[2:]
+
+
+def test_uuids_stay_uuids() -> None:
+    fake = FakeNvml(gpus=2)
+    uuids = f"{fake.gpus[1].uuid},{fake.gpus[0].uuid}"
+    plans = plan_ranks(config(), {**ENV, "CUDA_VISIBLE_DEVICES": uuids}, fake.inventory())
+    assert [dict(p.env) for p in plans] == [
+        {"CUDA_VISIBLE_DEVICES": fake.gpus[1].uuid},
+        {"CUDA_VISIBLE_DEVICES": fake.gpus[0].uuid},
+    ]
+    assert [p.gpus for p in plans] == [(fake.gpus[1],), (fake.gpus[0],)]
+
+
+def test_mig_instances_are_handed_out_by_uuid() -> None:
+    fake = FakeNvml(gpus=2, mig=3)  # GPU 0 split in three, GPU 1 whole
+    plans = plan_ranks(config(), ENV, fake.inventory())
+    migs = [d.uuid for d in fake.devices if d.is_mig]
+    assert [p.devices for p in plans] == [(m,) for m in migs] + [(fake.gpus[1].uuid,)]
+    assert all("CUDA_DEVICE_ORDER" not in dict(p.env) for p in plans)
+
+
+def test_device_nvml_does_not_have_is_refused() -> None:
+    with pytest.raises(ConfigError, match="CUDA_VISIBLE_DEVICES='0,5' names GPU 5"):
+        plan_ranks(config(), {**ENV, "CUDA_VISIBLE_DEVICES": "0,5"}, FakeNvml(2).inventory())
+
+
+def test_zero_gpus_per_rank_hides_every_gpu() -> None:
+    plans = plan_ranks(config(command=(PY,), ranks=2, gpus_per_rank=0), ENV, FakeNvml().inventory())
+    assert [dict(p.env) for p in plans] == [{"CUDA_VISIBLE_DEVICES": ""}] * 2
+    with pytest.raises(ConfigError, match="--gpus-per-rank is 0, so the rank count"):
+        plan_ranks(config(command=(PY,), gpus_per_rank=0), ENV, FakeNvml().inventory())
+
+
+def test_without_nvml_the_reason_is_in_the_message() -> None:
+    with pytest.raises(ConfigError, match=r"NVML is unavailable: no driver\), so the rank count"):
+        plan_ranks(config(command=(PY,)), ENV, None, nvml_problem="no driver")
+
+
+# -- the placement verdicts -----------------------------------------------------------------
+
+
+def test_placement_verdicts() -> None:
+    ranks = {0: ["A"], 1: ["B"], 2: ["C"]}
+    on_device = {
+        "A": [GpuProcess(100, None)],  # rank 0 on its own GPU
+        "B": [GpuProcess(101, None), GpuProcess(200, None), GpuProcess(102, None)],
+        "C": [GpuProcess(300, None)],
+        "D": [GpuProcess(103, None)],  # nobody's GPU
+    }
+    table = {100: 0, 101: 1, 200: OUTSIDE, 102: 2, 300: UNKNOWN_OWNER, 103: 2}
+    verdicts = check_placement(ranks, on_device, table.__getitem__)
+    assert verdicts[0].verdict is PlacementVerdict.OK
+    assert verdicts[1].verdict is PlacementVerdict.MISPLACED
+    assert [(i.kind, i.pid, i.owner) for i in verdicts[1].issues] == [
+        (IssueKind.FOREIGN, 200, "outside the supervised trees"),
+        (IssueKind.FOREIGN, 102, "rank 2"),
+    ]
+    # Rank 2 runs on B and D, not on its own C (where a pid we cannot resolve runs).
+    assert [(i.kind, i.gpu) for i in verdicts[2].issues] == [
+        (IssueKind.WRONG_GPU, "B"),
+        (IssueKind.WRONG_GPU, "D"),
+    ]
+    absent = check_placement({0: ["A"]}, {"A": []}, table.__getitem__)[0]
+    assert [(i.kind, i.gpu) for i in absent.issues] == [(IssueKind.ABSENT, "A")]
+    unknown = check_placement({0: ["C"]}, {"C": on_device["C"]}, table.__getitem__)[0]
+    assert unknown.verdict is PlacementVerdict.UNKNOWN
+
+
+# -- the supervisor with a fake NVML --------------------------------------------------------
+
+
+async def rank_pids(deployment: Deployment) -> list[int]:
+    return [int(r["pid"]) for r in (await deployment.status())["ranks"]]
+
+
+async def wait_for_verdicts(deployment: Deployment, verdicts: list[str]) -> dict[str, Any]:
+    def holds(status: dict[str, Any]) -> bool:
+        return [r["placement"]["verdict"] for r in status["ranks"]] == verdicts
+
+    return await deployment.wait_for_status(holds, f"placement {verdicts}", timeout=10.0)
+
+
+async def test_status_shows_each_rank_on_its_gpu_with_placement_ok(dpsup: Harness) -> None:
+    fake = FakeNvml(gpus=2)
+    deployment = await dpsup.start(2, nvml=fake.factory, **GPU_SETTINGS)
+    for pid, gpu in zip(await rank_pids(deployment), fake.gpus, strict=True):
+        fake.place(pid, gpu.uuid, used_mib=2048)
+    status = await wait_for_verdicts(deployment, ["ok", "ok"])
+    for rank, gpu in zip(status["ranks"], fake.gpus, strict=True):
+        (reading,) = rank["gpus"]
+        assert (reading["index"], reading["uuid"]) == (gpu.index, gpu.uuid)
+        assert reading["memory_used_mib"] == 2048
+        assert reading["memory_total_mib"] == gpu.memory_total // 2**20
+        assert reading["temperature_c"] == 40
+    assert status["nvml"] == {"available": True, "problem": None}
+    deployment.signal_supervisor(signal.SIGTERM)
+    assert await deployment.wait_exit() == 0
+    assert fake.closed == fake.opened == 1
+
+
+async def test_rank_on_the_wrong_gpu_is_flagged(dpsup: Harness) -> None:
+    fake = FakeNvml(gpus=2)
+    deployment = await dpsup.start(2, nvml=fake.factory, **GPU_SETTINGS)
+    pid0, pid1 = await rank_pids(deployment)
+    fake.place(pid0, fake.gpus[1].uuid)  # rank 0 is on GPU 1
+    fake.place(pid1, fake.gpus[1].uuid)
+    fake.place(os.getpid(), fake.gpus[1].uuid)  # and so is a process outside the trees
+    # The first check may have run before the processes were placed: wait for one after.
+    expected = [["absent", "wrong_gpu"], ["foreign", "foreign"]]
+    status = await deployment.wait_for_status(
+        lambda s: [[i["kind"] for i in r["placement"]["issues"]] for r in s["ranks"]] == expected,
+        f"issues {expected}",
+        timeout=10.0,
+    )
+    assert {r["placement"]["verdict"] for r in status["ranks"]} == {"misplaced"}
+    texts = [[i["text"] for i in r["placement"]["issues"]] for r in status["ranks"]]
+    gpu0, gpu1 = fake.gpus[0].uuid, fake.gpus[1].uuid
+    assert texts[0] == [
+        f"rank 0: no process of its tree uses its GPU {gpu0}",
+        f"rank 0: pid {pid0} uses {gpu1}, which is not one of its GPUs",
+    ]
+    assert texts[1] == [
+        f"rank 1: pid {pid0} (rank 0) uses its GPU {gpu1}",
+        f"rank 1: pid {os.getpid()} (outside the supervised trees) uses its GPU {gpu1}",
+    ]
+    assert await deployment.ready_code() == 200  # flagged, not failed
+    fake.remove(os.getpid())
+
+
+@pytest.mark.parametrize("fault", ["lost", "xid"])
+async def test_gpu_fault_fails_its_rank(dpsup: Harness, fault: str) -> None:
+    fake = FakeNvml(gpus=2)
+    deployment = await dpsup.start(
+        2, nvml=fake.factory, rank_args=["--stop-delay", "0.5"], **GPU_SETTINGS
+    )
+    if fault == "lost":
+        fake.lose(fake.gpus[1].uuid)
+        cause = "NVML reports it lost (GPU is lost)"
+    else:
+        fake.xid(fake.gpus[1].uuid, 79)
+        cause = "critical Xid error 79"
+    await deployment.wait_for_state("stopping")
+    assert await deployment.ready_code() == 503
+    assert await deployment.wait_exit() == 1
+    assert deployment.failure() == f"rank 1: GPU 1 ({fake.gpus[1].uuid}) failed: {cause}"
+    await deployment.assert_no_leftovers()
+
+
+async def test_xid_on_a_gpu_no_rank_uses_is_ignored(dpsup: Harness) -> None:
+    fake = FakeNvml(gpus=3)
+    deployment = await dpsup.start(2, nvml=fake.factory, **GPU_SETTINGS)
+    fake.xid(fake.gpus[2].uuid, 79)
+    fake.xid(fake.gpus[0].uuid, 48)  # a marker: once this one fails rank 0, 79 was seen
+    assert await deployment.wait_exit() == 1
+    assert (
+        deployment.failure() == f"rank 0: GPU 0 ({fake.gpus[0].uuid}) failed: critical Xid error 48"
+    )
+
+
+@pytest.fixture
+def stray_process() -> Iterator[int]:
+    """A process outside any rank tree, as an orphaned worker of an earlier run would be."""
+    with subprocess.Popen([PY, "-c", "import time; time.sleep(600)"]) as proc:
+        try:
+            yield proc.pid
+        finally:
+            proc.kill()
+
+
+@pytest.mark.parametrize("fail_on_leftovers", [False, True])
+async def test_leftovers_on_rank_gpus_are_reported(
+    stray_process: int, fail_on_leftovers: bool
+) -> None:
+    fake = FakeNvml(gpus=2)
+    fake.place(stray_process, fake.gpus[1].uuid, used_mib=4096)
+    command = (*FAKE_RANK, "--port", "{port}")
+    cfg = SupervisorConfig(
+        command=command,
+        base_port=free_port_range(2),
+        control_port=0,
+        fail_on_leftovers=fail_on_leftovers,
+    )
+    outcome: list[BaseException] = []
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            handle = await nursery.start(
+                _run_catching, Supervisor(cfg, environ=ENV, nvml=fake.factory), outcome
+            )
+            await handle.wait_ready()
+            handle.request_shutdown()
+            status = await handle.wait_stopped()
+    line = f"pid {stray_process} (python"
+    if fail_on_leftovers:
+        assert status == 1
+        (failure,) = outcome
+        assert isinstance(failure, GpuLeftovers)
+        assert line in failure.leftovers[0]
+        assert "holds 4096 MiB on GPU 1" in failure.leftovers[0]
+    else:
+        assert status == 0
+        assert outcome == []
+
+
+async def test_without_nvml_everything_else_works(dpsup: Harness) -> None:
+    deployment = await dpsup.start(2, nvml=no_nvml, form=Form.LIBRARY)
+    status = await deployment.status()
+    assert status["nvml"] == {"available": False, "problem": "NVML Shared Library Not Found"}
+    assert {r["placement"]["verdict"] for r in status["ranks"]} == {"unavailable"}
+    assert [r["gpus"] for r in status["ranks"]] == [[], []]
+
+
+async def _run_catching(
+    supervisor: Supervisor, outcome: list[BaseException], task_status: trio.TaskStatus[object]
+) -> None:
+    try:
+        await supervisor.run(task_status=task_status)
+    except (GpuFailed, GpuLeftovers) as exc:
+        outcome.append(exc)

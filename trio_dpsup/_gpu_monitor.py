@@ -1,0 +1,207 @@
+"""GPU monitoring: readings per rank, the placement check, GPU faults, leftovers.
+
+Every NVML call runs in a worker thread (NVML blocks, for seconds on a sick GPU), one at a
+time through a limiter of 1: the event loop never waits on the driver.
+
+* every `gpu_interval` seconds, each rank's devices are read (memory, utilisation,
+  temperature, power) into its /status entry;
+* once every rank is ready, and on each refresh after that, the placement is checked;
+* a device NVML reports lost, or a critical Xid error on a rank's device, fails that rank
+  (`GpuFailed`), which takes the normal teardown path;
+* after shutdown, `find_leftovers` lists the processes still holding memory on the ranks'
+  devices.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import TypeVar, TypeVarTuple
+
+import psutil
+import trio
+
+from ._errors import GpuFailed, SupervisorFailure
+from ._nvml import MIB, GpuEvent, GpuInfo, GpuLost, GpuProcess, NvmlBackend, NvmlError
+from ._placement import Placement, PlacementVerdict, check_placement, owner_from_proc
+from ._state import Board, RankRecord
+
+__all__ = ["find_leftovers", "leaf_devices", "run_gpu_monitor"]
+
+logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+_Args = TypeVarTuple("_Args")
+
+#: How long one wait for an Xid event blocks its thread: the longest a cancelled wait lingers.
+_XID_WAIT = 0.5
+#: After shutdown, how long memory may take to be released before it counts as left over:
+#: the driver frees a dead process's contexts shortly after its exit, not at it.
+LEFTOVER_SETTLE = 3.0
+_LEFTOVER_RECHECK = 0.25
+
+
+async def run_gpu_monitor(
+    backend: NvmlBackend,
+    inventory: Sequence[GpuInfo],
+    board: Board,
+    *,
+    interval: float,
+    fail: Callable[[SupervisorFailure], SupervisorFailure],
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Refresh readings and placement until cancelled; fail a rank whose GPU fails.
+
+    **Cancellation**: prompt. A thread in an NVML call is abandoned and finishes by itself
+    (an Xid wait within half a second); the backend must be closed only after this returns.
+    """
+    limiter = trio.CapacityLimiter(1)
+    owner = owner_from_proc(board.run_id)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_watch_xids, backend, board, fail, limiter)
+        task_status.started()
+        while True:
+            try:
+                await _refresh(backend, board, limiter)
+                if board.started:
+                    await _check_placement(backend, board, inventory, owner, limiter)
+            except GpuLost as lost:
+                _fail_ranks_on(board, lost.uuid, f"NVML reports it lost ({lost.reason})", fail)
+                return
+            except NvmlError as exc:
+                # Readings are best effort: a failed one is logged, not a rank failure.
+                logger.warning("GPU reading failed: %s", exc)
+            with trio.move_on_after(interval):
+                if board.started:
+                    await trio.sleep_forever()
+                # The first placement check comes as soon as every rank is ready.
+                await board.all_ready.wait()
+
+
+async def _refresh(backend: NvmlBackend, board: Board, limiter: trio.CapacityLimiter) -> None:
+    for record in board.ranks:
+        uuids = [gpu.uuid for gpu in record.plan.gpus]
+        record.gpu_samples = tuple([await _nvml(limiter, backend.sample, uuid) for uuid in uuids])
+
+
+async def _check_placement(
+    backend: NvmlBackend,
+    board: Board,
+    inventory: Sequence[GpuInfo],
+    owner: Callable[[int], int],
+    limiter: trio.CapacityLimiter,
+) -> None:
+    on_device = {
+        gpu.uuid: await _nvml(limiter, backend.processes, gpu.uuid)
+        for gpu in leaf_devices(inventory)
+    }
+    ranks = {r.plan.rank: [gpu.uuid for gpu in r.plan.gpus] for r in board.ranks}
+    verdicts = await trio.to_thread.run_sync(check_placement, ranks, on_device, owner)
+    for record in board.ranks:
+        _set_placement(record, verdicts[record.plan.rank])
+
+
+def _set_placement(record: RankRecord, placement: Placement) -> None:
+    """Log a verdict when it changes: a misplaced rank is a warning, not a failure."""
+    if placement == record.placement:
+        return
+    record.placement = placement
+    rank = record.plan.rank
+    if placement.verdict is PlacementVerdict.MISPLACED:
+        for issue in placement.issues:
+            logger.warning("placement: %s", issue.describe(rank))
+    elif placement.verdict is PlacementVerdict.UNKNOWN:
+        logger.warning("placement of rank %d unknown: %s", rank, placement.note)
+    else:
+        logger.info("placement of rank %d: %s", rank, placement.verdict.value)
+
+
+async def _watch_xids(
+    backend: NvmlBackend,
+    board: Board,
+    fail: Callable[[SupervisorFailure], SupervisorFailure],
+    limiter: trio.CapacityLimiter,
+) -> None:
+    uuids = tuple(dict.fromkeys(gpu.uuid for r in board.ranks for gpu in r.plan.gpus))
+    if not uuids:
+        return
+    try:
+        if not await _nvml(limiter, backend.watch_xids, uuids):
+            logger.warning("NVML cannot report Xid events here: GPU errors are seen by probes")
+            return
+        while True:
+            # Not through the limiter: this wait blocks for up to _XID_WAIT, and readings
+            # must not queue behind it. NVML's calls are thread-safe.
+            event: GpuEvent | None = await trio.to_thread.run_sync(
+                backend.wait_xid, _XID_WAIT, abandon_on_cancel=True
+            )
+            if event is not None:
+                logger.error("critical Xid %d on GPU %s", event.xid, event.uuid)
+                _fail_ranks_on(board, event.uuid, f"critical Xid error {event.xid}", fail)
+    except NvmlError as exc:
+        logger.warning("Xid events stopped (%s): GPU errors are seen by probes only", exc)
+
+
+def _fail_ranks_on(
+    board: Board,
+    uuid: str,
+    cause: str,
+    fail: Callable[[SupervisorFailure], SupervisorFailure],
+) -> None:
+    """Fail the first rank using device `uuid` (or a MIG instance of it): one failure is
+    enough to stop every rank, and it names the rank and the device."""
+    for record in board.ranks:
+        for gpu in record.plan.gpus:
+            if uuid in (gpu.uuid, gpu.parent_uuid):
+                logger.error("rank %d: %s failed: %s", record.plan.rank, gpu.label, cause)
+                fail(GpuFailed(record.plan.rank, gpu.label, cause))
+                return
+
+
+def leaf_devices(inventory: Sequence[GpuInfo]) -> list[GpuInfo]:
+    """The devices processes run on: MIG instances, and whole GPUs that have none."""
+    split = {g.parent_uuid for g in inventory if g.is_mig}
+    return [g for g in inventory if g.uuid not in split]
+
+
+async def find_leftovers(
+    backend: NvmlBackend, gpus: Sequence[GpuInfo], owner: Callable[[int], int]
+) -> list[str]:
+    """After shutdown: each process still holding memory on `gpus`, as ``pid 123
+    (python, rank 1's tree) holds 2048 MiB on GPU 0 (GPU-…)``. Empty when none.
+
+    Waits up to LEFTOVER_SETTLE for memory that is being released.
+
+    **Cancellation**: safe; the caller shields it.
+    """
+    limiter = trio.CapacityLimiter(1)
+    found: list[tuple[GpuInfo, GpuProcess]] = []
+    with trio.move_on_after(LEFTOVER_SETTLE):
+        for _ in range(int(LEFTOVER_SETTLE / _LEFTOVER_RECHECK) + 1):
+            found = []
+            for gpu in gpus:
+                try:
+                    procs = await _nvml(limiter, backend.processes, gpu.uuid)
+                except NvmlError as exc:
+                    logger.warning("cannot list the processes on %s: %s", gpu.label, exc)
+                    continue
+                found += [(gpu, proc) for proc in procs]
+            if not found:
+                break
+            await trio.sleep(_LEFTOVER_RECHECK)  # the driver is still tearing contexts down
+    return [_describe_leftover(gpu, proc, owner(proc.pid)) for gpu, proc in found]
+
+
+def _describe_leftover(gpu: GpuInfo, proc: GpuProcess, owner: int) -> str:
+    try:
+        name = psutil.Process(proc.pid).name()
+    except psutil.Error:
+        name = "not visible here"
+    whose = f", rank {owner}'s tree" if owner >= 0 else ""
+    memory = "?" if proc.used_memory is None else str(proc.used_memory // MIB)
+    return f"pid {proc.pid} ({name}{whose}) holds {memory} MiB on {gpu.label}"
+
+
+async def _nvml(limiter: trio.CapacityLimiter, call: Callable[[*_Args], _T], *args: *_Args) -> _T:
+    """`call(*args)` in a worker thread, one NVML call at a time."""
+    return await trio.to_thread.run_sync(call, *args, limiter=limiter, abandon_on_cancel=True)

@@ -1,0 +1,153 @@
+"""The placement check: is each rank on its own GPUs, alone, and nowhere else?
+
+Pure: it takes which processes NVML sees on each device and who owns each pid, and returns a
+verdict per rank. Who owns a pid is read from the tree cookie in its environment (see
+_cookie); where the pids NVML reports are not ours to resolve (a container's own pid
+namespace), the verdict is UNKNOWN rather than a guess.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from ._cookie import TREE_ENV
+from ._nvml import GpuProcess
+
+__all__ = [
+    "OUTSIDE",
+    "UNKNOWN_OWNER",
+    "IssueKind",
+    "Placement",
+    "PlacementIssue",
+    "PlacementVerdict",
+    "check_placement",
+    "owner_from_proc",
+]
+
+#: `owner` results besides a rank number.
+OUTSIDE = -1  # a process outside every rank tree of this run
+UNKNOWN_OWNER = -2  # a pid we cannot resolve: another pid namespace
+
+
+class PlacementVerdict(enum.Enum):
+    PENDING = "pending"  # not checked yet: ranks not all ready
+    OK = "ok"
+    MISPLACED = "misplaced"  # see the issues
+    UNKNOWN = "unknown"  # NVML's pids cannot be resolved here (containers)
+    UNAVAILABLE = "unavailable"  # no NVML
+
+
+class IssueKind(enum.Enum):
+    WRONG_GPU = "wrong_gpu"  # a process of the rank's tree uses a GPU that is not its own
+    ABSENT = "absent"  # no process of the rank's tree uses one of its GPUs
+    FOREIGN = "foreign"  # a process outside the rank's tree uses one of its GPUs
+
+
+@dataclass(frozen=True)
+class PlacementIssue:
+    kind: IssueKind
+    #: The device's UUID.
+    gpu: str
+    pid: int | None
+    #: Who the pid belongs to: ``rank 3``, or ``outside the supervised trees``.
+    owner: str | None = None
+
+    def describe(self, rank: int) -> str:
+        if self.kind is IssueKind.WRONG_GPU:
+            return f"rank {rank}: pid {self.pid} uses {self.gpu}, which is not one of its GPUs"
+        if self.kind is IssueKind.ABSENT:
+            return f"rank {rank}: no process of its tree uses its GPU {self.gpu}"
+        return f"rank {rank}: pid {self.pid} ({self.owner}) uses its GPU {self.gpu}"
+
+
+@dataclass(frozen=True)
+class Placement:
+    verdict: PlacementVerdict
+    issues: tuple[PlacementIssue, ...] = ()
+    #: Why the verdict is UNKNOWN or UNAVAILABLE.
+    note: str | None = None
+
+
+PENDING = Placement(PlacementVerdict.PENDING)
+
+
+def check_placement(
+    ranks: Mapping[int, Sequence[str]],
+    on_device: Mapping[str, Sequence[GpuProcess]],
+    owner: Callable[[int], int],
+) -> dict[int, Placement]:
+    """A verdict per rank.
+
+    `ranks`: rank -> the UUIDs of its devices. `on_device`: every device NVML sees -> the
+    processes with a compute context on it. `owner`: pid -> the rank whose tree it is in,
+    OUTSIDE, or UNKNOWN_OWNER.
+    """
+    owners = {p.pid: owner(p.pid) for procs in on_device.values() for p in procs}
+    verdicts = {}
+    for rank, own in ranks.items():
+        issues: list[PlacementIssue] = []
+        unknown = False
+        for gpu, procs in on_device.items():
+            mine = gpu in own
+            present = False
+            for proc in procs:
+                who = owners[proc.pid]
+                if who == UNKNOWN_OWNER:
+                    unknown |= mine
+                elif who == rank:
+                    present = True
+                    if not mine:
+                        issues.append(PlacementIssue(IssueKind.WRONG_GPU, gpu, proc.pid))
+                elif mine:
+                    name = "outside the supervised trees" if who == OUTSIDE else f"rank {who}"
+                    issues.append(PlacementIssue(IssueKind.FOREIGN, gpu, proc.pid, name))
+            if mine and not present and not unknown:
+                issues.append(PlacementIssue(IssueKind.ABSENT, gpu, None))
+        if issues:
+            verdicts[rank] = Placement(PlacementVerdict.MISPLACED, tuple(issues))
+        elif unknown:
+            note = "NVML's pids are not visible here (another pid namespace)"
+            verdicts[rank] = Placement(PlacementVerdict.UNKNOWN, note=note)
+        else:
+            verdicts[rank] = Placement(PlacementVerdict.OK)
+    return verdicts
+
+
+def owner_from_proc(run_id: str) -> Callable[[int], int]:
+    """`owner` for `check_placement`, reading each pid's tree cookie from /proc."""
+    needle = f"{TREE_ENV}={run_id}:".encode()
+
+    # In a container's own pid namespace, NVML may report host pids, which name other
+    # processes here or none: only a pid that carries our cookie is known to be ours.
+    not_ours = UNKNOWN_OWNER if _in_child_pid_namespace() else OUTSIDE
+
+    def owner(pid: int) -> int:
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                environ = f.read()
+        except FileNotFoundError:
+            return UNKNOWN_OWNER  # NVML sees it, /proc does not: not our namespace
+        except OSError:
+            return not_ours  # another user's process: our ranks run as us
+        for var in environ.split(b"\0"):
+            if var.startswith(needle):
+                member = var[len(needle) :].decode(errors="replace")
+                return int(member) if member.isdigit() else not_ours
+        return not_ours
+
+    return owner
+
+
+def _in_child_pid_namespace() -> bool:
+    """True inside a container's pid namespace: NSpid lists one pid per nested namespace."""
+    try:
+        with open(f"/proc/{os.getpid()}/status") as f:
+            for line in f:
+                if line.startswith("NSpid:"):
+                    return len(line.split()) > 2
+    except OSError:
+        pass
+    return False
