@@ -19,6 +19,7 @@ import trio
 
 from ._config import SupervisorConfig
 from ._errors import EXIT_USAGE, ConfigError, SupervisorFailure
+from ._log_format import configure_logging
 from ._plan import PLACEHOLDERS
 from ._spawn import become_subreaper
 from ._supervisor import Supervisor, SupervisorHandle
@@ -42,14 +43,7 @@ def run_cli(argv: Sequence[str]) -> int:
     parser = build_parser()
     options, command = _split_command(argv)
     args = parser.parse_args(options)  # exits 2 itself on a malformed option
-    logging.basicConfig(
-        level=args.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # One line per probe from httpx, and hypercorn's banner, would drown the ranks' events.
-    for noisy in ("httpx", "httpcore", "hypercorn.error"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    configure_logging(args.log_level, args.log_format)
     try:
         config = _config_from_args(args, command)
     except ConfigError as exc:
@@ -180,7 +174,21 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="exit 1 when processes still hold memory on the ranks' GPUs after shutdown",
     )
-    parser.add_argument(
+    logs = parser.add_argument_group("logs")
+    logs.add_argument(
+        "--no-log-prefix",
+        dest="log_prefix",
+        action="store_false",
+        help="let ranks write straight to our stdout and stderr, instead of line by line "
+        "with a [rank N] prefix",
+    )
+    logs.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default="text",
+        help="our own records as text, or one JSON object per line (default: %(default)s)",
+    )
+    logs.add_argument(
         "--log-level",
         default="INFO",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
@@ -222,6 +230,7 @@ def _config_from_args(args: argparse.Namespace, command: list[str]) -> Superviso
         drain_delay=args.drain_delay,
         gpu_interval=args.gpu_interval,
         fail_on_leftovers=args.fail_on_leftovers,
+        log_prefix=args.log_prefix,
     )
 
 

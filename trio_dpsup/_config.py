@@ -56,6 +56,9 @@ class SupervisorConfig:
     gpu_interval: float = 5.0
     #: Exit non-zero when processes still hold memory on the ranks' GPUs after shutdown.
     fail_on_leftovers: bool = False
+    #: Relay each rank's output line by line with a ``[rank N]`` prefix; False: ranks
+    #: inherit our stdout and stderr.
+    log_prefix: bool = True
     #: Extra environment for every rank, applied before the per-rank variables.
     env: tuple[tuple[str, str], ...] = field(default=())
 

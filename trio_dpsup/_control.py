@@ -126,6 +126,13 @@ def status_to_json(status: SupervisorStatus) -> dict[str, Any]:
         "ready": status.ready,
         "started": status.started,
         "failure": None if status.failure is None else str(status.failure),
+        "root_cause": None
+        if status.root_cause is None
+        else {
+            "rank": status.root_cause.rank,
+            "cause": status.root_cause.cause,
+            "stderr_tail": list(status.root_cause.stderr_tail),
+        },
         "nvml": {
             "available": status.nvml_unavailable is None,
             "problem": status.nvml_unavailable,

@@ -35,6 +35,9 @@ class ConfigError(ValueError):
 class SupervisorFailure(Exception):
     """The first failure that made a supervisor stop. `exit_status` is the CLI's exit code."""
 
+    #: The rank that failed first; None for a failure of no single rank.
+    rank: int | None = None
+
     @property
     def exit_status(self) -> int:
         return EXIT_FAILURE
@@ -87,6 +90,7 @@ class StartupTimeout(SupervisorFailure):
     def __init__(self, timeout: float, not_ready: tuple[int, ...]) -> None:
         self.timeout = timeout
         self.not_ready = not_ready
+        self.rank = not_ready[0] if not_ready else None
         ranks = ", ".join(str(r) for r in not_ready)
         super().__init__(f"startup timed out after {timeout:g}s; ranks not ready: {ranks}")
 

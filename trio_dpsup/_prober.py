@@ -96,7 +96,7 @@ async def _probe_rank(
         if record.last_probe.ok:
             break
         await trio.sleep(config.startup_probe_interval)
-    logger.info("rank %d is ready", record.plan.rank)
+    logger.info("rank %d is ready", record.plan.rank, extra={"rank": record.plan.rank})
     if board.mark_ready(record):
         logger.info("all %d ranks are ready", len(board.ranks))
 
@@ -113,6 +113,7 @@ async def _probe_rank(
             record.consecutive_failures,
             config.failure_threshold,
             record.last_probe.error,
+            extra={"rank": record.plan.rank},
         )
         if record.consecutive_failures >= config.failure_threshold:
             record.state = RankState.FAILED

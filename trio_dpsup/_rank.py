@@ -15,6 +15,7 @@ import trio
 
 from ._cookie import TREE_ENV
 from ._errors import RankExited, RankSpawnFailed, SupervisorFailure, describe_returncode
+from ._logs import LogPump, wait_drained
 from ._process_tree import TreeScanner
 from ._spawn import Spawner
 from ._state import RankRecord, RankState
@@ -34,12 +35,14 @@ async def run_rank(
     environ: Mapping[str, str],
     cookie: str,
     fail: Callable[[SupervisorFailure], SupervisorFailure],
+    pump: LogPump | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run one rank until it exits or this task is cancelled.
 
     Calls ``task_status.started()`` once the process exists. `fail` records a failure and
-    cancels the other ranks at once, before this rank's own leftovers are cleaned up.
+    cancels the other ranks at once, before this rank's own leftovers are cleaned up. With a
+    `pump`, the rank's output is relayed, and this returns once its last line is out.
 
     **Cancellation**: stops the rank (signal, grace, tree kill) before returning; that part
     is shielded and bounded by the shared grace deadline plus the kill timeout.
@@ -47,7 +50,7 @@ async def run_rank(
     plan = record.plan
     env = {**environ, **dict(plan.env), TREE_ENV: cookie}
     try:
-        process = await spawner.spawn(plan.argv, env)
+        process = await spawner.spawn(plan.argv, env, capture=pump is not None)
     except OSError as exc:
         record.state = RankState.FAILED
         raise fail(RankSpawnFailed(plan.rank, str(exc))) from exc
@@ -55,8 +58,11 @@ async def run_rank(
     # create_time rests on the integer boot time and can read up to a second early.
     scanner.register(cookie, process.pid, psutil.Process(process.pid).create_time())
     record.pid = process.pid
+    if pump is not None and process.output is not None:
+        pump.attach(plan.rank, *process.output, record.output)
     record.state = RankState.STARTING
-    logger.info("rank %d started: pid %d, port %d", plan.rank, process.pid, plan.port)
+    rank = {"rank": plan.rank}
+    logger.info("rank %d started: pid %d, port %d", plan.rank, process.pid, plan.port, extra=rank)
     task_status.started()
 
     failure: SupervisorFailure | None = None
@@ -64,13 +70,16 @@ async def run_rank(
         returncode = await process.wait()
         record.returncode = returncode
         record.state = RankState.FAILED
-        logger.error("rank %d exited unexpectedly: %s", plan.rank, describe_returncode(returncode))
+        how = describe_returncode(returncode)
+        logger.error("rank %d exited unexpectedly: %s", plan.rank, how, extra=rank)
         failure = fail(RankExited(plan.rank, returncode))
     finally:
         with trio.CancelScope(shield=True):
             if record.state is not RankState.FAILED:
                 record.state = RankState.STOPPING
             graceful = await stop_rank(plan.rank, process, cookie, scanner, clock)
+            if process.output is not None:
+                await wait_drained(record.output)  # its last lines, before the report
             record.killed = not graceful
             record.returncode = process.returncode
             if record.state is RankState.STOPPING:
@@ -81,5 +90,6 @@ async def run_rank(
                     describe_returncode(process.returncode)
                     if process.returncode is not None
                     else "still running",
+                    extra=rank,
                 )
     raise failure

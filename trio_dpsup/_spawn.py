@@ -53,8 +53,12 @@ def _die_with_parent(parent_pid: int) -> None:
 class RankProcess:
     """One started rank: its pid, and an awaitable exit. Only this object reaps it."""
 
-    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+    def __init__(
+        self, popen: subprocess.Popen[bytes], output: tuple[int, int] | None = None
+    ) -> None:
         self._popen = popen
+        #: The read ends of the rank's stdout and stderr pipes, when its output is captured.
+        self.output = output
         # Opened while the child is unreaped, so the pid cannot have been reused.
         self._pidfd: int | None = os.pidfd_open(popen.pid)
 
@@ -103,6 +107,8 @@ class RankProcess:
 class _Job:
     argv: Sequence[str]
     env: Mapping[str, str]
+    #: The write ends for the child's stdout and stderr; None: inherit ours.
+    output: tuple[int, int] | None
     deliver: Callable[[subprocess.Popen[bytes] | BaseException], None]
 
 
@@ -112,8 +118,11 @@ class Spawner:
     def __init__(self, jobs: queue.SimpleQueue[_Job | None]) -> None:
         self._jobs = jobs
 
-    async def spawn(self, argv: Sequence[str], env: Mapping[str, str]) -> RankProcess:
-        """Start `argv` in a new session with `env`, stdin from /dev/null, stdio inherited.
+    async def spawn(
+        self, argv: Sequence[str], env: Mapping[str, str], *, capture: bool = False
+    ) -> RankProcess:
+        """Start `argv` in a new session with `env`, stdin from /dev/null, and stdout and
+        stderr inherited, or with `capture` each a pipe (`RankProcess.output`).
 
         Raises OSError if the program cannot be executed.
 
@@ -128,12 +137,21 @@ class Spawner:
             result.append(value)
             token.run_sync_soon(done.set)
 
-        self._jobs.put(_Job(argv, env, deliver))
+        pipes = (os.pipe(), os.pipe()) if capture else None
+        write_ends = None if pipes is None else (pipes[0][1], pipes[1][1])
+        self._jobs.put(_Job(argv, env, write_ends, deliver))
         with trio.CancelScope(shield=True):
             await done.wait()
+        if pipes is not None:
+            for _, write_end in pipes:
+                os.close(write_end)  # the child has its copy: EOF comes when its tree is gone
         if isinstance(result[0], BaseException):
+            if pipes is not None:
+                for read_end, _ in pipes:
+                    os.close(read_end)
             raise result[0]
-        return RankProcess(result[0])
+        read_ends = None if pipes is None else (pipes[0][0], pipes[1][0])
+        return RankProcess(result[0], read_ends)
 
 
 def _spawner_thread(jobs: queue.SimpleQueue[_Job | None]) -> None:
@@ -144,6 +162,8 @@ def _spawner_thread(jobs: queue.SimpleQueue[_Job | None]) -> None:
                 list(job.argv),
                 env=dict(job.env),
                 stdin=subprocess.DEVNULL,
+                stdout=None if job.output is None else job.output[0],
+                stderr=None if job.output is None else job.output[1],
                 start_new_session=True,  # its own process group, signalled as a whole
                 preexec_fn=lambda: _die_with_parent(parent_pid),
             )

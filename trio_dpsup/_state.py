@@ -12,11 +12,19 @@ from dataclasses import dataclass
 import trio
 
 from ._errors import SupervisorFailure
+from ._logs import RankOutput
 from ._nvml import GpuInfo, GpuSample
 from ._placement import PENDING, Placement
 from ._plan import RankPlan
 
-__all__ = ["ProbeResult", "RankState", "RankStatus", "SupervisorState", "SupervisorStatus"]
+__all__ = [
+    "ProbeResult",
+    "RankState",
+    "RankStatus",
+    "RootCause",
+    "SupervisorState",
+    "SupervisorStatus",
+]
 
 
 class RankState(enum.Enum):
@@ -75,6 +83,25 @@ class RankStatus:
 
 
 @dataclass(frozen=True)
+class RootCause:
+    """Why the supervisor stopped: the first failure, and what its rank last said."""
+
+    rank: int | None
+    cause: str
+    #: The last lines the rank wrote to stderr (up to 20), oldest first.
+    stderr_tail: tuple[str, ...]
+
+    def report(self) -> str:
+        """The log record: the cause on its first line, then the rank's last lines."""
+        if self.rank is None:
+            return self.cause
+        if not self.stderr_tail:
+            return f"{self.cause}\n    rank {self.rank} wrote nothing to stderr"
+        lines = "".join(f"\n    | {line}" for line in self.stderr_tail)
+        return f"{self.cause}\n    the last lines rank {self.rank} wrote to stderr:{lines}"
+
+
+@dataclass(frozen=True)
 class SupervisorStatus:
     #: Names this run; every process of its trees carries it in TRIO_DPSUP_TREE.
     run_id: str
@@ -86,6 +113,8 @@ class SupervisorStatus:
     failure: SupervisorFailure | None
     #: Why NVML is not used (no driver, no GPU...); None when it is.
     nvml_unavailable: str | None = None
+    #: Once a failure is recorded: its rank, its cause, and that rank's last stderr lines.
+    root_cause: RootCause | None = None
 
     @property
     def ready(self) -> bool:
@@ -114,6 +143,8 @@ class RankRecord:
         self.killed = False
         self.gpu_samples: tuple[GpuSample, ...] = ()
         self.placement = PENDING
+        #: What the log pump keeps of the rank's output (the tail of its stderr).
+        self.output = RankOutput()
 
     def snapshot(self) -> RankStatus:
         return RankStatus(
@@ -187,4 +218,13 @@ class Board:
             started=self.started,
             failure=self.failure,
             nvml_unavailable=self.nvml_unavailable,
+            root_cause=self.root_cause(),
         )
+
+    def root_cause(self) -> RootCause | None:
+        if self.failure is None:
+            return None
+        rank = self.failure.rank
+        record = None if rank is None else self.by_rank(rank)
+        tail = () if record is None else tuple(record.output.stderr_tail)
+        return RootCause(rank=rank, cause=str(self.failure), stderr_tail=tail)

@@ -87,7 +87,11 @@ async def stop_rank(
         await wait_gone(tree)
         graceful = True
     if not graceful:
-        logger.warning("rank %d did not stop within the grace period: killing its tree", rank)
+        logger.warning(
+            "rank %d did not stop within the grace period: killing its tree",
+            rank,
+            extra={"rank": rank},
+        )
         process.signal_group(signal.SIGKILL)
 
     # Scan again: the tree may have forked between the first scan and the signal.

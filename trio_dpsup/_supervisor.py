@@ -20,7 +20,8 @@ import os
 import signal
 import socket
 import uuid
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from functools import partial
 
 import httpx
@@ -32,6 +33,7 @@ from ._cookie import rank_cookie
 from ._errors import EXIT_FAILURE, GpuLeftovers, SupervisorFailure, SupervisorStopped
 from ._gpu_monitor import find_leftovers, run_gpu_monitor
 from ._guardian import open_guardian
+from ._logs import LogPump, open_log_pump
 from ._nvml import GpuInfo, NvmlBackend, NvmlError, NvmlFactory, NvmlUnavailable, open_pynvml
 from ._placement import Placement, PlacementVerdict, owner_from_proc
 from ._plan import plan_ranks
@@ -201,7 +203,7 @@ class _Run:
         make_handle: partial[SupervisorHandle],
         task_status: trio.TaskStatus[SupervisorHandle],
     ) -> None:
-        async with open_spawner() as spawner:
+        async with open_spawner() as spawner, _log_pump(self.config.log_prefix) as pump:
             try:
                 async with trio.open_nursery() as ranks:
                     self._ranks_scope = ranks.cancel_scope
@@ -216,6 +218,7 @@ class _Run:
                                 environ=self.environ,
                                 cookie=rank_cookie(self.board.run_id, record.plan.rank),
                                 fail=self.fail,
+                                pump=pump,
                             )
                         )
                     await ranks.start(
@@ -309,7 +312,11 @@ class _Run:
         killed = [r.plan.rank for r in self.board.ranks if r.killed]
         if self.board.failure is not None:
             self.exit_status = self.board.failure.exit_status
-            logger.error("stopped after a failure: %s", self.board.failure)
+            cause = self.board.root_cause()
+            assert cause is not None
+            # One record: the cause and the failing rank's last words, after every pump
+            # has drained, so that they are complete.
+            logger.error("stopped after a failure: %s", cause.report(), extra={"rank": cause.rank})
         elif killed:
             self.exit_status = EXIT_FAILURE
             logger.error(
@@ -358,3 +365,13 @@ async def _close_nvml(gpu: tuple[NvmlBackend, tuple[GpuInfo, ...]] | None) -> No
     if gpu is not None:
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(gpu[0].close)
+
+
+@asynccontextmanager
+async def _log_pump(prefix: bool) -> AsyncIterator[LogPump | None]:
+    """The log pump when ranks' output is prefixed; None when they inherit ours."""
+    if not prefix:
+        yield None
+        return
+    async with open_log_pump() as pump:
+        yield pump

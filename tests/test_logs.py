@@ -1,0 +1,102 @@
+"""Rank output through the log pump, the root-cause report, and the JSON log format."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import trio
+
+from trio_dpsup.testing import Harness, free_port_range
+
+pytest_plugins = ["trio_dpsup.testing.plugin"]
+
+LINES = 3000
+#: A rank that floods both streams, writes bytes that are not UTF-8 and a last line with no
+#: newline, then crashes: every byte of it must come out.
+FLOOD = f"""
+import os, sys
+for i in range({LINES}):
+    sys.stdout.write("out %d\\n" % i)  # no braces: they would be placeholders
+    sys.stderr.write("err %d\\n" % i)
+sys.stdout.flush()
+sys.stderr.flush()
+os.write(2, b"not utf-8: \\xff\\xfe\\n")
+os.write(2, b"last words, no newline")
+os._exit(3)
+"""
+
+
+async def run_cli(*args: str) -> subprocess.CompletedProcess[bytes]:
+    base = free_port_range(1)
+    argv = [
+        sys.executable, "-m", "trio_dpsup", "--ranks", "1", "--gpus-per-rank", "0",
+        "--base-port", str(base), "--control-port", "0", *args,
+    ]  # fmt: skip
+    with trio.fail_after(60):
+        return await trio.run_process(
+            argv, capture_stdout=True, capture_stderr=True, check=False, stdin=subprocess.DEVNULL
+        )
+
+
+async def test_every_line_a_crashing_rank_wrote_comes_out_prefixed() -> None:
+    result = await run_cli("--", sys.executable, "-c", FLOOD)
+    assert result.returncode == 3
+    out = result.stdout.splitlines()
+    assert out == [f"[rank 0] out {i}".encode() for i in range(LINES)]
+    err = [line for line in result.stderr.splitlines() if line.startswith(b"[rank 0] ")]
+    assert err[:LINES] == [f"[rank 0] err {i}".encode() for i in range(LINES)]
+    assert err[LINES:] == [b"[rank 0] not utf-8: \xff\xfe", b"[rank 0] last words, no newline"]
+    # The root-cause report: one record, with the rank's last stderr lines.
+    report = result.stderr.decode(errors="replace").split("stopped after a failure: ", 1)[1]
+    cause, heading, *lines = report.splitlines()
+    assert cause == "rank 0 exited unexpectedly: exit status 3"
+    assert heading == "    the last lines rank 0 wrote to stderr:"
+    tail = [line.removeprefix("    | ") for line in lines]
+    assert tail == [f"err {i}" for i in range(LINES - 18, LINES)] + [
+        "not utf-8: \ufffd\ufffd",
+        "last words, no newline",
+    ]
+
+
+async def test_no_log_prefix_passes_output_through() -> None:
+    result = await run_cli("--no-log-prefix", "--", sys.executable, "-c", FLOOD)
+    assert result.returncode == 3
+    assert result.stdout.splitlines() == [f"out {i}".encode() for i in range(LINES)]
+    assert b"last words, no newline" in result.stderr
+    assert b"[rank 0]" not in result.stderr
+
+
+async def test_json_log_format() -> None:
+    result = await run_cli("--log-format", "json", "--", sys.executable, "-c", FLOOD)
+    assert result.returncode == 3
+    records = [
+        json.loads(line)
+        for line in result.stderr.decode(errors="replace").splitlines()
+        if line.startswith("{")
+    ]
+    assert {"time", "level", "logger", "message"} <= set(records[0])
+    started = next(r for r in records if r["message"].startswith("rank 0 started"))
+    assert started["rank"] == 0
+    last = records[-1]
+    assert (last["level"], last["rank"]) == ("ERROR", 0)
+    assert last["message"].endswith("    | last words, no newline")
+
+
+async def test_status_shows_the_root_cause_until_exit(dpsup: Harness) -> None:
+    rank_args = ["--log-lines", "6", "--stop-delay", "0.5"]
+    deployment = await dpsup.start(2, rank_args=rank_args)
+    await deployment.crash_rank(1, 9)
+    # While rank 0 takes half a second to stop, /status names the cause. The fake rank
+    # writes its lines at start; the condition waits for the pump to have relayed them all.
+    status = await deployment.wait_for_status(
+        lambda s: s["state"] == "stopping" and len(s["root_cause"]["stderr_tail"]) == 3,
+        "the root cause with 3 lines",
+    )
+    assert status["root_cause"] == {
+        "rank": 1,
+        "cause": "rank 1 exited unexpectedly: exit status 9",
+        "stderr_tail": [f"fake rank {deployment.ports[1]}: log line {i} of 6" for i in (1, 3, 5)],
+    }
+    assert await deployment.wait_exit() == 9

@@ -1,0 +1,183 @@
+"""The log pump: every line a rank writes goes out on our stdout or stderr, prefixed with its
+rank, and nothing is lost.
+
+* Each rank's stdout and stderr are pipes; one task per pipe reads them as bytes (so bytes
+  that are not UTF-8 pass through untouched), prefixes each line and hands whole lines on.
+* Writing to our own stdout/stderr happens in one thread per stream (`_Sink`): a slow
+  reader of our output (a terminal, a log collector) blocks that thread, never the event
+  loop. The channel to it is bounded, so a rank is slowed by a slow reader only once its own
+  pipe buffer is full, as it would be writing to that reader directly.
+* A pipe is read until EOF, which comes when the rank's whole tree is gone: the lines written
+  just before a crash are all there, and a last line without a newline gets one. A tree
+  member that escaped the kill would hold the pipe open forever, so after the rank has
+  stopped, the wait for EOF is bounded (`DRAIN_TIMEOUT`).
+* The last lines of each rank's stderr are kept for the root-cause report.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import os
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import trio
+
+__all__ = ["DRAIN_TIMEOUT", "TAIL_LINES", "LogPump", "RankOutput", "open_log_pump"]
+
+#: After a rank has stopped, how long its pipes may stay open (held by an escaped process).
+DRAIN_TIMEOUT = 2.0
+#: Lines of each rank's stderr kept for the root-cause report.
+TAIL_LINES = 20
+#: Chunks queued for one output stream before the pumps wait (and then the ranks' pipes fill).
+_SINK_QUEUE = 64
+_READ_SIZE = 65536
+#: ANSI colours for rank prefixes on a terminal, cycled by rank.
+_COLOURS = (36, 33, 35, 32, 34, 31)
+
+
+class RankOutput:
+    """What the pump keeps of one rank's output: the tail of its stderr, and its EOFs."""
+
+    def __init__(self) -> None:
+        self.stderr_tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+        self.drained = trio.Event()  # set once both pipes reached EOF (or were abandoned)
+        self._open = 0
+
+    def _closed_one(self) -> None:
+        self._open -= 1
+        if self._open <= 0:
+            self.drained.set()
+
+
+class _Sink:
+    """Writes chunks to one of our file descriptors from a thread of its own."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.send, self._receive = trio.open_memory_channel[bytes | None](_SINK_QUEUE)
+        self._thread = threading.Thread(target=self._run, name=f"trio-dpsup-log-{fd}", daemon=True)
+        self._broken = False
+
+    def start(self, token: trio.lowlevel.TrioToken) -> None:
+        self._token = token
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            chunk = trio.from_thread.run(self._receive.receive, trio_token=self._token)
+            if chunk is None:
+                return
+            self._write(chunk)
+
+    def _write(self, chunk: bytes) -> None:
+        view = memoryview(chunk)
+        while view and not self._broken:
+            try:
+                written = os.write(self.fd, view)
+            except OSError as exc:
+                if exc.errno == errno.EINTR:
+                    continue
+                # Nobody reads our output any more (EPIPE): keep draining the ranks' pipes
+                # so that they are never blocked, and drop what they write.
+                self._broken = True
+                return
+            view = view[written:]
+
+    async def close(self) -> None:
+        """Write what is queued, then stop the thread.
+
+        **Cancellation**: shielded, and bounded by DRAIN_TIMEOUT: output nobody reads any
+        more (a stopped terminal) is abandoned to the daemon thread rather than waited for.
+        """
+        with trio.CancelScope(shield=True), trio.move_on_after(DRAIN_TIMEOUT):
+            await self.send.send(None)
+            await trio.to_thread.run_sync(self._thread.join, abandon_on_cancel=True)
+
+
+class LogPump:
+    """Pumps the output of every rank; made by `open_log_pump`."""
+
+    def __init__(self, nursery: trio.Nursery, stdout: _Sink, stderr: _Sink) -> None:
+        self._nursery = nursery
+        self._sinks = {"stdout": stdout, "stderr": stderr}
+
+    def attach(self, rank: int, stdout: int, stderr: int, output: RankOutput) -> None:
+        """Pump the read ends `stdout` and `stderr` (raw fds, now owned here) of rank `rank`."""
+        for name, fd in (("stdout", stdout), ("stderr", stderr)):
+            sink = self._sinks[name]
+            output._open += 1
+            tail = output.stderr_tail if name == "stderr" else None
+            self._nursery.start_soon(_pump, fd, _prefix(rank, sink.fd), sink, tail, output)
+
+
+@asynccontextmanager
+async def open_log_pump(stdout_fd: int = 1, stderr_fd: int = 2) -> AsyncIterator[LogPump]:
+    """Run the pumps for the duration of the block; on exit, wait for every attached pipe to
+    reach EOF (callers bound that: see `RankOutput.drained`), then flush our output.
+
+    **Cancellation**: the exit is shielded; the pumps stop at once and what they had read is
+    written out.
+    """
+    token = trio.lowlevel.current_trio_token()
+    sinks = _Sink(stdout_fd), _Sink(stderr_fd)
+    for sink in sinks:
+        sink.start(token)
+    try:
+        async with trio.open_nursery() as nursery:
+            yield LogPump(nursery, *sinks)
+            # Every rank has drained or been abandoned by now (see run_rank): stop the rest.
+            nursery.cancel_scope.cancel()
+    finally:
+        for sink in sinks:
+            await sink.close()
+
+
+async def wait_drained(output: RankOutput) -> None:
+    """Wait for a stopped rank's pipes to reach EOF, at most DRAIN_TIMEOUT.
+
+    **Cancellation**: shielded; bounded.
+    """
+    with trio.CancelScope(shield=True), trio.move_on_after(DRAIN_TIMEOUT):
+        await output.drained.wait()
+
+
+async def _pump(
+    fd: int,
+    prefix: bytes,
+    sink: _Sink,
+    tail: collections.deque[str] | None,
+    output: RankOutput,
+) -> None:
+    """Read `fd` to EOF, sending each line to `sink` with `prefix`.
+
+    **Cancellation**: sends what it holds (a partial line gets its newline), then returns.
+    """
+    stream = trio.lowlevel.FdStream(fd)
+    partial = b""
+    try:
+        async with stream:
+            while chunk := await stream.receive_some(_READ_SIZE):
+                *lines, partial = (partial + chunk).split(b"\n")
+                if lines:
+                    await sink.send.send(b"".join(prefix + line + b"\n" for line in lines))
+                    if tail is not None:
+                        tail.extend(line.decode(errors="replace") for line in lines)
+    finally:
+        # Bounded: a reader of our output that stopped reading must not hang shutdown.
+        with trio.CancelScope(shield=True), trio.move_on_after(DRAIN_TIMEOUT):
+            if partial:
+                await sink.send.send(prefix + partial + b"\n")
+                if tail is not None:
+                    tail.append(partial.decode(errors="replace"))
+            output._closed_one()
+
+
+def _prefix(rank: int, fd: int) -> bytes:
+    """``[rank 3] ``, coloured where our output is a terminal."""
+    text = f"[rank {rank}]"
+    if os.isatty(fd):
+        text = f"\x1b[{_COLOURS[rank % len(_COLOURS)]}m{text}\x1b[0m"
+    return (text + " ").encode()
