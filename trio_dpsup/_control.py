@@ -20,6 +20,7 @@ from hypercorn.trio import serve
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
 
 from ._errors import ConfigError
+from ._metrics import CONTENT_TYPE
 from ._nvml import MIB
 from ._state import RankStatus, SupervisorState, SupervisorStatus
 
@@ -39,8 +40,13 @@ _ALLOWED = "GET, HEAD"
 class ControlApp:
     """Answers the probe and status endpoints from `snapshot()`, a fresh status each call."""
 
-    def __init__(self, snapshot: Callable[[], SupervisorStatus]) -> None:
+    def __init__(
+        self,
+        snapshot: Callable[[], SupervisorStatus],
+        metrics: Callable[[], bytes] | None = None,
+    ) -> None:
         self._snapshot = snapshot
+        self._metrics = metrics
 
     async def __call__(
         self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
@@ -76,6 +82,8 @@ class ControlApp:
             if status.ready:
                 return 200, _TEXT, b"ok\n"
             return 503, _TEXT, _reason(status).encode()
+        if path == "/metrics" and self._metrics is not None:
+            return 200, [(b"content-type", CONTENT_TYPE.encode())], self._metrics()
         if path == "/status":
             body = json.dumps(status_to_json(status), indent=2).encode() + b"\n"
             return 200, [(b"content-type", b"application/json")], body

@@ -39,11 +39,13 @@ async def run_prober(
     *,
     fail: Callable[[SupervisorFailure], SupervisorFailure],
     transport: httpx.AsyncBaseTransport | None = None,
+    observe: Callable[[int, ProbeResult], None] | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Probe every rank until cancelled; raise the first RankUnhealthy or StartupTimeout.
 
     `transport` replaces httpx's network transport (tests may pass a MockTransport).
+    `observe(rank, result)` is called with each probe of a ready rank (for /metrics).
 
     **Cancellation**: in-flight probes are abandoned; nothing needs cleaning up.
     """
@@ -53,7 +55,7 @@ async def run_prober(
         trio.open_nursery() as nursery,
     ):
         for record in board.ranks:
-            nursery.start_soon(_probe_rank, config, board, record, client, fail)
+            nursery.start_soon(_probe_rank, config, board, record, client, fail, observe)
         if config.startup_timeout > 0:
             nursery.start_soon(_startup_deadline, config, board, fail)
         task_status.started()
@@ -89,6 +91,7 @@ async def _probe_rank(
     record: RankRecord,
     client: httpx.AsyncClient,
     fail: Callable[[SupervisorFailure], SupervisorFailure],
+    observe: Callable[[int, ProbeResult], None] | None,
 ) -> None:
     url = rank_health_url(config, record.plan.port)
     while True:  # startup: until the first 2xx; bounded by the startup deadline
@@ -103,6 +106,8 @@ async def _probe_rank(
     while True:  # ready: until failure_threshold consecutive failures; ends by cancellation
         await trio.sleep(config.probe_interval)
         record.last_probe = await probe_once(client, url, config.probe_timeout)
+        if observe is not None:
+            observe(record.plan.rank, record.last_probe)
         if record.last_probe.ok:
             record.consecutive_failures = 0
             continue

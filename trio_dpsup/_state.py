@@ -176,6 +176,9 @@ class Board:
         self.state = SupervisorState.STARTING
         self.failure: SupervisorFailure | None = None
         self.started = False
+        self.started_at = trio.current_time()
+        #: When every rank was first ready (trio.current_time()), once they have been.
+        self.ready_at: float | None = None
         self.all_ready = trio.Event()  # set once, when every rank is first ready
         self.stopping = trio.Event()  # set once, when shutdown or a failure begins
 
@@ -191,6 +194,7 @@ class Board:
         if self.started or any(r.state is not RankState.READY for r in self.ranks):
             return False
         self.started = True
+        self.ready_at = trio.current_time()
         if self.state is SupervisorState.STARTING:
             self.state = SupervisorState.READY
         self.all_ready.set()

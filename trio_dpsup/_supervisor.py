@@ -34,6 +34,7 @@ from ._errors import EXIT_FAILURE, GpuLeftovers, SupervisorFailure, SupervisorSt
 from ._gpu_monitor import find_leftovers, run_gpu_monitor
 from ._guardian import open_guardian
 from ._logs import LogPump, open_log_pump
+from ._metrics import Metrics
 from ._nvml import GpuInfo, NvmlBackend, NvmlError, NvmlFactory, NvmlUnavailable, open_pynvml
 from ._placement import Placement, PlacementVerdict, owner_from_proc
 from ._plan import plan_ranks
@@ -168,6 +169,7 @@ class _Run:
         self.environ = environ
         self.transport = transport
         self.clock = StopClock(config.grace_period)
+        self.metrics = Metrics(board)
         self.scanner = TreeScanner()
         self.shutdown_requested = trio.Event()
         self.stopped = trio.Event()
@@ -181,9 +183,8 @@ class _Run:
         stop_control = trio.Event()
         try:
             async with trio.open_nursery() as root:
-                url: str = await root.start(
-                    serve_control_plane, ControlApp(self.board.snapshot), sock, stop_control.wait
-                )
+                app = ControlApp(self.board.snapshot, self.metrics.render)
+                url: str = await root.start(serve_control_plane, app, sock, stop_control.wait)
                 logger.info("control plane listening on %s", url)
                 try:
                     async with open_guardian(self.board.run_id):
@@ -228,6 +229,7 @@ class _Run:
                             self.board,
                             fail=self.fail,
                             transport=self.transport,
+                            observe=self.metrics.observe_probe,
                         )
                     )
                     await self._start_gpu_monitor(ranks)

@@ -1,0 +1,130 @@
+"""/metrics: Prometheus metrics of one supervisor, in a registry of its own.
+
+Most values are read from the board at scrape time (a collector over `Board.snapshot`), so
+nothing is kept twice; only probe latencies and failures are recorded as they happen.
+Names follow Prometheus conventions: the ``trio_dpsup_`` prefix, base units (seconds, bytes,
+ratios), ``_total`` for counters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import trio
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from ._state import Board, ProbeResult, RankState, SupervisorState
+
+__all__ = ["CONTENT_TYPE", "Metrics"]
+
+#: The text exposition format, as prometheus-client writes it.
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+#: Probe latency buckets, seconds: loopback answers take about a millisecond; the default
+#: probe timeout is 2 s.
+_PROBE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class Metrics:
+    """The metrics of one run. `observe_probe` records a probe of a ready rank."""
+
+    def __init__(self, board: Board) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._probe_seconds = Histogram(
+            "trio_dpsup_probe_duration_seconds",
+            "Health probe latency of ready ranks (timeouts count as the timeout).",
+            ["rank"],
+            buckets=_PROBE_BUCKETS,
+            registry=self.registry,
+        )
+        self._probe_failures = Counter(
+            "trio_dpsup_probe_failures",
+            "Failed health probes of ready ranks: non-2xx, timeout, refused.",
+            ["rank"],
+            registry=self.registry,
+        )
+        self.registry.register(_BoardCollector(board))
+
+    def observe_probe(self, rank: int, result: ProbeResult) -> None:
+        label = str(rank)
+        self._probe_seconds.labels(label).observe(result.latency)
+        if not result.ok:
+            self._probe_failures.labels(label).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _BoardCollector(Collector):
+    def __init__(self, board: Board) -> None:
+        self._board = board
+
+    def collect(self) -> Iterator[Metric]:
+        board = self._board
+        status = board.snapshot()
+        now = trio.current_time()
+
+        supervisor = GaugeMetricFamily(
+            "trio_dpsup_state", "1 for the supervisor's current state.", labels=["state"]
+        )
+        for each_state in SupervisorState:
+            supervisor.add_metric([each_state.value], float(status.state is each_state))
+        yield supervisor
+        yield GaugeMetricFamily(
+            "trio_dpsup_uptime_seconds", "Seconds since the supervisor started.",
+            value=now - board.started_at,
+        )  # fmt: skip
+        if board.ready_at is not None:
+            yield GaugeMetricFamily(
+                "trio_dpsup_time_to_ready_seconds",
+                "Seconds from start until every rank was first ready.",
+                value=board.ready_at - board.started_at,
+            )
+
+        rank_state = GaugeMetricFamily(
+            "trio_dpsup_rank_state", "1 for each rank's current state.", labels=["rank", "state"]
+        )
+        up = GaugeMetricFamily(
+            "trio_dpsup_rank_up", "1 if the rank is ready, else 0.", labels=["rank"]
+        )
+        restarts = CounterMetricFamily(
+            "trio_dpsup_rank_restarts", "Times the rank was restarted.", labels=["rank"]
+        )
+        exit_status = GaugeMetricFamily(
+            "trio_dpsup_rank_exit_status",
+            "The rank's last exit status (negative: killed by that signal).",
+            labels=["rank"],
+        )
+        gpu = {
+            name: GaugeMetricFamily(f"trio_dpsup_gpu_{name}", text, labels=["rank", "gpu"])
+            for name, text in (
+                ("memory_used_bytes", "Device memory in use on the rank's GPU."),
+                ("memory_total_bytes", "Device memory of the rank's GPU."),
+                ("utilization_ratio", "Fraction of time the GPU was busy (0-1)."),
+                ("temperature_celsius", "GPU temperature."),
+                ("power_watts", "GPU power draw."),
+            )
+        }
+        for rank in status.ranks:
+            label = str(rank.rank)
+            for each in RankState:
+                rank_state.add_metric([label, each.value], float(rank.state is each))
+            up.add_metric([label], float(rank.ready))
+            restarts.add_metric([label], 0.0)
+            if rank.returncode is not None:
+                exit_status.add_metric([label], float(rank.returncode))
+            for sample in rank.gpu_samples:
+                labels = [label, sample.uuid]
+                gpu["memory_used_bytes"].add_metric(labels, float(sample.memory_used))
+                gpu["memory_total_bytes"].add_metric(labels, float(sample.memory_total))
+                if sample.utilization is not None:
+                    gpu["utilization_ratio"].add_metric(labels, sample.utilization / 100)
+                if sample.temperature is not None:
+                    gpu["temperature_celsius"].add_metric(labels, float(sample.temperature))
+                if sample.power is not None:
+                    gpu["power_watts"].add_metric(labels, sample.power)
+        yield from (rank_state, up, restarts, exit_status)
+        if any(rank.gpu_samples for rank in status.ranks):
+            yield from gpu.values()
