@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import textwrap
@@ -18,11 +19,13 @@ from typing import NoReturn, TypeVar
 import trio
 
 from ._config import SupervisorConfig
+from ._config_file import load_config_file
 from ._errors import EXIT_USAGE, ConfigError, SupervisorFailure
 from ._log_format import configure_logging
 from ._plan import PLACEHOLDERS
 from ._spawn import become_subreaper
 from ._supervisor import Supervisor, SupervisorHandle
+from ._systemd import run_systemd_notify
 
 __all__ = ["main", "run_cli"]
 
@@ -42,6 +45,15 @@ def run_cli(argv: Sequence[str]) -> int:
     """Parse `argv`, supervise, and return the exit status (2 for bad input)."""
     parser = build_parser()
     options, command = _split_command(argv)
+    try:
+        # The file's values become defaults, so that options on the command line win.
+        config_file = parser.parse_known_args(options)[0].config
+        if config_file is not None:
+            defaults, file_command = load_config_file(config_file, parser._actions)
+            parser.set_defaults(**defaults)
+            command = command or file_command or []
+    except ConfigError as exc:
+        return _usage_error(exc)
     args = parser.parse_args(options)  # exits 2 itself on a malformed option
     configure_logging(args.log_level, args.log_format)
     try:
@@ -85,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     d = _DEFAULTS
+    parser.add_argument(
+        "--config",
+        metavar="FILE.toml",
+        help="read options from a TOML file (keys: the long options; command line wins)",
+    )
     ranks = parser.add_argument_group("ranks")
     ranks.add_argument("--ranks", type=int, help="local ranks (default: devices / gpus-per-rank)")
     ranks.add_argument(
@@ -249,6 +266,7 @@ async def _supervise(config: SupervisorConfig) -> int:
             async with trio.open_nursery() as nursery:
                 handle: SupervisorHandle = await nursery.start(Supervisor(config).run)
                 nursery.start_soon(_forward_signals, signals, handle)
+                nursery.start_soon(run_systemd_notify, handle, os.environ)
                 status = await handle.wait_stopped()
                 nursery.cancel_scope.cancel()
                 return status

@@ -127,6 +127,13 @@ class SupervisorHandle:
         if board.state is not SupervisorState.READY:
             raise SupervisorStopped(board.failure) from board.failure
 
+    async def wait_stopping(self) -> None:
+        """Return once shutdown or a failure has begun (/ready answers 503 from then on).
+
+        **Cancellation**: safe; nothing changes.
+        """
+        await self._run.board.stopping.wait()
+
     def request_shutdown(self, signum: int = signal.SIGTERM) -> None:
         """Begin the ordered shutdown, forwarding `signum` to the ranks. Idempotent."""
         self._run.request_shutdown(signum)

@@ -1,0 +1,89 @@
+"""``--config FILE.toml``: the options, as keys, in a file; the command line wins.
+
+Keys are the long options without their dashes (``base-port = 8000``; ``base_port`` works
+too), flags take booleans (``fail-on-leftovers = true``, ``no-log-prefix = true``), and
+``command`` is the rank command as a list of strings, used when none follows ``--``::
+
+    ranks = 8
+    gpus-per-rank = 1
+    base-port = 8000
+    grace-period = 30
+    command = ["vllm", "serve", "MODEL", "--port", "{port}"]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tomllib
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from ._errors import ConfigError
+
+__all__ = ["load_config_file"]
+
+#: Options that make no sense in a file.
+_NOT_KEYS = frozenset({"help", "config"})
+
+
+def load_config_file(
+    path: str, actions: Iterable[argparse.Action]
+) -> tuple[dict[str, Any], list[str] | None]:
+    """Parser defaults (dest -> value) and the command, from the TOML file at `path`.
+
+    Raises ConfigError naming the file and the key for a missing file, bad TOML, an unknown
+    key, or a value of the wrong type.
+    """
+    try:
+        with Path(path).open("rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"--config {path}: {exc.strerror}: give the path of a TOML file") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"--config {path}: not valid TOML ({exc})") from exc
+    by_key = {
+        option.lstrip("-"): action
+        for action in actions
+        for option in action.option_strings
+        if option.startswith("--") and option.lstrip("-") not in _NOT_KEYS
+    }
+    command = data.pop("command", None)
+    if command is not None and not (
+        isinstance(command, list) and command and all(isinstance(a, str) for a in command)
+    ):
+        raise ConfigError(f'{path}: command must be a list of strings, e.g. ["vllm", "serve"]')
+    defaults: dict[str, Any] = {}
+    for key, value in data.items():
+        action = by_key.get(key.replace("_", "-"))
+        if action is None:
+            known = ", ".join(sorted(by_key))
+            raise ConfigError(f"{path}: unknown key {key!r}: the keys are command, {known}")
+        defaults[action.dest] = _value(path, key, action, value)
+    return defaults, command
+
+
+def _value(path: str, key: str, action: argparse.Action, value: Any) -> Any:
+    if isinstance(action, argparse._StoreConstAction):  # store_true / store_false
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: {key} must be true or false, not {value!r}")
+        return action.const if value else action.default
+    if action.dest == "devices":
+        if isinstance(value, list):
+            return tuple(str(v) for v in value)
+        value = str(value)
+    if isinstance(value, str) and action.type is not None and action.type is not str:
+        try:
+            value = action.type(value)  # type: ignore[operator]
+        except ValueError as exc:
+            raise ConfigError(f"{path}: {key} = {value!r} is not valid: {exc}") from exc
+    if action.type is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{path}: {key} must be a whole number, not {value!r}")
+    if action.type is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{path}: {key} must be a number of seconds, not {value!r}")
+        value = float(value)
+    if action.choices is not None and value not in action.choices:
+        choices = ", ".join(map(str, action.choices))
+        raise ConfigError(f"{path}: {key} must be one of {choices}, not {value!r}")
+    return value
