@@ -23,6 +23,7 @@ from ._config_file import load_config_file
 from ._errors import EXIT_USAGE, ConfigError, SupervisorFailure
 from ._log_format import configure_logging
 from ._plan import PLACEHOLDERS
+from ._presets import Preset
 from ._spawn import become_subreaper
 from ._supervisor import Supervisor, SupervisorHandle
 from ._systemd import run_systemd_notify
@@ -127,6 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=d.gpu_interval,
         help="seconds between GPU readings and placement checks (default: %(default)s)",
+    )
+    ranks.add_argument(
+        "--preset",
+        choices=[p.value for p in Preset],
+        help="adapt the command to vLLM (vllm serve ...) or SGLang "
+        "(python -m sglang.launch_server ...): adds --host, --port (and vLLM's "
+        "--data-parallel-rank) per rank, and checks the parallel sizes",
     )
     ranks.add_argument(
         "--host",
@@ -248,6 +256,7 @@ def _config_from_args(args: argparse.Namespace, command: list[str]) -> Superviso
         gpu_interval=args.gpu_interval,
         fail_on_leftovers=args.fail_on_leftovers,
         log_prefix=args.log_prefix,
+        preset=None if args.preset is None else Preset(args.preset),
     )
 
 

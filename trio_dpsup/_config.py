@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, field
 
 from ._errors import ConfigError
+from ._presets import Preset
 
 __all__ = ["SupervisorConfig"]
 
@@ -56,6 +57,8 @@ class SupervisorConfig:
     gpu_interval: float = 5.0
     #: Exit non-zero when processes still hold memory on the ranks' GPUs after shutdown.
     fail_on_leftovers: bool = False
+    #: Adapt `command` to a known server (`Preset.VLLM`, `Preset.SGLANG`); see _presets.
+    preset: Preset | None = None
     #: Relay each rank's output line by line with a ``[rank N]`` prefix; False: ranks
     #: inherit our stdout and stderr.
     log_prefix: bool = True

@@ -17,6 +17,7 @@ from ._config import SupervisorConfig, check_port_range
 from ._devices import parse_visible_devices, resolve_devices_on, uses_indices
 from ._errors import ConfigError
 from ._nvml import GpuInfo
+from ._presets import apply_preset, check_preset_ranks
 
 __all__ = ["PLACEHOLDERS", "RankPlan", "plan_ranks", "redact_argv", "resolve_devices"]
 
@@ -80,9 +81,14 @@ def plan_ranks(
     gpus = None
     if devices is not None and inventory is not None:
         gpus = resolve_devices_on(devices, inventory, source=source)
+    command = config.command
+    if config.preset is not None:
+        command = apply_preset(config.preset, command, config.gpus_per_rank)
     ranks = _rank_count(config, devices, nvml_problem)
     check_port_range(config, ranks)
-    _check_placeholders(config.command, has_devices=devices is not None)
+    if config.preset is not None:
+        check_preset_ranks(config.preset, command, config.start_rank, ranks)
+    _check_placeholders(command, has_devices=devices is not None)
     plans = []
     for local_rank in range(ranks):
         own = () if devices is None else _slice(devices, local_rank, config.gpus_per_rank)
@@ -107,7 +113,7 @@ def plan_ranks(
                 rank=config.start_rank + local_rank,
                 port=config.base_port + local_rank,
                 devices=own,
-                argv=tuple(_fill(arg, values) for arg in config.command),
+                argv=tuple(_fill(arg, values) for arg in command),
                 env=tuple(env),
                 gpus=own_gpus,
             )

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import signal
 import socket
 import uuid
@@ -96,6 +97,8 @@ class Supervisor:
         except BaseException:
             await _close_nvml(gpu)
             raise
+        for plan in plans:
+            logger.info("rank %d command: %s", plan.rank, shlex.join(plan.redacted_argv))
         # Names the run in /status and marks every process of its trees (see _cookie).
         board = Board(plans, uuid.uuid4().hex, nvml_unavailable=problem)
         run = _Run(self.config, board, self._environ, self._transport, gpu)

@@ -456,8 +456,16 @@ def _cli_options(settings: Mapping[str, Any]) -> list[str]:
     for name, value in settings.items():
         if name in ("command", "ranks", "base_port", "env"):
             raise ValueError(f"{name} is set by the harness or has no CLI option")
-        text = ",".join(value) if name == "devices" else str(value)
-        options += [f"--{name.replace('_', '-')}", text]
+        option = f"--{name.replace('_', '-')}"
+        if isinstance(value, bool):  # a flag: --fail-on-leftovers, --no-log-prefix
+            if name == "log_prefix":
+                options += [] if value else ["--no-log-prefix"]
+            elif value:
+                options.append(option)
+            continue
+        if isinstance(value, enum.Enum):
+            value = value.value
+        options += [option, ",".join(value) if name == "devices" else str(value)]
     return options
 
 
