@@ -155,8 +155,24 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.control_port,
         help="0 for any free port (default: %(default)s)",
     )
+    control.add_argument("--ssl-certfile", help="serve the control plane over HTTPS: PEM chain")
+    control.add_argument("--ssl-keyfile", help="the private key of --ssl-certfile (PEM)")
+    control.add_argument(
+        "--ssl-ca-certs", help="require client certificates signed by this CA (mutual TLS)"
+    )
     probes = parser.add_argument_group("health probes")
     probes.add_argument("--health-path", default=d.health_path, help="(default: %(default)s)")
+    probes.add_argument(
+        "--rank-scheme",
+        choices=["http", "https"],
+        default=d.rank_scheme,
+        help="how ranks serve the health path (default: %(default)s)",
+    )
+    probes.add_argument(
+        "--rank-ca-certs",
+        help="verify HTTPS ranks against this CA bundle (default: not on loopback, else the "
+        "system's CAs)",
+    )
     probes.add_argument(
         "--probe-interval",
         type=float,
@@ -257,6 +273,11 @@ def _config_from_args(args: argparse.Namespace, command: list[str]) -> Superviso
         fail_on_leftovers=args.fail_on_leftovers,
         log_prefix=args.log_prefix,
         preset=None if args.preset is None else Preset(args.preset),
+        ssl_certfile=args.ssl_certfile,
+        ssl_keyfile=args.ssl_keyfile,
+        ssl_ca_certs=args.ssl_ca_certs,
+        rank_scheme=args.rank_scheme,
+        rank_ca_certs=args.rank_ca_certs,
     )
 
 

@@ -8,6 +8,7 @@ Checks that need the environment (devices, PATH) happen when the rank plan is ma
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 
 from ._errors import ConfigError
@@ -57,6 +58,16 @@ class SupervisorConfig:
     gpu_interval: float = 5.0
     #: Exit non-zero when processes still hold memory on the ranks' GPUs after shutdown.
     fail_on_leftovers: bool = False
+    #: Serve the control plane over HTTPS with this certificate chain and key (PEM files).
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    #: With HTTPS: require client certificates signed by this CA bundle (mutual TLS).
+    ssl_ca_certs: str | None = None
+    #: How ranks serve their health path: "http" or "https".
+    rank_scheme: str = "http"
+    #: CA bundle to verify ranks' certificates. Without it, HTTPS ranks on loopback are not
+    #: verified (they hold self-signed certificates), others against the system's CAs.
+    rank_ca_certs: str | None = None
     #: Adapt `command` to a known server (`Preset.VLLM`, `Preset.SGLANG`); see _presets.
     preset: Preset | None = None
     #: Relay each rank's output line by line with a ``[rank N]`` prefix; False: ranks
@@ -94,7 +105,29 @@ class SupervisorConfig:
             raise ConfigError(f"--health-path must start with '/', e.g. /{self.health_path}")
         if self.devices is not None:
             _check_devices(self.devices)
+        self._check_tls()
         self._check_ports()
+
+    def _check_tls(self) -> None:
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            raise ConfigError("--ssl-certfile and --ssl-keyfile go together: pass both, or neither")
+        if self.ssl_ca_certs is not None and self.ssl_certfile is None:
+            raise ConfigError(
+                "--ssl-ca-certs verifies clients of an HTTPS control plane: pass --ssl-certfile "
+                "and --ssl-keyfile too"
+            )
+        if self.rank_scheme not in ("http", "https"):
+            raise ConfigError(f"--rank-scheme must be http or https, not {self.rank_scheme!r}")
+        if self.rank_ca_certs is not None and self.rank_scheme != "https":
+            raise ConfigError("--rank-ca-certs verifies HTTPS ranks: pass --rank-scheme https")
+        for option, path in (
+            ("--ssl-certfile", self.ssl_certfile),
+            ("--ssl-keyfile", self.ssl_keyfile),
+            ("--ssl-ca-certs", self.ssl_ca_certs),
+            ("--rank-ca-certs", self.rank_ca_certs),
+        ):
+            if path is not None and not os.path.isfile(path):
+                raise ConfigError(f"{option} {path} is not a file: give the path of a PEM file")
 
     def _check_ports(self) -> None:
         if not 1 <= self.base_port <= MAX_PORT:

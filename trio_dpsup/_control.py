@@ -10,6 +10,7 @@ import json
 import logging
 import re
 import socket
+import ssl
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
@@ -229,11 +230,13 @@ async def serve_control_plane(
     sock: socket.socket,
     shutdown_trigger: Callable[[], Awaitable[Any]],
     *,
+    tls: tuple[str, str, str | None] | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve `app` on `sock` until `shutdown_trigger` returns. Takes ownership of `sock`.
 
     Calls ``task_status.started(url)`` with the bound address once it accepts connections.
+    `tls` (certificate file, key file, client CA file or None) serves HTTPS.
 
     **Cancellation**: stops serving at once, dropping open connections.
     """
@@ -243,6 +246,11 @@ async def serve_control_plane(
     config.errorlog = logging.getLogger("hypercorn.error")  # hypercorn's own name for it
     config.graceful_timeout = GRACEFUL_TIMEOUT
     config.include_server_header = False
+    if tls is not None:
+        config.certfile, config.keyfile, ca_certs = tls
+        if ca_certs is not None:
+            config.ca_certs = ca_certs
+            config.verify_mode = ssl.CERT_REQUIRED  # mutual TLS: clients show a certificate
     async with trio.open_nursery() as nursery:
         binds: list[str] = await nursery.start(
             partial(serve, app, config, shutdown_trigger=shutdown_trigger, mode="asgi")

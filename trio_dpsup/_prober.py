@@ -17,6 +17,7 @@ import trio
 from ._config import SupervisorConfig
 from ._errors import RankUnhealthy, StartupTimeout, SupervisorFailure
 from ._state import Board, ProbeResult, RankRecord, RankState
+from ._tls import rank_verify
 
 __all__ = ["run_prober"]
 
@@ -30,7 +31,7 @@ def rank_health_url(config: SupervisorConfig, port: int) -> str:
     host = _WILDCARD_HOSTS.get(config.host, config.host)
     if ":" in host:
         host = f"[{host}]"
-    return f"http://{host}:{port}{config.health_path}"
+    return f"{config.rank_scheme}://{host}:{port}{config.health_path}"
 
 
 async def run_prober(
@@ -49,9 +50,10 @@ async def run_prober(
 
     **Cancellation**: in-flight probes are abandoned; nothing needs cleaning up.
     """
+    verify = rank_verify(config) if config.rank_scheme == "https" else True
     # Probes must not go through an HTTP proxy from the environment: ranks are local.
     async with (
-        httpx.AsyncClient(transport=transport, trust_env=False) as client,
+        httpx.AsyncClient(transport=transport, trust_env=False, verify=verify) as client,
         trio.open_nursery() as nursery,
     ):
         for record in board.ranks:

@@ -45,6 +45,7 @@ from ._rank import run_rank
 from ._spawn import open_spawner
 from ._state import Board, SupervisorState, SupervisorStatus
 from ._stop import StopClock
+from ._tls import check_tls
 
 __all__ = ["Supervisor", "SupervisorHandle"]
 
@@ -93,6 +94,7 @@ class Supervisor:
         gpu = None if backend is None or inventory is None else (backend, inventory)
         try:
             plans = plan_ranks(self.config, self._environ, inventory, nvml_problem=problem)
+            check_tls(self.config)
             sock = bind_control_socket(self.config.control_host, self.config.control_port)
         except BaseException:
             await _close_nvml(gpu)
@@ -194,7 +196,8 @@ class _Run:
         try:
             async with trio.open_nursery() as root:
                 app = ControlApp(self.board.snapshot, self.metrics.render)
-                url: str = await root.start(serve_control_plane, app, sock, stop_control.wait)
+                serve = partial(serve_control_plane, tls=self._tls())
+                url: str = await root.start(serve, app, sock, stop_control.wait)
                 logger.info("control plane listening on %s", url)
                 try:
                     async with open_guardian(self.board.run_id):
@@ -251,6 +254,12 @@ class _Run:
                 _, rest = group.split((SupervisorFailure, trio.Cancelled))
                 if rest is not None:
                     raise
+
+    def _tls(self) -> tuple[str, str, str | None] | None:
+        config = self.config
+        if config.ssl_certfile is None or config.ssl_keyfile is None:
+            return None
+        return config.ssl_certfile, config.ssl_keyfile, config.ssl_ca_certs
 
     async def _start_gpu_monitor(self, nursery: trio.Nursery) -> None:
         if self.gpu is not None:

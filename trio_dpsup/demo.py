@@ -18,6 +18,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -101,6 +102,8 @@ def build_parser(prog: str = "python -m trio_dpsup.demo") -> argparse.ArgumentPa
     parser.add_argument("--health-path", default="/health")
     parser.add_argument("--ready-after", type=float, default=0.0, help="seconds of 503 before 200")
     parser.add_argument("--api-key", help="bearer key that / requires, as vLLM (health stays open)")
+    parser.add_argument("--ssl-certfile", help="serve HTTPS with this PEM certificate chain")
+    parser.add_argument("--ssl-keyfile", help="the private key of --ssl-certfile")
     parser.add_argument(
         "--allocate",
         type=int,
@@ -129,6 +132,15 @@ def exit_cleanly(signum: int, frame: FrameType | None) -> None:
     sys.exit(0)  # unwinds serve_forever() in the main thread, closing the socket
 
 
+def use_tls(server: DemoServer, certfile: str | None, keyfile: str | None) -> None:
+    """Serve HTTPS from now on, when a certificate is given."""
+    if certfile is None:
+        return
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(certfile, keyfile)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+
+
 def serve(
     server: DemoServer,
     on_sigterm: SignalHandler = exit_cleanly,
@@ -144,7 +156,9 @@ def serve(
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     held = allocate_gpu_memory(args.allocate) if args.allocate else None  # noqa: F841
-    serve(DemoServer(args.host, args.port, args.health_path, args.ready_after, args.api_key))
+    server = DemoServer(args.host, args.port, args.health_path, args.ready_after, args.api_key)
+    use_tls(server, args.ssl_certfile, args.ssl_keyfile)
+    serve(server)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ from ..demo import (
     build_parser,
     exit_cleanly,
     serve,
+    use_tls,
 )
 
 __all__ = ["GRANDCHILD_KINDS", "main"]
@@ -192,6 +193,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         on_sigterm = _noting_arrival(on_sigterm, args.events_file)
     held = allocate_gpu_memory(args.allocate) if args.allocate else None  # noqa: F841
     server = FaultServer(args.host, args.port, args.health_path, args.ready_after, args.api_key)
+    use_tls(server, args.ssl_certfile, args.ssl_keyfile)
     server.events_file = args.events_file
     serve(server, on_sigterm, signal.SIG_IGN if args.ignore_sigint else _obey)
 

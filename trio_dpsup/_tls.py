@@ -1,0 +1,52 @@
+"""TLS: the control plane over HTTPS, and the verification of ranks that serve HTTPS."""
+
+from __future__ import annotations
+
+import ipaddress
+import ssl
+
+from ._config import SupervisorConfig
+from ._errors import ConfigError
+
+__all__ = ["check_tls", "rank_verify"]
+
+
+def check_tls(config: SupervisorConfig) -> None:
+    """Load every certificate, key and CA file now, so that a bad one is a ConfigError before
+    anything starts (hypercorn and the prober load them again when they need them)."""
+    if config.rank_scheme == "https":
+        rank_verify(config)
+    if config.ssl_certfile is None or config.ssl_keyfile is None:
+        return
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(config.ssl_certfile, config.ssl_keyfile)
+        if config.ssl_ca_certs is not None:
+            context.load_verify_locations(config.ssl_ca_certs)
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(
+            f"cannot use --ssl-certfile {config.ssl_certfile} / --ssl-keyfile "
+            f"{config.ssl_keyfile}: {exc}: give a PEM certificate chain and its private key"
+        ) from exc
+
+
+def rank_verify(config: SupervisorConfig) -> ssl.SSLContext | bool:
+    """What the prober verifies HTTPS ranks with (httpx's `verify`)."""
+    if config.rank_ca_certs is not None:
+        try:
+            return ssl.create_default_context(cafile=config.rank_ca_certs)
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError(
+                f"cannot use --rank-ca-certs {config.rank_ca_certs}: {exc}: give a PEM CA bundle"
+            ) from exc
+    # Ranks on loopback hold self-signed certificates; nothing between us and them to fear.
+    return not is_loopback(config.host)
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", "", "0.0.0.0", "::"):  # wildcards are probed on loopback
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
