@@ -143,15 +143,17 @@ async def test_two_ranks_failing_at_once_report_the_first(dpsup: Harness, form: 
 
 
 @FORMS
-async def test_rank_port_already_taken(dpsup: Harness, form: Form, taken_port: int) -> None:
-    # Rank 0's port is taken: it fails to bind and exits 1. Rank 1 is fine.
-    if not _port_free(taken_port + 1):
-        pytest.skip(f"port {taken_port + 1} is in use by something else")
-    deployment = await dpsup.start(
-        2, form=form, base_port=taken_port, rank_args=SLOW_STOP, wait_ready=False
-    )
-    await stopping_with_503(deployment)
-    assert await deployment.wait_exit() == 1
+async def test_rank_port_already_taken(dpsup: Harness, form: Form) -> None:
+    # Rank 0's port is taken: it fails to bind and exits 1. Rank 1's port was free.
+    base = free_port_range(2)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", base))
+        taken.listen()
+        deployment = await dpsup.start(
+            2, form=form, base_port=base, rank_args=SLOW_STOP, wait_ready=False
+        )
+        await stopping_with_503(deployment)
+        assert await deployment.wait_exit() == 1
     assert deployment.failure() == "rank 0 exited unexpectedly: exit status 1"
     await deployment.assert_no_leftovers()
 
@@ -287,12 +289,3 @@ async def test_fifty_library_cycles_leave_no_child_zombie_or_fd() -> None:
         if cycle == 4:  # by now every lazily opened resource (thread pools, sockets) exists
             fds_after_warmup = me.num_fds()
     assert me.num_fds() <= fds_after_warmup, "file descriptors leak across cycles"
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
