@@ -1,4 +1,10 @@
-"""``python -m bench [--quick]``: run the scenarios, print a table, write JSON to bench/results/."""
+"""``python -m bench [--quick]``: run the scenarios, print a table, write JSON (and a PNG of
+detection latency against the number of ranks) to bench/results/.
+
+Every figure is measured in this run, floors included. ``--quick``: 3 repetitions, N = 8
+only, 10 s of steady state (about 3 minutes); the full run: 10 repetitions, N = 8, 32, 64,
+30 s of steady state.
+"""
 
 from __future__ import annotations
 
@@ -26,22 +32,27 @@ RESULTS = Path(__file__).parent / "results"
 class Row:
     scenario: str
     ranks: int
+    #: In `unit`.
     samples: list[float]
     target: str
     met: bool | None
-    floor_ms: float | None = None
+    unit: str = "ms"
 
     @property
-    def median_ms(self) -> float:
-        return statistics.median(self.samples) * 1000
+    def median(self) -> float:
+        return statistics.median(self.samples)
 
     @property
-    def max_ms(self) -> float:
-        return max(self.samples) * 1000
+    def max(self) -> float:
+        return max(self.samples)
+
+
+def ms(seconds: list[float]) -> list[float]:
+    return [s * 1000 for s in seconds]
 
 
 def check(
-    median: float | None = None, maximum: float | None = None
+    median: float | None = None, maximum: float | None = None, minimum: float | None = None
 ) -> Callable[[list[float]], bool]:
     def met(samples: list[float]) -> bool:
         ok = True
@@ -49,6 +60,8 @@ def check(
             ok &= statistics.median(samples) <= median
         if maximum is not None:
             ok &= max(samples) <= maximum
+        if minimum is not None:
+            ok &= statistics.median(samples) >= minimum
         return ok
 
     return met
@@ -56,69 +69,157 @@ def check(
 
 async def run_all(quick: bool) -> list[Row]:
     reps = 3 if quick else 10
-    crash_sizes = (8,) if quick else (8, 32, 64)
+    sizes = (8,) if quick else (8, 32, 64)
+    steady_seconds = 10.0 if quick else 30.0
     rows: list[Row] = []
-    floor = [await scenarios.crash_floor() for _ in range(reps)]
-    floor_ms = statistics.median(floor) * 1000
-    rows.append(Row("crash floor: bare Trio sees its child's SIGKILL", 1, floor, "-", None))
-    exit_floor = [await scenarios.rank_exit_floor(7) for _ in range(reps)]
-    rows.append(Row("floor: 7 fake ranks alone, SIGTERM -> all exited", 7, exit_floor, "-", None))
-    for n in crash_sizes:
+
+    # 1. Crash detection, against the floors.
+    floor = ms([await scenarios.crash_floor() for _ in range(reps)])
+    rows.append(Row("floor: bare Trio sees its child's SIGKILL", 1, floor, "-", None))
+    for n in sizes:
+        # The floors of this size: what N-1 ranks exiting at once cost with no supervisor.
+        exit_floor = ms([await scenarios.rank_exit_floor(n - 1) for _ in range(reps)])
+        busy = ms([await scenarios.contention_floor(n - 1) for _ in range(reps)])
+        rows += [
+            Row(f"floor: {n - 1} fake ranks alone, SIGTERM -> all gone", n, exit_floor, "-", None),
+            Row(f"floor: a bare HTTP server's answer while {n - 1} ranks exit", n, busy, "-", None),
+        ]  # fmt: skip
         with tempfile.TemporaryDirectory() as tmp:
             runs = [await scenarios.crash(n, Path(tmp)) for _ in range(reps)]
-        ready = [r["ready_503"] for r in runs]
-        signalled = [r["others_signalled"] for r in runs]
-        gone = [r["others_gone"] for r in runs]
-        exits = [r["exit"] for r in runs]
+        ready = ms([r["ready_503"] for r in runs])
         if n == 8:
-            target, met = "median <= 5 ms, max <= 20 ms", check(0.005, 0.020)(ready)
+            target, met = "median <= 5, max <= 20", check(5, 20)(ready)
+        elif n == 64:
+            target, met = "median <= 20", check(20)(ready)
         else:
-            target, met = ("median <= 20 ms", check(0.020)(ready)) if n == 64 else ("-", None)
-        rows.append(Row("crash -> /ready 503", n, ready, target, met, floor_ms))
-        rows.append(Row("crash -> every other rank has its SIGTERM", n, signalled, "-", None))
+            target, met = "-", None
+        gone = ms([r["others_gone"] for r in runs])
+        rows += [
+            Row("crash -> /ready 503", n, ready, target, met),
+            Row(
+                "crash -> every other rank has its SIGTERM",
+                n,
+                ms([r["others_signalled"] for r in runs]),
+                "-",
+                None,
+            ),
+            Row("crash -> every other rank gone", n, gone, "max <= 100", check(None, 100)(gone)),
+            Row("crash -> supervisor exited", n, ms([r["exit"] for r in runs]), "-", None),
+        ]
+
+    # 2. Unhealthy detection, against the configured bound.
+    interval, timeout, threshold = 0.2, 0.5, 3
+    for fault, bound in (
+        ("health", threshold * interval),
+        ("hang", threshold * (interval + timeout)),
+    ):
+        taken = ms([
+            await scenarios.unhealthy(4, fault, interval, timeout, threshold) for _ in range(reps)
+        ])  # fmt: skip
+        bound_ms = bound * 1000 + 50  # plus the probes' own latency and our polling
+        name = "health 503" if fault == "health" else "health hangs"
         rows.append(
-            Row("crash -> every other rank gone", n, gone, "<= 100 ms", check(None, 0.1)(gone))
-        )
-        rows.append(Row("crash -> supervisor exited", n, exits, "-", None))
-    with tempfile.TemporaryDirectory() as tmp:
-        overhead = [await scenarios.ready_overhead(4, Path(tmp)) for _ in range(reps)]
-    rows.append(
-        Row(
-            "ready overhead (ranks healthy after 2 s)",
-            4,
-            overhead,
-            "median <= 50 ms",
-            check(0.050)(overhead),
-        )
-    )
-    clean = [await scenarios.shutdown(4, ignore_sigterm=False, grace=5.0) for _ in range(reps)]
+            Row(f"{name} -> /ready 503 (0.2 s x 3, timeout 0.5 s)", 4, taken,
+                f"max <= {bound_ms:.0f} (bound)", check(None, bound_ms)(taken))
+        )  # fmt: skip
+
+    # 3. Ready overhead.
+    for n in sizes:
+        with tempfile.TemporaryDirectory() as tmp:
+            overhead = ms([await scenarios.ready_overhead(n, Path(tmp)) for _ in range(reps)])
+        rows.append(
+            Row("ready overhead (ranks healthy after 2 s)", n, overhead, "median <= 50",
+                check(50)(overhead))
+        )  # fmt: skip
+
+    # 4. Shutdown.
+    clean = ms([await scenarios.shutdown(4, ignore_sigterm=False, grace=5.0) for _ in range(reps)])
     rows.append(Row("SIGTERM -> exit, obedient ranks", 4, clean, "-", None))
     grace = 3.0
-    stubborn = [
+    stubborn = ms([
         await scenarios.shutdown(1, ignore_sigterm=True, grace=grace) - grace for _ in range(reps)
-    ]
+    ])  # fmt: skip
     rows.append(
-        Row(
-            "SIGTERM -> exit beyond the 3 s grace, rank ignores SIGTERM",
-            1,
-            stubborn,
-            "< 500 ms",
-            check(None, 0.5)(stubborn),
-        )
-    )
-    return rows  # fmt: skip
+        Row("SIGTERM -> exit beyond the 3 s grace, rank ignores SIGTERM", 1, stubborn,
+            "max < 500", check(None, 500)(stubborn))
+    )  # fmt: skip
+
+    # 5 and 6. Idle cost, and how it scales.
+    for n in sizes:
+        steady = await scenarios.steady_state(n, steady_seconds)
+        cpu = [steady["cpu_fraction"] * 100]
+        cpu_target, cpu_met = ("<= 1", check(1)(cpu)) if n == 8 else ("-", None)
+        rss_target, rss_met = ("<= 60", check(60)([steady["rss_mb"]])) if n == 8 else ("-", None)
+        rows += [
+            Row(f"idle: supervisor CPU over {steady_seconds:.0f} s, probes every 1 s", n, cpu,
+                cpu_target, cpu_met, "% core"),
+            Row("idle: supervisor RSS", n, [steady["rss_mb"]], rss_target, rss_met, "MB"),
+            Row("idle: guardian RSS", n, [steady["guardian_rss_mb"]], "-", None, "MB"),
+            Row("idle: probe latency (last probe of each rank)", n,
+                [steady["probe_ms_median"], steady["probe_ms_max"]], "-", None),
+        ]  # fmt: skip
+
+    # 7. Log throughput.
+    with tempfile.TemporaryDirectory() as tmp:
+        logs = await scenarios.log_throughput(2, 5.0, Path(tmp))
+    rows += [
+        Row("logs: 2 ranks flat out for 5 s, prefixed, through the supervisor", 2,
+            [logs["mb_per_s"]], ">= 50", check(minimum=50)([logs["mb_per_s"]]), "MB/s"),
+        Row("logs: the same ranks straight to /dev/null (floor)", 2,
+            [logs["floor_mb_per_s"]], "-", None, "MB/s"),
+    ]  # fmt: skip
+
+    # 8. The control plane under load from another process.
+    latency = await scenarios.control_plane_latency(8, 200.0, 5.0)
+    for path, samples in latency.items():
+        p99 = statistics.quantiles(samples, n=100)[98]
+        target, met = ("p99 <= 5", p99 <= 5) if path == "/ready" else ("-", None)
+        rows.append(
+            Row(f"{path} at 200 requests/s for 5 s: median, p99", 8,
+                [statistics.median(samples), p99], target, met)
+        )  # fmt: skip
+    return rows
 
 
 def table(rows: list[Row]) -> str:
-    header = f"{'scenario':<60} {'N':>3} {'median ms':>10} {'max ms':>9}  {'target':<30} met"
+    header = f"{'scenario':<66} {'N':>3} {'median':>9} {'max':>9} {'unit':<7} {'target':<24} met"
     lines = [header, "-" * len(header)]
     for row in rows:
         met = "-" if row.met is None else ("yes" if row.met else "MISSED")
         lines.append(
-            f"{row.scenario:<60} {row.ranks:>3} {row.median_ms:>10.2f} {row.max_ms:>9.2f}  "
-            f"{row.target:<30} {met}"
+            f"{row.scenario:<66} {row.ranks:>3} {row.median:>9.2f} {row.max:>9.2f} "
+            f"{row.unit:<7} {row.target:<24} {met}"
         )
     return "\n".join(lines)
+
+
+def plot(rows: list[Row], path: Path) -> bool:
+    """Detection latency against N, as a PNG; False where matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, style in (
+        ("crash -> /ready 503", "o-"),
+        ("crash -> every other rank has its SIGTERM", "s-"),
+        ("crash -> every other rank gone", "^-"),
+    ):
+        chosen = [r for r in rows if r.scenario == name]
+        ns = [r.ranks for r in chosen]
+        ax.plot(ns, [r.median for r in chosen], style, label=f"{name} (median)")
+        ax.fill_between(ns, [min(r.samples) for r in chosen], [r.max for r in chosen], alpha=0.15)
+    ax.set_xlabel("ranks (N)")
+    ax.set_ylabel("ms after a rank's SIGKILL (band: min-max)")
+    ax.set_title("trio_dpsup crash detection, 2-core machine")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True
 
 
 def machine() -> dict[str, object]:
@@ -141,11 +242,13 @@ def main() -> None:
     print(table(rows))
     info = machine()
     RESULTS.mkdir(exist_ok=True)
-    name = f"{info['date'][:10]}{'-quick' if args.quick else ''}.json"  # type: ignore[index]
+    stem = f"{info['date'][:10]}{'-quick' if args.quick else ''}"  # type: ignore[index]
     document = {
         **info,
         "quick": args.quick,
-        "rows": [{**asdict(row), "median_ms": row.median_ms, "max_ms": row.max_ms} for row in rows],
+        "rows": [{**asdict(row), "median": row.median, "max": row.max} for row in rows],
     }
-    (RESULTS / name).write_text(json.dumps(document, indent=2) + "\n")
-    print(f"\nwrote {RESULTS / name}")
+    (RESULTS / f"{stem}.json").write_text(json.dumps(document, indent=2) + "\n")
+    print(f"\nwrote {RESULTS / stem}.json")
+    if not args.quick and plot(rows, RESULTS / f"{stem}-detection.png"):
+        print(f"wrote {RESULTS / stem}-detection.png")

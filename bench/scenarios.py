@@ -9,11 +9,15 @@ from __future__ import annotations
 import json
 import os
 import signal
+import statistics
+import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import httpx
+import psutil
 import trio
 
 from trio_dpsup.testing import free_port_range, open_cli_supervisor, wait_pids_gone
@@ -159,3 +163,151 @@ async def shutdown(ranks: int, *, ignore_sigterm: bool, grace: float) -> float:
         elapsed = trio.current_time() - start
         assert code == (1 if ignore_sigterm else 0), sup.log
         return elapsed
+
+
+async def unhealthy(
+    ranks: int, fault: str, interval: float, probe_timeout: float, threshold: int
+) -> float:
+    """A ready rank's health turns 503 (`fault` "health") or hangs ("hang"): until /ready 503."""
+    base = free_port_range(ranks)
+    options = (
+        "--probe-interval", str(interval), "--probe-timeout", str(probe_timeout),
+        "--failure-threshold", str(threshold),
+    )  # fmt: skip
+    async with open_cli_supervisor(cli_args(ranks, base, *options)) as sup:
+        url = await sup.wait_ready(timeout=120)
+        async with httpx.AsyncClient(base_url=url) as client:
+            await client.get("/ready")
+            path = "/fault/health?status=503" if fault == "health" else "/fault/hang"
+            start = trio.current_time()
+            await client.post(f"http://127.0.0.1:{base}{path}")
+            for _ in range(POLL_LIMIT):
+                if (await client.get("/ready")).status_code == 503:
+                    elapsed = trio.current_time() - start
+                    break
+                await trio.sleep(POLL_SPACING)
+            else:
+                raise AssertionError("the fault was never detected")
+        await sup.wait()
+    return elapsed
+
+
+async def steady_state(ranks: int, seconds: float) -> dict[str, float]:
+    """N ready ranks probed every second: the supervisor's CPU (fraction of one core) and RSS
+    over `seconds`, the guardian's RSS, and the probes' latency."""
+    base = free_port_range(ranks)
+    async with open_cli_supervisor(cli_args(ranks, base)) as sup:
+        await sup.wait_ready(timeout=300)
+        await trio.sleep(2.0)  # the measured period starts after start-up work has settled
+        proc = psutil.Process(sup.pid)
+        before = proc.cpu_times()
+        await trio.sleep(seconds)  # the measured period itself
+        after = proc.cpu_times()
+        rss = proc.memory_info().rss
+        status = await sup.status()
+        guardian = [
+            c for c in psutil.process_iter(["cmdline"])
+            if "trio_dpsup._guardian_process" in " ".join(c.info["cmdline"] or [])
+            and status["run_id"] in " ".join(c.info["cmdline"] or [])
+        ]  # fmt: skip
+        guardian_rss = guardian[0].memory_info().rss if guardian else float("nan")
+        latencies = [r["last_probe"]["latency_ms"] for r in status["ranks"]]  # type: ignore[index, union-attr]
+        sup.send_signal(signal.SIGTERM)
+        await sup.wait()
+    cpu = (after.user + after.system) - (before.user + before.system)
+    return {
+        "cpu_fraction": cpu / seconds,
+        "rss_mb": rss / 2**20,
+        "guardian_rss_mb": guardian_rss / 2**20,
+        "probe_ms_median": statistics.median(latencies),
+        "probe_ms_max": max(latencies),
+    }
+
+
+async def log_throughput(ranks: int, seconds: float, tmp: Path) -> dict[str, float]:
+    """Ranks writing 128-byte lines as fast as they can for `seconds`, through the supervisor
+    (prefixed, to /dev/null) and, as the floor, straight to /dev/null."""
+    counts = [tmp / f"count-{i}" for i in range(ranks)]
+    base = free_port_range(ranks)
+    args = [
+        "--ranks", str(ranks), "--gpus-per-rank", "0", "--base-port", str(base),
+        "--control-port", "0", "--startup-timeout", "0", "--",
+        sys.executable, "-m", "bench.log_writer", str(tmp / "count-{local_rank}"), str(seconds),
+    ]  # fmt: skip
+    with trio.fail_after(seconds + 60):
+        await trio.run_process(
+            [sys.executable, "-m", "trio_dpsup", *args],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False,
+        )  # fmt: skip
+    through = sum(_lines_per_second(p) for p in counts)
+    direct_counts = [tmp / f"direct-{i}" for i in range(ranks)]
+    async with trio.open_nursery() as nursery:
+        for path in direct_counts:
+            nursery.start_soon(
+                partial(
+                    trio.run_process,
+                    [sys.executable, "-m", "bench.log_writer", str(path), str(seconds)],
+                    stdout=subprocess.DEVNULL,
+                )
+            )
+    direct = sum(_lines_per_second(p) for p in direct_counts)
+    mb = 128 / 1e6  # a line as the rank wrote it, prefix not counted
+    return {
+        "lines_per_s": through,
+        "mb_per_s": through * mb,
+        "floor_lines_per_s": direct,
+        "floor_mb_per_s": direct * mb,
+    }
+
+
+def _lines_per_second(count_file: Path) -> float:
+    lines, elapsed = count_file.read_text().split()
+    return int(lines) / float(elapsed)
+
+
+async def control_plane_latency(ranks: int, rate: float, seconds: float) -> dict[str, list[float]]:
+    """/ready and /status asked `rate` times a second by another process: latencies, ms."""
+    base = free_port_range(ranks)
+    result: dict[str, list[float]] = {}
+    async with open_cli_supervisor(cli_args(ranks, base)) as sup:
+        url = await sup.wait_ready(timeout=120)
+        for path in ("/ready", "/status"):
+            done = await trio.run_process(
+                [sys.executable, "-m", "bench.load_client", url + path, str(rate), str(seconds)],
+                capture_stdout=True,
+            )
+            result[path] = json.loads(done.stdout)
+        sup.send_signal(signal.SIGTERM)
+        await sup.wait()
+    return result
+
+
+async def contention_floor(ranks: int) -> float:
+    """The floor of "crash -> /ready 503" on this machine: how long a trivial HTTP server in
+    a process of its own takes to answer while `ranks` fake ranks exit on SIGTERM at once."""
+    base = free_port_range(ranks + 1)
+    processes = [
+        await trio.lowlevel.open_process([*FAKE_RANK, "--port", str(base + i)])
+        for i in range(ranks + 1)
+    ]
+    try:
+        async with httpx.AsyncClient() as client:
+            for i in range(ranks + 1):
+                for _ in range(POLL_LIMIT):
+                    try:
+                        if (await client.get(f"http://127.0.0.1:{base + i}/health")).is_success:
+                            break
+                    except httpx.TransportError:
+                        pass
+                    await trio.sleep(POLL_SPACING)
+            server = f"http://127.0.0.1:{base + ranks}/health"
+            await client.get(server)  # the connection is open before the clock starts
+            start = trio.current_time()
+            for process in processes[:ranks]:
+                process.send_signal(signal.SIGTERM)
+            await client.get(server)
+            return trio.current_time() - start
+    finally:
+        for process in processes:
+            process.kill()
+            await process.wait()
