@@ -193,7 +193,7 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[Row], path: Path) -> bool:
+def plot(rows: list[Row], path: Path, cores: int) -> bool:
     """Detection latency against N, as a PNG; False where matplotlib is not installed."""
     try:
         import matplotlib
@@ -212,9 +212,23 @@ def plot(rows: list[Row], path: Path) -> bool:
         ns = [r.ranks for r in chosen]
         ax.plot(ns, [r.median for r in chosen], style, label=f"{name} (median)")
         ax.fill_between(ns, [min(r.samples) for r in chosen], [r.max for r in chosen], alpha=0.15)
+    for prefix, style in (
+        ("floor: a bare HTTP server's answer while", "o:"),
+        ("floor: ", "^:"),
+    ):
+        chosen = [r for r in rows if r.scenario.startswith(prefix) and r.ranks > 1]
+        if prefix == "floor: ":
+            chosen = [r for r in chosen if r.scenario.endswith("all gone")]
+        label = (
+            "floor: server answer while N-1 ranks exit"
+            if "answer" in prefix
+            else ("floor: N-1 ranks alone, SIGTERM -> all gone")
+        )
+        ax.plot([r.ranks for r in chosen], [r.median for r in chosen], style, color="grey",
+                label=label)  # fmt: skip
     ax.set_xlabel("ranks (N)")
     ax.set_ylabel("ms after a rank's SIGKILL (band: min-max)")
-    ax.set_title("trio_dpsup crash detection, 2-core machine")
+    ax.set_title(f"trio_dpsup crash detection, {cores}-core machine")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -237,7 +251,15 @@ def machine() -> dict[str, object]:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="3 repetitions, N = 8 only")
+    parser.add_argument("--plot", metavar="RESULTS.json", help="only draw the plot of a run")
     args = parser.parse_args()
+    if args.plot:
+        document = json.loads(Path(args.plot).read_text())
+        fields = {"scenario", "ranks", "samples", "target", "met", "unit"}
+        saved = [Row(**{k: v for k, v in row.items() if k in fields}) for row in document["rows"]]
+        cores = int(document["machine"].split(", ")[1].split()[0])
+        plot(saved, Path(args.plot).with_name(Path(args.plot).stem + "-detection.png"), cores)
+        return
     rows = trio.run(run_all, args.quick)
     print(table(rows))
     info = machine()
@@ -250,5 +272,5 @@ def main() -> None:
     }
     (RESULTS / f"{stem}.json").write_text(json.dumps(document, indent=2) + "\n")
     print(f"\nwrote {RESULTS / stem}.json")
-    if not args.quick and plot(rows, RESULTS / f"{stem}-detection.png"):
+    if not args.quick and plot(rows, RESULTS / f"{stem}-detection.png", os.cpu_count() or 0):
         print(f"wrote {RESULTS / stem}-detection.png")
