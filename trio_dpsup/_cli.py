@@ -24,6 +24,7 @@ from ._errors import EXIT_USAGE, ConfigError, SupervisorFailure
 from ._log_format import configure_logging
 from ._plan import PLACEHOLDERS
 from ._presets import Preset
+from ._restart import RestartPolicy, RestartScope
 from ._spawn import become_subreaper
 from ._supervisor import Supervisor, SupervisorHandle
 from ._systemd import run_systemd_notify
@@ -197,6 +198,51 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.startup_timeout,
         help="seconds for every rank to become ready; 0: no limit (default: %(default)s)",
     )
+    restarts = parser.add_argument_group("restarts")
+    restarts.add_argument(
+        "--restart",
+        choices=[p.value for p in RestartPolicy],
+        default=d.restart.value,
+        help="never: any rank failure stops everything (DP+EP); on-failure: restart a rank "
+        "that crashed, exited non-zero or failed its probes; always: also after exit 0 "
+        "(default: %(default)s)",
+    )
+    restarts.add_argument(
+        "--restart-scope",
+        choices=[s.value for s in RestartScope],
+        default=d.restart_scope.value,
+        help="restart only the failed rank, or all ranks (default: %(default)s)",
+    )
+    restarts.add_argument(
+        "--max-restarts",
+        type=int,
+        default=d.max_restarts,
+        help="more restarts than this within --restart-window stop everything "
+        "(default: %(default)s)",
+    )
+    restarts.add_argument(
+        "--restart-window",
+        type=float,
+        default=d.restart_window,
+        help="seconds (default: %(default)s)",
+    )
+    restarts.add_argument(
+        "--restart-backoff-min",
+        type=float,
+        default=d.restart_backoff_min,
+        help="seconds before a rank's first restart; doubles per restart (default: %(default)s)",
+    )
+    restarts.add_argument(
+        "--restart-backoff-max",
+        type=float,
+        default=d.restart_backoff_max,
+        help="the longest wait before a restart (default: %(default)s)",
+    )
+    restarts.add_argument(
+        "--min-ready",
+        type=int,
+        help="/ready answers 200 while this many ranks are ready (default: all ranks)",
+    )
     stop = parser.add_argument_group("shutdown")
     stop.add_argument(
         "--grace-period",
@@ -278,6 +324,13 @@ def _config_from_args(args: argparse.Namespace, command: list[str]) -> Superviso
         ssl_ca_certs=args.ssl_ca_certs,
         rank_scheme=args.rank_scheme,
         rank_ca_certs=args.rank_ca_certs,
+        restart=RestartPolicy(args.restart),
+        restart_scope=RestartScope(args.restart_scope),
+        max_restarts=args.max_restarts,
+        restart_window=args.restart_window,
+        restart_backoff_min=args.restart_backoff_min,
+        restart_backoff_max=args.restart_backoff_max,
+        min_ready=args.min_ready,
     )
 
 

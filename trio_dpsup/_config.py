@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from ._errors import ConfigError
 from ._presets import Preset
+from ._restart import RestartPolicy, RestartScope
 
 __all__ = ["SupervisorConfig"]
 
@@ -68,6 +69,17 @@ class SupervisorConfig:
     #: CA bundle to verify ranks' certificates. Without it, HTTPS ranks on loopback are not
     #: verified (they hold self-signed certificates), others against the system's CAs.
     rank_ca_certs: str | None = None
+    #: Restart failed ranks instead of stopping everything (see _restart).
+    restart: RestartPolicy = RestartPolicy.NEVER
+    restart_scope: RestartScope = RestartScope.RANK
+    #: More than this many restarts within `restart_window` seconds stop everything.
+    max_restarts: int = 3
+    restart_window: float = 60.0
+    restart_backoff_min: float = 1.0
+    restart_backoff_max: float = 30.0
+    #: /ready answers 200 while at least this many ranks are ready (None: all of them),
+    #: once every rank has been ready once.
+    min_ready: int | None = None
     #: Adapt `command` to a known server (`Preset.VLLM`, `Preset.SGLANG`); see _presets.
     preset: Preset | None = None
     #: Relay each rank's output line by line with a ``[rank N]`` prefix; False: ranks
@@ -106,7 +118,25 @@ class SupervisorConfig:
         if self.devices is not None:
             _check_devices(self.devices)
         self._check_tls()
+        self._check_restarts()
         self._check_ports()
+
+    def _check_restarts(self) -> None:
+        if self.max_restarts < 0:
+            raise ConfigError(f"--max-restarts must be 0 or more, not {self.max_restarts}")
+        _positive_duration("--restart-window", self.restart_window)
+        _positive_duration("--restart-backoff-min", self.restart_backoff_min)
+        _positive_duration("--restart-backoff-max", self.restart_backoff_max)
+        if self.restart_backoff_max < self.restart_backoff_min:
+            raise ConfigError(
+                f"--restart-backoff-max {self.restart_backoff_max:g} is below "
+                f"--restart-backoff-min {self.restart_backoff_min:g}: raise it"
+            )
+        _positive_int("--min-ready", self.min_ready, allow_none=True)
+        if self.min_ready is not None and self.ranks is not None and self.min_ready > self.ranks:
+            raise ConfigError(
+                f"--min-ready {self.min_ready} is more than the {self.ranks} ranks: lower it"
+            )
 
     def _check_tls(self) -> None:
         if (self.ssl_certfile is None) != (self.ssl_keyfile is None):

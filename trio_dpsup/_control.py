@@ -111,9 +111,11 @@ _TEXT = [(b"content-type", b"text/plain; charset=utf-8")]
 def _reason(status: SupervisorStatus) -> str:
     if status.failure is not None:
         return f"{status.state.value}: {status.failure}\n"
+    ranks = ", ".join(str(r) for r in status.not_ready())
     if status.state is SupervisorState.STARTING:
-        ranks = ", ".join(str(r) for r in status.not_ready())
         return f"starting: ranks not ready: {ranks}\n"
+    if status.state is SupervisorState.READY:  # ready, but too few ranks (restarting)
+        return f"degraded: ranks not ready: {ranks}\n"
     return f"{status.state.value}\n"
 
 
@@ -133,6 +135,7 @@ def status_to_json(status: SupervisorStatus) -> dict[str, Any]:
         "run_id": status.run_id,
         "state": status.state.value,
         "ready": status.ready,
+        "min_ready": len(status.ranks) if status.min_ready is None else status.min_ready,
         "started": status.started,
         "failure": None if status.failure is None else str(status.failure),
         "root_cause": None
@@ -171,6 +174,8 @@ def _rank_json(rank: RankStatus) -> dict[str, Any]:
             "latency_ms": round(probe.latency * 1000, 3),
         },
         "command": list(rank.command),
+        "restarts": rank.restarts,
+        "last_causes": list(rank.last_causes),
         "gpus": _gpus_json(rank),
         "placement": {
             "verdict": rank.placement.verdict.value,

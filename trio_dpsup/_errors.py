@@ -16,7 +16,9 @@ __all__ = [
     "GpuLeftovers",
     "RankExited",
     "RankSpawnFailed",
+    "RankStartTimeout",
     "RankUnhealthy",
+    "RestartsExhausted",
     "StartupTimeout",
     "SupervisorFailure",
     "SupervisorStopped",
@@ -93,6 +95,28 @@ class StartupTimeout(SupervisorFailure):
         self.rank = not_ready[0] if not_ready else None
         ranks = ", ".join(str(r) for r in not_ready)
         super().__init__(f"startup timed out after {timeout:g}s; ranks not ready: {ranks}")
+
+
+class RankStartTimeout(SupervisorFailure):
+    """A restarted rank did not become ready within the startup timeout."""
+
+    def __init__(self, rank: int, timeout: float) -> None:
+        self.rank = rank
+        self.timeout = timeout
+        super().__init__(f"rank {rank} did not become ready within {timeout:g}s of its restart")
+
+
+class RestartsExhausted(SupervisorFailure):
+    """More restarts than the restart policy allows within its window: stop everything."""
+
+    def __init__(self, last: SupervisorFailure, max_restarts: int, window: float) -> None:
+        self.last = last
+        self.rank = last.rank
+        super().__init__(f"more than {max_restarts} restart(s) within {window:g}s; last: {last}")
+
+    @property
+    def exit_status(self) -> int:
+        return self.last.exit_status  # the root cause's status, as if it had not restarted
 
 
 class GpuFailed(SupervisorFailure):

@@ -38,18 +38,29 @@ _READ_SIZE = 65536
 _COLOURS = (36, 33, 35, 32, 34, 31)
 
 
-class RankOutput:
-    """What the pump keeps of one rank's output: the tail of its stderr, and its EOFs."""
+class _Pipes:
+    """The pipes of one process of a rank (a restarted rank has one of these per process)."""
 
     def __init__(self) -> None:
-        self.stderr_tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
-        self.drained = trio.Event()  # set once both pipes reached EOF (or were abandoned)
+        self.drained = trio.Event()  # set once both pipes reached EOF
         self._open = 0
 
-    def _closed_one(self) -> None:
+    def opened(self) -> None:
+        self._open += 1
+
+    def closed(self) -> None:
         self._open -= 1
         if self._open <= 0:
             self.drained.set()
+
+
+class RankOutput:
+    """What the pump keeps of one rank's output: the tail of its stderr (over all of its
+    processes, so a restart does not hide what came before), and its current pipes."""
+
+    def __init__(self) -> None:
+        self.stderr_tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+        self.pipes = _Pipes()
 
 
 class _Sink:
@@ -106,17 +117,18 @@ class LogPump:
 
     def attach(self, rank: int, stdout: int, stderr: int, output: RankOutput) -> None:
         """Pump the read ends `stdout` and `stderr` (raw fds, now owned here) of rank `rank`."""
+        output.pipes = pipes = _Pipes()  # a new process of the rank
         for name, fd in (("stdout", stdout), ("stderr", stderr)):
             sink = self._sinks[name]
-            output._open += 1
+            pipes.opened()
             tail = output.stderr_tail if name == "stderr" else None
-            self._nursery.start_soon(_pump, fd, _prefix(rank, sink.fd), sink, tail, output)
+            self._nursery.start_soon(_pump, fd, _prefix(rank, sink.fd), sink, tail, pipes)
 
 
 @asynccontextmanager
 async def open_log_pump(stdout_fd: int = 1, stderr_fd: int = 2) -> AsyncIterator[LogPump]:
     """Run the pumps for the duration of the block; on exit, wait for every attached pipe to
-    reach EOF (callers bound that: see `RankOutput.drained`), then flush our output.
+    reach EOF (callers bound that: see `wait_drained`), then flush our output.
 
     **Cancellation**: the exit is shielded; the pumps stop at once and what they had read is
     written out.
@@ -141,7 +153,7 @@ async def wait_drained(output: RankOutput) -> None:
     **Cancellation**: shielded; bounded.
     """
     with trio.CancelScope(shield=True), trio.move_on_after(DRAIN_TIMEOUT):
-        await output.drained.wait()
+        await output.pipes.drained.wait()
 
 
 async def _pump(
@@ -149,7 +161,7 @@ async def _pump(
     prefix: bytes,
     sink: _Sink,
     tail: collections.deque[str] | None,
-    output: RankOutput,
+    pipes: _Pipes,
 ) -> None:
     """Read `fd` to EOF, sending each line to `sink` with `prefix`.
 
@@ -172,7 +184,7 @@ async def _pump(
                 await sink.send.send(prefix + partial + b"\n")
                 if tail is not None:
                     tail.append(partial.decode(errors="replace"))
-            output._closed_one()
+            pipes.closed()
 
 
 def _prefix(rank: int, fd: int) -> bytes:

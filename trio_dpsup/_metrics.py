@@ -112,7 +112,7 @@ class _BoardCollector(Collector):
             for each in RankState:
                 rank_state.add_metric([label, each.value], float(rank.state is each))
             up.add_metric([label], float(rank.ready))
-            restarts.add_metric([label], 0.0)
+            restarts.add_metric([label], float(rank.restarts))
             if rank.returncode is not None:
                 exit_status.add_metric([label], float(rank.returncode))
             for sample in rank.gpu_samples:

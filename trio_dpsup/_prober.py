@@ -1,25 +1,35 @@
-"""The prober: one httpx client, one probe loop per rank, and the startup deadline.
+"""Health probing: one httpx client for all ranks, one probe loop per rank process, and the
+startup deadline.
 
 While a rank is starting it is probed every `startup_probe_interval` (tens of milliseconds),
 so the supervisor is ready soon after the last rank answers 200. Once ready, it is probed
 every `probe_interval`; `failure_threshold` consecutive failures raise `RankUnhealthy`.
-Each rank has its own loop, so a rank whose health path hangs delays no other rank's probes.
+Each rank's loop runs in that rank's own task (see _rank), so a rank whose health path
+hangs delays no other rank's probes, and a restarted rank is probed from startup again.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
+from typing import NoReturn
 
 import httpx
 import trio
 
 from ._config import SupervisorConfig
-from ._errors import RankUnhealthy, StartupTimeout, SupervisorFailure
-from ._state import Board, ProbeResult, RankRecord, RankState
+from ._errors import RankStartTimeout, RankUnhealthy, StartupTimeout, SupervisorFailure
+from ._state import Board, ProbeResult, RankRecord
 from ._tls import rank_verify
 
-__all__ = ["run_prober"]
+__all__ = [
+    "open_probe_client",
+    "probe_once",
+    "probe_rank",
+    "rank_health_url",
+    "run_startup_deadline",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -34,33 +44,16 @@ def rank_health_url(config: SupervisorConfig, port: int) -> str:
     return f"{config.rank_scheme}://{host}:{port}{config.health_path}"
 
 
-async def run_prober(
-    config: SupervisorConfig,
-    board: Board,
-    *,
-    fail: Callable[[SupervisorFailure], SupervisorFailure],
-    transport: httpx.AsyncBaseTransport | None = None,
-    observe: Callable[[int, ProbeResult], None] | None = None,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Probe every rank until cancelled; raise the first RankUnhealthy or StartupTimeout.
+def open_probe_client(
+    config: SupervisorConfig, transport: httpx.AsyncBaseTransport | None = None
+) -> httpx.AsyncClient:
+    """The one client every probe goes through (use it as an async context manager).
 
     `transport` replaces httpx's network transport (tests may pass a MockTransport).
-    `observe(rank, result)` is called with each probe of a ready rank (for /metrics).
-
-    **Cancellation**: in-flight probes are abandoned; nothing needs cleaning up.
     """
     verify = rank_verify(config) if config.rank_scheme == "https" else True
     # Probes must not go through an HTTP proxy from the environment: ranks are local.
-    async with (
-        httpx.AsyncClient(transport=transport, trust_env=False, verify=verify) as client,
-        trio.open_nursery() as nursery,
-    ):
-        for record in board.ranks:
-            nursery.start_soon(_probe_rank, config, board, record, client, fail, observe)
-        if config.startup_timeout > 0:
-            nursery.start_soon(_startup_deadline, config, board, fail)
-        task_status.started()
+    return httpx.AsyncClient(transport=transport, trust_env=False, verify=verify)
 
 
 # The timeout is part of the verdict (a slow answer is a failed probe), not a cancel bound.
@@ -87,21 +80,36 @@ async def probe_once(client: httpx.AsyncClient, url: str, timeout: float) -> Pro
     return ProbeResult(ok=error is None, status_code=status_code, error=error, latency=latency)
 
 
-async def _probe_rank(
+async def probe_rank(
     config: SupervisorConfig,
     board: Board,
     record: RankRecord,
     client: httpx.AsyncClient,
-    fail: Callable[[SupervisorFailure], SupervisorFailure],
-    observe: Callable[[int, ProbeResult], None] | None,
-) -> None:
+    *,
+    observe: Callable[[int, ProbeResult], None] | None = None,
+    startup_timeout: float | None = None,
+) -> NoReturn:
+    """Probe one rank process: until its first 2xx (then mark it ready), and then until
+    `failure_threshold` consecutive failures, raised as `RankUnhealthy`.
+
+    `startup_timeout` bounds the first phase (`RankStartTimeout`); None leaves that to the
+    supervisor's startup deadline. `observe(rank, result)` sees each probe of a ready rank.
+
+    **Cancellation**: in-flight probes are abandoned; nothing needs cleaning up.
+    """
     url = rank_health_url(config, record.plan.port)
-    while True:  # startup: until the first 2xx; bounded by the startup deadline
-        record.last_probe = await probe_once(client, url, config.probe_timeout)
-        if record.last_probe.ok:
-            break
-        await trio.sleep(config.startup_probe_interval)
-    logger.info("rank %d is ready", record.plan.rank, extra={"rank": record.plan.rank})
+    rank = record.plan.rank
+    record.consecutive_failures = 0
+    with trio.move_on_after(startup_timeout or math.inf) as startup:
+        while True:  # startup: until the first 2xx
+            record.last_probe = await probe_once(client, url, config.probe_timeout)
+            if record.last_probe.ok:
+                break
+            await trio.sleep(config.startup_probe_interval)
+    if startup.cancelled_caught:
+        assert startup_timeout is not None
+        raise RankStartTimeout(rank, startup_timeout)
+    logger.info("rank %d is ready", rank, extra={"rank": rank})
     if board.mark_ready(record):
         logger.info("all %d ranks are ready", len(board.ranks))
 
@@ -109,33 +117,35 @@ async def _probe_rank(
         await trio.sleep(config.probe_interval)
         record.last_probe = await probe_once(client, url, config.probe_timeout)
         if observe is not None:
-            observe(record.plan.rank, record.last_probe)
+            observe(rank, record.last_probe)
         if record.last_probe.ok:
             record.consecutive_failures = 0
             continue
         record.consecutive_failures += 1
         logger.warning(
             "rank %d failed a health probe (%d of %d): %s",
-            record.plan.rank,
+            rank,
             record.consecutive_failures,
             config.failure_threshold,
             record.last_probe.error,
-            extra={"rank": record.plan.rank},
+            extra={"rank": rank},
         )
         if record.consecutive_failures >= config.failure_threshold:
-            record.state = RankState.FAILED
-            raise fail(
-                RankUnhealthy(
-                    record.plan.rank, record.consecutive_failures, record.last_probe.error or ""
-                )
-            )
+            raise RankUnhealthy(rank, record.consecutive_failures, record.last_probe.error or "")
 
 
-async def _startup_deadline(
+async def run_startup_deadline(
     config: SupervisorConfig,
     board: Board,
     fail: Callable[[SupervisorFailure], SupervisorFailure],
 ) -> None:
+    """Fail the start (`StartupTimeout`, naming the ranks not ready) if not every rank is
+    ready within `startup_timeout`; return once they are.
+
+    **Cancellation**: prompt; nothing to clean up.
+    """
+    if config.startup_timeout <= 0:
+        return
     with trio.move_on_after(config.startup_timeout):
         await board.all_ready.wait()
         return

@@ -1,95 +1,219 @@
-"""The task that owns one rank's process: spawn it, await its exit, stop it.
+"""The task that owns one rank: spawn its process, watch it (exit and health probes), stop
+it, and, where the restart policy says so, start it again.
 
-An exit that nobody asked for is a failure (`RankExited`), also with status 0. Cancellation
-of the task is the request to stop: it runs the stop procedure, shielded and bounded by the
-shared grace deadline.
+An exit that nobody asked for is a failure (`RankExited`), also with status 0; so are failed
+probes (`RankUnhealthy`). The `Restarter` decides between a restart and stopping everything;
+stopping everything is decided first, so that /ready answers 503 and every other rank is
+signalled in the same tick, and only then is this rank's own tree stopped. Cancellation of
+the task is the request to stop: it runs the stop procedure, shielded and bounded by the
+grace deadline.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
+import httpx
 import psutil
 import trio
 
+from ._config import SupervisorConfig
 from ._cookie import TREE_ENV
 from ._errors import RankExited, RankSpawnFailed, SupervisorFailure, describe_returncode
 from ._logs import LogPump, wait_drained
+from ._prober import probe_rank
 from ._process_tree import TreeScanner
-from ._spawn import Spawner
-from ._state import RankRecord, RankState
+from ._restart import Restarter, RestartScope
+from ._spawn import RankProcess, Spawner
+from ._state import Board, ProbeResult, RankRecord, RankState
 from ._stop import StopClock, stop_rank
 
-__all__ = ["run_rank"]
+__all__ = ["RankContext", "run_rank"]
 
 logger = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class RankContext:
+    """What every rank task shares."""
+
+    config: SupervisorConfig
+    board: Board
+    spawner: Spawner
+    scanner: TreeScanner
+    #: The shutdown's clock: one grace deadline for every rank.
+    clock: StopClock
+    client: httpx.AsyncClient
+    restarter: Restarter
+    environ: Mapping[str, str]
+    fail: Callable[[SupervisorFailure], SupervisorFailure]
+    observe: Callable[[int, ProbeResult], None] | None = None
+    pump: LogPump | None = None
+
+
 async def run_rank(
     record: RankRecord,
-    *,
-    spawner: Spawner,
-    scanner: TreeScanner,
-    clock: StopClock,
-    environ: Mapping[str, str],
     cookie: str,
-    fail: Callable[[SupervisorFailure], SupervisorFailure],
-    pump: LogPump | None = None,
+    ctx: RankContext,
+    *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run one rank until it exits or this task is cancelled.
+    """Run one rank until everything stops; raise the failure that stopped everything, if it
+    was this rank's.
 
-    Calls ``task_status.started()`` once the process exists. `fail` records a failure and
-    cancels the other ranks at once, before this rank's own leftovers are cleaned up. With a
-    `pump`, the rank's output is relayed, and this returns once its last line is out.
+    Calls ``task_status.started()`` once the first process exists.
 
     **Cancellation**: stops the rank (signal, grace, tree kill) before returning; that part
-    is shielded and bounded by the shared grace deadline plus the kill timeout.
+    is shielded and bounded by the shared grace deadline plus the kill timeout. A cancelled
+    backoff wait ends at once: there is no process to stop then.
     """
+    first = True
+    while True:
+        process = await _spawn(record, cookie, ctx)
+        if first:
+            task_status.started()
+            first = False
+        restart = await _run_process(record, process, cookie, ctx)
+        if restart is not None:
+            raise restart  # stopping everything, with this rank's failure as the cause
+        record.restarts += 1
+        record.restart_times.append(trio.current_time())
+        window = ctx.config.restart_window
+        recent = sum(1 for t in record.restart_times if trio.current_time() - t <= window)
+        delay = ctx.restarter.backoff(recent)
+        logger.warning(
+            "rank %d restarts in %.2fs (restart %d)",
+            record.plan.rank,
+            delay,
+            record.restarts,
+            extra={"rank": record.plan.rank},
+        )
+        await trio.sleep(delay)  # the backoff; a shutdown cancels it
+
+
+async def _spawn(record: RankRecord, cookie: str, ctx: RankContext) -> RankProcess:
     plan = record.plan
-    env = {**environ, **dict(plan.env), TREE_ENV: cookie}
+    env = {**ctx.environ, **dict(plan.env), TREE_ENV: cookie}
     try:
-        process = await spawner.spawn(plan.argv, env, capture=pump is not None)
+        process = await ctx.spawner.spawn(plan.argv, env, capture=ctx.pump is not None)
     except OSError as exc:
         record.state = RankState.FAILED
-        raise fail(RankSpawnFailed(plan.rank, str(exc))) from exc
+        raise ctx.fail(RankSpawnFailed(plan.rank, str(exc))) from exc
     # The tree scan skips processes older than the rank. psutil's clock, not time.time():
     # create_time rests on the integer boot time and can read up to a second early.
-    scanner.register(cookie, process.pid, psutil.Process(process.pid).create_time())
+    ctx.scanner.register(cookie, process.pid, psutil.Process(process.pid).create_time())
     record.pid = process.pid
-    if pump is not None and process.output is not None:
-        pump.attach(plan.rank, *process.output, record.output)
+    record.returncode = None
+    if ctx.pump is not None and process.output is not None:
+        ctx.pump.attach(plan.rank, *process.output, record.output)
     record.state = RankState.STARTING
-    rank = {"rank": plan.rank}
-    logger.info("rank %d started: pid %d, port %d", plan.rank, process.pid, plan.port, extra=rank)
-    task_status.started()
+    logger.info(
+        "rank %d started: pid %d, port %d",
+        plan.rank,
+        process.pid,
+        plan.port,
+        extra={"rank": plan.rank},
+    )
+    return process
 
-    failure: SupervisorFailure | None = None
+
+async def _run_process(
+    record: RankRecord, process: RankProcess, cookie: str, ctx: RankContext
+) -> SupervisorFailure | None:
+    """Watch one process of the rank until it fails, then stop its tree.
+
+    Returns None to restart the rank, or the failure that stops everything (already
+    recorded with `ctx.fail`).
+    """
+    rank = record.plan.rank
+    escalate: SupervisorFailure | None = None
     try:
-        returncode = await process.wait()
-        record.returncode = returncode
-        record.state = RankState.FAILED
-        how = describe_returncode(returncode)
-        logger.error("rank %d exited unexpectedly: %s", plan.rank, how, extra=rank)
-        failure = fail(RankExited(plan.rank, returncode))
+        with trio.CancelScope() as incarnation:  # cancelled: restart with the whole group
+            record.incarnation = incarnation
+            failure = await _watch(record, process, ctx)
+            escalate = _decide(record, failure, ctx)
     finally:
+        record.incarnation = None
         with trio.CancelScope(shield=True):
-            if record.state is not RankState.FAILED:
-                record.state = RankState.STOPPING
-            graceful = await stop_rank(plan.rank, process, cookie, scanner, clock)
+            stopping = ctx.board.stopping.is_set()
+            if record.state not in (RankState.FAILED, RankState.RESTARTING):
+                record.state = RankState.STOPPING if stopping else RankState.RESTARTING
+            # A restart's stop has a grace period of its own; a shutdown's is shared.
+            clock = ctx.clock if stopping else StopClock(ctx.config.grace_period)
+            graceful = await stop_rank(rank, process, cookie, ctx.scanner, clock)
             if process.output is not None:
-                await wait_drained(record.output)  # its last lines, before the report
-            record.killed = not graceful
+                await wait_drained(record.output)  # its last lines, before any report
+            record.killed = record.killed or (stopping and not graceful)
             record.returncode = process.returncode
             if record.state is RankState.STOPPING:
                 record.state = RankState.STOPPED
-                logger.info(
-                    "rank %d stopped: %s",
-                    plan.rank,
-                    describe_returncode(process.returncode)
-                    if process.returncode is not None
-                    else "still running",
-                    extra=rank,
+                how = (
+                    "still running"
+                    if process.returncode is None
+                    else describe_returncode(process.returncode)
                 )
-    raise failure
+                logger.info("rank %d stopped: %s", rank, how, extra={"rank": rank})
+    return escalate
+
+
+async def _watch(record: RankRecord, process: RankProcess, ctx: RankContext) -> SupervisorFailure:
+    """The first failure of this process: its exit, or its failed probes."""
+    rank = record.plan.rank
+    found: list[SupervisorFailure] = []
+    # After a restart, the process has a startup deadline of its own; the first start is
+    # bounded by the supervisor's startup deadline instead.
+    timeout = ctx.config.startup_timeout if record.restarts and ctx.config.startup_timeout else None
+
+    async def exits(cancel: trio.CancelScope) -> None:
+        returncode = await process.wait()
+        record.returncode = returncode
+        found.append(RankExited(rank, returncode))
+        cancel.cancel()
+
+    async def probes(cancel: trio.CancelScope) -> None:
+        try:
+            await probe_rank(
+                ctx.config,
+                ctx.board,
+                record,
+                ctx.client,
+                observe=ctx.observe,
+                startup_timeout=timeout,
+            )
+        except SupervisorFailure as failure:
+            found.append(failure)
+            cancel.cancel()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(exits, nursery.cancel_scope)
+        nursery.start_soon(probes, nursery.cancel_scope)
+    return found[0]
+
+
+def _decide(
+    record: RankRecord, failure: SupervisorFailure, ctx: RankContext
+) -> SupervisorFailure | None:
+    """Restart (None) or stop everything (the failure, already recorded)."""
+    rank = record.plan.rank
+    if isinstance(failure, RankExited):
+        logger.error(
+            "rank %d exited unexpectedly: %s",
+            rank,
+            describe_returncode(failure.returncode),
+            extra={"rank": rank},
+        )
+    escalate = None if ctx.board.stopping.is_set() else ctx.restarter.decide(failure)
+    if ctx.board.stopping.is_set() or escalate is not None:
+        record.state = RankState.FAILED
+        return ctx.fail(escalate or failure)
+    record.state = RankState.RESTARTING
+    record.last_causes.append(str(failure))
+    if ctx.restarter.scope is RestartScope.ALL:
+        for other in ctx.board.ranks:
+            if other is not record and other.incarnation is not None:
+                other.state = RankState.RESTARTING
+                other.last_causes.append(f"restarted with rank {rank}: {failure}")
+                other.incarnation.cancel()
+    return None

@@ -6,6 +6,7 @@ read `SupervisorStatus` snapshots of it. Everything runs on one Trio thread, so 
 
 from __future__ import annotations
 
+import collections
 import enum
 from dataclasses import dataclass
 
@@ -33,6 +34,7 @@ class RankState(enum.Enum):
     PENDING = "pending"  # planned, not spawned yet
     STARTING = "starting"  # spawned, not yet answering its health path
     READY = "ready"  # answered 200 and has not failed `failure_threshold` probes since
+    RESTARTING = "restarting"  # failed; being stopped, or waiting out its backoff, to restart
     STOPPING = "stopping"  # being stopped: signalled, within its grace period
     STOPPED = "stopped"  # exited after we asked it to
     FAILED = "failed"  # exited on its own, or failed its probes
@@ -76,6 +78,9 @@ class RankStatus:
     gpus: tuple[GpuInfo, ...] = ()
     gpu_samples: tuple[GpuSample, ...] = ()
     placement: Placement = PENDING
+    #: Times the rank was restarted, and the causes of its last restarts, oldest first.
+    restarts: int = 0
+    last_causes: tuple[str, ...] = ()
 
     @property
     def ready(self) -> bool:
@@ -115,10 +120,15 @@ class SupervisorStatus:
     nvml_unavailable: str | None = None
     #: Once a failure is recorded: its rank, its cause, and that rank's last stderr lines.
     root_cause: RootCause | None = None
+    #: Ready ranks /ready needs once every rank has been ready (None: all).
+    min_ready: int | None = None
 
     @property
     def ready(self) -> bool:
-        return self.state is SupervisorState.READY
+        """What /ready answers: serving, and enough ranks ready (they may be restarting)."""
+        needed = len(self.ranks) if self.min_ready is None else self.min_ready
+        ready = sum(r.ready for r in self.ranks)
+        return self.state is SupervisorState.READY and ready >= needed
 
     @property
     def stopping(self) -> bool:
@@ -145,6 +155,12 @@ class RankRecord:
         self.placement = PENDING
         #: What the log pump keeps of the rank's output (the tail of its stderr).
         self.output = RankOutput()
+        self.restarts = 0
+        self.last_causes: collections.deque[str] = collections.deque(maxlen=5)
+        #: When this rank was restarted (trio.current_time()), for its backoff.
+        self.restart_times: collections.deque[float] = collections.deque(maxlen=64)
+        #: The cancel scope of the current process's life: cancelling it restarts the rank.
+        self.incarnation: trio.CancelScope | None = None
 
     def snapshot(self) -> RankStatus:
         return RankStatus(
@@ -161,6 +177,8 @@ class RankRecord:
             gpus=self.plan.gpus,
             gpu_samples=self.gpu_samples,
             placement=self.placement,
+            restarts=self.restarts,
+            last_causes=tuple(self.last_causes),
         )
 
 
@@ -168,9 +186,14 @@ class Board:
     """All state of one supervisor run, and the events that announce its changes."""
 
     def __init__(
-        self, plans: tuple[RankPlan, ...], run_id: str, nvml_unavailable: str | None = None
+        self,
+        plans: tuple[RankPlan, ...],
+        run_id: str,
+        nvml_unavailable: str | None = None,
+        min_ready: int | None = None,
     ) -> None:
         self.run_id = run_id
+        self.min_ready = min_ready
         self.nvml_unavailable = nvml_unavailable
         self.ranks = tuple(RankRecord(plan) for plan in plans)
         self.state = SupervisorState.STARTING
@@ -223,6 +246,7 @@ class Board:
             failure=self.failure,
             nvml_unavailable=self.nvml_unavailable,
             root_cause=self.root_cause(),
+            min_ready=self.min_ready,
         )
 
     def root_cause(self) -> RootCause | None:

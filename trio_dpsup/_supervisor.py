@@ -31,7 +31,7 @@ import trio
 from ._config import SupervisorConfig
 from ._control import ControlApp, bind_control_socket, serve_control_plane
 from ._cookie import rank_cookie
-from ._errors import EXIT_FAILURE, GpuLeftovers, SupervisorFailure, SupervisorStopped
+from ._errors import EXIT_FAILURE, ConfigError, GpuLeftovers, SupervisorFailure, SupervisorStopped
 from ._gpu_monitor import find_leftovers, run_gpu_monitor
 from ._guardian import open_guardian
 from ._logs import LogPump, open_log_pump
@@ -39,9 +39,10 @@ from ._metrics import Metrics
 from ._nvml import GpuInfo, NvmlBackend, NvmlError, NvmlFactory, NvmlUnavailable, open_pynvml
 from ._placement import Placement, PlacementVerdict, owner_from_proc
 from ._plan import plan_ranks
-from ._prober import run_prober
+from ._prober import open_probe_client, run_startup_deadline
 from ._process_tree import TreeScanner
-from ._rank import run_rank
+from ._rank import RankContext, run_rank
+from ._restart import Restarter
 from ._spawn import open_spawner
 from ._state import Board, SupervisorState, SupervisorStatus
 from ._stop import StopClock
@@ -94,6 +95,11 @@ class Supervisor:
         gpu = None if backend is None or inventory is None else (backend, inventory)
         try:
             plans = plan_ranks(self.config, self._environ, inventory, nvml_problem=problem)
+            if self.config.min_ready is not None and self.config.min_ready > len(plans):
+                raise ConfigError(
+                    f"--min-ready {self.config.min_ready} is more than the {len(plans)} "
+                    "ranks: lower it"
+                )
             check_tls(self.config)
             sock = bind_control_socket(self.config.control_host, self.config.control_port)
         except BaseException:
@@ -102,7 +108,9 @@ class Supervisor:
         for plan in plans:
             logger.info("rank %d command: %s", plan.rank, shlex.join(plan.redacted_argv))
         # Names the run in /status and marks every process of its trees (see _cookie).
-        board = Board(plans, uuid.uuid4().hex, nvml_unavailable=problem)
+        board = Board(
+            plans, uuid.uuid4().hex, nvml_unavailable=problem, min_ready=self.config.min_ready
+        )
         run = _Run(self.config, board, self._environ, self._transport, gpu)
         await run.run(sock, task_status)  # it closes NVML before it reports itself stopped
 
@@ -217,34 +225,32 @@ class _Run:
         make_handle: partial[SupervisorHandle],
         task_status: trio.TaskStatus[SupervisorHandle],
     ) -> None:
-        async with open_spawner() as spawner, _log_pump(self.config.log_prefix) as pump:
+        config = self.config
+        async with (
+            open_spawner() as spawner,
+            _log_pump(config.log_prefix) as pump,
+            open_probe_client(config, self.transport) as client,
+        ):
+            ctx = RankContext(
+                config=config,
+                board=self.board,
+                spawner=spawner,
+                scanner=self.scanner,
+                clock=self.clock,
+                client=client,
+                restarter=_restarter(config),
+                environ=self.environ,
+                fail=self.fail,
+                observe=self.metrics.observe_probe,
+                pump=pump,
+            )
             try:
                 async with trio.open_nursery() as ranks:
                     self._ranks_scope = ranks.cancel_scope
                     for record in self.board.ranks:
-                        await ranks.start(
-                            partial(
-                                run_rank,
-                                record,
-                                spawner=spawner,
-                                scanner=self.scanner,
-                                clock=self.clock,
-                                environ=self.environ,
-                                cookie=rank_cookie(self.board.run_id, record.plan.rank),
-                                fail=self.fail,
-                                pump=pump,
-                            )
-                        )
-                    await ranks.start(
-                        partial(
-                            run_prober,
-                            self.config,
-                            self.board,
-                            fail=self.fail,
-                            transport=self.transport,
-                            observe=self.metrics.observe_probe,
-                        )
-                    )
+                        cookie = rank_cookie(self.board.run_id, record.plan.rank)
+                        await ranks.start(run_rank, record, cookie, ctx)
+                    ranks.start_soon(run_startup_deadline, config, self.board, self.fail)
                     await self._start_gpu_monitor(ranks)
                     ranks.start_soon(self._watch_shutdown)
                     task_status.started(make_handle())
@@ -396,3 +402,14 @@ async def _log_pump(prefix: bool) -> AsyncIterator[LogPump | None]:
         return
     async with open_log_pump() as pump:
         yield pump
+
+
+def _restarter(config: SupervisorConfig) -> Restarter:
+    return Restarter(
+        config.restart,
+        config.restart_scope,
+        max_restarts=config.max_restarts,
+        window=config.restart_window,
+        backoff_min=config.restart_backoff_min,
+        backoff_max=config.restart_backoff_max,
+    )

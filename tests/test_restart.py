@@ -1,0 +1,154 @@
+"""Restart policies: a failed rank comes back on its port; crash loops escalate; scope all;
+shutdown during backoff; --min-ready. Each checks that no process is left behind."""
+
+from __future__ import annotations
+
+import signal
+from typing import Any
+
+import pytest
+import trio
+
+from trio_dpsup import RankExited
+from trio_dpsup._restart import Restarter, RestartPolicy, RestartScope
+from trio_dpsup.testing import Deployment, Form, Harness
+
+pytest_plugins = ["trio_dpsup.testing.plugin"]
+
+FORMS = pytest.mark.parametrize("form", list(Form), ids=lambda form: form.value)
+#: Restart on failure, quickly: 50-100 ms of backoff.
+QUICK = {
+    "restart": RestartPolicy.ON_FAILURE,
+    "restart_backoff_min": 0.1,
+    "restart_backoff_max": 0.1,
+}
+
+
+def rank(status: dict[str, Any], r: int) -> dict[str, Any]:
+    return next(x for x in status["ranks"] if x["rank"] == r)
+
+
+async def ready_again(deployment: Deployment, r: int, restarts: int) -> dict[str, Any]:
+    return await deployment.wait_for_status(
+        lambda s: rank(s, r)["restarts"] == restarts and rank(s, r)["state"] == "ready",
+        f"rank {r} ready after {restarts} restart(s)",
+    )
+
+
+@FORMS
+async def test_a_crashed_rank_comes_back_on_its_port(dpsup: Harness, form: Form) -> None:
+    deployment = await dpsup.start(3, form=form, **QUICK)
+    before = await deployment.status()
+    old_pid = rank(before, 1)["pid"]
+    await deployment.crash_rank(1, 3)
+    after = await ready_again(deployment, 1, 1)
+    assert rank(after, 1)["pid"] != old_pid
+    assert rank(after, 1)["port"] == rank(before, 1)["port"]
+    assert rank(after, 1)["last_causes"] == ["rank 1 exited unexpectedly: exit status 3"]
+    # The other ranks were never touched, and the old process is gone.
+    assert [rank(after, r)["pid"] for r in (0, 2)] == [rank(before, r)["pid"] for r in (0, 2)]
+    assert await deployment.ready_code() == 200
+    deployment.signal_supervisor(signal.SIGTERM)
+    assert await deployment.wait_exit() == 0
+    await deployment.assert_no_leftovers()
+
+
+async def test_an_unhealthy_rank_is_restarted(dpsup: Harness) -> None:
+    deployment = await dpsup.start(2, **QUICK)
+    await deployment.fail_health(0, 500)  # the new process is healthy again
+    status = await ready_again(deployment, 0, 1)
+    assert rank(status, 0)["last_causes"] == [
+        "rank 0 is unhealthy: 2 consecutive probe failures, last: HTTP 500"
+    ]
+    assert await deployment.ready_code() == 200
+
+
+async def test_crash_loop_escalates_with_the_last_cause(dpsup: Harness) -> None:
+    # Every process of every rank exits 0.3 s after it starts, with status 7.
+    rank_args = ["--exit-after", "0.3", "--exit-code", "7"]
+    deployment = await dpsup.start(
+        2, rank_args=rank_args, wait_ready=False, max_restarts=3, restart_window=60, **QUICK
+    )
+    assert await deployment.wait_exit(30) == 7  # the root cause's status
+    failure = deployment.failure()
+    assert failure is not None
+    assert failure.startswith("more than 3 restart(s) within 60s; last: rank ")
+    assert failure.endswith("exited unexpectedly: exit status 7")
+    await deployment.assert_no_leftovers()
+
+
+async def test_exit_zero_restarts_only_with_always(dpsup: Harness) -> None:
+    on_failure = await dpsup.start(2, **QUICK)
+    await on_failure.crash_rank(0, 0)
+    assert await on_failure.wait_exit() == 1  # exit 0 is not a failure to on-failure: stop
+    always = await dpsup.start(2, **{**QUICK, "restart": RestartPolicy.ALWAYS})
+    await always.crash_rank(0, 0)
+    await ready_again(always, 0, 1)
+
+
+async def test_scope_all_restarts_every_rank(dpsup: Harness) -> None:
+    deployment = await dpsup.start(3, restart_scope=RestartScope.ALL, **QUICK)
+    before = await deployment.status()
+    await deployment.crash_rank(2, 1)
+    after = await deployment.wait_for_status(
+        lambda s: all(r["restarts"] == 1 and r["state"] == "ready" for r in s["ranks"]),
+        "every rank restarted once and ready",
+    )
+    assert all(a["pid"] != b["pid"] for a, b in zip(after["ranks"], before["ranks"], strict=True))
+    assert rank(after, 0)["last_causes"] == [
+        "restarted with rank 2: rank 2 exited unexpectedly: exit status 1"
+    ]
+    deployment.signal_supervisor(signal.SIGTERM)
+    assert await deployment.wait_exit() == 0
+    await deployment.assert_no_leftovers()
+
+
+@FORMS
+async def test_shutdown_during_backoff(dpsup: Harness, form: Form) -> None:
+    settings = {**QUICK, "restart_backoff_min": 60.0, "restart_backoff_max": 60.0}
+    deployment = await dpsup.start(2, form=form, **settings)
+    await deployment.crash_rank(1, 3)
+    await deployment.wait_for_rank_state(1, "restarting")
+    with trio.fail_after(10):  # far less than the 30-60 s backoff
+        deployment.signal_supervisor(signal.SIGTERM)
+        assert await deployment.wait_exit() == 0
+    await deployment.assert_no_leftovers()
+
+
+async def test_min_ready_keeps_serving_while_a_rank_restarts(dpsup: Harness) -> None:
+    settings = {**QUICK, "restart_backoff_min": 60.0, "restart_backoff_max": 60.0}
+    deployment = await dpsup.start(3, min_ready=2, **settings)
+    await deployment.crash_rank(2, 3)
+    await deployment.wait_for_rank_state(2, "restarting")
+    assert await deployment.ready_code() == 200  # 2 of 3 ready
+    assert await deployment.ready_code(rank=2) == 503
+    strict = await dpsup.start(2, **settings)  # min-ready defaults to every rank
+    await strict.crash_rank(0, 3)
+    await strict.wait_for_rank_state(0, "restarting")
+    assert await strict.ready_code() == 503
+
+
+def test_backoff_doubles_within_bounds_with_jitter() -> None:
+    restarter = Restarter(
+        RestartPolicy.ON_FAILURE, RestartScope.RANK,
+        max_restarts=10, window=60, backoff_min=1.0, backoff_max=8.0,
+    )  # fmt: skip
+    for n, ceiling in ((1, 1.0), (2, 2.0), (3, 4.0), (4, 8.0), (9, 8.0)):
+        delays = [restarter.backoff(n) for _ in range(50)]
+        assert all(ceiling / 2 <= d <= ceiling for d in delays)
+        assert len(set(delays)) > 1  # jittered
+
+
+async def test_restart_intensity_window() -> None:
+    restarter = Restarter(
+        RestartPolicy.ON_FAILURE, RestartScope.RANK,
+        max_restarts=2, window=60, backoff_min=1.0, backoff_max=1.0,
+    )  # fmt: skip
+    crash = RankExited(0, 3)
+    assert restarter.decide(crash) is None
+    assert restarter.decide(crash) is None
+    escalated = restarter.decide(crash)
+    assert escalated is not None
+    assert escalated.exit_status == 3
+    clean = RankExited(0, 0)
+    assert restarter.decide(clean) is clean  # on-failure does not restart an exit with 0

@@ -1,0 +1,90 @@
+"""Restart policies: which rank failures restart the rank (or every rank) instead of
+stopping everything, how often, and how long to wait first.
+
+Like an OTP supervisor: more than `max_restarts` restarts within `restart_window` seconds
+(counted over all ranks) escalate to the normal fail-everything teardown, with that as the
+cause. Between restarts of one rank, the wait doubles from `restart_backoff_min` up to
+`restart_backoff_max`, with jitter, so that ranks that crash together do not come back in
+lockstep.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import logging
+import random
+
+import trio
+
+from ._errors import (
+    RankExited,
+    RankStartTimeout,
+    RankUnhealthy,
+    RestartsExhausted,
+    SupervisorFailure,
+)
+
+__all__ = ["RestartPolicy", "RestartScope", "Restarter"]
+
+logger = logging.getLogger(__name__)
+
+
+class RestartPolicy(enum.Enum):
+    NEVER = "never"  # any rank failure stops everything (DP+EP: one dead rank stalls all)
+    ON_FAILURE = "on-failure"  # restart after a crash, a non-zero exit, or failed probes
+    ALWAYS = "always"  # also after an exit with status 0
+
+
+class RestartScope(enum.Enum):
+    RANK = "rank"  # restart only the failed rank
+    ALL = "all"  # restart every rank
+
+
+class Restarter:
+    """Decides, for each rank failure, between a restart and escalation."""
+
+    def __init__(
+        self,
+        policy: RestartPolicy,
+        scope: RestartScope,
+        *,
+        max_restarts: int,
+        window: float,
+        backoff_min: float,
+        backoff_max: float,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.policy = policy
+        self.scope = scope
+        self._max = max_restarts
+        self._window = window
+        self._backoff = (backoff_min, backoff_max)
+        self._rng = rng or random.Random()
+        self._recent: collections.deque[float] = collections.deque()
+
+    def restartable(self, failure: SupervisorFailure) -> bool:
+        if self.policy is RestartPolicy.NEVER:
+            return False
+        if isinstance(failure, RankExited):
+            return failure.returncode != 0 or self.policy is RestartPolicy.ALWAYS
+        return isinstance(failure, RankUnhealthy | RankStartTimeout)
+
+    def decide(self, failure: SupervisorFailure) -> SupervisorFailure | None:
+        """None: restart. Otherwise the failure to stop everything with: `failure` itself,
+        or `RestartsExhausted` when the restart intensity is exceeded."""
+        if not self.restartable(failure):
+            return failure
+        now = trio.current_time()
+        while self._recent and now - self._recent[0] > self._window:
+            self._recent.popleft()
+        if len(self._recent) >= self._max:
+            return RestartsExhausted(failure, self._max, self._window)
+        self._recent.append(now)
+        return None
+
+    def backoff(self, recent_restarts: int) -> float:
+        """Seconds to wait before the `recent_restarts`-th restart of one rank (from 1)."""
+        low, high = self._backoff
+        delay = min(high, low * 2 ** max(0, recent_restarts - 1))
+        return self._rng.uniform(delay / 2, delay)  # jitter: ranks do not restart in step
