@@ -4,14 +4,16 @@ shutdown during backoff; --min-ready. Each checks that no process is left behind
 from __future__ import annotations
 
 import signal
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import trio
 
 from trio_dpsup import RankExited
 from trio_dpsup._restart import Restarter, RestartPolicy, RestartScope
-from trio_dpsup.testing import Deployment, Form, Harness
+from trio_dpsup.testing import Deployment, Form, Harness, wait_pids_gone
 
 pytest_plugins = ["trio_dpsup.testing.plugin"]
 
@@ -50,6 +52,33 @@ async def test_a_crashed_rank_comes_back_on_its_port(dpsup: Harness, form: Form)
     assert await deployment.ready_code() == 200
     deployment.signal_supervisor(signal.SIGTERM)
     assert await deployment.wait_exit() == 0
+    await deployment.assert_no_leftovers()
+
+
+async def test_a_restart_takes_the_old_tree_along(dpsup: Harness) -> None:
+    deployment = await dpsup.start(1, rank_args=["--grandchild", "setsid"], **QUICK)
+    old = deployment.process_tree().ranks[0]
+    assert len(old) == 2  # the rank and its setsid grandchild
+    await deployment.crash_rank(0, 3)
+    await ready_again(deployment, 0, 1)
+    assert await wait_pids_gone(old, 5.0) == []
+    assert set(deployment.process_tree().ranks[0]).isdisjoint(old)
+
+
+async def test_a_restarted_rank_has_its_own_startup_deadline(
+    dpsup: Harness, tmp_path: Path
+) -> None:
+    fault = tmp_path / "unhealthy"
+    rank_args = ["--unhealthy-if-exists", str(fault)]
+    deployment = await dpsup.start(
+        2, rank_args=rank_args, startup_timeout=1.0, max_restarts=2, **QUICK
+    )
+    fault.touch()  # from now on no process of any rank is healthy, restarted or not
+    assert await deployment.wait_exit(30) == 1
+    failure = deployment.failure()
+    assert failure is not None
+    assert failure.startswith("more than 2 restart(s) within 60s; last: rank ")
+    assert failure.endswith("did not become ready within 1s of its restart")
     await deployment.assert_no_leftovers()
 
 
@@ -122,10 +151,17 @@ async def test_min_ready_keeps_serving_while_a_rank_restarts(dpsup: Harness) -> 
     await deployment.wait_for_rank_state(2, "restarting")
     assert await deployment.ready_code() == 200  # 2 of 3 ready
     assert await deployment.ready_code(rank=2) == 503
+    status = await deployment.status()
+    assert (status["ready"], status["min_ready"]) == (True, 2)
     strict = await dpsup.start(2, **settings)  # min-ready defaults to every rank
     await strict.crash_rank(0, 3)
     await strict.wait_for_rank_state(0, "restarting")
     assert await strict.ready_code() == 503
+    async with httpx.AsyncClient() as client:
+        startupz = await client.get(f"{strict.control_url}/startupz")
+        ready = await client.get(f"{strict.control_url}/ready")
+    assert startupz.status_code == 200  # reached once, it stays
+    assert ready.text == "degraded: ranks not ready: 0\n"
 
 
 def test_backoff_doubles_within_bounds_with_jitter() -> None:

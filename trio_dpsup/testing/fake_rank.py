@@ -93,9 +93,12 @@ class FaultServer(DemoServer):
         self.health_hang = threading.Event()
         self.first_healthy: float | None = None
         self.events_file: str | None = None
+        self.unhealthy_file: str | None = None
         super().__init__(host, port, health_path, ready_after, api_key)
 
     def health(self) -> tuple[int, str]:
+        if self.unhealthy_file is not None and os.path.exists(self.unhealthy_file):
+            return 503, "unhealthy: the fault file exists\n"
         if self.health_hang.is_set():
             threading.Event().wait()  # a daemon handler thread, so this never blocks exit
         if self.health_override is not None:
@@ -133,6 +136,11 @@ def _build_parser() -> argparse.ArgumentParser:
         help="exit by itself after this many seconds, with --exit-code",
     )
     parser.add_argument("--exit-code", type=int, default=1)
+    parser.add_argument(
+        "--unhealthy-if-exists",
+        metavar="PATH",
+        help="answer 503 on the health path while PATH exists (a fault that outlives restarts)",
+    )
     parser.add_argument("--log-lines", type=int, default=0, help="log lines to write")
     parser.add_argument(
         "--log-rate", type=float, default=0.0, help="log lines a second (0: as fast as it can)"
@@ -195,6 +203,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     server = FaultServer(args.host, args.port, args.health_path, args.ready_after, args.api_key)
     use_tls(server, args.ssl_certfile, args.ssl_keyfile)
     server.events_file = args.events_file
+    server.unhealthy_file = args.unhealthy_if_exists
     serve(server, on_sigterm, signal.SIG_IGN if args.ignore_sigint else _obey)
 
 
