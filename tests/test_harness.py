@@ -47,3 +47,28 @@ def test_fake_rank_log_lines_and_last_words() -> None:
     assert result.stdout == "".join(f"{prefix} {i} of 5\n" for i in (0, 2, 4)) + "bye"
     assert result.stderr == "".join(f"{prefix} {i} of 5\n" for i in (1, 3))
     assert sys.executable in FAKE_RANK
+
+
+async def test_signal_rank_reaches_that_rank(dpsup: Harness) -> None:
+    deployment = await dpsup.start(2, form=Form.CLI)
+    await deployment.signal_rank(1, signal.SIGKILL)
+    assert await deployment.wait_exit() == 128 + signal.SIGKILL
+    assert deployment.failure() == "rank 1 exited unexpectedly: killed by SIGKILL"
+    await deployment.assert_no_leftovers()
+
+
+def test_rank_prefix_is_coloured_only_on_a_terminal() -> None:
+    from trio_dpsup._logs import _prefix
+
+    leader, follower = os.openpty()
+    try:
+        assert _prefix(3, follower) == b"\x1b[32m[rank 3]\x1b[0m "
+    finally:
+        os.close(leader)
+        os.close(follower)
+    read_end, write_end = os.pipe()
+    try:
+        assert _prefix(3, write_end) == b"[rank 3] "
+    finally:
+        os.close(read_end)
+        os.close(write_end)
