@@ -24,7 +24,9 @@ if typing.TYPE_CHECKING:  # the names for type checkers; at run time they load o
         GpuLeftovers,
         RankExited,
         RankSpawnFailed,
+        RankStartTimeout,
         RankUnhealthy,
+        RestartsExhausted,
         StartupTimeout,
         SupervisorFailure,
         SupervisorStopped,
@@ -32,6 +34,8 @@ if typing.TYPE_CHECKING:  # the names for type checkers; at run time they load o
     from ._nvml import GpuInfo, GpuSample, NvmlBackend, NvmlUnavailable
     from ._placement import Placement, PlacementIssue, PlacementVerdict
     from ._plan import RankPlan, plan_ranks
+    from ._presets import Preset
+    from ._restart import RestartPolicy, RestartScope
     from ._state import ProbeResult, RankState, RankStatus, SupervisorState, SupervisorStatus
     from ._supervisor import Supervisor, SupervisorHandle
 
@@ -46,13 +50,18 @@ __all__ = [
     "Placement",
     "PlacementIssue",
     "PlacementVerdict",
+    "Preset",
     "ProbeResult",
     "RankExited",
     "RankPlan",
     "RankSpawnFailed",
+    "RankStartTimeout",
     "RankState",
     "RankStatus",
     "RankUnhealthy",
+    "RestartPolicy",
+    "RestartScope",
+    "RestartsExhausted",
     "StartupTimeout",
     "Supervisor",
     "SupervisorConfig",
@@ -77,7 +86,9 @@ __getattr__, __dir__ = _lazy.lazy_exports(
             "GpuLeftovers",
             "RankExited",
             "RankSpawnFailed",
+            "RankStartTimeout",
             "RankUnhealthy",
+            "RestartsExhausted",
             "StartupTimeout",
             "SupervisorFailure",
             "SupervisorStopped",
@@ -85,6 +96,8 @@ __getattr__, __dir__ = _lazy.lazy_exports(
         "._nvml": ["GpuInfo", "GpuSample", "NvmlBackend", "NvmlUnavailable"],
         "._placement": ["Placement", "PlacementIssue", "PlacementVerdict"],
         "._plan": ["RankPlan", "plan_ranks"],
+        "._presets": ["Preset"],
+        "._restart": ["RestartPolicy", "RestartScope"],
         "._state": [
             "ProbeResult",
             "RankState",
