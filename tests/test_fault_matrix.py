@@ -58,8 +58,9 @@ def taken_port() -> Iterator[int]:
 
 @FORMS
 async def test_crash_before_ready(dpsup: Harness, form: Form) -> None:
-    # Rank 0 exits at once, while loading; rank 1 would only after 10 s.
-    rank_args = ["--ready-after", "600", "--exit-after", "{rank}0", "--exit-code", "3"]
+    # Rank 0 exits half a second after it starts, while loading (once every rank process
+    # exists: a failure before that is raised by start itself); rank 1 would after 10.5 s.
+    rank_args = ["--ready-after", "600", "--exit-after", "{rank}0.5", "--exit-code", "3"]
     deployment = await dpsup.start(
         2, form=form, rank_args=[*rank_args, *SLOW_STOP], wait_ready=False
     )

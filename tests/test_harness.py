@@ -6,9 +6,11 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+from trio_dpsup import RankSpawnFailed
 from trio_dpsup.testing import (
     FAKE_RANK,
     Form,
@@ -72,3 +74,15 @@ def test_rank_prefix_is_coloured_only_on_a_terminal() -> None:
     finally:
         os.close(read_end)
         os.close(write_end)
+
+
+async def test_a_failure_before_every_rank_exists_is_raised_by_start(
+    dpsup: Harness, tmp_path: Path
+) -> None:
+    # Rank 0's program exists, rank 1's does not: rank 1 cannot be started.
+    rank0 = tmp_path / "rank0"
+    rank0.write_text(f"#!{sys.executable}\nfrom trio_dpsup.testing.fake_rank import main\nmain()\n")
+    rank0.chmod(0o755)
+    command = [str(tmp_path / "rank{rank}"), "--port", "{port}"]
+    with pytest.raises(RankSpawnFailed, match="rank 1 could not be started"):
+        await dpsup.start(2, command=command, wait_ready=False)

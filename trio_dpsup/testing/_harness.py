@@ -374,7 +374,8 @@ class Harness:
         `settings` are `SupervisorConfig` fields (``grace_period=3``), on top of fast-probe
         defaults; the CLI form passes them as the matching options. With `wait_ready`
         (default), returns once every rank is ready. `nvml` (library form only) replaces
-        NVML, e.g. with `FakeNvml.factory`.
+        NVML, e.g. with `FakeNvml.factory`. In the library form, a failure before every rank
+        process exists is raised from here, as `Supervisor.run` raises it.
         """
         base = int(settings.pop("base_port", 0)) or free_port_range(ranks)
         argv = (*(command or (*FAKE_RANK, "--port", "{port}")), *rank_args)
@@ -439,15 +440,31 @@ class Harness:
         ports: tuple[int, ...],
         task_status: trio.TaskStatus[Deployment],
     ) -> None:
+        failure: SupervisorFailure | None = None
+
         async def run(task_status: trio.TaskStatus[SupervisorHandle]) -> None:
             # A failure is the deployment's outcome, read through its exit status; it must
             # not tear down the test's nursery.
-            with contextlib.suppress(SupervisorFailure):
+            nonlocal failure
+            try:
                 await supervisor.run(task_status=task_status)
+            except SupervisorFailure as exc:
+                failure = exc
 
+        early: SupervisorFailure | None = None
         async with trio.open_nursery() as nursery:
-            handle: SupervisorHandle = await nursery.start(run)
-            task_status.started(_LibraryDeployment(handle, ports))
+            try:
+                handle: SupervisorHandle = await nursery.start(run)
+            except RuntimeError:
+                # It failed before it could hand out its handle (a rank died while the
+                # others were being started): that failure is what `start` raises.
+                if failure is None:
+                    raise
+                early = failure
+            else:
+                task_status.started(_LibraryDeployment(handle, ports))
+        if early is not None:
+            raise early
 
 
 def _cli_options(settings: Mapping[str, Any]) -> list[str]:
