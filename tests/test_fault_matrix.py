@@ -145,17 +145,18 @@ async def test_two_ranks_failing_at_once_report_the_first(dpsup: Harness, form: 
 
 @FORMS
 async def test_rank_port_already_taken(dpsup: Harness, form: Form) -> None:
-    # Rank 0's port is taken: it fails to bind and exits 1. Rank 1's port was free.
+    # The last rank's port is taken: it fails to bind and exits 1, once every rank process
+    # exists (a failure before that is raised by start itself). Rank 0's port was free.
     base = free_port_range(2)
     with socket.socket() as taken:
-        taken.bind(("127.0.0.1", base))
+        taken.bind(("127.0.0.1", base + 1))
         taken.listen()
         deployment = await dpsup.start(
             2, form=form, base_port=base, rank_args=SLOW_STOP, wait_ready=False
         )
         await stopping_with_503(deployment)
         assert await deployment.wait_exit() == 1
-    assert deployment.failure() == "rank 0 exited unexpectedly: exit status 1"
+    assert deployment.failure() == "rank 1 exited unexpectedly: exit status 1"
     await deployment.assert_no_leftovers()
 
 
