@@ -128,20 +128,7 @@ async def rank_exit_floor(ranks: int) -> float:
     The floor of "every other rank gone": what the ranks' own exits cost on this machine.
     """
     base = free_port_range(ranks)
-    processes = [
-        await trio.lowlevel.open_process([*FAKE_RANK, "--port", str(base + i)])
-        for i in range(ranks)
-    ]
-    async with httpx.AsyncClient() as client:
-        for i in range(ranks):
-            for _ in range(POLL_LIMIT):
-                try:
-                    url = f"http://127.0.0.1:{base + i}/health"
-                    if (await client.get(url)).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                await trio.sleep(POLL_SPACING)
+    processes = await _healthy_fake_ranks(base, ranks)
     start = trio.current_time()
     for process in processes:
         process.send_signal(signal.SIGTERM)
@@ -286,20 +273,9 @@ async def contention_floor(ranks: int) -> float:
     """The floor of "crash -> /ready 503" on this machine: how long a trivial HTTP server in
     a process of its own takes to answer while `ranks` fake ranks exit on SIGTERM at once."""
     base = free_port_range(ranks + 1)
-    processes = [
-        await trio.lowlevel.open_process([*FAKE_RANK, "--port", str(base + i)])
-        for i in range(ranks + 1)
-    ]
+    processes = await _healthy_fake_ranks(base, ranks + 1)
     try:
         async with httpx.AsyncClient() as client:
-            for i in range(ranks + 1):
-                for _ in range(POLL_LIMIT):
-                    try:
-                        if (await client.get(f"http://127.0.0.1:{base + i}/health")).is_success:
-                            break
-                    except httpx.TransportError:
-                        pass
-                    await trio.sleep(POLL_SPACING)
             server = f"http://127.0.0.1:{base + ranks}/health"
             await client.get(server)  # the connection is open before the clock starts
             start = trio.current_time()
@@ -311,3 +287,21 @@ async def contention_floor(ranks: int) -> float:
         for process in processes:
             process.kill()
             await process.wait()
+
+
+async def _healthy_fake_ranks(base: int, count: int) -> list[trio.Process]:
+    """`count` fake ranks on ports base.., with no supervisor, once each answers 200."""
+    processes = [
+        await trio.lowlevel.open_process([*FAKE_RANK, "--port", str(base + i)])
+        for i in range(count)
+    ]
+    async with httpx.AsyncClient() as client:
+        for i in range(count):
+            for _ in range(POLL_LIMIT):
+                try:
+                    if (await client.get(f"http://127.0.0.1:{base + i}/health")).is_success:
+                        break
+                except httpx.TransportError:
+                    pass
+                await trio.sleep(POLL_SPACING)  # pacing the polls of a rank still starting
+    return processes

@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import trio
 
 from trio_dpsup.testing import free_port_range, open_cli_supervisor
 
 from .conftest import FAKE_RANK
-from .test_cli_usage import bare_environment
+from .test_cli_usage import bare_environment, run_cli
 
 
 def write_config(tmp_path: Path, text: str) -> Path:
@@ -45,18 +42,6 @@ command = {json.dumps([*FAKE_RANK, "--port", "{port}"])}
         assert await sup.wait() == 0
 
 
-async def run_cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
-    with trio.fail_after(30):
-        result = await trio.run_process(
-            [sys.executable, "-m", "trio_dpsup", *args],
-            capture_stderr=True,
-            check=False,
-            stdin=subprocess.DEVNULL,
-            env=env,
-        )
-    return result.returncode, result.stderr.decode()
-
-
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -72,7 +57,7 @@ async def run_cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, s
 )
 async def test_bad_files_exit_2_naming_the_key(tmp_path: Path, text: str, message: str) -> None:
     path = write_config(tmp_path, text)
-    status, stderr = await run_cli("--config", str(path), "--", *FAKE_RANK, "--port", "{port}")
+    status, stderr = await run_cli(["--config", str(path), "--", *FAKE_RANK, "--port", "{port}"])
     assert status == 2
     assert stderr.startswith("trio-dpsup: error: ")
     assert str(path) in stderr
@@ -80,7 +65,7 @@ async def test_bad_files_exit_2_naming_the_key(tmp_path: Path, text: str, messag
 
 
 async def test_missing_file_exits_2(tmp_path: Path) -> None:
-    status, stderr = await run_cli("--config", str(tmp_path / "nope.toml"), "--", "true")
+    status, stderr = await run_cli(["--config", str(tmp_path / "nope.toml"), "--", "true"])
     assert status == 2
     assert "No such file or directory: give the path of a TOML file" in stderr
 
@@ -88,6 +73,8 @@ async def test_missing_file_exits_2(tmp_path: Path) -> None:
 async def test_the_example_node_toml_is_valid() -> None:
     """deploy/systemd/node.toml loads: the first error is that vllm is not installed here."""
     example = Path(__file__).parent.parent / "deploy" / "systemd" / "node.toml"
-    status, stderr = await run_cli("--config", str(example), "--ranks", "1", env=bare_environment())
+    status, stderr = await run_cli(
+        ["--config", str(example), "--ranks", "1"], env=bare_environment()
+    )
     assert status == 2
     assert "command 'vllm' is not found on PATH" in stderr

@@ -133,10 +133,8 @@ class SupervisorConfig:
                 f"--restart-backoff-min {self.restart_backoff_min:g}: raise it"
             )
         _positive_int("--min-ready", self.min_ready, allow_none=True)
-        if self.min_ready is not None and self.ranks is not None and self.min_ready > self.ranks:
-            raise ConfigError(
-                f"--min-ready {self.min_ready} is more than the {self.ranks} ranks: lower it"
-            )
+        if self.ranks is not None:  # otherwise once the rank count is known (plan_ranks)
+            check_min_ready(self, self.ranks)
 
     def _check_tls(self) -> None:
         if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
@@ -184,6 +182,14 @@ def check_port_range(config: SupervisorConfig, ranks: int) -> None:
         raise ConfigError(
             f"--control-port {config.control_port} is inside the rank ports "
             f"{config.base_port}-{last}: choose a control port outside that range"
+        )
+
+
+def check_min_ready(config: SupervisorConfig, ranks: int) -> None:
+    """Raise ConfigError if --min-ready asks for more ranks than there are."""
+    if config.min_ready is not None and config.min_ready > ranks:
+        raise ConfigError(
+            f"--min-ready {config.min_ready} is more than the {ranks} ranks: lower it"
         )
 
 

@@ -1,6 +1,6 @@
 """The guardian program: ``python -m trio_dpsup._guardian_process RUN_ID`` (see _guardian).
 
-Standard library only, so it costs a few megabytes and starts in milliseconds.
+Standard library only: about 11 MB resident (bench: "idle: guardian RSS").
 """
 
 from __future__ import annotations

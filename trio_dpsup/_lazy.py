@@ -2,7 +2,8 @@
 
 Every rank runs ``python -m trio_dpsup.demo`` or ``trio_dpsup.testing.fake_rank``, and Python
 imports the parent packages first. Eager imports there would load trio, httpx and hypercorn
-into every rank: about 140 ms more to start and 30 ms more to exit, on each rank.
+into every rank: measured on 2 cores, imports took 148 ms instead of 37, and the exit on
+SIGTERM 33 ms instead of 11, on each rank.
 """
 
 from __future__ import annotations

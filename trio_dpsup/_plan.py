@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-from ._config import SupervisorConfig, check_port_range
+from ._config import SupervisorConfig, check_min_ready, check_port_range
 from ._devices import parse_visible_devices, resolve_devices_on, uses_indices
 from ._errors import ConfigError
 from ._nvml import GpuInfo
@@ -86,6 +86,7 @@ def plan_ranks(
         command = apply_preset(config.preset, command, config.gpus_per_rank)
     ranks = _rank_count(config, devices, nvml_problem)
     check_port_range(config, ranks)
+    check_min_ready(config, ranks)
     if config.preset is not None:
         check_preset_ranks(config.preset, command, config.start_rank, ranks)
     _check_placeholders(command, has_devices=devices is not None)

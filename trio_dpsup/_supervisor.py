@@ -31,7 +31,7 @@ import trio
 from ._config import SupervisorConfig
 from ._control import ControlApp, bind_control_socket, serve_control_plane
 from ._cookie import rank_cookie
-from ._errors import EXIT_FAILURE, ConfigError, GpuLeftovers, SupervisorFailure, SupervisorStopped
+from ._errors import EXIT_FAILURE, GpuLeftovers, SupervisorFailure, SupervisorStopped
 from ._gpu_monitor import find_leftovers, run_gpu_monitor
 from ._guardian import open_guardian
 from ._logs import LogPump, open_log_pump
@@ -95,11 +95,6 @@ class Supervisor:
         gpu = None if backend is None or inventory is None else (backend, inventory)
         try:
             plans = plan_ranks(self.config, self._environ, inventory, nvml_problem=problem)
-            if self.config.min_ready is not None and self.config.min_ready > len(plans):
-                raise ConfigError(
-                    f"--min-ready {self.config.min_ready} is more than the {len(plans)} "
-                    "ranks: lower it"
-                )
             check_tls(self.config)
             sock = bind_control_socket(self.config.control_host, self.config.control_port)
         except BaseException:

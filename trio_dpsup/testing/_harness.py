@@ -10,6 +10,7 @@ into the next test).
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import enum
 import math
@@ -31,7 +32,7 @@ from .._nvml import NvmlFactory
 from .._supervisor import Supervisor, SupervisorHandle
 from ._cli_process import CliSupervisor, open_cli_supervisor
 from ._ports import free_port_range
-from ._procs import wait_pids_gone
+from ._procs import alive, wait_pids_gone
 
 __all__ = ["FAKE_RANK", "Deployment", "Form", "Harness", "LeftoverProcesses", "ProcessTree"]
 
@@ -84,7 +85,7 @@ class ProcessTree:
         return everything | ({self.supervisor} if self.supervisor is not None else set())
 
 
-class Deployment:
+class Deployment(abc.ABC):
     """One running supervisor of fake ranks, in either form.
 
     Faults go to a rank's fake server over HTTP, signals go to its pid from /status, and
@@ -169,23 +170,23 @@ class Deployment:
 
     # -- the supervisor -------------------------------------------------------------------
 
+    @abc.abstractmethod
     def signal_supervisor(self, signum: int) -> None:
         """Send `signum` to the supervisor, as a user or Kubernetes would."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     async def wait_exit(self, timeout: float = 60.0) -> int:  # noqa: ASYNC109
         """Wait for the supervisor to stop; return its exit status."""
-        raise NotImplementedError
 
     @property
+    @abc.abstractmethod
     def returncode(self) -> int | None:
         """The exit status once stopped, else None."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def failure(self) -> str | None:
         """Once stopped: the failure the supervisor stopped on, as its log states it (None
         after a clean or requested stop)."""
-        raise NotImplementedError
 
     def _supervisor_pid(self) -> int | None:
         return None
@@ -203,7 +204,7 @@ class Deployment:
                 ranks.setdefault(int(member), []).append(pid)
         supervisor = self._supervisor_pid()
         tree = ProcessTree(
-            supervisor=supervisor if supervisor is not None and _running(supervisor) else None,
+            supervisor=supervisor if supervisor is not None and alive(supervisor) else None,
             guardian=tuple(sorted(guardian)),
             ranks={rank: tuple(sorted(pids)) for rank, pids in sorted(ranks.items())},
         )
@@ -274,8 +275,9 @@ class Deployment:
         finally:
             await self._client.aclose()
 
+    @abc.abstractmethod
     def _force_stop(self) -> None:
-        raise NotImplementedError
+        """SIGKILL the supervisor, or skip the rest of its grace period."""
 
 
 class _CliDeployment(Deployment):
@@ -492,14 +494,6 @@ def _rank_entry(status: Mapping[str, Any], rank: int) -> dict[str, Any]:
             result: dict[str, Any] = entry
             return result
     raise AssertionError(f"no rank {rank} in /status")
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def _kill(pid: int) -> None:
