@@ -194,7 +194,15 @@ async def test_status_shows_each_rank_on_its_gpu_with_placement_ok(dpsup: Harnes
     deployment = await dpsup.start(2, nvml=fake.factory, **GPU_SETTINGS)
     for pid, gpu in zip(await rank_pids(deployment), fake.gpus, strict=True):
         fake.place(pid, gpu.uuid, used_mib=2048)
-    status = await wait_for_verdicts(deployment, ["ok", "ok"])
+    await wait_for_verdicts(deployment, ["ok", "ok"])
+    # A refresh reads memory before it checks placement: the verdict can come from a refresh
+    # whose readings were taken just before the placing. Wait for the readings too.
+    status = await deployment.wait_for_status(
+        lambda s: all(r["gpus"][0]["memory_used_mib"] == 2048 for r in s["ranks"]),
+        "the readings after the placing",
+        timeout=10.0,
+    )
+    assert [r["placement"]["verdict"] for r in status["ranks"]] == ["ok", "ok"]
     for rank, gpu in zip(status["ranks"], fake.gpus, strict=True):
         (reading,) = rank["gpus"]
         assert (reading["index"], reading["uuid"]) == (gpu.index, gpu.uuid)
