@@ -257,6 +257,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds to stay up, not ready, before signalling ranks (default: %(default)s)",
     )
     stop.add_argument(
+        "--cgroups",
+        action="store_true",
+        help="put each rank in a cgroup v2 of its own and kill by cgroup: nothing a rank "
+        "starts can leave it (needs a writable cgroup v2: systemd Delegate=yes, a "
+        "privileged container)",
+    )
+    stop.add_argument(
+        "--tree-watch-interval",
+        type=float,
+        default=d.tree_watch_interval,
+        help="seconds between walks of the rank trees that record their members for the "
+        "guardian and reap adopted orphans (default: %(default)s)",
+    )
+    stop.add_argument(
         "--fail-on-leftovers",
         action="store_true",
         help="exit 1 when processes still hold memory on the ranks' GPUs after shutdown",
@@ -331,6 +345,8 @@ def _config_from_args(args: argparse.Namespace, command: list[str]) -> Superviso
         restart_backoff_min=args.restart_backoff_min,
         restart_backoff_max=args.restart_backoff_max,
         min_ready=args.min_ready,
+        cgroups=args.cgroups,
+        tree_watch_interval=args.tree_watch_interval,
     )
 
 
@@ -339,16 +355,29 @@ def _usage_error(exc: ConfigError) -> int:
     return EXIT_USAGE
 
 
+#: The signals that ask for the ordered shutdown. SIGHUP (the terminal or session went
+#: away) and SIGQUIT mean "stop" to a supervisor as much as SIGTERM does.
+SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+#: A repeated signal within this many seconds of the first is the same request: coreutils'
+#: `timeout` sends SIGTERM twice a few milliseconds apart (to us, then to our group), and
+#: two signals in one scheduler tick cannot be told apart anyway. Past it, "kill now".
+SECOND_SIGNAL_AFTER = 0.1
+
+
 async def _supervise(config: SupervisorConfig) -> int:
     # Orphaned grandchildren of ranks re-parent to us, not to init, so that they stay in
     # our tree until we have killed and reaped them.
-    if not become_subreaper():
+    subreaper = become_subreaper()
+    if not subreaper:
         logger.warning("could not become a child subreaper; orphans re-parent to init")
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    supervisor = Supervisor(config, subreaper=subreaper)
+    # Listening before anything starts: a signal while ranks are being started stops the
+    # starting (the library's request_shutdown works at any time).
+    with trio.open_signal_receiver(*SHUTDOWN_SIGNALS) as signals:
         try:
             async with trio.open_nursery() as nursery:
-                handle: SupervisorHandle = await nursery.start(Supervisor(config).run)
-                nursery.start_soon(_forward_signals, signals, handle)
+                nursery.start_soon(_forward_signals, signals, supervisor)
+                handle: SupervisorHandle = await nursery.start(supervisor.run)
                 nursery.start_soon(run_systemd_notify, handle, os.environ)
                 status = await handle.wait_stopped()
                 nursery.cancel_scope.cancel()
@@ -364,15 +393,27 @@ async def _supervise(config: SupervisorConfig) -> int:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-async def _forward_signals(signals: AsyncIterator[int], handle: SupervisorHandle) -> None:
-    first = True
+async def _forward_signals(signals: AsyncIterator[int], supervisor: Supervisor) -> None:
+    """The first signal requests the ordered shutdown (SIGINT is forwarded to ranks as
+    SIGINT, the others as SIGTERM); one more, at least SECOND_SIGNAL_AFTER seconds later,
+    kills the ranks now."""
+    first: float | None = None
     async for signum in signals:
-        if first:
-            handle.request_shutdown(signum)
-            first = False
+        name = signal.Signals(signum).name
+        if first is None:
+            first = trio.current_time()
+            supervisor.request_shutdown(
+                signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM
+            )
+            if signum != signal.SIGINT and signum != signal.SIGTERM:
+                logger.info("%s: shutting down as for SIGTERM", name)
+        elif trio.current_time() - first < SECOND_SIGNAL_AFTER:
+            logger.info(
+                "%s within %gs of the first signal: the same request", name, SECOND_SIGNAL_AFTER
+            )
         else:
-            logger.warning("second signal (%s): killing ranks now", signal.Signals(signum).name)
-            handle.kill()
+            logger.warning("second signal (%s): killing ranks now", name)
+            supervisor.kill()
 
 
 def _first_leaf(group: BaseExceptionGroup[BaseException], cls: type[E]) -> E | None:

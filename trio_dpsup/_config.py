@@ -85,6 +85,12 @@ class SupervisorConfig:
     #: Relay each rank's output line by line with a ``[rank N]`` prefix; False: ranks
     #: inherit our stdout and stderr.
     log_prefix: bool = True
+    #: Put each rank in a cgroup v2 of its own and kill by cgroup (see _cgroup); needs a
+    #: writable cgroup v2 hierarchy.
+    cgroups: bool = False
+    #: Seconds between walks of the rank trees that tell the guardian of new members (and,
+    #: in the CLI, reap orphans adopted from the trees).
+    tree_watch_interval: float = 1.0
     #: Extra environment for every rank, applied before the per-rank variables.
     env: tuple[tuple[str, str], ...] = field(default=())
 
@@ -105,6 +111,7 @@ class SupervisorConfig:
             ("--grace-period", self.grace_period),
             ("startup_probe_interval", self.startup_probe_interval),
             ("--gpu-interval", self.gpu_interval),
+            ("--tree-watch-interval", self.tree_watch_interval),
         ):
             _positive_duration(name, value)
         for name, value in (

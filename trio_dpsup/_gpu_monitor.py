@@ -23,7 +23,7 @@ import trio
 
 from ._errors import GpuFailed, SupervisorFailure
 from ._nvml import MIB, GpuEvent, GpuInfo, GpuLost, GpuProcess, NvmlBackend, NvmlError
-from ._placement import Placement, PlacementVerdict, check_placement, owner_from_proc
+from ._placement import Placement, PlacementVerdict, check_placement
 from ._state import Board, RankRecord
 
 __all__ = ["find_leftovers", "leaf_devices", "run_gpu_monitor"]
@@ -48,6 +48,7 @@ async def run_gpu_monitor(
     *,
     interval: float,
     fail: Callable[[SupervisorFailure], SupervisorFailure],
+    owner: Callable[[int], int],
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Refresh readings and placement until cancelled; fail a rank whose GPU fails.
@@ -56,7 +57,6 @@ async def run_gpu_monitor(
     (an Xid wait within half a second); the backend must be closed only after this returns.
     """
     limiter = trio.CapacityLimiter(1)
-    owner = owner_from_proc(board.run_id)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_watch_xids, backend, board, fail, limiter)
         task_status.started()

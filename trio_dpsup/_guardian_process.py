@@ -1,4 +1,15 @@
-"""The guardian program: ``python -m trio_dpsup._guardian_process RUN_ID`` (see _guardian).
+"""The guardian program (see _guardian), started as ``python -I -c ...`` with the package's
+own folder on its path: never with the working directory on it, where a planted
+``trio_dpsup/_guardian_process.py`` would run as the supervisor's user.
+
+It reads what the supervisor tells it on stdin, one line each::
+
+    root RANK PID START       a rank's process (it leads the rank's session and group)
+    seen RANK PID START       a member of rank RANK's tree, seen by the tree watch
+    cgroup PATH               a rank's cgroup folder
+
+At EOF — the supervisor closed the pipe after stopping its ranks, or died, even by SIGKILL —
+it kills every member of the run's trees (see _membership) and exits.
 
 Standard library only: about 11 MB resident (bench: "idle: guardian RSS").
 """
@@ -9,38 +20,40 @@ import os
 import signal
 import sys
 
-from ._cookie import marked
+from ._cgroup import kill_cgroup
+from ._membership import Trees
 
-#: Passes over /proc: a process forked while a pass runs is caught by the next one.
-_MAX_PASSES = 5
+__all__ = ["main", "read_registry"]
 
 
-def kill_marked(run_id: str) -> int:
-    """SIGKILL every process of run `run_id`'s trees but this one; return how many."""
-    killed = 0
-    for _ in range(_MAX_PASSES):
-        found = 0
-        for pid in marked(run_id):
-            if pid == os.getpid():
-                continue
-            try:
-                os.kill(pid, signal.SIGKILL)
-                found += 1
-            except OSError:
-                continue  # gone already
-        killed += found
-        if not found:
-            break
-    return killed
+def read_registry(trees: Trees, lines: object) -> list[str]:
+    """Apply each line to `trees`; return the cgroup folders named. Malformed lines are
+    skipped: a guardian must kill what it can, whatever it was told."""
+    cgroups: list[str] = []
+    for raw in lines:  # type: ignore[attr-defined]
+        words = raw.split()
+        try:
+            if words[0] == b"root":
+                trees.add_root(int(words[1]), int(words[2]), int(words[3]))
+            elif words[0] == b"seen":
+                trees.remember(int(words[2]), int(words[3]), int(words[1]))
+            elif words[0] == b"cgroup":
+                cgroups.append(os.fsdecode(raw[len(b"cgroup ") :].rstrip(b"\n")))
+        except (IndexError, ValueError):
+            continue
+    return cgroups
 
 
 def main() -> None:
     # Signals meant for the supervisor's terminal or group must not end the guardian early.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    run_id = sys.argv[1]
-    sys.stdin.buffer.read()  # returns at EOF: the supervisor is done, or dead
-    kill_marked(run_id)
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+        signal.signal(signum, signal.SIG_IGN)
+    trees = Trees(sys.argv[1], exclude={os.getpid()})
+    cgroups = read_registry(trees, sys.stdin.buffer)  # returns at EOF
+    trees.kill_groups()
+    for path in cgroups:
+        kill_cgroup(path)
+    trees.kill_members()
 
 
 if __name__ == "__main__":

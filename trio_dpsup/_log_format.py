@@ -1,7 +1,14 @@
-"""How the supervisor's own log records look: text (default) or one JSON object per line.
+"""How the supervisor's own log records look: text (default) or one JSON object per line,
+and how they reach stderr without ever blocking the event loop.
 
 Records about one rank carry ``extra={"rank": n}``; the JSON form has it as a field, so a log
 pipeline can group by rank without parsing messages.
+
+A log collector that stops reading (a full stderr pipe) must not stop the supervisor: a
+blocked write on the event loop would leave /ready unanswered and signals unhandled. So
+records are formatted where they are logged and written by a thread of their own
+(`NonBlockingHandler`), through a bounded queue; when it is full, records are dropped,
+counted, and the count is written as a record of its own once stderr drains.
 """
 
 from __future__ import annotations
@@ -9,8 +16,12 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import os
+import queue
+import select
+import threading
 
-__all__ = ["TEXT_FORMAT", "JsonFormatter", "configure_logging"]
+__all__ = ["TEXT_FORMAT", "JsonFormatter", "NonBlockingHandler", "configure_logging"]
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -35,9 +46,95 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+class NonBlockingHandler(logging.Handler):
+    """Writes formatted records to `fd` from a thread of its own; never blocks the caller.
+
+    At most `capacity` records wait; more are dropped and counted (`dropped`), and a
+    warning saying how many is written before the next record that gets through.
+    """
+
+    #: How long `flush` (called at exit) waits for queued records to be written.
+    FLUSH_TIMEOUT = 2.0
+
+    def __init__(self, fd: int = 2, capacity: int = 1000) -> None:
+        super().__init__()
+        self.fd = fd
+        #: Records dropped since start because the queue was full.
+        self.dropped = 0
+        self._unreported = 0
+        self._queue: queue.Queue[bytes | None] = queue.Queue(capacity)
+        self._count_lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="trio-dpsup-log", daemon=True)
+        self._thread.start()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = (self.format(record) + "\n").encode("utf-8", "backslashreplace")
+        except Exception:
+            self.handleError(record)
+            return
+        try:
+            self._queue.put_nowait(line)
+        except queue.Full:
+            with self._count_lock:
+                self.dropped += 1
+                self._unreported += 1
+
+    def flush(self) -> None:
+        """Wait, at most FLUSH_TIMEOUT, for what is queued to be written."""
+        done = threading.Event()
+
+        def wait() -> None:
+            self._queue.join()
+            done.set()
+
+        threading.Thread(target=wait, daemon=True).start()
+        done.wait(self.FLUSH_TIMEOUT)
+
+    def close(self) -> None:
+        self.flush()
+        super().close()
+
+    def _run(self) -> None:
+        while True:
+            line = self._queue.get()
+            try:
+                if line is None:
+                    return
+                with self._count_lock:
+                    unreported, self._unreported = self._unreported, 0
+                if unreported:
+                    self._write(self._dropped_record(unreported))
+                self._write(line)
+            finally:
+                self._queue.task_done()
+
+    def _dropped_record(self, count: int) -> bytes:
+        record = logging.LogRecord(
+            "trio_dpsup", logging.WARNING, __file__, 0,
+            "%d log records dropped: stderr was not being read", (count,), None,
+        )  # fmt: skip
+        return (self.format(record) + "\n").encode("utf-8", "backslashreplace")
+
+    def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[os.write(self.fd, view) :]
+            except BlockingIOError:
+                select.select([], [self.fd], [])  # a non-blocking stderr: wait for room
+            except InterruptedError:
+                continue
+            except OSError:
+                # EPIPE (nobody reads stderr any more), ENOSPC and the like: this record is
+                # lost; the next one is tried again.
+                return
+
+
 def configure_logging(level: str, log_format: str) -> None:
-    """Send our records to stderr, as text or JSON; quiet the libraries' per-request lines."""
-    handler = logging.StreamHandler()
+    """Send our records to stderr, as text or JSON, without blocking; quiet the libraries'
+    per-request lines."""
+    handler = NonBlockingHandler()
     handler.setFormatter(
         JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT)
     )

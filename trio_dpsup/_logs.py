@@ -11,14 +11,20 @@ rank, and nothing is lost.
   just before a crash are all there, and a last line without a newline gets one. A tree
   member that escaped the kill would hold the pipe open forever, so after the rank has
   stopped, the wait for EOF is bounded (`DRAIN_TIMEOUT`).
+* A line is relayed in pieces of at most `MAX_LINE` bytes: a rank that writes 100 MB with
+  no newline costs a bounded buffer and linear time, not a 100 MB line built by repeated
+  concatenation. The stderr tail keeps at most `TAIL_LINE_CHARS` of each line.
+* A failed write to our stdout or stderr (ENOSPC, EIO, a non-blocking descriptor that is
+  full) is retried with the next chunk, and once writes pass again a line says how many
+  bytes were dropped and why; EAGAIN waits for room instead of dropping anything.
 * The last lines of each rank's stderr are kept for the root-cause report.
 """
 
 from __future__ import annotations
 
 import collections
-import errno
 import os
+import select
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -31,6 +37,10 @@ __all__ = ["DRAIN_TIMEOUT", "TAIL_LINES", "LogPump", "RankOutput", "open_log_pum
 DRAIN_TIMEOUT = 2.0
 #: Lines of each rank's stderr kept for the root-cause report.
 TAIL_LINES = 20
+#: The longest line relayed as one; longer ones go out in pieces of this size.
+MAX_LINE = 65536
+#: What the stderr tail keeps of each line.
+TAIL_LINE_CHARS = 500
 #: Chunks queued for one output stream before the pumps wait (and then the ranks' pipes fill).
 _SINK_QUEUE = 64
 _READ_SIZE = 65536
@@ -70,7 +80,9 @@ class _Sink:
         self.fd = fd
         self.send, self._receive = trio.open_memory_channel[bytes | None](_SINK_QUEUE)
         self._thread = threading.Thread(target=self._run, name=f"trio-dpsup-log-{fd}", daemon=True)
-        self._broken = False
+        #: Bytes dropped by failed writes since the last that passed, and the last reason.
+        self._dropped = 0
+        self._why = ""
 
     def start(self, token: trio.lowlevel.TrioToken) -> None:
         self._token = token
@@ -85,17 +97,25 @@ class _Sink:
 
     def _write(self, chunk: bytes) -> None:
         view = memoryview(chunk)
-        while view and not self._broken:
+        while view:
             try:
                 written = os.write(self.fd, view)
+            except BlockingIOError:
+                select.select([], [self.fd], [])  # a non-blocking descriptor: wait for room
+                continue
+            except InterruptedError:
+                continue
             except OSError as exc:
-                if exc.errno == errno.EINTR:
-                    continue
-                # Nobody reads our output any more (EPIPE): keep draining the ranks' pipes
-                # so that they are never blocked, and drop what they write.
-                self._broken = True
+                # Nobody reads (EPIPE), or the disk is full (ENOSPC): drop this chunk, keep
+                # draining the ranks' pipes so that they never block, and try the next one.
+                self._dropped += len(view)
+                self._why = exc.strerror or str(exc)
                 return
             view = view[written:]
+            if self._dropped and not view:
+                notice = f"[trio-dpsup] {self._dropped} bytes of rank output dropped: {self._why}\n"
+                self._dropped = 0
+                self._write(notice.encode())
 
     async def close(self) -> None:
         """Write what is queued, then stop the thread.
@@ -168,23 +188,53 @@ async def _pump(
     **Cancellation**: sends what it holds (a partial line gets its newline), then returns.
     """
     stream = trio.lowlevel.FdStream(fd)
-    partial = b""
+    partial = bytearray()  # the line being read; never more than MAX_LINE bytes
     try:
         async with stream:
             while chunk := await stream.receive_some(_READ_SIZE):
-                *lines, partial = (partial + chunk).split(b"\n")
+                lines = _split(partial, chunk)
                 if lines:
                     await sink.send.send(b"".join(prefix + line + b"\n" for line in lines))
                     if tail is not None:
-                        tail.extend(line.decode(errors="replace") for line in lines)
+                        tail.extend(_tail_line(line) for line in lines)
     finally:
         # Bounded: a reader of our output that stopped reading must not hang shutdown.
         with trio.CancelScope(shield=True), trio.move_on_after(DRAIN_TIMEOUT):
             if partial:
-                await sink.send.send(prefix + partial + b"\n")
+                await sink.send.send(prefix + bytes(partial) + b"\n")
                 if tail is not None:
-                    tail.append(partial.decode(errors="replace"))
+                    tail.append(_tail_line(bytes(partial)))
             pipes.closed()
+
+
+def _split(partial: bytearray, chunk: bytes) -> list[bytes]:
+    """The lines that `chunk` completes, after what `partial` holds; `partial` keeps the
+    rest. Lines and the rest are cut at MAX_LINE bytes. Linear in the chunk's size."""
+    lines: list[bytes] = []
+    start = 0
+    while (end := chunk.find(b"\n", start)) != -1:
+        partial += chunk[start:end]
+        lines.extend(_pieces(partial))
+        partial.clear()
+        start = end + 1
+    partial += chunk[start:]
+    while len(partial) >= MAX_LINE:
+        lines.append(bytes(partial[:MAX_LINE]))
+        del partial[:MAX_LINE]
+    return lines
+
+
+def _pieces(line: bytearray) -> list[bytes]:
+    if len(line) <= MAX_LINE:
+        return [bytes(line)]
+    return [bytes(line[i : i + MAX_LINE]) for i in range(0, len(line), MAX_LINE)]
+
+
+def _tail_line(line: bytes) -> str:
+    text = line[: TAIL_LINE_CHARS * 4].decode(errors="replace")
+    if len(text) <= TAIL_LINE_CHARS:
+        return text
+    return f"{text[:TAIL_LINE_CHARS]}… ({len(line)} bytes)"
 
 
 def _prefix(rank: int, fd: int) -> bytes:

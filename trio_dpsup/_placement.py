@@ -13,7 +13,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from ._cookie import TREE_ENV
+from ._membership import ADOPTED, Trees
 from ._nvml import GpuProcess
 
 __all__ = [
@@ -24,12 +24,13 @@ __all__ = [
     "PlacementIssue",
     "PlacementVerdict",
     "check_placement",
-    "owner_from_proc",
+    "owner_from_trees",
 ]
 
 #: `owner` results besides a rank number.
 OUTSIDE = -1  # a process outside every rank tree of this run
 UNKNOWN_OWNER = -2  # a pid we cannot resolve: another pid namespace
+ORPHAN = -3  # an orphan adopted from this run's trees whose rank cannot be told
 
 
 class PlacementVerdict(enum.Enum):
@@ -73,6 +74,11 @@ class Placement:
 
 PENDING = Placement(PlacementVerdict.PENDING)
 
+_OWNER_NAMES = {
+    OUTSIDE: "outside the supervised trees",
+    ORPHAN: "an orphan of this run's trees, rank unknown",
+}
+
 
 def check_placement(
     ranks: Mapping[int, Sequence[str]],
@@ -102,7 +108,7 @@ def check_placement(
                     if not mine:
                         issues.append(PlacementIssue(IssueKind.WRONG_GPU, gpu, proc.pid))
                 elif mine:
-                    name = "outside the supervised trees" if who == OUTSIDE else f"rank {who}"
+                    name = _OWNER_NAMES.get(who, f"rank {who}")
                     issues.append(PlacementIssue(IssueKind.FOREIGN, gpu, proc.pid, name))
             if mine and not present and not unknown:
                 issues.append(PlacementIssue(IssueKind.ABSENT, gpu, None))
@@ -116,27 +122,22 @@ def check_placement(
     return verdicts
 
 
-def owner_from_proc(run_id: str) -> Callable[[int], int]:
-    """`owner` for `check_placement`, reading each pid's tree cookie from /proc."""
-    needle = f"{TREE_ENV}={run_id}:".encode()
-
+def owner_from_trees(trees: Trees) -> Callable[[int], int]:
+    """`owner` for `check_placement`: the rank whose tree a pid is in, by the same rules as
+    the stop procedure and the guardian (see _membership), so a rank's engine process that
+    renamed itself with setproctitle is still the rank's."""
     # In a container's own pid namespace, NVML may report host pids, which name other
-    # processes here or none: only a pid that carries our cookie is known to be ours.
+    # processes here or none: only a pid we can place in a tree is known to be ours.
     not_ours = UNKNOWN_OWNER if _in_child_pid_namespace() else OUTSIDE
 
     def owner(pid: int) -> int:
         try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                environ = f.read()
-        except FileNotFoundError:
+            rank = trees.owner(pid)
+        except ProcessLookupError:
             return UNKNOWN_OWNER  # NVML sees it, /proc does not: not our namespace
-        except OSError:
-            return not_ours  # another user's process: our ranks run as us
-        for var in environ.split(b"\0"):
-            if var.startswith(needle):
-                member = var[len(needle) :].decode(errors="replace")
-                return int(member) if member.isdigit() else not_ours
-        return not_ours
+        if rank is None:
+            return not_ours
+        return ORPHAN if rank == ADOPTED else rank
 
     return owner
 

@@ -1,12 +1,8 @@
 """Finding, killing and reaping every process a rank left behind.
 
-A rank's tree is found two ways, because each misses something the other sees:
-
-* the rank's descendants, while the rank lives (psutil, by parent links);
-* every process whose environment carries the rank's *tree cookie*, an environment variable
-  set for the rank and inherited by everything it starts. This finds descendants that called
-  setsid, double-forked, or re-parented to init or to us, which parent links lose. (Jenkins'
-  ProcessTreeKiller uses the same technique.)
+Who belongs to a rank's tree is `_membership`'s answer (session and group, tree cookie,
+the registry of members seen before, parent links, adopted orphans, cgroups): the same
+answer the guardian, the placement check and the leftover report use.
 
 Waiting uses pidfds, which become readable when a process exits, whoever its parent is: no
 polling. Psutil's `Process` objects guard every signal against pid reuse.
@@ -18,48 +14,17 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import Iterable, Mapping
+import threading
+from collections.abc import Callable, Iterable
 
 import psutil
 import trio
 
-from ._cookie import TREE_ENV
+from ._membership import ProcStat, Trees, read_stat
 
-__all__ = ["TreeScanner", "kill_all", "reap", "scan_trees", "signal_all", "wait_gone"]
+__all__ = ["TreeScanner", "kill_all", "reap", "run_tree_watch", "signal_all", "wait_gone"]
 
 logger = logging.getLogger(__name__)
-
-
-def scan_trees(roots: Mapping[str, int], since: float) -> dict[str, list[psutil.Process]]:
-    """One pass over the process table: for each cookie in `roots` (cookie -> rank pid), every
-    live process of that rank's tree, the rank itself excluded.
-
-    `since` is the oldest rank's psutil create_time: the environment of older processes, which
-    cannot belong to any rank, is not read. Blocking: run it in a thread.
-    """
-    parents: dict[int, int] = {}
-    procs: dict[int, psutil.Process] = {}
-    trees: dict[str, dict[int, psutil.Process]] = {cookie: {} for cookie in roots}
-    for pid in psutil.pids():
-        try:
-            proc = psutil.Process(pid)
-            with proc.oneshot():
-                parents[pid] = proc.ppid()
-                if proc.create_time() < since or proc.status() == psutil.STATUS_ZOMBIE:
-                    continue
-                procs[pid] = proc
-                cookie = proc.environ().get(TREE_ENV)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-        if cookie in trees:
-            trees[cookie][pid] = proc
-    # Descendants by parent links, for tree members that scrubbed their environment.
-    for cookie, root in roots.items():
-        for pid, proc in procs.items():
-            if pid != root and _descends_from(pid, root, parents):
-                trees[cookie].setdefault(pid, proc)
-        trees[cookie].pop(root, None)
-    return {cookie: list(tree.values()) for cookie, tree in trees.items()}
 
 
 class TreeScanner:
@@ -69,16 +34,13 @@ class TreeScanner:
     of one pass per rank competing for the interpreter while the control plane must answer.
     """
 
-    def __init__(self) -> None:
-        self._roots: dict[str, tuple[int, float]] = {}
+    def __init__(self, trees: Trees) -> None:
+        self.trees = trees
         self._pending: trio.Event | None = None
-        self._result: dict[str, list[psutil.Process]] = {}
+        self._result: dict[int, list[psutil.Process]] = {}
 
-    def register(self, cookie: str, root_pid: int, since: float) -> None:
-        self._roots[cookie] = (root_pid, since)
-
-    async def scan(self, cookie: str, *, fresh: bool = False) -> list[psutil.Process]:
-        """The live tree of the rank registered under `cookie`, its own pid excluded.
+    async def scan(self, rank: int, *, fresh: bool = False) -> list[psutil.Process]:
+        """The live tree of rank `rank`, its rank processes excluded.
 
         With `fresh`, the result comes from a scan that began after this call: nothing forked
         before the call can be missing from it.
@@ -89,26 +51,48 @@ class TreeScanner:
             await self._pending.wait()  # it began before us; the next one will not have
         if self._pending is None:
             self._pending = done = trio.Event()
-            roots = {c: pid for c, (pid, _) in self._roots.items()}
-            since = min(created for _, created in self._roots.values())
             try:
-                self._result = await trio.to_thread.run_sync(scan_trees, roots, since)
+                self._result = await trio.to_thread.run_sync(self._scan)
             finally:
                 self._pending = None
                 done.set()
         else:
             await self._pending.wait()
-        return self._result.get(cookie, [])
+        return self._result.get(rank, [])
+
+    async def scan_all(self) -> list[psutil.Process]:
+        """Every live member of every tree, rank processes excluded, from a fresh scan.
+
+        **Cancellation**: safe, as `scan`.
+        """
+        await self.scan(0, fresh=True)
+        return [proc for procs in self._result.values() for proc in procs]
+
+    async def kill_members(self, ranks: Iterable[int] | None) -> int:
+        """SIGKILL, in passes, every member of `ranks` (None: of the whole run) still alive.
+
+        **Cancellation**: safe; a pass already running in its thread finishes unobserved.
+        """
+        wanted = None if ranks is None else list(ranks)
+        return await trio.to_thread.run_sync(self.trees.kill_members, wanted)
+
+    def _scan(self) -> dict[int, list[psutil.Process]]:
+        roots = {root.pid for root in self.trees.roots}
+        trees: dict[int, list[psutil.Process]] = {}
+        for pid, (stat, rank) in self.trees.scan().items():
+            if pid not in roots and (proc := _process(stat)) is not None:
+                trees.setdefault(rank, []).append(proc)
+        return trees
 
 
-def _descends_from(pid: int, root: int, parents: Mapping[int, int]) -> bool:
-    seen = 0
-    while pid in parents and seen < len(parents):  # bounded: a ppid loop cannot hang us
-        pid = parents[pid]
-        if pid == root:
-            return True
-        seen += 1
-    return False
+def _process(stat: ProcStat) -> psutil.Process | None:
+    """A psutil handle on the process `stat` describes, or None if its pid moved on."""
+    try:
+        proc = psutil.Process(stat.pid)
+    except psutil.NoSuchProcess:
+        return None
+    again = read_stat(stat.pid)  # after the handle: the same start means the same process
+    return proc if again is not None and again.start == stat.start else None
 
 
 def signal_all(procs: Iterable[psutil.Process], signum: int) -> None:
@@ -176,3 +160,41 @@ def _alive(proc: psutil.Process) -> bool:
         return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+async def run_tree_watch(
+    trees: Trees,
+    tell: Callable[[int, int, int], None],
+    spawn_lock: threading.Lock,
+    started: set[int],
+    *,
+    interval: float,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Every `interval` seconds: walk the rank trees by children links and `tell` (rank,
+    pid, start) of each member not seen before (the guardian's registry); where we are a
+    child subreaper, reap the orphans we adopted that have exited.
+
+    A walk reads only the trees' own /proc entries (a fraction of a millisecond for a
+    node's ranks), so it runs on the event loop.
+
+    **Cancellation**: prompt; nothing is left half done.
+    """
+    task_status.started()
+    rounds = 0
+    while True:
+        for pid, start, rank in trees.walk():
+            tell(rank, pid, start)
+            logger.debug("rank %d: tree member pid %d recorded", rank, pid, extra={"rank": rank})
+        # Not while a rank is being started: see Spawner.lock.
+        if trees.adopter is not None and spawn_lock.acquire(blocking=False):
+            try:
+                reaped = trees.reap_adopted(started)
+            finally:
+                spawn_lock.release()
+            if reaped:
+                logger.debug("reaped adopted orphans %s", reaped)
+        rounds += 1
+        if rounds % 60 == 0:
+            trees.forget_dead()
+        await trio.sleep(interval)

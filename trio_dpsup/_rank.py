@@ -12,16 +12,18 @@ grace deadline.
 from __future__ import annotations
 
 import logging
+import subprocess
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import httpx
-import psutil
 import trio
 
+from ._cgroup import RunCgroups
 from ._config import SupervisorConfig
-from ._cookie import TREE_ENV
+from ._cookie import TREE_ENV, rank_cookie
 from ._errors import RankExited, RankSpawnFailed, SupervisorFailure, describe_returncode
+from ._guardian import Guardian
 from ._logs import LogPump, wait_drained
 from ._prober import probe_rank
 from ._process_tree import TreeScanner
@@ -51,11 +53,14 @@ class RankContext:
     fail: Callable[[SupervisorFailure], SupervisorFailure]
     observe: Callable[[int, ProbeResult], None] | None = None
     pump: LogPump | None = None
+    #: Told of every rank process as it starts (None: no guardian, in some tests).
+    guardian: Guardian | None = None
+    #: The ranks' cgroups, with --cgroups.
+    cgroups: RunCgroups | None = None
 
 
 async def run_rank(
     record: RankRecord,
-    cookie: str,
     ctx: RankContext,
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
@@ -71,11 +76,11 @@ async def run_rank(
     """
     first = True
     while True:
-        process = await _spawn(record, cookie, ctx)
+        process = await _spawn(record, ctx)
         if first:
             task_status.started()
             first = False
-        restart = await _run_process(record, process, cookie, ctx)
+        restart = await _run_process(record, process, ctx)
         if restart is not None:
             raise restart  # stopping everything, with this rank's failure as the cause
         record.restarts += 1
@@ -93,17 +98,24 @@ async def run_rank(
         await trio.sleep(delay)  # the backoff; a shutdown cancels it
 
 
-async def _spawn(record: RankRecord, cookie: str, ctx: RankContext) -> RankProcess:
+async def _spawn(record: RankRecord, ctx: RankContext) -> RankProcess:
     plan = record.plan
-    env = {**ctx.environ, **dict(plan.env), TREE_ENV: cookie}
+    env = {**ctx.environ, **dict(plan.env), TREE_ENV: rank_cookie(ctx.board.run_id, plan.rank)}
+    cgroup = None
+    if ctx.cgroups is not None:
+        cgroup = ctx.cgroups.rank_dir(plan.rank)
+        if ctx.guardian is not None:
+            ctx.guardian.cgroup(cgroup)
     try:
-        process = await ctx.spawner.spawn(plan.argv, env, capture=ctx.pump is not None)
-    except OSError as exc:
+        process = await ctx.spawner.spawn(
+            plan.argv, env, capture=ctx.pump is not None, cgroup=cgroup
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
         record.state = RankState.FAILED
         raise ctx.fail(RankSpawnFailed(plan.rank, str(exc))) from exc
-    # The tree scan skips processes older than the rank. psutil's clock, not time.time():
-    # create_time rests on the integer boot time and can read up to a second early.
-    ctx.scanner.register(cookie, process.pid, psutil.Process(process.pid).create_time())
+    root = ctx.scanner.trees.add_root(plan.rank, process.pid)
+    if root is not None and ctx.guardian is not None:
+        ctx.guardian.root(root)
     record.pid = process.pid
     record.returncode = None
     if ctx.pump is not None and process.output is not None:
@@ -120,7 +132,7 @@ async def _spawn(record: RankRecord, cookie: str, ctx: RankContext) -> RankProce
 
 
 async def _run_process(
-    record: RankRecord, process: RankProcess, cookie: str, ctx: RankContext
+    record: RankRecord, process: RankProcess, ctx: RankContext
 ) -> SupervisorFailure | None:
     """Watch one process of the rank until it fails, then stop its tree.
 
@@ -142,7 +154,7 @@ async def _run_process(
                 record.state = RankState.STOPPING if stopping else RankState.RESTARTING
             # A restart's stop has a grace period of its own; a shutdown's is shared.
             clock = ctx.clock if stopping else StopClock(ctx.config.grace_period)
-            graceful = await stop_rank(rank, process, cookie, ctx.scanner, clock)
+            graceful = await stop_rank(rank, process, ctx.scanner, clock)
             if process.output is not None:
                 await wait_drained(record.output)  # its last lines, before any report
             record.killed = record.killed or (stopping and not graceful)

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import trio
 
+from ._cgroup import enter_cgroup
+
 __all__ = ["RankProcess", "Spawner", "open_spawner"]
 
 # From <linux/prctl.h>.
@@ -42,21 +44,28 @@ def become_subreaper() -> bool:
     return bool(_libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
 
 
-def _die_with_parent(parent_pid: int) -> None:
-    """preexec_fn: SIGKILL this child when the forking thread dies (see the module doc)."""
+def _die_with_parent(parent_pid: int, cgroup: str | None) -> None:
+    """preexec_fn: SIGKILL this child when the forking thread dies (see the module doc), and
+    move it into its rank's cgroup, before it runs anything of its own."""
     _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     # If the parent died between fork and prctl, no death signal will ever come.
     if os.getppid() != parent_pid:
         os.kill(os.getpid(), signal.SIGKILL)
+    if cgroup is not None:
+        enter_cgroup(cgroup)
 
 
 class RankProcess:
     """One started rank: its pid, and an awaitable exit. Only this object reaps it."""
 
     def __init__(
-        self, popen: subprocess.Popen[bytes], output: tuple[int, int] | None = None
+        self,
+        popen: subprocess.Popen[bytes],
+        output: tuple[int, int] | None = None,
+        own: set[int] | None = None,
     ) -> None:
         self._popen = popen
+        self._own = own
         #: The read ends of the rank's stdout and stderr pipes, when its output is captured.
         self.output = output
         # Opened while the child is unreaped, so the pid cannot have been reused.
@@ -81,6 +90,8 @@ class RankProcess:
             await trio.lowlevel.wait_readable(self._pidfd)
             self._popen.wait()  # the pidfd is readable: it has exited, so this does not block
             self._close_pidfd()
+            if self._own is not None:
+                self._own.discard(self._popen.pid)  # reaped: the pid may name another now
         assert self._popen.returncode is not None
         return self._popen.returncode
 
@@ -109,20 +120,34 @@ class _Job:
     env: Mapping[str, str]
     #: The write ends for the child's stdout and stderr; None: inherit ours.
     output: tuple[int, int] | None
+    cgroup: str | None
+    own: set[int]
     deliver: Callable[[subprocess.Popen[bytes] | BaseException], None]
 
 
 class Spawner:
     """Forks rank processes from the one thread that `open_spawner` keeps alive."""
 
-    def __init__(self, jobs: queue.SimpleQueue[_Job | None]) -> None:
+    def __init__(self, jobs: queue.SimpleQueue[_Job | None], lock: threading.Lock) -> None:
         self._jobs = jobs
+        #: Held while a process is being started, and `own` gets its pid before the lock
+        #: is let go: a reaper of adopted orphans holds it while it reads `own`, so a rank
+        #: that exits at once is never taken for an orphan and reaped behind its owner.
+        self.lock = lock
+        #: The pids of the processes started here and not reaped yet.
+        self.own: set[int] = set()
 
     async def spawn(
-        self, argv: Sequence[str], env: Mapping[str, str], *, capture: bool = False
+        self,
+        argv: Sequence[str],
+        env: Mapping[str, str],
+        *,
+        capture: bool = False,
+        cgroup: str | None = None,
     ) -> RankProcess:
         """Start `argv` in a new session with `env`, stdin from /dev/null, and stdout and
-        stderr inherited, or with `capture` each a pipe (`RankProcess.output`).
+        stderr inherited, or with `capture` each a pipe (`RankProcess.output`); with
+        `cgroup`, inside that cgroup from its first instruction.
 
         Raises OSError if the program cannot be executed.
 
@@ -139,7 +164,7 @@ class Spawner:
 
         pipes = (os.pipe(), os.pipe()) if capture else None
         write_ends = None if pipes is None else (pipes[0][1], pipes[1][1])
-        self._jobs.put(_Job(argv, env, write_ends, deliver))
+        self._jobs.put(_Job(argv, env, write_ends, cgroup, self.own, deliver))
         with trio.CancelScope(shield=True):
             await done.wait()
         if pipes is not None:
@@ -151,26 +176,33 @@ class Spawner:
                     os.close(read_end)
             raise result[0]
         read_ends = None if pipes is None else (pipes[0][0], pipes[1][0])
-        return RankProcess(result[0], read_ends)
+        return RankProcess(result[0], read_ends, self.own)
 
 
-def _spawner_thread(jobs: queue.SimpleQueue[_Job | None]) -> None:
+def _spawner_thread(jobs: queue.SimpleQueue[_Job | None], lock: threading.Lock) -> None:
     parent_pid = os.getpid()
     while (job := jobs.get()) is not None:
         try:
-            popen = subprocess.Popen(
-                list(job.argv),
-                env=dict(job.env),
-                stdin=subprocess.DEVNULL,
-                stdout=None if job.output is None else job.output[0],
-                stderr=None if job.output is None else job.output[1],
-                start_new_session=True,  # its own process group, signalled as a whole
-                preexec_fn=lambda: _die_with_parent(parent_pid),
-            )
+            with lock:
+                popen = _popen(job, parent_pid)
+                job.own.add(popen.pid)
         except BaseException as exc:
             job.deliver(exc)
         else:
             job.deliver(popen)
+
+
+def _popen(job: _Job, parent_pid: int) -> subprocess.Popen[bytes]:
+    cgroup = job.cgroup
+    return subprocess.Popen(
+        list(job.argv),
+        env=dict(job.env),
+        stdin=subprocess.DEVNULL,
+        stdout=None if job.output is None else job.output[0],
+        stderr=None if job.output is None else job.output[1],
+        start_new_session=True,  # its own process group, signalled as a whole
+        preexec_fn=lambda: _die_with_parent(parent_pid, cgroup),
+    )
 
 
 @asynccontextmanager
@@ -184,12 +216,13 @@ async def open_spawner() -> AsyncIterator[Spawner]:
     which takes milliseconds.
     """
     jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+    lock = threading.Lock()
     thread = threading.Thread(
-        target=_spawner_thread, args=(jobs,), name="trio-dpsup-spawner", daemon=True
+        target=_spawner_thread, args=(jobs, lock), name="trio-dpsup-spawner", daemon=True
     )
     thread.start()
     try:
-        yield Spawner(jobs)
+        yield Spawner(jobs, lock)
     finally:
         jobs.put(None)
         with trio.CancelScope(shield=True):

@@ -66,7 +66,7 @@ class StopClock:
 
 
 async def stop_rank(
-    rank: int, process: RankProcess, cookie: str, scanner: TreeScanner, clock: StopClock
+    rank: int, process: RankProcess, scanner: TreeScanner, clock: StopClock
 ) -> bool:
     """Stop a rank and its whole tree; True if it all exited within the grace period.
 
@@ -78,7 +78,7 @@ async def stop_rank(
     signum = clock.signum
     process.signal_group(signum)
     # After the signal, not before: the signal must not wait on a process-table scan.
-    tree = await scanner.scan(cookie)
+    tree = await scanner.scan(rank)
     signal_all(_outside_group(tree, process.pid), signum)
 
     graceful = False
@@ -95,9 +95,17 @@ async def stop_rank(
         process.signal_group(signal.SIGKILL)
 
     # Scan again: the tree may have forked between the first scan and the signal.
-    late = await scanner.scan(cookie, fresh=True)
+    late = await scanner.scan(rank, fresh=True)
     tree = _union(tree, late)
     survivors = await kill_all(tree, KILL_TIMEOUT)
+    known = {proc.pid for proc in survivors}
+    again = [p for p in await scanner.scan(rank, fresh=True) if p.pid not in known]
+    if again:
+        # Forked while we scanned and killed (a process that forks in a loop outruns any
+        # one scan): passes that kill on sight, until one finds nothing alive.
+        await scanner.kill_members([rank])
+        survivors = _union(survivors, await kill_all(again, KILL_TIMEOUT))
+        tree = _union(tree, again)
     with trio.move_on_after(KILL_TIMEOUT):
         await process.wait()
     reap(tree)

@@ -28,19 +28,20 @@ from functools import partial
 import httpx
 import trio
 
+from ._cgroup import CgroupError, RunCgroups
 from ._config import SupervisorConfig
 from ._control import ControlApp, bind_control_socket, serve_control_plane
-from ._cookie import rank_cookie
-from ._errors import EXIT_FAILURE, GpuLeftovers, SupervisorFailure, SupervisorStopped
+from ._errors import EXIT_FAILURE, ConfigError, GpuLeftovers, SupervisorFailure, SupervisorStopped
 from ._gpu_monitor import find_leftovers, run_gpu_monitor
-from ._guardian import open_guardian
+from ._guardian import Guardian, open_guardian
 from ._logs import LogPump, open_log_pump
+from ._membership import Trees
 from ._metrics import Metrics
 from ._nvml import GpuInfo, NvmlBackend, NvmlError, NvmlFactory, NvmlUnavailable, open_pynvml
-from ._placement import Placement, PlacementVerdict, owner_from_proc
+from ._placement import Placement, PlacementVerdict, owner_from_trees
 from ._plan import plan_ranks
 from ._prober import open_probe_client, run_startup_deadline
-from ._process_tree import TreeScanner
+from ._process_tree import TreeScanner, run_tree_watch, signal_all, wait_gone
 from ._rank import RankContext, run_rank
 from ._restart import Restarter
 from ._spawn import open_spawner
@@ -61,7 +62,10 @@ class Supervisor:
 
     `environ` is the environment ranks inherit and the one CUDA_VISIBLE_DEVICES and PATH are
     read from (default: os.environ). `transport` replaces the prober's HTTP transport.
-    Signals are the caller's business: the library installs no signal handler.
+    `subreaper` says that this process is a child subreaper (the CLI makes itself one):
+    every child it did not start is then an orphan of the rank trees, counted as theirs and
+    reaped. Signals are the caller's business: the library installs no signal handler, but
+    `request_shutdown` and `kill` work at any time, also while ranks are being started.
     """
 
     def __init__(
@@ -71,11 +75,34 @@ class Supervisor:
         environ: Mapping[str, str] | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         nvml: NvmlFactory = open_pynvml,
+        subreaper: bool = False,
     ) -> None:
         self.config = config
         self._environ = dict(os.environ if environ is None else environ)
         self._transport = transport
         self._nvml = nvml
+        self._subreaper = subreaper
+        self._run: _Run | None = None
+        #: A shutdown asked for before the run existed: (signal, kill).
+        self._early: tuple[int, bool] | None = None
+
+    def request_shutdown(self, signum: int = signal.SIGTERM) -> None:
+        """Begin the ordered shutdown, forwarding `signum` to the ranks. Idempotent.
+
+        Also before or while `run` starts the ranks: no further rank is started, those
+        already started are stopped in order, and `run` returns normally.
+        """
+        if self._run is not None:
+            self._run.request_shutdown(signum)
+        elif self._early is None:
+            self._early = (signum, False)
+
+    def kill(self) -> None:
+        """Skip the drain delay and the rest of the grace period: SIGKILL every rank now."""
+        if self._run is not None:
+            self._run.kill()
+        else:
+            self._early = (self._early or (signal.SIGTERM, True))[0], True
 
     async def run(
         self, *, task_status: trio.TaskStatus[SupervisorHandle] = trio.TASK_STATUS_IGNORED
@@ -96,17 +123,32 @@ class Supervisor:
         try:
             plans = plan_ranks(self.config, self._environ, inventory, nvml_problem=problem)
             check_tls(self.config)
-            sock = bind_control_socket(self.config.control_host, self.config.control_port)
+            run_id = uuid.uuid4().hex
+            cgroups = _make_cgroups(run_id) if self.config.cgroups else None
+            try:
+                sock = bind_control_socket(self.config.control_host, self.config.control_port)
+            except BaseException:
+                if cgroups is not None:
+                    cgroups.remove()
+                raise
         except BaseException:
             await _close_nvml(gpu)
             raise
         for plan in plans:
             logger.info("rank %d command: %s", plan.rank, shlex.join(plan.redacted_argv))
         # Names the run in /status and marks every process of its trees (see _cookie).
-        board = Board(
-            plans, uuid.uuid4().hex, nvml_unavailable=problem, min_ready=self.config.min_ready
+        board = Board(plans, run_id, nvml_unavailable=problem, min_ready=self.config.min_ready)
+        trees = Trees(run_id, adopter=os.getpid() if self._subreaper else None)
+        if cgroups is not None:
+            trees.use_cgroups()
+        self._run = run = _Run(
+            self.config, board, self._environ, self._transport, gpu, trees, cgroups
         )
-        run = _Run(self.config, board, self._environ, self._transport, gpu)
+        if self._early is not None:
+            signum, kill = self._early
+            run.request_shutdown(signum)
+            if kill:
+                run.kill()
         await run.run(sock, task_status)  # it closes NVML before it reports itself stopped
 
 
@@ -176,6 +218,8 @@ class _Run:
         environ: dict[str, str],
         transport: httpx.AsyncBaseTransport | None,
         gpu: tuple[NvmlBackend, tuple[GpuInfo, ...]] | None,
+        trees: Trees,
+        cgroups: RunCgroups | None,
     ) -> None:
         self.config = config
         self.board = board
@@ -185,12 +229,16 @@ class _Run:
         self.transport = transport
         self.clock = StopClock(config.grace_period)
         self.metrics = Metrics(board)
-        self.scanner = TreeScanner()
+        self.scanner = TreeScanner(trees)
+        self.trees = trees
+        self.cgroups = cgroups
+        self.guardian: Guardian | None = None
         self.shutdown_requested = trio.Event()
         self.stopped = trio.Event()
         self.exit_status: int | None = None
         self._drain_scope = trio.CancelScope()
         self._ranks_scope: trio.CancelScope | None = None
+        self._handed_out = False
 
     async def run(
         self, sock: socket.socket, task_status: trio.TaskStatus[SupervisorHandle]
@@ -202,13 +250,23 @@ class _Run:
                 serve = partial(serve_control_plane, tls=self._tls())
                 url: str = await root.start(serve, app, sock, stop_control.wait)
                 logger.info("control plane listening on %s", url)
+                make_handle = partial(SupervisorHandle, self, url)
                 try:
-                    async with open_guardian(self.board.run_id):
-                        await self._run_ranks(partial(SupervisorHandle, self, url), task_status)
+                    async with open_guardian(self.board.run_id) as guardian:
+                        self.guardian = guardian
+                        self.trees.exclude.add(guardian.pid)
+                        await self._run_ranks(make_handle, task_status)
+                        await self._sweep()
                     # After the guardian's last sweep: what is left now outlived everything.
                     await self._report_leftovers()
                 finally:
+                    if self.cgroups is not None:
+                        self.cgroups.remove()
                     stop_control.set()  # the control plane stops last, after every rank is gone
+                if not self._handed_out and self.board.failure is None:
+                    # Shutdown was requested while ranks were being started: hand out the
+                    # handle now, to a caller who will find it stopped.
+                    task_status.started(make_handle())
         finally:
             await _close_nvml(self.gpu)
             self._finish()
@@ -231,6 +289,8 @@ class _Run:
                 board=self.board,
                 spawner=spawner,
                 scanner=self.scanner,
+                guardian=self.guardian,
+                cgroups=self.cgroups,
                 clock=self.clock,
                 client=client,
                 restarter=_restarter(config),
@@ -242,12 +302,24 @@ class _Run:
             try:
                 async with trio.open_nursery() as ranks:
                     self._ranks_scope = ranks.cancel_scope
+                    # First: a shutdown requested while ranks start stops the starting.
+                    ranks.start_soon(self._watch_shutdown)
+                    guardian = self.guardian
+                    await ranks.start(
+                        partial(
+                            run_tree_watch,
+                            self.trees,
+                            (lambda *_: None) if guardian is None else guardian.seen,
+                            spawner.lock,
+                            spawner.own,
+                            interval=config.tree_watch_interval,
+                        )
+                    )
                     for record in self.board.ranks:
-                        cookie = rank_cookie(self.board.run_id, record.plan.rank)
-                        await ranks.start(run_rank, record, cookie, ctx)
+                        await ranks.start(run_rank, record, ctx)
                     ranks.start_soon(run_startup_deadline, config, self.board, self.fail)
                     await self._start_gpu_monitor(ranks)
-                    ranks.start_soon(self._watch_shutdown)
+                    self._handed_out = True
                     task_status.started(make_handle())
             except BaseExceptionGroup as group:
                 # Failures are on the board already; an outer cancellation is re-delivered by
@@ -271,6 +343,7 @@ class _Run:
                     self.board,
                     interval=self.config.gpu_interval,
                     fail=self.fail,
+                    owner=owner_from_trees(self.trees),
                 )
             )
             return
@@ -289,12 +362,32 @@ class _Run:
         if self.gpu is None or not gpus:
             return
         with trio.CancelScope(shield=True):
-            owner = owner_from_proc(self.board.run_id)
+            owner = owner_from_trees(self.trees)
             leftovers = await find_leftovers(self.gpu[0], gpus, owner)
         for line in leftovers:
             logger.error("left over after shutdown: %s", line)
         if leftovers and self.config.fail_on_leftovers and self.board.failure is None:
             self.board.fail(GpuLeftovers(tuple(leftovers)))
+
+    async def _sweep(self) -> None:
+        """Stop what outlived every rank's own stop: orphans adopted from the trees whose
+        rank could not be told, and members that escaped their rank's scan. They get the
+        forwarded signal and what is left of the shared grace period, then SIGKILL.
+
+        **Cancellation**: shielded; bounded by the grace deadline and a kill pass.
+        """
+        with trio.CancelScope(shield=True):
+            members = await self.scanner.scan_all()
+            if not members:
+                return
+            logger.warning(
+                "stopping pids %s: they outlived their rank's stop",
+                ", ".join(str(p.pid) for p in members),
+            )
+            signal_all(members, self.clock.signum)
+            with self.clock.grace():
+                await wait_gone(members)
+            await self.scanner.kill_members(None)
 
     def fail(self, failure: SupervisorFailure) -> SupervisorFailure:
         """Record `failure` (the first one wins) and start stopping every rank at once."""
@@ -397,6 +490,16 @@ async def _log_pump(prefix: bool) -> AsyncIterator[LogPump | None]:
         return
     async with open_log_pump() as pump:
         yield pump
+
+
+def _make_cgroups(run_id: str) -> RunCgroups:
+    try:
+        return RunCgroups.create(run_id)
+    except CgroupError as exc:
+        raise ConfigError(
+            f"--cgroups needs a writable cgroup v2 hierarchy, and {exc}: run under systemd "
+            "with Delegate=yes, in a privileged container, or without --cgroups"
+        ) from exc
 
 
 def _restarter(config: SupervisorConfig) -> Restarter:

@@ -101,18 +101,24 @@ class CliSupervisor:
 
 @asynccontextmanager
 async def open_cli_supervisor(
-    args: Sequence[str], env: Mapping[str, str] | None = None
+    args: Sequence[str],
+    env: Mapping[str, str] | None = None,
+    *,
+    program: Sequence[str] | None = None,
+    cwd: str | None = None,
 ) -> AsyncIterator[CliSupervisor]:
-    """Run ``python -m trio_dpsup ARGS`` for the duration of the block.
+    """Run ``python -P -m trio_dpsup ARGS`` (or `program` ARGS) for the duration of the block.
 
     On the way out a supervisor still running is sent SIGKILL (its ranks then die with it,
     by their parent-death signal) and reaped.
     """
     process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "trio_dpsup", *args],
+        # -P: never the working directory on the path.
+        [*(program or (sys.executable, "-P", "-m", "trio_dpsup")), *args],
         stdin=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         env=None if env is None else dict(env),
+        cwd=cwd,
     )
     assert process.stderr is not None
     supervisor = CliSupervisor(process)

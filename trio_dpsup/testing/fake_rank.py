@@ -44,22 +44,70 @@ from ..demo import (
 
 __all__ = ["GRANDCHILD_KINDS", "main"]
 
-#: A grandchild that stays in the rank's process group, one that calls setsid, and one that
-#: double-forks into a new session (its parent exits, so it re-parents).
-GRANDCHILD_KINDS = ("group", "setsid", "double-fork")
+#: The grandchildren `--grandchild` starts, each long-lived unless killed:
+#:
+#: * ``group``: stays in the rank's process group; ``setsid``: calls setsid;
+#:   ``double-fork``: double-forks into a new session (its parent exits, so it re-parents);
+#: * ``setproctitle``: stays in the group and renames itself as vLLM's engine core does
+#:   (which overwrites what /proc shows of its environment, tree cookie included);
+#: * ``env-i``: stays in the group, started through ``env -i`` (no environment at all);
+#: * ``setsid-setproctitle``, ``setsid-env-i``: double-forks into a new session, then the
+#:   same: it keeps neither the rank's session, nor its parent, nor the cookie;
+#: * ``hopper``: forks and exits every 2 ms, calling setsid at each step: a new pid and a
+#:   new session each time, the cookie kept;
+#: * ``orphan-churn``: the rank double-forks a helper that exits at once, every 50 ms:
+#:   zombies for whoever adopts them;
+#: * ``escape``: stays in the group with the cookie until ``--escape-fifo`` is written to,
+#:   then calls setsid and setproctitle (same pid: it left after it was seen), and says so
+#:   by writing to ``--escape-fifo`` + ``.done``.
+GRANDCHILD_KINDS = (
+    "group",
+    "setsid",
+    "double-fork",
+    "setproctitle",
+    "env-i",
+    "setsid-setproctitle",
+    "setsid-env-i",
+    "hopper",
+    "orphan-churn",
+    "escape",
+)
 
-# Prints its pid, lets go of the pipe, and sleeps: a long-lived grandchild.
-_SLEEPER = (
-    "import os, sys, time\n"
-    "print(os.getpid(), flush=True)\n"
-    "os.dup2(os.open(os.devnull, os.O_WRONLY), 1)\n"
-    "time.sleep(3600)\n"
-)
-# Starts the sleeper in a new session and exits, so the sleeper is orphaned.
-_DOUBLE_FORK = (
-    "import subprocess, sys\n"
-    f"subprocess.Popen([sys.executable, '-c', {_SLEEPER!r}], start_new_session=True)\n"
-)
+# The long-lived grandchild. argv: lock file ('' for none), new title (''), fifo to wait on
+# before escaping (''), hop ('1': fork-and-exit every 2 ms). It holds a shared flock on the
+# lock file (a test takes it exclusively to learn that every such process is gone), prints
+# its pid, lets go of the pipe, and sleeps.
+_SLEEPER = """
+import fcntl, os, sys, time
+lock, title, fifo, hop = sys.argv[1:5]
+if lock:
+    held = os.open(lock, os.O_RDONLY | os.O_CREAT, 0o600)
+    fcntl.flock(held, fcntl.LOCK_SH)
+if title:
+    import setproctitle
+    setproctitle.setproctitle(title)
+print(os.getpid(), flush=True)
+os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+if fifo:
+    with open(fifo, "rb") as f:
+        f.read()
+    os.setsid()
+    import setproctitle
+    setproctitle.setproctitle("escaped")
+    with open(fifo + ".done", "wb") as f:
+        f.write(b"escaped")
+if hop == "1":
+    for _ in range(1_000_000):
+        if os.fork():
+            os._exit(0)
+        os.setsid()
+        time.sleep(0.002)
+time.sleep(3600)
+"""
+# Starts argv[1:] in a new session and exits, so it is orphaned.
+_DOUBLE_FORK = "import subprocess, sys\nsubprocess.Popen(sys.argv[1:], start_new_session=True)\n"
+#: What the setproctitle kinds call themselves: vLLM's name for its engine process.
+ENGINE_TITLE = "VLLM::EngineCore"
 
 
 class FaultHandler(DemoHandler):
@@ -126,6 +174,12 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--pid-file", help="append one JSON line per process started")
     parser.add_argument(
+        "--lock-file",
+        help="every grandchild holds a shared flock on this file until it dies: whoever gets "
+        "it exclusively knows that none is left",
+    )
+    parser.add_argument("--escape-fifo", help="--grandchild escape: escape once this is written")
+    parser.add_argument(
         "--events-file",
         help='append {"event": E, "monotonic": T} when health first answers 200 (first-200) '
         "and when SIGTERM arrives (sigterm)",
@@ -149,19 +203,47 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _start_grandchild(kind: str) -> int:
-    code = _DOUBLE_FORK if kind == "double-fork" else _SLEEPER
-    child = subprocess.Popen(
-        [sys.executable, "-c", code],
-        stdout=subprocess.PIPE,
-        start_new_session=kind == "setsid",
-    )
+def _start_grandchild(kind: str, lock_file: str | None, escape_fifo: str | None) -> int:
+    if kind == "orphan-churn":
+        threading.Thread(target=_churn_orphans, daemon=True).start()
+        return os.getpid()
+    title = ENGINE_TITLE if kind.endswith("setproctitle") else ""
+    if kind == "escape" and not escape_fifo:
+        raise SystemExit("--grandchild escape needs --escape-fifo PATH")
+    fifo = escape_fifo if kind == "escape" else ""
+    sleeper = [
+        sys.executable,
+        "-c",
+        _SLEEPER,
+        lock_file or "",
+        title,
+        fifo or "",
+        "1" if kind == "hopper" else "",
+    ]
+    if kind.endswith("env-i"):
+        sleeper = ["env", "-i", *sleeper]
+    double = kind.startswith("setsid-") or kind == "double-fork"
+    argv = [sys.executable, "-c", _DOUBLE_FORK, *sleeper] if double else sleeper
+    child = subprocess.Popen(argv, stdout=subprocess.PIPE, start_new_session=kind == "setsid")
     assert child.stdout is not None
     pid = int(child.stdout.readline())
     child.stdout.close()
-    if kind == "double-fork":
+    if double:
         child.wait()  # the middle process exits at once; reap it
     return pid
+
+
+def _churn_orphans() -> None:
+    """Double-fork a helper that exits at once, every 50 ms, for as long as the rank runs."""
+    while True:
+        child = os.fork()
+        if child == 0:
+            os.setsid()
+            if os.fork() == 0:
+                os._exit(0)
+            os._exit(0)
+        os.waitpid(child, 0)
+        time.sleep(0.05)  # pacing the fault, not waiting for anything
 
 
 def _record(pid_file: str | None, role: str, pid: int) -> None:
@@ -181,7 +263,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = _build_parser().parse_args(argv)
     _record(args.pid_file, "rank", os.getpid())
     for kind in args.grandchild:
-        _record(args.pid_file, f"grandchild-{kind}", _start_grandchild(kind))
+        pid = _start_grandchild(kind, args.lock_file, args.escape_fifo)
+        _record(args.pid_file, f"grandchild-{kind}", pid)
     global _last_words
     _last_words = args.last_words
     if args.log_lines:

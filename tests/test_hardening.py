@@ -1,0 +1,221 @@
+"""The promise tried as an adversary would: no process escapes its rank's tree, no code runs
+from the working directory, nothing blocks the event loop.
+
+Escapees hold a shared flock on a lock file (the fake rank's ``--lock-file``): taking it
+exclusively proves that every one of them is dead, whatever pid or name it has by then.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import psutil
+import pytest
+import trio
+
+from trio_dpsup.testing import alive, free_port_range, open_cli_supervisor, read_pid_file
+
+from .conftest import cli_args
+
+pytest.importorskip("setproctitle", reason="the setproctitle test extra is not installed")
+
+
+@contextmanager
+def lock_file(tmp_path: Path) -> Iterator[Path]:
+    path = tmp_path / "tree.lock"
+    path.touch()
+    yield path
+
+
+async def all_holders_gone(path: Path, within: float) -> bool:
+    """Whether every holder of a shared lock on `path` is gone within `within` seconds.
+
+    Blocks in a thread on an exclusive flock: event-driven, no polling.
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with trio.move_on_after(within):
+            await trio.to_thread.run_sync(fcntl.flock, fd, fcntl.LOCK_EX, abandon_on_cancel=True)
+            return True
+        return False
+    finally:
+        os.close(fd)
+
+
+def holders_now(path: Path) -> bool:
+    """True if some process holds a lock on `path` at this very moment."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def kill_holders(path: Path) -> None:
+    """Clean up after a failed test: kill whatever still holds the lock."""
+    for proc in psutil.process_iter():
+        try:
+            if any(f.path == str(path) for f in proc.open_files()):
+                proc.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+
+
+def grandchild_args(lock: Path, *kinds: str) -> list[str]:
+    return ["--lock-file", str(lock), *(arg for kind in kinds for arg in ("--grandchild", kind))]
+
+
+async def test_renamed_and_scrubbed_children_die_with_a_killed_supervisor(tmp_path: Path) -> None:
+    # Engine-like children that renamed themselves (setproctitle: the cookie is gone from
+    # /proc) or were started with env -i stay in the rank's session: the guardian kills by
+    # session and group too, not by cookie alone.
+    with lock_file(tmp_path) as lock:
+        base = free_port_range(2)
+        args = cli_args(2, base, rank_args=grandchild_args(lock, "setproctitle", "env-i"))
+        try:
+            async with open_cli_supervisor(args) as sup:
+                await sup.wait_ready()
+                assert holders_now(lock)
+                sup.send_signal(signal.SIGKILL)
+                assert await sup.wait() == -signal.SIGKILL
+                assert await all_holders_gone(lock, within=10)
+        finally:
+            kill_holders(lock)
+
+
+async def test_children_that_left_the_session_and_the_cookie_are_stopped(
+    tmp_path: Path,
+) -> None:
+    # setsid + double fork + setproctitle or env -i: no session, no parent link, no cookie.
+    # The CLI is a child subreaper, so they re-parent to it: adopted orphans of the run.
+    with lock_file(tmp_path) as lock:
+        base = free_port_range(2)
+        kinds = ("setsid-setproctitle", "setsid-env-i")
+        args = cli_args(2, base, rank_args=grandchild_args(lock, *kinds))
+        try:
+            async with open_cli_supervisor(args) as sup:
+                await sup.wait_ready()
+                assert holders_now(lock)
+                sup.send_signal(signal.SIGTERM)
+                assert await sup.wait() == 0
+                assert not holders_now(lock), sup.log
+                assert "stopped cleanly" in sup.log
+        finally:
+            kill_holders(lock)
+
+
+async def test_a_member_that_escapes_after_it_was_seen_dies_with_a_killed_supervisor(
+    tmp_path: Path,
+) -> None:
+    # Seen by the tree watch while it had the cookie and the session, then setsid and
+    # setproctitle: the guardian knows it by pid and start time (the registry).
+    with lock_file(tmp_path) as lock:
+        fifo = tmp_path / "escape"
+        os.mkfifo(fifo)
+        os.mkfifo(f"{fifo}.done")
+        pid_file = tmp_path / "pids"
+        base = free_port_range(1)
+        rank_args = [
+            *grandchild_args(lock, "escape"),
+            "--escape-fifo", str(fifo),
+            "--pid-file", str(pid_file),
+        ]  # fmt: skip
+        options = ["--log-level", "DEBUG", "--tree-watch-interval", "0.1"]
+        args = cli_args(1, base, options=options, rank_args=rank_args)
+        try:
+            async with open_cli_supervisor(args) as sup:
+                await sup.wait_ready()
+                pid = read_pid_file(pid_file)["grandchild-escape"]
+                await sup.wait_for_line(rf"tree member pid {pid} recorded")
+                with trio.fail_after(10):  # FIFOs block until the other end opens
+                    go, done = Path(fifo).write_bytes, Path(f"{fifo}.done").read_bytes
+                    await trio.to_thread.run_sync(go, b"go", abandon_on_cancel=True)
+                    await trio.to_thread.run_sync(done, abandon_on_cancel=True)
+                escaped = psutil.Process(pid)
+                assert os.getsid(pid) == pid  # out of the rank's session
+                environ = Path(f"/proc/{pid}/environ").read_bytes()  # noqa: ASYNC240
+                assert b"TRIO_DPSUP_TREE" not in environ  # setproctitle wrote over it
+                sup.send_signal(signal.SIGKILL)
+                assert await sup.wait() == -signal.SIGKILL
+                assert await all_holders_gone(lock, within=10)
+                assert not alive(escaped.pid)
+        finally:
+            kill_holders(lock)
+
+
+async def test_a_process_that_forks_and_exits_in_a_loop_is_stopped(tmp_path: Path) -> None:
+    # A new pid and a new session every 2 ms, the cookie kept: it outruns any one scan of
+    # the process table, so it is killed on sight, and as an orphan we adopt at each step.
+    with lock_file(tmp_path) as lock:
+        base = free_port_range(1)
+        args = cli_args(1, base, rank_args=grandchild_args(lock, "hopper"))
+        try:
+            async with open_cli_supervisor(args) as sup:
+                await sup.wait_ready()
+                assert holders_now(lock)
+                sup.send_signal(signal.SIGTERM)
+                await sup.wait_for_line("stopped cleanly")
+                assert not holders_now(lock), sup.log
+                assert await sup.wait() == 0
+        finally:
+            kill_holders(lock)
+
+
+def zombie_children(pid: int) -> list[int]:
+    return [
+        child.pid
+        for child in psutil.Process(pid).children()
+        if child.status() == psutil.STATUS_ZOMBIE
+    ]
+
+
+async def test_adopted_orphans_are_reaped(tmp_path: Path) -> None:
+    # The rank double-forks a helper that exits at once every 50 ms: 40 orphans in 2 s, all
+    # adopted by the CLI (a child subreaper), which must reap them.
+    base = free_port_range(1)
+    options = ["--tree-watch-interval", "0.1"]
+    args = cli_args(1, base, options=options, rank_args=["--grandchild", "orphan-churn"])
+    async with open_cli_supervisor(args) as sup:
+        await sup.wait_ready()
+        await trio.sleep(2)  # the soak under test: 40 orphans come and go meanwhile
+        zombies = zombie_children(sup.pid)
+        assert len(zombies) <= 10, zombies
+        sup.send_signal(signal.SIGTERM)
+        assert await sup.wait() == 0
+
+
+async def test_the_guardian_runs_no_code_from_the_working_directory(tmp_path: Path) -> None:
+    # A package planted where the supervisor is started: the console script does not put
+    # the working directory on the path, and neither may the guardian it starts.
+    planted = tmp_path / "trio_dpsup"
+    planted.mkdir()
+    marker = tmp_path / "planted-code-ran"
+    (planted / "__init__.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    (planted / "_guardian_process.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    script = Path(sys.executable).parent / "trio-dpsup"
+    if not script.exists():
+        pytest.skip("the trio-dpsup console script is not installed next to this Python")
+    with lock_file(tmp_path) as lock:
+        base = free_port_range(1)
+        args = cli_args(1, base, rank_args=grandchild_args(lock, "setsid"))
+        # The ranks too run with -P, so that only the guardian could run the planted code.
+        args.insert(args.index("-m", args.index("--")), "-P")
+        try:
+            async with open_cli_supervisor(args, program=[str(script)], cwd=str(tmp_path)) as sup:
+                await sup.wait_ready()
+                sup.send_signal(signal.SIGKILL)
+                assert await sup.wait() == -signal.SIGKILL
+                # The real guardian did its work: the setsid grandchild is gone.
+                assert await all_holders_gone(lock, within=10)
+            assert not marker.exists()
+        finally:
+            kill_holders(lock)

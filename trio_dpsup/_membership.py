@@ -1,0 +1,433 @@
+"""Who belongs to a run's rank trees: one answer for the stop procedure, the guardian, the
+placement check and the leftover report.
+
+Each rank leads a session and a process group of its own and carries the run's tree cookie
+in its environment. A process belongs to rank r's tree when any of these holds:
+
+1. its session or process group is rank r's (it was started in the rank's session and never
+   called setsid): this survives ``setproctitle``, which overwrites what /proc shows of the
+   environment, and ``env -i``, which drops it;
+2. it carries rank r's cookie (``TRIO_DPSUP_TREE=<run>:<r>``): this survives setsid, a
+   double fork and re-parenting to init;
+3. it was seen as a member before, by pid and start time: the supervisor's tree watch walks
+   the trees every few seconds and streams what it sees to the guardian (the registry), so
+   a member that later leaves the session *and* loses its cookie is still known;
+4. its parent is a member (while parent links hold);
+5. where this process is a child subreaper (the CLI), any child of ours that we did not start
+   is an orphan adopted from one of the trees: a member, of its cookie's rank or of no rank
+   in particular (`ADOPTED`).
+
+What none of these catches: a process that left the rank's session and lost its cookie
+before the watch ever saw it, and (in the library, where no subreaper adopts it) whose
+parent exited. A cgroup per rank (`--cgroups`, see _cgroup) catches that too.
+
+Standard library only: the guardian process imports this module. Everything here reads
+/proc and blocks: the supervisor calls it in a worker thread, except `Trees.walk`, whose
+cost is the size of the trees, not of the machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from ._cookie import TREE_ENV
+
+__all__ = ["ADOPTED", "ProcStat", "Root", "Trees", "children_of", "read_stat"]
+
+#: The rank of a member adopted by a subreaper whose rank cannot be told (no cookie left).
+ADOPTED = -1
+#: Bounds on walks up parent links and down children links: a loop can never hang us.
+_MAX_DEPTH = 64
+#: Kill passes: a process forked while one pass runs is caught by the next.
+MAX_KILL_PASSES = 20
+
+
+@dataclass(frozen=True, slots=True)
+class ProcStat:
+    """The fields of /proc/PID/stat that membership needs. `start` is in clock ticks since
+    boot: with the pid, it names one process for good (a reused pid has a later start)."""
+
+    pid: int
+    ppid: int
+    pgrp: int
+    sid: int
+    start: int
+    zombie: bool
+
+
+def read_stat(pid: int) -> ProcStat | None:
+    """/proc/PID/stat, or None if the process is gone (or in no namespace of ours)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    # The command name sits in parentheses and may itself hold ')' or spaces.
+    fields = data.rpartition(b")")[2].split()
+    try:
+        return ProcStat(
+            pid=pid,
+            ppid=int(fields[1]),
+            pgrp=int(fields[2]),
+            sid=int(fields[3]),
+            start=int(fields[19]),
+            zombie=fields[0] in (b"Z", b"X"),
+        )
+    except (IndexError, ValueError):
+        return None
+
+
+def children_of(pid: int) -> list[int]:
+    """The children of `pid`, from /proc/PID/task/*/children (no scan of the table)."""
+    found: list[int] = []
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children", "rb") as f:
+                found.extend(int(child) for child in f.read().split())
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+@dataclass(frozen=True, slots=True)
+class Root:
+    """A rank's own process: it leads the rank's session and process group."""
+
+    rank: int
+    pid: int
+    start: int
+
+
+#: pid and start time: one process, for good.
+Key = tuple[int, int]
+
+
+class Trees:
+    """What is known of one run's rank trees, and the scans that find their members.
+
+    `adopter` is this process's pid where it is a child subreaper (its orphans are the
+    trees'); `exclude` are pids that are never members (the guardian). The supervisor
+    mutates this object from its event loop only; scans copy what they read first, so
+    they can run in a worker thread meanwhile.
+    """
+
+    def __init__(
+        self, run_id: str, *, adopter: int | None = None, exclude: Iterable[int] = ()
+    ) -> None:
+        self.run_id = run_id
+        self.adopter = adopter
+        self.exclude = set(exclude)
+        #: Every rank process started in this run, restarts included.
+        self.roots: list[Root] = []
+        #: Members seen before: (pid, start) -> rank.
+        self.seen: dict[Key, int] = {}
+        self._needle = f"{TREE_ENV}={run_id}:".encode()
+        #: Set when ranks have cgroups of their own (see _cgroup): how /proc/PID/cgroup
+        #: names them, up to the rank number.
+        self.cgroup_marker: bytes | None = None
+        # Processes whose environment had no cookie of ours: none can gain one later.
+        self._no_cookie: set[Key] = set()
+
+    # -- what is known --------------------------------------------------------------------
+
+    def add_root(self, rank: int, pid: int, start: int | None = None) -> Root | None:
+        """Record rank `rank`'s new process; None if it is already gone."""
+        if start is None:
+            stat = read_stat(pid)
+            if stat is None:
+                return None
+            start = stat.start
+        root = Root(rank, pid, start)
+        self.roots.append(root)
+        self.seen[(pid, start)] = rank
+        return root
+
+    def remember(self, pid: int, start: int, rank: int) -> bool:
+        """Record a member; True if it was not known before."""
+        key = (pid, start)
+        if self.seen.get(key) == rank:
+            return False
+        self.seen[key] = rank
+        return True
+
+    def forget_dead(self) -> None:
+        """Drop what names processes that are gone (bounds the registry over restarts)."""
+        for key in [k for k in self.seen if not _same(k)]:
+            del self.seen[key]
+
+    # -- finding members ------------------------------------------------------------------
+
+    def cookie_rank(self, pid: int) -> int | None:
+        """The rank named by `pid`'s cookie of this run; None without one (or unreadable)."""
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                environ = f.read()
+        except OSError:
+            return None
+        for var in environ.split(b"\0"):
+            if var.startswith(self._needle):
+                member = var[len(self._needle) :]
+                return int(member) if member.isdigit() else None
+        return None
+
+    def use_cgroups(self) -> None:
+        """Ranks get cgroups named as `_cgroup.RunCgroups` names them: members by cgroup."""
+        self.cgroup_marker = f"/trio-dpsup-{self.run_id}/rank-".encode()
+
+    def cgroup_rank(self, pid: int) -> int | None:
+        """The rank whose cgroup `pid` is in; None without cgroups, or outside them."""
+        if self.cgroup_marker is None:
+            return None
+        try:
+            with open(f"/proc/{pid}/cgroup", "rb") as f:
+                lines = f.read().splitlines()
+        except OSError:
+            return None
+        for line in lines:
+            if line.startswith(b"0::") and self.cgroup_marker in line:
+                tail = line.rpartition(self.cgroup_marker)[2]
+                return int(tail) if tail.isdigit() else None
+        return None
+
+    def walk(self) -> list[tuple[int, int, int]]:
+        """Every live member reachable by children links from the rank processes (and, for
+        a subreaper, from the orphans it adopted), recorded; returns the new ones as
+        (pid, start, rank). Cheap: it reads only the trees' own /proc entries."""
+        new: list[tuple[int, int, int]] = []
+        starts: list[tuple[int, int]] = [(r.pid, r.rank) for r in self.roots if _alive(r)]
+        if self.adopter is not None:
+            starts.extend((pid, rank) for pid, rank in self.adopted() if rank is not None)
+        for top, rank in starts:
+            todo = [(top, 0)]
+            while todo:
+                pid, depth = todo.pop()
+                stat = read_stat(pid)
+                if stat is None or stat.zombie:
+                    continue
+                if self.remember(pid, stat.start, rank):
+                    new.append((pid, stat.start, rank))
+                if depth < _MAX_DEPTH:
+                    todo.extend((child, depth + 1) for child in children_of(pid))
+        return new
+
+    def adopted(self) -> list[tuple[int, int | None]]:
+        """The live orphans this subreaper adopted, with their rank (from the registry or
+        the cookie; ADOPTED where neither tells). Zombies are not listed: see `reap`."""
+        if self.adopter is None:
+            return []
+        own = {r.pid for r in self.roots} | self.exclude
+        found: list[tuple[int, int | None]] = []
+        for pid in children_of(self.adopter):
+            if pid in own:
+                continue
+            stat = read_stat(pid)
+            if stat is None or stat.zombie:
+                continue
+            rank = self.seen.get((pid, stat.start))
+            if rank is None:
+                rank = self.cookie_rank(pid)
+            found.append((pid, ADOPTED if rank is None else rank))
+        return found
+
+    def scan(
+        self, on_member: Callable[[ProcStat, int], None] | None = None
+    ) -> dict[int, tuple[ProcStat, int]]:
+        """One pass over the process table: every live member, pid -> (stat, rank).
+
+        `on_member` is called as soon as a member is recognised (the kill passes use it, so
+        that a process that keeps forking has microseconds, not a whole pass, to move on).
+        """
+        roots = list(self.roots)
+        seen = dict(self.seen)
+        stats: dict[int, ProcStat] = {}
+        for entry in os.listdir("/proc"):
+            if entry.isdigit() and (stat := read_stat(int(entry))) is not None:
+                stats[stat.pid] = stat
+        since = min((r.start for r in roots), default=0)
+        live_roots = [r for r in roots if _holds(r, stats)]
+        members: dict[int, tuple[ProcStat, int]] = {}
+
+        def found(stat: ProcStat, rank: int) -> None:
+            members[stat.pid] = (stat, rank)
+            if on_member is not None:
+                on_member(stat, rank)
+
+        for stat in stats.values():
+            if stat.pid in self.exclude or stat.zombie:
+                continue
+            rank = self._classify(stat, seen, live_roots, since)
+            if rank is not None:
+                found(stat, rank)
+        # Descendants of members, by parent links, until nothing new is found.
+        for _ in range(_MAX_DEPTH):
+            grew = False
+            for stat in stats.values():
+                if stat.pid in members or stat.pid in self.exclude or stat.zombie:
+                    continue
+                parent = members.get(stat.ppid)
+                if parent is not None:
+                    found(stat, parent[1])
+                    grew = True
+            if not grew:
+                break
+        return members
+
+    def owner(self, pid: int) -> int | None:
+        """The rank whose tree `pid` is in (ADOPTED: one of them), or None: not ours.
+
+        For a handful of pids (NVML's): it reads `pid`'s /proc entries and its ancestors',
+        not the whole table. Raises ProcessLookupError if /proc has no such pid.
+        """
+        stat = read_stat(pid)
+        if stat is None:
+            raise ProcessLookupError(pid)
+        roots = list(self.roots)
+        since = min((r.start for r in roots), default=0)
+        live_roots = [r for r in roots if _alive(r)]
+        seen = dict(self.seen)
+        for _ in range(_MAX_DEPTH):
+            if stat.pid not in self.exclude:
+                rank = self._classify(stat, seen, live_roots, since)
+                if rank is not None:
+                    return rank
+            if stat.ppid <= 1:
+                return None
+            parent = read_stat(stat.ppid)
+            if parent is None:
+                return None
+            stat = parent
+        return None
+
+    def _classify(
+        self, stat: ProcStat, seen: dict[Key, int], roots: list[Root], since: int
+    ) -> int | None:
+        """The rank `stat`'s process belongs to by rules 1, 2, 3 and 5 (not by parents)."""
+        key = (stat.pid, stat.start)
+        rank = seen.get(key)
+        if rank is not None:
+            return rank
+        for root in roots:
+            # A session or group id cannot be reused while any process still carries it,
+            # and a member cannot be older than its rank.
+            if root.pid in (stat.sid, stat.pgrp) and stat.start >= root.start:
+                return root.rank
+        # Older than every rank: not of its tree by cookie or cgroup; nor one read before.
+        if stat.start >= since and key not in self._no_cookie:
+            rank = self.cgroup_rank(stat.pid)
+            if rank is None:
+                rank = self.cookie_rank(stat.pid)
+            if rank is not None:
+                return rank
+            self._no_cookie.add(key)
+        if self.adopter is not None and stat.ppid == self.adopter:
+            return ADOPTED
+        return None
+
+    # -- killing --------------------------------------------------------------------------
+
+    def kill_members(self, ranks: Iterable[int] | None = None) -> int:
+        """SIGKILL the members of `ranks` (None: of every rank, and adopted orphans of no
+        known rank), in passes until a pass finds none; return how many were killed.
+
+        Each pass kills a process the moment it is recognised, through a pidfd opened and
+        checked against the start time (never a reused pid). A subreaper's own children
+        are killed first, with no scan: a process that forks and exits in a loop re-parents
+        to us at each step and is caught there.
+        """
+        wanted = None if ranks is None else set(ranks)
+        killed = 0
+
+        def kill(stat: ProcStat, rank: int) -> None:
+            nonlocal killed
+            if wanted is None or rank in wanted:
+                killed += kill_process(stat.pid, stat.start)
+
+        for _ in range(MAX_KILL_PASSES):
+            before = killed
+            for _ in range(_MAX_DEPTH):
+                adopted = [
+                    (pid, rank) for pid, rank in self.adopted() if wanted is None or rank in wanted
+                ]
+                for pid, _rank in adopted:
+                    stat = read_stat(pid)
+                    if stat is not None:
+                        killed += kill_process(pid, stat.start)
+                if not adopted:
+                    break
+            self.scan(kill)
+            if killed == before:
+                break
+        return killed
+
+    def kill_groups(self) -> None:
+        """SIGKILL every rank's process group at once (atomic against fork, unlike a scan);
+        a group whose leader's pid now names another process is left alone."""
+        for root in self.roots:
+            stat = read_stat(root.pid)
+            if stat is not None and stat.start != root.start:
+                continue
+            with contextlib.suppress(OSError):
+                os.killpg(root.pid, signal.SIGKILL)
+
+    def reap_adopted(self, started: Iterable[int] = ()) -> list[int]:
+        """Reap the zombies among our adopted orphans (subreaper only); return their pids.
+
+        `started` are the pids this process started itself and has not reaped: never
+        orphans. The caller must make sure none is being started meanwhile (Spawner.lock).
+        """
+        if self.adopter is None:
+            return []
+        own = {r.pid for r in self.roots} | self.exclude | set(started)
+        reaped = []
+        for pid in children_of(self.adopter):
+            if pid in own:
+                continue
+            stat = read_stat(pid)
+            if stat is None or not stat.zombie:
+                continue
+            with contextlib.suppress(ChildProcessError):
+                if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                    reaped.append(pid)
+        return reaped
+
+
+def kill_process(pid: int, start: int) -> int:
+    """SIGKILL the process (pid, start) if it still is that process; 1 if signalled."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return 0
+    try:
+        stat = read_stat(pid)  # after the pidfd: it now names one process for good
+        if stat is None or stat.start != start or stat.zombie:
+            return 0
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        return 1
+    except OSError:
+        return 0
+    finally:
+        os.close(pidfd)
+
+
+def _same(key: Key) -> bool:
+    stat = read_stat(key[0])
+    return stat is not None and stat.start == key[1] and not stat.zombie
+
+
+def _alive(root: Root) -> bool:
+    return _same((root.pid, root.start))
+
+
+def _holds(root: Root, stats: dict[int, ProcStat]) -> bool:
+    """Whether `root`'s session and group ids still mean that rank: its pid is unused, or
+    used by that very process (a reused pid leads someone else's session)."""
+    stat = stats.get(root.pid)
+    return stat is None or stat.start == root.start
