@@ -8,7 +8,11 @@ and what NVML saw:
 2. a rank deliberately started on the wrong GPU is flagged;
 3. the supervisor SIGKILLed: its ranks' GPU memory is released within seconds;
 4. a process outside the trees holding GPU memory is reported after shutdown, and
-   ``--fail-on-leftovers`` turns it into exit status 1.
+   ``--fail-on-leftovers`` turns it into exit status 1;
+5. ranks shaped like vLLM's (bench/engine_rank.py): the GPU memory is held by a child that
+   renamed itself with setproctitle (so /proc no longer shows its tree cookie): placement
+   is ok while they run, and after a SIGKILL of the supervisor NVML shows none of their
+   processes within a second (with and without --cgroups, where cgroups are writable).
 """
 
 from __future__ import annotations
@@ -200,6 +204,42 @@ async def scenario_leftovers(record: Record) -> None:
         await stray.wait()
 
 
+def proc_name(pid: int) -> str:
+    """What /proc shows of a process: its title, and whether its tree cookie is visible."""
+    title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+    cookie = b"TRIO_DPSUP_TREE" in Path(f"/proc/{pid}/environ").read_bytes()
+    return title + (" (cookie visible)" if cookie else " (no cookie visible)")
+
+
+async def scenario_renamed_engines(record: Record, *options: str) -> None:
+    args = cli(2, *options, command=(PY, "-m", "bench.engine_rank", "--port", "{port}"))
+    title = "with --cgroups" if options else "by session, group and registry"
+    record.add(f"## 5. vLLM-shaped ranks whose engine child renamed itself ({title})")
+    record.block(
+        "python -m trio_dpsup " + shlex.join(args) + "; then kill -KILL <supervisor>", "sh"
+    )
+    async with open_cli_supervisor(args) as sup:
+        await sup.wait_ready(timeout=300)
+        status = await wait_status(sup, verdicts("ok", "ok"))
+        record.add("/status once placement was checked:")
+        record.block(summary(status))
+        before = await trio.to_thread.run_sync(nvml_processes)
+        titles = {pid: proc_name(pid) for procs in before.values() for pid, _ in procs}
+        record.add(f"NVML before: {json.dumps(before)}; their names in /proc: {titles}")
+        killed_at = trio.current_time()
+        sup.send_signal(signal.SIGKILL)
+        await sup.wait(60)
+        left = before
+        with trio.move_on_after(10):
+            while any(left.values()):
+                left = await trio.to_thread.run_sync(nvml_processes)
+                await trio.sleep(0.05)  # pacing NVML reads
+        released = trio.current_time() - killed_at
+    record.add(f"NVML {released:.2f} s after the SIGKILL: {json.dumps(left)}")
+    assert not any(left.values()), "renamed engines outlived the supervisor"
+    assert released < 1.0, f"engines released their GPUs only after {released:.2f} s"
+
+
 async def main(out: Path) -> None:
     record = Record()
     backend = open_pynvml()
@@ -219,7 +259,9 @@ async def main(out: Path) -> None:
     await scenario_wrong_gpu(record)
     await scenario_sigkill(record)
     await scenario_leftovers(record)
-    record.add("All four scenarios held.")
+    await scenario_renamed_engines(record)
+    await scenario_renamed_engines(record, "--cgroups")
+    record.add("All five scenarios held.")
     await trio.Path(out).write_text("\n".join(record.lines) + "\n")
 
 
