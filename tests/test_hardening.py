@@ -60,14 +60,32 @@ def holders_now(path: Path) -> bool:
     return False
 
 
-def kill_holders(path: Path) -> None:
-    """Clean up after a failed test: kill whatever still holds the lock."""
-    for proc in psutil.process_iter():
+def describe_holders(path: Path) -> str:
+    """The processes holding `path` open, for a failure message."""
+    found = []
+    for proc in psutil.process_iter(["pid", "ppid", "status", "cmdline"]):
         try:
             if any(f.path == str(path) for f in proc.open_files()):
-                proc.kill()
+                found.append(str(proc.info))
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
+    return "\n".join(found)
+
+
+def kill_holders(path: Path) -> None:
+    """Clean up after a failed test: kill whatever still holds the lock, newest pids first
+    (a process that forks in a loop is met before it moves on), in passes until it is free."""
+    target = str(path)
+    for _ in range(200):
+        if not holders_now(path):
+            return
+        for pid in sorted((int(e) for e in os.listdir("/proc") if e.isdigit()), reverse=True):
+            try:
+                fds = os.listdir(f"/proc/{pid}/fd")
+                if any(os.readlink(f"/proc/{pid}/fd/{fd}") == target for fd in fds):
+                    os.kill(pid, signal.SIGKILL)
+            except OSError:
+                continue
 
 
 def grandchild_args(lock: Path, *kinds: str) -> list[str]:
@@ -164,7 +182,7 @@ async def test_a_process_that_forks_and_exits_in_a_loop_is_stopped(tmp_path: Pat
                 assert holders_now(lock)
                 sup.send_signal(signal.SIGTERM)
                 await sup.wait_for_line("stopped cleanly")
-                assert not holders_now(lock), sup.log
+                assert not holders_now(lock), describe_holders(lock) + sup.log
                 assert await sup.wait() == 0
         finally:
             kill_holders(lock)

@@ -247,12 +247,8 @@ class Trees:
         """
         roots = list(self.roots)
         seen = dict(self.seen)
-        stats: dict[int, ProcStat] = {}
-        for entry in os.listdir("/proc"):
-            if entry.isdigit() and (stat := read_stat(int(entry))) is not None:
-                stats[stat.pid] = stat
         since = min((r.start for r in roots), default=0)
-        live_roots = [r for r in roots if _holds(r, stats)]
+        live_roots = [r for r in roots if _holds(r)]
         members: dict[int, tuple[ProcStat, int]] = {}
 
         def found(stat: ProcStat, rank: int) -> None:
@@ -260,8 +256,15 @@ class Trees:
             if on_member is not None:
                 on_member(stat, rank)
 
-        for stat in stats.values():
-            if stat.pid in self.exclude or stat.zombie:
+        # Newest first: a process that forks in a loop has the highest pid, and is met
+        # microseconds after the listing instead of after a pass over the whole table.
+        stats: dict[int, ProcStat] = {}
+        for pid in sorted((int(e) for e in os.listdir("/proc") if e.isdigit()), reverse=True):
+            stat = read_stat(pid)
+            if stat is None:
+                continue
+            stats[pid] = stat
+            if pid in self.exclude or stat.zombie:
                 continue
             rank = self._classify(stat, seen, live_roots, since)
             if rank is not None:
@@ -291,7 +294,7 @@ class Trees:
             raise ProcessLookupError(pid)
         roots = list(self.roots)
         since = min((r.start for r in roots), default=0)
-        live_roots = [r for r in roots if _alive(r)]
+        live_roots = [r for r in roots if _holds(r)]
         seen = dict(self.seen)
         for _ in range(_MAX_DEPTH):
             if stat.pid not in self.exclude:
@@ -333,14 +336,14 @@ class Trees:
 
     # -- killing --------------------------------------------------------------------------
 
-    def kill_members(self, ranks: Iterable[int] | None = None) -> int:
+    def kill_members(self, ranks: Iterable[int] | None = None, *, scan: bool = True) -> int:
         """SIGKILL the members of `ranks` (None: of every rank, and adopted orphans of no
         known rank), in passes until a pass finds none; return how many were killed.
 
         Each pass kills a process the moment it is recognised, through a pidfd opened and
         checked against the start time (never a reused pid). A subreaper's own children
         are killed first, with no scan: a process that forks and exits in a loop re-parents
-        to us at each step and is caught there.
+        to us at each step and is caught there. Without `scan`, only that cheap part runs.
         """
         wanted = None if ranks is None else set(ranks)
         killed = 0
@@ -362,7 +365,8 @@ class Trees:
                         killed += kill_process(pid, stat.start)
                 if not adopted:
                     break
-            self.scan(kill)
+            if scan:
+                self.scan(kill)
             if killed == before:
                 break
         return killed
@@ -426,8 +430,8 @@ def _alive(root: Root) -> bool:
     return _same((root.pid, root.start))
 
 
-def _holds(root: Root, stats: dict[int, ProcStat]) -> bool:
+def _holds(root: Root) -> bool:
     """Whether `root`'s session and group ids still mean that rank: its pid is unused, or
     used by that very process (a reused pid leads someone else's session)."""
-    stat = stats.get(root.pid)
+    stat = read_stat(root.pid)
     return stat is None or stat.start == root.start

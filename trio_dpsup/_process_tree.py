@@ -16,6 +16,7 @@ import os
 import signal
 import threading
 from collections.abc import Callable, Iterable
+from functools import partial
 
 import psutil
 import trio
@@ -68,13 +69,15 @@ class TreeScanner:
         await self.scan(0, fresh=True)
         return [proc for procs in self._result.values() for proc in procs]
 
-    async def kill_members(self, ranks: Iterable[int] | None) -> int:
-        """SIGKILL, in passes, every member of `ranks` (None: of the whole run) still alive.
+    async def kill_members(self, ranks: Iterable[int] | None, *, scan: bool = True) -> int:
+        """SIGKILL, in passes, every member of `ranks` (None: of the whole run) still alive;
+        without `scan`, only the orphans we adopted (see `Trees.kill_members`).
 
         **Cancellation**: safe; a pass already running in its thread finishes unobserved.
         """
         wanted = None if ranks is None else list(ranks)
-        return await trio.to_thread.run_sync(self.trees.kill_members, wanted)
+        kill = partial(self.trees.kill_members, wanted, scan=scan)
+        return await trio.to_thread.run_sync(kill)
 
     def _scan(self) -> dict[int, list[psutil.Process]]:
         roots = {root.pid for root in self.trees.roots}

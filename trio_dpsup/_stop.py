@@ -98,12 +98,14 @@ async def stop_rank(
     late = await scanner.scan(rank, fresh=True)
     tree = _union(tree, late)
     survivors = await kill_all(tree, KILL_TIMEOUT)
+    # What forked while we scanned and killed: a process that forks and exits in a loop
+    # outruns any one scan. Passes that kill on sight, until one finds nothing alive: always
+    # over the orphans we adopted (cheap, and where such a process lands at every step),
+    # over the whole table when a fresh scan still finds a member.
     known = {proc.pid for proc in survivors}
     again = [p for p in await scanner.scan(rank, fresh=True) if p.pid not in known]
+    await scanner.kill_members([rank], scan=bool(again))
     if again:
-        # Forked while we scanned and killed (a process that forks in a loop outruns any
-        # one scan): passes that kill on sight, until one finds nothing alive.
-        await scanner.kill_members([rank])
         survivors = _union(survivors, await kill_all(again, KILL_TIMEOUT))
         tree = _union(tree, again)
     with trio.move_on_after(KILL_TIMEOUT):

@@ -371,23 +371,26 @@ class _Run:
 
     async def _sweep(self) -> None:
         """Stop what outlived every rank's own stop: orphans adopted from the trees whose
-        rank could not be told, and members that escaped their rank's scan. They get the
-        forwarded signal and what is left of the shared grace period, then SIGKILL.
+        rank could not be told, and members that escaped their rank's scans (a process
+        that forks in a loop). Those a scan still finds get the forwarded signal and what
+        is left of the shared grace period; then one round of kill passes, newest first,
+        catches what no single scan could.
 
-        **Cancellation**: shielded; bounded by the grace deadline and a kill pass.
+        **Cancellation**: shielded; bounded by the grace deadline and the kill passes.
         """
         with trio.CancelScope(shield=True):
             members = await self.scanner.scan_all()
-            if not members:
-                return
-            logger.warning(
-                "stopping pids %s: they outlived their rank's stop",
-                ", ".join(str(p.pid) for p in members),
-            )
-            signal_all(members, self.clock.signum)
-            with self.clock.grace():
-                await wait_gone(members)
-            await self.scanner.kill_members(None)
+            if members:
+                logger.warning(
+                    "stopping pids %s: they outlived their rank's stop",
+                    ", ".join(str(p.pid) for p in members),
+                )
+                signal_all(members, self.clock.signum)
+                with self.clock.grace():
+                    await wait_gone(members)
+            killed = await self.scanner.kill_members(None)
+            if killed:
+                logger.warning("killed %d processes of the rank trees on sight", killed)
 
     def fail(self, failure: SupervisorFailure) -> SupervisorFailure:
         """Record `failure` (the first one wins) and start stopping every rank at once."""
