@@ -237,3 +237,26 @@ async def test_the_guardian_runs_no_code_from_the_working_directory(tmp_path: Pa
             assert not marker.exists()
         finally:
             kill_holders(lock)
+
+
+async def test_secrets_stay_out_of_status_and_logs() -> None:
+    secret = "hunter2-s3cret"
+    base = free_port_range(1)
+    args = cli_args(1, base, options=["--log-format", "json", "--secret-option", "-k"])
+    rank = f"exec {sys.executable} -m trio_dpsup.testing.fake_rank --port $1"
+    args = [
+        *args[: args.index("--") + 1],
+        "sh", "-c", f"{rank} # --api-key {secret}", "sh", "{port}",
+        "--api-key", secret, "-k", secret, "--pass", secret,
+        "-H", f"Authorization: Bearer {secret}",
+        "--hf-overrides", f'{{"api_key": "{secret}"}}',
+        "--model-url", f"https://user:{secret}@example.invalid/m",
+    ]  # fmt: skip
+    async with open_cli_supervisor(args) as sup:
+        await sup.wait_ready()
+        status = await sup.status()
+        sup.send_signal(signal.SIGTERM)
+        assert await sup.wait() == 0
+    assert "***" in str(status["ranks"])
+    assert secret not in str(status)
+    assert secret not in sup.log

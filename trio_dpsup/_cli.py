@@ -290,6 +290,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="our own records as text, or one JSON object per line (default: %(default)s)",
     )
     logs.add_argument(
+        "--secret-option",
+        dest="secret_options",
+        action="append",
+        default=[],
+        metavar="OPTION",
+        help="an option of the rank command whose value is secret, besides those found by "
+        "name or shape (e.g. -k); shown as *** in /status and logs (repeatable)",
+    )
+    logs.add_argument(
         "--log-level",
         default="INFO",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
@@ -346,6 +355,7 @@ def _config_from_args(args: argparse.Namespace, command: list[str]) -> Superviso
         restart_backoff_max=args.restart_backoff_max,
         min_ready=args.min_ready,
         cgroups=args.cgroups,
+        secret_options=tuple(args.secret_options),
         tree_watch_interval=args.tree_watch_interval,
     )
 

@@ -91,6 +91,9 @@ class SupervisorConfig:
     #: Seconds between walks of the rank trees that tell the guardian of new members (and,
     #: in the CLI, reap orphans adopted from the trees).
     tree_watch_interval: float = 1.0
+    #: Options of the rank command whose values are secret, besides those recognised by
+    #: name or shape (see _redact): e.g. a server's short ``-k`` for its API key.
+    secret_options: tuple[str, ...] = ()
     #: Extra environment for every rank, applied before the per-rank variables.
     env: tuple[tuple[str, str], ...] = field(default=())
 

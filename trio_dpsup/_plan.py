@@ -18,6 +18,7 @@ from ._devices import parse_visible_devices, resolve_devices_on, uses_indices
 from ._errors import ConfigError
 from ._nvml import GpuInfo
 from ._presets import apply_preset, check_preset_ranks
+from ._redact import redact_argv
 
 __all__ = ["PLACEHOLDERS", "RankPlan", "plan_ranks", "redact_argv", "resolve_devices"]
 
@@ -35,11 +36,6 @@ PLACEHOLDERS: Mapping[str, str] = {
 # (JSON such as '{"max_tokens": 8}') passes through untouched, because vLLM options take JSON.
 _TEMPLATE = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
-#: An option is secret when a part of its name (split on - and _) ends with one of these:
-#: --api-key, --apikey, --hf-token, --db-password. Parts, not substrings, so that
-#: --tokenizer and --max-num-batched-tokens stay readable.
-_SECRET_WORDS = ("key", "token", "secret", "password", "passwd")
-REDACTED = "***"
 
 _T = TypeVar("_T")
 
@@ -56,10 +52,12 @@ class RankPlan:
     env: tuple[tuple[str, str], ...]
     #: The NVML devices behind `devices`; empty when NVML is unavailable.
     gpus: tuple[GpuInfo, ...] = ()
+    #: Options whose values are secret besides those redaction knows (see _redact).
+    secret_options: tuple[str, ...] = ()
 
     @property
     def redacted_argv(self) -> tuple[str, ...]:
-        return redact_argv(self.argv)
+        return redact_argv(self.argv, self.secret_options)
 
 
 def plan_ranks(
@@ -117,6 +115,7 @@ def plan_ranks(
                 argv=tuple(_fill(arg, values) for arg in command),
                 env=tuple(env),
                 gpus=own_gpus,
+                secret_options=config.secret_options,
             )
         )
     _check_executable(plans[0].argv[0], environ)
@@ -148,34 +147,6 @@ def _all_devices(inventory: Sequence[GpuInfo]) -> tuple[str, ...]:
     if not parents:
         return tuple(str(g.index) for g in inventory)
     return tuple(g.uuid for g in inventory if g.uuid not in parents)
-
-
-def redact_argv(argv: Sequence[str]) -> tuple[str, ...]:
-    """Hide the values of secret options (see _SECRET_WORDS).
-
-    Handles ``--api-key VALUE`` and ``--api-key=VALUE``; used for /status and logs.
-    """
-    out: list[str] = []
-    hide_next = False
-    for arg in argv:
-        if hide_next:
-            out.append(REDACTED)
-            hide_next = False
-            continue
-        if arg.startswith("-"):
-            name, eq, _ = arg.partition("=")
-            if _is_secret_option(name):
-                if eq:
-                    out.append(f"{name}={REDACTED}")
-                    continue
-                hide_next = True
-        out.append(arg)
-    return tuple(out)
-
-
-def _is_secret_option(name: str) -> bool:
-    parts = re.split(r"[-_]+", name.lower().lstrip("-"))
-    return any(part.endswith(_SECRET_WORDS) for part in parts)
 
 
 def _rank_count(

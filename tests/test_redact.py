@@ -1,0 +1,55 @@
+"""Secrets in the spellings a rank command really has, and what must stay readable."""
+
+from __future__ import annotations
+
+import pytest
+
+from trio_dpsup._redact import redact_argv
+
+SECRET = "hunter2-s3cret"
+TOKEN = "sk-proj-Ab12Cd34Ef56Gh78Ij90"
+
+
+@pytest.mark.parametrize(
+    ("argv", "extra"),
+    [
+        (["serve", "-k", SECRET], ["-k"]),  # a short option, declared secret
+        (["serve", "--pass", SECRET], []),
+        (["serve", "--credentials", SECRET], []),
+        (["serve", "--authorization", f"Bearer {SECRET}"], []),
+        (["curl", "-H", f"Authorization: Bearer {SECRET}"], []),
+        (["curl", "-H", f"X-Api-Key: {SECRET}"], []),
+        (["serve", "--model-url", f"http://user:{SECRET}@host:8080/m"], []),
+        (["serve", "--hf-overrides", f'{{"api_key": "{SECRET}", "x": 1}}'], []),
+        (["serve", "--api-key", "first", "--api-key", SECRET], []),  # repeated
+        (["serve", "--api-key", "first", f"--api-key={SECRET}"], []),
+        (["sh", "-c", f"exec vllm serve m --api-key {SECRET} --port 1"], []),
+        (["sh", "-c", f"HF_TOKEN={SECRET} exec vllm serve m"], []),
+        (["sh", "-c", f"vllm serve m --api-key='{SECRET}'"], []),
+        (["serve", "--some-flag", TOKEN], []),  # a token's shape, under any name
+        (["serve", "-k", TOKEN], []),  # a short option, by shape
+    ],
+)
+def test_secrets_are_hidden(argv: list[str], extra: list[str]) -> None:
+    shown = " ".join(redact_argv(argv, extra))
+    assert SECRET not in shown, shown
+    assert "Ab12Cd34" not in shown, shown
+    assert "***" in shown
+    assert "first" not in shown
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["vllm", "serve", "meta-llama/Llama-3.1-70B-Instruct", "--tokenizer", "t"],
+        ["vllm", "serve", "m", "--max-num-batched-tokens", "8192", "--port", "8000"],
+        ["vllm", "serve", "Qwen/Qwen2.5-72B-Instruct-AWQ", "--served-model-name", "qwen"],
+        ["vllm", "serve", "m", "--revision", "3f2a9c0b8e7d6c5b4a39281706f5e4d3c2b1a090"],
+        ["sh", "-c", "exec vllm serve m --port 8000 --host 0.0.0.0"],
+        ["serve", "--url", "http://10.0.0.1:8000/v1"],
+        ["serve", "--no-auth", "--port", "8000"],
+        ["serve", "--hf-overrides", '{"max_tokens": 8, "rope_scaling": {"type": "yarn"}}'],
+    ],
+)
+def test_what_is_no_secret_stays_readable(argv: list[str]) -> None:
+    assert list(redact_argv(argv)) == argv

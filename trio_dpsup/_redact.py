@@ -1,0 +1,110 @@
+"""Secrets out of everything we show: /status, logs, and whatever later shows a command.
+
+A rank's command line carries API keys in many spellings. Redaction works two ways, and
+both are applied to every argument, also inside one (``sh -c "... --api-key X"``):
+
+* **by name**: the value of an option, environment assignment, JSON key or HTTP header
+  whose name has a part (split on ``-``, ``_``, ``.``) that ends in key, token, secret,
+  password, passwd, credential(s) or authorization, or is pass, pwd, auth or cookie:
+  ``--api-key X``, ``--api-key=X``, ``--hf-token X``, ``--pass X``, ``--credentials X``,
+  ``HF_TOKEN=X``, ``'{"api_key": "X"}'``, ``-H 'X-Api-Key: X'``. Parts, not substrings, so
+  ``--tokenizer`` and ``--max-num-batched-tokens`` stay readable; extra names (a server's
+  own ``-k``) come from ``secret_options``;
+* **by shape**: the password in a URL (``http://user:X@host``), the credentials after an
+  auth scheme (``Bearer X``, ``Basic X``), and values that look like tokens wherever they
+  are: known prefixes (``sk-``, ``hf_``, ``ghp_``, ``xoxb-``, ``AKIA``, JWTs) or 32 and more
+  characters mixing upper case, lower case and digits.
+
+What is redacted becomes ``***``. It errs towards hiding: a long mixed-case identifier that
+is no secret is hidden too.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+
+__all__ = ["REDACTED", "is_secret_name", "redact_argv", "redact_text"]
+
+REDACTED = "***"
+
+_ENDINGS = ("key", "token", "secret", "password", "passwd", "credential", "credentials",
+            "authorization")  # fmt: skip
+_WHOLE = frozenset({"pass", "pwd", "auth", "cookie", "apikey"})
+
+_URL_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][\w+.-]*://[^/\s:@'\"]+:)[^/\s@'\"]+(?=@)")
+_AUTH_SCHEME = re.compile(r"(?i)(?P<head>\b(?:bearer|basic|token|digest)\s+)[^\s'\",;]+")
+_JSON_PAIR = re.compile(r'(?P<head>"(?P<name>[^"\\]{1,100})"\s*:\s*)"(?:[^"\\]|\\.)*"')
+_HEADER = re.compile(r"(?m)^(?P<head>\s*(?P<name>[A-Za-z][\w-]{0,100})\s*:\s*)\S.*$")
+# In free text: `--name value` and `--name=value`, and `NAME=value` (a quoted value counts
+# whole). A value never starts with a dash: that is the next option.
+_VALUE = r"(?P<value>'[^']*'|\"[^\"]*\"|(?!-)[^\s'\";&|)]+)"
+_OPTION = re.compile(r"(?P<head>(?<![\w-])(?P<name>--?[A-Za-z][\w.-]*)(?:=|\s+))" + _VALUE)
+_ASSIGN = re.compile(r"(?P<head>(?<![\w.-])(?P<name>[A-Za-z_][\w.]*)=)" + _VALUE)
+_TOKEN = re.compile(
+    r"\b(?:sk-[\w-]{16,}|hf_\w{16,}|gh[pousr]_\w{16,}|github_pat_\w{16,}|xox[abpr]-[\w-]{10,}"
+    r"|AKIA[0-9A-Z]{16}|eyJ[\w-]{8,}\.[\w-]{8,}\.[\w-]{8,})"
+)
+_GENERIC_TOKEN = re.compile(r"(?<![\w+/=-])[A-Za-z0-9_+/=-]{32,}(?![\w+/=-])")
+
+
+def is_secret_name(name: str, extra: Iterable[str] = ()) -> bool:
+    """Whether an option, variable, JSON key or header called `name` holds a secret."""
+    if name in extra:
+        return True
+    parts = [p for p in re.split(r"[-_.]+", name.lower()) if p]
+    return any(part.endswith(_ENDINGS) or part in _WHOLE for part in parts)
+
+
+def redact_argv(argv: Sequence[str], secret_options: Iterable[str] = ()) -> tuple[str, ...]:
+    """`argv` with every secret (see the module doc) shown as ``***``."""
+    extra = frozenset(secret_options)
+    out: list[str] = []
+    hide_next = False
+    for arg in argv:
+        if hide_next and not (arg.startswith("-") and arg not in ("-", "--")):
+            out.append(REDACTED)
+            hide_next = False
+            continue
+        hide_next = False
+        if arg.startswith("-"):
+            name, eq, _ = arg.partition("=")
+            if is_secret_name(name.lstrip("-"), extra) or name in extra:
+                if eq:
+                    out.append(f"{name}={REDACTED}")
+                    continue
+                hide_next = True
+        out.append(redact_text(arg, extra))
+    return tuple(out)
+
+
+def redact_text(text: str, extra: Iterable[str] = ()) -> str:
+    """`text` with the secrets found in it by name or by shape shown as ``***``."""
+    names = frozenset(extra)
+
+    def by_name(match: re.Match[str]) -> str:
+        name = match.group("name").lstrip("-")
+        if not (is_secret_name(name, names) or match.group("name") in names):
+            return match.group(0)
+        if match.re is _JSON_PAIR:
+            return f'{match.group("head")}"{REDACTED}"'
+        return match.group("head") + REDACTED
+
+    text = _URL_PASSWORD.sub(lambda m: m.group("head") + REDACTED, text)
+    text = _AUTH_SCHEME.sub(lambda m: m.group("head") + REDACTED, text)
+    text = _JSON_PAIR.sub(by_name, text)
+    text = _HEADER.sub(by_name, text)
+    text = _OPTION.sub(by_name, text)
+    text = _ASSIGN.sub(by_name, text)
+    text = _TOKEN.sub(REDACTED, text)
+    return _GENERIC_TOKEN.sub(_generic, text)
+
+
+def _generic(match: re.Match[str]) -> str:
+    value = match.group(0)
+    mixed = (
+        any(c.isupper() for c in value)
+        and any(c.islower() for c in value)
+        and any(c.isdigit() for c in value)
+    )
+    return REDACTED if mixed else value
