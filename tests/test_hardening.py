@@ -242,7 +242,7 @@ async def test_the_guardian_runs_no_code_from_the_working_directory(tmp_path: Pa
 async def test_secrets_stay_out_of_status_and_logs() -> None:
     secret = "hunter2-s3cret"
     base = free_port_range(1)
-    args = cli_args(1, base, options=["--log-format", "json", "--secret-option", "-k"])
+    args = cli_args(1, base, options=["--log-format", "json", "--secret-option=-k"])
     rank = f"exec {sys.executable} -m trio_dpsup.testing.fake_rank --port $1"
     args = [
         *args[: args.index("--") + 1],

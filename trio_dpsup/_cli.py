@@ -296,7 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="OPTION",
         help="an option of the rank command whose value is secret, besides those found by "
-        "name or shape (e.g. -k); shown as *** in /status and logs (repeatable)",
+        "name or shape (e.g. --secret-option=-k); shown as *** in /status and logs "
+        "(repeatable)",
     )
     logs.add_argument(
         "--log-level",

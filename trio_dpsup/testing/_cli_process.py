@@ -16,7 +16,7 @@ __all__ = ["CliSupervisor", "open_cli_supervisor"]
 
 #: After the supervisor exits, how long its stderr may stay open (held by a leftover rank).
 _EOF_TIMEOUT = 5.0
-_CONTROL_URL = re.compile(r"control plane listening on (\S+)")
+_CONTROL_URL = re.compile(r"control plane listening on ([^\s\"]+)")  # text or JSON
 
 
 class CliSupervisor:
