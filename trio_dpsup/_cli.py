@@ -8,8 +8,10 @@ at once), logging setup, becoming a child subreaper, and the exit status.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import resource
 import signal
 import sys
 import textwrap
@@ -58,6 +60,7 @@ def run_cli(argv: Sequence[str]) -> int:
         return _usage_error(exc)
     args = parser.parse_args(options)  # exits 2 itself on a malformed option
     configure_logging(args.log_level, args.log_format)
+    _raise_fd_limit()
     try:
         config = _config_from_args(args, command)
     except ConfigError as exc:
@@ -306,6 +309,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="(default: %(default)s)",
     )
     return parser
+
+
+def _raise_fd_limit() -> None:
+    """Raise the soft limit on open files to the hard one: the soft default (often 1024) is
+    a guard for programs that leak descriptors, not for one that holds a few per rank and
+    one per control-plane connection. The rank count is checked against it (plan_ranks)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _split_command(argv: Sequence[str]) -> tuple[list[str], list[str]]:

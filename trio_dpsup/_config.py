@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, field
 
 from ._errors import ConfigError
@@ -125,6 +126,11 @@ class SupervisorConfig:
                 raise ConfigError(f"{name} must be 0 or more seconds, not {value}")
         if not self.health_path.startswith("/"):
             raise ConfigError(f"--health-path must start with '/', e.g. /{self.health_path}")
+        if not re.fullmatch(r"/[\x21-\x7e]{0,1000}", self.health_path):
+            raise ConfigError(
+                f"--health-path {self.health_path!r} must be a URL path of visible ASCII "
+                "characters, with no spaces or control characters: e.g. /health"
+            )
         if self.devices is not None:
             _check_devices(self.devices)
         self._check_tls()
@@ -183,6 +189,10 @@ class SupervisorConfig:
 def check_port_range(config: SupervisorConfig, ranks: int) -> None:
     """Raise ConfigError unless ports base..base+ranks-1 are valid and exclude the control port."""
     last = config.base_port + ranks - 1
+    if ranks > MAX_PORT:
+        raise ConfigError(
+            f"{ranks} ranks need {ranks} ports, more than there are ({MAX_PORT}): lower --ranks"
+        )
     if last > MAX_PORT:
         raise ConfigError(
             f"rank ports {config.base_port}-{last} go past {MAX_PORT}: "

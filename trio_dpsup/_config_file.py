@@ -14,6 +14,8 @@ too), flags take booleans (``fail-on-leftovers = true``, ``no-log-prefix = true`
 from __future__ import annotations
 
 import argparse
+import os
+import stat
 import tomllib
 from collections.abc import Iterable
 from pathlib import Path
@@ -23,6 +25,10 @@ from ._errors import ConfigError
 
 __all__ = ["load_config_file"]
 
+#: The largest config file read: a config is a few hundred bytes, /dev/zero is endless.
+MAX_FILE_BYTES = 1 << 20
+#: The longest string value: hosts, paths and the like.
+MAX_STRING = 4096
 #: Options that make no sense in a file.
 _NOT_KEYS = frozenset({"help", "config"})
 
@@ -37,10 +43,16 @@ def load_config_file(
     """
     try:
         with Path(path).open("rb") as f:
-            data = tomllib.load(f)
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise ConfigError(f"--config {path} is not a regular file: give a TOML file")
+            raw = f.read(MAX_FILE_BYTES + 1)  # /dev/zero must not fill our memory
     except OSError as exc:
         raise ConfigError(f"--config {path}: {exc.strerror}: give the path of a TOML file") from exc
-    except tomllib.TOMLDecodeError as exc:
+    if len(raw) > MAX_FILE_BYTES:
+        raise ConfigError(f"--config {path} is larger than {MAX_FILE_BYTES} bytes: not a config")
+    try:
+        data = tomllib.loads(raw.decode())
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"--config {path}: not valid TOML ({exc})") from exc
     by_key = {
         option.lstrip("-"): action
@@ -50,7 +62,9 @@ def load_config_file(
     }
     command = data.pop("command", None)
     if command is not None and not (
-        isinstance(command, list) and command and all(isinstance(a, str) for a in command)
+        isinstance(command, list)
+        and command
+        and all(isinstance(a, str) and len(a) <= MAX_STRING for a in command)
     ):
         raise ConfigError(f'{path}: command must be a list of strings, e.g. ["vllm", "serve"]')
     defaults: dict[str, Any] = {}
@@ -64,26 +78,47 @@ def load_config_file(
 
 
 def _value(path: str, key: str, action: argparse.Action, value: Any) -> Any:
+    shown = _shown(value)
     if isinstance(action, argparse._StoreConstAction):  # store_true / store_false
         if not isinstance(value, bool):
-            raise ConfigError(f"{path}: {key} must be true or false, not {value!r}")
+            raise ConfigError(f"{path}: {key} must be true or false, not {shown}")
         return action.const if value else action.default
     if action.dest == "devices":
-        if isinstance(value, list):
+        if isinstance(value, list) and all(isinstance(v, str | int) for v in value):
             return tuple(str(v) for v in value)
+        if not isinstance(value, str | int) or isinstance(value, bool):
+            raise ConfigError(f'{path}: devices must be a list such as ["0", "1"], not {shown}')
         value = str(value)
+    if isinstance(action, argparse._AppendAction):  # repeatable options: a list of strings
+        if not (isinstance(value, list) and all(_short_str(v) for v in value)):
+            raise ConfigError(f"{path}: {key} must be a list of strings, not {shown}")
+        return list(value)
+    if action.type in (None, str) and not _short_str(value):
+        raise ConfigError(
+            f"{path}: {key} must be a string of at most {MAX_STRING} characters, not {shown}"
+        )
     if isinstance(value, str) and action.type is not None and action.type is not str:
         try:
             value = action.type(value)  # type: ignore[operator]
         except ValueError as exc:
-            raise ConfigError(f"{path}: {key} = {value!r} is not valid: {exc}") from exc
+            raise ConfigError(f"{path}: {key} = {shown} is not valid: {exc}") from exc
     if action.type is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise ConfigError(f"{path}: {key} must be a whole number, not {value!r}")
+        raise ConfigError(f"{path}: {key} must be a whole number, not {shown}")
     if action.type is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{path}: {key} must be a number of seconds, not {value!r}")
+            raise ConfigError(f"{path}: {key} must be a number of seconds, not {shown}")
         value = float(value)
     if action.choices is not None and value not in action.choices:
         choices = ", ".join(map(str, action.choices))
-        raise ConfigError(f"{path}: {key} must be one of {choices}, not {value!r}")
+        raise ConfigError(f"{path}: {key} must be one of {choices}, not {shown}")
     return value
+
+
+def _short_str(value: Any) -> bool:
+    return isinstance(value, str) and len(value) <= MAX_STRING
+
+
+def _shown(value: Any) -> str:
+    """`value` for a message: a 10 MB string must not become a 10 MB error line."""
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:60]}... ({len(text)} characters)"

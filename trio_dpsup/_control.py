@@ -33,7 +33,8 @@ logger = logging.getLogger(__name__)
 #: tiny; anything slower is a client that keeps an idle connection open.
 GRACEFUL_TIMEOUT = 0.5
 
-_RANK_READY = re.compile(r"^/ranks/(-?\d+)/ready$")
+# Nine digits at most: any rank number fits, and int() of a 4000-digit path cannot raise.
+_RANK_READY = re.compile(r"^/ranks/(-?\d{1,9})/ready$")
 _READY_PATHS = frozenset({"/ready", "/readyz", "/health"})
 _ALLOWED = "GET, HEAD"
 

@@ -62,6 +62,10 @@ class RankExited(SupervisorFailure):
             return EXIT_FAILURE
         if self.returncode < 0:
             return 128 - self.returncode  # the shell's convention for death by signal
+        if self.returncode == EXIT_USAGE:
+            # 2 means "bad input, nothing started" from us; a rank's own 2 (often its
+            # argument parser's) is a failure like any other. The cause names the 2.
+            return EXIT_FAILURE
         return self.returncode
 
 

@@ -6,8 +6,10 @@ ConfigError naming the fix, before any process is started.
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import resource
 import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -82,7 +84,8 @@ def plan_ranks(
     command = config.command
     if config.preset is not None:
         command = apply_preset(config.preset, command, config.gpus_per_rank)
-    ranks = _rank_count(config, devices, nvml_problem)
+    ranks = _rank_count(config, devices, nvml_problem, source)
+    check_fd_limit(ranks)
     check_port_range(config, ranks)
     check_min_ready(config, ranks)
     if config.preset is not None:
@@ -150,7 +153,10 @@ def _all_devices(inventory: Sequence[GpuInfo]) -> tuple[str, ...]:
 
 
 def _rank_count(
-    config: SupervisorConfig, devices: tuple[str, ...] | None, nvml_problem: str | None
+    config: SupervisorConfig,
+    devices: tuple[str, ...] | None,
+    nvml_problem: str | None,
+    source: str,
 ) -> int:
     if devices is None:
         if config.ranks is None:
@@ -162,6 +168,12 @@ def _rank_count(
                 "(or --devices, or set CUDA_VISIBLE_DEVICES)"
             )
         return config.ranks
+    if not devices:
+        raise ConfigError(
+            f"no devices to hand out: only 0 are available ({source} names none): pass "
+            "--gpus-per-rank 0 and --ranks N to run ranks without GPUs, or name devices with "
+            "--devices or CUDA_VISIBLE_DEVICES"
+        )
     available = len(devices) // config.gpus_per_rank
     ranks = available if config.ranks is None else config.ranks
     if ranks < 1 or ranks * config.gpus_per_rank > len(devices):
@@ -174,18 +186,40 @@ def _rank_count(
     return ranks
 
 
+#: Open files the supervisor needs per rank: its stdout and stderr pipes, a pidfd, the probe
+#: connection, and room for the tree scans' pidfds and a restart's overlap.
+FDS_PER_RANK = 8
+#: Open files the supervisor needs whatever the rank count: the control plane's listener and
+#: a reserve of its connections, the guardian's pipe, NVML, the log threads, Python's own.
+FDS_BASE = 256
+
+
+def check_fd_limit(ranks: int) -> None:
+    """Raise ConfigError if `ranks` ranks need more open files than this process may open
+    (the CLI first raises its soft limit to the hard one)."""
+    need = FDS_BASE + ranks * FDS_PER_RANK
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and need > soft:
+        raise ConfigError(
+            f"{ranks} ranks need about {need} open files, but this process may open only "
+            f"{soft}: raise the limit (ulimit -n {need}, or LimitNOFILE={need} in a systemd "
+            "unit) or run fewer ranks per supervisor"
+        )
+
+
 def _slice(devices: tuple[_T, ...], local_rank: int, per_rank: int) -> tuple[_T, ...]:
     return devices[local_rank * per_rank : (local_rank + 1) * per_rank]
 
 
 def _check_placeholders(command: Sequence[str], *, has_devices: bool) -> None:
+    known = ", ".join("{" + p + "}" for p in PLACEHOLDERS)
     for arg in command:
+        _check_braces(arg, known)
         for match in _TEMPLATE.finditer(arg):
             name = match.group(1)
             if name is None:
                 continue
             if name not in PLACEHOLDERS:
-                known = ", ".join("{" + p + "}" for p in PLACEHOLDERS)
                 raise ConfigError(
                     f"unknown placeholder {{{name}}} in {arg!r}: use one of {known} "
                     "(write {{ and }} for literal braces)"
@@ -195,6 +229,30 @@ def _check_placeholders(command: Sequence[str], *, has_devices: bool) -> None:
                     "{gpus} is used but no devices are known: pass --devices or set "
                     "CUDA_VISIBLE_DEVICES"
                 )
+
+
+def _check_braces(arg: str, known: str) -> None:
+    """A brace that is not part of ``{name}``, ``{{`` or ``}}`` is a mistake (``{port``,
+    ``{port!r}``, ``{}``), unless the argument, or its value after ``=``, is JSON: vLLM takes
+    JSON options, and ``'{"max_tokens": 8}'`` must pass through untouched."""
+    rest = _TEMPLATE.sub("0", arg)
+    if "{" not in rest and "}" not in rest:
+        return
+    if arg.strip() == "{}":
+        raise ConfigError(
+            f"{{}} in the command is an empty placeholder: name one of {known}, "
+            "or write {{}} for a literal {}"
+        )
+    for candidate in (rest, rest.partition("=")[2]):
+        try:
+            json.loads(candidate)
+        except ValueError:
+            continue
+        return
+    raise ConfigError(
+        f"{arg!r} has a brace that is no placeholder: write placeholders as {known} "
+        "(no format spec or conversion), and literal braces as {{ and }}"
+    )
 
 
 def _fill(arg: str, values: Mapping[str, str]) -> str:
@@ -209,6 +267,10 @@ def _fill(arg: str, values: Mapping[str, str]) -> str:
 
 def _check_executable(program: str, environ: Mapping[str, str]) -> None:
     if os.sep in program:
+        if os.path.isdir(program):
+            raise ConfigError(
+                f"command {program!r} is a directory: give the path of the server program"
+            )
         if not os.path.isfile(program):
             raise ConfigError(f"command {program!r} does not exist: check the path after '--'")
         if not os.access(program, os.X_OK):

@@ -1,0 +1,139 @@
+"""The validation holes an adversary found: each is exit status 2, one line naming the fix,
+no traceback, and no rank started."""
+
+from __future__ import annotations
+
+import resource
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from trio_dpsup.testing import free_port_range, open_cli_supervisor
+
+from .conftest import FAKE_RANK, cli_args
+from .test_cli_usage import bare_environment, rank_command, run_cli
+
+
+@pytest.mark.parametrize(
+    ("template", "message"),
+    [
+        ("{}", "{} in the command is an empty placeholder"),
+        ("{port", "has a brace that is no placeholder"),
+        ("port}", "has a brace that is no placeholder"),
+        ("{port!r}", "has a brace that is no placeholder"),
+        ("{port:d}", "has a brace that is no placeholder"),
+    ],
+)
+async def test_malformed_placeholders(tmp_path: Path, template: str, message: str) -> None:
+    pid_file = tmp_path / "pids"
+    command = [*FAKE_RANK, "--port", template, "--pid-file", str(pid_file)]
+    status, stderr = await run_cli(["--ranks", "1", "--gpus-per-rank", "0", "--", *command])
+    assert status == 2
+    assert stderr.startswith("trio-dpsup: error: ")
+    assert message in stderr
+    assert "Traceback" not in stderr
+    assert not pid_file.exists()
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ("host = 5", "host must be a string"),
+        ('host = ["a", "b"]', "host must be a string"),
+        (f'host = "{"x" * 100_000}"', "host must be a string of at most 4096 characters"),
+        (f'host = "{"x" * 10_000_000}"', "is larger than 1048576 bytes: not a config"),
+        ("ssl-certfile = 1", "ssl-certfile must be a string"),
+        ("devices = {a = 1}", "devices must be a list"),
+        ("secret-option = 3", "secret-option must be a list of strings"),
+    ],
+)
+async def test_config_values_of_the_wrong_type(tmp_path: Path, toml: str, message: str) -> None:
+    pid_file = tmp_path / "pids"
+    config = tmp_path / "node.toml"
+    config.write_text(f"ranks = 1\ngpus-per-rank = 0\n{toml}\n")
+    status, stderr = await run_cli(["--config", str(config), "--", *rank_command(pid_file)])
+    assert status == 2
+    assert message in stderr
+    assert "Traceback" not in stderr
+    assert len(stderr) < 2000  # the 10 MB value is not repeated back
+    assert not pid_file.exists()
+
+
+async def test_config_that_never_ends(tmp_path: Path) -> None:
+    status, stderr = await run_cli(["--config", "/dev/zero", "--", *FAKE_RANK])
+    assert status == 2
+    assert "/dev/zero is not a regular file" in stderr
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--ranks", "1", "--health-path", "/h\r\nX: 1"], "no spaces or control characters"),
+        (["--ranks", "1", "--health-path", "/h x"], "no spaces or control characters"),
+        (["--ranks", "70000"], "70000 ranks need 70000 ports, more than there are"),
+        (["--ranks", "3000", "--base-port", "20000", "--control-port", "0"], "open files"),
+    ],
+)
+async def test_bad_values(tmp_path: Path, options: list[str], message: str) -> None:
+    pid_file = tmp_path / "pids"
+    env = bare_environment()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    limited = ["prlimit", "--nofile=1024:1024", "--"] if "3000" in options else []
+    if limited and shutil.which("prlimit") is None:
+        pytest.skip("prlimit (util-linux) is not installed")
+    args = [*options, "--gpus-per-rank", "0", "--", *rank_command(pid_file)]
+    if limited:
+        result = await trio.run_process(
+            [*limited, sys.executable, "-m", "trio_dpsup", *args],
+            capture_stderr=True, capture_stdout=True, check=False, env=env,
+        )  # fmt: skip
+        status, stderr = result.returncode, result.stderr.decode()
+    else:
+        status, stderr = await run_cli(args, env=env)
+    assert status == 2, stderr
+    assert message in stderr
+    assert "-9999" not in stderr
+    assert not pid_file.exists()
+    assert (soft, hard) == resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+async def test_a_directory_is_not_a_command(tmp_path: Path) -> None:
+    status, stderr = await run_cli(["--ranks", "1", "--gpus-per-rank", "0", "--", str(tmp_path)])
+    assert status == 2
+    assert "is a directory: give the path of the server program" in stderr
+
+
+async def test_empty_cuda_visible_devices_names_the_variable(tmp_path: Path) -> None:
+    pid_file = tmp_path / "pids"
+    env = {**bare_environment(), "CUDA_VISIBLE_DEVICES": ""}
+    status, stderr = await run_cli(["--", *rank_command(pid_file)], env=env)
+    assert status == 2
+    assert "CUDA_VISIBLE_DEVICES=''" in stderr
+    assert "--gpus-per-rank 0" in stderr
+    assert not pid_file.exists()
+
+
+async def test_a_huge_rank_number_in_a_path_is_not_found() -> None:
+    base = free_port_range(1)
+    async with open_cli_supervisor(cli_args(1, base)) as sup:
+        url = await sup.wait_ready()
+        async with httpx.AsyncClient(base_url=url) as client:
+            response = await client.get(f"/ranks/{'9' * 4000}/ready")
+            assert response.status_code == 404
+            assert (await client.get("/livez")).status_code == 200
+        sup.send_signal(signal.SIGTERM)
+        assert await sup.wait() == 0
+
+
+async def test_a_rank_that_exits_2_is_no_usage_error() -> None:
+    # 2 is ours: bad input, nothing started. A rank's own 2 becomes 1, its cause names the 2.
+    base = free_port_range(1)
+    rank_args = ["--exit-after", "0.3", "--exit-code", "2"]
+    async with open_cli_supervisor(cli_args(1, base, rank_args=rank_args)) as sup:
+        assert await sup.wait() == 1
+    assert "rank 0 exited unexpectedly: exit status 2" in sup.log
