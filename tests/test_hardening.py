@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import fcntl
 import os
+import resource
+import shutil
 import signal
+import socket
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
 import trio
@@ -260,3 +264,37 @@ async def test_secrets_stay_out_of_status_and_logs() -> None:
     assert "***" in str(status["ranks"])
     assert secret not in str(status)
     assert secret not in sup.log
+
+
+async def test_idle_connections_cannot_starve_the_probes() -> None:
+    # The supervisor may open 1024 files; a client holds 1200 idle connections to its
+    # control plane. Connections are capped and the least recently active is closed to
+    # make room, so every probe is still answered.
+    idle = 1200
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < idle + 200:
+        pytest.skip(f"this test holds {idle} connections; the hard open-file limit is {hard}")
+    if shutil.which("prlimit") is None:
+        pytest.skip("prlimit (util-linux) is not installed")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, idle + 200), hard))
+    base = free_port_range(1)
+    program = ["prlimit", "--nofile=1024:1024", "--", sys.executable, "-P", "-m", "trio_dpsup"]
+    held: list[socket.socket] = []
+    try:
+        async with open_cli_supervisor(cli_args(1, base), program=program) as sup:
+            url = await sup.wait_ready()
+            host, port = url.removeprefix("http://").rsplit(":", 1)
+            for _ in range(idle):
+                held.append(socket.create_connection((host, int(port))))
+            async with httpx.AsyncClient(base_url=url, timeout=5) as client:
+                for _ in range(20):
+                    # A new connection each time, as a kubelet probe makes.
+                    response = await client.get("/ready", headers={"connection": "close"})
+                    assert response.status_code == 200
+            assert "accept failed" not in sup.log
+            sup.send_signal(signal.SIGTERM)
+            assert await sup.wait() == 0
+    finally:
+        for sock in held:
+            sock.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -1,4 +1,4 @@
-"""The control plane: a small raw ASGI app served by hypercorn.
+"""The control plane: the probe, status and metrics endpoints, served by `_http_server`.
 
 It listens before any rank is spawned and stops after every rank is gone, so probes always
 get an answer that says why (503 with a reason while starting or stopping). GET and HEAD only.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import resource
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
@@ -16,11 +17,9 @@ from functools import partial
 from typing import Any
 
 import trio
-from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve
-from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
 
 from ._errors import ConfigError
+from ._http_server import Response, connection_limit, serve_http
 from ._metrics import CONTENT_TYPE
 from ._nvml import MIB
 from ._state import RankStatus, SupervisorState, SupervisorStatus
@@ -28,10 +27,6 @@ from ._state import RankStatus, SupervisorState, SupervisorStatus
 __all__ = ["ControlApp", "bind_control_socket", "serve_control_plane", "status_to_json"]
 
 logger = logging.getLogger(__name__)
-
-#: Connections still open when the control plane stops get this long to finish. Probes are
-#: tiny; anything slower is a client that keeps an idle connection open.
-GRACEFUL_TIMEOUT = 0.5
 
 # Nine digits at most: any rank number fits, and int() of a 4000-digit path cannot raise.
 _RANK_READY = re.compile(r"^/ranks/(-?\d{1,9})/ready$")
@@ -50,25 +45,9 @@ class ControlApp:
         self._snapshot = snapshot
         self._metrics = metrics
 
-    async def __call__(
-        self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
-    ) -> None:
-        if scope["type"] == "lifespan":
-            await _lifespan(receive, send)
-            return
-        if scope["type"] != "http":
-            return  # websockets: refused by closing without accepting
-        status, headers, body = self._route(scope["method"], scope["path"])
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [(b"content-length", str(len(body)).encode()), *headers],
-                "trailers": False,
-            }
-        )
-        payload = b"" if scope["method"] == "HEAD" else body
-        await send({"type": "http.response.body", "body": payload, "more_body": False})
+    def respond(self, method: str, path: str) -> Response:
+        """The answer to `method` `path` (the server leaves out the body of a HEAD)."""
+        return Response(*self._route(method, path))
 
     def _route(self, method: str, path: str) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         if method not in ("GET", "HEAD"):
@@ -118,16 +97,6 @@ def _reason(status: SupervisorStatus) -> str:
     if status.state is SupervisorState.READY:  # ready, but too few ranks (restarting)
         return f"degraded: ranks not ready: {ranks}\n"
     return f"{status.state.value}\n"
-
-
-async def _lifespan(receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return
 
 
 def status_to_json(status: SupervisorStatus) -> dict[str, Any]:
@@ -242,23 +211,40 @@ async def serve_control_plane(
     """Serve `app` on `sock` until `shutdown_trigger` returns. Takes ownership of `sock`.
 
     Calls ``task_status.started(url)`` with the bound address once it accepts connections.
-    `tls` (certificate file, key file, client CA file or None) serves HTTPS.
+    `tls` (certificate file, key file, client CA file or None) serves HTTPS. Connections
+    are capped below the open-file limit (see _http_server).
 
     **Cancellation**: stops serving at once, dropping open connections.
     """
-    config = HypercornConfig()
-    config.bind = [f"fd://{sock.detach()}"]  # hypercorn owns the descriptor from here on
-    config.accesslog = None
-    config.errorlog = logging.getLogger("hypercorn.error")  # hypercorn's own name for it
-    config.graceful_timeout = GRACEFUL_TIMEOUT
-    config.include_server_header = False
+    sock.listen(1024)
+    host, port = sock.getsockname()[:2]
+    listener: trio.abc.Listener[trio.abc.Stream] = trio.SocketListener(
+        trio.socket.from_stdlib_socket(sock)
+    )
+    scheme = "http"
     if tls is not None:
-        config.certfile, config.keyfile, ca_certs = tls
-        if ca_certs is not None:
-            config.ca_certs = ca_certs
-            config.verify_mode = ssl.CERT_REQUIRED  # mutual TLS: clients show a certificate
+        listener = trio.SSLListener(listener, _server_context(*tls), https_compatible=True)
+        scheme = "https"
+    shown = f"[{host}]" if ":" in host else host
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     async with trio.open_nursery() as nursery:
-        binds: list[str] = await nursery.start(
-            partial(serve, app, config, shutdown_trigger=shutdown_trigger, mode="asgi")
+        await nursery.start(
+            partial(
+                serve_http,
+                app.respond,
+                listener,
+                shutdown_trigger,
+                max_connections=connection_limit(soft),
+            )
         )
-        task_status.started(binds[0])
+        task_status.started(f"{scheme}://{shown}:{port}")
+
+
+def _server_context(certfile: str, keyfile: str, ca_certs: str | None) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(certfile, keyfile)
+    context.set_alpn_protocols(["http/1.1"])
+    if ca_certs is not None:
+        context.load_verify_locations(ca_certs)
+        context.verify_mode = ssl.CERT_REQUIRED  # mutual TLS: clients show a certificate
+    return context

@@ -139,6 +139,6 @@ def configure_logging(level: str, log_format: str) -> None:
         JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT)
     )
     logging.basicConfig(level=level, handlers=[handler])
-    # One line per probe from httpx, and hypercorn's banner, would drown the ranks' events.
-    for noisy in ("httpx", "httpcore", "hypercorn.error"):
+    # One line per probe from httpx would drown the ranks' events.
+    for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

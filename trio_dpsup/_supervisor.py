@@ -1,7 +1,7 @@
 """The supervisor: the nurseries whose structure is the shutdown order.
 
     run()                              root nursery
-    ├── control plane (hypercorn)      started first, stopped last
+    ├── control plane (h11)            started first, stopped last
     ├── guardian process               kills the rank trees if the supervisor dies
     └── ranks nursery                  cancelled on shutdown or on the first failure
         ├── one task per rank          owns its process: spawn, wait, stop

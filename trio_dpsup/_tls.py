@@ -13,7 +13,7 @@ __all__ = ["check_tls", "rank_verify"]
 
 def check_tls(config: SupervisorConfig) -> None:
     """Load every certificate, key and CA file now, so that a bad one is a ConfigError before
-    anything starts (hypercorn and the prober load them again when they need them)."""
+    anything starts (the control plane and the prober load them again when they need them)."""
     if config.rank_scheme == "https":
         rank_verify(config)
     if config.ssl_certfile is None or config.ssl_keyfile is None:
