@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -36,6 +37,7 @@ from trio_dpsup.testing import (
     Harness,
     free_port_range,
     no_nvml,
+    read_pid_file,
 )
 
 pytest_plugins = ["trio_dpsup.testing.plugin"]
@@ -213,6 +215,27 @@ async def test_status_shows_each_rank_on_its_gpu_with_placement_ok(dpsup: Harnes
     deployment.signal_supervisor(signal.SIGTERM)
     assert await deployment.wait_exit() == 0
     assert fake.closed == fake.opened == 1
+
+
+@pytest.mark.parametrize("kind", ["setproctitle", "env-i"])
+async def test_an_engine_child_that_renamed_itself_is_its_ranks(
+    dpsup: Harness, kind: str, tmp_path: Path
+) -> None:
+    # As vLLM's engine core: the GPU is held by the rank's child, which called setproctitle
+    # (/proc no longer shows its tree cookie) or was started with env -i. It is still in the
+    # rank's session, so placement knows it as the rank's.
+    pytest.importorskip("setproctitle", reason="the setproctitle test extra is not installed")
+    fake = FakeNvml(gpus=2)
+    pid_files = tmp_path / "pids-{rank}"
+    rank_args = ["--grandchild", kind, "--pid-file", str(pid_files)]
+    deployment = await dpsup.start(2, nvml=fake.factory, rank_args=rank_args, **GPU_SETTINGS)
+    for rank, gpu in enumerate(fake.gpus):
+        engine = read_pid_file(tmp_path / f"pids-{rank}")[f"grandchild-{kind}"]
+        fake.place(engine, gpu.uuid, used_mib=2048)
+    status = await wait_for_verdicts(deployment, ["ok", "ok"])
+    assert all(not r["placement"]["issues"] for r in status["ranks"])
+    deployment.signal_supervisor(signal.SIGTERM)
+    assert await deployment.wait_exit() == 0
 
 
 async def test_rank_on_the_wrong_gpu_is_flagged(dpsup: Harness) -> None:
