@@ -285,8 +285,19 @@ async def test_idle_connections_cannot_starve_the_probes() -> None:
             url = await sup.wait_ready()
             host, port = url.removeprefix("http://").rsplit(":", 1)
             for _ in range(idle):
-                held.append(socket.create_connection((host, int(port))))
-            async with httpx.AsyncClient(base_url=url, timeout=5) as client:
+                # Each has made a request and is kept alive, idle, as a pooling client's.
+                sock = socket.create_connection((host, int(port)), timeout=5)
+                held.append(sock)
+                try:
+                    sock.sendall(b"GET /livez HTTP/1.1\r\nhost: x\r\n\r\n")
+                    sock.recv(4096)
+                except OSError:
+                    pass  # evicted, or never accepted: either way it holds a descriptor
+            # The supervisor keeps a reserve of open files below its limit, whatever the
+            # clients do: ranks, probes and restarts need descriptors too.
+            assert psutil.Process(sup.pid).num_fds() < 1024 - 256
+            # A kubelet's probe gives up after 1 s (its default timeoutSeconds).
+            async with httpx.AsyncClient(base_url=url, timeout=1) as client:
                 for _ in range(20):
                     # A new connection each time, as a kubelet probe makes.
                     response = await client.get("/ready", headers={"connection": "close"})

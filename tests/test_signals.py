@@ -17,7 +17,7 @@ from .test_hardening import all_holders_gone, kill_holders
 
 
 async def test_sigterm_while_ranks_are_being_started_stops_in_order(tmp_path: Path) -> None:
-    ranks = 40
+    ranks = 100
     base = free_port_range(ranks)
     pid_files = tmp_path / "pids-{rank}"
     rank_args = ["--pid-file", str(pid_files), "--ready-after", "600"]
@@ -27,8 +27,9 @@ async def test_sigterm_while_ranks_are_being_started_stops_in_order(tmp_path: Pa
         assert await sup.wait() == 0  # an ordered shutdown, not death by the signal
     assert "shutdown requested (SIGTERM)" in sup.log
     assert "stopped cleanly" in sup.log
+    # No rank is started once the request is seen: far fewer than all of them were.
     started = sup.log.count(" started: pid ")
-    assert started >= 1
+    assert 1 <= started < ranks // 2, started
     for rank in range(ranks):
         path = tmp_path / f"pids-{rank}"
         if path.exists():
