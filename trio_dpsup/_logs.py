@@ -209,25 +209,23 @@ async def _pump(
 
 def _split(partial: bytearray, chunk: bytes) -> list[bytes]:
     """The lines that `chunk` completes, after what `partial` holds; `partial` keeps the
-    rest. Lines and the rest are cut at MAX_LINE bytes. Linear in the chunk's size."""
-    lines: list[bytes] = []
-    start = 0
-    while (end := chunk.find(b"\n", start)) != -1:
-        partial += chunk[start:end]
-        lines.extend(_pieces(partial))
-        partial.clear()
-        start = end + 1
-    partial += chunk[start:]
-    while len(partial) >= MAX_LINE:
-        lines.append(bytes(partial[:MAX_LINE]))
-        del partial[:MAX_LINE]
+    rest. Lines and the rest are cut at MAX_LINE bytes. `partial` never holds more than
+    MAX_LINE bytes, so the joining costs at most that much per chunk: linear overall."""
+    data = bytes(partial) + chunk if partial else chunk
+    *lines, rest = data.split(b"\n")
+    if len(data) > MAX_LINE and any(len(line) > MAX_LINE for line in lines):
+        lines = [piece for line in lines for piece in _pieces(line)]
+    while len(rest) >= MAX_LINE:
+        lines.append(rest[:MAX_LINE])
+        rest = rest[MAX_LINE:]
+    partial[:] = rest
     return lines
 
 
-def _pieces(line: bytearray) -> list[bytes]:
+def _pieces(line: bytes) -> list[bytes]:
     if len(line) <= MAX_LINE:
-        return [bytes(line)]
-    return [bytes(line[i : i + MAX_LINE]) for i in range(0, len(line), MAX_LINE)]
+        return [line]
+    return [line[i : i + MAX_LINE] for i in range(0, len(line), MAX_LINE)]
 
 
 def _tail_line(line: bytes) -> str:

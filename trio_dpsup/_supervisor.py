@@ -15,6 +15,7 @@ every other rank is signalled in the same scheduler tick.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shlex
@@ -26,6 +27,7 @@ from contextlib import asynccontextmanager
 from functools import partial
 
 import httpx
+import psutil
 import trio
 
 from ._cgroup import CgroupError, RunCgroups
@@ -370,27 +372,28 @@ class _Run:
             self.board.fail(GpuLeftovers(tuple(leftovers)))
 
     async def _sweep(self) -> None:
-        """Stop what outlived every rank's own stop: orphans adopted from the trees whose
-        rank could not be told, and members that escaped their rank's scans (a process
-        that forks in a loop). Those a scan still finds get the forwarded signal and what
-        is left of the shared grace period; then one round of kill passes, newest first,
-        catches what no single scan could.
+        """Stop the orphans this subreaper adopted from the trees whose rank could not be
+        told (no rank's stop took them: a setsid, double-forked, renamed process). They get
+        the forwarded signal and what is left of the shared grace period, then kill passes.
 
         **Cancellation**: shielded; bounded by the grace deadline and the kill passes.
         """
         with trio.CancelScope(shield=True):
-            members = await self.scanner.scan_all()
-            if members:
-                logger.warning(
-                    "stopping pids %s: they outlived their rank's stop",
-                    ", ".join(str(p.pid) for p in members),
-                )
-                signal_all(members, self.clock.signum)
-                with self.clock.grace():
-                    await wait_gone(members)
-            killed = await self.scanner.kill_members(None)
-            if killed:
-                logger.warning("killed %d processes of the rank trees on sight", killed)
+            orphans = [pid for pid, _ in self.trees.adopted()]
+            if not orphans:
+                return
+            logger.warning(
+                "stopping pids %s: orphans adopted from the rank trees",
+                ", ".join(map(str, orphans)),
+            )
+            procs = []
+            for pid in orphans:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    procs.append(psutil.Process(pid))
+            signal_all(procs, self.clock.signum)
+            with self.clock.grace():
+                await wait_gone(procs)
+            await self.scanner.kill_members(None)
 
     def fail(self, failure: SupervisorFailure) -> SupervisorFailure:
         """Record `failure` (the first one wins) and start stopping every rank at once."""
