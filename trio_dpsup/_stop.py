@@ -96,18 +96,22 @@ async def stop_rank(
 
     # Scan again: the tree may have forked between the first scan and the signal.
     late = await scanner.scan(rank, fresh=True)
+    seen = {proc.pid for proc in tree}
+    forked = any(proc.pid not in seen for proc in late)
     tree = _union(tree, late)
     survivors = await kill_all(tree, KILL_TIMEOUT)
-    # What forked while we scanned and killed: a process that forks and exits in a loop
-    # outruns any one scan. Passes that kill on sight, until one finds nothing alive: always
-    # over the orphans we adopted (cheap, and where such a process lands at every step),
-    # over the whole table when a fresh scan still finds a member.
-    known = {proc.pid for proc in survivors}
-    again = [p for p in await scanner.scan(rank, fresh=True) if p.pid not in known]
-    await scanner.kill_members([rank], scan=bool(again))
-    if again:
+    # A process that forks and exits in a loop outruns any one scan. Passes that kill on
+    # sight, until one finds nothing alive: always over the orphans we adopted (cheap, and
+    # where such a process lands at every step); over the whole table too when the tree
+    # was still forking (a member the first scan had not seen).
+    if forked:
+        known = {proc.pid for proc in survivors}
+        again = [p for p in await scanner.scan(rank, fresh=True) if p.pid not in known]
+        await scanner.kill_members([rank], scan=bool(again))
         survivors = _union(survivors, await kill_all(again, KILL_TIMEOUT))
         tree = _union(tree, again)
+    else:
+        await scanner.kill_members([rank], scan=False)
     with trio.move_on_after(KILL_TIMEOUT):
         await process.wait()
     reap(tree)
