@@ -188,3 +188,24 @@ async def test_restart_intensity_window() -> None:
     assert escalated.exit_status == 3
     clean = RankExited(0, 0)
     assert restarter.decide(clean) is clean  # on-failure does not restart an exit with 0
+
+
+@FORMS
+async def test_a_second_signal_reaches_a_rank_that_is_restarting(
+    dpsup: Harness, form: Form
+) -> None:
+    # Rank 0 fails its probes and ignores SIGTERM: its restart's stop waits out a grace
+    # period of 30 s of its own. A second signal must end that wait too, not only the
+    # shutdown's.
+    deployment = await dpsup.start(
+        2, form=form, rank_args=["--ignore-sigterm"], grace_period=30, **QUICK
+    )
+    await deployment.fail_health(0, 503)
+    await deployment.wait_for_rank_state(0, "restarting")
+    deployment.signal_supervisor(signal.SIGTERM)
+    await trio.sleep(0.2)  # past the 0.1 s in which a repeat is the same request (README)
+    start = trio.current_time()
+    deployment.signal_supervisor(signal.SIGTERM)
+    assert await deployment.wait_exit(10) == 1  # ranks had to be killed
+    assert trio.current_time() - start < 3.0  # not the 30 s of the restart's grace period
+    await deployment.assert_no_leftovers()

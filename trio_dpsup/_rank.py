@@ -152,8 +152,9 @@ async def _run_process(
             stopping = ctx.board.stopping.is_set()
             if record.state not in (RankState.FAILED, RankState.RESTARTING):
                 record.state = RankState.STOPPING if stopping else RankState.RESTARTING
-            # A restart's stop has a grace period of its own; a shutdown's is shared.
-            clock = ctx.clock if stopping else StopClock(ctx.config.grace_period)
+            # A restart's stop has a grace period of its own, which a kill ends too; a
+            # shutdown's is shared.
+            clock = ctx.clock if stopping else ctx.clock.for_restart()
             graceful = await stop_rank(rank, process, ctx.scanner, clock)
             if process.output is not None:
                 await wait_drained(record.output)  # its last lines, before any report

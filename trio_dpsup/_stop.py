@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import signal
+import weakref
 from collections.abc import Iterator
 
 import psutil
@@ -33,15 +34,26 @@ class StopClock:
     """One grace deadline for every rank, fixed when the first rank starts stopping.
 
     `kill_now` (a second signal) moves it to the past: every rank still in its grace period
-    goes straight to SIGKILL.
+    goes straight to SIGKILL — those stopping for a restart too, on the clocks made by
+    `for_restart`.
     """
 
     def __init__(self, grace_period: float) -> None:
         self._grace_period = grace_period
         self._deadline: float | None = None
         self._scopes: set[trio.CancelScope] = set()
+        self._restarts: weakref.WeakSet[StopClock] = weakref.WeakSet()
         #: The signal forwarded to ranks: the one the supervisor received, else SIGTERM.
         self.signum: int = signal.SIGTERM
+
+    def for_restart(self) -> StopClock:
+        """A clock for one rank's restart: a grace period of its own, starting when that
+        rank starts stopping, which this clock's `kill_now` ends as well."""
+        clock = StopClock(self._grace_period)
+        self._restarts.add(clock)
+        if self._deadline == -math.inf:
+            clock.kill_now()
+        return clock
 
     @property
     def deadline(self) -> float:
@@ -63,6 +75,8 @@ class StopClock:
         self._deadline = -math.inf
         for scope in self._scopes:
             scope.deadline = -math.inf
+        for clock in list(self._restarts):
+            clock.kill_now()
 
 
 async def stop_rank(
