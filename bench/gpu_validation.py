@@ -107,6 +107,22 @@ def cli(ranks: int, *options: str, command: tuple[str, ...] = DEMO) -> list[str]
     ]  # fmt: skip
 
 
+async def kill_and_wait_released(
+    sup: CliSupervisor, before: dict[str, list[tuple[int, int]]], *, pacing: float
+) -> tuple[dict[str, list[tuple[int, int]]], float]:
+    """SIGKILL the supervisor; wait (10 s at most) until NVML lists no process. Returns what
+    NVML listed last and the seconds from the SIGKILL to then."""
+    killed_at = trio.current_time()
+    sup.send_signal(signal.SIGKILL)
+    await sup.wait(60)
+    left = before
+    with trio.move_on_after(10):
+        while any(left.values()):
+            left = await trio.to_thread.run_sync(nvml_processes)
+            await trio.sleep(pacing)  # pacing NVML reads
+    return left, trio.current_time() - killed_at
+
+
 async def scenario_placement(record: Record, ranks: int) -> None:
     args = cli(ranks)
     record.add("## 1. One rank per GPU: placement, readings, clean shutdown, no leftovers")
@@ -160,15 +176,7 @@ async def scenario_sigkill(record: Record) -> None:
         await sup.wait_ready(timeout=300)
         await wait_status(sup, verdicts("ok", "ok"))
         before = await trio.to_thread.run_sync(nvml_processes)
-        killed_at = trio.current_time()
-        sup.send_signal(signal.SIGKILL)
-        await sup.wait(60)
-        left = before
-        with trio.move_on_after(10):
-            while any(left.values()):
-                left = await trio.to_thread.run_sync(nvml_processes)
-                await trio.sleep(0.1)  # pacing NVML reads
-        released = trio.current_time() - killed_at
+        left, released = await kill_and_wait_released(sup, before, pacing=0.1)
     record.add(f"NVML before: {json.dumps(before)}")
     record.add(f"NVML {released:.2f} s after the SIGKILL: {json.dumps(left)}")
     assert not any(left.values()), "GPU memory outlived the supervisor"
@@ -226,15 +234,7 @@ async def scenario_renamed_engines(record: Record, *options: str) -> None:
         before = await trio.to_thread.run_sync(nvml_processes)
         titles = {pid: proc_name(pid) for procs in before.values() for pid, _ in procs}
         record.add(f"NVML before: {json.dumps(before)}; their names in /proc: {titles}")
-        killed_at = trio.current_time()
-        sup.send_signal(signal.SIGKILL)
-        await sup.wait(60)
-        left = before
-        with trio.move_on_after(10):
-            while any(left.values()):
-                left = await trio.to_thread.run_sync(nvml_processes)
-                await trio.sleep(0.05)  # pacing NVML reads
-        released = trio.current_time() - killed_at
+        left, released = await kill_and_wait_released(sup, before, pacing=0.05)
     record.add(f"NVML {released:.2f} s after the SIGKILL: {json.dumps(left)}")
     assert not any(left.values()), "renamed engines outlived the supervisor"
     assert released < 1.0, f"engines released their GPUs only after {released:.2f} s"
