@@ -13,8 +13,11 @@ import trio
 
 from trio_dpsup import (
     ConfigError,
+    Preset,
     RankExited,
     RankState,
+    RestartPolicy,
+    RestartScope,
     StartupTimeout,
     Supervisor,
     SupervisorConfig,
@@ -22,9 +25,11 @@ from trio_dpsup import (
     SupervisorState,
     SupervisorStopped,
 )
-from trio_dpsup.testing import alive, free_port_range, wait_pids_gone
+from trio_dpsup.testing import Harness, alive, free_port_range, wait_pids_gone
 
 from .conftest import FAKE_RANK
+
+pytest_plugins = ["trio_dpsup.testing.plugin"]
 
 
 def fake_config(ranks: int, base_port: int, *rank_args: str, **fields: object) -> SupervisorConfig:
@@ -142,3 +147,40 @@ async def test_prober_transport_is_injected() -> None:
         handle.request_shutdown()
     assert f"http://127.0.0.1:{config.base_port + 1}/health" in seen
     assert handle.exit_status == 0
+
+
+@pytest.mark.parametrize(
+    ("field", "text", "member"),
+    [
+        ("restart", "never", RestartPolicy.NEVER),
+        ("restart", "on-failure", RestartPolicy.ON_FAILURE),
+        ("restart_scope", "all", RestartScope.ALL),
+        ("preset", "vllm", Preset.VLLM),
+    ],
+)
+def test_an_enum_setting_given_as_its_value_is_converted(
+    field: str, text: str, member: object
+) -> None:
+    config = SupervisorConfig(command=("server",), **{field: text})  # type: ignore[arg-type]
+    assert getattr(config, field) is member
+
+
+@pytest.mark.parametrize(
+    ("field", "allowed"),
+    [
+        ("restart", "never, on-failure, always"),
+        ("restart_scope", "rank, all"),
+        ("preset", "vllm, sglang"),
+    ],
+)
+def test_an_enum_setting_of_no_known_value_is_refused(field: str, allowed: str) -> None:
+    with pytest.raises(ConfigError, match=f"must be one of {allowed}, not 'bogus'"):
+        SupervisorConfig(command=("server",), **{field: "bogus"})  # type: ignore[arg-type]
+
+
+async def test_restart_given_as_a_string_never_restarts(dpsup: Harness) -> None:
+    # The CLI converts; so must the library: "never" must not be misread as a policy.
+    deployment = await dpsup.start(2, restart="never")
+    await deployment.crash_rank(1, 3)
+    assert await deployment.wait_exit() == 3
+    await deployment.assert_no_leftovers()

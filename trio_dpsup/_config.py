@@ -40,7 +40,7 @@ class SupervisorConfig:
     start_rank: int = 0
     gpus_per_rank: int = 1
     #: Devices to hand out, as CUDA_VISIBLE_DEVICES entries. None: the environment's
-    #: CUDA_VISIBLE_DEVICES when set; otherwise no devices are assigned.
+    #: CUDA_VISIBLE_DEVICES when set, otherwise every device NVML sees.
     devices: tuple[str, ...] | None = None
     host: str = "127.0.0.1"
     base_port: int = 8000
@@ -99,6 +99,7 @@ class SupervisorConfig:
     env: tuple[tuple[str, str], ...] = field(default=())
 
     def __post_init__(self) -> None:
+        self._coerce_enums()
         if not self.command:
             raise ConfigError("no command to run: put the rank command after '--'")
         _positive_int("--ranks", self.ranks, allow_none=True)
@@ -136,6 +137,27 @@ class SupervisorConfig:
         self._check_tls()
         self._check_restarts()
         self._check_ports()
+
+    def _coerce_enums(self) -> None:
+        """Accept an enum setting as its member or its value (``restart="never"``), as the
+        CLI does; anything else is a ConfigError naming the allowed values. Without this a
+        library caller's string would be compared against the enum and silently misread."""
+        for name, cls, option in (
+            ("restart", RestartPolicy, "--restart"),
+            ("restart_scope", RestartScope, "--restart-scope"),
+            ("preset", Preset, "--preset"),
+        ):
+            value = getattr(self, name)
+            if value is None and name == "preset":
+                continue
+            if isinstance(value, cls):
+                continue
+            try:
+                member = cls(value)
+            except ValueError:
+                allowed = ", ".join(str(m.value) for m in cls)
+                raise ConfigError(f"{option} must be one of {allowed}, not {value!r}") from None
+            object.__setattr__(self, name, member)  # frozen: set once, while constructing
 
     def _check_restarts(self) -> None:
         if self.max_restarts < 0:

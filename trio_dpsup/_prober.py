@@ -21,7 +21,7 @@ import trio
 from ._config import SupervisorConfig
 from ._errors import RankStartTimeout, RankUnhealthy, StartupTimeout, SupervisorFailure
 from ._state import Board, ProbeResult, RankRecord
-from ._tls import rank_verify
+from ._tls import WILDCARD_HOSTS, rank_verify
 
 __all__ = [
     "open_probe_client",
@@ -33,12 +33,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Hosts that mean "every interface": a rank bound there is probed on loopback.
-_WILDCARD_HOSTS = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
-
 
 def rank_health_url(config: SupervisorConfig, port: int) -> str:
-    host = _WILDCARD_HOSTS.get(config.host, config.host)
+    host = WILDCARD_HOSTS.get(config.host, config.host)
     if ":" in host:
         host = f"[{host}]"
     return f"{config.rank_scheme}://{host}:{port}{config.health_path}"

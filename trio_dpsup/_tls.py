@@ -8,7 +8,10 @@ import ssl
 from ._config import SupervisorConfig
 from ._errors import ConfigError
 
-__all__ = ["check_tls", "rank_verify"]
+#: Hosts that mean "every interface": a rank bound there is probed on loopback, here.
+WILDCARD_HOSTS = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
+
+__all__ = ["WILDCARD_HOSTS", "check_tls", "is_loopback", "rank_verify"]
 
 
 def check_tls(config: SupervisorConfig) -> None:
@@ -44,7 +47,8 @@ def rank_verify(config: SupervisorConfig) -> ssl.SSLContext | bool:
 
 
 def is_loopback(host: str) -> bool:
-    if host in ("localhost", "", "0.0.0.0", "::"):  # wildcards are probed on loopback
+    # Wildcards are probed on loopback.
+    if host == "localhost" or host in WILDCARD_HOSTS:
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
