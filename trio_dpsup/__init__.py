@@ -17,7 +17,7 @@ import typing
 from . import _lazy
 
 if typing.TYPE_CHECKING:  # the names for type checkers; at run time they load on first use
-    from ._config import SupervisorConfig
+    from ._config import RankScheme, SupervisorConfig
     from ._errors import (
         ConfigError,
         GpuFailed,
@@ -54,6 +54,7 @@ __all__ = [
     "ProbeResult",
     "RankExited",
     "RankPlan",
+    "RankScheme",
     "RankSpawnFailed",
     "RankStartTimeout",
     "RankState",
@@ -79,7 +80,7 @@ __version__ = "0.1.0"
 __getattr__, __dir__ = _lazy.lazy_exports(
     __name__,
     {
-        "._config": ["SupervisorConfig"],
+        "._config": ["RankScheme", "SupervisorConfig"],
         "._errors": [
             "ConfigError",
             "GpuFailed",

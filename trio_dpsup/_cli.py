@@ -24,9 +24,8 @@ from ._config import SupervisorConfig
 from ._config_file import load_config_file
 from ._errors import EXIT_USAGE, ConfigError, SupervisorFailure
 from ._log_format import configure_logging
+from ._options import GROUPS, add_settings, from_namespace
 from ._plan import PLACEHOLDERS
-from ._presets import Preset
-from ._restart import RestartPolicy, RestartScope
 from ._spawn import become_subreaper
 from ._supervisor import Supervisor, SupervisorHandle
 from ._systemd import run_systemd_notify
@@ -37,7 +36,6 @@ logger = logging.getLogger("trio_dpsup")
 
 PROG = "trio-dpsup"
 E = TypeVar("E", bound=BaseException)
-_DEFAULTS = SupervisorConfig(command=("unused",))
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
@@ -101,206 +99,19 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    d = _DEFAULTS
     parser.add_argument(
         "--config",
         metavar="FILE.toml",
         help="read options from a TOML file (keys: the long options; command line wins)",
     )
-    ranks = parser.add_argument_group("ranks")
-    ranks.add_argument("--ranks", type=int, help="local ranks (default: devices / gpus-per-rank)")
-    ranks.add_argument(
-        "--start-rank",
-        type=int,
-        default=d.start_rank,
-        help="global rank of local rank 0 (default: %(default)s)",
-    )
-    ranks.add_argument(
-        "--gpus-per-rank",
-        type=int,
-        default=d.gpus_per_rank,
-        help="devices per rank, e.g. TP x PP; 0: no GPU (default: %(default)s)",
-    )
-    ranks.add_argument(
-        "--devices",
-        type=_device_list,
-        help="comma list of devices to hand out: indices, GPU-… or MIG-… UUIDs "
-        "(default: CUDA_VISIBLE_DEVICES, else all NVML devices)",
-    )
-    ranks.add_argument(
-        "--gpu-interval",
-        type=float,
-        default=d.gpu_interval,
-        help="seconds between GPU readings and placement checks (default: %(default)s)",
-    )
-    ranks.add_argument(
-        "--preset",
-        choices=[p.value for p in Preset],
-        help="adapt the command to vLLM (vllm serve ...) or SGLang "
-        "(python -m sglang.launch_server ...): adds --host, --port (and vLLM's "
-        "--data-parallel-rank) per rank, and checks the parallel sizes",
-    )
-    ranks.add_argument(
-        "--host",
-        default=d.host,
-        help="host the ranks listen on, for {host} and probes (default: %(default)s)",
-    )
-    ranks.add_argument(
-        "--base-port",
-        type=int,
-        default=d.base_port,
-        help="port of local rank 0; rank i gets base+i (default: %(default)s)",
-    )
-    control = parser.add_argument_group("control plane")
-    control.add_argument("--control-host", default=d.control_host, help="(default: %(default)s)")
-    control.add_argument(
-        "--control-port",
-        type=int,
-        default=d.control_port,
-        help="0 for any free port (default: %(default)s)",
-    )
-    control.add_argument("--ssl-certfile", help="serve the control plane over HTTPS: PEM chain")
-    control.add_argument("--ssl-keyfile", help="the private key of --ssl-certfile (PEM)")
-    control.add_argument(
-        "--ssl-ca-certs", help="require client certificates signed by this CA (mutual TLS)"
-    )
-    probes = parser.add_argument_group("health probes")
-    probes.add_argument("--health-path", default=d.health_path, help="(default: %(default)s)")
-    probes.add_argument(
-        "--rank-scheme",
-        choices=["http", "https"],
-        default=d.rank_scheme,
-        help="how ranks serve the health path (default: %(default)s)",
-    )
-    probes.add_argument(
-        "--rank-ca-certs",
-        help="verify HTTPS ranks against this CA bundle (default: not on loopback, else the "
-        "system's CAs)",
-    )
-    probes.add_argument(
-        "--probe-interval",
-        type=float,
-        default=d.probe_interval,
-        help="seconds between probes of a ready rank (default: %(default)s)",
-    )
-    probes.add_argument(
-        "--probe-timeout",
-        type=float,
-        default=d.probe_timeout,
-        help="seconds (default: %(default)s)",
-    )
-    probes.add_argument(
-        "--failure-threshold",
-        type=int,
-        default=d.failure_threshold,
-        help="consecutive failures that fail a ready rank (default: %(default)s)",
-    )
-    probes.add_argument(
-        "--startup-timeout",
-        type=float,
-        default=d.startup_timeout,
-        help="seconds for every rank to become ready; 0: no limit (default: %(default)s)",
-    )
-    restarts = parser.add_argument_group("restarts")
-    restarts.add_argument(
-        "--restart",
-        choices=[p.value for p in RestartPolicy],
-        default=d.restart.value,
-        help="never: any rank failure stops everything (DP+EP); on-failure: restart a rank "
-        "that crashed, exited non-zero or failed its probes; always: also after exit 0 "
-        "(default: %(default)s)",
-    )
-    restarts.add_argument(
-        "--restart-scope",
-        choices=[s.value for s in RestartScope],
-        default=d.restart_scope.value,
-        help="restart only the failed rank, or all ranks (default: %(default)s)",
-    )
-    restarts.add_argument(
-        "--max-restarts",
-        type=int,
-        default=d.max_restarts,
-        help="more restarts than this within --restart-window stop everything "
-        "(default: %(default)s)",
-    )
-    restarts.add_argument(
-        "--restart-window",
-        type=float,
-        default=d.restart_window,
-        help="seconds (default: %(default)s)",
-    )
-    restarts.add_argument(
-        "--restart-backoff-min",
-        type=float,
-        default=d.restart_backoff_min,
-        help="seconds before a rank's first restart; doubles per restart (default: %(default)s)",
-    )
-    restarts.add_argument(
-        "--restart-backoff-max",
-        type=float,
-        default=d.restart_backoff_max,
-        help="the longest wait before a restart (default: %(default)s)",
-    )
-    restarts.add_argument(
-        "--min-ready",
-        type=int,
-        help="/ready answers 200 while this many ranks are ready (default: all ranks)",
-    )
-    stop = parser.add_argument_group("shutdown")
-    stop.add_argument(
-        "--grace-period",
-        type=float,
-        default=d.grace_period,
-        help="seconds between the forwarded signal and SIGKILL (default: %(default)s)",
-    )
-    stop.add_argument(
-        "--drain-delay",
-        type=float,
-        default=d.drain_delay,
-        help="seconds to stay up, not ready, before signalling ranks (default: %(default)s)",
-    )
-    stop.add_argument(
-        "--cgroups",
-        action="store_true",
-        help="put each rank in a cgroup v2 of its own and kill by cgroup: nothing a rank "
-        "starts can leave it (needs a writable cgroup v2: systemd Delegate=yes, a "
-        "privileged container)",
-    )
-    stop.add_argument(
-        "--tree-watch-interval",
-        type=float,
-        default=d.tree_watch_interval,
-        help="seconds between walks of the rank trees that record their members for the "
-        "guardian and reap adopted orphans (default: %(default)s)",
-    )
-    stop.add_argument(
-        "--fail-on-leftovers",
-        action="store_true",
-        help="exit 1 when processes still hold memory on the ranks' GPUs after shutdown",
-    )
-    logs = parser.add_argument_group("logs")
-    logs.add_argument(
-        "--no-log-prefix",
-        dest="log_prefix",
-        action="store_false",
-        help="let ranks write straight to our stdout and stderr, instead of line by line "
-        "with a [rank N] prefix",
-    )
+    groups = {name: parser.add_argument_group(name) for name in GROUPS}
+    add_settings(SupervisorConfig, groups)
+    logs = groups["logs"]
     logs.add_argument(
         "--log-format",
         choices=["text", "json"],
         default="text",
         help="our own records as text, or one JSON object per line (default: %(default)s)",
-    )
-    logs.add_argument(
-        "--secret-option",
-        dest="secret_options",
-        action="append",
-        default=[],
-        metavar="OPTION",
-        help="an option of the rank command whose value is secret, besides those found by "
-        "name or shape (e.g. --secret-option=-k); shown as *** in /status and logs "
-        "(repeatable)",
     )
     logs.add_argument(
         "--log-level",
@@ -330,48 +141,8 @@ def _split_command(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     return argv[:index], argv[index + 1 :]
 
 
-def _device_list(text: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in text.split(","))
-
-
 def _config_from_args(args: argparse.Namespace, command: list[str]) -> SupervisorConfig:
-    return SupervisorConfig(
-        command=tuple(command),
-        ranks=args.ranks,
-        start_rank=args.start_rank,
-        gpus_per_rank=args.gpus_per_rank,
-        devices=args.devices,
-        host=args.host,
-        base_port=args.base_port,
-        control_host=args.control_host,
-        control_port=args.control_port,
-        health_path=args.health_path,
-        probe_interval=args.probe_interval,
-        probe_timeout=args.probe_timeout,
-        failure_threshold=args.failure_threshold,
-        startup_timeout=args.startup_timeout,
-        grace_period=args.grace_period,
-        drain_delay=args.drain_delay,
-        gpu_interval=args.gpu_interval,
-        fail_on_leftovers=args.fail_on_leftovers,
-        log_prefix=args.log_prefix,
-        preset=None if args.preset is None else Preset(args.preset),
-        ssl_certfile=args.ssl_certfile,
-        ssl_keyfile=args.ssl_keyfile,
-        ssl_ca_certs=args.ssl_ca_certs,
-        rank_scheme=args.rank_scheme,
-        rank_ca_certs=args.rank_ca_certs,
-        restart=RestartPolicy(args.restart),
-        restart_scope=RestartScope(args.restart_scope),
-        max_restarts=args.max_restarts,
-        restart_window=args.restart_window,
-        restart_backoff_min=args.restart_backoff_min,
-        restart_backoff_max=args.restart_backoff_max,
-        min_ready=args.min_ready,
-        cgroups=args.cgroups,
-        secret_options=tuple(args.secret_options),
-        tree_watch_interval=args.tree_watch_interval,
-    )
+    return SupervisorConfig(command=tuple(command), **from_namespace(SupervisorConfig, args))
 
 
 def _usage_error(exc: ConfigError) -> int:

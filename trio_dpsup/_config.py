@@ -7,16 +7,18 @@ Checks that need the environment (devices, PATH) happen when the rank plan is ma
 
 from __future__ import annotations
 
+import enum
 import math
 import os
 import re
 from dataclasses import dataclass, field
 
 from ._errors import ConfigError
+from ._options import setting
 from ._presets import Preset
 from ._restart import RestartPolicy, RestartScope
 
-__all__ = ["SupervisorConfig"]
+__all__ = ["RankScheme", "SupervisorConfig"]
 
 MAX_PORT = 65535
 
@@ -24,6 +26,13 @@ MAX_PORT = 65535
 #: milliseconds of the last rank answering 200; 50 ms keeps the median delay near 25 ms while
 #: costing one refused connection per rank every 50 ms during a load that lasts minutes.
 DEFAULT_STARTUP_PROBE_INTERVAL = 0.05
+
+
+class RankScheme(enum.Enum):
+    """How ranks serve their health path."""
+
+    HTTP = "http"
+    HTTPS = "https"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -35,66 +44,135 @@ class SupervisorConfig:
     """
 
     command: tuple[str, ...]
-    #: Local ranks. None: visible devices // gpus_per_rank (an error when no device is known).
-    ranks: int | None = None
-    start_rank: int = 0
-    gpus_per_rank: int = 1
-    #: Devices to hand out, as CUDA_VISIBLE_DEVICES entries. None: the environment's
-    #: CUDA_VISIBLE_DEVICES when set, otherwise every device NVML sees.
-    devices: tuple[str, ...] | None = None
-    host: str = "127.0.0.1"
-    base_port: int = 8000
-    control_host: str = "127.0.0.1"
+    # -- ranks
+    ranks: int | None = setting(
+        None, "local ranks (default: devices / gpus-per-rank)", "ranks", "N",
+    )  # fmt: skip
+    start_rank: int = setting(0, "global rank of local rank 0", "ranks", "N")
+    gpus_per_rank: int = setting(1, "devices per rank, e.g. TP x PP; 0: no GPU", "ranks", "N")
+    #: None: the environment's CUDA_VISIBLE_DEVICES when set, else every device NVML sees.
+    devices: tuple[str, ...] | None = setting(
+        None,
+        "comma list of devices to hand out: indices, GPU-… or MIG-… UUIDs "
+        "(default: CUDA_VISIBLE_DEVICES, else all NVML devices)",
+        "ranks", "LIST",
+    )  # fmt: skip
+    gpu_interval: float = setting(
+        5.0, "seconds between GPU readings and placement checks", "ranks", "SECONDS"
+    )
+    preset: Preset | None = setting(
+        None,
+        "adapt the command to vLLM (vllm serve ...) or SGLang (python -m "
+        "sglang.launch_server ...): adds --host, --port (and vLLM's --data-parallel-rank) "
+        "per rank, and checks the parallel sizes",
+        "ranks",
+    )
+    host: str = setting(
+        "127.0.0.1", "host the ranks listen on, for {host} and probes", "ranks", "HOST"
+    )
+    base_port: int = setting(8000, "port of local rank 0; rank i gets base+i", "ranks", "PORT")
+    # -- control plane
+    control_host: str = setting("127.0.0.1", "", "control plane", "HOST")
     #: 0 binds any free port; the bound address is in `SupervisorHandle.control_url`.
-    control_port: int = 9000
-    health_path: str = "/health"
-    probe_interval: float = 1.0
-    probe_timeout: float = 2.0
-    failure_threshold: int = 3
-    #: Seconds for every rank to become ready; 0 means no limit.
-    startup_timeout: float = 1800.0
-    grace_period: float = 20.0
-    drain_delay: float = 0.0
+    control_port: int = setting(9000, "0 for any free port", "control plane", "PORT")
+    ssl_certfile: str | None = setting(
+        None, "serve the control plane over HTTPS: PEM chain", "control plane", "PATH"
+    )
+    ssl_keyfile: str | None = setting(
+        None, "the private key of --ssl-certfile (PEM)", "control plane", "PATH"
+    )
+    ssl_ca_certs: str | None = setting(
+        None, "require client certificates signed by this CA (mutual TLS)", "control plane", "PATH"
+    )
+    # -- health probes
+    health_path: str = setting("/health", "", "health probes", "PATH")
+    rank_scheme: RankScheme = setting(
+        RankScheme.HTTP, "how ranks serve the health path", "health probes"
+    )
+    #: Without it, HTTPS ranks on loopback are not verified (they hold self-signed
+    #: certificates), others against the system's CAs.
+    rank_ca_certs: str | None = setting(
+        None,
+        "verify HTTPS ranks against this CA bundle (default: not on loopback, else the "
+        "system's CAs)",
+        "health probes", "PATH",
+    )  # fmt: skip
+    probe_interval: float = setting(
+        1.0, "seconds between probes of a ready rank", "health probes", "SECONDS"
+    )
+    probe_timeout: float = setting(2.0, "seconds", "health probes", "SECONDS")
+    failure_threshold: int = setting(
+        3, "consecutive failures that fail a ready rank", "health probes", "N"
+    )
+    startup_timeout: float = setting(
+        1800.0, "seconds for every rank to become ready; 0: no limit", "health probes", "SECONDS"
+    )
+    #: How often a rank that is not ready yet is probed (no CLI option).
     startup_probe_interval: float = DEFAULT_STARTUP_PROBE_INTERVAL
-    #: Seconds between GPU readings and placement checks (with NVML).
-    gpu_interval: float = 5.0
-    #: Exit non-zero when processes still hold memory on the ranks' GPUs after shutdown.
-    fail_on_leftovers: bool = False
-    #: Serve the control plane over HTTPS with this certificate chain and key (PEM files).
-    ssl_certfile: str | None = None
-    ssl_keyfile: str | None = None
-    #: With HTTPS: require client certificates signed by this CA bundle (mutual TLS).
-    ssl_ca_certs: str | None = None
-    #: How ranks serve their health path: "http" or "https".
-    rank_scheme: str = "http"
-    #: CA bundle to verify ranks' certificates. Without it, HTTPS ranks on loopback are not
-    #: verified (they hold self-signed certificates), others against the system's CAs.
-    rank_ca_certs: str | None = None
-    #: Restart failed ranks instead of stopping everything (see _restart).
-    restart: RestartPolicy = RestartPolicy.NEVER
-    restart_scope: RestartScope = RestartScope.RANK
-    #: More than this many restarts within `restart_window` seconds stop everything.
-    max_restarts: int = 3
-    restart_window: float = 60.0
-    restart_backoff_min: float = 1.0
-    restart_backoff_max: float = 30.0
-    #: /ready answers 200 while at least this many ranks are ready (None: all of them),
-    #: once every rank has been ready once.
-    min_ready: int | None = None
-    #: Adapt `command` to a known server (`Preset.VLLM`, `Preset.SGLANG`); see _presets.
-    preset: Preset | None = None
-    #: Relay each rank's output line by line with a ``[rank N]`` prefix; False: ranks
-    #: inherit our stdout and stderr.
-    log_prefix: bool = True
-    #: Put each rank in a cgroup v2 of its own and kill by cgroup (see _cgroup); needs a
-    #: writable cgroup v2 hierarchy.
-    cgroups: bool = False
-    #: Seconds between walks of the rank trees that tell the guardian of new members (and,
-    #: in the CLI, reap orphans adopted from the trees).
-    tree_watch_interval: float = 1.0
-    #: Options of the rank command whose values are secret, besides those recognised by
-    #: name or shape (see _redact): e.g. a server's short ``-k`` for its API key.
-    secret_options: tuple[str, ...] = ()
+    # -- restarts
+    restart: RestartPolicy = setting(
+        RestartPolicy.NEVER,
+        "never: any rank failure stops everything (DP+EP); on-failure: restart a rank that "
+        "crashed, exited non-zero or failed its probes; always: also after exit 0",
+        "restarts",
+    )
+    restart_scope: RestartScope = setting(
+        RestartScope.RANK, "restart only the failed rank, or all ranks", "restarts"
+    )
+    max_restarts: int = setting(
+        3, "more restarts than this within --restart-window stop everything", "restarts", "N"
+    )
+    restart_window: float = setting(60.0, "seconds", "restarts", "SECONDS")
+    restart_backoff_min: float = setting(
+        1.0, "seconds before a rank's first restart; doubles per restart", "restarts", "SECONDS"
+    )
+    restart_backoff_max: float = setting(
+        30.0, "the longest wait before a restart", "restarts", "SECONDS"
+    )
+    #: Once every rank has been ready once.
+    min_ready: int | None = setting(
+        None, "/ready answers 200 while this many ranks are ready (default: all ranks)",
+        "restarts", "N",
+    )  # fmt: skip
+    # -- shutdown
+    grace_period: float = setting(
+        20.0, "seconds between the forwarded signal and SIGKILL", "shutdown", "SECONDS"
+    )
+    drain_delay: float = setting(
+        0.0, "seconds to stay up, not ready, before signalling ranks", "shutdown", "SECONDS"
+    )
+    cgroups: bool = setting(
+        False,
+        "put each rank in a cgroup v2 of its own and kill by cgroup: nothing a rank starts "
+        "can leave it (needs a writable cgroup v2: systemd Delegate=yes, a privileged "
+        "container)",
+        "shutdown",
+    )
+    tree_watch_interval: float = setting(
+        1.0,
+        "seconds between walks of the rank trees that record their members for the "
+        "guardian and reap adopted orphans",
+        "shutdown", "SECONDS",
+    )  # fmt: skip
+    fail_on_leftovers: bool = setting(
+        False,
+        "exit 1 when processes still hold memory on the ranks' GPUs after shutdown",
+        "shutdown",
+    )
+    # -- logs
+    #: False: ranks inherit our stdout and stderr.
+    log_prefix: bool = setting(
+        True,
+        "let ranks write straight to our stdout and stderr, instead of line by line with a "
+        "[rank N] prefix",
+        "logs", flag="--no-log-prefix",
+    )  # fmt: skip
+    secret_options: tuple[str, ...] = setting(
+        (),
+        "an option of the rank command whose value is secret, besides those found by name "
+        "or shape (e.g. --secret-option=-k); shown as *** in /status and logs (repeatable)",
+        "logs", "OPTION", flag="--secret-option",
+    )  # fmt: skip
     #: Extra environment for every rank, applied before the per-rank variables.
     env: tuple[tuple[str, str], ...] = field(default=())
 
@@ -146,6 +224,7 @@ class SupervisorConfig:
             ("restart", RestartPolicy, "--restart"),
             ("restart_scope", RestartScope, "--restart-scope"),
             ("preset", Preset, "--preset"),
+            ("rank_scheme", RankScheme, "--rank-scheme"),
         ):
             value = getattr(self, name)
             if value is None and name == "preset":
@@ -182,9 +261,7 @@ class SupervisorConfig:
                 "--ssl-ca-certs verifies clients of an HTTPS control plane: pass --ssl-certfile "
                 "and --ssl-keyfile too"
             )
-        if self.rank_scheme not in ("http", "https"):
-            raise ConfigError(f"--rank-scheme must be http or https, not {self.rank_scheme!r}")
-        if self.rank_ca_certs is not None and self.rank_scheme != "https":
+        if self.rank_ca_certs is not None and self.rank_scheme is not RankScheme.HTTPS:
             raise ConfigError("--rank-ca-certs verifies HTTPS ranks: pass --rank-scheme https")
         for option, path in (
             ("--ssl-certfile", self.ssl_certfile),

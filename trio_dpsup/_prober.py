@@ -18,7 +18,7 @@ from typing import NoReturn
 import httpx
 import trio
 
-from ._config import SupervisorConfig
+from ._config import RankScheme, SupervisorConfig
 from ._errors import RankStartTimeout, RankUnhealthy, StartupTimeout, SupervisorFailure
 from ._state import Board, ProbeResult, RankRecord
 from ._tls import WILDCARD_HOSTS, rank_verify
@@ -38,7 +38,7 @@ def rank_health_url(config: SupervisorConfig, port: int) -> str:
     host = WILDCARD_HOSTS.get(config.host, config.host)
     if ":" in host:
         host = f"[{host}]"
-    return f"{config.rank_scheme}://{host}:{port}{config.health_path}"
+    return f"{config.rank_scheme.value}://{host}:{port}{config.health_path}"
 
 
 def open_probe_client(
@@ -48,7 +48,7 @@ def open_probe_client(
 
     `transport` replaces httpx's network transport (tests may pass a MockTransport).
     """
-    verify = rank_verify(config) if config.rank_scheme == "https" else True
+    verify = rank_verify(config) if config.rank_scheme is RankScheme.HTTPS else True
     # Probes must not go through an HTTP proxy from the environment: ranks are local.
     return httpx.AsyncClient(transport=transport, trust_env=False, verify=verify)
 

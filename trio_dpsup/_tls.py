@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 import ssl
 
-from ._config import SupervisorConfig
+from ._config import RankScheme, SupervisorConfig
 from ._errors import ConfigError
 
 #: Hosts that mean "every interface": a rank bound there is probed on loopback, here.
@@ -17,7 +17,7 @@ __all__ = ["WILDCARD_HOSTS", "check_tls", "is_loopback", "rank_verify"]
 def check_tls(config: SupervisorConfig) -> None:
     """Load every certificate, key and CA file now, so that a bad one is a ConfigError before
     anything starts (the control plane and the prober load them again when they need them)."""
-    if config.rank_scheme == "https":
+    if config.rank_scheme is RankScheme.HTTPS:
         rank_verify(config)
     if config.ssl_certfile is None or config.ssl_keyfile is None:
         return

@@ -29,6 +29,7 @@ from .. import _cookie
 from .._config import SupervisorConfig
 from .._errors import SupervisorFailure
 from .._nvml import NvmlFactory
+from .._options import cli_arguments
 from .._supervisor import Supervisor, SupervisorHandle
 from ._cli_process import CliSupervisor, open_cli_supervisor
 from ._ports import free_port_range
@@ -470,22 +471,12 @@ class Harness:
 
 
 def _cli_options(settings: Mapping[str, Any]) -> list[str]:
-    """`SupervisorConfig` fields as CLI options: ``grace_period=3`` -> ``--grace-period 3``."""
-    options = []
-    for name, value in settings.items():
-        if name in ("command", "ranks", "base_port", "env"):
+    """`SupervisorConfig` fields as CLI options: ``grace_period=3`` -> ``--grace-period 3``,
+    from the same declarations the CLI's parser is made of."""
+    for name in ("command", "ranks", "base_port", "env"):
+        if name in settings:
             raise ValueError(f"{name} is set by the harness or has no CLI option")
-        option = f"--{name.replace('_', '-')}"
-        if isinstance(value, bool):  # a flag: --fail-on-leftovers, --no-log-prefix
-            if name == "log_prefix":
-                options += [] if value else ["--no-log-prefix"]
-            elif value:
-                options.append(option)
-            continue
-        if isinstance(value, enum.Enum):
-            value = value.value
-        options += [option, ",".join(value) if name == "devices" else str(value)]
-    return options
+    return cli_arguments(SupervisorConfig, settings)
 
 
 def _rank_entry(status: Mapping[str, Any], rank: int) -> dict[str, Any]:

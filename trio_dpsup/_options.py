@@ -1,0 +1,135 @@
+"""Each setting declared once: `setting()` puts a `SupervisorConfig` field's CLI face (help,
+group, unit, spelling) next to its type and default; the argparse parser, the TOML keys of
+``--config`` (read off the parser) and the harness's CLI arguments are all derived here.
+
+Adding an option is one `setting(...)` field in `SupervisorConfig` plus its use.
+Standard library only (the config module is imported by the guardian's package).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import enum
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["GROUPS", "Setting", "add_settings", "cli_arguments", "config_fields", "setting"]
+
+#: Help groups, in the order --help shows them.
+GROUPS = ("ranks", "control plane", "health probes", "restarts", "shutdown", "logs")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """How one field of SupervisorConfig appears on the command line."""
+
+    help: str
+    group: str
+    #: The metavar: the value's unit or kind (SECONDS, PORT, N, PATH, HOST, LIST...).
+    unit: str | None = None
+    #: The spelling, when not --the-field-name: a repeatable option's singular, or the flag
+    #: that turns a default True off (``--no-log-prefix``).
+    flag: str | None = None
+    #: Append "(default: ...)" to the help.
+    show_default: bool = True
+
+
+def setting(default: Any, help: str, group: str, unit: str | None = None, **more: Any) -> Any:
+    """A dataclass field with a default and its CLI declaration (see `Setting`)."""
+    if group not in GROUPS:
+        raise ValueError(f"unknown help group {group!r}")
+    meta = {"setting": Setting(help, group, unit, **more)}
+    if isinstance(default, list | dict | set):
+        raise TypeError("mutable defaults: use a tuple")
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def config_fields(cls: type) -> list[tuple[dataclasses.Field[Any], Setting, Any]]:
+    """The fields of `cls` that have a CLI face, with their declaration and resolved type."""
+    hints = typing.get_type_hints(cls)
+    return [
+        (f, f.metadata["setting"], hints[f.name])
+        for f in dataclasses.fields(cls)
+        if "setting" in f.metadata
+    ]
+
+
+def flag_of(name: str, decl: Setting) -> str:
+    return decl.flag or "--" + name.replace("_", "-")
+
+
+def add_settings(cls: type, groups: Mapping[str, argparse._ArgumentGroup]) -> None:
+    """Add an argument for each declared field of `cls` to its group."""
+    for field, decl, hint in config_fields(cls):
+        base = _base_type(hint)
+        kwargs: dict[str, Any] = {"dest": field.name, "help": decl.help}
+        default = field.default
+        if base is bool:
+            kwargs["action"] = "store_false" if decl.flag else "store_true"
+        elif isinstance(base, type) and issubclass(base, enum.Enum):
+            kwargs["choices"] = [m.value for m in base]
+            kwargs["default"] = None if default is None else default.value
+        elif base is tuple and field.name == "devices":
+            kwargs["type"] = _comma_list
+            kwargs["default"] = default
+        elif base is tuple:
+            kwargs["action"] = "append"
+            kwargs["default"] = []
+        else:
+            kwargs["type"] = base
+            kwargs["default"] = default
+        if decl.unit is not None and kwargs.get("action") in (None, "append"):
+            kwargs["metavar"] = decl.unit
+        if decl.show_default and base is not bool and default is not None and default != ():
+            kwargs["help"] += " (default: %(default)s)"
+        groups[decl.group].add_argument(flag_of(field.name, decl), **kwargs)
+
+
+def from_namespace(cls: type, args: argparse.Namespace) -> dict[str, Any]:
+    """The declared fields' values from parsed `args`, as `cls` takes them."""
+    values: dict[str, Any] = {}
+    for field, _, hint in config_fields(cls):
+        value = getattr(args, field.name)
+        if _base_type(hint) is tuple and isinstance(value, list):
+            value = tuple(value)
+        values[field.name] = value
+    return values
+
+
+def cli_arguments(cls: type, settings: Mapping[str, Any]) -> list[str]:
+    """`settings` (field name -> value) as the CLI arguments that set them."""
+    declared = {f.name: (f, decl, hint) for f, decl, hint in config_fields(cls)}
+    out: list[str] = []
+    for name, value in settings.items():
+        if name not in declared:
+            raise ValueError(f"{name} has no CLI option")
+        field, decl, hint = declared[name]
+        flag = flag_of(name, decl)
+        base = _base_type(hint)
+        if base is bool:
+            if value != field.default:
+                out.append(flag)
+        elif isinstance(value, enum.Enum):
+            out += [flag, str(value.value)]
+        elif base is tuple and name == "devices":
+            out += [flag, ",".join(value)]
+        elif base is tuple:
+            out += [f"{flag}={item}" for item in value]
+        elif value is not None:
+            out += [flag, str(value)]
+    return out
+
+
+def _base_type(hint: Any) -> Any:
+    """`int` for ``int | None``, `tuple` for ``tuple[str, ...]``, the enum for an enum."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        (hint,) = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+    return typing.get_origin(hint) or hint
+
+
+def _comma_list(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(","))
