@@ -23,6 +23,7 @@ from ._http_server import Response, connection_limit, serve_http
 from ._metrics import CONTENT_TYPE
 from ._nvml import MIB
 from ._state import RankStatus, SupervisorState, SupervisorStatus
+from ._tls import TlsFiles
 
 __all__ = ["ControlApp", "bind_control_socket", "serve_control_plane", "status_to_json"]
 
@@ -205,13 +206,13 @@ async def serve_control_plane(
     sock: socket.socket,
     shutdown_trigger: Callable[[], Awaitable[Any]],
     *,
-    tls: tuple[str, str, str | None] | None = None,
+    tls: TlsFiles | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve `app` on `sock` until `shutdown_trigger` returns. Takes ownership of `sock`.
 
     Calls ``task_status.started(url)`` with the bound address once it accepts connections.
-    `tls` (certificate file, key file, client CA file or None) serves HTTPS. Connections
+    `tls` serves HTTPS. Connections
     are capped below the open-file limit (see _http_server).
 
     **Cancellation**: stops serving at once, dropping open connections.
@@ -223,7 +224,7 @@ async def serve_control_plane(
     )
     scheme = "http"
     if tls is not None:
-        listener = trio.SSLListener(listener, _server_context(*tls), https_compatible=True)
+        listener = trio.SSLListener(listener, _server_context(tls), https_compatible=True)
         scheme = "https"
     shown = f"[{host}]" if ":" in host else host
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -240,11 +241,11 @@ async def serve_control_plane(
         task_status.started(f"{scheme}://{shown}:{port}")
 
 
-def _server_context(certfile: str, keyfile: str, ca_certs: str | None) -> ssl.SSLContext:
+def _server_context(tls: TlsFiles) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(certfile, keyfile)
+    context.load_cert_chain(tls.certfile, tls.keyfile)
     context.set_alpn_protocols(["http/1.1"])
-    if ca_certs is not None:
-        context.load_verify_locations(ca_certs)
+    if tls.client_ca is not None:
+        context.load_verify_locations(tls.client_ca)
         context.verify_mode = ssl.CERT_REQUIRED  # mutual TLS: clients show a certificate
     return context

@@ -34,7 +34,7 @@ import signal
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from ._cookie import TREE_ENV
+from ._cookie import member_of
 
 __all__ = ["ADOPTED", "ProcStat", "Root", "Trees", "children_of", "read_stat"]
 
@@ -129,7 +129,6 @@ class Trees:
         self.roots: list[Root] = []
         #: Members seen before: (pid, start) -> rank.
         self.seen: dict[Key, int] = {}
-        self._needle = f"{TREE_ENV}={run_id}:".encode()
         #: Set when ranks have cgroups of their own (see _cgroup): how /proc/PID/cgroup
         #: names them, up to the rank number.
         self.cgroup_marker: bytes | None = None
@@ -167,16 +166,8 @@ class Trees:
 
     def cookie_rank(self, pid: int) -> int | None:
         """The rank named by `pid`'s cookie of this run; None without one (or unreadable)."""
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                environ = f.read()
-        except OSError:
-            return None
-        for var in environ.split(b"\0"):
-            if var.startswith(self._needle):
-                member = var[len(self._needle) :]
-                return int(member) if member.isdigit() else None
-        return None
+        member = member_of(pid, self.run_id)
+        return int(member) if member is not None and member.isdigit() else None
 
     def use_cgroups(self) -> None:
         """Ranks get cgroups named as `_cgroup.RunCgroups` names them: members by cgroup."""

@@ -85,9 +85,7 @@ async def run_rank(
             raise restart  # stopping everything, with this rank's failure as the cause
         record.restarts += 1
         record.restart_times.append(trio.current_time())
-        window = ctx.config.restart_window
-        recent = sum(1 for t in record.restart_times if trio.current_time() - t <= window)
-        delay = ctx.restarter.backoff(recent)
+        delay = ctx.restarter.backoff(ctx.restarter.recent(record.restart_times))
         logger.warning(
             "rank %d restarts in %.2fs (restart %d)",
             record.plan.rank,

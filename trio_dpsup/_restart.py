@@ -14,6 +14,7 @@ import collections
 import enum
 import logging
 import random
+from collections.abc import Iterable
 
 import trio
 
@@ -82,6 +83,11 @@ class Restarter:
             return RestartsExhausted(failure, self._max, self._window)
         self._recent.append(now)
         return None
+
+    def recent(self, times: Iterable[float]) -> int:
+        """How many of `times` (restarts of one rank) fall within the restart window."""
+        now = trio.current_time()
+        return sum(1 for t in times if now - t <= self._window)
 
     def backoff(self, recent_restarts: int) -> float:
         """Seconds to wait before the `recent_restarts`-th restart of one rank (from 1)."""

@@ -24,6 +24,7 @@ import socket
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from functools import partial
 
 import httpx
@@ -49,11 +50,19 @@ from ._restart import Restarter
 from ._spawn import open_spawner
 from ._state import Board, SupervisorState, SupervisorStatus
 from ._stop import StopClock
-from ._tls import check_tls
+from ._tls import TlsFiles, check_tls
 
 __all__ = ["Supervisor", "SupervisorHandle"]
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Nvml:
+    """NVML, open, and the devices it sees."""
+
+    backend: NvmlBackend
+    inventory: tuple[GpuInfo, ...]
 
 
 class Supervisor:
@@ -121,7 +130,7 @@ class Supervisor:
         returns; the stop is shielded and bounded by the grace period plus a kill timeout.
         """
         backend, inventory, problem = await _open_nvml(self._nvml)
-        gpu = None if backend is None or inventory is None else (backend, inventory)
+        gpu = None if backend is None or inventory is None else _Nvml(backend, inventory)
         try:
             plans = plan_ranks(self.config, self._environ, inventory, nvml_problem=problem)
             check_tls(self.config)
@@ -219,7 +228,7 @@ class _Run:
         board: Board,
         environ: dict[str, str],
         transport: httpx.AsyncBaseTransport | None,
-        gpu: tuple[NvmlBackend, tuple[GpuInfo, ...]] | None,
+        gpu: _Nvml | None,
         trees: Trees,
         cgroups: RunCgroups | None,
     ) -> None:
@@ -249,7 +258,7 @@ class _Run:
         try:
             async with trio.open_nursery() as root:
                 app = ControlApp(self.board.snapshot, self.metrics.render)
-                serve = partial(serve_control_plane, tls=self._tls())
+                serve = partial(serve_control_plane, tls=TlsFiles.of(self.config))
                 url: str = await root.start(serve, app, sock, stop_control.wait)
                 logger.info("control plane listening on %s", url)
                 make_handle = partial(SupervisorHandle, self, url)
@@ -330,18 +339,13 @@ class _Run:
                 if rest is not None:
                     raise
 
-    def _tls(self) -> tuple[str, str, str | None] | None:
-        config = self.config
-        if config.ssl_certfile is None or config.ssl_keyfile is None:
-            return None
-        return config.ssl_certfile, config.ssl_keyfile, config.ssl_ca_certs
-
     async def _start_gpu_monitor(self, nursery: trio.Nursery) -> None:
         if self.gpu is not None:
             await nursery.start(
                 partial(
                     run_gpu_monitor,
-                    *self.gpu,
+                    self.gpu.backend,
+                    self.gpu.inventory,
                     self.board,
                     interval=self.config.gpu_interval,
                     fail=self.fail,
@@ -365,7 +369,7 @@ class _Run:
             return
         with trio.CancelScope(shield=True):
             owner = owner_from_trees(self.trees)
-            leftovers = await find_leftovers(self.gpu[0], gpus, owner)
+            leftovers = await find_leftovers(self.gpu.backend, gpus, owner)
         for line in leftovers:
             logger.error("left over after shutdown: %s", line)
         if leftovers and self.config.fail_on_leftovers and self.board.failure is None:
@@ -481,11 +485,11 @@ async def _open_nvml(
         return None, None, str(exc)
 
 
-async def _close_nvml(gpu: tuple[NvmlBackend, tuple[GpuInfo, ...]] | None) -> None:
+async def _close_nvml(gpu: _Nvml | None) -> None:
     """**Cancellation**: shielded; waits for an abandoned Xid wait (half a second at most)."""
     if gpu is not None:
         with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(gpu[0].close)
+            await trio.to_thread.run_sync(gpu.backend.close)
 
 
 @asynccontextmanager

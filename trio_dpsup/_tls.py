@@ -4,14 +4,32 @@ from __future__ import annotations
 
 import ipaddress
 import ssl
+from dataclasses import dataclass
 
 from ._config import RankScheme, SupervisorConfig
 from ._errors import ConfigError
 
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """The control plane's HTTPS: certificate chain, key, and the CA that client
+    certificates must be signed by (None: no client certificates asked for)."""
+
+    certfile: str
+    keyfile: str
+    client_ca: str | None = None
+
+    @classmethod
+    def of(cls, config: SupervisorConfig) -> TlsFiles | None:
+        if config.ssl_certfile is None or config.ssl_keyfile is None:
+            return None
+        return cls(config.ssl_certfile, config.ssl_keyfile, config.ssl_ca_certs)
+
+
 #: Hosts that mean "every interface": a rank bound there is probed on loopback, here.
 WILDCARD_HOSTS = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
 
-__all__ = ["WILDCARD_HOSTS", "check_tls", "is_loopback", "rank_verify"]
+__all__ = ["WILDCARD_HOSTS", "TlsFiles", "check_tls", "is_loopback", "rank_verify"]
 
 
 def check_tls(config: SupervisorConfig) -> None:

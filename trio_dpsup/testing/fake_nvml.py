@@ -15,8 +15,6 @@ import queue
 import threading
 from collections.abc import Sequence
 
-import psutil
-
 from .._nvml import (
     MIB,
     GpuEvent,
@@ -28,6 +26,7 @@ from .._nvml import (
     NvmlError,
     NvmlUnavailable,
 )
+from ._procs import alive
 
 __all__ = ["FakeNvml", "no_nvml"]
 
@@ -135,7 +134,7 @@ class FakeNvml:
         with self._lock:
             # As the driver does, a process that has exited holds nothing any more.
             procs = self._processes[uuid]
-            for pid in [pid for pid in procs if not _alive(pid)]:
+            for pid in [pid for pid in procs if not alive(pid)]:
                 del procs[pid]
             return tuple(GpuProcess(pid, used) for pid, used in procs.items())
 
@@ -174,10 +173,3 @@ def no_nvml(reason: str = "NVML Shared Library Not Found") -> NvmlBackend:
 
 def _uuid(kind: str, n: int) -> str:
     return f"{kind}-{n:08x}-0000-4000-8000-{n:012x}"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
