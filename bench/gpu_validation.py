@@ -31,7 +31,7 @@ from typing import Any
 import httpx
 import trio
 
-from trio_dpsup._nvml import open_pynvml
+from trio_dpsup._gpu.nvml import open_pynvml
 from trio_dpsup.testing import CliSupervisor, free_port_range, open_cli_supervisor
 
 PY = sys.executable

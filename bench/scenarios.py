@@ -194,7 +194,7 @@ async def steady_state(ranks: int, seconds: float) -> dict[str, float]:
         status = await sup.status()
         guardian = [
             c for c in psutil.process_iter(["cmdline"])
-            if "trio_dpsup._guardian_process" in " ".join(c.info["cmdline"] or [])
+            if "trio_dpsup._proc.guardian_process" in " ".join(c.info["cmdline"] or [])
             and status["run_id"] in " ".join(c.info["cmdline"] or [])
         ]  # fmt: skip
         guardian_rss = guardian[0].memory_info().rss if guardian else float("nan")

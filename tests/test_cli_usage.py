@@ -13,7 +13,7 @@ import pytest
 import trio
 
 from trio_dpsup import NvmlUnavailable
-from trio_dpsup._nvml import open_pynvml
+from trio_dpsup._gpu.nvml import open_pynvml
 from trio_dpsup.testing import free_port_range
 
 from .conftest import FAKE_RANK

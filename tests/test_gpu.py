@@ -26,9 +26,9 @@ from trio_dpsup import (
     SupervisorConfig,
     plan_ranks,
 )
-from trio_dpsup._devices import parse_visible_devices, resolve_devices_on
-from trio_dpsup._nvml import GpuProcess
-from trio_dpsup._placement import OUTSIDE, UNKNOWN_OWNER, IssueKind, check_placement
+from trio_dpsup._gpu.devices import parse_visible_devices, resolve_devices_on
+from trio_dpsup._gpu.nvml import GpuProcess
+from trio_dpsup._gpu.placement import OUTSIDE, UNKNOWN_OWNER, IssueKind, check_placement
 from trio_dpsup.testing import (
     FAKE_RANK,
     Deployment,

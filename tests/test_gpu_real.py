@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from trio_dpsup import NvmlUnavailable
-from trio_dpsup._nvml import open_pynvml
+from trio_dpsup._gpu.nvml import open_pynvml
 from trio_dpsup.testing import Harness
 
 pytest_plugins = ["trio_dpsup.testing.plugin"]

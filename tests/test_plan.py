@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from trio_dpsup import ConfigError, SupervisorConfig, plan_ranks
-from trio_dpsup._plan import redact_argv
+from trio_dpsup._config.plan import redact_argv
 
 PY = sys.executable
 ENV = {"PATH": "/usr/bin:/bin"}

@@ -17,7 +17,9 @@ import typing
 from . import _lazy
 
 if typing.TYPE_CHECKING:  # the names for type checkers; at run time they load on first use
-    from ._config import RankScheme, SupervisorConfig
+    from ._config.config import RankScheme, SupervisorConfig
+    from ._config.plan import RankPlan, plan_ranks
+    from ._config.presets import Preset
     from ._errors import (
         ConfigError,
         GpuFailed,
@@ -31,10 +33,8 @@ if typing.TYPE_CHECKING:  # the names for type checkers; at run time they load o
         SupervisorFailure,
         SupervisorStopped,
     )
-    from ._nvml import GpuInfo, GpuSample, NvmlBackend, NvmlUnavailable
-    from ._placement import Placement, PlacementIssue, PlacementVerdict
-    from ._plan import RankPlan, plan_ranks
-    from ._presets import Preset
+    from ._gpu.nvml import GpuInfo, GpuSample, NvmlBackend, NvmlUnavailable
+    from ._gpu.placement import Placement, PlacementIssue, PlacementVerdict
     from ._restart import RestartPolicy, RestartScope
     from ._state import ProbeResult, RankState, RankStatus, SupervisorState, SupervisorStatus
     from ._supervisor import Supervisor, SupervisorHandle
@@ -80,7 +80,7 @@ __version__ = "0.1.0"
 __getattr__, __dir__ = _lazy.lazy_exports(
     __name__,
     {
-        "._config": ["RankScheme", "SupervisorConfig"],
+        "._config.config": ["RankScheme", "SupervisorConfig"],
         "._errors": [
             "ConfigError",
             "GpuFailed",
@@ -94,10 +94,10 @@ __getattr__, __dir__ = _lazy.lazy_exports(
             "SupervisorFailure",
             "SupervisorStopped",
         ],
-        "._nvml": ["GpuInfo", "GpuSample", "NvmlBackend", "NvmlUnavailable"],
-        "._placement": ["Placement", "PlacementIssue", "PlacementVerdict"],
-        "._plan": ["RankPlan", "plan_ranks"],
-        "._presets": ["Preset"],
+        "._gpu.nvml": ["GpuInfo", "GpuSample", "NvmlBackend", "NvmlUnavailable"],
+        "._gpu.placement": ["Placement", "PlacementIssue", "PlacementVerdict"],
+        "._config.plan": ["RankPlan", "plan_ranks"],
+        "._config.presets": ["Preset"],
         "._restart": ["RestartPolicy", "RestartScope"],
         "._state": [
             "ProbeResult",

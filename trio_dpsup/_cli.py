@@ -20,13 +20,13 @@ from typing import NoReturn, TypeVar
 
 import trio
 
-from ._config import SupervisorConfig
-from ._config_file import load_config_file
+from ._config.config import SupervisorConfig
+from ._config.file import load_config_file
+from ._config.options import GROUPS, add_settings, from_namespace
+from ._config.plan import PLACEHOLDERS
 from ._errors import EXIT_USAGE, ConfigError, SupervisorFailure
 from ._log_format import configure_logging
-from ._options import GROUPS, add_settings, from_namespace
-from ._plan import PLACEHOLDERS
-from ._spawn import become_subreaper
+from ._proc.spawn import become_subreaper
 from ._supervisor import Supervisor, SupervisorHandle
 from ._systemd import run_systemd_notify
 

@@ -19,9 +19,9 @@ from typing import Any
 import trio
 
 from ._errors import ConfigError
+from ._gpu.nvml import MIB
 from ._http_server import Response, connection_limit, serve_http
 from ._metrics import CONTENT_TYPE
-from ._nvml import MIB
 from ._state import RankStatus, SupervisorState, SupervisorStatus
 from ._tls import TlsFiles
 

@@ -21,7 +21,19 @@ import queue
 import select
 import threading
 
-__all__ = ["TEXT_FORMAT", "JsonFormatter", "NonBlockingHandler", "configure_logging"]
+__all__ = ["TEXT_FORMAT", "JsonFormatter", "NonBlockingHandler", "configure_logging", "fd_lock"]
+
+_FD_LOCKS: dict[int, threading.RLock] = {}
+_FD_LOCKS_LOCK = threading.Lock()
+
+
+def fd_lock(fd: int) -> threading.RLock:
+    """The lock every writer of `fd` holds for a whole record or chunk: our records and the
+    ranks' relayed lines share stderr, and a pipe write over PIPE_BUF (4 KiB) is not atomic,
+    so without it a record could land in the middle of a rank's line."""
+    with _FD_LOCKS_LOCK:
+        return _FD_LOCKS.setdefault(fd, threading.RLock())
+
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -117,6 +129,10 @@ class NonBlockingHandler(logging.Handler):
         return (self.format(record) + "\n").encode("utf-8", "backslashreplace")
 
     def _write(self, data: bytes) -> None:
+        with fd_lock(self.fd):
+            self._write_all(data)
+
+    def _write_all(self, data: bytes) -> None:
         view = memoryview(data)
         while view:
             try:

@@ -31,6 +31,8 @@ from contextlib import asynccontextmanager
 
 import trio
 
+from ._log_format import fd_lock
+
 __all__ = ["DRAIN_TIMEOUT", "TAIL_LINES", "LogPump", "RankOutput", "open_log_pump"]
 
 #: After a rank has stopped, how long its pipes may stay open (held by an escaped process).
@@ -96,6 +98,10 @@ class _Sink:
             self._write(chunk)
 
     def _write(self, chunk: bytes) -> None:
+        with fd_lock(self.fd):  # whole, not interleaved with our own records
+            self._write_all(chunk)
+
+    def _write_all(self, chunk: bytes) -> None:
         view = memoryview(chunk)
         while view:
             try:
@@ -115,7 +121,7 @@ class _Sink:
             if self._dropped and not view:
                 notice = f"[trio-dpsup] {self._dropped} bytes of rank output dropped: {self._why}\n"
                 self._dropped = 0
-                self._write(notice.encode())
+                self._write_all(notice.encode())
 
     async def close(self) -> None:
         """Write what is queued, then stop the thread.

@@ -18,7 +18,7 @@ from typing import NoReturn
 import httpx
 import trio
 
-from ._config import RankScheme, SupervisorConfig
+from ._config.config import RankScheme, SupervisorConfig
 from ._errors import RankStartTimeout, RankUnhealthy, StartupTimeout, SupervisorFailure
 from ._state import Board, ProbeResult, RankRecord
 from ._tls import WILDCARD_HOSTS, rank_verify

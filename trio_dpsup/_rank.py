@@ -19,18 +19,18 @@ from dataclasses import dataclass
 import httpx
 import trio
 
-from ._cgroup import RunCgroups
-from ._config import SupervisorConfig
-from ._cookie import TREE_ENV, rank_cookie
+from ._config.config import SupervisorConfig
 from ._errors import RankExited, RankSpawnFailed, SupervisorFailure, describe_returncode
-from ._guardian import Guardian
 from ._logs import LogPump, wait_drained
 from ._prober import probe_rank
-from ._process_tree import TreeScanner
+from ._proc.cgroup import RunCgroups
+from ._proc.cookie import TREE_ENV, rank_cookie
+from ._proc.guardian import Guardian
+from ._proc.process_tree import TreeScanner
+from ._proc.spawn import RankProcess, Spawner
+from ._proc.stop import StopClock, stop_rank
 from ._restart import Restarter, RestartScope
-from ._spawn import RankProcess, Spawner
 from ._state import Board, ProbeResult, RankRecord, RankState
-from ._stop import StopClock, stop_rank
 
 __all__ = ["RankContext", "run_rank"]
 

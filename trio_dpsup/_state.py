@@ -12,11 +12,11 @@ from dataclasses import dataclass
 
 import trio
 
+from ._config.plan import RankPlan
 from ._errors import SupervisorFailure
+from ._gpu.nvml import GpuInfo, GpuSample
+from ._gpu.placement import PENDING, Placement
 from ._logs import RankOutput
-from ._nvml import GpuInfo, GpuSample
-from ._placement import PENDING, Placement
-from ._plan import RankPlan
 
 __all__ = [
     "ProbeResult",

@@ -31,25 +31,25 @@ import httpx
 import psutil
 import trio
 
-from ._cgroup import CgroupError, RunCgroups
-from ._config import SupervisorConfig
+from ._config.config import SupervisorConfig
+from ._config.plan import plan_ranks
 from ._control import ControlApp, bind_control_socket, serve_control_plane
 from ._errors import EXIT_FAILURE, ConfigError, GpuLeftovers, SupervisorFailure, SupervisorStopped
-from ._gpu_monitor import find_leftovers, run_gpu_monitor
-from ._guardian import Guardian, open_guardian
+from ._gpu.monitor import find_leftovers, run_gpu_monitor
+from ._gpu.nvml import GpuInfo, NvmlBackend, NvmlError, NvmlFactory, NvmlUnavailable, open_pynvml
+from ._gpu.placement import Placement, PlacementVerdict, owner_from_trees
 from ._logs import LogPump, open_log_pump
-from ._membership import Trees
 from ._metrics import Metrics
-from ._nvml import GpuInfo, NvmlBackend, NvmlError, NvmlFactory, NvmlUnavailable, open_pynvml
-from ._placement import Placement, PlacementVerdict, owner_from_trees
-from ._plan import plan_ranks
 from ._prober import open_probe_client, run_startup_deadline
-from ._process_tree import TreeScanner, run_tree_watch, signal_all, wait_gone
+from ._proc.cgroup import CgroupError, RunCgroups
+from ._proc.guardian import Guardian, open_guardian
+from ._proc.membership import Trees
+from ._proc.process_tree import TreeScanner, run_tree_watch, signal_all, wait_gone
+from ._proc.spawn import open_spawner
+from ._proc.stop import StopClock
 from ._rank import RankContext, run_rank
 from ._restart import Restarter
-from ._spawn import open_spawner
 from ._state import Board, SupervisorState, SupervisorStatus
-from ._stop import StopClock
 from ._tls import TlsFiles, check_tls
 
 __all__ = ["Supervisor", "SupervisorHandle"]
@@ -147,7 +147,7 @@ class Supervisor:
             raise
         for plan in plans:
             logger.info("rank %d command: %s", plan.rank, shlex.join(plan.redacted_argv))
-        # Names the run in /status and marks every process of its trees (see _cookie).
+        # Names the run in /status and marks every process of its trees (see _proc/cookie.py).
         board = Board(plans, run_id, nvml_unavailable=problem, min_ready=self.config.min_ready)
         trees = Trees(run_id, adopter=os.getpid() if self._subreaper else None)
         if cgroups is not None:

@@ -6,7 +6,7 @@ import ipaddress
 import ssl
 from dataclasses import dataclass
 
-from ._config import RankScheme, SupervisorConfig
+from ._config.config import RankScheme, SupervisorConfig
 from ._errors import ConfigError
 
 

@@ -25,11 +25,11 @@ from typing import Any
 import httpx
 import trio
 
-from .. import _cookie
-from .._config import SupervisorConfig
+from .._config.config import SupervisorConfig
+from .._config.options import cli_arguments
 from .._errors import SupervisorFailure
-from .._nvml import NvmlFactory
-from .._options import cli_arguments
+from .._gpu.nvml import NvmlFactory
+from .._proc import cookie as _cookie
 from .._supervisor import Supervisor, SupervisorHandle
 from ._cli_process import CliSupervisor, open_cli_supervisor
 from ._ports import free_port_range

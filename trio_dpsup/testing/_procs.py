@@ -10,7 +10,7 @@ from pathlib import Path
 import psutil
 import trio
 
-from .._process_tree import wait_gone
+from .._proc.process_tree import wait_gone
 
 __all__ = ["alive", "read_pid_file", "wait_pids_gone"]
 

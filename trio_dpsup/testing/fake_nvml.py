@@ -15,7 +15,7 @@ import queue
 import threading
 from collections.abc import Sequence
 
-from .._nvml import (
+from .._gpu.nvml import (
     MIB,
     GpuEvent,
     GpuInfo,

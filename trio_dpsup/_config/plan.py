@@ -15,12 +15,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-from ._config import SupervisorConfig, check_min_ready, check_port_range
-from ._devices import parse_visible_devices, resolve_devices_on, uses_indices
-from ._errors import ConfigError
-from ._nvml import GpuInfo
-from ._presets import apply_preset, check_preset_ranks
-from ._redact import redact_argv
+from .._errors import ConfigError
+from .._gpu.devices import parse_visible_devices, resolve_devices_on, uses_indices
+from .._gpu.nvml import GpuInfo
+from .._redact import redact_argv
+from .config import SupervisorConfig, check_min_ready, check_port_range
+from .presets import apply_preset, check_preset_ranks
 
 __all__ = ["PLACEHOLDERS", "RankPlan", "plan_ranks", "redact_argv", "resolve_devices"]
 

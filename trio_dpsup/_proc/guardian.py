@@ -2,7 +2,7 @@
 
 The parent-death signal kills each rank when the supervisor dies, but not the rank's own
 children (vLLM's engine processes, which hold the GPU memory). So each run starts one small
-guardian (`_guardian_process`) in a session of its own, reading a pipe whose only writer is
+guardian (`guardian_process`) in a session of its own, reading a pipe whose only writer is
 the supervisor. Through it the supervisor streams what it knows of the trees (each rank's
 process, the members its tree watch has seen, the ranks' cgroups). When the pipe closes —
 the supervisor closed it after its ranks were stopped, or the kernel closed it because the
@@ -23,8 +23,8 @@ from pathlib import Path
 
 import trio
 
-from ._cookie import TREE_ENV, guardian_cookie
-from ._membership import Root
+from .cookie import TREE_ENV, guardian_cookie
+from .membership import Root
 
 __all__ = ["Guardian", "open_guardian"]
 
@@ -33,12 +33,12 @@ logger = logging.getLogger(__name__)
 #: After the supervisor closes the pipe, how long to wait for the guardian's last sweep.
 _EXIT_TIMEOUT = 5.0
 #: Where the package lives: the guardian's only path entry besides the standard library's.
-_PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
+_PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
 #: Run in isolated mode (-I: no working directory, PYTHON* variables or user site on the
 #: path), with the folder that holds this very package put first.
 _PROGRAM = (
     f"import sys; sys.path.insert(0, {_PACKAGE_PARENT!r}); "
-    "from trio_dpsup._guardian_process import main; main()"
+    "from trio_dpsup._proc.guardian_process import main; main()"
 )
 
 

@@ -18,7 +18,7 @@ import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ._errors import ConfigError
+from .._errors import ConfigError
 
 __all__ = ["Preset", "apply_preset", "check_preset_ranks"]
 

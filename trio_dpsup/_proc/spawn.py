@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import trio
 
-from ._cgroup import enter_cgroup
+from .cgroup import enter_cgroup
 
 __all__ = ["RankProcess", "Spawner", "open_spawner"]
 

@@ -19,7 +19,7 @@ in its environment. A process belongs to rank r's tree when any of these holds:
 
 What none of these catches: a process that left the rank's session and lost its cookie
 before the watch ever saw it, and (in the library, where no subreaper adopts it) whose
-parent exited. A cgroup per rank (`--cgroups`, see _cgroup) catches that too.
+parent exited. A cgroup per rank (`--cgroups`, see cgroup.py) catches that too.
 
 Standard library only: the guardian process imports this module. Everything here reads
 /proc and blocks: the supervisor calls it in a worker thread, except `Trees.walk`, whose
@@ -34,7 +34,7 @@ import signal
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from ._cookie import member_of
+from .cookie import member_of
 
 __all__ = ["ADOPTED", "ProcStat", "Root", "Trees", "children_of", "read_stat"]
 
@@ -129,7 +129,7 @@ class Trees:
         self.roots: list[Root] = []
         #: Members seen before: (pid, start) -> rank.
         self.seen: dict[Key, int] = {}
-        #: Set when ranks have cgroups of their own (see _cgroup): how /proc/PID/cgroup
+        #: Set when ranks have cgroups of their own (see cgroup.py): how /proc/PID/cgroup
         #: names them, up to the rank number.
         self.cgroup_marker: bytes | None = None
         # Processes whose environment had no cookie of ours: none can gain one later.

@@ -21,10 +21,10 @@ from typing import TypeVar, TypeVarTuple
 import psutil
 import trio
 
-from ._errors import GpuFailed, SupervisorFailure
-from ._nvml import MIB, GpuEvent, GpuInfo, GpuLost, GpuProcess, NvmlBackend, NvmlError
-from ._placement import Placement, PlacementVerdict, check_placement
-from ._state import Board, RankRecord
+from .._errors import GpuFailed, SupervisorFailure
+from .._state import Board, RankRecord
+from .nvml import MIB, GpuEvent, GpuInfo, GpuLost, GpuProcess, NvmlBackend, NvmlError
+from .placement import Placement, PlacementVerdict, check_placement
 
 __all__ = ["find_leftovers", "leaf_devices", "run_gpu_monitor"]
 

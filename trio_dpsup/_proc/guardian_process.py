@@ -1,4 +1,4 @@
-"""The guardian program (see _guardian), started as ``python -I -c ...`` with the package's
+"""The guardian program (see guardian.py), started as ``python -I -c ...`` with the package's
 own folder on its path: never with the working directory on it, where a planted
 ``trio_dpsup/_guardian_process.py`` would run as the supervisor's user.
 
@@ -9,7 +9,7 @@ It reads what the supervisor tells it on stdin, one line each::
     cgroup PATH               a rank's cgroup folder
 
 At EOF — the supervisor closed the pipe after stopping its ranks, or died, even by SIGKILL —
-it kills every member of the run's trees (see _membership) and exits.
+it kills every member of the run's trees (see membership.py) and exits.
 
 Standard library only: about 11 MB resident (bench: "idle: guardian RSS").
 """
@@ -20,8 +20,8 @@ import os
 import signal
 import sys
 
-from ._cgroup import kill_cgroup
-from ._membership import Trees
+from .cgroup import kill_cgroup
+from .membership import Trees
 
 __all__ = ["main", "read_registry"]
 

@@ -13,8 +13,8 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from ._membership import ADOPTED, Trees
-from ._nvml import GpuProcess
+from .._proc.membership import ADOPTED, Trees
+from .nvml import GpuProcess
 
 __all__ = [
     "OUTSIDE",
@@ -124,7 +124,7 @@ def check_placement(
 
 def owner_from_trees(trees: Trees) -> Callable[[int], int]:
     """`owner` for `check_placement`: the rank whose tree a pid is in, by the same rules as
-    the stop procedure and the guardian (see _membership), so a rank's engine process that
+    the stop procedure and the guardian (see _proc/membership.py), so a rank's engine process that
     renamed itself with setproctitle is still the rank's."""
     # In a container's own pid namespace, NVML may report host pids, which name other
     # processes here or none: only a pid we can place in a tree is known to be ours.

@@ -13,10 +13,10 @@ import os
 import re
 from dataclasses import dataclass, field
 
-from ._errors import ConfigError
-from ._options import setting
-from ._presets import Preset
-from ._restart import RestartPolicy, RestartScope
+from .._errors import ConfigError
+from .._restart import RestartPolicy, RestartScope
+from .options import setting
+from .presets import Preset
 
 __all__ = ["RankScheme", "SupervisorConfig"]
 

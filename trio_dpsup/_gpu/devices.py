@@ -12,8 +12,8 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from ._errors import ConfigError
-from ._nvml import GpuInfo
+from .._errors import ConfigError
+from .nvml import GpuInfo
 
 __all__ = ["parse_visible_devices", "resolve_devices_on", "uses_indices"]
 

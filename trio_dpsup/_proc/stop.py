@@ -18,8 +18,8 @@ from collections.abc import Iterator
 import psutil
 import trio
 
-from ._process_tree import TreeScanner, kill_all, reap, signal_all, wait_gone
-from ._spawn import RankProcess
+from .process_tree import TreeScanner, kill_all, reap, signal_all, wait_gone
+from .spawn import RankProcess
 
 __all__ = ["StopClock", "stop_rank"]
 

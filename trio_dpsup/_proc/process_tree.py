@@ -21,7 +21,7 @@ from functools import partial
 import psutil
 import trio
 
-from ._membership import ProcStat, Trees, read_stat
+from .membership import ProcStat, Trees, read_stat
 
 __all__ = ["TreeScanner", "kill_all", "reap", "run_tree_watch", "signal_all", "wait_gone"]
 

@@ -1,0 +1,1 @@
+"""GPU awareness: NVML, device names, the placement check, monitoring."""
