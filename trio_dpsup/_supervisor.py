@@ -2,11 +2,15 @@
 
     run()                              root nursery
     ├── control plane (h11)            started first, stopped last
-    ├── guardian process               kills the rank trees if the supervisor dies
+    ├── guardian process               kills the rank trees if the supervisor dies; told
+    │                                  of each rank process and tree member as they come
     └── ranks nursery                  cancelled on shutdown or on the first failure
-        ├── one task per rank          owns its process: spawn, wait, stop
-        ├── prober                     one httpx client, one loop per rank
-        └── shutdown watcher           drain delay, then cancels the ranks nursery
+        ├── shutdown watcher           started first: drain delay, then cancels the nursery
+        ├── tree watch                 records tree members for the guardian; reaps orphans
+        ├── one task per rank          owns its process: spawn, its probe loop, stop, restart
+        ├── startup deadline           every rank ready in time, or StartupTimeout
+        └── GPU monitor (with NVML)    readings, placement, GPU faults
+    then: the sweep of adopted orphans, the guardian's last pass, the leftover report
 
 A failure is an exception raised by the task that saw it. Before raising, that task records
 it on the board (the first one wins) and cancels the ranks nursery, so /ready answers 503 and
