@@ -1,9 +1,18 @@
-"""Shared pieces of the process tests: the fake rank command and CLI arguments."""
+"""Shared pieces of the process tests: the fake rank command, CLI arguments, running the CLI
+to completion, and the lock file that proves a tree's escapees are gone."""
 
 from __future__ import annotations
 
+import fcntl
+import os
+import signal
+import subprocess
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+
+import psutil
+import trio
 
 FAKE_RANK = (sys.executable, "-m", "trio_dpsup.testing.fake_rank")
 
@@ -37,3 +46,84 @@ def cli_args(
         *FAKE_RANK, "--port", "{port}",
         *rank_args,
     ]  # fmt: skip
+
+
+async def run_cli(args: list[str], env: dict[str, str] | None = None) -> tuple[int, str]:
+    with trio.fail_after(30):
+        result = await trio.run_process(
+            [sys.executable, "-m", "trio_dpsup", *args],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            stdin=subprocess.DEVNULL,
+            env=env,
+        )
+    return result.returncode, result.stderr.decode()
+
+
+def bare_environment() -> dict[str, str]:
+    """PATH (and PYTHONPATH, where this Python needs it), and no CUDA_VISIBLE_DEVICES."""
+    env = {"PATH": "/usr/bin:/bin"}
+    if "PYTHONPATH" in os.environ:
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+    return env
+
+
+def rank_command(pid_file: Path) -> list[str]:
+    """A fake rank that records its pid: if the file exists, a rank was started."""
+    return [*FAKE_RANK, "--port", "{port}", "--pid-file", str(pid_file)]
+
+
+async def all_holders_gone(path: Path, within: float) -> bool:
+    """Whether every holder of a shared lock on `path` is gone within `within` seconds.
+
+    Blocks in a thread on an exclusive flock: event-driven, no polling.
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with trio.move_on_after(within):
+            await trio.to_thread.run_sync(fcntl.flock, fd, fcntl.LOCK_EX, abandon_on_cancel=True)
+            return True
+        return False
+    finally:
+        os.close(fd)
+
+
+def holders_now(path: Path) -> bool:
+    """True if some process holds a lock on `path` at this very moment."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def describe_holders(path: Path) -> str:
+    """The processes holding `path` open, for a failure message."""
+    found = []
+    for proc in psutil.process_iter(["pid", "ppid", "status", "cmdline"]):
+        try:
+            if any(f.path == str(path) for f in proc.open_files()):
+                found.append(str(proc.info))
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return "\n".join(found)
+
+
+def kill_holders(path: Path) -> None:
+    """Clean up after a failed test: kill whatever still holds the lock, newest pids first
+    (a process that forks in a loop is met before it moves on), in passes until it is free."""
+    target = str(path)
+    for _ in range(200):
+        if not holders_now(path):
+            return
+        for pid in sorted((int(e) for e in os.listdir("/proc") if e.isdigit()), reverse=True):
+            try:
+                fds = os.listdir(f"/proc/{pid}/fd")
+                if any(os.readlink(f"/proc/{pid}/fd/{fd}") == target for fd in fds):
+                    os.kill(pid, signal.SIGKILL)
+            except OSError:
+                continue

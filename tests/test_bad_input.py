@@ -15,8 +15,7 @@ import trio
 
 from trio_dpsup.testing import free_port_range, open_cli_supervisor
 
-from .conftest import FAKE_RANK, cli_args
-from .test_cli_usage import bare_environment, rank_command, run_cli
+from .conftest import FAKE_RANK, bare_environment, cli_args, rank_command, run_cli
 
 
 @pytest.mark.parametrize(

@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import os
 import socket
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import trio
 
 from trio_dpsup import NvmlUnavailable
 from trio_dpsup._gpu.nvml import open_pynvml
 from trio_dpsup.testing import free_port_range
 
-from .conftest import FAKE_RANK
+from .conftest import FAKE_RANK, bare_environment, rank_command, run_cli
 
 
 @pytest.fixture
@@ -26,38 +22,12 @@ def taken_port() -> Iterator[int]:
         yield sock.getsockname()[1]
 
 
-async def run_cli(args: list[str], env: dict[str, str] | None = None) -> tuple[int, str]:
-    with trio.fail_after(30):
-        result = await trio.run_process(
-            [sys.executable, "-m", "trio_dpsup", *args],
-            capture_stdout=True,
-            capture_stderr=True,
-            check=False,
-            stdin=subprocess.DEVNULL,
-            env=env,
-        )
-    return result.returncode, result.stderr.decode()
-
-
-def bare_environment() -> dict[str, str]:
-    """PATH (and PYTHONPATH, where this Python needs it), and no CUDA_VISIBLE_DEVICES."""
-    env = {"PATH": "/usr/bin:/bin"}
-    if "PYTHONPATH" in os.environ:
-        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
-    return env
-
-
 def nvml_available() -> bool:
     try:
         open_pynvml().close()
     except NvmlUnavailable:
         return False
     return True
-
-
-def rank_command(pid_file: Path) -> list[str]:
-    """A fake rank that records its pid: if the file exists, a rank was started."""
-    return [*FAKE_RANK, "--port", "{port}", "--pid-file", str(pid_file)]
 
 
 @pytest.mark.parametrize(

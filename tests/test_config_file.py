@@ -10,8 +10,7 @@ import pytest
 
 from trio_dpsup.testing import free_port_range, open_cli_supervisor
 
-from .conftest import FAKE_RANK
-from .test_cli_usage import bare_environment, run_cli
+from .conftest import FAKE_RANK, bare_environment, run_cli
 
 
 def write_config(tmp_path: Path, text: str) -> Path:

@@ -7,7 +7,6 @@ exclusively proves that every one of them is dead, whatever pid or name it has b
 
 from __future__ import annotations
 
-import fcntl
 import os
 import resource
 import shutil
@@ -25,7 +24,7 @@ import trio
 
 from trio_dpsup.testing import alive, free_port_range, open_cli_supervisor, read_pid_file
 
-from .conftest import cli_args
+from .conftest import all_holders_gone, cli_args, describe_holders, holders_now, kill_holders
 
 pytest.importorskip("setproctitle", reason="the setproctitle test extra is not installed")
 
@@ -35,61 +34,6 @@ def lock_file(tmp_path: Path) -> Iterator[Path]:
     path = tmp_path / "tree.lock"
     path.touch()
     yield path
-
-
-async def all_holders_gone(path: Path, within: float) -> bool:
-    """Whether every holder of a shared lock on `path` is gone within `within` seconds.
-
-    Blocks in a thread on an exclusive flock: event-driven, no polling.
-    """
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        with trio.move_on_after(within):
-            await trio.to_thread.run_sync(fcntl.flock, fd, fcntl.LOCK_EX, abandon_on_cancel=True)
-            return True
-        return False
-    finally:
-        os.close(fd)
-
-
-def holders_now(path: Path) -> bool:
-    """True if some process holds a lock on `path` at this very moment."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
-
-
-def describe_holders(path: Path) -> str:
-    """The processes holding `path` open, for a failure message."""
-    found = []
-    for proc in psutil.process_iter(["pid", "ppid", "status", "cmdline"]):
-        try:
-            if any(f.path == str(path) for f in proc.open_files()):
-                found.append(str(proc.info))
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return "\n".join(found)
-
-
-def kill_holders(path: Path) -> None:
-    """Clean up after a failed test: kill whatever still holds the lock, newest pids first
-    (a process that forks in a loop is met before it moves on), in passes until it is free."""
-    target = str(path)
-    for _ in range(200):
-        if not holders_now(path):
-            return
-        for pid in sorted((int(e) for e in os.listdir("/proc") if e.isdigit()), reverse=True):
-            try:
-                fds = os.listdir(f"/proc/{pid}/fd")
-                if any(os.readlink(f"/proc/{pid}/fd/{fd}") == target for fd in fds):
-                    os.kill(pid, signal.SIGKILL)
-            except OSError:
-                continue
 
 
 def grandchild_args(lock: Path, *kinds: str) -> list[str]:

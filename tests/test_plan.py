@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -144,8 +145,8 @@ def test_command_not_found() -> None:
         plan_ranks(config(command=("no-such-server", "{port}")), ENV)
 
 
-def test_command_not_executable(tmp_path: pytest.TempPathFactory) -> None:
-    script = tmp_path / "server.sh"  # type: ignore[operator]
+def test_command_not_executable(tmp_path: Path) -> None:
+    script = tmp_path / "server.sh"
     script.write_text("#!/bin/sh\n")
     with pytest.raises(ConfigError, match="is not executable: chmod \\+x it"):
         plan_ranks(config(command=(str(script),)), ENV)

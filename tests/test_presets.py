@@ -15,7 +15,7 @@ from trio_dpsup._config.presets import Preset
 from trio_dpsup.testing import free_port_range, open_cli_supervisor
 from trio_dpsup.testing.fake_servers import ARGV_FILE_ENV, install_fake_servers, read_recorded_argv
 
-from .test_cli_usage import run_cli
+from .conftest import run_cli
 
 
 @pytest.fixture

@@ -10,8 +10,9 @@ from typing import Any
 import httpx
 import pytest
 import trio
+import trio.testing
 
-from trio_dpsup import RankExited
+from trio_dpsup import RankExited, RestartsExhausted
 from trio_dpsup._restart import Restarter, RestartPolicy, RestartScope
 from trio_dpsup.testing import Deployment, Form, Harness, wait_pids_gone
 
@@ -188,6 +189,25 @@ async def test_restart_intensity_window() -> None:
     assert escalated.exit_status == 3
     clean = RankExited(0, 0)
     assert restarter.decide(clean) is clean  # on-failure does not restart an exit with 0
+
+
+async def test_restart_intensity_window_expires(autojump_clock: trio.testing.MockClock) -> None:
+    # Past the window, the restarts in it no longer count: a crash restarts again.
+    restarter = Restarter(
+        RestartPolicy.ON_FAILURE, RestartScope.RANK,
+        max_restarts=2, window=60, backoff_min=1.0, backoff_max=1.0,
+    )  # fmt: skip
+    crash = RankExited(0, 3)
+    assert restarter.decide(crash) is None
+    await trio.sleep(30)
+    assert restarter.decide(crash) is None
+    assert isinstance(restarter.decide(crash), RestartsExhausted)  # 2 within 60 s: escalate
+    await trio.sleep(31)  # the first restart leaves the window; the second is 31 s old
+    assert restarter.decide(crash) is None
+    assert isinstance(restarter.decide(crash), RestartsExhausted)
+    await trio.sleep(61)  # both left it
+    assert restarter.decide(crash) is None
+    assert restarter.recent([0.0, trio.current_time() - 10]) == 1
 
 
 @FORMS

@@ -12,8 +12,7 @@ import trio
 
 from trio_dpsup.testing import alive, free_port_range, open_cli_supervisor, read_pid_file
 
-from .conftest import cli_args
-from .test_hardening import all_holders_gone, kill_holders
+from .conftest import all_holders_gone, cli_args, kill_holders
 
 
 async def test_sigterm_while_ranks_are_being_started_stops_in_order(tmp_path: Path) -> None:

@@ -12,8 +12,7 @@ import trustme
 
 from trio_dpsup.testing import free_port_range, open_cli_supervisor
 
-from .conftest import cli_args
-from .test_cli_usage import run_cli
+from .conftest import cli_args, run_cli
 
 
 class Certs:
