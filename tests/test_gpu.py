@@ -309,7 +309,7 @@ def stray_process() -> Iterator[int]:
 
 @pytest.mark.parametrize("fail_on_leftovers", [False, True])
 async def test_leftovers_on_rank_gpus_are_reported(
-    stray_process: int, fail_on_leftovers: bool
+    stray_process: int, fail_on_leftovers: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
     fake = FakeNvml(gpus=2)
     fake.place(stray_process, fake.gpus[1].uuid, used_mib=4096)
@@ -330,6 +330,13 @@ async def test_leftovers_on_rank_gpus_are_reported(
             handle.request_shutdown()
             status = await handle.wait_stopped()
     line = f"pid {stray_process} (python"
+    # Reported in both cases; --fail-on-leftovers only decides the exit status.
+    reports = [
+        r.getMessage() for r in caplog.records if "left over after shutdown" in r.getMessage()
+    ]
+    assert len(reports) == 1
+    assert line in reports[0]
+    assert "holds 4096 MiB on GPU 1" in reports[0]
     if fail_on_leftovers:
         assert status == 1
         (failure,) = outcome

@@ -6,6 +6,7 @@ import os
 import signal
 import socket
 import sys
+from pathlib import Path
 
 import httpx
 import pytest
@@ -103,14 +104,16 @@ async def test_wait_ready_raises_the_startup_failure() -> None:
     assert error.failure.not_ready == (0,)
 
 
-async def test_taken_control_port_is_a_config_error_with_nothing_started() -> None:
+async def test_taken_control_port_is_a_config_error_with_nothing_started(tmp_path: Path) -> None:
     base = free_port_range(1)
+    pid_file = tmp_path / "pids"
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
-        config = fake_config(1, base, control_port=port)
+        config = fake_config(1, base, "--pid-file", str(pid_file), control_port=port)
         async with trio.open_nursery() as nursery:
             with pytest.raises(ConfigError, match=f"--control-port {port}"):
                 await nursery.start(Supervisor(config).run)
+    assert not pid_file.exists()  # no rank was started
 
 
 async def test_outer_cancellation_stops_every_rank() -> None:
