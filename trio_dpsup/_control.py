@@ -18,9 +18,10 @@ from typing import Any
 
 import trio
 
+from ._config.plan import control_connections
 from ._errors import ConfigError
 from ._gpu.nvml import MIB
-from ._http_server import Response, connection_limit, serve_http
+from ._http_server import Response, serve_http
 from ._metrics import CONTENT_TYPE
 from ._state import RankStatus, SupervisorState, SupervisorStatus
 from ._tls import TlsFiles
@@ -235,7 +236,7 @@ async def serve_control_plane(
                 app.respond,
                 listener,
                 shutdown_trigger,
-                max_connections=connection_limit(soft),
+                max_connections=control_connections(soft),
             )
         )
         task_status.started(f"{scheme}://{shown}:{port}")

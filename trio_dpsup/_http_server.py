@@ -13,7 +13,6 @@ hold no slot for long). GET and HEAD answers are small and computed in one call.
 from __future__ import annotations
 
 import logging
-import math
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -199,11 +198,3 @@ async def _send(
         data = (data or b"") + (http.send(h11.Data(data=response.body)) or b"")
     data = (data or b"") + (http.send(h11.EndOfMessage()) or b"")
     await stream.send_all(data)
-
-
-def connection_limit(soft_fd_limit: int) -> int:
-    """Connections the control plane keeps open at most: a quarter of the open-file limit
-    (ranks need theirs), between 16 and 1024."""
-    if soft_fd_limit < 0 or math.isinf(soft_fd_limit):
-        return 1024
-    return max(16, min(1024, soft_fd_limit // 4))

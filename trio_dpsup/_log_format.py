@@ -21,7 +21,14 @@ import queue
 import select
 import threading
 
-__all__ = ["TEXT_FORMAT", "JsonFormatter", "NonBlockingHandler", "configure_logging", "fd_lock"]
+__all__ = [
+    "TEXT_FORMAT",
+    "JsonFormatter",
+    "NonBlockingHandler",
+    "configure_logging",
+    "fd_lock",
+    "write_whole",
+]
 
 _FD_LOCKS: dict[int, threading.RLock] = {}
 _FD_LOCKS_LOCK = threading.Lock()
@@ -58,6 +65,25 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+def write_whole(fd: int, data: bytes) -> tuple[int, OSError | None]:
+    """Write all of `data` to `fd`, holding `fd_lock(fd)`; for a writer thread, never the
+    event loop. A non-blocking `fd` that is full is waited on (select), EINTR retried.
+    Returns (0, None), or the bytes left unwritten and the error that stopped the write
+    (EPIPE, ENOSPC, EIO...): the caller decides what dropping them means."""
+    with fd_lock(fd):
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[os.write(fd, view) :]
+            except BlockingIOError:
+                select.select([], [fd], [])
+            except InterruptedError:
+                continue
+            except OSError as exc:
+                return len(view), exc
+        return 0, None
+
+
 class NonBlockingHandler(logging.Handler):
     """Writes formatted records to `fd` from a thread of its own; never blocks the caller.
 
@@ -76,6 +102,9 @@ class NonBlockingHandler(logging.Handler):
         self._unreported = 0
         self._queue: queue.Queue[bytes | None] = queue.Queue(capacity)
         self._count_lock = threading.Lock()
+        #: Records queued and not yet written; `flush` waits for it to reach 0.
+        self._pending = 0
+        self._idle = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="trio-dpsup-log", daemon=True)
         self._thread.start()
 
@@ -86,40 +115,31 @@ class NonBlockingHandler(logging.Handler):
             self.handleError(record)
             return
         try:
-            self._queue.put_nowait(line)
+            with self._idle:
+                self._queue.put_nowait(line)
+                self._pending += 1
         except queue.Full:
             with self._count_lock:
                 self.dropped += 1
                 self._unreported += 1
 
     def flush(self) -> None:
-        """Wait, at most FLUSH_TIMEOUT, for what is queued to be written."""
-        done = threading.Event()
-
-        def wait() -> None:
-            self._queue.join()
-            done.set()
-
-        threading.Thread(target=wait, daemon=True).start()
-        done.wait(self.FLUSH_TIMEOUT)
-
-    def close(self) -> None:
-        self.flush()
-        super().close()
+        """Wait, at most FLUSH_TIMEOUT, for what is queued to be written (logging.shutdown
+        calls this at exit; `close` does not wait again)."""
+        with self._idle:
+            self._idle.wait_for(lambda: self._pending == 0, timeout=self.FLUSH_TIMEOUT)
 
     def _run(self) -> None:
-        while True:
-            line = self._queue.get()
-            try:
-                if line is None:
-                    return
-                with self._count_lock:
-                    unreported, self._unreported = self._unreported, 0
-                if unreported:
-                    self._write(self._dropped_record(unreported))
-                self._write(line)
-            finally:
-                self._queue.task_done()
+        while (line := self._queue.get()) is not None:
+            with self._count_lock:
+                unreported, self._unreported = self._unreported, 0
+            if unreported:
+                write_whole(self.fd, self._dropped_record(unreported))
+            # EPIPE, ENOSPC and the like: this record is lost; the next one is tried again.
+            write_whole(self.fd, line)
+            with self._idle:
+                self._pending -= 1
+                self._idle.notify_all()
 
     def _dropped_record(self, count: int) -> bytes:
         record = logging.LogRecord(
@@ -127,24 +147,6 @@ class NonBlockingHandler(logging.Handler):
             "%d log records dropped: stderr was not being read", (count,), None,
         )  # fmt: skip
         return (self.format(record) + "\n").encode("utf-8", "backslashreplace")
-
-    def _write(self, data: bytes) -> None:
-        with fd_lock(self.fd):
-            self._write_all(data)
-
-    def _write_all(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            try:
-                view = view[os.write(self.fd, view) :]
-            except BlockingIOError:
-                select.select([], [self.fd], [])  # a non-blocking stderr: wait for room
-            except InterruptedError:
-                continue
-            except OSError:
-                # EPIPE (nobody reads stderr any more), ENOSPC and the like: this record is
-                # lost; the next one is tried again.
-                return
 
 
 def configure_logging(level: str, log_format: str) -> None:

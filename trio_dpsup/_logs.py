@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import collections
 import os
-import select
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import trio
 
-from ._log_format import fd_lock
+from ._log_format import write_whole
 
 __all__ = ["DRAIN_TIMEOUT", "TAIL_LINES", "LogPump", "RankOutput", "open_log_pump"]
 
@@ -98,30 +97,16 @@ class _Sink:
             self._write(chunk)
 
     def _write(self, chunk: bytes) -> None:
-        with fd_lock(self.fd):  # whole, not interleaved with our own records
-            self._write_all(chunk)
-
-    def _write_all(self, chunk: bytes) -> None:
-        view = memoryview(chunk)
-        while view:
-            try:
-                written = os.write(self.fd, view)
-            except BlockingIOError:
-                select.select([], [self.fd], [])  # a non-blocking descriptor: wait for room
-                continue
-            except InterruptedError:
-                continue
-            except OSError as exc:
-                # Nobody reads (EPIPE), or the disk is full (ENOSPC): drop this chunk, keep
-                # draining the ranks' pipes so that they never block, and try the next one.
-                self._dropped += len(view)
-                self._why = exc.strerror or str(exc)
-                return
-            view = view[written:]
-            if self._dropped and not view:
-                notice = f"[trio-dpsup] {self._dropped} bytes of rank output dropped: {self._why}\n"
-                self._dropped = 0
-                self._write_all(notice.encode())
+        left, error = write_whole(self.fd, chunk)
+        if error is not None:
+            # Nobody reads (EPIPE), or the disk is full (ENOSPC): drop this chunk, keep
+            # draining the ranks' pipes so that they never block, and try the next one.
+            self._dropped += left
+            self._why = error.strerror or str(error)
+        elif self._dropped:
+            notice = f"[trio-dpsup] {self._dropped} bytes of rank output dropped: {self._why}\n"
+            self._dropped = 0
+            self._write(notice.encode())
 
     async def close(self) -> None:
         """Write what is queued, then stop the thread.

@@ -45,6 +45,8 @@ class RankContext:
     board: Board
     spawner: Spawner
     scanner: TreeScanner
+    #: Told of every rank process (and cgroup) as it starts.
+    guardian: Guardian
     #: The shutdown's clock: one grace deadline for every rank.
     clock: StopClock
     client: httpx.AsyncClient
@@ -53,8 +55,6 @@ class RankContext:
     fail: Callable[[SupervisorFailure], SupervisorFailure]
     observe: Callable[[int, ProbeResult], None] | None = None
     pump: LogPump | None = None
-    #: Told of every rank process as it starts (None: no guardian, in some tests).
-    guardian: Guardian | None = None
     #: The ranks' cgroups, with --cgroups.
     cgroups: RunCgroups | None = None
 
@@ -102,8 +102,7 @@ async def _spawn(record: RankRecord, ctx: RankContext) -> RankProcess:
     cgroup = None
     if ctx.cgroups is not None:
         cgroup = ctx.cgroups.rank_dir(plan.rank)
-        if ctx.guardian is not None:
-            ctx.guardian.cgroup(cgroup)
+        ctx.guardian.cgroup(cgroup)
     try:
         process = await ctx.spawner.spawn(
             plan.argv, env, capture=ctx.pump is not None, cgroup=cgroup
@@ -112,7 +111,7 @@ async def _spawn(record: RankRecord, ctx: RankContext) -> RankProcess:
         record.state = RankState.FAILED
         raise ctx.fail(RankSpawnFailed(plan.rank, str(exc))) from exc
     root = ctx.scanner.trees.add_root(plan.rank, process.pid)
-    if root is not None and ctx.guardian is not None:
+    if root is not None:
         ctx.guardian.root(root)
     record.pid = process.pid
     record.returncode = None

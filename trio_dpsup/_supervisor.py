@@ -19,7 +19,6 @@ every other rank is signalled in the same scheduler tick.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shlex
@@ -32,7 +31,6 @@ from dataclasses import dataclass
 from functools import partial
 
 import httpx
-import psutil
 import trio
 
 from ._config.config import SupervisorConfig
@@ -48,7 +46,7 @@ from ._prober import open_probe_client, run_startup_deadline
 from ._proc.cgroup import CgroupError, RunCgroups
 from ._proc.guardian import Guardian, open_guardian
 from ._proc.membership import Trees
-from ._proc.process_tree import TreeScanner, run_tree_watch, signal_all, wait_gone
+from ._proc.process_tree import TreeScanner, process_of, run_tree_watch, signal_all, wait_gone
 from ._proc.spawn import open_spawner
 from ._proc.stop import StopClock
 from ._rank import RankContext, run_rank
@@ -247,7 +245,6 @@ class _Run:
         self.scanner = TreeScanner(trees)
         self.trees = trees
         self.cgroups = cgroups
-        self.guardian: Guardian | None = None
         self.shutdown_requested = trio.Event()
         self.stopped = trio.Event()
         self.exit_status: int | None = None
@@ -268,9 +265,8 @@ class _Run:
                 make_handle = partial(SupervisorHandle, self, url)
                 try:
                     async with open_guardian(self.board.run_id) as guardian:
-                        self.guardian = guardian
                         self.trees.exclude.add(guardian.pid)
-                        await self._run_ranks(make_handle, task_status)
+                        await self._run_ranks(guardian, make_handle, task_status)
                         await self._sweep()
                     # After the guardian's last sweep: what is left now outlived everything.
                     await self._report_leftovers()
@@ -290,6 +286,7 @@ class _Run:
 
     async def _run_ranks(
         self,
+        guardian: Guardian,
         make_handle: partial[SupervisorHandle],
         task_status: trio.TaskStatus[SupervisorHandle],
     ) -> None:
@@ -304,7 +301,7 @@ class _Run:
                 board=self.board,
                 spawner=spawner,
                 scanner=self.scanner,
-                guardian=self.guardian,
+                guardian=guardian,
                 cgroups=self.cgroups,
                 clock=self.clock,
                 client=client,
@@ -319,14 +316,12 @@ class _Run:
                     self._ranks_scope = ranks.cancel_scope
                     # First: a shutdown requested while ranks start stops the starting.
                     ranks.start_soon(self._watch_shutdown)
-                    guardian = self.guardian
                     await ranks.start(
                         partial(
                             run_tree_watch,
                             self.trees,
-                            (lambda *_: None) if guardian is None else guardian.seen,
-                            spawner.lock,
-                            spawner.own,
+                            guardian.seen,
+                            spawner,
                             interval=config.tree_watch_interval,
                         )
                     )
@@ -387,17 +382,14 @@ class _Run:
         **Cancellation**: shielded; bounded by the grace deadline and the kill passes.
         """
         with trio.CancelScope(shield=True):
-            orphans = [pid for pid, _ in self.trees.adopted()]
+            orphans = [stat for stat, _ in self.trees.adopted()]
             if not orphans:
                 return
             logger.warning(
                 "stopping pids %s: orphans adopted from the rank trees",
-                ", ".join(map(str, orphans)),
+                ", ".join(str(stat.pid) for stat in orphans),
             )
-            procs = []
-            for pid in orphans:
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    procs.append(psutil.Process(pid))
+            procs = [proc for stat in orphans if (proc := process_of(stat)) is not None]
             signal_all(procs, self.clock.signum)
             with self.clock.grace():
                 await wait_gone(procs)

@@ -186,20 +186,33 @@ def _rank_count(
     return ranks
 
 
-#: Open files the supervisor needs per rank: its stdout and stderr pipes, a pidfd, the probe
-#: connection, and room for the tree scans' pidfds and a restart's overlap.
+#: Open files the supervisor holds per rank: measured 4 at steady state (17 ranks: 79, one
+#: rank: 15) — the stdout and stderr pipes, a pidfd and the probe connection; counted twice,
+#: for the tree scans' pidfds and a restart's overlap of old and new process.
 FDS_PER_RANK = 8
-#: Open files the supervisor needs whatever the rank count: the control plane's listener and
-#: a reserve of its connections, the guardian's pipe, NVML, the log threads, Python's own.
-FDS_BASE = 256
+#: Open files the supervisor needs whatever the rank count (measured 11 with no rank: the
+#: guardian's pipe, the control plane's listener, Python's own), with room for NVML.
+FDS_BASE = 64
+
+
+def control_connections(soft_fd_limit: int) -> int:
+    """Connections the control plane keeps open at most: a quarter of the open-file limit,
+    between 16 and 1024. Counted in `check_fd_limit`, so ranks and clients never compete
+    for the last descriptors."""
+    if soft_fd_limit < 0:  # RLIM_INFINITY
+        return 1024
+    return max(16, min(1024, soft_fd_limit // 4))
 
 
 def check_fd_limit(ranks: int) -> None:
-    """Raise ConfigError if `ranks` ranks need more open files than this process may open
-    (the CLI first raises its soft limit to the hard one)."""
-    need = FDS_BASE + ranks * FDS_PER_RANK
+    """Raise ConfigError if `ranks` ranks and the control plane's connections need more
+    open files than this process may open (the CLI first raises its soft limit to the
+    hard one)."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and need > soft:
+    if soft == resource.RLIM_INFINITY:
+        return
+    need = FDS_BASE + ranks * FDS_PER_RANK + control_connections(soft)
+    if need > soft:
         raise ConfigError(
             f"{ranks} ranks need about {need} open files, but this process may open only "
             f"{soft}: raise the limit (ulimit -n {need}, or LimitNOFILE={need} in a systemd "

@@ -158,9 +158,11 @@ class Trees:
         return True
 
     def forget_dead(self) -> None:
-        """Drop what names processes that are gone (bounds the registry over restarts)."""
+        """Drop what names processes that are gone (bounds the registry and the cookie
+        cache over a long run)."""
         for key in [k for k in self.seen if not _same(k)]:
             del self.seen[key]
+        self._no_cookie = {k for k in self._no_cookie if _same(k)}
 
     # -- finding members ------------------------------------------------------------------
 
@@ -193,9 +195,8 @@ class Trees:
         a subreaper, from the orphans it adopted), recorded; returns the new ones as
         (pid, start, rank). Cheap: it reads only the trees' own /proc entries."""
         new: list[tuple[int, int, int]] = []
-        starts: list[tuple[int, int]] = [(r.pid, r.rank) for r in self.roots if _alive(r)]
-        if self.adopter is not None:
-            starts.extend((pid, rank) for pid, rank in self.adopted() if rank is not None)
+        starts = [(r.pid, r.rank) for r in self.roots if _alive(r)]
+        starts.extend((stat.pid, rank) for stat, rank in self.adopted())
         for top, rank in starts:
             todo = [(top, 0)]
             while todo:
@@ -209,24 +210,27 @@ class Trees:
                     todo.extend((child, depth + 1) for child in children_of(pid))
         return new
 
-    def adopted(self) -> list[tuple[int, int | None]]:
+    def adopted(self) -> list[tuple[ProcStat, int]]:
         """The live orphans this subreaper adopted, with their rank (from the registry or
-        the cookie; ADOPTED where neither tells). Zombies are not listed: see `reap`."""
+        the cookie; ADOPTED where neither tells). Zombies are left to `reap_adopted`."""
+        found: list[tuple[ProcStat, int]] = []
+        for stat in self._orphans():
+            if stat.zombie:
+                continue
+            rank = self.seen.get((stat.pid, stat.start))
+            if rank is None:
+                rank = self.cookie_rank(stat.pid)
+            found.append((stat, ADOPTED if rank is None else rank))
+        return found
+
+    def _orphans(self, started: Iterable[int] = ()) -> list[ProcStat]:
+        """Our children that we did not start: rank processes, the guardian (`exclude`) and
+        `started` are not orphans. Empty unless this process is a subreaper."""
         if self.adopter is None:
             return []
-        own = {r.pid for r in self.roots} | self.exclude
-        found: list[tuple[int, int | None]] = []
-        for pid in children_of(self.adopter):
-            if pid in own:
-                continue
-            stat = read_stat(pid)
-            if stat is None or stat.zombie:
-                continue
-            rank = self.seen.get((pid, stat.start))
-            if rank is None:
-                rank = self.cookie_rank(pid)
-            found.append((pid, ADOPTED if rank is None else rank))
-        return found
+        own = {r.pid for r in self.roots} | self.exclude | set(started)
+        stats = (read_stat(pid) for pid in children_of(self.adopter) if pid not in own)
+        return [stat for stat in stats if stat is not None]
 
     def scan(
         self, on_member: Callable[[ProcStat, int], None] | None = None
@@ -236,10 +240,7 @@ class Trees:
         `on_member` is called as soon as a member is recognised (the kill passes use it, so
         that a process that keeps forking has microseconds, not a whole pass, to move on).
         """
-        roots = list(self.roots)
-        seen = dict(self.seen)
-        since = min((r.start for r in roots), default=0)
-        live_roots = [r for r in roots if _holds(r)]
+        seen, live_roots, since = self._snapshot()
         members: dict[int, tuple[ProcStat, int]] = {}
 
         def found(stat: ProcStat, rank: int) -> None:
@@ -283,10 +284,7 @@ class Trees:
         stat = read_stat(pid)
         if stat is None:
             raise ProcessLookupError(pid)
-        roots = list(self.roots)
-        since = min((r.start for r in roots), default=0)
-        live_roots = [r for r in roots if _holds(r)]
-        seen = dict(self.seen)
+        seen, live_roots, since = self._snapshot()
         for _ in range(_MAX_DEPTH):
             if stat.pid not in self.exclude:
                 rank = self._classify(stat, seen, live_roots, since)
@@ -299,6 +297,14 @@ class Trees:
                 return None
             stat = parent
         return None
+
+    def _snapshot(self) -> tuple[dict[Key, int], list[Root], int]:
+        """What a pass reads, copied (the event loop may change it meanwhile): the
+        registry, the roots whose session and group ids still mean their rank, and the
+        start time of the oldest rank (nothing older can be a member by cookie)."""
+        roots = list(self.roots)
+        since = min((r.start for r in roots), default=0)
+        return dict(self.seen), [r for r in roots if _holds(r)], since
 
     def _classify(
         self, stat: ProcStat, seen: dict[Key, int], roots: list[Root], since: int
@@ -348,12 +354,10 @@ class Trees:
             before = killed
             for _ in range(_MAX_DEPTH):
                 adopted = [
-                    (pid, rank) for pid, rank in self.adopted() if wanted is None or rank in wanted
+                    stat for stat, rank in self.adopted() if wanted is None or rank in wanted
                 ]
-                for pid, _rank in adopted:
-                    stat = read_stat(pid)
-                    if stat is not None:
-                        killed += kill_process(pid, stat.start)
+                for stat in adopted:
+                    killed += kill_process(stat.pid, stat.start)
                 if not adopted:
                     break
             if scan:
@@ -378,19 +382,12 @@ class Trees:
         `started` are the pids this process started itself and has not reaped: never
         orphans. The caller must make sure none is being started meanwhile (Spawner.lock).
         """
-        if self.adopter is None:
-            return []
-        own = {r.pid for r in self.roots} | self.exclude | set(started)
         reaped = []
-        for pid in children_of(self.adopter):
-            if pid in own:
-                continue
-            stat = read_stat(pid)
-            if stat is None or not stat.zombie:
-                continue
-            with contextlib.suppress(ChildProcessError):
-                if os.waitpid(pid, os.WNOHANG)[0] == pid:
-                    reaped.append(pid)
+        for stat in self._orphans(started):
+            if stat.zombie:
+                with contextlib.suppress(ChildProcessError):
+                    if os.waitpid(stat.pid, os.WNOHANG)[0] == stat.pid:
+                        reaped.append(stat.pid)
         return reaped
 
 

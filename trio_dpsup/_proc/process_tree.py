@@ -14,7 +14,6 @@ import contextlib
 import logging
 import os
 import signal
-import threading
 from collections.abc import Callable, Iterable
 from functools import partial
 
@@ -22,8 +21,17 @@ import psutil
 import trio
 
 from .membership import ProcStat, Trees, read_stat
+from .spawn import Spawner
 
-__all__ = ["TreeScanner", "kill_all", "reap", "run_tree_watch", "signal_all", "wait_gone"]
+__all__ = [
+    "TreeScanner",
+    "kill_all",
+    "process_of",
+    "reap",
+    "run_tree_watch",
+    "signal_all",
+    "wait_gone",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -61,14 +69,6 @@ class TreeScanner:
             await self._pending.wait()
         return self._result.get(rank, [])
 
-    async def scan_all(self) -> list[psutil.Process]:
-        """Every live member of every tree, rank processes excluded, from a fresh scan.
-
-        **Cancellation**: safe, as `scan`.
-        """
-        await self.scan(0, fresh=True)
-        return [proc for procs in self._result.values() for proc in procs]
-
     async def kill_members(self, ranks: Iterable[int] | None, *, scan: bool = True) -> int:
         """SIGKILL, in passes, every member of `ranks` (None: of the whole run) still alive;
         without `scan`, only the orphans we adopted (see `Trees.kill_members`).
@@ -83,12 +83,12 @@ class TreeScanner:
         roots = {root.pid for root in self.trees.roots}
         trees: dict[int, list[psutil.Process]] = {}
         for pid, (stat, rank) in self.trees.scan().items():
-            if pid not in roots and (proc := _process(stat)) is not None:
+            if pid not in roots and (proc := process_of(stat)) is not None:
                 trees.setdefault(rank, []).append(proc)
         return trees
 
 
-def _process(stat: ProcStat) -> psutil.Process | None:
+def process_of(stat: ProcStat) -> psutil.Process | None:
     """A psutil handle on the process `stat` describes, or None if its pid moved on."""
     try:
         proc = psutil.Process(stat.pid)
@@ -168,8 +168,7 @@ def _alive(proc: psutil.Process) -> bool:
 async def run_tree_watch(
     trees: Trees,
     tell: Callable[[int, int, int], None],
-    spawn_lock: threading.Lock,
-    started: set[int],
+    spawner: Spawner,
     *,
     interval: float,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
@@ -190,11 +189,11 @@ async def run_tree_watch(
             tell(rank, pid, start)
             logger.debug("rank %d: tree member pid %d recorded", rank, pid, extra={"rank": rank})
         # Not while a rank is being started: see Spawner.lock.
-        if trees.adopter is not None and spawn_lock.acquire(blocking=False):
+        if trees.adopter is not None and spawner.lock.acquire(blocking=False):
             try:
-                reaped = trees.reap_adopted(started)
+                reaped = trees.reap_adopted(spawner.own)
             finally:
-                spawn_lock.release()
+                spawner.lock.release()
             if reaped:
                 logger.debug("reaped adopted orphans %s", reaped)
         rounds += 1
