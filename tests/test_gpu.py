@@ -72,7 +72,7 @@ def test_cuda_visible_devices_is_read_as_cuda_reads_it(text: str, devices: tuple
 def test_devices_option_is_strict() -> None:
     with pytest.raises(ConfigError, match="--devices has 'gpu0', which is not a device"):
         parse_visible_devices("0,gpu0", strict=True, source="--devices")
-    with pytest.raises(ConfigError, match="lists device 1 twice"):
+    with pytest.raises(ConfigError, match="device 1 is listed twice in --devices"):
         parse_visible_devices("1,01", strict=True, source="--devices")
 
 

@@ -85,9 +85,9 @@ def test_too_few_devices() -> None:
 
 
 def test_device_listed_twice() -> None:
-    with pytest.raises(ConfigError, match="device 1 is listed twice"):
+    with pytest.raises(ConfigError, match="device 1 is listed twice in --devices"):
         config(devices=("0", "1", "1"))
-    with pytest.raises(ConfigError, match="lists device 0 twice"):
+    with pytest.raises(ConfigError, match="device 0 is listed twice in CUDA_VISIBLE_DEVICES"):
         plan_ranks(config(ranks=None), {**ENV, "CUDA_VISIBLE_DEVICES": "0,0"})
 
 

@@ -8,14 +8,22 @@ Checks that need the environment (devices, PATH) happen when the rank plan is ma
 from __future__ import annotations
 
 import enum
-import math
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .._errors import ConfigError
 from .._restart import RestartPolicy, RestartScope
-from .options import setting
+from .options import (
+    at_least_one,
+    check_settings,
+    option_name,
+    positive_seconds,
+    seconds_or_zero,
+    setting,
+    zero_or_more,
+)
 from .presets import Preset
 
 __all__ = ["RankScheme", "SupervisorConfig"]
@@ -46,9 +54,9 @@ class SupervisorConfig:
     command: tuple[str, ...]
     # -- ranks
     ranks: int | None = setting(
-        None, "local ranks (default: devices / gpus-per-rank)", "ranks", "N",
+        None, "local ranks (default: devices / gpus-per-rank)", "ranks", "N", check=at_least_one,
     )  # fmt: skip
-    start_rank: int = setting(0, "global rank of local rank 0", "ranks", "N")
+    start_rank: int = setting(0, "global rank of local rank 0", "ranks", "N", check=zero_or_more)
     gpus_per_rank: int = setting(1, "devices per rank, e.g. TP x PP; 0: no GPU", "ranks", "N")
     #: None: the environment's CUDA_VISIBLE_DEVICES when set, else every device NVML sees.
     devices: tuple[str, ...] | None = setting(
@@ -58,7 +66,11 @@ class SupervisorConfig:
         "ranks", "LIST",
     )  # fmt: skip
     gpu_interval: float = setting(
-        5.0, "seconds between GPU readings and placement checks", "ranks", "SECONDS"
+        5.0,
+        "seconds between GPU readings and placement checks",
+        "ranks",
+        "SECONDS",
+        check=positive_seconds,
     )
     preset: Preset | None = setting(
         None,
@@ -98,14 +110,24 @@ class SupervisorConfig:
         "health probes", "PATH",
     )  # fmt: skip
     probe_interval: float = setting(
-        1.0, "seconds between probes of a ready rank", "health probes", "SECONDS"
+        1.0,
+        "seconds between probes of a ready rank",
+        "health probes",
+        "SECONDS",
+        check=positive_seconds,
     )
-    probe_timeout: float = setting(2.0, "seconds", "health probes", "SECONDS")
+    probe_timeout: float = setting(
+        2.0, "seconds", "health probes", "SECONDS", check=positive_seconds
+    )
     failure_threshold: int = setting(
-        3, "consecutive failures that fail a ready rank", "health probes", "N"
+        3, "consecutive failures that fail a ready rank", "health probes", "N", check=at_least_one
     )
     startup_timeout: float = setting(
-        1800.0, "seconds for every rank to become ready; 0: no limit", "health probes", "SECONDS"
+        1800.0,
+        "seconds for every rank to become ready; 0: no limit",
+        "health probes",
+        "SECONDS",
+        check=seconds_or_zero,
     )
     #: How often a rank that is not ready yet is probed (no CLI option).
     startup_probe_interval: float = DEFAULT_STARTUP_PROBE_INTERVAL
@@ -120,26 +142,42 @@ class SupervisorConfig:
         RestartScope.RANK, "restart only the failed rank, or all ranks", "restarts"
     )
     max_restarts: int = setting(
-        3, "more restarts than this within --restart-window stop everything", "restarts", "N"
+        3,
+        "more restarts than this within --restart-window stop everything",
+        "restarts",
+        "N",
+        check=zero_or_more,
     )
-    restart_window: float = setting(60.0, "seconds", "restarts", "SECONDS")
+    restart_window: float = setting(60.0, "seconds", "restarts", "SECONDS", check=positive_seconds)
     restart_backoff_min: float = setting(
-        1.0, "seconds before a rank's first restart; doubles per restart", "restarts", "SECONDS"
+        1.0,
+        "seconds before a rank's first restart; doubles per restart",
+        "restarts",
+        "SECONDS",
+        check=positive_seconds,
     )
     restart_backoff_max: float = setting(
-        30.0, "the longest wait before a restart", "restarts", "SECONDS"
+        30.0, "the longest wait before a restart", "restarts", "SECONDS", check=positive_seconds
     )
     #: Once every rank has been ready once.
     min_ready: int | None = setting(
         None, "/ready answers 200 while this many ranks are ready (default: all ranks)",
-        "restarts", "N",
+        "restarts", "N", check=at_least_one,
     )  # fmt: skip
     # -- shutdown
     grace_period: float = setting(
-        20.0, "seconds between the forwarded signal and SIGKILL", "shutdown", "SECONDS"
+        20.0,
+        "seconds between the forwarded signal and SIGKILL",
+        "shutdown",
+        "SECONDS",
+        check=positive_seconds,
     )
     drain_delay: float = setting(
-        0.0, "seconds to stay up, not ready, before signalling ranks", "shutdown", "SECONDS"
+        0.0,
+        "seconds to stay up, not ready, before signalling ranks",
+        "shutdown",
+        "SECONDS",
+        check=seconds_or_zero,
     )
     cgroups: bool = setting(
         False,
@@ -152,7 +190,7 @@ class SupervisorConfig:
         1.0,
         "seconds between walks of the rank trees that record their members for the "
         "guardian and reap adopted orphans",
-        "shutdown", "SECONDS",
+        "shutdown", "SECONDS", check=positive_seconds,
     )  # fmt: skip
     fail_on_leftovers: bool = setting(
         False,
@@ -180,38 +218,23 @@ class SupervisorConfig:
         self._coerce_enums()
         if not self.command:
             raise ConfigError("no command to run: put the rank command after '--'")
-        _positive_int("--ranks", self.ranks, allow_none=True)
+        check_settings(self)  # each option's own check, declared with it
         if self.gpus_per_rank < 0:
             raise ConfigError(
-                f"--gpus-per-rank must be 0 (ranks without GPUs) or more, not {self.gpus_per_rank}"
+                f"{_opt('gpus_per_rank')} must be 0 (ranks without GPUs) or more, "
+                f"not {self.gpus_per_rank}"
             )
-        _positive_int("--failure-threshold", self.failure_threshold)
-        if self.start_rank < 0:
-            raise ConfigError(f"--start-rank must be 0 or more, not {self.start_rank}")
-        for name, value in (
-            ("--probe-interval", self.probe_interval),
-            ("--probe-timeout", self.probe_timeout),
-            ("--grace-period", self.grace_period),
-            ("startup_probe_interval", self.startup_probe_interval),
-            ("--gpu-interval", self.gpu_interval),
-            ("--tree-watch-interval", self.tree_watch_interval),
-        ):
-            _positive_duration(name, value)
-        for name, value in (
-            ("--startup-timeout", self.startup_timeout),
-            ("--drain-delay", self.drain_delay),
-        ):
-            if not math.isfinite(value) or value < 0:
-                raise ConfigError(f"{name} must be 0 or more seconds, not {value}")
+        positive_seconds(_opt("startup_probe_interval"), self.startup_probe_interval)
+        path = _opt("health_path")
         if not self.health_path.startswith("/"):
-            raise ConfigError(f"--health-path must start with '/', e.g. /{self.health_path}")
+            raise ConfigError(f"{path} must start with '/', e.g. /{self.health_path}")
         if not re.fullmatch(r"/[\x21-\x7e]{0,1000}", self.health_path):
             raise ConfigError(
-                f"--health-path {self.health_path!r} must be a URL path of visible ASCII "
+                f"{path} {self.health_path!r} must be a URL path of visible ASCII "
                 "characters, with no spaces or control characters: e.g. /health"
             )
         if self.devices is not None:
-            _check_devices(self.devices)
+            check_unique_devices(self.devices, f"in {_opt('devices')}")
         self._check_tls()
         self._check_restarts()
         self._check_ports()
@@ -220,11 +243,11 @@ class SupervisorConfig:
         """Accept an enum setting as its member or its value (``restart="never"``), as the
         CLI does; anything else is a ConfigError naming the allowed values. Without this a
         library caller's string would be compared against the enum and silently misread."""
-        for name, cls, option in (
-            ("restart", RestartPolicy, "--restart"),
-            ("restart_scope", RestartScope, "--restart-scope"),
-            ("preset", Preset, "--preset"),
-            ("rank_scheme", RankScheme, "--rank-scheme"),
+        for name, cls in (
+            ("restart", RestartPolicy),
+            ("restart_scope", RestartScope),
+            ("preset", Preset),
+            ("rank_scheme", RankScheme),
         ):
             value = getattr(self, name)
             if value is None and name == "preset":
@@ -235,49 +258,43 @@ class SupervisorConfig:
                 member = cls(value)
             except ValueError:
                 allowed = ", ".join(str(m.value) for m in cls)
-                raise ConfigError(f"{option} must be one of {allowed}, not {value!r}") from None
+                raise ConfigError(f"{_opt(name)} must be one of {allowed}, not {value!r}") from None
             object.__setattr__(self, name, member)  # frozen: set once, while constructing
 
     def _check_restarts(self) -> None:
-        if self.max_restarts < 0:
-            raise ConfigError(f"--max-restarts must be 0 or more, not {self.max_restarts}")
-        _positive_duration("--restart-window", self.restart_window)
-        _positive_duration("--restart-backoff-min", self.restart_backoff_min)
-        _positive_duration("--restart-backoff-max", self.restart_backoff_max)
         if self.restart_backoff_max < self.restart_backoff_min:
             raise ConfigError(
-                f"--restart-backoff-max {self.restart_backoff_max:g} is below "
-                f"--restart-backoff-min {self.restart_backoff_min:g}: raise it"
+                f"{_opt('restart_backoff_max')} {self.restart_backoff_max:g} is below "
+                f"{_opt('restart_backoff_min')} {self.restart_backoff_min:g}: raise it"
             )
-        _positive_int("--min-ready", self.min_ready, allow_none=True)
         if self.ranks is not None:  # otherwise once the rank count is known (plan_ranks)
             check_min_ready(self, self.ranks)
 
     def _check_tls(self) -> None:
+        cert, key, ca = _opt("ssl_certfile"), _opt("ssl_keyfile"), _opt("ssl_ca_certs")
         if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
-            raise ConfigError("--ssl-certfile and --ssl-keyfile go together: pass both, or neither")
+            raise ConfigError(f"{cert} and {key} go together: pass both, or neither")
         if self.ssl_ca_certs is not None and self.ssl_certfile is None:
             raise ConfigError(
-                "--ssl-ca-certs verifies clients of an HTTPS control plane: pass --ssl-certfile "
-                "and --ssl-keyfile too"
+                f"{ca} verifies clients of an HTTPS control plane: pass {cert} and {key} too"
             )
         if self.rank_ca_certs is not None and self.rank_scheme is not RankScheme.HTTPS:
-            raise ConfigError("--rank-ca-certs verifies HTTPS ranks: pass --rank-scheme https")
-        for option, path in (
-            ("--ssl-certfile", self.ssl_certfile),
-            ("--ssl-keyfile", self.ssl_keyfile),
-            ("--ssl-ca-certs", self.ssl_ca_certs),
-            ("--rank-ca-certs", self.rank_ca_certs),
-        ):
+            raise ConfigError(
+                f"{_opt('rank_ca_certs')} verifies HTTPS ranks: pass {_opt('rank_scheme')} https"
+            )
+        for name in ("ssl_certfile", "ssl_keyfile", "ssl_ca_certs", "rank_ca_certs"):
+            path = getattr(self, name)
             if path is not None and not os.path.isfile(path):
-                raise ConfigError(f"{option} {path} is not a file: give the path of a PEM file")
+                raise ConfigError(f"{_opt(name)} {path} is not a file: give the path of a PEM file")
 
     def _check_ports(self) -> None:
         if not 1 <= self.base_port <= MAX_PORT:
-            raise ConfigError(f"--base-port must be within 1-{MAX_PORT}, not {self.base_port}")
+            raise ConfigError(
+                f"{_opt('base_port')} must be within 1-{MAX_PORT}, not {self.base_port}"
+            )
         if not 0 <= self.control_port <= MAX_PORT:
             raise ConfigError(
-                f"--control-port must be within 1-{MAX_PORT} (or 0 for any free port), "
+                f"{_opt('control_port')} must be within 1-{MAX_PORT} (or 0 for any free port), "
                 f"not {self.control_port}"
             )
         if self.ranks is None:
@@ -285,21 +302,27 @@ class SupervisorConfig:
         check_port_range(self, self.ranks)
 
 
+def _opt(name: str) -> str:
+    """The option that sets field `name`, as users spell it: messages name what to change."""
+    return option_name(SupervisorConfig, name)
+
+
 def check_port_range(config: SupervisorConfig, ranks: int) -> None:
     """Raise ConfigError unless ports base..base+ranks-1 are valid and exclude the control port."""
     last = config.base_port + ranks - 1
     if ranks > MAX_PORT:
         raise ConfigError(
-            f"{ranks} ranks need {ranks} ports, more than there are ({MAX_PORT}): lower --ranks"
+            f"{ranks} ranks need {ranks} ports, more than there are ({MAX_PORT}): "
+            f"lower {_opt('ranks')}"
         )
     if last > MAX_PORT:
         raise ConfigError(
             f"rank ports {config.base_port}-{last} go past {MAX_PORT}: "
-            f"lower --base-port to {MAX_PORT - ranks + 1} or less"
+            f"lower {_opt('base_port')} to {MAX_PORT - ranks + 1} or less"
         )
     if config.base_port <= config.control_port <= last:
         raise ConfigError(
-            f"--control-port {config.control_port} is inside the rank ports "
+            f"{_opt('control_port')} {config.control_port} is inside the rank ports "
             f"{config.base_port}-{last}: choose a control port outside that range"
         )
 
@@ -308,29 +331,17 @@ def check_min_ready(config: SupervisorConfig, ranks: int) -> None:
     """Raise ConfigError if --min-ready asks for more ranks than there are."""
     if config.min_ready is not None and config.min_ready > ranks:
         raise ConfigError(
-            f"--min-ready {config.min_ready} is more than the {ranks} ranks: lower it"
+            f"{_opt('min_ready')} {config.min_ready} is more than the {ranks} ranks: lower it"
         )
 
 
-def _positive_int(name: str, value: int | None, *, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if value is None or value < 1:
-        raise ConfigError(f"{name} must be 1 or more, not {value}")
-
-
-def _positive_duration(name: str, value: float) -> None:
-    if not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"{name} must be more than 0 seconds, not {value}")
-
-
-def _check_devices(devices: tuple[str, ...]) -> None:
+def check_unique_devices(devices: Sequence[str], where: str) -> None:
+    """Raise ConfigError for an empty or repeated device; `where` says where they were listed
+    ("in --devices", "in CUDA_VISIBLE_DEVICES")."""
     seen: set[str] = set()
     for device in devices:
         if not device:
-            raise ConfigError("--devices has an empty entry: write e.g. --devices 0,1,2,3")
+            raise ConfigError(f"an empty device entry {where}: write e.g. 0,1,2,3")
         if device in seen:
-            raise ConfigError(
-                f"device {device} is listed twice in --devices: list each device once"
-            )
+            raise ConfigError(f"device {device} is listed twice {where}: list each device once")
         seen.add(device)

@@ -11,13 +11,29 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import enum
+import math
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["GROUPS", "Setting", "add_settings", "cli_arguments", "config_fields", "setting"]
+from .._errors import ConfigError
+
+__all__ = [
+    "GROUPS",
+    "Setting",
+    "add_settings",
+    "at_least_one",
+    "check_settings",
+    "cli_arguments",
+    "config_fields",
+    "option_name",
+    "positive_seconds",
+    "seconds_or_zero",
+    "setting",
+    "zero_or_more",
+]
 
 #: Help groups, in the order --help shows them.
 GROUPS = ("ranks", "control plane", "health probes", "restarts", "shutdown", "logs")
@@ -36,6 +52,29 @@ class Setting:
     flag: str | None = None
     #: Append "(default: ...)" to the help.
     show_default: bool = True
+    #: Validates the value (None passes when the default is None); raises ConfigError
+    #: naming the option as the user spells it.
+    check: Callable[[str, Any], None] | None = None
+
+
+def at_least_one(option: str, value: int) -> None:
+    if value < 1:
+        raise ConfigError(f"{option} must be 1 or more, not {value}")
+
+
+def zero_or_more(option: str, value: int) -> None:
+    if value < 0:
+        raise ConfigError(f"{option} must be 0 or more, not {value}")
+
+
+def positive_seconds(option: str, value: float) -> None:
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{option} must be more than 0 seconds, not {value}")
+
+
+def seconds_or_zero(option: str, value: float) -> None:
+    if not math.isfinite(value) or value < 0:
+        raise ConfigError(f"{option} must be 0 or more seconds, not {value}")
 
 
 def setting(default: Any, help: str, group: str, unit: str | None = None, **more: Any) -> Any:
@@ -60,6 +99,22 @@ def config_fields(cls: type) -> list[tuple[dataclasses.Field[Any], Setting, Any]
 
 def flag_of(name: str, decl: Setting) -> str:
     return decl.flag or "--" + name.replace("_", "-")
+
+
+def option_name(cls: type, name: str) -> str:
+    """How a user spells field `name` of `cls`: its CLI option, or the field name itself for
+    a setting only the library has."""
+    field = {f.name: f for f in dataclasses.fields(cls)}[name]
+    decl = field.metadata.get("setting")
+    return name if decl is None else flag_of(name, decl)
+
+
+def check_settings(config: Any) -> None:
+    """Run each declared field's own check on its value in `config`."""
+    for field, decl, _ in config_fields(type(config)):
+        value = getattr(config, field.name)
+        if decl.check is not None and value is not None:
+            decl.check(flag_of(field.name, decl), value)
 
 
 def add_settings(cls: type, groups: Mapping[str, argparse._ArgumentGroup]) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+from .._config.config import check_unique_devices
 from .._errors import ConfigError
 from .nvml import GpuInfo
 
@@ -40,9 +41,8 @@ def parse_visible_devices(text: str, *, strict: bool, source: str) -> tuple[str,
                     "GPU UUIDs (GPU-…) or MIG UUIDs (MIG-…), separated by commas"
                 )
             break  # CUDA ignores the rest of the list from here
-        if entry in devices:
-            raise ConfigError(f"{source} lists device {entry} twice: list each device once")
         devices.append(entry)
+    check_unique_devices(devices, f"in {source}")
     return tuple(devices)
 
 
@@ -76,10 +76,6 @@ def resolve_devices_on(
                 "from `nvidia-smi -L`"
             )
         resolved.append(matches[0])
-    uuids = [g.uuid for g in resolved]
-    for gpu in resolved:
-        if uuids.count(gpu.uuid) > 1:
-            raise ConfigError(
-                f"{source} names {gpu.label} twice (by index and by UUID?): list it once"
-            )
+    labels = [g.label for g in resolved]
+    check_unique_devices(labels, f"in {source} (by index and by UUID?)")
     return tuple(resolved)
