@@ -114,7 +114,8 @@ async def kill_and_wait_released(
     NVML listed last and the seconds from the SIGKILL to then."""
     killed_at = trio.current_time()
     sup.send_signal(signal.SIGKILL)
-    await sup.wait(60)
+    with trio.fail_after(60):
+        await sup.wait()
     left = before
     with trio.move_on_after(10):
         while any(left.values()):
@@ -128,7 +129,8 @@ async def scenario_placement(record: Record, ranks: int) -> None:
     record.add("## 1. One rank per GPU: placement, readings, clean shutdown, no leftovers")
     record.block("python -m trio_dpsup " + shlex.join(args), "sh")
     async with open_cli_supervisor(args) as sup:
-        await sup.wait_ready(timeout=300)
+        with trio.fail_after(300):
+            await sup.wait_ready()
         status = await wait_status(sup, verdicts(*["ok"] * ranks))
         record.add("/status once placement was checked (summary, then the JSON of rank 0):")
         record.block(summary(status))
@@ -136,7 +138,8 @@ async def scenario_placement(record: Record, ranks: int) -> None:
         record.add("NVML's own process list at that moment (uuid: [(pid, MiB)]):")
         record.block(json.dumps(await trio.to_thread.run_sync(nvml_processes), indent=1))
         sup.send_signal(signal.SIGTERM)
-        code = await sup.wait(60)
+        with trio.fail_after(60):
+            code = await sup.wait()
     record.add(f"SIGTERM -> exit status {code}. The supervisor's log:")
     record.block(sup.log)
     left = await trio.to_thread.run_sync(nvml_processes)
@@ -157,11 +160,13 @@ async def scenario_wrong_gpu(record: Record) -> None:
     record.add("## 2. A rank deliberately started on the wrong GPU")
     record.block("python -m trio_dpsup " + shlex.join(args), "sh")
     async with open_cli_supervisor(args) as sup:
-        await sup.wait_ready(timeout=300)
+        with trio.fail_after(300):
+            await sup.wait_ready()
         status = await wait_status(sup, verdicts("misplaced", "misplaced"))
         record.block(summary(status))
         sup.send_signal(signal.SIGTERM)
-        code = await sup.wait(60)
+        with trio.fail_after(60):
+            code = await sup.wait()
     record.add(f"SIGTERM -> exit status {code}. Placement lines of the log:")
     record.block("\n".join(line for line in sup.lines if "placement" in line))
 
@@ -173,7 +178,8 @@ async def scenario_sigkill(record: Record) -> None:
         "python -m trio_dpsup " + shlex.join(args) + "; then kill -KILL <supervisor>", "sh"
     )
     async with open_cli_supervisor(args) as sup:
-        await sup.wait_ready(timeout=300)
+        with trio.fail_after(300):
+            await sup.wait_ready()
         await wait_status(sup, verdicts("ok", "ok"))
         before = await trio.to_thread.run_sync(nvml_processes)
         left, released = await kill_and_wait_released(sup, before, pacing=0.1)
@@ -199,11 +205,13 @@ async def scenario_leftovers(record: Record) -> None:
         record.add(f"pid {stray.pid}: a torch process holding 1 GiB on GPU 0, started first.")
         record.block("python -m trio_dpsup " + shlex.join(args), "sh")
         async with open_cli_supervisor(args) as sup:
-            await sup.wait_ready(timeout=300)
+            with trio.fail_after(300):
+                await sup.wait_ready()
             status = await wait_status(sup, lambda s: s["ranks"][0]["placement"]["issues"] != [])
             record.block(summary(status))
             sup.send_signal(signal.SIGTERM)
-            code = await sup.wait(60)
+            with trio.fail_after(60):
+                code = await sup.wait()
         record.add(f"SIGTERM -> exit status {code} (with --fail-on-leftovers). The log's end:")
         record.block("\n".join(sup.lines[-4:]))
         assert code == 1, "leftovers did not fail the exit status"
@@ -227,7 +235,8 @@ async def scenario_renamed_engines(record: Record, *options: str) -> None:
         "python -m trio_dpsup " + shlex.join(args) + "; then kill -KILL <supervisor>", "sh"
     )
     async with open_cli_supervisor(args) as sup:
-        await sup.wait_ready(timeout=300)
+        with trio.fail_after(300):
+            await sup.wait_ready()
         status = await wait_status(sup, verdicts("ok", "ok"))
         record.add("/status once placement was checked:")
         record.block(summary(status))

@@ -44,7 +44,8 @@ async def crash(ranks: int, tmp: Path) -> dict[str, float]:
     events = tmp / f"events-{base}-{{rank}}"
     rank_args = ("--events-file", str(events))
     async with open_cli_supervisor(cli_args(ranks, base, rank_args=rank_args)) as sup:
-        url = await sup.wait_ready(timeout=120)
+        with trio.fail_after(120):
+            url = await sup.wait_ready()
         status = await sup.status()
         pids = [int(r["pid"]) for r in status["ranks"]]  # type: ignore[index, call-overload]
         result: dict[str, float] = {}
@@ -143,7 +144,8 @@ async def shutdown(ranks: int, *, ignore_sigterm: bool, grace: float) -> float:
     rank_args = ("--ignore-sigterm",) if ignore_sigterm else ()
     args = cli_args(ranks, base, "--grace-period", str(grace), rank_args=rank_args)
     async with open_cli_supervisor(args) as sup:
-        await sup.wait_ready(timeout=120)
+        with trio.fail_after(120):
+            await sup.wait_ready()
         start = trio.current_time()
         sup.send_signal(signal.SIGTERM)
         code = await sup.wait()
@@ -162,7 +164,8 @@ async def unhealthy(
         "--failure-threshold", str(threshold),
     )  # fmt: skip
     async with open_cli_supervisor(cli_args(ranks, base, *options)) as sup:
-        url = await sup.wait_ready(timeout=120)
+        with trio.fail_after(120):
+            url = await sup.wait_ready()
         async with httpx.AsyncClient(base_url=url) as client:
             await client.get("/ready")
             path = "/fault/health?status=503" if fault == "health" else "/fault/hang"
@@ -184,7 +187,8 @@ async def steady_state(ranks: int, seconds: float) -> dict[str, float]:
     over `seconds`, the guardian's RSS, and the probes' latency."""
     base = free_port_range(ranks)
     async with open_cli_supervisor(cli_args(ranks, base)) as sup:
-        await sup.wait_ready(timeout=300)
+        with trio.fail_after(300):
+            await sup.wait_ready()
         await trio.sleep(2.0)  # the measured period starts after start-up work has settled
         proc = psutil.Process(sup.pid)
         before = proc.cpu_times()
@@ -257,7 +261,8 @@ async def control_plane_latency(ranks: int, rate: float, seconds: float) -> dict
     base = free_port_range(ranks)
     result: dict[str, list[float]] = {}
     async with open_cli_supervisor(cli_args(ranks, base)) as sup:
-        url = await sup.wait_ready(timeout=120)
+        with trio.fail_after(120):
+            url = await sup.wait_ready()
         for path in ("/ready", "/status"):
             done = await trio.run_process(
                 [sys.executable, "-m", "bench.load_client", url + path, str(rate), str(seconds)],

@@ -4,7 +4,9 @@ import signal
 import sys
 
 import pytest
+import trio
 
+from trio_dpsup import RankExited
 from trio_dpsup.testing import Form, Harness
 
 pytest_plugins = ["trio_dpsup.testing.plugin"]
@@ -16,8 +18,11 @@ async def test_a_crashed_rank_takes_the_deployment_down(dpsup: Harness) -> None:
     deployment = await dpsup.start(4, form=Form.CLI, grace_period=5)
     assert await deployment.ready_code() == 200
     await deployment.crash_rank(2, -signal.SIGKILL)
-    assert await deployment.wait_exit() == 137  # the crashed rank's status, not 0
-    assert deployment.failure() == "rank 2 exited unexpectedly: killed by SIGKILL"
+    with trio.fail_after(10):  # waits are bounded by their caller, as any Trio call
+        assert await deployment.wait_exit() == 137  # the crashed rank's status, not 0
+    failure = await deployment.failure()  # typed in both forms, as the library raises it
+    assert isinstance(failure, RankExited)
+    assert (failure.rank, failure.returncode) == (2, -signal.SIGKILL)
     await deployment.assert_no_leftovers()  # also checked for you at teardown
 
 

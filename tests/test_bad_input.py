@@ -3,6 +3,8 @@ no traceback, and no rank started."""
 
 from __future__ import annotations
 
+import json
+import os
 import resource
 import shutil
 import signal
@@ -136,3 +138,36 @@ async def test_a_rank_that_exits_2_is_no_usage_error() -> None:
     async with open_cli_supervisor(cli_args(1, base, rank_args=rank_args)) as sup:
         assert await sup.wait() == 1
     assert "rank 0 exited unexpectedly: exit status 2" in sup.log
+
+
+@pytest.mark.parametrize(
+    ("where", "message"),
+    [
+        ("missing/status.json", "cannot write in"),
+        (".", "is a directory: give a file path"),
+    ],
+)
+async def test_status_file_that_cannot_be_written(tmp_path: Path, where: str, message: str) -> None:
+    pid_file = tmp_path / "pids"
+    target = tmp_path / where
+    args = ["--ranks", "1", "--gpus-per-rank", "0", "--status-file", str(target)]
+    status, stderr = await run_cli([*args, "--", *rank_command(pid_file)])
+    assert status == 2
+    assert f"--status-file {target}" in stderr
+    assert message in stderr
+    assert not pid_file.exists()
+
+
+async def test_status_file_holds_the_final_status(tmp_path: Path) -> None:
+    target = tmp_path / "status.json"
+    command = [*FAKE_RANK, "--port", "{port}", "--exit-after", "0.5", "--exit-code", "5"]
+    args = ["--ranks", "2", "--gpus-per-rank", "0", "--control-port", "0"]
+    args += ["--base-port", str(free_port_range(2)), "--status-file", str(target)]
+    status, _ = await run_cli([*args, "--", *command])
+    assert status == 5
+    document = json.loads(target.read_text())
+    assert document["state"] == "stopped"
+    assert document["failure_detail"]["type"] == "RankExited"
+    assert document["failure_detail"]["returncode"] == 5
+    assert [r["state"] for r in document["ranks"]] in (["failed", "stopped"], ["stopped", "failed"])
+    assert os.listdir(tmp_path) == ["status.json"], "the partial file is renamed, not left"

@@ -17,7 +17,14 @@ import psutil
 import pytest
 import trio
 
-from trio_dpsup import ConfigError, Supervisor, SupervisorConfig
+from trio_dpsup import (
+    ConfigError,
+    RankState,
+    RankUnhealthy,
+    Supervisor,
+    SupervisorConfig,
+    SupervisorState,
+)
 from trio_dpsup.testing import (
     FAKE_RANK,
     Deployment,
@@ -40,7 +47,7 @@ IDLE_SECONDS = float(os.environ.get("TRIO_DPSUP_TEST_IDLE_SECONDS", "60"))
 
 async def stopping_with_503(deployment: Deployment) -> None:
     """Wait for the stop to begin; /ready must answer 503 from then on."""
-    await deployment.wait_for_state("stopping")
+    await deployment.wait_for_state(SupervisorState.STOPPING)
     assert await deployment.ready_code() == 503
 
 
@@ -66,7 +73,7 @@ async def test_crash_before_ready(dpsup: Harness, form: Form) -> None:
     )
     await stopping_with_503(deployment)
     assert await deployment.wait_exit() == 3
-    assert deployment.failure() == "rank 0 exited unexpectedly: exit status 3"
+    assert str(await deployment.failure()) == "rank 0 exited unexpectedly: exit status 3"
     await deployment.assert_no_leftovers()
 
 
@@ -78,7 +85,7 @@ async def test_crash_after_ready(dpsup: Harness, form: Form) -> None:
     await stopping_with_503(deployment)
     assert await deployment.ready_code(rank=0) == 503  # the healthy ones are stopping too
     assert await deployment.wait_exit() == 137
-    assert deployment.failure() == "rank 1 exited unexpectedly: killed by SIGKILL"
+    assert str(await deployment.failure()) == "rank 1 exited unexpectedly: killed by SIGKILL"
     await deployment.assert_no_leftovers()
 
 
@@ -88,7 +95,7 @@ async def test_exit_zero_that_was_not_asked_for_is_a_failure(dpsup: Harness, for
     await deployment.crash_rank(1, 0)
     await stopping_with_503(deployment)
     assert await deployment.wait_exit() == 1
-    assert deployment.failure() == "rank 1 exited unexpectedly: exit status 0"
+    assert str(await deployment.failure()) == "rank 1 exited unexpectedly: exit status 0"
     await deployment.assert_no_leftovers()
 
 
@@ -99,7 +106,7 @@ async def test_503_after_ready(dpsup: Harness, form: Form) -> None:
     await stopping_with_503(deployment)
     assert await deployment.wait_exit() == 1
     failure = "rank 0 is unhealthy: 2 consecutive probe failures, last: HTTP 503"
-    assert deployment.failure() == failure
+    assert str(await deployment.failure()) == failure
     await deployment.assert_no_leftovers()
 
 
@@ -109,9 +116,12 @@ async def test_health_hang_fails_by_probe_timeout(dpsup: Harness, form: Form) ->
     await deployment.hang_health(1)
     await stopping_with_503(deployment)
     assert await deployment.wait_exit() == 1
-    failure = deployment.failure()
-    assert failure is not None
-    assert failure.startswith("rank 1 is unhealthy: 2 consecutive probe failures, last: no answer")
+    failure = await deployment.failure()
+    assert isinstance(failure, RankUnhealthy)
+    assert (failure.rank, failure.failures) == (1, 2)
+    assert str(failure).startswith(
+        "rank 1 is unhealthy: 2 consecutive probe failures, last: no answer"
+    )
     await deployment.assert_no_leftovers()
 
 
@@ -124,7 +134,7 @@ async def test_start_slower_than_the_startup_timeout(dpsup: Harness, form: Form)
     assert await deployment.ready_code() == 503
     await stopping_with_503(deployment)
     assert await deployment.wait_exit() == 1
-    assert deployment.failure() == "startup timed out after 1s; ranks not ready: 0, 1"
+    assert str(await deployment.failure()) == "startup timed out after 1s; ranks not ready: 0, 1"
     await deployment.assert_no_leftovers()
 
 
@@ -139,7 +149,10 @@ async def test_two_ranks_failing_at_once_report_the_first(dpsup: Harness, form: 
     await stopping_with_503(deployment)
     status = await deployment.wait_exit()
     assert status in (10, 11)
-    assert deployment.failure() == f"rank {status - 10} exited unexpectedly: exit status {status}"
+    assert (
+        str(await deployment.failure())
+        == f"rank {status - 10} exited unexpectedly: exit status {status}"
+    )
     await deployment.assert_no_leftovers()
 
 
@@ -156,7 +169,7 @@ async def test_rank_port_already_taken(dpsup: Harness, form: Form) -> None:
         )
         await stopping_with_503(deployment)
         assert await deployment.wait_exit() == 1
-    assert deployment.failure() == "rank 1 exited unexpectedly: exit status 1"
+    assert str(await deployment.failure()) == "rank 1 exited unexpectedly: exit status 1"
     await deployment.assert_no_leftovers()
 
 
@@ -198,10 +211,11 @@ async def test_rank_ignoring_sigterm_is_killed_at_the_grace_deadline(
     await stopping_with_503(deployment)
     # Exit status 1: a rank had to be killed. How long beyond the deadline is measured by
     # bench/; here, that the grace period was given whole and not much more.
-    assert await deployment.wait_exit(10.0) == 1
+    with trio.fail_after(10.0):
+        assert await deployment.wait_exit() == 1
     elapsed = trio.current_time() - start
     assert 1.0 <= elapsed < 8.0, f"{elapsed:.2f} s for a 1 s grace period"
-    assert deployment.failure() is None
+    assert (await deployment.failure()) is None
     await deployment.assert_no_leftovers()
 
 
@@ -214,7 +228,8 @@ async def test_sigint_twice_escalates_to_the_kill(dpsup: Harness, form: Form) ->
     await trio.sleep(0.2)
     deployment.signal_supervisor(signal.SIGINT)
     # Far less than the 120 s grace period.
-    assert await deployment.wait_exit(10.0) == 1
+    with trio.fail_after(10.0):
+        assert await deployment.wait_exit() == 1
     await deployment.assert_no_leftovers()
 
 
@@ -222,7 +237,7 @@ async def test_sigint_twice_escalates_to_the_kill(dpsup: Harness, form: Form) ->
 async def test_sigterm_during_startup(dpsup: Harness, form: Form) -> None:
     rank_args = ["--ready-after", "600", *SLOW_STOP]
     deployment = await dpsup.start(2, form=form, rank_args=rank_args, wait_ready=False)
-    await deployment.wait_for_rank_state(1, "starting")
+    await deployment.wait_for_rank_state(1, RankState.STARTING)
     assert await deployment.ready_code() == 503
     deployment.signal_supervisor(signal.SIGTERM)
     await stopping_with_503(deployment)
@@ -242,7 +257,7 @@ async def test_supervisor_sigkilled_takes_every_tree_along(dpsup: Harness, idle:
     deployment.signal_supervisor(signal.SIGKILL)
     assert await deployment.wait_exit() == -signal.SIGKILL
     # Ranks by their parent-death signal, their grandchildren by the guardian.
-    await deployment.assert_no_leftovers(timeout=2.0)
+    await deployment.assert_no_leftovers(grace=2.0)
 
 
 # -- bad input: nothing starts --------------------------------------------------------------

@@ -12,7 +12,6 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
@@ -21,14 +20,20 @@ from trio_dpsup import (
     ConfigError,
     GpuFailed,
     GpuLeftovers,
+    GpuProcess,
+    IssueKind,
+    Owner,
+    OwnerKind,
     PlacementVerdict,
     Supervisor,
     SupervisorConfig,
+    SupervisorState,
+    SupervisorStatus,
     plan_ranks,
 )
 from trio_dpsup._gpu.devices import parse_visible_devices, resolve_devices_on
-from trio_dpsup._gpu.nvml import GpuProcess
-from trio_dpsup._gpu.placement import OUTSIDE, UNKNOWN_OWNER, IssueKind, check_placement
+from trio_dpsup._gpu.nvml import MIB
+from trio_dpsup._gpu.placement import check_placement
 from trio_dpsup.testing import (
     FAKE_RANK,
     Deployment,
@@ -147,6 +152,10 @@ def test_without_nvml_the_reason_is_in_the_message() -> None:
         plan_ranks(config(command=(PY,)), ENV, None, nvml_problem="no driver")
 
 
+OUTSIDE = Owner(OwnerKind.OUTSIDE)
+UNKNOWN = Owner(OwnerKind.UNKNOWN)
+
+
 # -- the placement verdicts -----------------------------------------------------------------
 
 
@@ -158,13 +167,18 @@ def test_placement_verdicts() -> None:
         "C": [GpuProcess(300, None)],
         "D": [GpuProcess(103, None)],  # nobody's GPU
     }
-    table = {100: 0, 101: 1, 200: OUTSIDE, 102: 2, 300: UNKNOWN_OWNER, 103: 2}
+    rank = Owner.of_rank
+    table = {100: rank(0), 101: rank(1), 200: OUTSIDE, 102: rank(2), 300: UNKNOWN, 103: rank(2)}
     verdicts = check_placement(ranks, on_device, table.__getitem__)
     assert verdicts[0].verdict is PlacementVerdict.OK
     assert verdicts[1].verdict is PlacementVerdict.MISPLACED
     assert [(i.kind, i.pid, i.owner) for i in verdicts[1].issues] == [
-        (IssueKind.FOREIGN, 200, "outside the supervised trees"),
-        (IssueKind.FOREIGN, 102, "rank 2"),
+        (IssueKind.FOREIGN, 200, OUTSIDE),
+        (IssueKind.FOREIGN, 102, rank(2)),
+    ]
+    assert [i.describe(1) for i in verdicts[1].issues] == [
+        "rank 1: pid 200 (outside the supervised trees) uses its GPU B",
+        "rank 1: pid 102 (rank 2) uses its GPU B",
     ]
     # Rank 2 runs on B and D, not on its own C (where a pid we cannot resolve runs).
     assert [(i.kind, i.gpu) for i in verdicts[2].issues] == [
@@ -181,14 +195,20 @@ def test_placement_verdicts() -> None:
 
 
 async def rank_pids(deployment: Deployment) -> list[int]:
-    return [int(r["pid"]) for r in (await deployment.status())["ranks"]]
+    return [r.pid for r in (await deployment.status()).ranks if r.pid is not None]
 
 
-async def wait_for_verdicts(deployment: Deployment, verdicts: list[str]) -> dict[str, Any]:
-    def holds(status: dict[str, Any]) -> bool:
-        return [r["placement"]["verdict"] for r in status["ranks"]] == verdicts
+async def wait_for_verdicts(
+    deployment: Deployment, verdicts: list[PlacementVerdict]
+) -> SupervisorStatus:
+    def holds(status: SupervisorStatus) -> bool:
+        return [r.placement.verdict for r in status.ranks] == verdicts
 
-    return await deployment.wait_for_status(holds, f"placement {verdicts}", timeout=10.0)
+    with trio.fail_after(10):
+        return await deployment.wait_for_status(holds, f"placement {verdicts}")
+
+
+OK = PlacementVerdict.OK
 
 
 async def test_status_shows_each_rank_on_its_gpu_with_placement_ok(dpsup: Harness) -> None:
@@ -196,22 +216,25 @@ async def test_status_shows_each_rank_on_its_gpu_with_placement_ok(dpsup: Harnes
     deployment = await dpsup.start(2, nvml=fake.factory, **GPU_SETTINGS)
     for pid, gpu in zip(await rank_pids(deployment), fake.gpus, strict=True):
         fake.place(pid, gpu.uuid, used_mib=2048)
-    await wait_for_verdicts(deployment, ["ok", "ok"])
+    await wait_for_verdicts(deployment, [OK, OK])
     # A refresh reads memory before it checks placement: the verdict can come from a refresh
     # whose readings were taken just before the placing. Wait for the readings too.
-    status = await deployment.wait_for_status(
-        lambda s: all(r["gpus"][0]["memory_used_mib"] == 2048 for r in s["ranks"]),
-        "the readings after the placing",
-        timeout=10.0,
-    )
-    assert [r["placement"]["verdict"] for r in status["ranks"]] == ["ok", "ok"]
-    for rank, gpu in zip(status["ranks"], fake.gpus, strict=True):
+    with trio.fail_after(10):
+        status = await deployment.wait_for_status(
+            lambda s: all(r.gpu_samples[0].memory_used == 2048 * MIB for r in s.ranks),
+            "the readings after the placing",
+        )
+    assert [r.placement.verdict for r in status.ranks] == [OK, OK]
+    # The same in the /status document.
+    document = await deployment.status_document()
+    assert [r["placement"]["verdict"] for r in document["ranks"]] == ["ok", "ok"]
+    for rank, gpu in zip(document["ranks"], fake.gpus, strict=True):
         (reading,) = rank["gpus"]
         assert (reading["index"], reading["uuid"]) == (gpu.index, gpu.uuid)
         assert reading["memory_used_mib"] == 2048
         assert reading["memory_total_mib"] == gpu.memory_total // 2**20
         assert reading["temperature_c"] == 40
-    assert status["nvml"] == {"available": True, "problem": None}
+    assert document["nvml"] == {"available": True, "problem": None}
     deployment.signal_supervisor(signal.SIGTERM)
     assert await deployment.wait_exit() == 0
     assert fake.closed == fake.opened == 1
@@ -232,8 +255,8 @@ async def test_an_engine_child_that_renamed_itself_is_its_ranks(
     for rank, gpu in enumerate(fake.gpus):
         engine = read_pid_file(tmp_path / f"pids-{rank}")[f"grandchild-{kind}"]
         fake.place(engine, gpu.uuid, used_mib=2048)
-    status = await wait_for_verdicts(deployment, ["ok", "ok"])
-    assert all(not r["placement"]["issues"] for r in status["ranks"])
+    status = await wait_for_verdicts(deployment, [OK, OK])
+    assert all(not r.placement.issues for r in status.ranks)
     deployment.signal_supervisor(signal.SIGTERM)
     assert await deployment.wait_exit() == 0
 
@@ -246,14 +269,18 @@ async def test_rank_on_the_wrong_gpu_is_flagged(dpsup: Harness) -> None:
     fake.place(pid1, fake.gpus[1].uuid)
     fake.place(os.getpid(), fake.gpus[1].uuid)  # and so is a process outside the trees
     # The first check may have run before the processes were placed: wait for one after.
-    expected = [["absent", "wrong_gpu"], ["foreign", "foreign"]]
-    status = await deployment.wait_for_status(
-        lambda s: [[i["kind"] for i in r["placement"]["issues"]] for r in s["ranks"]] == expected,
-        f"issues {expected}",
-        timeout=10.0,
-    )
-    assert {r["placement"]["verdict"] for r in status["ranks"]} == {"misplaced"}
-    texts = [[i["text"] for i in r["placement"]["issues"]] for r in status["ranks"]]
+    expected = [
+        [IssueKind.ABSENT, IssueKind.WRONG_GPU],
+        [IssueKind.FOREIGN, IssueKind.FOREIGN],
+    ]
+    with trio.fail_after(10):
+        status = await deployment.wait_for_status(
+            lambda s: [[i.kind for i in r.placement.issues] for r in s.ranks] == expected,
+            f"issues {expected}",
+        )
+    assert {r.placement.verdict for r in status.ranks} == {PlacementVerdict.MISPLACED}
+    texts = [[i.describe(r.rank) for i in r.placement.issues] for r in status.ranks]
+    assert [i.owner for i in status.ranks[1].placement.issues] == [Owner.of_rank(0), OUTSIDE]
     gpu0, gpu1 = fake.gpus[0].uuid, fake.gpus[1].uuid
     assert texts[0] == [
         f"rank 0: no process of its tree uses its GPU {gpu0}",
@@ -279,10 +306,13 @@ async def test_gpu_fault_fails_its_rank(dpsup: Harness, fault: str) -> None:
     else:
         fake.xid(fake.gpus[1].uuid, 79)
         cause = "critical Xid error 79"
-    await deployment.wait_for_state("stopping")
+    await deployment.wait_for_state(SupervisorState.STOPPING)
     assert await deployment.ready_code() == 503
     assert await deployment.wait_exit() == 1
-    assert deployment.failure() == f"rank 1: GPU 1 ({fake.gpus[1].uuid}) failed: {cause}"
+    failure = await deployment.failure()
+    assert isinstance(failure, GpuFailed)
+    assert (failure.rank, failure.gpu) == (1, f"GPU 1 ({fake.gpus[1].uuid})")
+    assert str(failure) == f"rank 1: GPU 1 ({fake.gpus[1].uuid}) failed: {cause}"
     await deployment.assert_no_leftovers()
 
 
@@ -292,9 +322,8 @@ async def test_xid_on_a_gpu_no_rank_uses_is_ignored(dpsup: Harness) -> None:
     fake.xid(fake.gpus[2].uuid, 79)
     fake.xid(fake.gpus[0].uuid, 48)  # a marker: once this one fails rank 0, 79 was seen
     assert await deployment.wait_exit() == 1
-    assert (
-        deployment.failure() == f"rank 0: GPU 0 ({fake.gpus[0].uuid}) failed: critical Xid error 48"
-    )
+    expected = f"rank 0: GPU 0 ({fake.gpus[0].uuid}) failed: critical Xid error 48"
+    assert str(await deployment.failure()) == expected
 
 
 @pytest.fixture
@@ -341,8 +370,10 @@ async def test_leftovers_on_rank_gpus_are_reported(
         assert status == 1
         (failure,) = outcome
         assert isinstance(failure, GpuLeftovers)
-        assert line in failure.leftovers[0]
-        assert "holds 4096 MiB on GPU 1" in failure.leftovers[0]
+        (holder,) = failure.leftovers
+        assert (holder.pid, holder.memory_mib, holder.owner) == (stray_process, 4096, OUTSIDE)
+        assert holder.gpu == fake.gpus[1].label
+        assert line in holder.describe()
     else:
         assert status == 0
         assert outcome == []
@@ -351,9 +382,11 @@ async def test_leftovers_on_rank_gpus_are_reported(
 async def test_without_nvml_everything_else_works(dpsup: Harness) -> None:
     deployment = await dpsup.start(2, nvml=no_nvml, form=Form.LIBRARY)
     status = await deployment.status()
-    assert status["nvml"] == {"available": False, "problem": "NVML Shared Library Not Found"}
-    assert {r["placement"]["verdict"] for r in status["ranks"]} == {"unavailable"}
-    assert [r["gpus"] for r in status["ranks"]] == [[], []]
+    assert status.nvml_unavailable == "NVML Shared Library Not Found"
+    assert {r.placement.verdict for r in status.ranks} == {PlacementVerdict.UNAVAILABLE}
+    assert [r.gpus for r in status.ranks] == [(), ()]
+    document = await deployment.status_document()
+    assert document["nvml"] == {"available": False, "problem": "NVML Shared Library Not Found"}
 
 
 async def _run_catching(

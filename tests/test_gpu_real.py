@@ -10,8 +10,9 @@ import importlib.util
 import sys
 
 import pytest
+import trio
 
-from trio_dpsup import NvmlUnavailable
+from trio_dpsup import NvmlUnavailable, PlacementVerdict
 from trio_dpsup._gpu.nvml import open_pynvml
 from trio_dpsup.testing import Harness
 
@@ -40,12 +41,13 @@ pytestmark = [
 async def test_each_rank_holds_memory_on_its_own_gpu(dpsup: Harness) -> None:
     command = [sys.executable, "-m", "trio_dpsup.demo", "--port", "{port}", "--allocate", "512"]
     deployment = await dpsup.start(GPUS, command=command, gpus_per_rank=1, gpu_interval=0.5)
-    status = await deployment.wait_for_status(
-        lambda s: all(r["placement"]["verdict"] == "ok" for r in s["ranks"]),
-        "placement ok",
-        timeout=60,
-    )
-    for index, rank in enumerate(status["ranks"]):
+    with trio.fail_after(60):
+        await deployment.wait_for_status(
+            lambda s: all(r.placement.verdict is PlacementVerdict.OK for r in s.ranks),
+            "placement ok",
+        )
+    document = await deployment.status_document()
+    for index, rank in enumerate(document["ranks"]):
         (gpu,) = rank["gpus"]
         assert gpu["index"] == index
         assert gpu["memory_used_mib"] >= 512

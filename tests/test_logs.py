@@ -8,6 +8,7 @@ import sys
 
 import trio
 
+from trio_dpsup import SupervisorState, SupervisorStatus
 from trio_dpsup.testing import Harness, free_port_range
 
 pytest_plugins = ["trio_dpsup.testing.plugin"]
@@ -88,13 +89,16 @@ async def test_status_shows_the_root_cause_until_exit(dpsup: Harness) -> None:
     rank_args = ["--log-lines", "6", "--stop-delay", "0.5"]
     deployment = await dpsup.start(2, rank_args=rank_args)
     await deployment.crash_rank(1, 9)
+
     # While rank 0 takes half a second to stop, /status names the cause. The fake rank
     # writes its lines at start; the condition waits for the pump to have relayed them all.
-    status = await deployment.wait_for_status(
-        lambda s: s["state"] == "stopping" and len(s["root_cause"]["stderr_tail"]) == 3,
-        "the root cause with 3 lines",
-    )
-    assert status["root_cause"] == {
+    def three_lines(s: SupervisorStatus) -> bool:
+        stopping = s.state is SupervisorState.STOPPING
+        return stopping and s.root_cause is not None and len(s.root_cause.stderr_tail) == 3
+
+    await deployment.wait_for_status(three_lines, "the root cause with 3 lines")
+    document = await deployment.status_document()
+    assert document["root_cause"] == {
         "rank": 1,
         "cause": "rank 1 exited unexpectedly: exit status 9",
         "stderr_tail": [f"fake rank {deployment.ports[1]}: log line {i} of 6" for i in (1, 3, 5)],

@@ -8,6 +8,7 @@ import httpx
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
+from trio_dpsup import SupervisorState
 from trio_dpsup.testing import FakeNvml, Form, Harness
 
 pytest_plugins = ["trio_dpsup.testing.plugin"]
@@ -66,7 +67,7 @@ async def test_probe_failures_and_exit_status_are_counted(dpsup: Harness) -> Non
         2, rank_args=["--stop-delay", "1"], probe_interval=0.05, failure_threshold=3
     )
     await deployment.fail_health(1, 500)
-    await deployment.wait_for_state("stopping")
+    await deployment.wait_for_state(SupervisorState.STOPPING)
     _, found = await scrape(deployment.control_url)
     assert found[("trio_dpsup_probe_failures_total", (("rank", "1"),))] == 3.0
     assert ("trio_dpsup_probe_failures_total", (("rank", "0"),)) not in found
@@ -80,10 +81,11 @@ async def test_gpu_gauges_with_nvml(dpsup: Harness) -> None:
     fake = FakeNvml(gpus=2)
     deployment = await dpsup.start(2, nvml=fake.factory, gpus_per_rank=1, gpu_interval=0.1)
     status = await deployment.status()
-    pid = status["ranks"][0]["pid"]
+    pid = status.ranks[0].pid
+    assert pid is not None
     fake.place(pid, fake.gpus[0].uuid, used_mib=300)
     await deployment.wait_for_status(
-        lambda s: s["ranks"][0]["gpus"][0]["memory_used_mib"] == 300, "the reading"
+        lambda s: s.ranks[0].gpu_samples[0].memory_used == 300 * 2**20, "the reading"
     )
     _, found = await scrape(deployment.control_url)
     labels = (("gpu", fake.gpus[0].uuid), ("rank", "0"))

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from trio_dpsup import ConfigError, SupervisorConfig, plan_ranks
-from trio_dpsup._config.presets import Preset
+from trio_dpsup import ConfigError, Preset, SupervisorConfig, plan_ranks
 from trio_dpsup.testing import free_port_range, open_cli_supervisor
 from trio_dpsup.testing.fake_servers import ARGV_FILE_ENV, install_fake_servers, read_recorded_argv
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 import subprocess
 import sys
+import typing
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -78,3 +81,57 @@ async def test_testing_example_passes_in_a_project_of_its_own(tmp_path: Path) ->
     out = result.stdout.decode()
     assert result.returncode == 0, out
     assert "2 passed" in out
+
+
+def _types_in(hint: object) -> Iterator[type]:
+    """Every class a type hint mentions, through unions and generics."""
+    if isinstance(hint, type) and not typing.get_args(hint):
+        yield hint
+    for arg in typing.get_args(hint):
+        yield from _types_in(arg)
+    origin = typing.get_origin(hint)
+    if isinstance(origin, type):
+        yield origin
+
+
+def _hints(obj: object, names: dict[str, object]) -> list[object]:
+    try:
+        return list(typing.get_type_hints(obj, localns=names).values())
+    except TypeError:
+        return []  # not something with annotations (a constant, a builtin)
+
+
+def _public_hints(value: object, names: dict[str, object]) -> Iterator[tuple[str, object]]:
+    """(where, hint) for each annotation a user of `value` meets."""
+    if inspect.isclass(value):
+        for hint in _hints(value, names):  # fields and class attributes
+            yield value.__qualname__, hint
+        for attr, member in vars(value).items():
+            if attr.startswith("_") and attr != "__init__":
+                continue
+            if isinstance(member, property):
+                member = member.fget
+            if callable(member) or isinstance(member, classmethod | staticmethod):
+                function = getattr(member, "__func__", member)
+                for hint in _hints(function, names):
+                    yield f"{value.__qualname__}.{attr}", hint
+    elif callable(value):
+        for hint in _hints(value, names):
+            yield getattr(value, "__qualname__", repr(value)), hint
+
+
+def test_every_type_in_a_public_signature_is_exported() -> None:
+    """A user who holds a value of the public API can name its type."""
+    exported = {name: getattr(trio_dpsup, name) for name in trio_dpsup.__all__}
+    exported |= {name: getattr(trio_dpsup.testing, name) for name in trio_dpsup.testing.__all__}
+    reachable = set(map(id, exported.values()))
+    missing = set()
+    for value in exported.values():
+        for where, hint in _public_hints(value, exported):
+            for cls in _types_in(hint):
+                # A private class (the handle's run) is one a user never holds or builds.
+                private = cls.__name__.startswith("_")
+                ours = cls.__module__.startswith("trio_dpsup")
+                if ours and not private and id(cls) not in reachable:
+                    missing.add(f"{cls.__qualname__} (in {where})")
+    assert not missing, f"not exported: {sorted(missing)}"

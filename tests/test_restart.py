@@ -5,15 +5,24 @@ from __future__ import annotations
 
 import signal
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 import trio
 import trio.testing
 
-from trio_dpsup import RankExited, RestartsExhausted
-from trio_dpsup._restart import Restarter, RestartPolicy, RestartScope
+from trio_dpsup import (
+    RankExited,
+    RankStartTimeout,
+    RankState,
+    RankStatus,
+    RestartedWith,
+    RestartPolicy,
+    RestartScope,
+    RestartsExhausted,
+    SupervisorStatus,
+)
+from trio_dpsup._restart import Restarter
 from trio_dpsup.testing import Deployment, Form, Harness, wait_pids_gone
 
 pytest_plugins = ["trio_dpsup.testing.plugin"]
@@ -27,29 +36,36 @@ QUICK = {
 }
 
 
-def rank(status: dict[str, Any], r: int) -> dict[str, Any]:
-    return next(x for x in status["ranks"] if x["rank"] == r)
+def rank(status: SupervisorStatus, r: int) -> RankStatus:
+    return next(x for x in status.ranks if x.rank == r)
 
 
-async def ready_again(deployment: Deployment, r: int, restarts: int) -> dict[str, Any]:
+async def ready_again(deployment: Deployment, r: int, restarts: int) -> SupervisorStatus:
     return await deployment.wait_for_status(
-        lambda s: rank(s, r)["restarts"] == restarts and rank(s, r)["state"] == "ready",
+        lambda s: rank(s, r).restarts == restarts and rank(s, r).state is RankState.READY,
         f"rank {r} ready after {restarts} restart(s)",
     )
+
+
+def causes(rank_status: RankStatus) -> list[str]:
+    return [str(cause) for cause in rank_status.last_causes]
 
 
 @FORMS
 async def test_a_crashed_rank_comes_back_on_its_port(dpsup: Harness, form: Form) -> None:
     deployment = await dpsup.start(3, form=form, **QUICK)
     before = await deployment.status()
-    old_pid = rank(before, 1)["pid"]
+    old_pid = rank(before, 1).pid
     await deployment.crash_rank(1, 3)
     after = await ready_again(deployment, 1, 1)
-    assert rank(after, 1)["pid"] != old_pid
-    assert rank(after, 1)["port"] == rank(before, 1)["port"]
-    assert rank(after, 1)["last_causes"] == ["rank 1 exited unexpectedly: exit status 3"]
+    assert rank(after, 1).pid != old_pid
+    assert rank(after, 1).port == rank(before, 1).port
+    (cause,) = rank(after, 1).last_causes
+    assert isinstance(cause, RankExited)
+    assert (cause.rank, cause.returncode) == (1, 3)
+    assert str(cause) == "rank 1 exited unexpectedly: exit status 3"
     # The other ranks were never touched, and the old process is gone.
-    assert [rank(after, r)["pid"] for r in (0, 2)] == [rank(before, r)["pid"] for r in (0, 2)]
+    assert [rank(after, r).pid for r in (0, 2)] == [rank(before, r).pid for r in (0, 2)]
     assert await deployment.ready_code() == 200
     deployment.signal_supervisor(signal.SIGTERM)
     assert await deployment.wait_exit() == 0
@@ -75,11 +91,13 @@ async def test_a_restarted_rank_has_its_own_startup_deadline(
         2, rank_args=rank_args, startup_timeout=1.0, max_restarts=2, **QUICK
     )
     fault.touch()  # from now on no process of any rank is healthy, restarted or not
-    assert await deployment.wait_exit(30) == 1
-    failure = deployment.failure()
-    assert failure is not None
-    assert failure.startswith("more than 2 restart(s) within 60s; last: rank ")
-    assert failure.endswith("did not become ready within 1s of its restart")
+    with trio.fail_after(30):
+        assert await deployment.wait_exit() == 1
+    failure = await deployment.failure()
+    assert isinstance(failure, RestartsExhausted)
+    assert isinstance(failure.last, RankStartTimeout)
+    assert str(failure).startswith("more than 2 restart(s) within 60s; last: rank ")
+    assert str(failure).endswith("did not become ready within 1s of its restart")
     await deployment.assert_no_leftovers()
 
 
@@ -87,7 +105,7 @@ async def test_an_unhealthy_rank_is_restarted(dpsup: Harness) -> None:
     deployment = await dpsup.start(2, **QUICK)
     await deployment.fail_health(0, 500)  # the new process is healthy again
     status = await ready_again(deployment, 0, 1)
-    assert rank(status, 0)["last_causes"] == [
+    assert causes(rank(status, 0)) == [
         "rank 0 is unhealthy: 2 consecutive probe failures, last: HTTP 500"
     ]
     assert await deployment.ready_code() == 200
@@ -99,11 +117,15 @@ async def test_crash_loop_escalates_with_the_last_cause(dpsup: Harness) -> None:
     deployment = await dpsup.start(
         2, rank_args=rank_args, wait_ready=False, max_restarts=3, restart_window=60, **QUICK
     )
-    assert await deployment.wait_exit(30) == 7  # the root cause's status
-    failure = deployment.failure()
-    assert failure is not None
-    assert failure.startswith("more than 3 restart(s) within 60s; last: rank ")
-    assert failure.endswith("exited unexpectedly: exit status 7")
+    with trio.fail_after(30):
+        assert await deployment.wait_exit() == 7  # the root cause's status
+    failure = await deployment.failure()
+    assert isinstance(failure, RestartsExhausted)
+    assert (failure.max_restarts, failure.window) == (3, 60)
+    assert isinstance(failure.last, RankExited)
+    assert failure.last.returncode == 7
+    assert str(failure).startswith("more than 3 restart(s) within 60s; last: rank ")
+    assert str(failure).endswith("exited unexpectedly: exit status 7")
     await deployment.assert_no_leftovers()
 
 
@@ -121,13 +143,15 @@ async def test_scope_all_restarts_every_rank(dpsup: Harness) -> None:
     before = await deployment.status()
     await deployment.crash_rank(2, 1)
     after = await deployment.wait_for_status(
-        lambda s: all(r["restarts"] == 1 and r["state"] == "ready" for r in s["ranks"]),
+        lambda s: all(r.restarts == 1 and r.state is RankState.READY for r in s.ranks),
         "every rank restarted once and ready",
     )
-    assert all(a["pid"] != b["pid"] for a, b in zip(after["ranks"], before["ranks"], strict=True))
-    assert rank(after, 0)["last_causes"] == [
-        "restarted with rank 2: rank 2 exited unexpectedly: exit status 1"
-    ]
+    assert all(a.pid != b.pid for a, b in zip(after.ranks, before.ranks, strict=True))
+    (cause,) = rank(after, 0).last_causes
+    assert isinstance(cause, RestartedWith)
+    assert isinstance(cause.cause, RankExited)
+    assert (cause.rank, cause.cause.rank) == (0, 2)
+    assert str(cause) == "restarted with rank 2: rank 2 exited unexpectedly: exit status 1"
     deployment.signal_supervisor(signal.SIGTERM)
     assert await deployment.wait_exit() == 0
     await deployment.assert_no_leftovers()
@@ -138,7 +162,7 @@ async def test_shutdown_during_backoff(dpsup: Harness, form: Form) -> None:
     settings = {**QUICK, "restart_backoff_min": 60.0, "restart_backoff_max": 60.0}
     deployment = await dpsup.start(2, form=form, **settings)
     await deployment.crash_rank(1, 3)
-    await deployment.wait_for_rank_state(1, "restarting")
+    await deployment.wait_for_rank_state(1, RankState.RESTARTING)
     with trio.fail_after(10):  # far less than the 30-60 s backoff
         deployment.signal_supervisor(signal.SIGTERM)
         assert await deployment.wait_exit() == 0
@@ -149,14 +173,14 @@ async def test_min_ready_keeps_serving_while_a_rank_restarts(dpsup: Harness) -> 
     settings = {**QUICK, "restart_backoff_min": 60.0, "restart_backoff_max": 60.0}
     deployment = await dpsup.start(3, min_ready=2, **settings)
     await deployment.crash_rank(2, 3)
-    await deployment.wait_for_rank_state(2, "restarting")
+    await deployment.wait_for_rank_state(2, RankState.RESTARTING)
     assert await deployment.ready_code() == 200  # 2 of 3 ready
     assert await deployment.ready_code(rank=2) == 503
     status = await deployment.status()
-    assert (status["ready"], status["min_ready"]) == (True, 2)
+    assert (status.ready, status.min_ready) == (True, 2)
     strict = await dpsup.start(2, **settings)  # min-ready defaults to every rank
     await strict.crash_rank(0, 3)
-    await strict.wait_for_rank_state(0, "restarting")
+    await strict.wait_for_rank_state(0, RankState.RESTARTING)
     assert await strict.ready_code() == 503
     async with httpx.AsyncClient() as client:
         startupz = await client.get(f"{strict.control_url}/startupz")
@@ -208,11 +232,12 @@ async def test_a_second_signal_reaches_a_rank_that_is_restarting(
         2, form=form, rank_args=["--ignore-sigterm"], grace_period=30, **QUICK
     )
     await deployment.fail_health(0, 503)
-    await deployment.wait_for_rank_state(0, "restarting")
+    await deployment.wait_for_rank_state(0, RankState.RESTARTING)
     deployment.signal_supervisor(signal.SIGTERM)
     await trio.sleep(0.2)  # past the 0.1 s in which a repeat is the same request (README)
     start = trio.current_time()
     deployment.signal_supervisor(signal.SIGTERM)
-    assert await deployment.wait_exit(10) == 1  # ranks had to be killed
+    with trio.fail_after(10):
+        assert await deployment.wait_exit() == 1  # ranks had to be killed
     assert trio.current_time() - start < 3.0  # not the 30 s of the restart's grace period
     await deployment.assert_no_leftovers()

@@ -16,96 +16,54 @@ import typing
 
 from . import _lazy
 
-if typing.TYPE_CHECKING:  # the names for type checkers; at run time they load on first use
-    from ._config.config import RankScheme, SupervisorConfig
-    from ._config.plan import RankPlan, plan_ranks
-    from ._config.presets import Preset
-    from ._errors import (
-        ConfigError,
-        GpuFailed,
-        GpuLeftovers,
-        RankExited,
-        RankSpawnFailed,
-        RankStartTimeout,
-        RankUnhealthy,
-        RestartsExhausted,
-        StartupTimeout,
-        SupervisorFailure,
-        SupervisorStopped,
-    )
-    from ._gpu.nvml import GpuInfo, GpuSample, NvmlBackend, NvmlUnavailable
-    from ._gpu.placement import Placement, PlacementIssue, PlacementVerdict
-    from ._restart import RestartPolicy, RestartScope
-    from ._state import ProbeResult, RankState, RankStatus, SupervisorState, SupervisorStatus
-    from ._supervisor import Supervisor, SupervisorHandle
-
-__all__ = [
-    "ConfigError",
-    "GpuFailed",
-    "GpuInfo",
-    "GpuLeftovers",
-    "GpuSample",
-    "NvmlBackend",
-    "NvmlUnavailable",
-    "Placement",
-    "PlacementIssue",
-    "PlacementVerdict",
-    "Preset",
-    "ProbeResult",
-    "RankExited",
-    "RankPlan",
-    "RankScheme",
-    "RankSpawnFailed",
-    "RankStartTimeout",
-    "RankState",
-    "RankStatus",
-    "RankUnhealthy",
-    "RestartPolicy",
-    "RestartScope",
-    "RestartsExhausted",
-    "StartupTimeout",
-    "Supervisor",
-    "SupervisorConfig",
-    "SupervisorFailure",
-    "SupervisorHandle",
-    "SupervisorState",
-    "SupervisorStatus",
-    "SupervisorStopped",
-    "plan_ranks",
-]
-
 __version__ = "0.1.0"
 
-# Ranks run `python -m trio_dpsup.demo`: this package must import nothing heavy (see _lazy).
-__getattr__, __dir__ = _lazy.lazy_exports(
-    __name__,
-    {
-        "._config.config": ["RankScheme", "SupervisorConfig"],
-        "._errors": [
-            "ConfigError",
-            "GpuFailed",
-            "GpuLeftovers",
-            "RankExited",
-            "RankSpawnFailed",
-            "RankStartTimeout",
-            "RankUnhealthy",
-            "RestartsExhausted",
-            "StartupTimeout",
-            "SupervisorFailure",
-            "SupervisorStopped",
-        ],
-        "._gpu.nvml": ["GpuInfo", "GpuSample", "NvmlBackend", "NvmlUnavailable"],
-        "._gpu.placement": ["Placement", "PlacementIssue", "PlacementVerdict"],
-        "._config.plan": ["RankPlan", "plan_ranks"],
-        "._config.presets": ["Preset"],
-        "._restart": ["RestartPolicy", "RestartScope"],
-        "._state": [
-            "ProbeResult",
-            "RankState",
-            "RankStatus",
-            "SupervisorState",
-            "SupervisorStatus",
-        ],
-        "._supervisor": ["Supervisor", "SupervisorHandle"],
-    },
-)
+# The public names, declared once: type checkers read these imports; at run time they are
+# skipped and `_lazy` serves each name on first use, from this block. Ranks run
+# `python -m trio_dpsup.demo`, so this package must import nothing heavy (see _lazy).
+if typing.TYPE_CHECKING:
+    from ._config.config import RankScheme as RankScheme
+    from ._config.config import SupervisorConfig as SupervisorConfig
+    from ._config.plan import RankPlan as RankPlan
+    from ._config.plan import plan_ranks as plan_ranks
+    from ._config.presets import Preset as Preset
+    from ._errors import ConfigError as ConfigError
+    from ._errors import GpuFailed as GpuFailed
+    from ._errors import GpuLeftovers as GpuLeftovers
+    from ._errors import RankExited as RankExited
+    from ._errors import RankSpawnFailed as RankSpawnFailed
+    from ._errors import RankStartTimeout as RankStartTimeout
+    from ._errors import RankUnhealthy as RankUnhealthy
+    from ._errors import RestartedWith as RestartedWith
+    from ._errors import RestartsExhausted as RestartsExhausted
+    from ._errors import StartupTimeout as StartupTimeout
+    from ._errors import SupervisorFailure as SupervisorFailure
+    from ._errors import SupervisorStopped as SupervisorStopped
+    from ._gpu.nvml import GpuEvent as GpuEvent
+    from ._gpu.nvml import GpuInfo as GpuInfo
+    from ._gpu.nvml import GpuLost as GpuLost
+    from ._gpu.nvml import GpuProcess as GpuProcess
+    from ._gpu.nvml import GpuSample as GpuSample
+    from ._gpu.nvml import NvmlBackend as NvmlBackend
+    from ._gpu.nvml import NvmlError as NvmlError
+    from ._gpu.nvml import NvmlFactory as NvmlFactory
+    from ._gpu.nvml import NvmlUnavailable as NvmlUnavailable
+    from ._gpu.placement import GpuHolder as GpuHolder
+    from ._gpu.placement import IssueKind as IssueKind
+    from ._gpu.placement import Owner as Owner
+    from ._gpu.placement import OwnerKind as OwnerKind
+    from ._gpu.placement import Placement as Placement
+    from ._gpu.placement import PlacementIssue as PlacementIssue
+    from ._gpu.placement import PlacementVerdict as PlacementVerdict
+    from ._restart import RestartPolicy as RestartPolicy
+    from ._restart import RestartScope as RestartScope
+    from ._state import ProbeResult as ProbeResult
+    from ._state import RankState as RankState
+    from ._state import RankStatus as RankStatus
+    from ._state import RootCause as RootCause
+    from ._state import SupervisorState as SupervisorState
+    from ._state import SupervisorStatus as SupervisorStatus
+    from ._supervisor import Supervisor as Supervisor
+    from ._supervisor import SupervisorHandle as SupervisorHandle
+
+__getattr__, __dir__ = _lazy.lazy_exports(__name__)

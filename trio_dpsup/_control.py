@@ -20,13 +20,13 @@ import trio
 
 from ._config.plan import control_connections
 from ._errors import ConfigError
-from ._gpu.nvml import MIB
 from ._http_server import Response, serve_http
 from ._metrics import CONTENT_TYPE
-from ._state import RankStatus, SupervisorState, SupervisorStatus
+from ._state import SupervisorState, SupervisorStatus
+from ._status_doc import status_to_json
 from ._tls import TlsFiles
 
-__all__ = ["ControlApp", "bind_control_socket", "serve_control_plane", "status_to_json"]
+__all__ = ["ControlApp", "bind_control_socket", "serve_control_plane"]
 
 logger = logging.getLogger(__name__)
 
@@ -99,93 +99,6 @@ def _reason(status: SupervisorStatus) -> str:
     if status.state is SupervisorState.READY:  # ready, but too few ranks (restarting)
         return f"degraded: ranks not ready: {ranks}\n"
     return f"{status.state.value}\n"
-
-
-def status_to_json(status: SupervisorStatus) -> dict[str, Any]:
-    """The /status document: supervisor state, first failure, and one object per rank."""
-    return {
-        "run_id": status.run_id,
-        "state": status.state.value,
-        "ready": status.ready,
-        "min_ready": len(status.ranks) if status.min_ready is None else status.min_ready,
-        "started": status.started,
-        "failure": None if status.failure is None else str(status.failure),
-        "root_cause": None
-        if status.root_cause is None
-        else {
-            "rank": status.root_cause.rank,
-            "cause": status.root_cause.cause,
-            "stderr_tail": list(status.root_cause.stderr_tail),
-        },
-        "nvml": {
-            "available": status.nvml_unavailable is None,
-            "problem": status.nvml_unavailable,
-        },
-        "ranks": [_rank_json(r) for r in status.ranks],
-    }
-
-
-def _rank_json(rank: RankStatus) -> dict[str, Any]:
-    probe = rank.last_probe
-    return {
-        "rank": rank.rank,
-        "local_rank": rank.local_rank,
-        "state": rank.state.value,
-        "ready": rank.ready,
-        "pid": rank.pid,
-        "port": rank.port,
-        "devices": list(rank.devices),
-        "returncode": rank.returncode,
-        "consecutive_failures": rank.consecutive_failures,
-        "last_probe": None
-        if probe is None
-        else {
-            "ok": probe.ok,
-            "status_code": probe.status_code,
-            "error": probe.error,
-            "latency_ms": round(probe.latency * 1000, 3),
-        },
-        "command": list(rank.command),
-        "restarts": rank.restarts,
-        "last_causes": list(rank.last_causes),
-        "gpus": _gpus_json(rank),
-        "placement": {
-            "verdict": rank.placement.verdict.value,
-            "issues": [
-                {
-                    "kind": issue.kind.value,
-                    "gpu": issue.gpu,
-                    "pid": issue.pid,
-                    "owner": issue.owner,
-                    "text": issue.describe(rank.rank),
-                }
-                for issue in rank.placement.issues
-            ],
-            "note": rank.placement.note,
-        },
-    }
-
-
-def _gpus_json(rank: RankStatus) -> list[dict[str, Any]]:
-    """Each device of the rank, with its latest reading (null fields until the first)."""
-    samples = {s.uuid: s for s in rank.gpu_samples}
-    out = []
-    for gpu in rank.gpus:
-        sample = samples.get(gpu.uuid)
-        out.append(
-            {
-                "index": gpu.index,
-                "mig_index": gpu.mig_index,
-                "uuid": gpu.uuid,
-                "name": gpu.name,
-                "memory_total_mib": gpu.memory_total // MIB,
-                "memory_used_mib": None if sample is None else sample.memory_used // MIB,
-                "utilization_pct": None if sample is None else sample.utilization,
-                "temperature_c": None if sample is None else sample.temperature,
-                "power_w": None if sample is None else sample.power,
-            }
-        )
-    return out
 
 
 def bind_control_socket(host: str, port: int) -> socket.socket:

@@ -9,6 +9,10 @@ can write ``except RankExited``.
 from __future__ import annotations
 
 import signal
+import typing
+
+if typing.TYPE_CHECKING:  # only for annotations: this module stays light
+    from ._gpu.placement import GpuHolder
 
 __all__ = [
     "ConfigError",
@@ -18,6 +22,7 @@ __all__ = [
     "RankSpawnFailed",
     "RankStartTimeout",
     "RankUnhealthy",
+    "RestartedWith",
     "RestartsExhausted",
     "StartupTimeout",
     "SupervisorFailure",
@@ -35,7 +40,11 @@ class ConfigError(ValueError):
 
 
 class SupervisorFailure(Exception):
-    """The first failure that made a supervisor stop. `exit_status` is the CLI's exit code."""
+    """The first failure that made a supervisor stop. `exit_status` is the CLI's exit code.
+
+    Each kind keeps its constructor's arguments as attributes of the same names, so that
+    /status can carry it as data and the harness can rebuild it (see _status_doc).
+    """
 
     #: The rank that failed first; None for a failure of no single rank.
     rank: int | None = None
@@ -115,12 +124,24 @@ class RestartsExhausted(SupervisorFailure):
 
     def __init__(self, last: SupervisorFailure, max_restarts: int, window: float) -> None:
         self.last = last
+        self.max_restarts = max_restarts
+        self.window = window
         self.rank = last.rank
         super().__init__(f"more than {max_restarts} restart(s) within {window:g}s; last: {last}")
 
     @property
     def exit_status(self) -> int:
         return self.last.exit_status  # the root cause's status, as if it had not restarted
+
+
+class RestartedWith(SupervisorFailure):
+    """Why a rank restarted that did not fail itself: with ``restart_scope=all``, another
+    rank's failure (`cause`) restarts every rank. A restart cause, never a supervisor's."""
+
+    def __init__(self, rank: int, cause: SupervisorFailure) -> None:
+        self.rank = rank
+        self.cause = cause
+        super().__init__(f"restarted with rank {cause.rank}: {cause}")
 
 
 class GpuFailed(SupervisorFailure):
@@ -137,11 +158,11 @@ class GpuLeftovers(SupervisorFailure):
     """After shutdown, processes still held memory on the ranks' GPUs (with
     ``fail_on_leftovers``). Only the exit status when nothing failed before."""
 
-    def __init__(self, leftovers: tuple[str, ...]) -> None:
+    def __init__(self, leftovers: tuple[GpuHolder, ...]) -> None:
         self.leftovers = leftovers
         super().__init__(
             f"{len(leftovers)} process(es) still hold GPU memory after shutdown: "
-            + "; ".join(leftovers)
+            + "; ".join(holder.describe() for holder in leftovers)
         )
 
 

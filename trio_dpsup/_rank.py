@@ -20,7 +20,13 @@ import httpx
 import trio
 
 from ._config.config import SupervisorConfig
-from ._errors import RankExited, RankSpawnFailed, SupervisorFailure, describe_returncode
+from ._errors import (
+    RankExited,
+    RankSpawnFailed,
+    RestartedWith,
+    SupervisorFailure,
+    describe_returncode,
+)
 from ._logs import LogPump, wait_drained
 from ._prober import probe_rank
 from ._proc.cgroup import RunCgroups
@@ -219,11 +225,11 @@ def _decide(
         record.state = RankState.FAILED
         return ctx.fail(escalate or failure)
     record.state = RankState.RESTARTING
-    record.last_causes.append(str(failure))
+    record.last_causes.append(failure)
     if ctx.restarter.scope is RestartScope.ALL:
         for other in ctx.board.ranks:
             if other is not record and other.incarnation is not None:
                 other.state = RankState.RESTARTING
-                other.last_causes.append(f"restarted with rank {rank}: {failure}")
+                other.last_causes.append(RestartedWith(other.plan.rank, failure))
                 other.incarnation.cancel()
     return None

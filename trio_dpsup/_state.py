@@ -80,7 +80,7 @@ class RankStatus:
     placement: Placement = PENDING
     #: Times the rank was restarted, and the causes of its last restarts, oldest first.
     restarts: int = 0
-    last_causes: tuple[str, ...] = ()
+    last_causes: tuple[SupervisorFailure, ...] = ()
 
     @property
     def ready(self) -> bool:
@@ -120,15 +120,15 @@ class SupervisorStatus:
     nvml_unavailable: str | None = None
     #: Once a failure is recorded: its rank, its cause, and that rank's last stderr lines.
     root_cause: RootCause | None = None
-    #: Ready ranks /ready needs once every rank has been ready (None: all).
-    min_ready: int | None = None
+    #: Ready ranks /ready needs once every rank has been ready: all of them, unless
+    #: ``min_ready`` was configured (the supervisor always sets it).
+    min_ready: int = 0
 
     @property
     def ready(self) -> bool:
         """What /ready answers: serving, and enough ranks ready (they may be restarting)."""
-        needed = len(self.ranks) if self.min_ready is None else self.min_ready
         ready = sum(r.ready for r in self.ranks)
-        return self.state is SupervisorState.READY and ready >= needed
+        return self.state is SupervisorState.READY and ready >= self.min_ready
 
     @property
     def stopping(self) -> bool:
@@ -156,7 +156,7 @@ class RankRecord:
         #: What the log pump keeps of the rank's output (the tail of its stderr).
         self.output = RankOutput()
         self.restarts = 0
-        self.last_causes: collections.deque[str] = collections.deque(maxlen=5)
+        self.last_causes: collections.deque[SupervisorFailure] = collections.deque(maxlen=5)
         #: When this rank was restarted (trio.current_time()), for its backoff.
         self.restart_times: collections.deque[float] = collections.deque(maxlen=64)
         #: The cancel scope of the current process's life: cancelling it restarts the rank.
@@ -193,7 +193,8 @@ class Board:
         min_ready: int | None = None,
     ) -> None:
         self.run_id = run_id
-        self.min_ready = min_ready
+        #: None (the default) means every rank.
+        self.min_ready = len(plans) if min_ready is None else min_ready
         self.nvml_unavailable = nvml_unavailable
         self.ranks = tuple(RankRecord(plan) for plan in plans)
         self.state = SupervisorState.STARTING

@@ -19,6 +19,8 @@ every other rank is signalled in the same scheduler tick.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import shlex
@@ -52,6 +54,7 @@ from ._proc.stop import StopClock
 from ._rank import RankContext, run_rank
 from ._restart import Restarter
 from ._state import Board, SupervisorState, SupervisorStatus
+from ._status_doc import status_to_json
 from ._tls import TlsFiles, check_tls
 
 __all__ = ["Supervisor", "SupervisorHandle"]
@@ -369,8 +372,8 @@ class _Run:
         with trio.CancelScope(shield=True):
             owner = owner_from_trees(self.trees)
             leftovers = await find_leftovers(self.gpu.backend, gpus, owner)
-        for line in leftovers:
-            logger.error("left over after shutdown: %s", line)
+        for holder in leftovers:
+            logger.error("left over after shutdown: %s", holder.describe())
         if leftovers and self.config.fail_on_leftovers and self.board.failure is None:
             self.board.fail(GpuLeftovers(tuple(leftovers)))
 
@@ -447,7 +450,24 @@ class _Run:
         else:
             self.exit_status = 0
             logger.info("stopped cleanly")
+        if self.config.status_file is not None:
+            _write_status_file(self.config.status_file, self.board.snapshot())
         self.stopped.set()
+
+
+def _write_status_file(path: str, status: SupervisorStatus) -> None:
+    """Replace `path` with the /status document, atomically: a reader sees the old file or
+    the whole new one. A write error is logged; it must not change how the run ended."""
+    body = json.dumps(status_to_json(status), indent=2) + "\n"
+    partial_path = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(partial_path, "w") as f:
+            f.write(body)
+        os.replace(partial_path, path)
+    except OSError as exc:
+        logger.error("cannot write --status-file %s: %s", path, exc)
+        with contextlib.suppress(OSError):
+            os.unlink(partial_path)
 
 
 async def _first_of(*events: trio.Event) -> None:

@@ -22,6 +22,7 @@ from .options import (
     positive_seconds,
     seconds_or_zero,
     setting,
+    writable_directory_of,
     zero_or_more,
 )
 from .presets import Preset
@@ -197,6 +198,12 @@ class SupervisorConfig:
         "exit 1 when processes still hold memory on the ranks' GPUs after shutdown",
         "shutdown",
     )
+    status_file: str | None = setting(
+        None,
+        "on exit, write the final /status document (JSON: the failure, each rank's exit "
+        "status and last causes) to this file, replacing it atomically",
+        "shutdown", "PATH", check=writable_directory_of,
+    )  # fmt: skip
     # -- logs
     #: False: ranks inherit our stdout and stderr.
     log_prefix: bool = setting(

@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import enum
 import math
+import os
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -32,6 +33,7 @@ __all__ = [
     "positive_seconds",
     "seconds_or_zero",
     "setting",
+    "writable_directory_of",
     "zero_or_more",
 ]
 
@@ -99,6 +101,17 @@ def config_fields(cls: type) -> list[tuple[dataclasses.Field[Any], Setting, Any]
 
 def flag_of(name: str, decl: Setting) -> str:
     return decl.flag or "--" + name.replace("_", "-")
+
+
+def writable_directory_of(option: str, path: str) -> None:
+    """A file we will write: its directory must exist and be writable now, not at exit."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ConfigError(f"{option} {path} is a directory: give a file path")
+    if not os.path.isdir(directory) or not os.access(directory, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"{option} {path}: cannot write in {directory}: create it or choose a writable one"
+        )
 
 
 def option_name(cls: type, name: str) -> str:

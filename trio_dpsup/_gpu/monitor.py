@@ -24,9 +24,9 @@ import trio
 from .._errors import GpuFailed, SupervisorFailure
 from .._state import Board, RankRecord
 from .nvml import MIB, GpuEvent, GpuInfo, GpuLost, GpuProcess, NvmlBackend, NvmlError
-from .placement import Placement, PlacementVerdict, check_placement
+from .placement import GpuHolder, Owner, Placement, PlacementVerdict, check_placement
 
-__all__ = ["find_leftovers", "leaf_devices", "run_gpu_monitor"]
+__all__ = ["find_leftovers", "gpu_holder", "leaf_devices", "run_gpu_monitor"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ async def run_gpu_monitor(
     *,
     interval: float,
     fail: Callable[[SupervisorFailure], SupervisorFailure],
-    owner: Callable[[int], int],
+    owner: Callable[[int], Owner],
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Refresh readings and placement until cancelled; fail a rank whose GPU fails.
@@ -88,7 +88,7 @@ async def _check_placement(
     backend: NvmlBackend,
     board: Board,
     inventory: Sequence[GpuInfo],
-    owner: Callable[[int], int],
+    owner: Callable[[int], Owner],
     limiter: trio.CapacityLimiter,
 ) -> None:
     on_device = {
@@ -165,10 +165,9 @@ def leaf_devices(inventory: Sequence[GpuInfo]) -> list[GpuInfo]:
 
 
 async def find_leftovers(
-    backend: NvmlBackend, gpus: Sequence[GpuInfo], owner: Callable[[int], int]
-) -> list[str]:
-    """After shutdown: each process still holding memory on `gpus`, as ``pid 123
-    (python, rank 1's tree) holds 2048 MiB on GPU 0 (GPU-…)``. Empty when none.
+    backend: NvmlBackend, gpus: Sequence[GpuInfo], owner: Callable[[int], Owner]
+) -> list[GpuHolder]:
+    """After shutdown: each process still holding memory on `gpus`. Empty when none.
 
     Waits up to LEFTOVER_SETTLE for memory that is being released.
 
@@ -189,17 +188,17 @@ async def find_leftovers(
             if not found:
                 break
             await trio.sleep(_LEFTOVER_RECHECK)  # the driver is still tearing contexts down
-    return [_describe_leftover(gpu, proc, owner(proc.pid)) for gpu, proc in found]
+    return [gpu_holder(gpu, proc, owner(proc.pid)) for gpu, proc in found]
 
 
-def _describe_leftover(gpu: GpuInfo, proc: GpuProcess, owner: int) -> str:
+def gpu_holder(gpu: GpuInfo, proc: GpuProcess, owner: Owner) -> GpuHolder:
+    """`proc` on `gpu` described, with its name read from /proc now."""
     try:
-        name = psutil.Process(proc.pid).name()
+        name: str | None = psutil.Process(proc.pid).name()
     except psutil.Error:
-        name = "not visible here"
-    whose = f", rank {owner}'s tree" if owner >= 0 else ""
-    memory = "?" if proc.used_memory is None else str(proc.used_memory // MIB)
-    return f"pid {proc.pid} ({name}{whose}) holds {memory} MiB on {gpu.label}"
+        name = None
+    memory = None if proc.used_memory is None else proc.used_memory // MIB
+    return GpuHolder(proc.pid, name, owner, memory, gpu.label)
 
 
 async def _nvml(limiter: trio.CapacityLimiter, call: Callable[[*_Args], _T], *args: *_Args) -> _T:

@@ -1,7 +1,14 @@
-"""The CLI supervisor as a subprocess, for tests that run it as a user would."""
+"""The CLI supervisor as a subprocess, for tests that run it as a user would.
+
+Waits take no timeouts: bound them with ``trio.fail_after``, as any Trio call. A wait
+called with no deadline at all is bounded by `WAIT_TIMEOUT` instead, so a forgotten bound
+fails, naming what it waited for, and never hangs a test run.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import math
 import re
 import signal
 import subprocess
@@ -12,7 +19,19 @@ from contextlib import asynccontextmanager
 import httpx
 import trio
 
-__all__ = ["CliSupervisor", "open_cli_supervisor"]
+__all__ = ["WAIT_TIMEOUT", "CliSupervisor", "default_bound", "open_cli_supervisor"]
+
+#: The bound, in seconds, of a wait whose caller set no deadline.
+WAIT_TIMEOUT = 120.0
+
+
+def default_bound() -> contextlib.AbstractContextManager[object]:
+    """``fail_after(WAIT_TIMEOUT)`` where the caller set no deadline; else nothing: the
+    caller's own bound applies, however long."""
+    if math.isinf(trio.current_effective_deadline()):
+        return trio.fail_after(WAIT_TIMEOUT)
+    return contextlib.nullcontext()
+
 
 #: After the supervisor exits, how long its stderr may stay open (held by a leftover rank).
 _EOF_TIMEOUT = 5.0
@@ -37,11 +56,11 @@ class CliSupervisor:
     def log(self) -> str:
         return "\n".join(self.lines)
 
-    async def wait_for_line(self, pattern: str, timeout: float = 30.0) -> re.Match[str]:  # noqa: ASYNC109
-        """Wait for a log line matching the regex `pattern`; fail after `timeout` seconds."""
+    async def wait_for_line(self, pattern: str) -> re.Match[str]:
+        """Wait for a log line matching the regex `pattern`."""
         regex = re.compile(pattern)
         seen = 0
-        with trio.fail_after(timeout):
+        with default_bound():
             while True:
                 for line in self.lines[seen:]:
                     if match := regex.search(line):
@@ -55,10 +74,10 @@ class CliSupervisor:
         """The control plane's URL, from the supervisor's log."""
         return (await self.wait_for_line(_CONTROL_URL.pattern)).group(1)
 
-    async def wait_ready(self, timeout: float = 30.0) -> str:  # noqa: ASYNC109
+    async def wait_ready(self) -> str:
         """Wait until every rank is ready; return the control plane's URL."""
         url = await self.control_url()
-        await self.wait_for_line(r"all \d+ ranks are ready", timeout)
+        await self.wait_for_line(r"all \d+ ranks are ready")
         return url
 
     async def status(self) -> dict[str, object]:
@@ -76,9 +95,9 @@ class CliSupervisor:
     def send_signal(self, signum: int) -> None:
         self.process.send_signal(signum)
 
-    async def wait(self, timeout: float = 60.0) -> int:  # noqa: ASYNC109
+    async def wait(self) -> int:
         """Wait for the supervisor to exit; return its exit status."""
-        with trio.fail_after(timeout):
+        with default_bound():
             return await self.process.wait()
 
     async def _pump(self, stream: trio.abc.ReceiveStream) -> None:

@@ -1,11 +1,16 @@
 """The failure-injection harness: supervisors of fake ranks, faults, and a leftover check.
 
 `Harness.start` runs a supervisor in either form — the CLI as a subprocess, or the library
-in this process — and returns a `Deployment`: the same methods for both, so one test can
-cover both forms. The harness owns every deployment it started: on `Harness.close` (the
-pytest fixture calls it) each one still running is shut down, and every process of its tree
-must be gone, or the test fails with the survivors named (and killed, so they cannot leak
-into the next test).
+in this process — and returns a `Deployment`: the same methods and the same types for both
+(`SupervisorStatus`, `SupervisorFailure`), so one test can cover both forms. The harness
+owns every deployment it started: on `Harness.close` (the pytest fixture and `open_harness`
+call it) each one still running is shut down, and every process of its tree must be gone,
+or the test fails with the survivors named (and killed, so they cannot leak into the next
+test).
+
+Waits take no timeouts: bound them with ``trio.fail_after``, as any Trio call. A wait
+called with no deadline at all is bounded by `WAIT_TIMEOUT` instead, so a forgotten bound
+fails, naming what it waited for, and never hangs a test run.
 """
 
 from __future__ import annotations
@@ -13,13 +18,15 @@ from __future__ import annotations
 import abc
 import contextlib
 import enum
-import math
+import json
 import os
-import re
+import shutil
 import signal
 import sys
-from collections.abc import Callable, Mapping, Sequence
+import tempfile
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -30,12 +37,23 @@ from .._config.options import cli_arguments
 from .._errors import SupervisorFailure
 from .._gpu.nvml import NvmlFactory
 from .._proc import cookie as _cookie
+from .._state import RankState, RankStatus, SupervisorState, SupervisorStatus
+from .._status_doc import status_from_json
 from .._supervisor import Supervisor, SupervisorHandle
-from ._cli_process import CliSupervisor, open_cli_supervisor
+from ._cli_process import WAIT_TIMEOUT, CliSupervisor, default_bound, open_cli_supervisor
 from ._ports import free_port_range
 from ._procs import alive, wait_pids_gone
 
-__all__ = ["FAKE_RANK", "Deployment", "Form", "Harness", "LeftoverProcesses", "ProcessTree"]
+__all__ = [
+    "FAKE_RANK",
+    "Deployment",
+    "Form",
+    "Harness",
+    "LeftoverProcesses",
+    "NeedsFakeRank",
+    "ProcessTree",
+    "open_harness",
+]
 
 #: The fake rank's command; `Harness.start` appends ``--port {port}`` and the rank args.
 FAKE_RANK = (sys.executable, "-m", "trio_dpsup.testing.fake_rank")
@@ -51,12 +69,10 @@ FAST_SETTINGS: Mapping[str, Any] = {
     "gpus_per_rank": 0,
 }
 
-#: The CLI's last log line after a failure.
-_STOPPED_AFTER = re.compile(r"stopped after a failure: (.*)$", re.MULTILINE)
 #: Spacing of /status reads while waiting for a state: fine enough for tests, light on CPU.
 _POLL_SPACING = 0.01
-#: How long the leftover check waits for a tree to finish exiting.
-_LEFTOVER_TIMEOUT = 5.0
+#: How long the leftover check gives a tree to finish exiting, by default.
+_LEFTOVER_GRACE = 5.0
 
 
 class Form(enum.Enum):
@@ -68,6 +84,10 @@ class Form(enum.Enum):
 
 class LeftoverProcesses(AssertionError):
     """Processes of a supervised tree outlived their supervisor (they have been killed)."""
+
+
+class NeedsFakeRank(TypeError):
+    """A fault that only the fake rank can inject, asked of a deployment of another command."""
 
 
 @dataclass(frozen=True)
@@ -87,26 +107,34 @@ class ProcessTree:
 
 
 class Deployment(abc.ABC):
-    """One running supervisor of fake ranks, in either form.
+    """One running supervisor, in either form.
 
     Faults go to a rank's fake server over HTTP, signals go to its pid from /status, and
-    waits read /status until a condition holds, each bounded by a timeout in seconds.
+    waits read /status until a condition holds.
     """
 
-    def __init__(self, form: Form, control_url: str, ports: tuple[int, ...]) -> None:
+    def __init__(
+        self, form: Form, control_url: str, ports: tuple[int, ...], *, fake_rank: bool
+    ) -> None:
         self.form = form
         #: Where the control plane listens.
         self.control_url = control_url
         #: Each local rank's port, in rank order.
         self.ports = ports
+        #: The ranks run the fake rank, which takes faults over HTTP.
+        self.fake_rank = fake_rank
         self.run_id = ""  # set by `_attach`, from the first /status
         self._client = httpx.AsyncClient(trust_env=False, timeout=5.0)
         self._seen: set[int] = set()
 
     # -- reading the control plane --------------------------------------------------------
 
-    async def status(self) -> dict[str, Any]:
-        """GET /status, parsed."""
+    @abc.abstractmethod
+    async def status(self) -> SupervisorStatus:
+        """The supervisor's status now: the library's snapshot, or /status parsed (CLI)."""
+
+    async def status_document(self) -> dict[str, Any]:
+        """GET /status as JSON, for tests of the document itself."""
         response = await self._client.get(f"{self.control_url}/status")
         response.raise_for_status()
         result: dict[str, Any] = response.json()
@@ -117,50 +145,76 @@ class Deployment(abc.ABC):
         path = "/ready" if rank is None else f"/ranks/{rank}/ready"
         return (await self._client.get(f"{self.control_url}{path}")).status_code
 
-    async def wait_for_state(self, state: str, timeout: float = 30.0) -> dict[str, Any]:  # noqa: ASYNC109
-        """Wait until the supervisor's state is `state` (``"ready"``, ``"stopping"``...);
-        return that /status. Fails after `timeout` seconds, naming the last state seen."""
-        return await self.wait_for_status(lambda s: s["state"] == state, f"state {state}", timeout)
+    async def wait_for_state(self, state: SupervisorState) -> SupervisorStatus:
+        """Wait until the supervisor is in `state`; return that status."""
+        return await self.wait_for_status(lambda s: s.state is state, f"state {state.value}")
 
-    async def wait_for_rank_state(
-        self,
-        rank: int,
-        state: str,
-        timeout: float = 30.0,  # noqa: ASYNC109
-    ) -> dict[str, Any]:
-        """Wait until rank `rank` is in `state` (``"ready"``, ``"failed"``...); return its
-        /status entry."""
+    async def wait_for_rank_state(self, rank: int, state: RankState) -> RankStatus:
+        """Wait until rank `rank` is in `state`; return its status."""
         status = await self.wait_for_status(
-            lambda s: _rank_entry(s, rank)["state"] == state, f"rank {rank} {state}", timeout
+            lambda s: _rank_entry(s, rank).state is state, f"rank {rank} {state.value}"
         )
         return _rank_entry(status, rank)
 
-    async def wait_ready(self, timeout: float = 30.0) -> dict[str, Any]:  # noqa: ASYNC109
-        """Wait until every rank is ready; return that /status."""
-        status = await self.wait_for_state("ready", timeout)
+    async def wait_ready(self) -> SupervisorStatus:
+        """Wait until every rank is ready; return that status."""
+        status = await self.wait_for_state(SupervisorState.READY)
         self.process_tree()  # remember the ranks' pids for the leftover check
         return status
+
+    async def wait_for_status(
+        self, condition: Callable[[SupervisorStatus], bool], what: str = "the condition"
+    ) -> SupervisorStatus:
+        """Wait until `condition` holds for the status; return that status. Where it is
+        bounded by `WAIT_TIMEOUT`, fails saying `what` it waited for and the last state
+        seen."""
+        last: SupervisorStatus | None = None
+        try:
+            with default_bound():
+                while True:  # bounded by the deadline above or the caller's
+                    last = await self._status_or_gone(what)
+                    if condition(last):
+                        return last
+                    await trio.sleep(_POLL_SPACING)  # pacing between reads, not a sync
+        except trio.TooSlowError:
+            seen = (
+                "nothing" if last is None else f"state {last.state.value}, failure {last.failure}"
+            )
+            raise AssertionError(f"no {what} within {WAIT_TIMEOUT}s; last seen: {seen}") from None
+
+    async def _status_or_gone(self, what: str) -> SupervisorStatus:
+        try:
+            return await self.status()
+        except httpx.TransportError as exc:
+            raise AssertionError(
+                f"waiting for {what}: the control plane is gone (exit status {self.returncode})"
+            ) from exc
 
     # -- faults ---------------------------------------------------------------------------
 
     async def fail_health(self, rank: int, status_code: int = 503) -> None:
-        """Make rank `rank`'s health path answer `status_code` from now on."""
+        """Make rank `rank`'s health path answer `status_code` from now on (fake rank)."""
         await self._fault(rank, "/fault/health", {"status": status_code})
 
     async def hang_health(self, rank: int) -> None:
-        """Make rank `rank`'s health path hang: the probe-timeout path."""
+        """Make rank `rank`'s health path hang: the probe-timeout path (fake rank)."""
         await self._fault(rank, "/fault/hang", {})
 
     async def crash_rank(self, rank: int, code: int = 1) -> None:
-        """Make rank `rank` exit at once with `code` (negative: killed by signal ``-code``)."""
+        """Make rank `rank` exit at once with `code` (negative: killed by signal ``-code``).
+        Any command: the fake rank exits as asked; another command's process gets the
+        signal, or SIGKILL for an exit status it cannot be made to return."""
         self.process_tree()
+        if not self.fake_rank:
+            await self.signal_rank(rank, -code if code < 0 else signal.SIGKILL)
+            return
         # It may die before its answer is read; the crash is what was asked for.
         with contextlib.suppress(httpx.TransportError):
             await self._fault(rank, "/fault/exit", {"code": code})
 
     async def rank_pid(self, rank: int) -> int:
-        pid = _rank_entry(await self.status(), rank)["pid"]
-        assert isinstance(pid, int), f"rank {rank} has no process"
+        pid = _rank_entry(await self.status(), rank).pid
+        assert pid is not None, f"rank {rank} has no process"
         return pid
 
     async def signal_rank(self, rank: int, signum: int) -> None:
@@ -176,7 +230,7 @@ class Deployment(abc.ABC):
         """Send `signum` to the supervisor, as a user or Kubernetes would."""
 
     @abc.abstractmethod
-    async def wait_exit(self, timeout: float = 60.0) -> int:  # noqa: ASYNC109
+    async def wait_exit(self) -> int:
         """Wait for the supervisor to stop; return its exit status."""
 
     @property
@@ -184,10 +238,14 @@ class Deployment(abc.ABC):
     def returncode(self) -> int | None:
         """The exit status once stopped, else None."""
 
+    async def failure(self) -> SupervisorFailure | None:
+        """The failure the supervisor stopped on (or is stopping on), typed as the library
+        raises it; None while it has none, and after a clean or requested stop."""
+        return (await self.final_status()).failure
+
     @abc.abstractmethod
-    def failure(self) -> str | None:
-        """Once stopped: the failure the supervisor stopped on, as its log states it (None
-        after a clean or requested stop)."""
+    async def final_status(self) -> SupervisorStatus:
+        """The status now, or once stopped, the last one (the CLI's ``--status-file``)."""
 
     def _supervisor_pid(self) -> int | None:
         return None
@@ -212,13 +270,11 @@ class Deployment(abc.ABC):
         self._seen |= tree.pids()
         return tree
 
-    async def assert_no_leftovers(self, timeout: float = _LEFTOVER_TIMEOUT) -> None:  # noqa: ASYNC109
-        """Wait up to `timeout` for every process this deployment ever had to be gone.
-
-        Raises `LeftoverProcesses` naming the survivors, after SIGKILLing them.
-        """
+    async def assert_no_leftovers(self, *, grace: float = _LEFTOVER_GRACE) -> None:
+        """Give every process this deployment ever had `grace` seconds to finish exiting;
+        then raise `LeftoverProcesses` naming the survivors, after SIGKILLing them."""
         candidates = self._seen | self.process_tree().pids()
-        left = await wait_pids_gone(candidates, timeout)
+        left = await wait_pids_gone(candidates, grace)
         left = sorted({*left, *_cookie.marked(self.run_id)})
         if left:
             for pid in left:
@@ -228,38 +284,20 @@ class Deployment(abc.ABC):
     # -- internals ------------------------------------------------------------------------
 
     async def _attach(self) -> None:
-        self.run_id = (await self.status())["run_id"]
+        self.run_id = (await self.status()).run_id
         self.process_tree()
 
     async def _fault(self, rank: int, path: str, params: Mapping[str, int]) -> None:
+        if not self.fake_rank:
+            raise NeedsFakeRank(
+                f"{path} is a fault of the fake rank ({' '.join(FAKE_RANK)}), and this "
+                "deployment runs another command: use signal_rank or crash_rank, or start "
+                "it without command="
+            )
         status = await self.status()
-        index = rank - status["ranks"][0]["rank"]
+        index = rank - status.ranks[0].rank
         url = f"http://127.0.0.1:{self.ports[index]}{path}"
         (await self._client.post(url, params=dict(params))).raise_for_status()
-
-    async def wait_for_status(
-        self,
-        condition: Callable[[dict[str, Any]], bool],
-        what: str = "the condition",
-        timeout: float = 30.0,  # noqa: ASYNC109
-    ) -> dict[str, Any]:
-        """Wait until `condition` holds for /status; return that /status. Fails after
-        `timeout` seconds, saying `what` it waited for and the last state seen."""
-        last: dict[str, Any] | None = None
-        with trio.move_on_after(timeout):
-            for _ in range(math.ceil(timeout / _POLL_SPACING) + 1):
-                try:
-                    last = await self.status()
-                except httpx.TransportError as exc:
-                    raise AssertionError(
-                        f"waiting for {what}: the control plane is gone (exit status "
-                        f"{self.returncode})"
-                    ) from exc
-                if condition(last):
-                    return last
-                await trio.sleep(_POLL_SPACING)  # pacing between reads; not a synchronisation
-        seen = "nothing" if last is None else f"state {last['state']}, failure {last['failure']}"
-        raise AssertionError(f"no {what} within {timeout}s; last seen: {seen}")
 
     async def _close(self, grace: float) -> None:
         """Stop the supervisor if it still runs (SIGTERM, then the kill), check leftovers."""
@@ -268,10 +306,11 @@ class Deployment(abc.ABC):
                 self.process_tree()
                 self.signal_supervisor(signal.SIGTERM)
                 with trio.move_on_after(grace + 5.0):
-                    await self.wait_exit(math.inf)
+                    await self.wait_exit()
                 if self.returncode is None:
                     self._force_stop()
-                    await self.wait_exit(10.0)
+                    with trio.fail_after(10.0):
+                        await self.wait_exit()
             await self.assert_no_leftovers()
         finally:
             await self._client.aclose()
@@ -282,23 +321,43 @@ class Deployment(abc.ABC):
 
 
 class _CliDeployment(Deployment):
-    def __init__(self, cli: CliSupervisor, control_url: str, ports: tuple[int, ...]) -> None:
-        super().__init__(Form.CLI, control_url, ports)
+    def __init__(
+        self,
+        cli: CliSupervisor,
+        control_url: str,
+        ports: tuple[int, ...],
+        *,
+        fake_rank: bool,
+        status_file: Path,
+    ) -> None:
+        super().__init__(Form.CLI, control_url, ports, fake_rank=fake_rank)
         self.cli = cli
+        self._status_file = status_file
+
+    async def status(self) -> SupervisorStatus:
+        return status_from_json(await self.status_document())
+
+    async def final_status(self) -> SupervisorStatus:
+        if self.returncode is None:
+            return await self.status()
+        try:
+            document = json.loads(self._status_file.read_text())
+        except FileNotFoundError:
+            raise AssertionError(
+                f"the supervisor exited with {self.returncode} and wrote no --status-file "
+                f"(killed?):\n{self.cli.log}"
+            ) from None
+        return status_from_json(document)
 
     def signal_supervisor(self, signum: int) -> None:
         self.cli.send_signal(signum)
 
-    async def wait_exit(self, timeout: float = 60.0) -> int:  # noqa: ASYNC109
-        return await self.cli.wait(timeout)
+    async def wait_exit(self) -> int:
+        return await self.cli.wait()
 
     @property
     def returncode(self) -> int | None:
         return self.cli.process.returncode
-
-    def failure(self) -> str | None:
-        found = _STOPPED_AFTER.search(self.cli.log)
-        return None if found is None else found.group(1)
 
     def _supervisor_pid(self) -> int | None:
         return self.cli.pid
@@ -308,10 +367,18 @@ class _CliDeployment(Deployment):
 
 
 class _LibraryDeployment(Deployment):
-    def __init__(self, handle: SupervisorHandle, ports: tuple[int, ...]) -> None:
-        super().__init__(Form.LIBRARY, handle.control_url, ports)
+    def __init__(
+        self, handle: SupervisorHandle, ports: tuple[int, ...], *, fake_rank: bool
+    ) -> None:
+        super().__init__(Form.LIBRARY, handle.control_url, ports, fake_rank=fake_rank)
         self.handle = handle
         self._signalled = False
+
+    async def status(self) -> SupervisorStatus:
+        return self.handle.status()
+
+    async def final_status(self) -> SupervisorStatus:
+        return self.handle.status()
 
     def signal_supervisor(self, signum: int) -> None:
         """As the CLI treats signals: the first requests shutdown, the next kills."""
@@ -325,17 +392,13 @@ class _LibraryDeployment(Deployment):
         self._signalled = True
         self.handle.request_shutdown(signum)
 
-    async def wait_exit(self, timeout: float = 60.0) -> int:  # noqa: ASYNC109
-        with trio.fail_after(timeout):
+    async def wait_exit(self) -> int:
+        with default_bound():
             return await self.handle.wait_stopped()
 
     @property
     def returncode(self) -> int | None:
         return self.handle.exit_status
-
-    def failure(self) -> str | None:
-        failure = self.handle.status().failure
-        return None if failure is None else str(failure)
 
     def _force_stop(self) -> None:
         self.handle.kill()
@@ -344,20 +407,17 @@ class _LibraryDeployment(Deployment):
 class Harness:
     """Starts supervisors of fake ranks in `nursery` and cleans up after them.
 
-    Use it through the pytest plugin's `dpsup` fixture, or directly::
+    Use it through the pytest plugin's `dpsup` fixture, or `open_harness`::
 
-        async with trio.open_nursery() as nursery:
-            harness = Harness(nursery)
-            try:
-                deployment = await harness.start(2)
-                ...
-            finally:
-                await harness.close()
+        async with open_harness() as harness:
+            deployment = await harness.start(2)
+            ...
     """
 
     def __init__(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
         self._deployments: list[tuple[Deployment, float]] = []
+        self._files = Path(tempfile.mkdtemp(prefix="trio-dpsup-harness-"))
 
     async def start(
         self,
@@ -373,37 +433,46 @@ class Harness:
         """Start a supervisor of `ranks` fake ranks on free loopback ports.
 
         `rank_args` go to every fake rank (``--ready-after``, ``--ignore-sigterm``...);
-        `command` replaces the fake rank (``{port}`` and the other placeholders apply).
-        `settings` are `SupervisorConfig` fields (``grace_period=3``), on top of fast-probe
-        defaults; the CLI form passes them as the matching options. With `wait_ready`
-        (default), returns once every rank is ready. `nvml` (library form only) replaces
-        NVML, e.g. with `FakeNvml.factory`. In the library form, a failure before every rank
-        process exists is raised from here, as `Supervisor.run` raises it.
+        `command` replaces the fake rank (``{port}`` and the other placeholders apply; the
+        faults that need the fake rank then raise `NeedsFakeRank`). `settings` are
+        `SupervisorConfig` fields (``grace_period=3``), on top of fast-probe defaults; the
+        CLI form passes them as the matching options. With `wait_ready` (default), returns
+        once every rank is ready, bounded by the startup timeout. `nvml` (library form only)
+        replaces NVML, e.g. with `FakeNvml.factory`. In the library form, a failure before
+        every rank process exists is raised from here, as `Supervisor.run` raises it.
         """
         base = int(settings.pop("base_port", 0)) or free_port_range(ranks)
         argv = (*(command or (*FAKE_RANK, "--port", "{port}")), *rank_args)
+        fake_rank = command is None or tuple(command[: len(FAKE_RANK)]) == FAKE_RANK
         merged = {**FAST_SETTINGS, "control_port": 0, **settings}
         ports = tuple(range(base, base + ranks))
         deployment: Deployment
         if form is Form.CLI:
             if nvml is not None:
                 raise ValueError("nvml is injected into the library form only")
-            deployment = await self._nursery.start(self._run_cli, ranks, base, argv, merged)
+            if "status_file" not in merged:
+                merged["status_file"] = str(self._files / f"status-{len(self._deployments)}.json")
+            deployment = await self._nursery.start(
+                self._run_cli, ranks, base, argv, merged, fake_rank
+            )
         else:
             config = SupervisorConfig(command=argv, ranks=ranks, base_port=base, **merged)
             supervisor = Supervisor(config) if nvml is None else Supervisor(config, nvml=nvml)
-            deployment = await self._nursery.start(self._run_library, supervisor, ports)
+            deployment = await self._nursery.start(self._run_library, supervisor, ports, fake_rank)
         self._deployments.append((deployment, float(merged["grace_period"])))
         await deployment._attach()
         if wait_ready:
-            await deployment.wait_ready(float(merged["startup_timeout"]) + 5.0)
+            with trio.fail_after(float(merged["startup_timeout"]) + 5.0):
+                await deployment.wait_ready()
         return deployment
 
     async def close(self) -> None:
         """Shut down every deployment still running and check that nothing is left.
 
         Raises `LeftoverProcesses` (after killing them) if any process outlived its
-        supervisor. **Cancellation**: shielded; bounded by each grace period plus seconds.
+        supervisor. The nursery it was given is left to its owner: its tasks end with
+        their supervisors. **Cancellation**: shielded; bounded by each grace period plus
+        seconds.
         """
         with trio.CancelScope(shield=True):
             errors: list[LeftoverProcesses] = []
@@ -413,7 +482,7 @@ class Harness:
                 except LeftoverProcesses as exc:
                     errors.append(exc)
             self._deployments.clear()
-        self._nursery.cancel_scope.cancel()
+        shutil.rmtree(self._files, ignore_errors=True)
         if errors:
             raise LeftoverProcesses("; ".join(map(str, errors)))
 
@@ -423,6 +492,7 @@ class Harness:
         base: int,
         argv: Sequence[str],
         settings: Mapping[str, Any],
+        fake_rank: bool,
         task_status: trio.TaskStatus[Deployment],
     ) -> None:
         args = [
@@ -434,13 +504,18 @@ class Harness:
             except AssertionError:
                 code = await cli.wait()
                 raise AssertionError(f"the supervisor exited with {code}:\n{cli.log}") from None
-            task_status.started(_CliDeployment(cli, url, tuple(range(base, base + ranks))))
-            await cli.wait(math.inf)
+            ports = tuple(range(base, base + ranks))
+            status_file = Path(settings["status_file"])
+            task_status.started(
+                _CliDeployment(cli, url, ports, fake_rank=fake_rank, status_file=status_file)
+            )
+            await cli.process.wait()  # until it exits: `Harness.close` stops it
 
     async def _run_library(
         self,
         supervisor: Supervisor,
         ports: tuple[int, ...],
+        fake_rank: bool,
         task_status: trio.TaskStatus[Deployment],
     ) -> None:
         failure: SupervisorFailure | None = None
@@ -465,9 +540,21 @@ class Harness:
                     raise
                 early = failure
             else:
-                task_status.started(_LibraryDeployment(handle, ports))
+                task_status.started(_LibraryDeployment(handle, ports, fake_rank=fake_rank))
         if early is not None:
             raise early
+
+
+@contextlib.asynccontextmanager
+async def open_harness() -> AsyncIterator[Harness]:
+    """A `Harness` for the duration of the block; on the way out, its deployments are shut
+    down and checked for leftovers, as the ``dpsup`` fixture does."""
+    async with trio.open_nursery() as nursery:
+        harness = Harness(nursery)
+        try:
+            yield harness
+        finally:
+            await harness.close()
 
 
 def _cli_options(settings: Mapping[str, Any]) -> list[str]:
@@ -479,11 +566,10 @@ def _cli_options(settings: Mapping[str, Any]) -> list[str]:
     return cli_arguments(SupervisorConfig, settings)
 
 
-def _rank_entry(status: Mapping[str, Any], rank: int) -> dict[str, Any]:
-    for entry in status["ranks"]:
-        if entry["rank"] == rank:
-            result: dict[str, Any] = entry
-            return result
+def _rank_entry(status: SupervisorStatus, rank: int) -> RankStatus:
+    for entry in status.ranks:
+        if entry.rank == rank:
+            return entry
     raise AssertionError(f"no rank {rank} in /status")
 
 

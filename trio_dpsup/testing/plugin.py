@@ -11,9 +11,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import pytest
-import trio
 
-from ._harness import Harness
+from ._harness import Harness, open_harness
 
 __all__ = ["dpsup"]
 
@@ -26,9 +25,5 @@ async def dpsup() -> AsyncIterator[Harness]:
     period), and the test errors with `LeftoverProcesses` if any process of any tree it
     started outlived its supervisor.
     """
-    async with trio.open_nursery() as nursery:
-        harness = Harness(nursery)
-        try:
-            yield harness
-        finally:
-            await harness.close()
+    async with open_harness() as harness:
+        yield harness

@@ -1,0 +1,293 @@
+"""The /status document: a `SupervisorStatus` as JSON, and back.
+
+The control plane serves `status_to_json`; the harness reads a CLI supervisor through
+`status_from_json`, so both forms of a test see the same typed status, failures included.
+Failures travel as data (their kind and constructor arguments), not as text to be scraped.
+Readable fields stay flat and stable (``failure`` and ``last_causes`` are the messages); the
+typed forms ride beside them (``failure_detail``, ``last_cause_details``).
+
+Memory is in whole MiB and latency in microseconds on the wire: a parsed status has those
+resolutions.
+"""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from typing import Any
+
+from . import _errors
+from ._errors import SupervisorFailure
+from ._gpu.nvml import MIB, GpuInfo, GpuSample
+from ._gpu.placement import (
+    GpuHolder,
+    IssueKind,
+    Owner,
+    OwnerKind,
+    Placement,
+    PlacementIssue,
+    PlacementVerdict,
+)
+from ._state import (
+    ProbeResult,
+    RankState,
+    RankStatus,
+    RootCause,
+    SupervisorState,
+    SupervisorStatus,
+)
+
+__all__ = ["failure_from_json", "failure_to_json", "status_from_json", "status_to_json"]
+
+JSON = dict[str, Any]
+
+#: Every failure kind by its name on the wire.
+_KINDS: dict[str, type[SupervisorFailure]] = {
+    cls.__name__: cls
+    for cls in vars(_errors).values()
+    if isinstance(cls, type) and issubclass(cls, SupervisorFailure)
+}
+
+
+# -- failures -------------------------------------------------------------------------------
+
+
+def failure_to_json(failure: SupervisorFailure) -> JSON:
+    """``{"type": "RankExited", "message": "...", "rank": 1, "returncode": 3}``."""
+    out: JSON = {"type": type(failure).__name__, "message": str(failure), "rank": failure.rank}
+    for name in _parameters(type(failure)):
+        out[name] = _encode(getattr(failure, name))
+    return out
+
+
+def failure_from_json(doc: JSON) -> SupervisorFailure:
+    """The failure `failure_to_json` wrote. A kind this version does not know (a newer
+    supervisor's) comes back as a plain `SupervisorFailure` with its message and rank."""
+    cls = _KINDS.get(doc.get("type", ""))
+    if cls is None or cls is SupervisorFailure:
+        unknown = SupervisorFailure(doc["message"])
+        unknown.rank = doc.get("rank")
+        return unknown
+    hints = typing.get_type_hints(cls.__init__, localns={"GpuHolder": GpuHolder})
+    kwargs = {name: _decode(doc[name], hints[name]) for name in _parameters(cls)}
+    return cls(**kwargs)
+
+
+def _parameters(cls: type[SupervisorFailure]) -> list[str]:
+    if cls is SupervisorFailure:
+        return []
+    return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+
+
+def _encode(value: Any) -> Any:
+    if isinstance(value, SupervisorFailure):
+        return failure_to_json(value)
+    if isinstance(value, GpuHolder):
+        return _holder_json(value)
+    if isinstance(value, tuple):
+        return [_encode(v) for v in value]
+    return value
+
+
+def _decode(value: Any, hint: Any) -> Any:
+    if hint is SupervisorFailure:
+        return failure_from_json(value)
+    if typing.get_origin(hint) is tuple:
+        (item, _) = typing.get_args(hint)
+        return tuple(_decode(v, item) for v in value)
+    if hint is GpuHolder:
+        return _holder_from_json(value)
+    return value
+
+
+def _owner_json(owner: Owner) -> JSON:
+    return {"kind": owner.kind.value, "rank": owner.rank, "text": owner.describe()}
+
+
+def _owner_from_json(doc: JSON) -> Owner:
+    return Owner(OwnerKind(doc["kind"]), doc["rank"])
+
+
+def _holder_json(holder: GpuHolder) -> JSON:
+    return {
+        "pid": holder.pid,
+        "name": holder.name,
+        "owner": _owner_json(holder.owner),
+        "memory_mib": holder.memory_mib,
+        "gpu": holder.gpu,
+    }
+
+
+def _holder_from_json(doc: JSON) -> GpuHolder:
+    owner = _owner_from_json(doc["owner"])
+    return GpuHolder(doc["pid"], doc["name"], owner, doc["memory_mib"], doc["gpu"])
+
+
+# -- the status -----------------------------------------------------------------------------
+
+
+def status_to_json(status: SupervisorStatus) -> JSON:
+    """The /status document: supervisor state, first failure, and one object per rank."""
+    failure = status.failure
+    cause = status.root_cause
+    return {
+        "run_id": status.run_id,
+        "state": status.state.value,
+        "ready": status.ready,
+        "min_ready": status.min_ready,
+        "started": status.started,
+        "failure": None if failure is None else str(failure),
+        "failure_detail": None if failure is None else failure_to_json(failure),
+        "root_cause": None
+        if cause is None
+        else {"rank": cause.rank, "cause": cause.cause, "stderr_tail": list(cause.stderr_tail)},
+        "nvml": {
+            "available": status.nvml_unavailable is None,
+            "problem": status.nvml_unavailable,
+        },
+        "ranks": [_rank_json(r) for r in status.ranks],
+    }
+
+
+def status_from_json(doc: JSON) -> SupervisorStatus:
+    """The `SupervisorStatus` that `doc` (a /status document) describes."""
+    detail = doc.get("failure_detail")
+    cause = doc["root_cause"]
+    return SupervisorStatus(
+        run_id=doc["run_id"],
+        state=SupervisorState(doc["state"]),
+        ranks=tuple(_rank_from_json(r) for r in doc["ranks"]),
+        started=doc["started"],
+        failure=None if detail is None else failure_from_json(detail),
+        nvml_unavailable=doc["nvml"]["problem"],
+        root_cause=None
+        if cause is None
+        else RootCause(cause["rank"], cause["cause"], tuple(cause["stderr_tail"])),
+        min_ready=doc["min_ready"],
+    )
+
+
+def _rank_json(rank: RankStatus) -> JSON:
+    probe = rank.last_probe
+    return {
+        "rank": rank.rank,
+        "local_rank": rank.local_rank,
+        "state": rank.state.value,
+        "ready": rank.ready,
+        "pid": rank.pid,
+        "port": rank.port,
+        "devices": list(rank.devices),
+        "returncode": rank.returncode,
+        "consecutive_failures": rank.consecutive_failures,
+        "last_probe": None
+        if probe is None
+        else {
+            "ok": probe.ok,
+            "status_code": probe.status_code,
+            "error": probe.error,
+            "latency_ms": round(probe.latency * 1000, 3),
+        },
+        "command": list(rank.command),
+        "restarts": rank.restarts,
+        "last_causes": [str(c) for c in rank.last_causes],
+        "last_cause_details": [failure_to_json(c) for c in rank.last_causes],
+        "gpus": _gpus_json(rank),
+        "placement": {
+            "verdict": rank.placement.verdict.value,
+            "issues": [
+                {
+                    "kind": issue.kind.value,
+                    "gpu": issue.gpu,
+                    "pid": issue.pid,
+                    "owner": None if issue.owner is None else _owner_json(issue.owner),
+                    "text": issue.describe(rank.rank),
+                }
+                for issue in rank.placement.issues
+            ],
+            "note": rank.placement.note,
+        },
+    }
+
+
+def _rank_from_json(doc: JSON) -> RankStatus:
+    probe = doc["last_probe"]
+    gpus = tuple(
+        GpuInfo(
+            index=g["index"],
+            uuid=g["uuid"],
+            name=g["name"],
+            memory_total=g["memory_total_mib"] * MIB,
+            parent_uuid=g["parent_uuid"],
+            mig_index=g["mig_index"],
+        )
+        for g in doc["gpus"]
+    )
+    samples = tuple(
+        GpuSample(
+            uuid=g["uuid"],
+            memory_used=g["memory_used_mib"] * MIB,
+            memory_total=g["memory_total_mib"] * MIB,
+            utilization=g["utilization_pct"],
+            temperature=g["temperature_c"],
+            power=g["power_w"],
+        )
+        for g in doc["gpus"]
+        if g["memory_used_mib"] is not None
+    )
+    placement = doc["placement"]
+    return RankStatus(
+        rank=doc["rank"],
+        local_rank=doc["local_rank"],
+        port=doc["port"],
+        devices=tuple(doc["devices"]),
+        state=RankState(doc["state"]),
+        pid=doc["pid"],
+        returncode=doc["returncode"],
+        last_probe=None
+        if probe is None
+        else ProbeResult(
+            probe["ok"], probe["status_code"], probe["error"], probe["latency_ms"] / 1000
+        ),
+        consecutive_failures=doc["consecutive_failures"],
+        command=tuple(doc["command"]),
+        gpus=gpus,
+        gpu_samples=samples,
+        placement=Placement(
+            PlacementVerdict(placement["verdict"]),
+            tuple(
+                PlacementIssue(
+                    IssueKind(i["kind"]),
+                    i["gpu"],
+                    i["pid"],
+                    None if i["owner"] is None else _owner_from_json(i["owner"]),
+                )
+                for i in placement["issues"]
+            ),
+            placement["note"],
+        ),
+        restarts=doc["restarts"],
+        last_causes=tuple(failure_from_json(c) for c in doc["last_cause_details"]),
+    )
+
+
+def _gpus_json(rank: RankStatus) -> list[JSON]:
+    """Each device of the rank, with its latest reading (null fields until the first)."""
+    samples = {s.uuid: s for s in rank.gpu_samples}
+    out = []
+    for gpu in rank.gpus:
+        sample = samples.get(gpu.uuid)
+        out.append(
+            {
+                "index": gpu.index,
+                "mig_index": gpu.mig_index,
+                "parent_uuid": gpu.parent_uuid,
+                "uuid": gpu.uuid,
+                "name": gpu.name,
+                "memory_total_mib": gpu.memory_total // MIB,
+                "memory_used_mib": None if sample is None else sample.memory_used // MIB,
+                "utilization_pct": None if sample is None else sample.utilization,
+                "temperature_c": None if sample is None else sample.temperature,
+                "power_w": None if sample is None else sample.power,
+            }
+        )
+    return out
