@@ -12,6 +12,7 @@ import trio
 import trio.testing
 
 from trio_dpsup import (
+    GpuFailed,
     RankExited,
     RankStartTimeout,
     RankState,
@@ -20,6 +21,7 @@ from trio_dpsup import (
     RestartPolicy,
     RestartScope,
     RestartsExhausted,
+    SupervisorState,
     SupervisorStatus,
 )
 from trio_dpsup._restart import Restarter
@@ -129,13 +131,37 @@ async def test_crash_loop_escalates_with_the_last_cause(dpsup: Harness) -> None:
     await deployment.assert_no_leftovers()
 
 
-async def test_exit_zero_restarts_only_with_always(dpsup: Harness) -> None:
-    on_failure = await dpsup.start(2, **QUICK)
-    await on_failure.crash_rank(0, 0)
-    assert await on_failure.wait_exit() == 1  # exit 0 is not a failure to on-failure: stop
-    always = await dpsup.start(2, **{**QUICK, "restart": RestartPolicy.ALWAYS})
-    await always.crash_rank(0, 0)
-    await ready_again(always, 0, 1)
+@pytest.mark.parametrize("policy", [RestartPolicy.ON_FAILURE, RestartPolicy.ALWAYS])
+async def test_exit_zero_is_restarted_like_any_failure(
+    dpsup: Harness, policy: RestartPolicy
+) -> None:
+    deployment = await dpsup.start(2, **{**QUICK, "restart": policy})
+    await deployment.crash_rank(0, 0)
+    status = await ready_again(deployment, 0, 1)
+    assert causes(rank(status, 0)) == ["rank 0 exited unexpectedly: exit status 0"]
+
+
+@FORMS
+async def test_a_rank_bounced_by_hand_comes_back(dpsup: Harness, form: Form) -> None:
+    """`kill -TERM <rank pid>` under on-failure: the node stays up, the rank comes back on
+    its port with one restart, and the other ranks are untouched."""
+    deployment = await dpsup.start(3, form=form, **QUICK)
+    before = await deployment.status()
+    await deployment.signal_rank(1, signal.SIGTERM)
+    with trio.fail_after(30):
+        after = await ready_again(deployment, 1, 1)
+    assert after.state is SupervisorState.READY
+    assert await deployment.ready_code() == 200
+    assert rank(after, 1).port == rank(before, 1).port
+    assert rank(after, 1).pid != rank(before, 1).pid
+    (cause,) = rank(after, 1).last_causes
+    assert isinstance(cause, RankExited)  # the fake rank exits 0 on SIGTERM, as vLLM does
+    assert cause.returncode == 0
+    untouched = [(r.pid, r.restarts) for r in after.ranks if r.rank != 1]
+    assert untouched == [(r.pid, 0) for r in before.ranks if r.rank != 1]
+    deployment.signal_supervisor(signal.SIGTERM)
+    assert await deployment.wait_exit() == 0
+    await deployment.assert_no_leftovers()
 
 
 async def test_scope_all_restarts_every_rank(dpsup: Harness) -> None:
@@ -211,8 +237,8 @@ async def test_restart_intensity_window(autojump_clock: trio.testing.MockClock) 
     escalated = restarter.decide(crash)
     assert escalated is not None
     assert escalated.exit_status == 3
-    clean = RankExited(0, 0)
-    assert restarter.decide(clean) is clean  # on-failure does not restart an exit with 0
+    gpu = GpuFailed(0, "GPU 0", "critical Xid error 79")
+    assert restarter.decide(gpu) is gpu  # a restart cannot mend a GPU: stop everything
     # The window, exercised past its end.
     await trio.sleep(30)  # the two restarts at 0 s are still within 60 s
     assert isinstance(restarter.decide(crash), RestartsExhausted)

@@ -32,6 +32,7 @@ if typing.TYPE_CHECKING:
     from ._errors import GpuLeftovers as GpuLeftovers
     from ._errors import RankExited as RankExited
     from ._errors import RankSpawnFailed as RankSpawnFailed
+    from ._errors import RankStalled as RankStalled
     from ._errors import RankStartTimeout as RankStartTimeout
     from ._errors import RankUnhealthy as RankUnhealthy
     from ._errors import RestartedWith as RestartedWith

@@ -20,6 +20,7 @@ __all__ = [
     "GpuLeftovers",
     "RankExited",
     "RankSpawnFailed",
+    "RankStalled",
     "RankStartTimeout",
     "RankUnhealthy",
     "RestartedWith",
@@ -96,6 +97,31 @@ class RankUnhealthy(SupervisorFailure):
         self.last_error = last_error
         super().__init__(
             f"rank {rank} is unhealthy: {failures} consecutive probe failures, last: {last_error}"
+        )
+
+
+class RankStalled(SupervisorFailure):
+    """A ready rank was busy (`busy_metric` > 0) while its progress counter did not advance
+    for `seconds`: the engine hangs though /health may still answer 200."""
+
+    def __init__(
+        self,
+        rank: int,
+        busy_metric: str,
+        busy: float,
+        progress_metric: str,
+        progress: float,
+        seconds: float,
+    ) -> None:
+        self.rank = rank
+        self.busy_metric = busy_metric
+        self.busy = busy
+        self.progress_metric = progress_metric
+        self.progress = progress
+        self.seconds = seconds
+        super().__init__(
+            f"rank {rank} stalled: {busy_metric} = {busy:g} but {progress_metric} stayed at "
+            f"{progress:g} for {seconds:.1f}s"
         )
 
 

@@ -20,6 +20,7 @@ import trio
 
 from ._errors import (
     RankExited,
+    RankStalled,
     RankStartTimeout,
     RankUnhealthy,
     RestartsExhausted,
@@ -33,8 +34,13 @@ logger = logging.getLogger(__name__)
 
 class RestartPolicy(enum.Enum):
     NEVER = "never"  # any rank failure stops everything (DP+EP: one dead rank stalls all)
-    ON_FAILURE = "on-failure"  # restart after a crash, a non-zero exit, or failed probes
-    ALWAYS = "always"  # also after an exit with status 0
+    #: Restart a rank that exited when nobody asked it to, with any status (0 included:
+    #: vLLM exits 0 on SIGTERM, so an operator's ``kill -TERM`` of one rank is a bounce),
+    #: failed its probes, stalled, or did not come back within the startup timeout.
+    ON_FAILURE = "on-failure"
+    #: The same as ON_FAILURE: kept for configurations written when on-failure did not
+    #: restart an exit with status 0. Every unrequested exit is a failure now.
+    ALWAYS = "always"
 
 
 class RestartScope(enum.Enum):
@@ -65,11 +71,11 @@ class Restarter:
         self._recent: collections.deque[float] = collections.deque()
 
     def restartable(self, failure: SupervisorFailure) -> bool:
+        """A failure of the rank's own process; not one of its GPU, or of starting it at all
+        (a restart cannot mend those)."""
         if self.policy is RestartPolicy.NEVER:
             return False
-        if isinstance(failure, RankExited):
-            return failure.returncode != 0 or self.policy is RestartPolicy.ALWAYS
-        return isinstance(failure, RankUnhealthy | RankStartTimeout)
+        return isinstance(failure, RankExited | RankUnhealthy | RankStartTimeout | RankStalled)
 
     def decide(self, failure: SupervisorFailure) -> SupervisorFailure | None:
         """None: restart. Otherwise the failure to stop everything with: `failure` itself,

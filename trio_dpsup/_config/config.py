@@ -136,7 +136,8 @@ class SupervisorConfig:
     restart: RestartPolicy = setting(
         RestartPolicy.NEVER,
         "never: any rank failure stops everything (DP+EP); on-failure: restart a rank that "
-        "crashed, exited non-zero or failed its probes; always: also after exit 0",
+        "exited unasked (any status, 0 included), failed its probes or stalled; always: the "
+        "same",
         "restarts",
     )
     restart_scope: RestartScope = setting(
