@@ -12,6 +12,7 @@ async def main(base_port: int) -> int:
     config = SupervisorConfig(
         command=(sys.executable, "-m", "trio_dpsup.demo", "--port", "{port}"),
         ranks=2,
+        gpus_per_rank=0,  # the demo needs no GPU; a real server: 1 or more, with --devices
         base_port=base_port,
         control_port=0,  # any free port; the handle says which
     )

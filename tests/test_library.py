@@ -37,6 +37,7 @@ def fake_config(ranks: int, base_port: int, *rank_args: str, **fields: object) -
     options: dict[str, object] = {
         "command": (*FAKE_RANK, "--port", "{port}", *rank_args),
         "ranks": ranks,
+        "gpus_per_rank": 0,
         "base_port": base_port,
         "control_port": 0,
         "probe_interval": 0.1,
@@ -136,6 +137,7 @@ async def test_prober_transport_is_injected() -> None:
         return httpx.Response(200)
 
     config = SupervisorConfig(
+        gpus_per_rank=0,
         command=(sys.executable, "-c", "import time; time.sleep(600)"),
         ranks=2,
         base_port=free_port_range(2),

@@ -18,6 +18,7 @@ def config(**overrides: object) -> SupervisorConfig:
     fields: dict[str, object] = {
         "command": (PY, "-m", "server", "--port", "{port}"),
         "ranks": 2,
+        "gpus_per_rank": 0,  # no devices are known here: GPU ranks would be refused
         "base_port": 8000,
         "control_port": 9000,
     }
@@ -54,19 +55,29 @@ def test_unknown_placeholder_is_named() -> None:
         plan_ranks(config(command=(PY, "--port", "{prot}")), ENV)
 
 
+def test_ranks_are_never_started_unpinned() -> None:
+    """With no device list, two GPU ranks would each see every GPU: refused, naming the fix."""
+    with pytest.raises(ConfigError, match=r"would each see every GPU: name the devices with"):
+        plan_ranks(config(gpus_per_rank=1), ENV)
+    with pytest.raises(ConfigError, match=r"NVML is unavailable: no driver\).*--gpus-per-rank 0"):
+        plan_ranks(config(gpus_per_rank=2), ENV, nvml_problem="no driver")
+    (plan,) = plan_ranks(config(gpus_per_rank=1, ranks=1), ENV)  # one rank: started, loudly
+    assert "CUDA_VISIBLE_DEVICES" not in dict(plan.env)
+
+
 def test_gpus_placeholder_needs_devices() -> None:
     with pytest.raises(ConfigError, match=r"\{gpus\} is used but no devices are known"):
         plan_ranks(config(command=(PY, "{gpus}")), ENV)
 
 
 def test_devices_come_from_cuda_visible_devices() -> None:
-    plans = plan_ranks(config(ranks=None), {**ENV, "CUDA_VISIBLE_DEVICES": "3,5"})
+    plans = plan_ranks(config(ranks=None, gpus_per_rank=1), {**ENV, "CUDA_VISIBLE_DEVICES": "3,5"})
     assert [p.devices for p in plans] == [("3",), ("5",)]
 
 
 def test_empty_cuda_visible_devices_means_no_devices() -> None:
     with pytest.raises(ConfigError, match="only 0 are available"):
-        plan_ranks(config(ranks=1), {**ENV, "CUDA_VISIBLE_DEVICES": ""})
+        plan_ranks(config(ranks=1, gpus_per_rank=1), {**ENV, "CUDA_VISIBLE_DEVICES": ""})
 
 
 def test_no_devices_and_no_ranks_asks_for_ranks() -> None:
@@ -75,8 +86,8 @@ def test_no_devices_and_no_ranks_asks_for_ranks() -> None:
 
 
 def test_without_devices_cuda_visible_devices_is_left_alone() -> None:
-    plans = plan_ranks(config(ranks=2), ENV)
-    assert all(p.env == () and p.devices == () for p in plans)
+    (plan,) = plan_ranks(config(ranks=1, gpus_per_rank=1), ENV)
+    assert (plan.env, plan.devices) == ((), ())
 
 
 def test_too_few_devices() -> None:
@@ -99,7 +110,7 @@ def test_control_port_inside_rank_ports() -> None:
 
 
 def test_control_port_inside_rank_ports_derived_from_devices() -> None:
-    cfg = config(ranks=None, devices=("0", "1", "2"), control_port=8002)
+    cfg = config(ranks=None, gpus_per_rank=1, devices=("0", "1", "2"), control_port=8002)
     with pytest.raises(ConfigError, match="inside the rank ports 8000-8002"):
         plan_ranks(cfg, ENV)
 

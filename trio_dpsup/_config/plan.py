@@ -7,6 +7,7 @@ ConfigError naming the fix, before any process is started.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import resource
@@ -23,6 +24,8 @@ from .config import SupervisorConfig, check_min_ready, check_port_range
 from .presets import apply_preset, check_preset_ranks
 
 __all__ = ["PLACEHOLDERS", "RankPlan", "plan_ranks", "redact_argv", "resolve_devices"]
+
+logger = logging.getLogger(__name__)
 
 #: The placeholders a command template may use, and what each stands for.
 PLACEHOLDERS: Mapping[str, str] = {
@@ -166,6 +169,24 @@ def _rank_count(
             raise ConfigError(
                 f"{why}, so the rank count cannot be derived: pass --ranks N "
                 "(or --devices, or set CUDA_VISIBLE_DEVICES)"
+            )
+        if config.gpus_per_rank and config.ranks > 1:
+            # Without a device list every rank would see every GPU: they would all load onto
+            # GPU 0, or fight over memory. Never start ranks silently unpinned.
+            why = f" (NVML is unavailable: {nvml_problem})" if nvml_problem else ""
+            raise ConfigError(
+                f"no devices are known{why}, so {config.ranks} ranks with --gpus-per-rank "
+                f"{config.gpus_per_rank} would each see every GPU: name the devices with "
+                "--devices (or CUDA_VISIBLE_DEVICES), or pass --gpus-per-rank 0 for ranks "
+                "without GPUs"
+            )
+        if config.gpus_per_rank:
+            # One rank cannot collide with another: it sees what the server would see if
+            # started by hand, so it starts, loudly.
+            logger.warning(
+                "no devices are known%s: the rank sees every GPU of this machine; name its "
+                "devices with --devices or CUDA_VISIBLE_DEVICES to pin it",
+                f" (NVML is unavailable: {nvml_problem})" if nvml_problem else "",
             )
         return config.ranks
     if not devices:
