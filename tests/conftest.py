@@ -12,7 +12,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import psutil
+import pytest
 import trio
+
+from trio_dpsup.testing.fake_servers import ARGV_FILE_ENV, install_fake_servers
 
 FAKE_RANK = (sys.executable, "-m", "trio_dpsup.testing.fake_rank")
 
@@ -127,3 +130,13 @@ def kill_holders(path: Path) -> None:
                     os.kill(pid, signal.SIGKILL)
             except OSError:
                 continue
+
+
+@pytest.fixture
+def fake_env(tmp_path: Path) -> dict[str, str]:
+    """An environment in which ``vllm`` and ``python -m sglang.launch_server`` are the
+    fakes of trio_dpsup.testing.fake_servers, recording their argv in tmp_path/argv.jsonl."""
+    env = {**os.environ, **install_fake_servers(tmp_path / "bin")}
+    env[ARGV_FILE_ENV] = str(tmp_path / "argv.jsonl")
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    return env

@@ -12,17 +12,9 @@ import pytest
 
 from trio_dpsup import ConfigError, Preset, SupervisorConfig, plan_ranks
 from trio_dpsup.testing import free_port_range, open_cli_supervisor
-from trio_dpsup.testing.fake_servers import ARGV_FILE_ENV, install_fake_servers, read_recorded_argv
+from trio_dpsup.testing.fake_servers import read_recorded_argv
 
 from .conftest import run_cli
-
-
-@pytest.fixture
-def fake_env(tmp_path: Path) -> dict[str, str]:
-    env = {**os.environ, **install_fake_servers(tmp_path / "bin")}
-    env[ARGV_FILE_ENV] = str(tmp_path / "argv.jsonl")
-    env.pop("CUDA_VISIBLE_DEVICES", None)
-    return env
 
 
 async def test_vllm_preset_adds_host_port_and_rank(

@@ -59,6 +59,7 @@ if typing.TYPE_CHECKING:
     from ._restart import RestartPolicy as RestartPolicy
     from ._restart import RestartScope as RestartScope
     from ._state import ProbeResult as ProbeResult
+    from ._state import ProgressStatus as ProgressStatus
     from ._state import RankState as RankState
     from ._state import RankStatus as RankStatus
     from ._state import RootCause as RootCause

@@ -34,11 +34,12 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-def rank_health_url(config: SupervisorConfig, port: int) -> str:
+def rank_health_url(config: SupervisorConfig, port: int, path: str | None = None) -> str:
+    """The URL of `path` (default: the health path) on the rank that listens on `port`."""
     host = WILDCARD_HOSTS.get(config.host, config.host)
     if ":" in host:
         host = f"[{host}]"
-    return f"{config.rank_scheme.value}://{host}:{port}{config.health_path}"
+    return f"{config.rank_scheme.value}://{host}:{port}{path or config.health_path}"
 
 
 def open_probe_client(

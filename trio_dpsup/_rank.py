@@ -35,6 +35,7 @@ from ._proc.guardian import Guardian
 from ._proc.process_tree import TreeScanner
 from ._proc.spawn import RankProcess, Spawner
 from ._proc.stop import StopClock, stop_rank
+from ._progress import watch_progress
 from ._restart import Restarter, RestartScope
 from ._state import Board, ProbeResult, RankRecord, RankState
 
@@ -202,9 +203,18 @@ async def _watch(record: RankRecord, process: RankProcess, ctx: RankContext) -> 
             found.append(failure)
             cancel.cancel()
 
+    async def progress(cancel: trio.CancelScope) -> None:
+        try:
+            await watch_progress(ctx.config, record, ctx.client)
+        except SupervisorFailure as failure:
+            found.append(failure)
+            cancel.cancel()
+
+    record.progress = None  # a new process: its readings start again
     async with trio.open_nursery() as nursery:
         nursery.start_soon(exits, nursery.cancel_scope)
         nursery.start_soon(probes, nursery.cancel_scope)
+        nursery.start_soon(progress, nursery.cancel_scope)
     return found[0]
 
 

@@ -20,6 +20,7 @@ from ._logs import RankOutput
 
 __all__ = [
     "ProbeResult",
+    "ProgressStatus",
     "RankState",
     "RankStatus",
     "RootCause",
@@ -62,6 +63,19 @@ class ProbeResult:
 
 
 @dataclass(frozen=True)
+class ProgressStatus:
+    """The last reading of a rank's progress (with ``progress_timeout``)."""
+
+    #: The busy gauge and the progress counter, summed over their label sets.
+    busy: float | None
+    progress: float | None
+    #: Seconds busy with the counter unmoved (0 while idle or advancing).
+    stalled_for: float
+    #: Why the last read failed (the rank is not failed for it); None after a good read.
+    problem: str | None
+
+
+@dataclass(frozen=True)
 class RankStatus:
     rank: int
     local_rank: int
@@ -81,6 +95,8 @@ class RankStatus:
     #: Times the rank was restarted, and the causes of its last restarts, oldest first.
     restarts: int = 0
     last_causes: tuple[SupervisorFailure, ...] = ()
+    #: With the progress check: its last reading; None before the first, or when it is off.
+    progress: ProgressStatus | None = None
 
     @property
     def ready(self) -> bool:
@@ -159,6 +175,7 @@ class RankRecord:
         self.last_causes: collections.deque[SupervisorFailure] = collections.deque(maxlen=5)
         #: When this rank was restarted (trio.current_time()), for its backoff.
         self.restart_times: collections.deque[float] = collections.deque(maxlen=64)
+        self.progress: ProgressStatus | None = None
         #: The cancel scope of the current process's life: cancelling it restarts the rank.
         self.incarnation: trio.CancelScope | None = None
 
@@ -179,6 +196,7 @@ class RankRecord:
             placement=self.placement,
             restarts=self.restarts,
             last_causes=tuple(self.last_causes),
+            progress=self.progress,
         )
 
 

@@ -30,6 +30,7 @@ from ._gpu.placement import (
 )
 from ._state import (
     ProbeResult,
+    ProgressStatus,
     RankState,
     RankStatus,
     RootCause,
@@ -191,6 +192,14 @@ def _rank_json(rank: RankStatus) -> JSON:
         "restarts": rank.restarts,
         "last_causes": [str(c) for c in rank.last_causes],
         "last_cause_details": [failure_to_json(c) for c in rank.last_causes],
+        "progress": None
+        if rank.progress is None
+        else {
+            "busy": rank.progress.busy,
+            "progress": rank.progress.progress,
+            "stalled_for_s": round(rank.progress.stalled_for, 3),
+            "problem": rank.progress.problem,
+        },
         "gpus": _gpus_json(rank),
         "placement": {
             "verdict": rank.placement.verdict.value,
@@ -267,6 +276,9 @@ def _rank_from_json(doc: JSON) -> RankStatus:
         ),
         restarts=doc["restarts"],
         last_causes=tuple(failure_from_json(c) for c in doc["last_cause_details"]),
+        progress=None
+        if (p := doc.get("progress")) is None
+        else ProgressStatus(p["busy"], p["progress"], p["stalled_for_s"], p["problem"]),
     )
 
 

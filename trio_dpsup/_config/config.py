@@ -25,7 +25,7 @@ from .options import (
     writable_directory_of,
     zero_or_more,
 )
-from .presets import Preset
+from .presets import PROGRESS_METRICS, Preset
 
 __all__ = ["RankScheme", "SupervisorConfig"]
 
@@ -132,6 +132,34 @@ class SupervisorConfig:
     )
     #: How often a rank that is not ready yet is probed (no CLI option).
     startup_probe_interval: float = DEFAULT_STARTUP_PROBE_INTERVAL
+    # -- progress (hang detection beyond /health)
+    progress_timeout: float = setting(
+        0.0,
+        "a ready rank that is busy (--progress-busy-metric > 0) while --progress-metric does "
+        "not advance for this long has stalled, and fails; 0: off",
+        "progress", "SECONDS", check=seconds_or_zero,
+    )  # fmt: skip
+    progress_interval: float = setting(
+        5.0, "seconds between reads of each ready rank's metrics", "progress", "SECONDS",
+        check=positive_seconds,
+    )  # fmt: skip
+    #: None: the preset's (vLLM's vllm:num_requests_running, SGLang's sglang:num_running_reqs).
+    progress_busy_metric: str | None = setting(
+        None,
+        "a gauge on the rank's metrics that is above 0 while it has work (default: the "
+        "preset's)",
+        "progress", "NAME",
+    )  # fmt: skip
+    #: None: the preset's (vllm:generation_tokens_total, sglang:generation_tokens_total).
+    progress_metric: str | None = setting(
+        None,
+        "a counter on the rank's metrics that grows while it makes progress, e.g. generated "
+        "tokens (default: the preset's)",
+        "progress", "NAME",
+    )  # fmt: skip
+    metrics_path: str = setting(
+        "/metrics", "where each rank serves its Prometheus metrics", "progress", "PATH"
+    )
     # -- restarts
     restart: RestartPolicy = setting(
         RestartPolicy.NEVER,
@@ -246,6 +274,7 @@ class SupervisorConfig:
         self._check_tls()
         self._check_restarts()
         self._check_ports()
+        self._check_progress()
 
     def _coerce_enums(self) -> None:
         """Accept an enum setting as its member or its value (``restart="never"``), as the
@@ -308,6 +337,25 @@ class SupervisorConfig:
         if self.ranks is None:
             return  # the rank count, and so the port range, is known once devices are
         check_port_range(self, self.ranks)
+
+    def _check_progress(self) -> None:
+        """With the progress check on, both metric names must be known: given, or the
+        preset's (filled in here, so everything downstream reads them from the config)."""
+        if not self.metrics_path.startswith("/"):
+            raise ConfigError(f"{_opt('metrics_path')} must start with '/', e.g. /metrics")
+        if not self.progress_timeout:
+            return
+        busy, progress = (None, None)
+        if self.preset is not None:
+            busy, progress = PROGRESS_METRICS[self.preset]
+        for name, default in (("progress_busy_metric", busy), ("progress_metric", progress)):
+            if getattr(self, name) is None:
+                if default is None:
+                    raise ConfigError(
+                        f"{_opt('progress_timeout')} needs {_opt(name)}: name the metric on "
+                        f"the ranks' {self.metrics_path}, or pass {_opt('preset')} vllm|sglang"
+                    )
+                object.__setattr__(self, name, default)  # frozen: set once, while constructing
 
 
 def _opt(name: str) -> str:

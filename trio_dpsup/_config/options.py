@@ -38,7 +38,15 @@ __all__ = [
 ]
 
 #: Help groups, in the order --help shows them.
-GROUPS = ("ranks", "control plane", "health probes", "restarts", "shutdown", "logs")
+GROUPS = (
+    "ranks",
+    "control plane",
+    "health probes",
+    "progress",
+    "restarts",
+    "shutdown",
+    "logs",
+)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from .._gpu.devices import parse_visible_devices, resolve_devices_on, uses_indic
 from .._gpu.nvml import GpuInfo
 from .._redact import redact_argv
 from .config import SupervisorConfig, check_min_ready, check_port_range
-from .presets import apply_preset, check_preset_ranks
+from .presets import apply_preset, check_preset_ranks, check_progress
 
 __all__ = ["PLACEHOLDERS", "RankPlan", "plan_ranks", "redact_argv", "resolve_devices"]
 
@@ -93,6 +93,8 @@ def plan_ranks(
     check_min_ready(config, ranks)
     if config.preset is not None:
         check_preset_ranks(config.preset, command, config.start_rank, ranks)
+        if config.progress_timeout:
+            check_progress(config.preset, command)
     _check_placeholders(command, has_devices=devices is not None)
     plans = []
     for local_rank in range(ranks):

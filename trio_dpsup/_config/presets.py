@@ -20,12 +20,34 @@ from dataclasses import dataclass
 
 from .._errors import ConfigError
 
-__all__ = ["Preset", "apply_preset", "check_preset_ranks"]
+__all__ = ["PROGRESS_METRICS", "Preset", "apply_preset", "check_preset_ranks", "check_progress"]
 
 
 class Preset(enum.Enum):
     VLLM = "vllm"
     SGLANG = "sglang"
+
+
+#: (busy gauge, progress counter) on each server's own /metrics, for the progress check.
+PROGRESS_METRICS = {
+    # vLLM's production metrics (docs.vllm.ai, "Production Metrics"; docs/design/metrics.md
+    # of vllm-project/vllm): vllm:num_requests_running, a gauge of the requests running on
+    # the GPU, and vllm:generation_tokens, a counter served as vllm:generation_tokens_total.
+    Preset.VLLM: ("vllm:num_requests_running", "vllm:generation_tokens_total"),
+    # SGLang's (docs.sglang.io, "Production Metrics"; python/sglang/srt/metrics/collector.py
+    # of sgl-project/sglang): sglang:num_running_reqs, "The number of running requests.",
+    # and the counter sglang:generation_tokens_total. Served only with --enable-metrics.
+    Preset.SGLANG: ("sglang:num_running_reqs", "sglang:generation_tokens_total"),
+}
+
+
+def check_progress(preset: Preset, command: Sequence[str]) -> None:
+    """The server must serve the metrics the progress check reads."""
+    if preset is Preset.SGLANG and "--enable-metrics" not in command:
+        raise ConfigError(
+            "--preset sglang with --progress-timeout: SGLang serves /metrics only with "
+            "--enable-metrics: add it to the command"
+        )
 
 
 @dataclass(frozen=True)

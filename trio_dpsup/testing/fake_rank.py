@@ -7,6 +7,16 @@ for health and exit, by HTTP at run time:
 * ``POST /fault/hang`` makes the health path hang (the probe-timeout path);
 * ``POST /fault/exit?code=3`` exits at once with that status (``code=-9`` kills itself).
 
+``GET /metrics`` serves a busy gauge and a progress counter in the Prometheus text format,
+named as ``--metric-names`` says (``fake``, or ``vllm`` and ``sglang`` for their own names).
+The counter advances by one at each read while the rank is busy and not stalled, so a
+supervisor that reads it sees progress exactly when there is some:
+
+* ``POST /fault/busy?n=3`` sets the busy gauge (0: idle);
+* ``POST /fault/stall`` stops the counter for good, and blocks a thread in
+  `engine_step_stalled_in_fake_rank`, a name easy to find in a stack dump;
+* ``POST /fault/metrics?status=500`` makes /metrics answer that status.
+
 ``--log-lines N`` writes N numbered lines, alternately to stdout and stderr, at
 ``--log-rate`` lines a second; ``--last-words TEXT`` is written to stdout with no newline
 just before every exit the rank makes itself (SIGTERM, ``--exit-after``, ``/fault/exit``):
@@ -42,7 +52,15 @@ from ..demo import (
     use_tls,
 )
 
-__all__ = ["GRANDCHILD_KINDS", "main"]
+__all__ = ["GRANDCHILD_KINDS", "METRIC_NAMES", "engine_step_stalled_in_fake_rank", "main"]
+
+#: (busy gauge, progress counter) by ``--metric-names``: the fake's own, and the names vLLM
+#: and SGLang serve (see trio_dpsup/_config/presets.py for where they are documented).
+METRIC_NAMES = {
+    "fake": ("fake:requests_running", "fake:tokens_total"),
+    "vllm": ("vllm:num_requests_running", "vllm:generation_tokens_total"),
+    "sglang": ("sglang:num_running_reqs", "sglang:generation_tokens_total"),
+}
 
 #: The grandchildren `--grandchild` starts, each long-lived unless killed:
 #:
@@ -122,6 +140,17 @@ class FaultHandler(DemoHandler):
         elif url.path == "/fault/hang":
             self.server.health_hang.set()
             self.reply(200, "ok\n")
+        elif url.path == "/fault/busy":
+            self.server.busy = float(query.get("n", "1"))
+            self.reply(200, "ok\n")
+        elif url.path == "/fault/stall":
+            if not self.server.stalled.is_set():
+                self.server.stalled.set()
+                threading.Thread(target=engine_step_stalled_in_fake_rank, daemon=True).start()
+            self.reply(200, "ok\n")
+        elif url.path == "/fault/metrics":
+            self.server.metrics_status = int(query.get("status", "500"))
+            self.reply(200, "ok\n")
         elif url.path == "/fault/exit":
             code = int(query.get("code", "1"))
             self.reply(200, "ok\n")
@@ -129,6 +158,18 @@ class FaultHandler(DemoHandler):
             _exit(code)
         else:
             self.reply(404, "not found\n")
+
+    def do_GET(self) -> None:
+        if self.path.split("?", 1)[0] == "/metrics":
+            status, text = self.server.metrics()
+            self.reply(status, text, "text/plain; version=0.0.4")
+        else:
+            super().do_GET()
+
+
+def engine_step_stalled_in_fake_rank() -> None:
+    """Blocks for ever: the stalled engine a stack dump must show by this name."""
+    threading.Event().wait()
 
 
 class FaultServer(DemoServer):
@@ -142,7 +183,28 @@ class FaultServer(DemoServer):
         self.first_healthy: float | None = None
         self.events_file: str | None = None
         self.unhealthy_file: str | None = None
+        self.metric_names = METRIC_NAMES["fake"]
+        self.busy = 0.0
+        self.progress = 0
+        self.stalled = threading.Event()
+        self.metrics_status: int | None = None
+        self._metrics_lock = threading.Lock()
         super().__init__(host, port, health_path, ready_after, api_key)
+
+    def metrics(self) -> tuple[int, str]:
+        if self.metrics_status is not None:
+            return self.metrics_status, "metrics fault injected\n"
+        busy_name, progress_name = self.metric_names
+        with self._metrics_lock:  # handler threads: one read, one step
+            if self.busy > 0 and not self.stalled.is_set():
+                self.progress += 1
+            progress = self.progress
+        family = progress_name.removesuffix("_total")
+        labels = '{model_name="fake"}'
+        return 200, (
+            f"# TYPE {busy_name} gauge\n{busy_name}{labels} {self.busy}\n"
+            f"# TYPE {family} counter\n{progress_name}{labels} {float(progress)}\n"
+        )
 
     def health(self) -> tuple[int, str]:
         if self.unhealthy_file is not None and os.path.exists(self.unhealthy_file):
@@ -200,6 +262,12 @@ def _build_parser() -> argparse.ArgumentParser:
         "--log-rate", type=float, default=0.0, help="log lines a second (0: as fast as it can)"
     )
     parser.add_argument("--last-words", help="written with no newline just before exiting")
+    parser.add_argument(
+        "--metric-names",
+        choices=sorted(METRIC_NAMES),
+        default="fake",
+        help="whose names /metrics uses for its busy gauge and progress counter",
+    )
     return parser
 
 
@@ -287,6 +355,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     use_tls(server, args.ssl_certfile, args.ssl_keyfile)
     server.events_file = args.events_file
     server.unhealthy_file = args.unhealthy_if_exists
+    server.metric_names = METRIC_NAMES[args.metric_names]
     serve(server, on_sigterm, signal.SIG_IGN if args.ignore_sigint else _obey)
 
 

@@ -39,7 +39,8 @@ def serve_fake(name: str, argv: Sequence[str]) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     known, _ = parser.parse_known_args(argv)
-    fake_rank_main(["--host", known.host, "--port", str(known.port)])
+    # /metrics as the real server names it, so the presets' metric names are exercised.
+    fake_rank_main(["--host", known.host, "--port", str(known.port), "--metric-names", name])
 
 
 def install_fake_servers(directory: Path) -> Mapping[str, str]:

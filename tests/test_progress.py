@@ -1,0 +1,193 @@
+"""Hang detection by progress: a busy rank whose progress counter stops has stalled, an idle
+one never has, and one whose metrics cannot be read is reported, not failed."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+import trio
+
+from trio_dpsup import (
+    ConfigError,
+    Preset,
+    RankStalled,
+    RankState,
+    RestartPolicy,
+    SupervisorConfig,
+    SupervisorState,
+)
+from trio_dpsup._progress import StallClock, parse_progress
+from trio_dpsup.testing import Deployment, Form, Harness, free_port_range, open_cli_supervisor
+from trio_dpsup.testing.fake_rank import METRIC_NAMES
+
+pytest_plugins = ["trio_dpsup.testing.plugin"]
+
+FORMS = pytest.mark.parametrize("form", list(Form), ids=lambda form: form.value)
+BUSY, TOKENS = METRIC_NAMES["fake"]
+#: Read every 0.1 s; busy without progress for 0.6 s is a stall.
+PROGRESS = {
+    "progress_timeout": 0.6,
+    "progress_interval": 0.1,
+    "progress_busy_metric": BUSY,
+    "progress_metric": TOKENS,
+}
+
+
+async def fault(deployment: Deployment, rank: int, path: str, **params: int) -> None:
+    """A fault of the fake rank's metrics (busy, stall, metrics)."""
+    async with httpx.AsyncClient(trust_env=False) as client:
+        url = f"http://127.0.0.1:{deployment.ports[rank]}/fault/{path}"
+        (await client.post(url, params=params)).raise_for_status()
+
+
+# -- the pure parts -------------------------------------------------------------------------
+
+
+def test_parse_sums_label_sets_and_names_what_is_missing() -> None:
+    text = (
+        "# TYPE vllm:num_requests_running gauge\n"
+        'vllm:num_requests_running{engine="0"} 2.0\n'
+        'vllm:num_requests_running{engine="1"} 1.0\n'
+        "# TYPE vllm:generation_tokens counter\n"
+        'vllm:generation_tokens_total{engine="0"} 100.0\n'
+        'vllm:generation_tokens_total{engine="1"} 23.0\n'
+    )
+    busy, progress = METRIC_NAMES["vllm"]
+    assert parse_progress(text, busy, progress) == (3.0, 123.0)
+    with pytest.raises(ValueError, match="no sglang:num_running_reqs in the rank's metrics"):
+        parse_progress(text, "sglang:num_running_reqs", progress)
+
+
+def test_the_stall_clock_runs_only_while_busy_without_progress() -> None:
+    clock = StallClock()
+    assert clock.observe(0.0, busy=1, progress=10) == 0.0
+    assert clock.observe(1.0, busy=1, progress=10) == 1.0  # busy, unmoved
+    assert clock.observe(2.0, busy=1, progress=11) == 0.0  # it moved
+    assert clock.observe(3.0, busy=1, progress=11) == 1.0
+    assert clock.observe(4.0, busy=0, progress=11) == 0.0  # idle: never stalled
+    assert clock.observe(9.0, busy=0, progress=11) == 0.0
+    assert clock.observe(10.0, busy=2, progress=11) == 1.0  # busy again, from the last idle
+
+
+# -- real ranks -----------------------------------------------------------------------------
+
+
+@FORMS
+async def test_a_rank_busy_without_progress_has_stalled(dpsup: Harness, form: Form) -> None:
+    deployment = await dpsup.start(2, form=form, **PROGRESS)
+    await fault(deployment, 1, "busy", n=3)
+    # Busy and progressing: readings advance the counter, so the clock never reaches 0.6 s.
+    with trio.fail_after(10):
+        await deployment.wait_for_status(
+            lambda s: (p := s.ranks[1].progress) is not None and (p.progress or 0) >= 3,
+            "progress readings",
+        )
+    await fault(deployment, 1, "stall")
+    with trio.fail_after(10):
+        assert await deployment.wait_exit() == 1
+    failure = await deployment.failure()
+    assert isinstance(failure, RankStalled)
+    assert (failure.rank, failure.busy_metric, failure.busy) == (1, BUSY, 3.0)
+    assert failure.progress_metric == TOKENS
+    assert 0.6 <= failure.seconds < 0.6 + 1.0
+    assert str(failure).startswith(f"rank 1 stalled: {BUSY} = 3 but {TOKENS} stayed at ")
+    await deployment.assert_no_leftovers()
+
+
+async def test_an_idle_rank_without_progress_never_stalls(dpsup: Harness) -> None:
+    deployment = await dpsup.start(1, **PROGRESS)
+    with trio.fail_after(10):
+        await deployment.wait_for_status(
+            lambda s: s.ranks[0].progress is not None, "a progress reading"
+        )
+    await trio.sleep(3 * 0.6)  # the idle period under test: three progress timeouts
+    status = await deployment.status()
+    assert status.state is SupervisorState.READY
+    progress = status.ranks[0].progress
+    assert progress is not None
+    assert (progress.busy, progress.progress, progress.stalled_for) == (0.0, 0.0, 0.0)
+
+
+async def test_unreadable_metrics_are_reported_not_failed(dpsup: Harness) -> None:
+    deployment = await dpsup.start(1, **PROGRESS)
+    await fault(deployment, 0, "busy", n=1)
+    await fault(deployment, 0, "metrics", status=500)
+    with trio.fail_after(10):
+        status = await deployment.wait_for_status(
+            lambda s: (p := s.ranks[0].progress) is not None and p.problem is not None,
+            "the problem in /status",
+        )
+    progress = status.ranks[0].progress
+    assert progress is not None
+    assert progress.problem is not None
+    assert progress.problem.startswith("cannot read /metrics: ")
+    assert "500" in progress.problem
+    await trio.sleep(3 * 0.6)  # the period under test: no stall is declared on no evidence
+    after = await deployment.status()
+    assert after.state is SupervisorState.READY
+    assert after.ranks[0].state is RankState.READY
+
+
+async def test_a_stalled_rank_is_restarted_under_on_failure(dpsup: Harness) -> None:
+    settings = {"restart_backoff_min": 0.1, "restart_backoff_max": 0.1}
+    deployment = await dpsup.start(1, restart=RestartPolicy.ON_FAILURE, **settings, **PROGRESS)
+    await fault(deployment, 0, "busy", n=1)
+    await fault(deployment, 0, "stall")
+    with trio.fail_after(20):
+        status = await deployment.wait_for_status(
+            lambda s: s.ranks[0].restarts == 1 and s.ranks[0].state is RankState.READY,
+            "rank 0 restarted and ready",
+        )
+    (cause,) = status.ranks[0].last_causes
+    assert isinstance(cause, RankStalled)
+    assert status.ranks[0].progress is None or status.ranks[0].progress.busy == 0.0
+
+
+# -- presets and configuration --------------------------------------------------------------
+
+
+def test_the_presets_name_the_servers_metrics() -> None:
+    command = ("vllm", "serve", "m")
+    vllm = SupervisorConfig(command=command, preset=Preset.VLLM, progress_timeout=30)
+    assert (vllm.progress_busy_metric, vllm.progress_metric) == METRIC_NAMES["vllm"]
+    sglang = SupervisorConfig(command=command, preset=Preset.SGLANG, progress_timeout=30)
+    assert (sglang.progress_busy_metric, sglang.progress_metric) == METRIC_NAMES["sglang"]
+    mine = SupervisorConfig(
+        command=command, preset=Preset.VLLM, progress_timeout=30, progress_metric="x_total"
+    )
+    assert mine.progress_metric == "x_total"  # a name given wins over the preset's
+
+
+def test_progress_needs_its_metrics_named() -> None:
+    with pytest.raises(ConfigError, match="--progress-timeout needs --progress-busy-metric"):
+        SupervisorConfig(command=("server",), progress_timeout=30)
+    with pytest.raises(ConfigError, match="--metrics-path must start with '/'"):
+        SupervisorConfig(command=("server",), metrics_path="metrics")
+
+
+async def test_vllm_preset_detects_a_stall_with_vllms_names(fake_env: dict[str, str]) -> None:
+    base = free_port_range(1)
+    args = [
+        "--preset", "vllm", "--ranks", "1", "--gpus-per-rank", "0", "--base-port", str(base),
+        "--control-port", "0", "--progress-timeout", "0.6", "--progress-interval", "0.1",
+        "--", "vllm", "serve", "my-model",
+    ]  # fmt: skip
+    async with open_cli_supervisor(args, env=fake_env) as sup, httpx.AsyncClient() as client:
+        await sup.wait_ready()
+        for path in ("busy", "stall"):
+            await client.post(f"http://127.0.0.1:{base}/fault/{path}")
+        with trio.fail_after(10):
+            assert await sup.wait() == 1
+    assert "rank 0 stalled: vllm:num_requests_running = 1 but vllm:generation_tokens_total" in (
+        sup.log
+    )
+
+
+async def test_sglang_preset_needs_enable_metrics(fake_env: dict[str, str]) -> None:
+    args = [
+        "--preset", "sglang", "--ranks", "1", "--gpus-per-rank", "0",
+        "--progress-timeout", "30", "--", "python", "-m", "sglang.launch_server",
+    ]  # fmt: skip
+    async with open_cli_supervisor(args, env=fake_env) as sup:
+        assert await sup.wait() == 2
+    assert "SGLang serves /metrics only with --enable-metrics: add it" in sup.log

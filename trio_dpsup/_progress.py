@@ -1,0 +1,123 @@
+"""Hang detection by progress: /health answering 200 does not mean the engine works.
+
+Every `progress_interval`, each ready rank's own Prometheus metrics are read (parsed with
+prometheus-client's text parser, in a worker thread: a vLLM page is large). While the busy
+gauge is above 0 and the progress counter stays where it was for `progress_timeout`
+seconds, the rank has stalled (`RankStalled`). An idle rank never stalls: the clock starts
+again whenever the rank is idle or its counter moves. A rank whose metrics cannot be read is
+reported in /status, not failed: a missing page is no evidence of a hang.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import httpx
+import trio
+from prometheus_client.parser import text_string_to_metric_families
+
+from ._config.config import SupervisorConfig
+from ._errors import RankStalled
+from ._prober import rank_health_url
+from ._state import ProgressStatus, RankRecord, RankState
+
+__all__ = ["StallClock", "parse_progress", "watch_progress"]
+
+logger = logging.getLogger(__name__)
+
+#: A metrics page larger than this is not read (a runaway label set): reported, not parsed.
+MAX_METRICS_BYTES = 16 * 2**20
+
+
+def parse_progress(text: str, busy_metric: str, progress_metric: str) -> tuple[float, float]:
+    """The busy gauge and the progress counter in `text`, each summed over its label sets
+    (vLLM labels by model and engine). Raises ValueError naming a metric that is missing."""
+    sums = {busy_metric: 0.0, progress_metric: 0.0}
+    seen: set[str] = set()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in sums:
+                sums[sample.name] += sample.value
+                seen.add(sample.name)
+    missing = [name for name in sums if name not in seen]
+    if missing:
+        raise ValueError(f"no {' or '.join(missing)} in the rank's metrics")
+    return sums[busy_metric], sums[progress_metric]
+
+
+class StallClock:
+    """How long a rank has been busy without progress, from its readings."""
+
+    def __init__(self) -> None:
+        self._last: float | None = None
+        self._since = 0.0
+
+    def observe(self, now: float, busy: float, progress: float) -> float:
+        """Seconds busy with the counter unmoved, as of the reading taken at `now`."""
+        if busy <= 0 or progress != self._last:
+            # Idle, or it moved (a restarted counter moves too): the clock starts again.
+            self._last = progress
+            self._since = now
+        return now - self._since
+
+
+async def watch_progress(
+    config: SupervisorConfig, record: RankRecord, client: httpx.AsyncClient
+) -> None:
+    """Read one rank process's metrics every `progress_interval` while it is ready; raise
+    `RankStalled` once it has been busy without progress for `progress_timeout`. Returns at
+    once when the check is off.
+
+    **Cancellation**: prompt; an in-flight read is abandoned.
+    """
+    if not config.progress_timeout:
+        return
+    busy_metric, progress_metric = config.progress_busy_metric, config.progress_metric
+    assert busy_metric is not None  # both filled in by the config
+    assert progress_metric is not None
+    url = rank_health_url(config, record.plan.port, config.metrics_path)
+    clock = StallClock()
+    while True:  # ends by cancellation or by the stall it raises
+        await trio.sleep(config.progress_interval)
+        if record.state is not RankState.READY:
+            clock = StallClock()  # not serving yet (or any more): nothing to hold against it
+            continue
+        try:
+            text = await _read(client, url, config.probe_timeout)
+            busy, progress = await trio.to_thread.run_sync(
+                parse_progress, text, busy_metric, progress_metric
+            )
+        except (httpx.HTTPError, ValueError, _NoAnswer) as exc:
+            problem = f"cannot read {config.metrics_path}: {exc or type(exc).__name__}"
+            if record.progress is None or record.progress.problem != problem:
+                rank = record.plan.rank
+                logger.warning("rank %d: %s", rank, problem, extra={"rank": rank})
+            last = record.progress
+            record.progress = ProgressStatus(
+                None if last is None else last.busy,
+                None if last is None else last.progress,
+                0.0 if last is None else last.stalled_for,
+                problem,
+            )
+            continue
+        stalled_for = clock.observe(trio.current_time(), busy, progress)
+        record.progress = ProgressStatus(busy, progress, stalled_for, None)
+        if stalled_for >= config.progress_timeout:
+            raise RankStalled(
+                record.plan.rank, busy_metric, busy, progress_metric, progress, stalled_for
+            )
+
+
+class _NoAnswer(Exception):
+    pass
+
+
+async def _read(client: httpx.AsyncClient, url: str, timeout: float) -> str:  # noqa: ASYNC109
+    """GET `url` within `timeout` seconds (a verdict, like a probe's): its text."""
+    with trio.move_on_after(timeout):
+        response = await client.get(url)
+        response.raise_for_status()
+        if len(response.content) > MAX_METRICS_BYTES:
+            raise ValueError(f"the page is larger than {MAX_METRICS_BYTES} bytes")
+        return response.text
+    raise _NoAnswer(f"no answer within {timeout:g}s")
