@@ -156,21 +156,26 @@ async def test_two_ranks_failing_at_once_report_the_first(dpsup: Harness, form: 
     await deployment.assert_no_leftovers()
 
 
-@FORMS
-async def test_rank_port_already_taken(dpsup: Harness, form: Form) -> None:
-    # The last rank's port is taken: it fails to bind and exits 1, once every rank process
-    # exists (a failure before that is raised by start itself). Rank 0's port was free.
+async def test_rank_port_already_taken(tmp_path: Path) -> None:
+    """A taken rank port is bad input: exit 2 naming the holder, and no rank started (it
+    would only crash on bind, or answer probes in the stranger's place)."""
     base = free_port_range(2)
+    pid_file = tmp_path / "pids"
+    command = (*FAKE_RANK, "--port", "{port}", "--pid-file", str(pid_file))
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", base + 1))
         taken.listen()
-        deployment = await dpsup.start(
-            2, form=form, base_port=base, rank_args=SLOW_STOP, wait_ready=False
-        )
-        await stopping_with_503(deployment)
-        assert await deployment.wait_exit() == 1
-    assert str(await deployment.failure()) == "rank 1 exited unexpectedly: exit status 1"
-    await deployment.assert_no_leftovers()
+        args = ["--ranks", "2", "--gpus-per-rank", "0", "--base-port", str(base)]
+        async with open_cli_supervisor([*args, "--control-port", "0", "--", *command]) as cli:
+            assert await cli.wait() == 2
+        config = SupervisorConfig(command=command, ranks=2, gpus_per_rank=0, base_port=base)
+        with pytest.raises(ConfigError) as raised:
+            await Supervisor(config).run()
+    expected = f"port {base + 1} of rank 1 is in use by pid {os.getpid()} ("
+    for message in (cli.log, str(raised.value)):
+        assert expected in message
+        assert "; not ours): stop it, or choose another --base-port" in message
+    assert not pid_file.exists(), "a rank was started"
 
 
 # -- shutdown -------------------------------------------------------------------------------

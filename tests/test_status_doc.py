@@ -11,7 +11,9 @@ from trio_dpsup import (
     GpuFailed,
     GpuHolder,
     GpuLeftovers,
+    GpuMemoryHeld,
     Owner,
+    PortInUse,
     RankExited,
     RankSpawnFailed,
     RankStalled,
@@ -41,6 +43,8 @@ EXAMPLES: list[SupervisorFailure] = [
     RestartedWith(0, RankUnhealthy(2, 3, "no answer")),
     GpuFailed(1, "GPU 1 (GPU-x)", "critical Xid error 79"),
     GpuLeftovers((HOLDER,)),
+    PortInUse(1, 8001, "pid 7 (python; not ours)", 30.0),
+    GpuMemoryHeld(1, (HOLDER,), 60.0, foreign=False),
 ]
 
 

@@ -30,6 +30,8 @@ if typing.TYPE_CHECKING:
     from ._errors import ConfigError as ConfigError
     from ._errors import GpuFailed as GpuFailed
     from ._errors import GpuLeftovers as GpuLeftovers
+    from ._errors import GpuMemoryHeld as GpuMemoryHeld
+    from ._errors import PortInUse as PortInUse
     from ._errors import RankExited as RankExited
     from ._errors import RankSpawnFailed as RankSpawnFailed
     from ._errors import RankStalled as RankStalled

@@ -18,6 +18,8 @@ __all__ = [
     "ConfigError",
     "GpuFailed",
     "GpuLeftovers",
+    "GpuMemoryHeld",
+    "PortInUse",
     "RankExited",
     "RankSpawnFailed",
     "RankStalled",
@@ -168,6 +170,40 @@ class RestartedWith(SupervisorFailure):
         self.rank = rank
         self.cause = cause
         super().__init__(f"restarted with rank {cause.rank}: {cause}")
+
+
+class PortInUse(SupervisorFailure):
+    """A rank's port was still held when it was to restart, past ``port_wait``."""
+
+    def __init__(self, rank: int, port: int, holder: str, waited: float) -> None:
+        self.rank = rank
+        self.port = port
+        self.holder = holder
+        self.waited = waited
+        super().__init__(
+            f"rank {rank} cannot restart: its port {port} is still held after {waited:.1f}s, "
+            f"by {holder}"
+        )
+
+
+class GpuMemoryHeld(SupervisorFailure):
+    """A rank could not restart onto clean GPUs: its previous process's memory was not
+    released within ``gpu_release_wait`` (`foreign` False), or processes outside this run
+    held memory there with ``require_clean_gpus`` (`foreign` True)."""
+
+    def __init__(
+        self, rank: int, holders: tuple[GpuHolder, ...], waited: float, *, foreign: bool
+    ) -> None:
+        self.rank = rank
+        self.holders = holders
+        self.waited = waited
+        self.foreign = foreign
+        named = "; ".join(holder.describe() for holder in holders)
+        if foreign:
+            why = f"processes outside this run hold memory on its GPUs: {named}"
+        else:
+            why = f"its previous process's GPU memory was still held after {waited:.1f}s: {named}"
+        super().__init__(f"rank {rank} cannot restart: {why}")
 
 
 class GpuFailed(SupervisorFailure):

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import httpx
 import trio
 
+from ._clean_start import wait_clean_restart
 from ._config.config import SupervisorConfig
 from ._errors import (
     RankExited,
@@ -27,6 +28,8 @@ from ._errors import (
     SupervisorFailure,
     describe_returncode,
 )
+from ._gpu.nvml import NvmlBackend
+from ._gpu.placement import Owner
 from ._logs import LogPump, wait_drained
 from ._prober import probe_rank
 from ._proc.cgroup import RunCgroups
@@ -60,6 +63,9 @@ class RankContext:
     restarter: Restarter
     environ: Mapping[str, str]
     fail: Callable[[SupervisorFailure], SupervisorFailure]
+    #: Whose a pid is (for naming port and GPU holders), and NVML where it is available.
+    owner: Callable[[int], Owner]
+    nvml: NvmlBackend | None
     observe: Callable[[int, ProbeResult], None] | None = None
     pump: LogPump | None = None
     #: The ranks' cgroups, with --cgroups.
@@ -83,6 +89,8 @@ async def run_rank(
     """
     first = True
     while True:
+        if not first:
+            await _clean_restart(record, ctx)
         process = await _spawn(record, ctx)
         if first:
             task_status.started()
@@ -101,6 +109,15 @@ async def run_rank(
             extra={"rank": record.plan.rank},
         )
         await trio.sleep(delay)  # the backoff; a shutdown cancels it
+
+
+async def _clean_restart(record: RankRecord, ctx: RankContext) -> None:
+    """Wait for the previous process's port and GPU memory; a failure stops everything."""
+    try:
+        await wait_clean_restart(ctx.config, record, record.previous_tree, ctx.owner, ctx.nvml)
+    except SupervisorFailure as failure:
+        record.state = RankState.FAILED
+        raise ctx.fail(failure) from None
 
 
 async def _spawn(record: RankRecord, ctx: RankContext) -> RankProcess:
@@ -159,10 +176,11 @@ async def _run_process(
             # A restart's stop has a grace period of its own, which a kill ends too; a
             # shutdown's is shared.
             clock = ctx.clock if stopping else ctx.clock.for_restart()
-            graceful = await stop_rank(rank, process, ctx.scanner, clock)
+            outcome = await stop_rank(rank, process, ctx.scanner, clock)
+            record.previous_tree = outcome.pids
             if process.output is not None:
                 await wait_drained(record.output)  # its last lines, before any report
-            record.killed = record.killed or (stopping and not graceful)
+            record.killed = record.killed or (stopping and not outcome.graceful)
             record.returncode = process.returncode
             if record.state is RankState.STOPPING:
                 record.state = RankState.STOPPED

@@ -97,6 +97,8 @@ class RankStatus:
     last_causes: tuple[SupervisorFailure, ...] = ()
     #: With the progress check: its last reading; None before the first, or when it is off.
     progress: ProgressStatus | None = None
+    #: What a restart waits for before it starts the process (a held port, GPU memory).
+    waiting: str | None = None
 
     @property
     def ready(self) -> bool:
@@ -176,6 +178,10 @@ class RankRecord:
         #: When this rank was restarted (trio.current_time()), for its backoff.
         self.restart_times: collections.deque[float] = collections.deque(maxlen=64)
         self.progress: ProgressStatus | None = None
+        self.waiting: str | None = None
+        #: The pids of the previous process's tree, once it is stopped: a restart waits for
+        #: their GPU memory.
+        self.previous_tree: frozenset[int] = frozenset()
         #: The cancel scope of the current process's life: cancelling it restarts the rank.
         self.incarnation: trio.CancelScope | None = None
 
@@ -197,6 +203,7 @@ class RankRecord:
             restarts=self.restarts,
             last_causes=tuple(self.last_causes),
             progress=self.progress,
+            waiting=self.waiting,
         )
 
 

@@ -200,6 +200,7 @@ def _rank_json(rank: RankStatus) -> JSON:
             "stalled_for_s": round(rank.progress.stalled_for, 3),
             "problem": rank.progress.problem,
         },
+        "waiting": rank.waiting,
         "gpus": _gpus_json(rank),
         "placement": {
             "verdict": rank.placement.verdict.value,
@@ -279,6 +280,7 @@ def _rank_from_json(doc: JSON) -> RankStatus:
         progress=None
         if (p := doc.get("progress")) is None
         else ProgressStatus(p["busy"], p["progress"], p["stalled_for_s"], p["problem"]),
+        waiting=doc.get("waiting"),
     )
 
 

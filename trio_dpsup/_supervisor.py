@@ -35,13 +35,14 @@ from functools import partial
 import httpx
 import trio
 
+from ._clean_start import check_gpus_at_start, check_ports_at_start
 from ._config.config import SupervisorConfig
 from ._config.plan import plan_ranks
 from ._control import ControlApp, bind_control_socket, serve_control_plane
 from ._errors import EXIT_FAILURE, ConfigError, GpuLeftovers, SupervisorFailure, SupervisorStopped
 from ._gpu.monitor import find_leftovers, run_gpu_monitor
 from ._gpu.nvml import GpuInfo, NvmlBackend, NvmlError, NvmlFactory, NvmlUnavailable, open_pynvml
-from ._gpu.placement import Placement, PlacementVerdict, owner_from_trees
+from ._gpu.placement import Owner, OwnerKind, Placement, PlacementVerdict, owner_from_trees
 from ._logs import LogPump, open_log_pump
 from ._metrics import Metrics
 from ._prober import open_probe_client, run_startup_deadline
@@ -138,6 +139,10 @@ class Supervisor:
         gpu = None if backend is None or inventory is None else _Nvml(backend, inventory)
         try:
             plans = plan_ranks(self.config, self._environ, inventory, nvml_problem=problem)
+            # Nothing of this run exists yet: every holder of a port or a GPU is foreign.
+            check_ports_at_start(plans, self.config.host, _nobody_of_ours)
+            if gpu is not None:
+                await check_gpus_at_start(self.config, gpu.backend, plans, _nobody_of_ours)
             check_tls(self.config)
             run_id = uuid.uuid4().hex
             cgroups = _make_cgroups(run_id) if self.config.cgroups else None
@@ -311,6 +316,8 @@ class _Run:
                 restarter=_restarter(config),
                 environ=self.environ,
                 fail=self.fail,
+                owner=owner_from_trees(self.trees),
+                nvml=None if self.gpu is None else self.gpu.backend,
                 observe=self.metrics.observe_probe,
                 pump=pump,
             )
@@ -468,6 +475,10 @@ def _write_status_file(path: str, status: SupervisorStatus) -> None:
         logger.error("cannot write --status-file %s: %s", path, exc)
         with contextlib.suppress(OSError):
             os.unlink(partial_path)
+
+
+def _nobody_of_ours(pid: int) -> Owner:
+    return Owner(OwnerKind.OUTSIDE)
 
 
 async def _first_of(*events: trio.Event) -> None:

@@ -189,6 +189,24 @@ class SupervisorConfig:
     restart_backoff_max: float = setting(
         30.0, "the longest wait before a restart", "restarts", "SECONDS", check=positive_seconds
     )
+    port_wait: float = setting(
+        30.0,
+        "how long a restarting rank waits for its port to be released by the process "
+        "holding it (named in the log and /status)",
+        "restarts", "SECONDS", check=seconds_or_zero,
+    )  # fmt: skip
+    gpu_release_wait: float = setting(
+        60.0,
+        "with NVML: how long a restarting rank waits for its previous process's GPU memory "
+        "to be released before it starts again",
+        "restarts", "SECONDS", check=seconds_or_zero,
+    )  # fmt: skip
+    require_clean_gpus: bool = setting(
+        False,
+        "with NVML: processes outside this run holding memory on a rank's GPUs are a usage "
+        "error at start (exit 2) and a failure at a restart, not a warning",
+        "restarts",
+    )
     #: Once every rank has been ready once.
     min_ready: int | None = setting(
         None, "/ready answers 200 while this many ranks are ready (default: all ranks)",

@@ -14,6 +14,7 @@ import os
 import signal
 import weakref
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import psutil
 import trio
@@ -21,7 +22,7 @@ import trio
 from .process_tree import TreeScanner, kill_all, reap, signal_all, wait_gone
 from .spawn import RankProcess
 
-__all__ = ["StopClock", "stop_rank"]
+__all__ = ["StopClock", "StopOutcome", "stop_rank"]
 
 logger = logging.getLogger(__name__)
 
@@ -79,10 +80,19 @@ class StopClock:
             clock.kill_now()
 
 
+@dataclass(frozen=True)
+class StopOutcome:
+    #: Every process exited within the grace period.
+    graceful: bool
+    #: The pids of the tree that was stopped.
+    pids: frozenset[int]
+
+
 async def stop_rank(
     rank: int, process: RankProcess, scanner: TreeScanner, clock: StopClock
-) -> bool:
-    """Stop a rank and its whole tree; True if it all exited within the grace period.
+) -> StopOutcome:
+    """Stop a rank and its whole tree; say whether it all exited within the grace period,
+    and which pids it had.
 
     Also right for a rank that already exited: its leftovers are stopped the same way.
 
@@ -137,7 +147,7 @@ async def stop_rank(
             rank,
             ", ".join(str(p.pid) for p in survivors),
         )
-    return graceful
+    return StopOutcome(graceful, frozenset({process.pid, *(p.pid for p in tree)}))
 
 
 def _outside_group(procs: list[psutil.Process], pgid: int) -> list[psutil.Process]:

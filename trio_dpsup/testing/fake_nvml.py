@@ -70,6 +70,7 @@ class FakeNvml:
         self.devices: tuple[GpuInfo, ...] = tuple(devices)
         self._lock = threading.Lock()
         self._processes: dict[str, dict[int, int]] = {d.uuid: {} for d in devices}
+        self._lingering: set[int] = set()
         self._lost: set[str] = set()
         self._xids_supported = xids_supported
         self._watched: set[str] = set()
@@ -91,15 +92,19 @@ class FakeNvml:
 
     # -- what a test does -------------------------------------------------------------------
 
-    def place(self, pid: int, uuid: str, used_mib: int = 1024) -> None:
+    def place(self, pid: int, uuid: str, used_mib: int = 1024, *, linger: bool = False) -> None:
         """Report `pid` as holding `used_mib` MiB in a compute context on device `uuid`,
-        until it exits or is `remove`d."""
+        until it exits or is `remove`d; with `linger`, also after it exits, until removed
+        (a driver still tearing its contexts down)."""
         with self._lock:
             self._processes[uuid][pid] = used_mib * MIB
+            if linger:
+                self._lingering.add(pid)
 
     def remove(self, pid: int) -> None:
         """The process released its contexts everywhere."""
         with self._lock:
+            self._lingering.discard(pid)
             for procs in self._processes.values():
                 procs.pop(pid, None)
 
@@ -134,7 +139,7 @@ class FakeNvml:
         with self._lock:
             # As the driver does, a process that has exited holds nothing any more.
             procs = self._processes[uuid]
-            for pid in [pid for pid in procs if not alive(pid)]:
+            for pid in [p for p in procs if p not in self._lingering and not alive(p)]:
                 del procs[pid]
             return tuple(GpuProcess(pid, used) for pid, used in procs.items())
 
