@@ -38,6 +38,9 @@ __all__ = ["DRAIN_TIMEOUT", "TAIL_LINES", "LogPump", "RankOutput", "open_log_pum
 DRAIN_TIMEOUT = 2.0
 #: Lines of each rank's stderr kept for the root-cause report.
 TAIL_LINES = 20
+#: Lines of both streams kept for a failure's evidence, each cut at RECENT_LINE_BYTES.
+RECENT_LINES = 300
+RECENT_LINE_BYTES = 2048
 #: The longest line relayed as one; longer ones go out in pieces of this size.
 MAX_LINE = 65536
 #: What the stderr tail keeps of each line.
@@ -67,11 +70,20 @@ class _Pipes:
 
 class RankOutput:
     """What the pump keeps of one rank's output: the tail of its stderr (over all of its
-    processes, so a restart does not hide what came before), and its current pipes."""
+    processes, so a restart does not hide what came before), its last lines of both streams
+    for the evidence of a failure (kept as bytes: decoded only if they are ever written),
+    and its current pipes."""
 
     def __init__(self) -> None:
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+        self.recent: collections.deque[tuple[str, bytes]] = collections.deque(maxlen=RECENT_LINES)
         self.pipes = _Pipes()
+
+    def recent_text(self) -> str:
+        """The last lines of both streams, oldest first, each marked with its stream."""
+        return "".join(
+            f"{name}| {line.decode(errors='replace')}\n" for name, line in list(self.recent)
+        )
 
 
 class _Sink:
@@ -132,8 +144,7 @@ class LogPump:
         for name, fd in (("stdout", stdout), ("stderr", stderr)):
             sink = self._sinks[name]
             pipes.opened()
-            tail = output.stderr_tail if name == "stderr" else None
-            self._nursery.start_soon(_pump, fd, _prefix(rank, sink.fd), sink, tail, pipes)
+            self._nursery.start_soon(_pump, fd, _prefix(rank, sink.fd), sink, name, output, pipes)
 
 
 @asynccontextmanager
@@ -171,13 +182,16 @@ async def _pump(
     fd: int,
     prefix: bytes,
     sink: _Sink,
-    tail: collections.deque[str] | None,
+    name: str,
+    output: RankOutput,
     pipes: _Pipes,
 ) -> None:
     """Read `fd` to EOF, sending each line to `sink` with `prefix`.
 
     **Cancellation**: sends what it holds (a partial line gets its newline), then returns.
     """
+    tail = output.stderr_tail if name == "stderr" else None
+    recent = output.recent
     stream = trio.lowlevel.FdStream(fd)
     partial = bytearray()  # the line being read; never more than MAX_LINE bytes
     try:
@@ -186,6 +200,7 @@ async def _pump(
                 lines = _split(partial, chunk)
                 if lines:
                     await sink.send.send(b"".join(prefix + line + b"\n" for line in lines))
+                    recent.extend((name, line[:RECENT_LINE_BYTES]) for line in lines)
                     if tail is not None:
                         tail.extend(_tail_line(line) for line in lines)
     finally:
@@ -193,6 +208,7 @@ async def _pump(
         with trio.CancelScope(shield=True), trio.move_on_after(DRAIN_TIMEOUT):
             if partial:
                 await sink.send.send(prefix + bytes(partial) + b"\n")
+                recent.append((name, bytes(partial[:RECENT_LINE_BYTES])))
                 if tail is not None:
                     tail.append(_tail_line(bytes(partial)))
             pipes.closed()

@@ -25,9 +25,11 @@ from ._errors import (
     RankExited,
     RankSpawnFailed,
     RestartedWith,
+    StartupTimeout,
     SupervisorFailure,
     describe_returncode,
 )
+from ._evidence import capture_evidence, wants_evidence
 from ._gpu.nvml import NvmlBackend
 from ._gpu.placement import Owner
 from ._logs import LogPump, wait_drained
@@ -41,6 +43,7 @@ from ._proc.stop import StopClock, stop_rank
 from ._progress import watch_progress
 from ._restart import Restarter, RestartScope
 from ._state import Board, ProbeResult, RankRecord, RankState
+from ._status_doc import rank_to_json
 
 __all__ = ["RankContext", "run_rank"]
 
@@ -162,6 +165,7 @@ async def _run_process(
     """
     rank = record.plan.rank
     escalate: SupervisorFailure | None = None
+    failure: SupervisorFailure | None = None
     try:
         with trio.CancelScope() as incarnation:  # cancelled: restart with the whole group
             record.incarnation = incarnation
@@ -173,9 +177,11 @@ async def _run_process(
             stopping = ctx.board.stopping.is_set()
             if record.state not in (RankState.FAILED, RankState.RESTARTING):
                 record.state = RankState.STOPPING if stopping else RankState.RESTARTING
-            # A restart's stop has a grace period of its own, which a kill ends too; a
-            # shutdown's is shared.
-            clock = ctx.clock if stopping else ctx.clock.for_restart()
+            # Evidence first, while the failed process still runs; only this rank waits.
+            captured = await _evidence(record, process, failure, ctx)
+            # A restart's stop has a grace period of its own, which a kill ends too; so
+            # has a stop that waited for evidence. A shutdown's is shared.
+            clock = ctx.clock if stopping and not captured else ctx.clock.for_restart()
             outcome = await stop_rank(rank, process, ctx.scanner, clock)
             record.previous_tree = outcome.pids
             if process.output is not None:
@@ -191,6 +197,30 @@ async def _run_process(
                 )
                 logger.info("rank %d stopped: %s", rank, how, extra={"rank": rank})
     return escalate
+
+
+async def _evidence(
+    record: RankRecord,
+    process: RankProcess,
+    failure: SupervisorFailure | None,
+    ctx: RankContext,
+) -> bool:
+    """Capture the evidence of this process's failure (or of the startup deadline, when
+    this rank is one it names) if it is still running; True if it did."""
+    rank = record.plan.rank
+    if failure is None:
+        deadline = ctx.board.failure
+        if isinstance(deadline, StartupTimeout) and rank in deadline.not_ready:
+            failure = deadline
+    if process.returncode is not None or not wants_evidence(ctx.config, failure):
+        return False
+    assert failure is not None
+    pids = {proc.pid for proc in await ctx.scanner.scan(rank)} | {process.pid}
+    entry = rank_to_json(record.snapshot())
+    record.evidence = await capture_evidence(
+        ctx.config, ctx.board.run_id, record, failure, pids, entry
+    )
+    return True
 
 
 async def _watch(record: RankRecord, process: RankProcess, ctx: RankContext) -> SupervisorFailure:

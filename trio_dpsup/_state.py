@@ -99,6 +99,8 @@ class RankStatus:
     progress: ProgressStatus | None = None
     #: What a restart waits for before it starts the process (a held port, GPU memory).
     waiting: str | None = None
+    #: The folder of the evidence of its last failure (with ``evidence_dir``).
+    evidence: str | None = None
 
     @property
     def ready(self) -> bool:
@@ -113,15 +115,20 @@ class RootCause:
     cause: str
     #: The last lines the rank wrote to stderr (up to 20), oldest first.
     stderr_tail: tuple[str, ...]
+    #: The folder of the failure's evidence (with ``evidence_dir``).
+    evidence: str | None = None
 
     def report(self) -> str:
         """The log record: the cause on its first line, then the rank's last lines."""
         if self.rank is None:
             return self.cause
+        evidence = "" if self.evidence is None else f"\n    evidence: {self.evidence}"
         if not self.stderr_tail:
-            return f"{self.cause}\n    rank {self.rank} wrote nothing to stderr"
+            return f"{self.cause}{evidence}\n    rank {self.rank} wrote nothing to stderr"
         lines = "".join(f"\n    | {line}" for line in self.stderr_tail)
-        return f"{self.cause}\n    the last lines rank {self.rank} wrote to stderr:{lines}"
+        return (
+            f"{self.cause}{evidence}\n    the last lines rank {self.rank} wrote to stderr:{lines}"
+        )
 
 
 @dataclass(frozen=True)
@@ -179,6 +186,7 @@ class RankRecord:
         self.restart_times: collections.deque[float] = collections.deque(maxlen=64)
         self.progress: ProgressStatus | None = None
         self.waiting: str | None = None
+        self.evidence: str | None = None
         #: The pids of the previous process's tree, once it is stopped: a restart waits for
         #: their GPU memory.
         self.previous_tree: frozenset[int] = frozenset()
@@ -204,6 +212,7 @@ class RankRecord:
             last_causes=tuple(self.last_causes),
             progress=self.progress,
             waiting=self.waiting,
+            evidence=self.evidence,
         )
 
 
@@ -281,4 +290,5 @@ class Board:
         rank = self.failure.rank
         record = None if rank is None else self.by_rank(rank)
         tail = () if record is None else tuple(record.output.stderr_tail)
-        return RootCause(rank=rank, cause=str(self.failure), stderr_tail=tail)
+        evidence = None if record is None else record.evidence
+        return RootCause(rank=rank, cause=str(self.failure), stderr_tail=tail, evidence=evidence)

@@ -38,7 +38,13 @@ from ._state import (
     SupervisorStatus,
 )
 
-__all__ = ["failure_from_json", "failure_to_json", "status_from_json", "status_to_json"]
+__all__ = [
+    "failure_from_json",
+    "failure_to_json",
+    "rank_to_json",
+    "status_from_json",
+    "status_to_json",
+]
 
 JSON = dict[str, Any]
 
@@ -141,12 +147,17 @@ def status_to_json(status: SupervisorStatus) -> JSON:
         "failure_detail": None if failure is None else failure_to_json(failure),
         "root_cause": None
         if cause is None
-        else {"rank": cause.rank, "cause": cause.cause, "stderr_tail": list(cause.stderr_tail)},
+        else {
+            "rank": cause.rank,
+            "cause": cause.cause,
+            "stderr_tail": list(cause.stderr_tail),
+            "evidence": cause.evidence,
+        },
         "nvml": {
             "available": status.nvml_unavailable is None,
             "problem": status.nvml_unavailable,
         },
-        "ranks": [_rank_json(r) for r in status.ranks],
+        "ranks": [rank_to_json(r) for r in status.ranks],
     }
 
 
@@ -163,12 +174,14 @@ def status_from_json(doc: JSON) -> SupervisorStatus:
         nvml_unavailable=doc["nvml"]["problem"],
         root_cause=None
         if cause is None
-        else RootCause(cause["rank"], cause["cause"], tuple(cause["stderr_tail"])),
+        else RootCause(
+            cause["rank"], cause["cause"], tuple(cause["stderr_tail"]), cause.get("evidence")
+        ),
         min_ready=doc["min_ready"],
     )
 
 
-def _rank_json(rank: RankStatus) -> JSON:
+def rank_to_json(rank: RankStatus) -> JSON:
     probe = rank.last_probe
     return {
         "rank": rank.rank,
@@ -201,6 +214,7 @@ def _rank_json(rank: RankStatus) -> JSON:
             "problem": rank.progress.problem,
         },
         "waiting": rank.waiting,
+        "evidence": rank.evidence,
         "gpus": _gpus_json(rank),
         "placement": {
             "verdict": rank.placement.verdict.value,
@@ -281,6 +295,7 @@ def _rank_from_json(doc: JSON) -> RankStatus:
         if (p := doc.get("progress")) is None
         else ProgressStatus(p["busy"], p["progress"], p["stalled_for_s"], p["problem"]),
         waiting=doc.get("waiting"),
+        evidence=doc.get("evidence"),
     )
 
 

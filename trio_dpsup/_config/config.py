@@ -18,6 +18,7 @@ from .._restart import RestartPolicy, RestartScope
 from .options import (
     at_least_one,
     check_settings,
+    creatable_directory,
     option_name,
     positive_seconds,
     seconds_or_zero,
@@ -245,6 +246,18 @@ class SupervisorConfig:
         "exit 1 when processes still hold memory on the ranks' GPUs after shutdown",
         "shutdown",
     )
+    evidence_dir: str | None = setting(
+        None,
+        "before a failed rank that is still running is stopped, write its Python stacks "
+        "(py-spy), last log lines and status under this directory, one folder per failure",
+        "shutdown", "DIR", check=creatable_directory,
+    )  # fmt: skip
+    evidence_timeout: float = setting(
+        5.0,
+        "the longest the failed rank's own stop waits for its evidence (other ranks never "
+        "wait)",
+        "shutdown", "SECONDS", check=seconds_or_zero,
+    )  # fmt: skip
     status_file: str | None = setting(
         None,
         "on exit, write the final /status document (JSON: the failure, each rank's exit "

@@ -29,6 +29,7 @@ __all__ = [
     "check_settings",
     "cli_arguments",
     "config_fields",
+    "creatable_directory",
     "option_name",
     "positive_seconds",
     "seconds_or_zero",
@@ -119,6 +120,17 @@ def writable_directory_of(option: str, path: str) -> None:
     if not os.path.isdir(directory) or not os.access(directory, os.W_OK | os.X_OK):
         raise ConfigError(
             f"{option} {path}: cannot write in {directory}: create it or choose a writable one"
+        )
+
+
+def creatable_directory(option: str, path: str) -> None:
+    """A directory we will write in: it exists and is writable, or can be made."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"{option} {path}: cannot write in {existing}: choose a writable directory"
         )
 
 

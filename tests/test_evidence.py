@@ -1,0 +1,103 @@
+"""Evidence before a kill: the stacks, last lines and status of a rank failed while it
+still runs, written before its SIGTERM; none for a rank that already exited."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from trio_dpsup import RankStalled, SupervisorState
+from trio_dpsup.testing import Deployment, Form, Harness
+from trio_dpsup.testing.fake_rank import METRIC_NAMES
+
+pytest_plugins = ["trio_dpsup.testing.plugin"]
+
+FORMS = pytest.mark.parametrize("form", list(Form), ids=lambda form: form.value)
+BUSY, TOKENS = METRIC_NAMES["fake"]
+
+
+def stall_settings(evidence: Path, **more: object) -> dict[str, object]:
+    return {
+        "progress_timeout": 0.5,
+        "progress_interval": 0.1,
+        "progress_busy_metric": BUSY,
+        "progress_metric": TOKENS,
+        "evidence_dir": str(evidence),
+        **more,
+    }
+
+
+async def stall(deployment: Deployment, rank: int) -> None:
+    async with httpx.AsyncClient(trust_env=False) as client:
+        for path in ("busy", "stall"):
+            url = f"http://127.0.0.1:{deployment.ports[rank]}/fault/{path}"
+            (await client.post(url)).raise_for_status()
+
+
+def the_folder(evidence: Path) -> Path:
+    (run,) = evidence.iterdir()
+    (folder,) = run.iterdir()
+    return folder
+
+
+@FORMS
+async def test_a_stalled_rank_leaves_its_stacks_lines_and_status(
+    dpsup: Harness, form: Form, tmp_path: Path
+) -> None:
+    evidence = tmp_path / "evidence"
+    deployment = await dpsup.start(
+        2, form=form, rank_args=["--log-lines", "4"], **stall_settings(evidence)
+    )
+    await stall(deployment, 1)
+    with trio.fail_after(20):
+        assert await deployment.wait_exit() == 1
+    failure = await deployment.failure()
+    assert isinstance(failure, RankStalled)
+    folder = the_folder(evidence)
+    assert folder.name.endswith("-rank1")
+    assert folder.parent.name == deployment.run_id
+    # Its path is in the final status: the rank's entry and the root cause.
+    final = await deployment.final_status()
+    assert final.ranks[1].evidence == str(folder)
+    assert final.root_cause is not None
+    assert final.root_cause.evidence == str(folder)
+    assert f"rank 1 stalled: {BUSY}" in (folder / "cause.txt").read_text()
+    log = (folder / "log.txt").read_text()
+    port = deployment.ports[1]
+    assert f"stderr| fake rank {port}: log line 1 of 4" in log
+    assert f"stdout| fake rank {port}: log line 2 of 4" in log
+    entry = json.loads((folder / "status.json").read_text())
+    assert (entry["rank"], entry["state"], entry["port"]) == (1, "failed", port)
+    stacks = (folder / "stacks.txt").read_text()
+    assert f"==== pid {entry['pid']} ====" in stacks
+    if "py-spy is not installed" in stacks or "Permission" in stacks:
+        pytest.skip(f"py-spy cannot take stacks here: {stacks.splitlines()[1]}")
+    assert "engine_step_stalled_in_fake_rank" in stacks
+    # Rank 0 did not fail: no evidence of its own.
+    assert final.ranks[0].evidence is None
+
+
+async def test_the_capture_is_bounded(dpsup: Harness, tmp_path: Path) -> None:
+    evidence = tmp_path / "evidence"
+    deployment = await dpsup.start(1, **stall_settings(evidence, evidence_timeout=0.0))
+    await stall(deployment, 0)
+    with trio.fail_after(20):
+        assert await deployment.wait_exit() == 1
+    stacks = (the_folder(evidence) / "stacks.txt").read_text()
+    if "py-spy is not installed" not in stacks:
+        assert "cut: no dump within --evidence-timeout 0s" in stacks
+
+
+async def test_no_evidence_for_a_rank_that_already_exited(dpsup: Harness, tmp_path: Path) -> None:
+    evidence = tmp_path / "evidence"
+    deployment = await dpsup.start(2, evidence_dir=str(evidence))
+    await deployment.crash_rank(1, 3)
+    with trio.fail_after(20):
+        stopping = await deployment.wait_for_state(SupervisorState.STOPPING)
+        assert await deployment.wait_exit() == 3
+    assert stopping.ranks[1].evidence is None
+    assert not evidence.exists() or not any(evidence.iterdir())

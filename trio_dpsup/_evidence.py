@@ -1,0 +1,153 @@
+"""Evidence before a kill: what a hung rank was doing, captured before its SIGTERM.
+
+When a rank is failed while its processes are still alive (failed probes, a stall, the
+startup deadline, a GPU fault), its own stop waits for the capture, bounded by
+``evidence_timeout``; /ready already answers 503 and every other rank is already being
+stopped. One folder per failure, ``<evidence_dir>/<run id>/<UTC time>-rank<r>/``:
+
+* ``cause.txt``: the failure;
+* ``stacks.txt``: ``py-spy dump`` of every process of the rank's tree (the optional extra
+  ``trio-dpsup[debug]``); where py-spy is missing or may not attach, it says so instead;
+* ``log.txt``: the rank's last lines of stdout and stderr (RECENT_LINES);
+* ``status.json``: the rank's /status entry, with its GPUs' last readings.
+
+The folder's path goes into the rank's /status entry and the root-cause record.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Collection
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from ._config.config import SupervisorConfig
+from ._errors import (
+    GpuFailed,
+    RankStalled,
+    RankStartTimeout,
+    RankUnhealthy,
+    StartupTimeout,
+    SupervisorFailure,
+)
+from ._state import RankRecord
+
+__all__ = ["capture_evidence", "wants_evidence"]
+
+logger = logging.getLogger(__name__)
+
+#: Failures whose rank may still be running, and whose stacks say why.
+_KINDS = (RankUnhealthy, RankStalled, RankStartTimeout, StartupTimeout, GpuFailed)
+_NO_PY_SPY = (
+    "py-spy is not installed, so no stacks were taken: pip install 'trio-dpsup[debug]' "
+    "(and, in a container, allow ptrace: CAP_SYS_PTRACE)\n"
+)
+
+
+def wants_evidence(config: SupervisorConfig, failure: SupervisorFailure | None) -> bool:
+    return config.evidence_dir is not None and isinstance(failure, _KINDS)
+
+
+async def capture_evidence(
+    config: SupervisorConfig,
+    run_id: str,
+    record: RankRecord,
+    failure: SupervisorFailure,
+    pids: Collection[int],
+    status_entry: dict[str, Any],
+) -> str | None:
+    """Write the evidence of `failure` of `record`'s rank (its tree: `pids`); return the
+    folder, or None if it could not be written (logged).
+
+    **Cancellation**: the caller shields it; the stacks are bounded by evidence_timeout
+    (what they had not given by then is noted as cut), the rest is quick.
+    """
+    assert config.evidence_dir is not None
+    rank = record.plan.rank
+    stamp = (
+        time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f".{int(time.time() * 1000) % 1000:03d}Z"
+    )
+    folder = Path(config.evidence_dir) / run_id / f"{stamp}-rank{rank}"
+    start = trio.current_time()
+    files = {
+        "cause.txt": f"{failure}\n",
+        "log.txt": record.output.recent_text() or _NO_LOG,
+        "status.json": json.dumps(status_entry, indent=2) + "\n",
+    }
+    try:
+        await trio.to_thread.run_sync(_write, folder, files)
+        stacks = await _stacks(sorted(pids), config.evidence_timeout)
+        await trio.to_thread.run_sync(_write, folder, {"stacks.txt": stacks})
+    except OSError as exc:
+        logger.error("rank %d: cannot write its evidence in %s: %s", rank, folder, exc)
+        return None
+    logger.warning(
+        "rank %d: evidence of the failure in %s (%.2fs)",
+        rank,
+        folder,
+        trio.current_time() - start,
+        extra={"rank": rank},
+    )
+    return str(folder)
+
+
+def _write(folder: Path, files: dict[str, str]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (folder / name).write_text(text)
+
+
+_NO_LOG = "no lines: the rank's output is not relayed (--no-log-prefix), or it wrote none\n"
+
+
+def _py_spy() -> str | None:
+    """py-spy beside our interpreter (a virtualenv's bin), else on PATH."""
+    beside = Path(sys.executable).parent / "py-spy"
+    if os.access(beside, os.X_OK):
+        return str(beside)
+    return shutil.which("py-spy")
+
+
+async def _stacks(pids: list[int], timeout: float) -> str:  # noqa: ASYNC109
+    """``py-spy dump`` of each pid, all at once, within `timeout` seconds in all."""
+    program = _py_spy()
+    if program is None:
+        return _NO_PY_SPY
+    dumps: dict[int, str] = {}
+
+    async def dump(pid: int) -> None:
+        try:
+            result = await trio.run_process(
+                [program, "dump", "--pid", str(pid)],
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+                stdin=subprocess.DEVNULL,
+            )
+        except OSError as exc:
+            dumps[pid] = f"py-spy could not run: {exc}\n"
+            return
+        out = result.stdout.decode(errors="replace")
+        if result.returncode != 0:
+            err = result.stderr.decode(errors="replace").strip()
+            # Not a Python process, gone, or not ours to trace (ptrace not permitted).
+            out += f"py-spy exited {result.returncode}: {err}\n"
+        dumps[pid] = out
+
+    with trio.move_on_after(timeout):
+        async with trio.open_nursery() as nursery:
+            for pid in pids:
+                nursery.start_soon(dump, pid)
+    parts = []
+    for pid in pids:
+        text = dumps.get(pid, f"cut: no dump within --evidence-timeout {timeout:g}s\n")
+        parts.append(f"==== pid {pid} ====\n{text}")
+    return "\n".join(parts)
