@@ -123,6 +123,28 @@ async def run_all(quick: bool) -> list[Row]:
                 f"max <= {bound_ms:.0f} (bound)", check(None, bound_ms)(taken))
         )  # fmt: skip
 
+    # 2b. Stall detection (progress), and what the evidence capture adds.
+    timeout, interval = 1.0, 0.25
+    with tempfile.TemporaryDirectory() as tmp:
+        plain = [await scenarios.stall(4, timeout, interval, None) for _ in range(reps)]
+        kept = [await scenarios.stall(4, timeout, interval, Path(tmp)) for _ in range(reps)]
+    bound_ms = (timeout + interval) * 1000 + 100  # a read at most an interval after the bound
+    detected = ms([r["ready_503"] for r in plain])
+    rows.append(
+        Row("stall -> /ready 503 (--progress-timeout 1 s, interval 0.25 s)", 4, detected,
+            f"max <= {bound_ms:.0f} (bound)", check(None, bound_ms)(detected))
+    )  # fmt: skip
+    for name, runs in (("without evidence", plain), ("with --evidence-dir", kept)):
+        rows += [
+            Row(f"stall -> /ready 503, {name}", 4, ms([r["ready_503"] for r in runs]), "-", None),
+            Row(f"stall -> every other rank gone, {name}", 4,
+                ms([r["others_gone"] for r in runs]), "-", None),
+            Row(f"stall -> the stalled rank gone, {name}", 4,
+                ms([r["failed_gone"] for r in runs]), "-", None),
+        ]  # fmt: skip
+    added = ms([k["failed_gone"] - p["failed_gone"] for p, k in zip(plain, kept, strict=True)])
+    rows.append(Row("evidence: time added to the stalled rank's own stop", 4, added, "-", None))
+
     # 3. Ready overhead.
     for n in sizes:
         with tempfile.TemporaryDirectory() as tmp:

@@ -182,6 +182,56 @@ async def unhealthy(
     return elapsed
 
 
+async def stall(
+    ranks: int, progress_timeout: float, interval: float, evidence: Path | None
+) -> dict[str, float]:
+    """Rank 0 is busy and its progress counter stops: until /ready answers 503, until every
+    other rank is gone, until rank 0 itself is gone (after its evidence, with `evidence`)."""
+    base = free_port_range(ranks)
+    options = [
+        "--progress-timeout", str(progress_timeout), "--progress-interval", str(interval),
+        "--progress-busy-metric", "fake:requests_running",
+        "--progress-metric", "fake:tokens_total",
+    ]  # fmt: skip
+    if evidence is not None:
+        options += ["--evidence-dir", str(evidence)]
+    async with open_cli_supervisor(cli_args(ranks, base, *options)) as sup:
+        with trio.fail_after(120):
+            url = await sup.wait_ready()
+        status = await sup.status()
+        pids = [int(r["pid"]) for r in status["ranks"]]  # type: ignore[index, call-overload]
+        result: dict[str, float] = {}
+        async with httpx.AsyncClient(base_url=url) as client:
+            await client.post(f"http://127.0.0.1:{base}/fault/busy?n=1")
+            for _ in range(POLL_LIMIT):  # until the supervisor has read progress twice
+                entry = (await client.get("/status")).json()["ranks"][0]
+                if (entry["progress"] or {}).get("progress", 0) >= 2:
+                    break
+                await trio.sleep(POLL_SPACING)
+            start = trio.current_time()
+            await client.post(f"http://127.0.0.1:{base}/fault/stall")
+
+            async def until_503() -> None:
+                for _ in range(POLL_LIMIT * 10):
+                    if (await client.get("/ready")).status_code == 503:
+                        result["ready_503"] = trio.current_time() - start
+                        return
+                    await trio.sleep(POLL_SPACING)
+                raise AssertionError("the stall was never detected")
+
+            async def until_gone(key: str, gone: list[int]) -> None:
+                left = await wait_pids_gone(gone, 60.0)
+                assert not left, f"{left} outlived the failure"
+                result[key] = trio.current_time() - start
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(until_503)
+                nursery.start_soon(until_gone, "others_gone", pids[1:])
+                nursery.start_soon(until_gone, "failed_gone", pids[:1])
+        assert await sup.wait() == 1, sup.log
+    return result
+
+
 async def steady_state(ranks: int, seconds: float) -> dict[str, float]:
     """N ready ranks probed every second: the supervisor's CPU (fraction of one core) and RSS
     over `seconds`, the guardian's RSS, and the probes' latency."""
