@@ -12,19 +12,30 @@ and what NVML saw:
 5. ranks shaped like vLLM's (bench/engine_rank.py): the GPU memory is held by a child that
    renamed itself with setproctitle (so /proc no longer shows its tree cookie): placement
    is ok while they run, and after a SIGKILL of the supervisor NVML shows none of their
-   processes within a second (with and without --cgroups, where cgroups are writable).
+   processes within a second (with and without --cgroups, where cgroups are writable);
+6. a vLLM-shaped rank under ``--restart on-failure`` whose main process is SIGKILLed: its
+   engine child's memory is released before the new process starts (NVML polled every
+   5 ms never shows the old and the new engine at once), and the GPU ends with exactly one
+   holder;
+7. a stalled rank (busy, its progress counter stopped) on a GPU: its evidence folder, with
+   the py-spy stacks of its tree.
+
+``--only 6,7`` runs those alone (one GPU is enough for them).
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
+import os
 import platform
 import shlex
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -249,7 +260,116 @@ async def scenario_renamed_engines(record: Record, *options: str) -> None:
     assert released < 1.0, f"engines released their GPUs only after {released:.2f} s"
 
 
-async def main(out: Path) -> None:
+def rank_pid(status: dict[str, Any], rank: int = 0) -> int:
+    return int(status["ranks"][rank]["pid"])
+
+
+async def scenario_restart_after_sigkill(record: Record) -> None:
+    engine = (PY, "-m", "bench.engine_rank", "--port", "{port}", "--allocate", "4096")
+    args = cli(
+        1, "--restart", "on-failure", "--restart-backoff-min", "0.1",
+        "--restart-backoff-max", "0.1", command=engine,
+    )  # fmt: skip
+    record.add("## 6. A vLLM-shaped rank's main process SIGKILLed under --restart on-failure")
+    record.add(
+        "The engine child (renamed VLLM::EngineCore) holds 4 GiB; the API process is killed. "
+        "NVML (held open) is polled every 5 ms from the kill until the new engine holds its memory."
+    )
+    record.block("python -m trio_dpsup " + shlex.join(args) + "; then kill -KILL <rank 0>", "sh")
+    async with open_cli_supervisor(args) as sup:
+        with trio.fail_after(300):
+            await sup.wait_ready()
+        status = await wait_status(sup, verdicts("ok"))
+        before = await trio.to_thread.run_sync(nvml_processes)
+        (old,) = [pid for procs in before.values() for pid, _ in procs]
+        record.add(f"NVML before: {json.dumps(before)} (pid {old}: {proc_name(old)})")
+        start = trio.current_time()
+        killed_at = datetime.datetime.now()
+        os.kill(rank_pid(status), signal.SIGKILL)
+        timeline: list[tuple[float, list[int]]] = []
+        new: int | None = None
+        backend = open_pynvml()  # held open: a poll is one NVML call, about a millisecond
+        uuids = [g.uuid for g in backend.inventory()]
+        with trio.fail_after(300):
+            while new is None:
+                pids = sorted(p.pid for uuid in uuids for p in backend.processes(uuid))
+                if not timeline or timeline[-1][1] != pids:
+                    timeline.append((trio.current_time() - start, pids))
+                assert not (old in pids and len(pids) > 1), f"old and new engine at once: {pids}"
+                new = next((pid for pid in pids if pid != old), None)
+                await trio.sleep(0.005)  # pacing NVML reads
+        backend.close()
+        after = await wait_status(
+            sup,
+            lambda s: (
+                s["ranks"][0]["restarts"] == 1
+                and s["ranks"][0]["state"] == "ready"
+                and s["ranks"][0]["placement"]["verdict"] == "ok"
+            ),
+        )
+        end = await trio.to_thread.run_sync(nvml_processes)
+        sup.send_signal(signal.SIGTERM)
+        with trio.fail_after(60):
+            code = await sup.wait()
+    record.add("What NVML listed, each time it changed (wall clock, seconds after the SIGKILL):")
+    record.block(
+        "\n".join(
+            f"{(killed_at + datetime.timedelta(seconds=t)).strftime('%H:%M:%S.%f')[:-3]} "
+            f"(+{t:.3f} s): {pids}"
+            for t, pids in timeline
+        )
+    )
+    record.add("The supervisor's log around the restart (its clock: the wall clock):")
+    keep = ("exited unexpectedly", "restarts in", "GPU memory", "started: pid", "is ready")
+    record.block("\n".join(line for line in sup.lines if any(k in line for k in keep)))
+    record.add(f"/status after: {summary(after)}; restarts {after['ranks'][0]['restarts']}")
+    record.add(f"NVML at the end: {json.dumps(end)}; then SIGTERM -> exit status {code}")
+    holders = [pid for procs in end.values() for pid, _ in procs]
+    assert holders == [new], f"the GPU should end with the new engine alone: {holders}"
+    assert code == 0
+
+
+async def scenario_stalled_evidence(record: Record, out: Path) -> None:
+    evidence = out.parent / "evidence"
+    fake = (PY, "-m", "trio_dpsup.testing.fake_rank", "--port", "{port}", "--allocate", "1024")
+    args = cli(
+        1, "--progress-timeout", "2", "--progress-interval", "0.5",
+        "--progress-busy-metric", "fake:requests_running", "--progress-metric",
+        "fake:tokens_total", "--evidence-dir", str(evidence), command=fake,
+    )  # fmt: skip
+    record.add("## 7. A stalled rank on a GPU: its evidence before the kill")
+    record.block(
+        "python -m trio_dpsup " + shlex.join(args) + "\n"
+        "curl -X POST localhost:PORT/fault/busy; curl -X POST localhost:PORT/fault/stall",
+        "sh",
+    )
+    async with open_cli_supervisor(args) as sup:
+        with trio.fail_after(300):
+            await sup.wait_ready()
+        status = await wait_status(sup, verdicts("ok"))
+        port = status["ranks"][0]["port"]
+        async with httpx.AsyncClient() as client:
+            for fault in ("busy", "stall"):
+                await client.post(f"http://127.0.0.1:{port}/fault/{fault}")
+        with trio.fail_after(60):
+            code = await sup.wait()
+    (folder,) = [p for run in evidence.iterdir() for p in run.iterdir()]
+    record.add(f"Exit status {code}. The root-cause record:")
+    start = next(i for i, line in enumerate(sup.lines) if "stopped after a failure" in line)
+    record.block("\n".join(sup.lines[start : start + 4]))
+    record.add(f"The evidence folder `{folder.name}`: {sorted(p.name for p in folder.iterdir())}")
+    record.add("cause.txt:")
+    record.block((folder / "cause.txt").read_text())
+    stacks = (folder / "stacks.txt").read_text()
+    record.add("stacks.txt (py-spy dump of the rank's process):")
+    record.block(stacks)
+    gpus = json.loads((folder / "status.json").read_text())["gpus"]
+    record.add(f"status.json's GPU readings: {json.dumps(gpus)}")
+    assert code == 1
+    assert "engine_step_stalled_in_fake_rank" in stacks, "the stall is not in the stacks"
+
+
+async def main(out: Path, only: set[int] | None = None) -> None:
     record = Record()
     backend = open_pynvml()
     inventory = backend.inventory()
@@ -264,15 +384,31 @@ async def main(out: Path) -> None:
     record.add("Produced by `python -m bench.gpu_validation gpu-record.md` "
                "(bench/gpu_validation.py), every figure and line below from that run.")  # fmt: skip
     record.add()
-    await scenario_placement(record, len(gpus))
-    await scenario_wrong_gpu(record)
-    await scenario_sigkill(record)
-    await scenario_leftovers(record)
-    await scenario_renamed_engines(record)
-    await scenario_renamed_engines(record, "--cgroups")
-    record.add("All five scenarios held.")
+    scenarios: dict[int, Callable[[], Awaitable[None]]] = {
+        1: partial(scenario_placement, record, len(gpus)),
+        2: partial(scenario_wrong_gpu, record),
+        3: partial(scenario_sigkill, record),
+        4: partial(scenario_leftovers, record),
+        5: partial(_both_engines, record),
+        6: partial(scenario_restart_after_sigkill, record),
+        7: partial(scenario_stalled_evidence, record, out),
+    }
+    chosen = sorted(only or scenarios)
+    for number in chosen:
+        await scenarios[number]()
+    record.add(f"Scenarios {', '.join(map(str, chosen))} held.")
     await trio.Path(out).write_text("\n".join(record.lines) + "\n")
 
 
+async def _both_engines(record: Record) -> None:
+    await scenario_renamed_engines(record)
+    await scenario_renamed_engines(record, "--cgroups")
+
+
 if __name__ == "__main__":
-    trio.run(main, Path(sys.argv[1]))
+    parser = argparse.ArgumentParser(prog="python -m bench.gpu_validation")
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--only", help="comma list of scenario numbers (default: all)")
+    options = parser.parse_args()
+    picked = None if options.only is None else {int(n) for n in options.only.split(",")}
+    trio.run(main, options.out, picked)

@@ -214,14 +214,12 @@ async def _wait_gpus(
             await trio.sleep(RECHECK)  # the driver is still tearing the contexts down
     if held:
         raise GpuMemoryHeld(plan.rank, tuple(held), trio.current_time() - start, foreign=False)
-    waited = trio.current_time() - start
-    if waited >= RECHECK:
-        logger.info(
-            "rank %d: the previous process's GPU memory was released after %.2fs",
-            plan.rank,
-            waited,
-            extra={"rank": plan.rank},
-        )
+    logger.info(
+        "rank %d: no GPU memory of its previous process is left (checked for %.3fs)",
+        plan.rank,
+        trio.current_time() - start,
+        extra={"rank": plan.rank},
+    )
     foreign = [
         h for h in await _holders(backend, plan.gpus, owner) if h.owner.kind is OwnerKind.OUTSIDE
     ]

@@ -22,9 +22,9 @@ import psutil
 import trio
 
 from .._errors import GpuFailed, SupervisorFailure
-from .._state import Board, RankRecord
+from .._state import Board, RankRecord, RankState
 from .nvml import MIB, GpuEvent, GpuInfo, GpuLost, GpuProcess, NvmlBackend, NvmlError
-from .placement import GpuHolder, Owner, Placement, PlacementVerdict, check_placement
+from .placement import PENDING, GpuHolder, Owner, Placement, PlacementVerdict, check_placement
 
 __all__ = ["find_leftovers", "gpu_holder", "leaf_devices", "run_gpu_monitor"]
 
@@ -98,7 +98,9 @@ async def _check_placement(
     ranks = {r.plan.rank: [gpu.uuid for gpu in r.plan.gpus] for r in board.ranks}
     verdicts = await trio.to_thread.run_sync(check_placement, ranks, on_device, owner)
     for record in board.ranks:
-        _set_placement(record, verdicts[record.plan.rank])
+        # A rank that is (re)starting has no process on its GPU yet: that is no misplacement.
+        ready = record.state is RankState.READY
+        _set_placement(record, verdicts[record.plan.rank] if ready else PENDING)
 
 
 def _set_placement(record: RankRecord, placement: Placement) -> None:
