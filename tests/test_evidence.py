@@ -10,8 +10,8 @@ import httpx
 import pytest
 import trio
 
-from trio_dpsup import RankStalled, SupervisorState
-from trio_dpsup.testing import Deployment, Form, Harness
+from trio_dpsup import GpuFailed, RankStalled, SupervisorState
+from trio_dpsup.testing import Deployment, FakeNvml, Form, Harness
 from trio_dpsup.testing.fake_rank import METRIC_NAMES
 
 pytest_plugins = ["trio_dpsup.testing.plugin"]
@@ -101,3 +101,21 @@ async def test_no_evidence_for_a_rank_that_already_exited(dpsup: Harness, tmp_pa
         assert await deployment.wait_exit() == 3
     assert stopping.ranks[1].evidence is None
     assert not evidence.exists() or not any(evidence.iterdir())
+
+
+async def test_a_gpu_fault_leaves_the_xid_in_the_evidence(dpsup: Harness, tmp_path: Path) -> None:
+    fake = FakeNvml(gpus=2)
+    evidence = tmp_path / "evidence"
+    deployment = await dpsup.start(
+        2, nvml=fake.factory, gpus_per_rank=1, gpu_interval=0.1, evidence_dir=str(evidence)
+    )
+    fake.xid(fake.gpus[1].uuid, 79)
+    with trio.fail_after(20):
+        assert await deployment.wait_exit() == 1
+    assert isinstance(await deployment.failure(), GpuFailed)
+    folder = the_folder(evidence)
+    assert folder.name.endswith("-rank1")
+    events = json.loads((folder / "xid.json").read_text())
+    assert [(e["gpu"], e["xid"]) for e in events] == [(fake.gpus[1].uuid, 79)]
+    entry = json.loads((folder / "status.json").read_text())
+    assert [g["uuid"] for g in entry["gpus"]] == [fake.gpus[1].uuid]

@@ -102,5 +102,6 @@ async def test_status_shows_the_root_cause_until_exit(dpsup: Harness) -> None:
         "rank": 1,
         "cause": "rank 1 exited unexpectedly: exit status 9",
         "stderr_tail": [f"fake rank {deployment.ports[1]}: log line {i} of 6" for i in (1, 3, 5)],
+        "evidence": None,  # no --evidence-dir, and the rank had exited anyway
     }
     assert await deployment.wait_exit() == 9

@@ -9,7 +9,8 @@ stopped. One folder per failure, ``<evidence_dir>/<run id>/<UTC time>-rank<r>/``
 * ``stacks.txt``: ``py-spy dump`` of every process of the rank's tree (the optional extra
   ``trio-dpsup[debug]``); where py-spy is missing or may not attach, it says so instead;
 * ``log.txt``: the rank's last lines of stdout and stderr (RECENT_LINES);
-* ``status.json``: the rank's /status entry, with its GPUs' last readings.
+* ``status.json``: the rank's /status entry, with its GPUs' last readings;
+* ``xid.json``, with NVML: the Xid events reported on its GPUs during the run.
 
 The folder's path goes into the rank's /status entry and the root-cause record.
 """
@@ -63,6 +64,7 @@ async def capture_evidence(
     failure: SupervisorFailure,
     pids: Collection[int],
     status_entry: dict[str, Any],
+    xid_events: Collection[tuple[float, str, int]] = (),
 ) -> str | None:
     """Write the evidence of `failure` of `record`'s rank (its tree: `pids`); return the
     folder, or None if it could not be written (logged).
@@ -82,6 +84,12 @@ async def capture_evidence(
         "log.txt": record.output.recent_text() or _NO_LOG,
         "status.json": json.dumps(status_entry, indent=2) + "\n",
     }
+    if record.plan.gpus:
+        own = {uuid for g in record.plan.gpus for uuid in (g.uuid, g.parent_uuid) if uuid}
+        events = [
+            {"time": when, "gpu": uuid, "xid": xid} for when, uuid, xid in xid_events if uuid in own
+        ]
+        files["xid.json"] = json.dumps(events, indent=2) + "\n"
     try:
         await trio.to_thread.run_sync(_write, folder, files)
         stacks = await _stacks(sorted(pids), config.evidence_timeout)

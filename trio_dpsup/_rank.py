@@ -205,20 +205,22 @@ async def _evidence(
     failure: SupervisorFailure | None,
     ctx: RankContext,
 ) -> bool:
-    """Capture the evidence of this process's failure (or of the startup deadline, when
-    this rank is one it names) if it is still running; True if it did."""
+    """Capture the evidence of this process's failure, or of the supervisor's first failure
+    when it names this rank (a GPU fault, the startup deadline), if the process still runs;
+    True if it did."""
     rank = record.plan.rank
     if failure is None:
-        deadline = ctx.board.failure
-        if isinstance(deadline, StartupTimeout) and rank in deadline.not_ready:
-            failure = deadline
+        first = ctx.board.failure
+        deadline = isinstance(first, StartupTimeout) and rank in first.not_ready
+        if deadline or (first is not None and first.rank == rank):
+            failure = first
     if process.returncode is not None or not wants_evidence(ctx.config, failure):
         return False
     assert failure is not None
     pids = {proc.pid for proc in await ctx.scanner.scan(rank)} | {process.pid}
     entry = rank_to_json(record.snapshot())
     record.evidence = await capture_evidence(
-        ctx.config, ctx.board.run_id, record, failure, pids, entry
+        ctx.config, ctx.board.run_id, record, failure, pids, entry, tuple(ctx.board.xid_events)
     )
     return True
 

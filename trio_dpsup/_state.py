@@ -237,6 +237,8 @@ class Board:
         self.started_at = trio.current_time()
         #: When every rank was first ready (trio.current_time()), once they have been.
         self.ready_at: float | None = None
+        #: Xid events NVML reported, newest last: (wall-clock time, device UUID, Xid).
+        self.xid_events: collections.deque[tuple[float, str, int]] = collections.deque(maxlen=64)
         self.all_ready = trio.Event()  # set once, when every rank is first ready
         self.stopping = trio.Event()  # set once, when shutdown or a failure begins
 

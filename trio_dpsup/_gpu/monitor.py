@@ -15,6 +15,7 @@ time through a limiter of 1: the event loop never waits on the driver.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from typing import TypeVar, TypeVarTuple
 
@@ -139,6 +140,7 @@ async def _watch_xids(
             )
             if event is not None:
                 logger.error("critical Xid %d on GPU %s", event.xid, event.uuid)
+                board.xid_events.append((time.time(), event.uuid, event.xid))
                 _fail_ranks_on(board, event.uuid, f"critical Xid error {event.xid}", fail)
     except NvmlError as exc:
         logger.warning("Xid events stopped (%s): GPU errors are seen by probes only", exc)
