@@ -20,7 +20,7 @@ import httpx
 import psutil
 import trio
 
-from trio_dpsup.testing import free_port_range, open_cli_supervisor, wait_pids_gone
+from trio_dpsup.testing import CliSupervisor, free_port_range, open_cli_supervisor, wait_pids_gone
 
 FAKE_RANK = (sys.executable, "-m", "trio_dpsup.testing.fake_rank")
 #: Spacing of the bench's own /ready polls: the resolution of "until /ready answered 503".
@@ -44,10 +44,7 @@ async def crash(ranks: int, tmp: Path) -> dict[str, float]:
     events = tmp / f"events-{base}-{{rank}}"
     rank_args = ("--events-file", str(events))
     async with open_cli_supervisor(cli_args(ranks, base, rank_args=rank_args)) as sup:
-        with trio.fail_after(120):
-            url = await sup.wait_ready()
-        status = await sup.status()
-        pids = [int(r["pid"]) for r in status["ranks"]]  # type: ignore[index, call-overload]
+        url, pids = await _ready_pids(sup)
         result: dict[str, float] = {}
         async with httpx.AsyncClient(base_url=url) as client:
             await client.get("/ready")  # open the connection before the clock starts
@@ -84,6 +81,15 @@ async def crash(ranks: int, tmp: Path) -> dict[str, float]:
     assert len(arrivals) == ranks - 1
     result["others_signalled"] = max(arrivals) - killed_at
     return result
+
+
+async def _ready_pids(sup: CliSupervisor) -> tuple[str, list[int]]:
+    """Once every rank is ready: the control plane's URL and the ranks' pids."""
+    with trio.fail_after(120):
+        url = await sup.wait_ready()
+    status = await sup.status()
+    pids = [int(r["pid"]) for r in status["ranks"]]  # type: ignore[index, call-overload]
+    return url, pids
 
 
 async def crash_floor() -> float:
@@ -196,10 +202,7 @@ async def stall(
     if evidence is not None:
         options += ["--evidence-dir", str(evidence)]
     async with open_cli_supervisor(cli_args(ranks, base, *options)) as sup:
-        with trio.fail_after(120):
-            url = await sup.wait_ready()
-        status = await sup.status()
-        pids = [int(r["pid"]) for r in status["ranks"]]  # type: ignore[index, call-overload]
+        url, pids = await _ready_pids(sup)
         result: dict[str, float] = {}
         async with httpx.AsyncClient(base_url=url) as client:
             await client.post(f"http://127.0.0.1:{base}/fault/busy?n=1")

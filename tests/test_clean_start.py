@@ -98,15 +98,23 @@ async def test_a_port_still_held_after_port_wait_stops_everything(dpsup: Harness
     assert f"pid {os.getpid()} (" in failure.holder
 
 
-async def test_a_restart_waits_for_the_previous_gpu_memory(dpsup: Harness) -> None:
+async def crash_with_lingering_memory(
+    dpsup: Harness, **settings: object
+) -> tuple[Deployment, FakeNvml, int]:
+    """One GPU rank whose 4 GiB outlive its process, as vLLM's engine's do until the driver
+    frees them; crashed. Returns the deployment, the fake NVML and the old pid."""
     fake = FakeNvml(gpus=1)
     deployment = await dpsup.start(
-        1, nvml=fake.factory, gpus_per_rank=1, gpu_interval=0.1, **SLOW_RESTART
+        1, nvml=fake.factory, gpus_per_rank=1, **SLOW_RESTART, **settings
     )
     old = await deployment.rank_pid(0)
-    # As vLLM's engine: its memory outlives the process until the driver frees it.
     fake.place(old, fake.gpus[0].uuid, used_mib=4096, linger=True)
     await deployment.crash_rank(0, 3)
+    return deployment, fake, old
+
+
+async def test_a_restart_waits_for_the_previous_gpu_memory(dpsup: Harness) -> None:
+    deployment, fake, old = await crash_with_lingering_memory(dpsup, gpu_interval=0.1)
     waiting = await waiting_for(deployment, 0, "GPU memory of the previous process")
     assert f"pid {old} (" in waiting
     assert "holds 4096 MiB on GPU 0" in waiting
@@ -123,13 +131,7 @@ async def test_a_restart_waits_for_the_previous_gpu_memory(dpsup: Harness) -> No
 
 
 async def test_gpu_memory_never_released_stops_everything(dpsup: Harness) -> None:
-    fake = FakeNvml(gpus=1)
-    deployment = await dpsup.start(
-        1, nvml=fake.factory, gpus_per_rank=1, gpu_release_wait=0.3, **SLOW_RESTART
-    )
-    old = await deployment.rank_pid(0)
-    fake.place(old, fake.gpus[0].uuid, used_mib=4096, linger=True)
-    await deployment.crash_rank(0, 3)
+    deployment, _, old = await crash_with_lingering_memory(dpsup, gpu_release_wait=0.3)
     with trio.fail_after(10):
         assert await deployment.wait_exit() == 1
     failure = await deployment.failure()
