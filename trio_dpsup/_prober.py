@@ -1,9 +1,16 @@
-"""Health probing: one httpx client for all ranks, one probe loop per rank process, and the
-startup deadline.
+"""Health probing: one probe loop per rank process, and the startup deadline.
 
 While a rank is starting it is probed every `startup_probe_interval` (tens of milliseconds),
 so the supervisor is ready soon after the last rank answers 200. Once ready, it is probed
 every `probe_interval`; `failure_threshold` consecutive failures raise `RankUnhealthy`.
+After a ready rank's first failure it is suspect: confirmation probes start every
+`suspect_interval` (overlapping, so that a hang is confirmed in about one probe timeout, not
+threshold of them), until one answers 2xx or the threshold is reached; a single blip does not
+fail a rank. An answer whose status is in `fail_on_status` fails it at once.
+
+Probes go through `_http_probe.HttpProbe`, a minimal HTTP/1.1 client on Trio streams (a
+probe through httpx costs about four times the CPU); a test that injects an httpx
+transport gets an httpx probe instead.
 Each rank's loop runs in that rank's own task (see _rank), so a rank whose health path
 hangs delays no other rank's probes, and a restarted rank is probed from startup again.
 """
@@ -12,24 +19,75 @@ from __future__ import annotations
 
 import logging
 import math
+import ssl
 from collections.abc import Callable
-from typing import NoReturn
+from typing import NoReturn, Protocol
 
 import httpx
 import trio
 
 from ._config.config import RankScheme, SupervisorConfig
 from ._errors import RankStartTimeout, RankUnhealthy, StartupTimeout, SupervisorFailure
+from ._http_probe import HttpProbe
 from ._state import Board, ProbeResult, RankRecord
 from ._tls import WILDCARD_HOSTS, rank_verify
 
 __all__ = [
+    "RankProbe",
     "open_probe_client",
+    "probe_factory",
     "probe_once",
     "probe_rank",
     "rank_health_url",
     "run_startup_deadline",
 ]
+
+
+class RankProbe(Protocol):
+    """GETs of one rank's health path."""
+
+    async def probe(self, timeout: float) -> ProbeResult: ...  # noqa: ASYNC109
+
+    async def aclose(self) -> None: ...
+
+
+class _HttpxProbe:
+    """Probes through an httpx client: for tests that inject a transport."""
+
+    def __init__(self, client: httpx.AsyncClient, url: str) -> None:
+        self._client = client
+        self._url = url
+
+    async def probe(self, timeout: float) -> ProbeResult:  # noqa: ASYNC109
+        return await probe_once(self._client, self._url, timeout)
+
+    async def aclose(self) -> None:
+        pass
+
+
+def probe_factory(
+    config: SupervisorConfig, client: httpx.AsyncClient, *, through_httpx: bool
+) -> Callable[[int], RankProbe]:
+    """Makes the probe of the rank listening on a port: the native client, or (with an
+    injected transport) `client`."""
+    if through_httpx:
+        return lambda port: _HttpxProbe(client, rank_health_url(config, port))
+    host = WILDCARD_HOSTS.get(config.host, config.host)
+    tls = _tls_context(config) if config.rank_scheme is RankScheme.HTTPS else None
+    return lambda port: HttpProbe(host, port, config.health_path, tls)
+
+
+def _tls_context(config: SupervisorConfig) -> ssl.SSLContext:
+    """The verification rules of rank_verify, as an SSL context."""
+    verify = rank_verify(config)
+    if isinstance(verify, ssl.SSLContext):
+        return verify
+    context = ssl.create_default_context()
+    if not verify:  # loopback: ranks hold self-signed certificates
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
 
 logger = logging.getLogger(__name__)
 
@@ -82,25 +140,26 @@ async def probe_rank(
     config: SupervisorConfig,
     board: Board,
     record: RankRecord,
-    client: httpx.AsyncClient,
+    probe: RankProbe,
     *,
     observe: Callable[[int, ProbeResult], None] | None = None,
     startup_timeout: float | None = None,
 ) -> NoReturn:
-    """Probe one rank process: until its first 2xx (then mark it ready), and then until
-    `failure_threshold` consecutive failures, raised as `RankUnhealthy`.
+    """Probe one rank process: until its first 2xx (then mark it ready), and then until it
+    fails (`RankUnhealthy`): `failure_threshold` failures in a row, confirmed quickly, or
+    one answer whose status is in `fail_on_status`.
 
     `startup_timeout` bounds the first phase (`RankStartTimeout`); None leaves that to the
     supervisor's startup deadline. `observe(rank, result)` sees each probe of a ready rank.
 
-    **Cancellation**: in-flight probes are abandoned; nothing needs cleaning up.
+    **Cancellation**: in-flight probes are abandoned; nothing needs cleaning up (the caller
+    closes `probe`).
     """
-    url = rank_health_url(config, record.plan.port)
     rank = record.plan.rank
     record.consecutive_failures = 0
     with trio.move_on_after(startup_timeout or math.inf) as startup:
         while True:  # startup: until the first 2xx
-            record.last_probe = await probe_once(client, url, config.probe_timeout)
+            record.last_probe = await probe.probe(config.probe_timeout)
             if record.last_probe.ok:
                 break
             await trio.sleep(config.startup_probe_interval)
@@ -110,26 +169,78 @@ async def probe_rank(
     logger.info("rank %d is ready", rank, extra={"rank": rank})
     if board.mark_ready(record):
         logger.info("all %d ranks are ready", len(board.ranks))
-
-    while True:  # ready: until failure_threshold consecutive failures; ends by cancellation
+    while True:  # ready: until it fails; ends by cancellation
         await trio.sleep(config.probe_interval)
-        record.last_probe = await probe_once(client, url, config.probe_timeout)
-        if observe is not None:
-            observe(rank, record.last_probe)
-        if record.last_probe.ok:
-            record.consecutive_failures = 0
-            continue
-        record.consecutive_failures += 1
-        logger.warning(
-            "rank %d failed a health probe (%d of %d): %s",
-            rank,
-            record.consecutive_failures,
-            config.failure_threshold,
-            record.last_probe.error,
-            extra={"rank": rank},
-        )
-        if record.consecutive_failures >= config.failure_threshold:
-            raise RankUnhealthy(rank, record.consecutive_failures, record.last_probe.error or "")
+        if not _count(config, record, await probe.probe(config.probe_timeout), observe):
+            await _confirm(config, record, probe, observe)
+
+
+def _count(
+    config: SupervisorConfig,
+    record: RankRecord,
+    result: ProbeResult,
+    observe: Callable[[int, ProbeResult], None] | None,
+) -> bool:
+    """Record one probe of a ready rank; True if it was healthy. Raises RankUnhealthy at
+    the threshold, or at once for a status in fail_on_status."""
+    rank = record.plan.rank
+    record.last_probe = result
+    if observe is not None:
+        observe(rank, result)
+    if result.ok:
+        record.consecutive_failures = 0
+        return True
+    record.consecutive_failures += 1
+    error = result.error or ""
+    if result.status_code is not None and config.fails_at_once(result.status_code):
+        raise RankUnhealthy(rank, record.consecutive_failures, f"{error} (--fail-on-status)")
+    logger.warning(
+        "rank %d failed a health probe (%d of %d): %s",
+        rank,
+        record.consecutive_failures,
+        config.failure_threshold,
+        error,
+        extra={"rank": rank},
+    )
+    if record.consecutive_failures >= config.failure_threshold:
+        raise RankUnhealthy(rank, record.consecutive_failures, error)
+    return False
+
+
+async def _confirm(
+    config: SupervisorConfig,
+    record: RankRecord,
+    probe: RankProbe,
+    observe: Callable[[int, ProbeResult], None] | None,
+) -> None:
+    """A suspect rank: start the probes that confirm or clear it, `suspect_interval` apart
+    without waiting for each other's answers (so hangs are confirmed in about one timeout),
+    until one is healthy (return) or the threshold is reached (RankUnhealthy)."""
+    needed = config.failure_threshold - record.consecutive_failures
+    send, receive = trio.open_memory_channel[ProbeResult](needed)
+
+    async def one() -> None:
+        await send.send(await probe.probe(config.probe_timeout))
+
+    async def launch(nursery: trio.Nursery) -> None:
+        for _ in range(needed):
+            nursery.start_soon(one)
+            await trio.sleep(config.suspect_interval)
+
+    failed: RankUnhealthy | None = None
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(launch, nursery)
+        for _ in range(needed):  # each probe answers within its timeout
+            try:
+                healthy = _count(config, record, await receive.receive(), observe)
+            except RankUnhealthy as exc:
+                failed = exc  # raised below: out of a nursery it would come in a group
+                healthy = True
+            if healthy:
+                nursery.cancel_scope.cancel()  # decided: the other probes no longer matter
+                break
+    if failed is not None:
+        raise failed
 
 
 async def run_startup_deadline(

@@ -33,7 +33,7 @@ from ._evidence import capture_evidence, wants_evidence
 from ._gpu.nvml import NvmlBackend
 from ._gpu.placement import Owner
 from ._logs import LogPump, wait_drained
-from ._prober import probe_rank
+from ._prober import RankProbe, probe_rank
 from ._proc.cgroup import RunCgroups
 from ._proc.cookie import TREE_ENV, rank_cookie
 from ._proc.guardian import Guardian
@@ -62,7 +62,10 @@ class RankContext:
     guardian: Guardian
     #: The shutdown's clock: one grace deadline for every rank.
     clock: StopClock
+    #: For the progress check's reads of each rank's metrics.
     client: httpx.AsyncClient
+    #: Makes the health probe of the rank on a port (see _prober.probe_factory).
+    probes: Callable[[int], RankProbe]
     restarter: Restarter
     environ: Mapping[str, str]
     fail: Callable[[SupervisorFailure], SupervisorFailure]
@@ -240,18 +243,21 @@ async def _watch(record: RankRecord, process: RankProcess, ctx: RankContext) -> 
         cancel.cancel()
 
     async def probes(cancel: trio.CancelScope) -> None:
+        probe = ctx.probes(record.plan.port)
         try:
             await probe_rank(
                 ctx.config,
                 ctx.board,
                 record,
-                ctx.client,
+                probe,
                 observe=ctx.observe,
                 startup_timeout=timeout,
             )
         except SupervisorFailure as failure:
             found.append(failure)
             cancel.cancel()
+        finally:
+            await probe.aclose()
 
     async def progress(cancel: trio.CancelScope) -> None:
         try:

@@ -45,7 +45,7 @@ from ._gpu.nvml import GpuInfo, NvmlBackend, NvmlError, NvmlFactory, NvmlUnavail
 from ._gpu.placement import Owner, OwnerKind, Placement, PlacementVerdict, owner_from_trees
 from ._logs import LogPump, open_log_pump
 from ._metrics import Metrics
-from ._prober import open_probe_client, run_startup_deadline
+from ._prober import open_probe_client, probe_factory, run_startup_deadline
 from ._proc.cgroup import CgroupError, RunCgroups
 from ._proc.guardian import Guardian, open_guardian
 from ._proc.membership import Trees
@@ -313,6 +313,7 @@ class _Run:
                 cgroups=self.cgroups,
                 clock=self.clock,
                 client=client,
+                probes=probe_factory(config, client, through_httpx=self.transport is not None),
                 restarter=_restarter(config),
                 environ=self.environ,
                 fail=self.fail,
@@ -342,10 +343,14 @@ class _Run:
                     self._handed_out = True
                     task_status.started(make_handle())
             except BaseExceptionGroup as group:
-                # Failures are on the board already; an outer cancellation is re-delivered by
-                # Trio at the next checkpoint; anything else is a bug to surface.
-                _, rest = group.split((SupervisorFailure, trio.Cancelled))
-                if rest is not None:
+                # Failures are on the board already (a task that raised one without recording
+                # it gets it recorded here, so it is never mistaken for a clean stop); an
+                # outer cancellation is re-delivered by Trio at the next checkpoint; anything
+                # else is a bug to surface.
+                failures, rest = group.split(SupervisorFailure)
+                if failures is not None and self.board.failure is None:
+                    self.fail(_first_failure(failures))
+                if rest is not None and rest.split(trio.Cancelled)[1] is not None:
                     raise
 
     async def _start_gpu_monitor(self, nursery: trio.Nursery) -> None:
@@ -475,6 +480,11 @@ def _write_status_file(path: str, status: SupervisorStatus) -> None:
         logger.error("cannot write --status-file %s: %s", path, exc)
         with contextlib.suppress(OSError):
             os.unlink(partial_path)
+
+
+def _first_failure(group: BaseExceptionGroup[SupervisorFailure]) -> SupervisorFailure:
+    first = group.exceptions[0]
+    return first if isinstance(first, SupervisorFailure) else _first_failure(first)
 
 
 def _nobody_of_ours(pid: int) -> Owner:

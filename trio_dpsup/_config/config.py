@@ -124,6 +124,19 @@ class SupervisorConfig:
     failure_threshold: int = setting(
         3, "consecutive failures that fail a ready rank", "health probes", "N", check=at_least_one
     )
+    suspect_interval: float = setting(
+        0.05,
+        "after a ready rank's first failed probe, the spacing of the probes that confirm "
+        "or clear it (as Envoy's unhealthy_edge_interval)",
+        "health probes", "SECONDS", check=positive_seconds,
+    )  # fmt: skip
+    #: Empty with --preset vllm: vLLM's /health answers 503 only when its engine is dead.
+    fail_on_status: tuple[str, ...] = setting(
+        (),
+        "an answer with this status (503, or a class such as 5xx) fails a ready rank at "
+        "once, with no threshold (repeatable; default with --preset vllm: 503)",
+        "health probes", "STATUS", flag="--fail-on-status",
+    )  # fmt: skip
     startup_timeout: float = setting(
         1800.0,
         "seconds for every rank to become ready; 0: no limit",
@@ -306,6 +319,7 @@ class SupervisorConfig:
         self._check_restarts()
         self._check_ports()
         self._check_progress()
+        self._check_fail_on_status()
 
     def _coerce_enums(self) -> None:
         """Accept an enum setting as its member or its value (``restart="never"``), as the
@@ -368,6 +382,23 @@ class SupervisorConfig:
         if self.ranks is None:
             return  # the rank count, and so the port range, is known once devices are
         check_port_range(self, self.ranks)
+
+    def _check_fail_on_status(self) -> None:
+        for pattern in self.fail_on_status:
+            if not re.fullmatch(r"[1-5](\d\d|xx)", pattern):
+                raise ConfigError(
+                    f"{_opt('fail_on_status')} {pattern!r}: give a status such as 503, or a "
+                    "class such as 5xx"
+                )
+        if not self.fail_on_status and self.preset is Preset.VLLM:
+            # vLLM's /health (vllm/entrypoints/serve/instrumentator/health.py) answers 503
+            # only on EngineDeadError: a dead engine, which no later probe will see alive.
+            object.__setattr__(self, "fail_on_status", ("503",))  # frozen: set once, here
+
+    def fails_at_once(self, status: int) -> bool:
+        """An answer with `status` fails a ready rank at once (``fail_on_status``)."""
+        text = str(status)
+        return any(p == text or (p[1:] == "xx" and p[0] == text[0]) for p in self.fail_on_status)
 
     def _check_progress(self) -> None:
         """With the progress check on, both metric names must be known: given, or the

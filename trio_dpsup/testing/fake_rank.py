@@ -3,7 +3,8 @@
 The demo rank server plus the faults a supervisor must survive, chosen by flag at start and,
 for health and exit, by HTTP at run time:
 
-* ``POST /fault/health?status=503`` makes the health path answer that status from now on;
+* ``POST /fault/health?status=503`` makes the health path answer that status from now on
+  (``&count=N``: for its next N answers only, a blip);
 * ``POST /fault/hang`` makes the health path hang (the probe-timeout path);
 * ``POST /fault/exit?code=3`` exits at once with that status (``code=-9`` kills itself).
 
@@ -136,6 +137,7 @@ class FaultHandler(DemoHandler):
         query = {k: v[0] for k, v in parse_qs(url.query).items()}
         if url.path == "/fault/health":
             self.server.health_override = int(query.get("status", "503"))
+            self.server.health_override_left = int(query["count"]) if "count" in query else None
             self.reply(200, "ok\n")
         elif url.path == "/fault/hang":
             self.server.health_hang.set()
@@ -179,6 +181,8 @@ class FaultServer(DemoServer):
         self, host: str, port: int, health_path: str, ready_after: float, api_key: str | None
     ) -> None:
         self.health_override: int | None = None
+        #: Answers left with the override; None: for good.
+        self.health_override_left: int | None = None
         self.health_hang = threading.Event()
         self.first_healthy: float | None = None
         self.events_file: str | None = None
@@ -212,7 +216,12 @@ class FaultServer(DemoServer):
         if self.health_hang.is_set():
             threading.Event().wait()  # a daemon handler thread, so this never blocks exit
         if self.health_override is not None:
-            return self.health_override, "fault injected\n"
+            status = self.health_override
+            if self.health_override_left is not None:
+                self.health_override_left -= 1
+                if self.health_override_left <= 0:
+                    self.health_override = None
+            return status, "fault injected\n"
         status, text = super().health()
         if status == 200 and self.first_healthy is None:
             self.first_healthy = time.monotonic()
