@@ -161,13 +161,19 @@ async def shutdown(ranks: int, *, ignore_sigterm: bool, grace: float) -> float:
 
 
 async def unhealthy(
-    ranks: int, fault: str, interval: float, probe_timeout: float, threshold: int
+    ranks: int,
+    fault: str,
+    interval: float,
+    probe_timeout: float,
+    threshold: int,
+    *more: str,
 ) -> float:
-    """A ready rank's health turns 503 (`fault` "health") or hangs ("hang"): until /ready 503."""
+    """A ready rank's health turns 503 (`fault` "health") or hangs ("hang"): until /ready 503.
+    `more`: further options (``--fail-on-status 503``)."""
     base = free_port_range(ranks)
     options = (
         "--probe-interval", str(interval), "--probe-timeout", str(probe_timeout),
-        "--failure-threshold", str(threshold),
+        "--failure-threshold", str(threshold), *more,
     )  # fmt: skip
     async with open_cli_supervisor(cli_args(ranks, base, *options)) as sup:
         with trio.fail_after(120):
@@ -235,11 +241,12 @@ async def stall(
     return result
 
 
-async def steady_state(ranks: int, seconds: float) -> dict[str, float]:
+async def steady_state(ranks: int, seconds: float, *options: str) -> dict[str, float]:
     """N ready ranks probed every second: the supervisor's CPU (fraction of one core) and RSS
-    over `seconds`, the guardian's RSS, and the probes' latency."""
+    over `seconds`, the guardian's RSS, and the probes' latency. `options` go to the
+    supervisor after the bench's own (a later --probe-interval wins)."""
     base = free_port_range(ranks)
-    async with open_cli_supervisor(cli_args(ranks, base)) as sup:
+    async with open_cli_supervisor(cli_args(ranks, base, *options)) as sup:
         with trio.fail_after(300):
             await sup.wait_ready()
         await trio.sleep(2.0)  # the measured period starts after start-up work has settled

@@ -65,17 +65,24 @@ class HttpProbe:
         error: str | None = None
         stream: trio.abc.Stream | None = None
         keep = False
-        with trio.move_on_after(timeout) as scope:
-            try:
-                stream = self._idle.pop() if self._idle else await self._connect()
-                await stream.send_all(self._request)
-                status, keep = await _read_response(stream)
-                if not 200 <= status < 300:
-                    error = f"HTTP {status}"
-            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                error = _describe(exc)
-            except (ProbeError, ssl.SSLError) as exc:
-                error = f"{type(exc).__name__}: {exc}"
+        try:
+            with trio.move_on_after(timeout) as scope:
+                try:
+                    stream = self._idle.pop() if self._idle else await self._connect()
+                    await stream.send_all(self._request)
+                    status, keep = await _read_response(stream)
+                    if not 200 <= status < 300:
+                        error = f"HTTP {status}"
+                except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    error = _describe(exc)
+                except (ProbeError, ssl.SSLError) as exc:
+                    error = f"{type(exc).__name__}: {exc}"
+        except BaseException:
+            # Cancelled from outside (a confirmation no longer needed, a stop): the
+            # connection is mid-answer, and no await may run now. Drop it at once.
+            if stream is not None:
+                _abort(stream)
+            raise
         if scope.cancelled_caught:
             error = f"no answer within {timeout:g}s"
             keep = False
@@ -99,7 +106,11 @@ class HttpProbe:
         if self._tls is None:
             return tcp
         stream = trio.SSLStream(tcp, self._tls, server_hostname=self._host)
-        await stream.do_handshake()
+        try:
+            await stream.do_handshake()
+        except BaseException:
+            _abort(tcp)
+            raise
         return stream
 
     def _keep(self, stream: trio.abc.Stream) -> None:

@@ -8,6 +8,10 @@ After a ready rank's first failure it is suspect: confirmation probes start ever
 threshold of them), until one answers 2xx or the threshold is reached; a single blip does not
 fail a rank. An answer whose status is in `fail_on_status` fails it at once.
 
+The ready ranks' probes share one clock (`Ticker`): one timer wakes every rank's loop at
+each interval, and their answers come back in the same few epoll waits. Measured on 2
+cores, that took the CPU of a probe from about 470 to about ... µs (see bench/).
+
 Probes go through `_http_probe.HttpProbe`, a minimal HTTP/1.1 client on Trio streams (a
 probe through httpx costs about four times the CPU); a test that injects an httpx
 transport gets an httpx probe instead.
@@ -34,6 +38,7 @@ from ._tls import WILDCARD_HOSTS, rank_verify
 
 __all__ = [
     "RankProbe",
+    "Ticker",
     "open_probe_client",
     "probe_factory",
     "probe_once",
@@ -49,6 +54,27 @@ class RankProbe(Protocol):
     async def probe(self, timeout: float) -> ProbeResult: ...  # noqa: ASYNC109
 
     async def aclose(self) -> None: ...
+
+
+class Ticker:
+    """One clock for the ready ranks' probes: `wait` returns at the next tick.
+
+    **Cancellation**: `run` and `wait` are prompt.
+    """
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._tick = trio.Event()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:  # ends by cancellation
+            await trio.sleep(self.interval)
+            tick, self._tick = self._tick, trio.Event()
+            tick.set()
+
+    async def wait(self) -> None:
+        await self._tick.wait()
 
 
 class _HttpxProbe:
@@ -141,6 +167,7 @@ async def probe_rank(
     board: Board,
     record: RankRecord,
     probe: RankProbe,
+    ticker: Ticker,
     *,
     observe: Callable[[int, ProbeResult], None] | None = None,
     startup_timeout: float | None = None,
@@ -170,7 +197,7 @@ async def probe_rank(
     if board.mark_ready(record):
         logger.info("all %d ranks are ready", len(board.ranks))
     while True:  # ready: until it fails; ends by cancellation
-        await trio.sleep(config.probe_interval)
+        await ticker.wait()
         if not _count(config, record, await probe.probe(config.probe_timeout), observe):
             await _confirm(config, record, probe, observe)
 

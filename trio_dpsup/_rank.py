@@ -33,7 +33,7 @@ from ._evidence import capture_evidence, wants_evidence
 from ._gpu.nvml import NvmlBackend
 from ._gpu.placement import Owner
 from ._logs import LogPump, wait_drained
-from ._prober import RankProbe, probe_rank
+from ._prober import RankProbe, Ticker, probe_rank
 from ._proc.cgroup import RunCgroups
 from ._proc.cookie import TREE_ENV, rank_cookie
 from ._proc.guardian import Guardian
@@ -66,6 +66,8 @@ class RankContext:
     client: httpx.AsyncClient
     #: Makes the health probe of the rank on a port (see _prober.probe_factory).
     probes: Callable[[int], RankProbe]
+    #: The clock of the ready ranks' probes.
+    ticker: Ticker
     restarter: Restarter
     environ: Mapping[str, str]
     fail: Callable[[SupervisorFailure], SupervisorFailure]
@@ -250,6 +252,7 @@ async def _watch(record: RankRecord, process: RankProcess, ctx: RankContext) -> 
                 ctx.board,
                 record,
                 probe,
+                ctx.ticker,
                 observe=ctx.observe,
                 startup_timeout=timeout,
             )

@@ -45,7 +45,7 @@ from ._gpu.nvml import GpuInfo, NvmlBackend, NvmlError, NvmlFactory, NvmlUnavail
 from ._gpu.placement import Owner, OwnerKind, Placement, PlacementVerdict, owner_from_trees
 from ._logs import LogPump, open_log_pump
 from ._metrics import Metrics
-from ._prober import open_probe_client, probe_factory, run_startup_deadline
+from ._prober import Ticker, open_probe_client, probe_factory, run_startup_deadline
 from ._proc.cgroup import CgroupError, RunCgroups
 from ._proc.guardian import Guardian, open_guardian
 from ._proc.membership import Trees
@@ -304,6 +304,7 @@ class _Run:
             _log_pump(config.log_prefix) as pump,
             open_probe_client(config, self.transport) as client,
         ):
+            ticker = Ticker(config.probe_interval)
             ctx = RankContext(
                 config=config,
                 board=self.board,
@@ -314,6 +315,7 @@ class _Run:
                 clock=self.clock,
                 client=client,
                 probes=probe_factory(config, client, through_httpx=self.transport is not None),
+                ticker=ticker,
                 restarter=_restarter(config),
                 environ=self.environ,
                 fail=self.fail,
@@ -327,6 +329,7 @@ class _Run:
                     self._ranks_scope = ranks.cancel_scope
                     # First: a shutdown requested while ranks start stops the starting.
                     ranks.start_soon(self._watch_shutdown)
+                    await ranks.start(ticker.run)
                     await ranks.start(
                         partial(
                             run_tree_watch,
