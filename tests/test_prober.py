@@ -99,6 +99,8 @@ def test_fail_on_status_values_and_the_vllm_default() -> None:
     assert sglang.fail_on_status == ()
     with pytest.raises(ConfigError, match="--fail-on-status '5x3': give a status such as 503"):
         SupervisorConfig(command=("x",), fail_on_status=("5x3",))
+    with pytest.raises(ConfigError, match="SGLang's /health answers after at least 1 second"):
+        SupervisorConfig(command=("x",), preset=Preset.SGLANG, probe_timeout=1.0)
 
 
 # -- the probe's HTTP client, against scripted servers ----------------------------------------

@@ -390,6 +390,13 @@ class SupervisorConfig:
                     f"{_opt('fail_on_status')} {pattern!r}: give a status such as 503, or a "
                     "class such as 5xx"
                 )
+        if self.preset is Preset.SGLANG and self.probe_timeout <= 1.0:
+            # SGLang's /health (python/sglang/srt/entrypoints/http_server.py) sleeps a second
+            # before it looks for the answer to its one-token generation: never faster.
+            raise ConfigError(
+                f"--preset sglang: {_opt('probe_timeout')} {self.probe_timeout:g} would fail "
+                "every probe: SGLang's /health answers after at least 1 second; give 2 or more"
+            )
         if not self.fail_on_status and self.preset is Preset.VLLM:
             # vLLM's /health (vllm/entrypoints/serve/instrumentator/health.py) answers 503
             # only on EngineDeadError: a dead engine, which no later probe will see alive.
