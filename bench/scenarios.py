@@ -167,9 +167,12 @@ async def unhealthy(
     probe_timeout: float,
     threshold: int,
     *more: str,
+    phase: float = 0.0,
 ) -> float:
     """A ready rank's health turns 503 (`fault` "health") or hangs ("hang"): until /ready 503.
-    `more`: further options (``--fail-on-status 503``)."""
+    `more`: further options (``--fail-on-status 503``). `phase`: seconds to wait after ready
+    before the fault, so that faults fall anywhere between two probes, as real ones do (the
+    probes run on one clock, started with the supervisor)."""
     base = free_port_range(ranks)
     options = (
         "--probe-interval", str(interval), "--probe-timeout", str(probe_timeout),
@@ -181,6 +184,7 @@ async def unhealthy(
         async with httpx.AsyncClient(base_url=url) as client:
             await client.get("/ready")
             path = "/fault/health?status=503" if fault == "health" else "/fault/hang"
+            await trio.sleep(phase)  # where the fault falls between two probes
             start = trio.current_time()
             await client.post(f"http://127.0.0.1:{base}{path}")
             for _ in range(POLL_LIMIT):

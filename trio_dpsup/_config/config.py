@@ -125,7 +125,7 @@ class SupervisorConfig:
         3, "consecutive failures that fail a ready rank", "health probes", "N", check=at_least_one
     )
     suspect_interval: float = setting(
-        0.05,
+        0.03,
         "after a ready rank's first failed probe, the spacing of the probes that confirm "
         "or clear it (as Envoy's unhealthy_edge_interval)",
         "health probes", "SECONDS", check=positive_seconds,
