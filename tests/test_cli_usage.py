@@ -69,6 +69,18 @@ async def test_no_ranks_and_no_nvml(tmp_path: Path) -> None:
     assert not pid_file.exists()
 
 
+@pytest.mark.skipif(nvml_available(), reason="NVML finds this machine's GPUs")
+async def test_gpu_ranks_are_never_started_unpinned(tmp_path: Path) -> None:
+    pid_file = tmp_path / "pids"
+    args = ["--ranks", "2", "--", *rank_command(pid_file)]
+    status, stderr = await run_cli(args, env=bare_environment())
+    assert status == 2
+    assert "2 ranks with --gpus-per-rank 1 would each see every GPU" in stderr
+    assert "--devices" in stderr
+    assert "--gpus-per-rank 0" in stderr
+    assert not pid_file.exists()
+
+
 async def test_unknown_placeholder(tmp_path: Path) -> None:
     status, stderr = await run_cli(["--ranks", "1", "--", *FAKE_RANK, "--port", "{prot}"])
     assert status == 2
