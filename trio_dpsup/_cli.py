@@ -20,6 +20,7 @@ from typing import NoReturn, TypeVar
 
 import trio
 
+from . import __version__
 from ._config.config import SupervisorConfig
 from ._config.file import load_config_file
 from ._config.options import GROUPS, add_settings, from_namespace
@@ -76,9 +77,19 @@ _EPILOG = (
     "required.",
     "Exit status: 0 after a requested shutdown in which every rank stopped within the grace "
     "period; the first failing rank's status (128+N for signal N); 1 for a probe failure, a "
-    "startup timeout, a GPU fault, a rank that had to be killed, or (with --fail-on-leftovers) "
-    "GPU memory left held; 2 for bad input.",
+    "stall, a startup timeout, a GPU fault, a port or GPU memory still held at a restart, a "
+    "rank that had to be killed, or (with --fail-on-leftovers) GPU memory left held; 2 for bad "
+    "input.",
 )
+
+#: Shown last in --help, as written.
+_EXAMPLES = """Examples:
+  # four demo ranks, no GPU: then curl localhost:9000/ready, Ctrl-C to stop
+  trio-dpsup --ranks 4 --gpus-per-rank 0 -- python -m trio_dpsup.demo --port {port}
+
+  # vLLM, one rank per GPU, bounced ranks restarted, hangs caught by progress
+  trio-dpsup --preset vllm --restart on-failure --progress-timeout 120 \\
+      --evidence-dir /var/log/trio-dpsup -- vllm serve MODEL --data-parallel-size 8"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,10 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
                 "COMMAND and ARGS are templates; these placeholders are filled in per rank:\n"
                 + placeholders,
                 *(textwrap.fill(paragraph, 79) for paragraph in _EPILOG),
+                _EXAMPLES,
             ]
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     parser.add_argument(
         "--config",
         metavar="FILE.toml",

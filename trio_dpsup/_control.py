@@ -15,10 +15,13 @@ import ssl
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
+from urllib.parse import parse_qs
 
 import trio
 
+from ._config.config import SupervisorConfig
 from ._config.plan import control_connections
+from ._discovery import MAX_WAIT, prometheus_targets, ranks_document
 from ._errors import ConfigError
 from ._http_server import Response, serve_http
 from ._metrics import CONTENT_TYPE
@@ -37,24 +40,54 @@ _ALLOWED = "GET, HEAD"
 
 
 class ControlApp:
-    """Answers the probe and status endpoints from `snapshot()`, a fresh status each call."""
+    """Answers the probe, status and discovery endpoints from `snapshot()`, a fresh status
+    each call. With `config` and `changed` (the event the next change sets), it also serves
+    /ranks (long polls included) and /prometheus/targets (see _discovery)."""
 
     def __init__(
         self,
         snapshot: Callable[[], SupervisorStatus],
         metrics: Callable[[], bytes] | None = None,
+        *,
+        config: SupervisorConfig | None = None,
+        changed: Callable[[], trio.Event] | None = None,
     ) -> None:
         self._snapshot = snapshot
         self._metrics = metrics
+        self._config = config
+        self._changed = changed
 
-    def respond(self, method: str, path: str) -> Response:
-        """The answer to `method` `path` (the server leaves out the body of a HEAD)."""
+    async def respond(self, method: str, target: str) -> Response:
+        """The answer to `method` `target` (the server leaves out the body of a HEAD).
+
+        **Cancellation**: a long poll of /ranks ends at once; nothing else waits.
+        """
+        path, _, query = target.partition("?")
+        if path == "/ranks" and method in ("GET", "HEAD") and self._config is not None:
+            return await self._ranks(parse_qs(query))
         return Response(*self._route(method, path))
+
+    async def _ranks(self, query: dict[str, list[str]]) -> Response:
+        assert self._config is not None
+        try:
+            wait = min(float(query.get("wait", ["0"])[0]), MAX_WAIT)
+            version = int(query.get("version", ["-1"])[0])
+        except ValueError:
+            return Response(400, _TEXT, b"wait is seconds and version a whole number\n")
+        if wait > 0 and self._changed is not None and version == self._snapshot().version:
+            changed = self._changed()
+            with trio.move_on_after(wait):
+                await changed.wait()
+        body = json.dumps(ranks_document(self._snapshot(), self._config), indent=2) + "\n"
+        return Response(200, [(b"content-type", b"application/json")], body.encode())
 
     def _route(self, method: str, path: str) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         if method not in ("GET", "HEAD"):
             return 405, [(b"allow", _ALLOWED.encode()), *_TEXT], b"method not allowed\n"
         status = self._snapshot()
+        if path == "/prometheus/targets" and self._config is not None:
+            targets = json.dumps(prometheus_targets(status, self._config), indent=2) + "\n"
+            return 200, [(b"content-type", b"application/json")], targets.encode()
         if path == "/livez":
             return 200, _TEXT, b"ok\n"
         if path == "/startupz":

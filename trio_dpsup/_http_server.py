@@ -38,7 +38,8 @@ class Response:
     body: bytes
 
 
-Handler = Callable[[str, str], Response]
+#: Answers (method, target): the target as sent, query included. May wait (a long poll).
+Handler = Callable[[str, str], Awaitable[Response]]
 
 
 @dataclass(eq=False)
@@ -143,8 +144,8 @@ async def _serve(handler: Handler, stream: trio.abc.Stream, connection: _Connect
             if end is None:
                 return
             method = event.method.decode("ascii", "replace")
-            path = event.target.decode("ascii", "replace").partition("?")[0]
-            response = handler(method, path)
+            target = event.target.decode("ascii", "replace")
+            response = await handler(method, target)
             await _send(http, stream, response, head=method == "HEAD")
         if http.our_state is h11.MUST_CLOSE or http.their_state is h11.MUST_CLOSE:
             return

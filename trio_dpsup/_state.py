@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import collections
 import enum
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
@@ -101,6 +103,8 @@ class RankStatus:
     waiting: str | None = None
     #: The folder of the evidence of its last failure (with ``evidence_dir``).
     evidence: str | None = None
+    #: When it entered its state (wall clock, seconds since the epoch).
+    since: float = 0.0
 
     @property
     def ready(self) -> bool:
@@ -148,6 +152,8 @@ class SupervisorStatus:
     #: Ready ranks /ready needs once every rank has been ready: all of them, unless
     #: ``min_ready`` was configured (the supervisor always sets it).
     min_ready: int = 0
+    #: Grows at every change of the supervisor's or a rank's state (see /ranks).
+    version: int = 0
 
     @property
     def ready(self) -> bool:
@@ -165,11 +171,15 @@ class SupervisorStatus:
 
 
 class RankRecord:
-    """The mutable state of one rank, written by its task and by the prober."""
+    """The mutable state of one rank, written by its task and by the prober. A change of
+    its state is announced through `on_change` (the board's version, for /ranks)."""
 
-    def __init__(self, plan: RankPlan) -> None:
+    def __init__(self, plan: RankPlan, on_change: Callable[[], None] = lambda: None) -> None:
         self.plan = plan
-        self.state = RankState.PENDING
+        self._state = RankState.PENDING
+        self._on_change = on_change
+        #: When the rank entered its state (wall clock, for /ranks).
+        self.since = time.time()
         self.pid: int | None = None
         self.returncode: int | None = None
         self.last_probe: ProbeResult | None = None
@@ -193,6 +203,17 @@ class RankRecord:
         #: The cancel scope of the current process's life: cancelling it restarts the rank.
         self.incarnation: trio.CancelScope | None = None
 
+    @property
+    def state(self) -> RankState:
+        return self._state
+
+    @state.setter
+    def state(self, state: RankState) -> None:
+        if state is not self._state:
+            self._state = state
+            self.since = time.time()
+            self._on_change()
+
     def snapshot(self) -> RankStatus:
         return RankStatus(
             rank=self.plan.rank,
@@ -213,6 +234,7 @@ class RankRecord:
             progress=self.progress,
             waiting=self.waiting,
             evidence=self.evidence,
+            since=self.since,
         )
 
 
@@ -230,8 +252,12 @@ class Board:
         #: None (the default) means every rank.
         self.min_ready = len(plans) if min_ready is None else min_ready
         self.nvml_unavailable = nvml_unavailable
-        self.ranks = tuple(RankRecord(plan) for plan in plans)
-        self.state = SupervisorState.STARTING
+        #: Grows by one at every change of the supervisor's or a rank's state; `changed`
+        #: is set (and replaced) at each, for the long polls of /ranks.
+        self.version = 0
+        self.changed = trio.Event()
+        self.ranks = tuple(RankRecord(plan, self._bump) for plan in plans)
+        self._state = SupervisorState.STARTING
         self.failure: SupervisorFailure | None = None
         self.started = False
         self.started_at = trio.current_time()
@@ -241,6 +267,21 @@ class Board:
         self.xid_events: collections.deque[tuple[float, str, int]] = collections.deque(maxlen=64)
         self.all_ready = trio.Event()  # set once, when every rank is first ready
         self.stopping = trio.Event()  # set once, when shutdown or a failure begins
+
+    @property
+    def state(self) -> SupervisorState:
+        return self._state
+
+    @state.setter
+    def state(self, state: SupervisorState) -> None:
+        if state is not self._state:
+            self._state = state
+            self._bump()
+
+    def _bump(self) -> None:
+        self.version += 1
+        changed, self.changed = self.changed, trio.Event()
+        changed.set()
 
     def by_rank(self, rank: int) -> RankRecord | None:
         index = rank - self.ranks[0].plan.rank
@@ -284,6 +325,7 @@ class Board:
             nvml_unavailable=self.nvml_unavailable,
             root_cause=self.root_cause(),
             min_ready=self.min_ready,
+            version=self.version,
         )
 
     def root_cause(self) -> RootCause | None:

@@ -139,6 +139,7 @@ def status_to_json(status: SupervisorStatus) -> JSON:
     cause = status.root_cause
     return {
         "run_id": status.run_id,
+        "version": status.version,
         "state": status.state.value,
         "ready": status.ready,
         "min_ready": status.min_ready,
@@ -178,6 +179,7 @@ def status_from_json(doc: JSON) -> SupervisorStatus:
             cause["rank"], cause["cause"], tuple(cause["stderr_tail"]), cause.get("evidence")
         ),
         min_ready=doc["min_ready"],
+        version=doc.get("version", 0),
     )
 
 
@@ -187,6 +189,7 @@ def rank_to_json(rank: RankStatus) -> JSON:
         "rank": rank.rank,
         "local_rank": rank.local_rank,
         "state": rank.state.value,
+        "since": rank.since,
         "ready": rank.ready,
         "pid": rank.pid,
         "port": rank.port,
@@ -296,6 +299,7 @@ def _rank_from_json(doc: JSON) -> RankStatus:
         else ProgressStatus(p["busy"], p["progress"], p["stalled_for_s"], p["problem"]),
         waiting=doc.get("waiting"),
         evidence=doc.get("evidence"),
+        since=doc.get("since", 0.0),
     )
 
 

@@ -266,7 +266,12 @@ class _Run:
         stop_control = trio.Event()
         try:
             async with trio.open_nursery() as root:
-                app = ControlApp(self.board.snapshot, self.metrics.render)
+                app = ControlApp(
+                    self.board.snapshot,
+                    self.metrics.render,
+                    config=self.config,
+                    changed=lambda: self.board.changed,
+                )
                 serve = partial(serve_control_plane, tls=TlsFiles.of(self.config))
                 url: str = await root.start(serve, app, sock, stop_control.wait)
                 logger.info("control plane listening on %s", url)
