@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import socket
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio
 
+import trio_dpsup
 from trio_dpsup import NvmlUnavailable
 from trio_dpsup._gpu.nvml import open_pynvml
 from trio_dpsup.testing import free_port_range
@@ -122,3 +125,17 @@ async def test_control_port_taken(tmp_path: Path, taken_port: int) -> None:
     assert f"cannot listen on --control-host 127.0.0.1 --control-port {taken_port}" in stderr
     assert "choose a free port" in stderr
     assert not pid_file.exists()
+
+
+async def test_version_and_the_help_examples() -> None:
+    version = await trio.run_process(
+        [sys.executable, "-m", "trio_dpsup", "--version"], capture_stdout=True
+    )
+    assert version.stdout.decode().strip() == f"trio-dpsup {trio_dpsup.__version__}"
+    shown = await trio.run_process(
+        [sys.executable, "-m", "trio_dpsup", "--help"], capture_stdout=True
+    )
+    text = shown.stdout.decode()
+    assert "--grace-period SECONDS" in text
+    assert "Examples:" in text
+    assert "trio-dpsup --ranks 4 --gpus-per-rank 0 -- python -m trio_dpsup.demo" in text

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import platform
+import shutil
+import time
 from typing import Any
 
 import httpx
+import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from trio_dpsup import SupervisorState
+import trio_dpsup
+from trio_dpsup import RankState, RestartPolicy, SupervisorState
 from trio_dpsup.testing import FakeNvml, Form, Harness
 
 pytest_plugins = ["trio_dpsup.testing.plugin"]
@@ -70,7 +75,7 @@ async def test_probe_failures_and_exit_status_are_counted(dpsup: Harness) -> Non
     await deployment.wait_for_state(SupervisorState.STOPPING)
     _, found = await scrape(deployment.control_url)
     assert found[("trio_dpsup_probe_failures_total", (("rank", "1"),))] == 3.0
-    assert ("trio_dpsup_probe_failures_total", (("rank", "0"),)) not in found
+    assert found[("trio_dpsup_probe_failures_total", (("rank", "0"),))] == 0.0  # from 0
     count = found[("trio_dpsup_probe_duration_seconds_count", (("rank", "1"),))]
     assert count >= 3
     assert found[("trio_dpsup_state", (("state", "stopping"),))] == 1.0
@@ -94,3 +99,39 @@ async def test_gpu_gauges_with_nvml(dpsup: Harness) -> None:
     assert found[("trio_dpsup_gpu_utilization_ratio", labels)] == 0.5
     assert found[("trio_dpsup_gpu_temperature_celsius", labels)] == 40.0
     assert found[("trio_dpsup_gpu_power_watts", labels)] == 100.0
+
+
+async def test_exit_status_and_restart_time_outlive_the_restart(dpsup: Harness) -> None:
+    settings = {"restart_backoff_min": 0.1, "restart_backoff_max": 0.1}
+    deployment = await dpsup.start(1, restart=RestartPolicy.ON_FAILURE, **settings)
+    before = time.time()
+    await deployment.crash_rank(0, 7)
+    with trio.fail_after(10):
+        await deployment.wait_for_status(
+            lambda s: s.ranks[0].restarts == 1 and s.ranks[0].state is RankState.READY,
+            "rank 0 ready again",
+        )
+    _, found = await scrape(deployment.control_url)
+    assert found[("trio_dpsup_rank_exit_status", (("rank", "0"),))] == 7.0
+    restarted = found[("trio_dpsup_rank_last_restart_timestamp_seconds", (("rank", "0"),))]
+    assert before <= restarted <= time.time()
+    build = [key for key in found if key[0] == "trio_dpsup_build_info"]
+    assert build == [
+        (
+            "trio_dpsup_build_info",
+            (("python", platform.python_version()), ("version", trio_dpsup.__version__)),
+        )
+    ]
+    assert found[("process_open_fds", ())] > 0
+    assert found[("process_resident_memory_bytes", ())] > 0
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed")
+async def test_promtool_accepts_the_metrics(dpsup: Harness) -> None:
+    deployment = await dpsup.start(2)
+    text, _ = await scrape(deployment.control_url)
+    result = await trio.run_process(
+        ["promtool", "check", "metrics"], stdin=text.encode(), capture_stdout=True,
+        capture_stderr=True, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr.decode() + result.stdout.decode()

@@ -8,13 +8,22 @@ ratios), ``_total`` for counters.
 
 from __future__ import annotations
 
+import platform
 from collections.abc import Iterator
 
 import trio
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from . import __version__
 from ._state import Board, ProbeResult, RankState, SupervisorState
 
 __all__ = ["CONTENT_TYPE", "Metrics"]
@@ -45,6 +54,17 @@ class Metrics:
             ["rank"],
             registry=self.registry,
         )
+        for record in board.ranks:  # every rank's series exists from the start, at 0
+            self._probe_failures.labels(str(record.plan.rank))
+        build = Gauge(
+            "trio_dpsup_build_info",
+            "1, labelled with the supervisor's version and Python's.",
+            ["version", "python"],
+            registry=self.registry,
+        )
+        build.labels(__version__, platform.python_version()).set(1)
+        # The supervisor's own CPU, memory and open files (process_cpu_seconds_total...).
+        ProcessCollector(registry=self.registry)
         self.registry.register(_BoardCollector(board))
 
     def observe_probe(self, rank: int, result: ProbeResult) -> None:
@@ -94,7 +114,12 @@ class _BoardCollector(Collector):
         )
         exit_status = GaugeMetricFamily(
             "trio_dpsup_rank_exit_status",
-            "The rank's last exit status (negative: killed by that signal).",
+            "The rank's last exit status, kept after a restart (negative: killed by that signal).",
+            labels=["rank"],
+        )
+        restarted = GaugeMetricFamily(
+            "trio_dpsup_rank_last_restart_timestamp_seconds",
+            "When the rank was last restarted (seconds since the epoch).",
             labels=["rank"],
         )
         gpu = {
@@ -113,8 +138,11 @@ class _BoardCollector(Collector):
                 rank_state.add_metric([label, each.value], float(rank.state is each))
             up.add_metric([label], float(rank.ready))
             restarts.add_metric([label], float(rank.restarts))
-            if rank.returncode is not None:
-                exit_status.add_metric([label], float(rank.returncode))
+            record = board.by_rank(rank.rank)
+            if record is not None and record.last_returncode is not None:
+                exit_status.add_metric([label], float(record.last_returncode))
+            if record is not None and record.restarted_at is not None:
+                restarted.add_metric([label], record.restarted_at)
             for sample in rank.gpu_samples:
                 labels = [label, sample.uuid]
                 gpu["memory_used_bytes"].add_metric(labels, float(sample.memory_used))
@@ -125,6 +153,6 @@ class _BoardCollector(Collector):
                     gpu["temperature_celsius"].add_metric(labels, float(sample.temperature))
                 if sample.power is not None:
                     gpu["power_watts"].add_metric(labels, sample.power)
-        yield from (rank_state, up, restarts, exit_status)
+        yield from (rank_state, up, restarts, exit_status, restarted)
         if any(rank.gpu_samples for rank in status.ranks):
             yield from gpu.values()

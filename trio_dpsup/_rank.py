@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import subprocess
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -108,6 +109,7 @@ async def run_rank(
             raise restart  # stopping everything, with this rank's failure as the cause
         record.restarts += 1
         record.restart_times.append(trio.current_time())
+        record.restarted_at = time.time()
         delay = ctx.restarter.backoff(ctx.restarter.recent(record.restart_times))
         logger.warning(
             "rank %d restarts in %.2fs (restart %d)",
@@ -193,6 +195,8 @@ async def _run_process(
                 await wait_drained(record.output)  # its last lines, before any report
             record.killed = record.killed or (stopping and not outcome.graceful)
             record.returncode = process.returncode
+            if process.returncode is not None:
+                record.last_returncode = process.returncode  # kept across its restart
             if record.state is RankState.STOPPING:
                 record.state = RankState.STOPPED
                 how = (

@@ -182,6 +182,10 @@ class RankRecord:
         self.since = time.time()
         self.pid: int | None = None
         self.returncode: int | None = None
+        #: The last exit status of any of its processes, kept across restarts (/metrics).
+        self.last_returncode: int | None = None
+        #: When it was last restarted (wall clock), once it has been.
+        self.restarted_at: float | None = None
         self.last_probe: ProbeResult | None = None
         self.consecutive_failures = 0
         #: Set when the rank needed SIGKILL: it did not stop within the grace period.
