@@ -16,7 +16,7 @@ import typing
 
 from . import _lazy
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"  # the package version too (pyproject.toml reads it)
 
 # The public names, declared once: type checkers read these imports; at run time they are
 # skipped and `_lazy` serves each name on first use, from this block. Ranks run
