@@ -177,9 +177,11 @@ async def test_a_line_without_end_is_relayed_in_bounded_pieces(tmp_path: Path) -
         async for chunk in process.stderr:
             received += chunk
         assert await process.wait() == 3
-    relayed = [line for line in bytes(received).split(b"\n") if line.startswith(b"[rank 0] ")]
-    assert sum(len(line) - len(b"[rank 0] ") for line in relayed) == size
-    assert max(len(line) for line in relayed) <= MAX_LINE + len(b"[rank 0] ")
-    records = [json.loads(line) for line in bytes(received).split(b"\n") if line.startswith(b"{")]
+    # In JSON mode every line is an object: the rank's pieces, and our own records.
+    records = [json.loads(line) for line in bytes(received).split(b"\n") if line]
+    relayed = [r["message"] for r in records if r.get("stream") == "stderr"]
+    assert all(r["rank"] == 0 for r in records if "stream" in r)
+    assert sum(len(message) for message in relayed) == size
+    assert max(len(message) for message in relayed) <= MAX_LINE
     cause = next(r for r in records if r["message"].startswith("stopped after a failure"))
     assert len(cause["message"]) < 20_000

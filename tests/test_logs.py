@@ -72,17 +72,31 @@ async def test_no_log_prefix_passes_output_through() -> None:
 async def test_json_log_format() -> None:
     result = await run_cli("--log-format", "json", "--", sys.executable, "-c", FLOOD)
     assert result.returncode == 3
-    records = [
-        json.loads(line)
-        for line in result.stderr.decode(errors="replace").splitlines()
-        if line.startswith("{")
+    # Every line of both streams is one JSON object: ours and the rank's.
+    records = [json.loads(line) for line in result.stderr.splitlines()]
+    out = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(r["rank"], r["stream"], r["message"]) for r in out] == [
+        (0, "stdout", f"out {i}") for i in range(LINES)
     ]
+    relayed = [r["message"] for r in records if r.get("stream") == "stderr"]
+    assert relayed == [
+        *(f"err {i}" for i in range(LINES)),
+        "not utf-8: \\xff\\xfe",  # escaped, not lost
+        "last words, no newline",
+    ]
+    records = [r for r in records if "level" in r]  # our own records
     assert {"time", "level", "logger", "message"} <= set(records[0])
     started = next(r for r in records if r["message"].startswith("rank 0 started"))
     assert started["rank"] == 0
     last = records[-1]
     assert (last["level"], last["rank"]) == ("ERROR", 0)
     assert last["message"].endswith("    | last words, no newline")
+
+
+async def test_json_needs_the_ranks_output_relayed() -> None:
+    result = await run_cli("--log-format", "json", "--no-log-prefix", "--", "true")
+    assert result.returncode == 2
+    assert b"--log-format json turns every rank line into JSON" in result.stderr
 
 
 async def test_status_shows_the_root_cause_until_exit(dpsup: Harness) -> None:

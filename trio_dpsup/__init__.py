@@ -22,6 +22,7 @@ __version__ = "0.2.0"  # the package version too (pyproject.toml reads it)
 # skipped and `_lazy` serves each name on first use, from this block. Ranks run
 # `python -m trio_dpsup.demo`, so this package must import nothing heavy (see _lazy).
 if typing.TYPE_CHECKING:
+    from ._config.config import LogFormat as LogFormat
     from ._config.config import RankScheme as RankScheme
     from ._config.config import SupervisorConfig as SupervisorConfig
     from ._config.plan import RankPlan as RankPlan

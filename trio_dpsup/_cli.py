@@ -121,12 +121,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_settings(SupervisorConfig, groups)
     logs = groups["logs"]
     logs.add_argument(
-        "--log-format",
-        choices=["text", "json"],
-        default="text",
-        help="our own records as text, or one JSON object per line (default: %(default)s)",
-    )
-    logs.add_argument(
         "--log-level",
         default="INFO",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],

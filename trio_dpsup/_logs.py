@@ -23,9 +23,11 @@ rank, and nothing is lost.
 from __future__ import annotations
 
 import collections
+import datetime
+import json
 import os
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import trio
@@ -89,8 +91,9 @@ class RankOutput:
 class _Sink:
     """Writes chunks to one of our file descriptors from a thread of its own."""
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, *, json_lines: bool = False) -> None:
         self.fd = fd
+        self._json = json_lines
         self.send, self._receive = trio.open_memory_channel[bytes | None](_SINK_QUEUE)
         self._thread = threading.Thread(target=self._run, name=f"trio-dpsup-log-{fd}", daemon=True)
         #: Bytes dropped by failed writes since the last that passed, and the last reason.
@@ -116,9 +119,13 @@ class _Sink:
             self._dropped += left
             self._why = error.strerror or str(error)
         elif self._dropped:
-            notice = f"[trio-dpsup] {self._dropped} bytes of rank output dropped: {self._why}\n"
+            text = f"{self._dropped} bytes of rank output dropped: {self._why}"
             self._dropped = 0
-            self._write(notice.encode())
+            if self._json:
+                entry = {"time": _now(), "level": "WARNING", "logger": __name__, "message": text}
+                self._write(json.dumps(entry).encode() + b"\n")
+            else:
+                self._write(f"[trio-dpsup] {text}\n".encode())
 
     async def close(self) -> None:
         """Write what is queued, then stop the thread.
@@ -134,9 +141,12 @@ class _Sink:
 class LogPump:
     """Pumps the output of every rank; made by `open_log_pump`."""
 
-    def __init__(self, nursery: trio.Nursery, stdout: _Sink, stderr: _Sink) -> None:
+    def __init__(
+        self, nursery: trio.Nursery, stdout: _Sink, stderr: _Sink, *, json_lines: bool = False
+    ) -> None:
         self._nursery = nursery
         self._sinks = {"stdout": stdout, "stderr": stderr}
+        self._json = json_lines
 
     def attach(self, rank: int, stdout: int, stderr: int, output: RankOutput) -> None:
         """Pump the read ends `stdout` and `stderr` (raw fds, now owned here) of rank `rank`."""
@@ -144,11 +154,14 @@ class LogPump:
         for name, fd in (("stdout", stdout), ("stderr", stderr)):
             sink = self._sinks[name]
             pipes.opened()
-            self._nursery.start_soon(_pump, fd, _prefix(rank, sink.fd), sink, name, output, pipes)
+            render = _json_line(rank, name) if self._json else _text_line(_prefix(rank, sink.fd))
+            self._nursery.start_soon(_pump, fd, render, sink, name, output, pipes)
 
 
 @asynccontextmanager
-async def open_log_pump(stdout_fd: int = 1, stderr_fd: int = 2) -> AsyncIterator[LogPump]:
+async def open_log_pump(
+    stdout_fd: int = 1, stderr_fd: int = 2, *, json_lines: bool = False
+) -> AsyncIterator[LogPump]:
     """Run the pumps for the duration of the block; on exit, wait for every attached pipe to
     reach EOF (callers bound that: see `wait_drained`), then flush our output.
 
@@ -156,12 +169,12 @@ async def open_log_pump(stdout_fd: int = 1, stderr_fd: int = 2) -> AsyncIterator
     written out.
     """
     token = trio.lowlevel.current_trio_token()
-    sinks = _Sink(stdout_fd), _Sink(stderr_fd)
+    sinks = _Sink(stdout_fd, json_lines=json_lines), _Sink(stderr_fd, json_lines=json_lines)
     for sink in sinks:
         sink.start(token)
     try:
         async with trio.open_nursery() as nursery:
-            yield LogPump(nursery, *sinks)
+            yield LogPump(nursery, *sinks, json_lines=json_lines)
             # Every rank has drained or been abandoned by now (see run_rank): stop the rest.
             nursery.cancel_scope.cancel()
     finally:
@@ -180,13 +193,13 @@ async def wait_drained(output: RankOutput) -> None:
 
 async def _pump(
     fd: int,
-    prefix: bytes,
+    render: Callable[[bytes], bytes],
     sink: _Sink,
     name: str,
     output: RankOutput,
     pipes: _Pipes,
 ) -> None:
-    """Read `fd` to EOF, sending each line to `sink` with `prefix`.
+    """Read `fd` to EOF, sending each line to `sink` as `render` writes it.
 
     **Cancellation**: sends what it holds (a partial line gets its newline), then returns.
     """
@@ -199,7 +212,7 @@ async def _pump(
             while chunk := await stream.receive_some(_READ_SIZE):
                 lines = _split(partial, chunk)
                 if lines:
-                    await sink.send.send(b"".join(prefix + line + b"\n" for line in lines))
+                    await sink.send.send(b"".join(map(render, lines)))
                     recent.extend((name, line[:RECENT_LINE_BYTES]) for line in lines)
                     if tail is not None:
                         tail.extend(_tail_line(line) for line in lines)
@@ -207,7 +220,7 @@ async def _pump(
         # Bounded: a reader of our output that stopped reading must not hang shutdown.
         with trio.CancelScope(shield=True), trio.move_on_after(DRAIN_TIMEOUT):
             if partial:
-                await sink.send.send(prefix + bytes(partial) + b"\n")
+                await sink.send.send(render(bytes(partial)))
                 recent.append((name, bytes(partial[:RECENT_LINE_BYTES])))
                 if tail is not None:
                     tail.append(_tail_line(bytes(partial)))
@@ -240,6 +253,28 @@ def _tail_line(line: bytes) -> str:
     if len(text) <= TAIL_LINE_CHARS:
         return text
     return f"{text[:TAIL_LINE_CHARS]}… ({len(line)} bytes)"
+
+
+def _text_line(prefix: bytes) -> Callable[[bytes], bytes]:
+    """``[rank 3] line``: the line as the rank wrote it, bytes untouched."""
+    return lambda line: prefix + line + b"\n"
+
+
+def _json_line(rank: int, stream: str) -> Callable[[bytes], bytes]:
+    """One JSON object per line: time, rank, stream, message. Bytes that are not UTF-8 are
+    escaped (``\\xff``), not lost."""
+
+    def render(line: bytes) -> bytes:
+        message = line.decode("utf-8", "backslashreplace")
+        entry = {"time": _now(), "rank": rank, "stream": stream, "message": message}
+        return json.dumps(entry, ensure_ascii=False).encode() + b"\n"
+
+    return render
+
+
+def _now() -> str:
+    """The time as our own JSON records write it (see _log_format.JsonFormatter)."""
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
 
 
 def _prefix(rank: int, fd: int) -> bytes:

@@ -36,7 +36,7 @@ import httpx
 import trio
 
 from ._clean_start import check_gpus_at_start, check_ports_at_start
-from ._config.config import SupervisorConfig
+from ._config.config import LogFormat, SupervisorConfig
 from ._config.plan import plan_ranks
 from ._control import ControlApp, bind_control_socket, serve_control_plane
 from ._errors import EXIT_FAILURE, ConfigError, GpuLeftovers, SupervisorFailure, SupervisorStopped
@@ -306,7 +306,7 @@ class _Run:
         config = self.config
         async with (
             open_spawner() as spawner,
-            _log_pump(config.log_prefix) as pump,
+            _log_pump(config) as pump,
             open_probe_client(config, self.transport) as client,
         ):
             ticker = Ticker(config.probe_interval)
@@ -538,12 +538,12 @@ async def _close_nvml(gpu: _Nvml | None) -> None:
 
 
 @asynccontextmanager
-async def _log_pump(prefix: bool) -> AsyncIterator[LogPump | None]:
-    """The log pump when ranks' output is prefixed; None when they inherit ours."""
-    if not prefix:
+async def _log_pump(config: SupervisorConfig) -> AsyncIterator[LogPump | None]:
+    """The log pump when ranks' output is relayed; None when they inherit ours."""
+    if not config.log_prefix:
         yield None
         return
-    async with open_log_pump() as pump:
+    async with open_log_pump(json_lines=config.log_format is LogFormat.JSON) as pump:
         yield pump
 
 

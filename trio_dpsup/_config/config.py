@@ -28,7 +28,7 @@ from .options import (
 )
 from .presets import PROGRESS_METRICS, Preset
 
-__all__ = ["RankScheme", "SupervisorConfig"]
+__all__ = ["LogFormat", "RankScheme", "SupervisorConfig"]
 
 MAX_PORT = 65535
 
@@ -36,6 +36,13 @@ MAX_PORT = 65535
 #: milliseconds of the last rank answering 200; 50 ms keeps the median delay near 25 ms while
 #: costing one refused connection per rank every 50 ms during a load that lasts minutes.
 DEFAULT_STARTUP_PROBE_INTERVAL = 0.05
+
+
+class LogFormat(enum.Enum):
+    """How our records and the ranks' lines are written."""
+
+    TEXT = "text"  # our records as text; rank lines as they are, with a [rank N] prefix
+    JSON = "json"  # every line one JSON object: ours and every rank's
 
 
 class RankScheme(enum.Enum):
@@ -285,6 +292,12 @@ class SupervisorConfig:
         "[rank N] prefix",
         "logs", flag="--no-log-prefix",
     )  # fmt: skip
+    log_format: LogFormat = setting(
+        LogFormat.TEXT,
+        "text, or json: every line we write becomes one JSON object, the ranks' own lines "
+        "too (time, rank, stream, message)",
+        "logs",
+    )
     secret_options: tuple[str, ...] = setting(
         (),
         "an option of the rank command whose value is secret, besides those found by name "
@@ -319,6 +332,11 @@ class SupervisorConfig:
         self._check_restarts()
         self._check_ports()
         self._check_progress()
+        if self.log_format is LogFormat.JSON and not self.log_prefix:
+            raise ConfigError(
+                f"{_opt('log_format')} json turns every rank line into JSON, which ranks "
+                f"writing straight to our output ({_opt('log_prefix')}) cannot be: drop one"
+            )
         self._check_fail_on_status()
 
     def _coerce_enums(self) -> None:
@@ -330,6 +348,7 @@ class SupervisorConfig:
             ("restart_scope", RestartScope),
             ("preset", Preset),
             ("rank_scheme", RankScheme),
+            ("log_format", LogFormat),
         ):
             value = getattr(self, name)
             if value is None and name == "preset":
