@@ -25,13 +25,17 @@ async def test_vllm_preset_adds_host_port_and_rank(
         "--preset", "vllm", "--ranks", "2", "--start-rank", "2", "--gpus-per-rank", "0",
         "--base-port", str(base), "--control-port", "0", "--",
         "vllm", "serve", "my-model", "--data-parallel-size", "4", "--api-key", "sk-secret",
+        "--data-parallel-address", "10.0.0.1",
     ]  # fmt: skip
     async with open_cli_supervisor(args, env=fake_env) as sup:
         await sup.wait_ready()
         sup.send_signal(signal.SIGTERM)
         assert await sup.wait() == 0
     recorded = sorted(read_recorded_argv(tmp_path / "argv.jsonl"), key=lambda e: str(e["argv"]))
-    user = ["serve", "my-model", "--data-parallel-size", "4", "--api-key", "sk-secret"]
+    user = [
+        "serve", "my-model", "--data-parallel-size", "4", "--api-key", "sk-secret",
+        "--data-parallel-address", "10.0.0.1",
+    ]  # fmt: skip
     assert [e["argv"] for e in recorded] == [
         [*user, "--host", "127.0.0.1", "--port", str(base + i), "--data-parallel-rank", str(2 + i)]
         for i in range(2)
@@ -39,7 +43,8 @@ async def test_vllm_preset_adds_host_port_and_rank(
     # The final command lines are printed at start, secrets redacted.
     assert (
         f"rank 3 command: vllm serve my-model --data-parallel-size 4 --api-key '***' "
-        f"--host 127.0.0.1 --port {base + 1} --data-parallel-rank 3" in sup.log
+        f"--data-parallel-address 10.0.0.1 --host 127.0.0.1 --port {base + 1} "
+        "--data-parallel-rank 3" in sup.log
     )
     assert "sk-secret" not in sup.log
 
@@ -80,8 +85,26 @@ SG = ["-m", "sglang.launch_server"]
         (Preset.VLLM, [*V, "--host=0.0.0.0"], "use trio-dpsup --host"),
         (Preset.VLLM, [*V, "--data-parallel-rank=1"], "gives each rank its --data-parallel-rank"),
         (Preset.VLLM, [*V, "-dpl", "2"], "-dpl 2 makes one server span several ranks"),
+        (Preset.VLLM, [*V, "-dpl=2"], "drop it and pass trio-dpsup --ranks 2"),
         (Preset.VLLM, [*V, "--data-parallel-multi-port-external-lb"], "one server per rank"),
-        (Preset.VLLM, ["serve", "m"], "do not fit in --data-parallel-size 1: pass"),
+        # vLLM's short forms are refused as their long forms, named as written.
+        (Preset.VLLM, [*V, "-dpn", "1"], "-dpn (--data-parallel-rank) in the command: the"),
+        (Preset.VLLM, [*V, "-dpn=1"], "-dpn (--data-parallel-rank) in the command"),
+        (Preset.VLLM, [*V, "--data_parallel_rank=1"], "(--data-parallel-rank) in the command"),
+        (
+            Preset.VLLM,
+            [*V, "-dpr", "4"],
+            "-dpr (--data-parallel-start-rank) in the command: use trio-dpsup --start-rank",
+        ),
+        (
+            Preset.VLLM,
+            [*V, "-dph"],
+            "-dph (--data-parallel-hybrid-lb) in the command: the "
+            "supervisor runs one server per rank",
+        ),
+        (Preset.VLLM, [*V, "-dpm"], "-dpm (--data-parallel-multi-port-external-lb)"),
+        (Preset.VLLM, [*V, "--headless"], "--headless in the command: a headless server serves"),
+        (Preset.VLLM, ["serve", "m", "-dp=3", "-dpl", "3"], "-dpl 3 makes one server span"),
         (Preset.VLLM, ["serve", "m", "-dp", "x"], "-dp needs a whole number, not 'x'"),
         (Preset.VLLM, [*V, "-tp", "2"], "uses 2 GPU(s) (tensor x pipeline parallel size)"),
         (Preset.VLLM, [*V, "-tp", "2"], "is 1: pass --gpus-per-rank 2"),
@@ -98,9 +121,29 @@ def test_preset_refuses_what_the_supervisor_owns(
 
 
 def test_start_rank_counts_against_the_data_parallel_size() -> None:
-    plan(Preset.VLLM, "serve", "m", "-dp", "4", start_rank=2)
+    head = ("-dpa", "10.0.0.1")
+    plan(Preset.VLLM, "serve", "m", "-dp", "4", *head, start_rank=2)
     with pytest.raises(ConfigError, match="ranks 3-4 do not fit in --data-parallel-size 4"):
-        plan(Preset.VLLM, "serve", "m", "-dp", "4", start_rank=3)
+        plan(Preset.VLLM, "serve", "m", "--data_parallel_size=4", *head, start_rank=3)
+
+
+def test_a_second_node_needs_the_head_address() -> None:
+    with pytest.raises(ConfigError, match="--start-rank 2 without --data-parallel-address"):
+        plan(Preset.VLLM, "serve", "m", "-dp", "4", start_rank=2)
+    plan(Preset.VLLM, "serve", "m", "-dp", "4", "--data-parallel-address=10.0.0.1", start_rank=2)
+
+
+def test_without_a_data_parallel_size_ranks_are_independent_replicas() -> None:
+    """vLLM: --data-parallel-rank is for MoE data parallelism; without --data-parallel-size
+    the ranks are independent servers, given their host and port only."""
+    config = SupervisorConfig(
+        command=(sys.executable, "serve", "m", "-dpe"),  # accepted, as its long form is
+        preset=Preset.VLLM, ranks=3, gpus_per_rank=1, devices=("0", "1", "2"),
+    )  # fmt: skip
+    plans = plan_ranks(config, {"PATH": os.environ["PATH"]})
+    assert [p.argv[1:] for p in plans] == [
+        ("serve", "m", "-dpe", "--host", "127.0.0.1", "--port", str(8000 + i)) for i in range(3)
+    ]
 
 
 def test_tensor_parallel_ranks_get_their_gpus() -> None:

@@ -86,7 +86,7 @@ def plan_ranks(
         gpus = resolve_devices_on(devices, inventory, source=source)
     command = config.command
     if config.preset is not None:
-        command = apply_preset(config.preset, command, config.gpus_per_rank)
+        command = apply_preset(config.preset, command, config.gpus_per_rank, config.start_rank)
     ranks = _rank_count(config, devices, nvml_problem, source)
     check_fd_limit(ranks)
     check_port_range(config, ranks)

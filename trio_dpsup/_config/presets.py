@@ -2,7 +2,11 @@
 
 ``--preset vllm``, for ``vllm serve MODEL --data-parallel-size 16 ...`` (vLLM's external load
 balancing: one server per data-parallel rank): each rank gets ``--host {host} --port {port}
---data-parallel-rank {rank}``.
+--data-parallel-rank {rank}``. Without ``--data-parallel-size`` in the command, ranks are
+independent replicas (vLLM documents ``--data-parallel-rank`` as unsupported for models that
+are not MoE: "launch independent vLLM instances instead"): each gets ``--host`` and
+``--port`` only. vLLM's option names are matched in every spelling it accepts: the short
+forms (``-dp``, ``-dpn``...; vllm/engine/arg_utils.py), ``=`` forms, and underscores.
 
 ``--preset sglang``, for ``python -m sglang.launch_server --model-path MODEL ...``: each rank
 is a whole SGLang server, and gets ``--host {host} --port {port}``.
@@ -65,17 +69,40 @@ class _Rules:
 _OWNED_PORT = "the supervisor gives rank i the port --base-port + i: drop it"
 _OWNED_HOST = "use trio-dpsup --host: it is also where ranks are probed"
 
+_OWNED_RANK = "the supervisor gives each rank its --data-parallel-rank: drop it"
+_ONE_PER_RANK = "the supervisor runs one server per rank itself: drop it"
+_HEADLESS = (
+    "a headless server serves no HTTP, so nothing could probe it: run the API servers under "
+    "the supervisor, one per rank"
+)
+
+#: vLLM's short forms and their long names (vllm/engine/arg_utils.py, add_cli_args).
+VLLM_SHORT = {
+    "-dp": "--data-parallel-size",
+    "-dpn": "--data-parallel-rank",
+    "-dpr": "--data-parallel-start-rank",
+    "-dpl": "--data-parallel-size-local",
+    "-dpa": "--data-parallel-address",
+    "-dpp": "--data-parallel-rpc-port",
+    "-dpb": "--data-parallel-backend",
+    "-dph": "--data-parallel-hybrid-lb",
+    "-dpe": "--data-parallel-external-lb",
+    "-dpm": "--data-parallel-multi-port-external-lb",
+    "-tp": "--tensor-parallel-size",
+    "-pp": "--pipeline-parallel-size",
+}
+
 _RULES = {
     Preset.VLLM: _Rules(
         added=("--host", "{host}", "--port", "{port}", "--data-parallel-rank", "{rank}"),
         owned={
             "--port": _OWNED_PORT,
             "--host": _OWNED_HOST,
-            "--data-parallel-rank": "the supervisor gives each rank its --data-parallel-rank",
-            "-dpr": "the supervisor gives each rank its --data-parallel-rank",
-            "--data-parallel-multi-port-external-lb": "the supervisor runs one server per rank "
-            "itself: drop it",
-            "--data-parallel-hybrid-lb": "the supervisor runs one server per rank: drop it",
+            "--data-parallel-rank": _OWNED_RANK,
+            "--data-parallel-start-rank": "use trio-dpsup --start-rank: drop it",
+            "--data-parallel-multi-port-external-lb": _ONE_PER_RANK,
+            "--data-parallel-hybrid-lb": _ONE_PER_RANK,
+            "--headless": _HEADLESS,
         },
         parallel=(("--tensor-parallel-size", "-tp"), ("--pipeline-parallel-size", "-pp")),
         dp_size=("--data-parallel-size", "-dp"),
@@ -97,23 +124,50 @@ _DP_LOCAL = {
 }
 
 
-def apply_preset(preset: Preset, command: Sequence[str], gpus_per_rank: int) -> tuple[str, ...]:
-    """`command` with what each rank needs added. Raises ConfigError naming the fix."""
+def _long(preset: Preset, arg: str) -> str:
+    """The option `arg` names, as its long form: ``-dpn=3`` and ``--data_parallel_rank``
+    are ``--data-parallel-rank`` to vLLM, and so to the preset."""
+    option = arg.split("=", 1)[0]
+    if preset is Preset.VLLM:
+        if option.startswith("--"):
+            option = "--" + option[2:].replace("_", "-")
+        option = VLLM_SHORT.get(option, option)
+    return option
+
+
+def apply_preset(
+    preset: Preset, command: Sequence[str], gpus_per_rank: int, start_rank: int = 0
+) -> tuple[str, ...]:
+    """`command` with what each rank needs added. Raises ConfigError naming the option as
+    the user wrote it and the fix."""
     rules = _RULES[preset]
     name = preset.value
     for arg in command[1:]:
-        option = arg.split("=", 1)[0]
+        option = _long(preset, arg)
         if option in rules.owned:
-            raise ConfigError(f"--preset {name}: {option} in the command: {rules.owned[option]}")
-    local = _int_option(command, _DP_LOCAL[preset], name)
+            written = arg.split("=", 1)[0]
+            spelled = written if written == option else f"{written} ({option})"
+            raise ConfigError(f"--preset {name}: {spelled} in the command: {rules.owned[option]}")
+    local = _int_option(preset, command, _DP_LOCAL[preset])
     if local is not None and local[1] > 1:
         raise ConfigError(
             f"--preset {name}: {local[0]} {local[1]} makes one server span several ranks; "
-            "the supervisor runs one server per rank: drop it"
+            f"the supervisor runs one server per rank: drop it and pass trio-dpsup --ranks "
+            f"{local[1]}"
+        )
+    added = rules.added
+    if rules.dp_size and _int_option(preset, command, rules.dp_size) is None:
+        # No data-parallel group: independent replicas, which take no --data-parallel-rank.
+        added = added[:4]
+    elif rules.dp_size and start_rank > 0 and not _has(preset, command, "--data-parallel-address"):
+        raise ConfigError(
+            f"--preset {name}: --start-rank {start_rank} without --data-parallel-address in "
+            "the command: these ranks would wait for a data-parallel head on this node; pass "
+            "--data-parallel-address HEAD (and --data-parallel-rpc-port)"
         )
     per_server = 1
     for spellings in rules.parallel:
-        found = _int_option(command, spellings, name)
+        found = _int_option(preset, command, spellings)
         per_server *= 1 if found is None else found[1]
     if gpus_per_rank and per_server != gpus_per_rank:
         raise ConfigError(
@@ -121,7 +175,7 @@ def apply_preset(preset: Preset, command: Sequence[str], gpus_per_rank: int) -> 
             f"parallel size) but --gpus-per-rank is {gpus_per_rank}: pass --gpus-per-rank "
             f"{per_server}"
         )
-    return (*command, *rules.added)
+    return (*command, *added)
 
 
 def check_preset_ranks(preset: Preset, command: Sequence[str], start_rank: int, ranks: int) -> None:
@@ -129,8 +183,10 @@ def check_preset_ranks(preset: Preset, command: Sequence[str], start_rank: int, 
     spellings = _RULES[preset].dp_size
     if not spellings:
         return
-    found = _int_option(command, spellings, preset.value)
-    size = 1 if found is None else found[1]
+    found = _int_option(preset, command, spellings)
+    if found is None:
+        return  # independent replicas: no data-parallel group to fit in
+    size = found[1]
     if start_rank + ranks > size:
         raise ConfigError(
             f"--preset {preset.value}: ranks {start_rank}-{start_rank + ranks - 1} do not fit "
@@ -139,13 +195,18 @@ def check_preset_ranks(preset: Preset, command: Sequence[str], start_rank: int, 
         )
 
 
+def _has(preset: Preset, command: Sequence[str], long: str) -> bool:
+    return any(_long(preset, arg) == long for arg in command[1:])
+
+
 def _int_option(
-    command: Sequence[str], spellings: Sequence[str], preset: str
+    preset: Preset, command: Sequence[str], spellings: Sequence[str]
 ) -> tuple[str, int] | None:
-    """An integer option (``--x 4`` or ``--x=4``) as spelled and its value; None if absent."""
+    """An integer option (``--x 4`` or ``--x=4``, any spelling) as written and its value;
+    None if absent."""
     for index, arg in enumerate(command):
         option, eq, value = arg.partition("=")
-        if option not in spellings:
+        if option not in spellings and _long(preset, arg) not in spellings:
             continue
         if not eq:
             value = command[index + 1] if index + 1 < len(command) else ""
@@ -153,6 +214,6 @@ def _int_option(
             return option, int(value)
         except ValueError:
             raise ConfigError(
-                f"--preset {preset}: {option} needs a whole number, not {value!r}"
+                f"--preset {preset.value}: {option} needs a whole number, not {value!r}"
             ) from None
     return None
