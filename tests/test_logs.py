@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 
 import trio
 
 from trio_dpsup import SupervisorState, SupervisorStatus
-from trio_dpsup.testing import Harness, free_port_range
+from trio_dpsup.testing import Harness, free_port_range, open_cli_supervisor
+
+from .conftest import FAKE_RANK
 
 pytest_plugins = ["trio_dpsup.testing.plugin"]
 
@@ -119,3 +122,19 @@ async def test_status_shows_the_root_cause_until_exit(dpsup: Harness) -> None:
         "evidence": None,  # no --evidence-dir, and the rank had exited anyway
     }
     assert await deployment.wait_exit() == 9
+
+
+async def test_startup_progress_is_logged_while_ranks_load() -> None:
+    base = free_port_range(2)
+    argv = [
+        sys.executable, "-m", "trio_dpsup", "--ranks", "2", "--gpus-per-rank", "0",
+        "--base-port", str(base), "--control-port", "0", "--progress-log-interval", "0.2",
+        "--", *FAKE_RANK, "--port", "{port}", "--ready-after", "{rank}.5",
+    ]  # fmt: skip
+    async with open_cli_supervisor(argv[3:]) as sup:
+        with trio.fail_after(30):
+            await sup.wait_for_line(r"0/2 ranks ready after \d+s; waiting for 0, 1")
+            await sup.wait_for_line(r"1/2 ranks ready after \d+s; waiting for 1$")
+            await sup.wait_ready()
+        sup.send_signal(signal.SIGTERM)
+        assert await sup.wait() == 0

@@ -34,12 +34,13 @@ import trio
 from ._config.config import RankScheme, SupervisorConfig
 from ._errors import RankStartTimeout, RankUnhealthy, StartupTimeout, SupervisorFailure
 from ._http_probe import HttpProbe
-from ._state import Board, ProbeResult, RankRecord
+from ._state import Board, ProbeResult, RankRecord, RankState
 from ._tls import WILDCARD_HOSTS, rank_verify
 
 __all__ = [
     "RankProbe",
     "Ticker",
+    "log_startup_progress",
     "open_probe_client",
     "probe_factory",
     "probe_once",
@@ -269,6 +270,28 @@ async def _confirm(
                 break
     if failed is not None:
         raise failed
+
+
+async def log_startup_progress(config: SupervisorConfig, board: Board) -> None:
+    """Every `progress_log_interval` until every rank is ready (or shutdown begins): one
+    record, ``3/8 ranks ready after 42s; waiting for 2, 5, 6, 7``.
+
+    **Cancellation**: prompt.
+    """
+    if not config.progress_log_interval:
+        return
+    while True:  # ends once every rank is ready or shutdown has begun
+        await trio.sleep(config.progress_log_interval)
+        if board.all_ready.is_set() or board.stopping.is_set():
+            return
+        waiting = [r.plan.rank for r in board.ranks if r.state is not RankState.READY]
+        logger.info(
+            "%d/%d ranks ready after %.0fs; waiting for %s",
+            len(board.ranks) - len(waiting),
+            len(board.ranks),
+            trio.current_time() - board.started_at,
+            ", ".join(map(str, waiting)),
+        )
 
 
 async def run_startup_deadline(

@@ -45,7 +45,13 @@ from ._gpu.nvml import GpuInfo, NvmlBackend, NvmlError, NvmlFactory, NvmlUnavail
 from ._gpu.placement import Owner, OwnerKind, Placement, PlacementVerdict, owner_from_trees
 from ._logs import LogPump, open_log_pump
 from ._metrics import Metrics
-from ._prober import Ticker, open_probe_client, probe_factory, run_startup_deadline
+from ._prober import (
+    Ticker,
+    log_startup_progress,
+    open_probe_client,
+    probe_factory,
+    run_startup_deadline,
+)
 from ._proc.cgroup import CgroupError, RunCgroups
 from ._proc.guardian import Guardian, open_guardian
 from ._proc.membership import Trees
@@ -347,6 +353,7 @@ class _Run:
                     for record in self.board.ranks:
                         await ranks.start(run_rank, record, ctx)
                     ranks.start_soon(run_startup_deadline, config, self.board, self.fail)
+                    ranks.start_soon(log_startup_progress, config, self.board)
                     await self._start_gpu_monitor(ranks)
                     self._handed_out = True
                     task_status.started(make_handle())

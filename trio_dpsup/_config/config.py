@@ -298,6 +298,12 @@ class SupervisorConfig:
         "too (time, rank, stream, message)",
         "logs",
     )
+    progress_log_interval: float = setting(
+        30.0,
+        "while ranks start, log how many are ready and which are awaited this often, so "
+        "that a long model load shows it is moving (kubectl logs); 0: never",
+        "logs", "SECONDS", check=seconds_or_zero,
+    )  # fmt: skip
     secret_options: tuple[str, ...] = setting(
         (),
         "an option of the rank command whose value is secret, besides those found by name "
