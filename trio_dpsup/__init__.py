@@ -39,6 +39,7 @@ if typing.TYPE_CHECKING:
     from ._errors import RankStartTimeout as RankStartTimeout
     from ._errors import RankUnhealthy as RankUnhealthy
     from ._errors import RestartedWith as RestartedWith
+    from ._errors import RestartRequested as RestartRequested
     from ._errors import RestartsExhausted as RestartsExhausted
     from ._errors import StartupTimeout as StartupTimeout
     from ._errors import SupervisorFailure as SupervisorFailure

@@ -45,7 +45,12 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
 
 
 def run_cli(argv: Sequence[str]) -> int:
-    """Parse `argv`, supervise, and return the exit status (2 for bad input)."""
+    """Parse `argv`, supervise, and return the exit status (2 for bad input).
+    ``trio-dpsup ctl ...`` is the admin socket's client instead (see _ctl)."""
+    if list(argv[:1]) == ["ctl"]:
+        from ._ctl import run_ctl  # standard library only: a client needs nothing else
+
+        return run_ctl(argv[1:])
     parser = build_parser()
     options, command = _split_command(argv)
     try:

@@ -25,6 +25,7 @@ __all__ = [
     "RankStalled",
     "RankStartTimeout",
     "RankUnhealthy",
+    "RestartRequested",
     "RestartedWith",
     "RestartsExhausted",
     "StartupTimeout",
@@ -204,6 +205,15 @@ class GpuMemoryHeld(SupervisorFailure):
         else:
             why = f"its previous process's GPU memory was still held after {waited:.1f}s: {named}"
         super().__init__(f"rank {rank} cannot restart: {why}")
+
+
+class RestartRequested(SupervisorFailure):
+    """An operator asked for this rank's restart (``trio-dpsup ctl restart``). A restart
+    cause, never a supervisor's."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+        super().__init__(f"rank {rank} restarted on request")
 
 
 class GpuFailed(SupervisorFailure):

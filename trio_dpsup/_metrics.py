@@ -54,6 +54,12 @@ class Metrics:
             ["rank"],
             registry=self.registry,
         )
+        self._actions = Counter(
+            "trio_dpsup_admin_actions",
+            "Operator actions carried out through the admin socket.",
+            ["action"],
+            registry=self.registry,
+        )
         for record in board.ranks:  # every rank's series exists from the start, at 0
             self._probe_failures.labels(str(record.plan.rank))
         build = Gauge(
@@ -72,6 +78,9 @@ class Metrics:
         self._probe_seconds.labels(label).observe(result.latency)
         if not result.ok:
             self._probe_failures.labels(label).inc()
+
+    def count_action(self, action: str) -> None:
+        self._actions.labels(action).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -200,6 +200,8 @@ async def probe_rank(
         logger.info("all %d ranks are ready", len(board.ranks))
     while True:  # ready: until it fails; ends by cancellation
         await ticker.wait()
+        if trio.current_time() < record.probes_paused_until:
+            continue  # an operator paused them (a weight reload...): see trio-dpsup ctl
         if not _count(config, record, await probe.probe(config.probe_timeout), observe):
             await _confirm(config, record, probe, observe)
 

@@ -79,7 +79,7 @@ async def watch_progress(
     clock = StallClock()
     while True:  # ends by cancellation or by the stall it raises
         await trio.sleep(config.progress_interval)
-        if record.state is not RankState.READY:
+        if record.state is not RankState.READY or trio.current_time() < record.probes_paused_until:
             clock = StallClock()  # not serving yet (or any more): nothing to hold against it
             continue
         try:

@@ -105,6 +105,8 @@ class RankStatus:
     evidence: str | None = None
     #: When it entered its state (wall clock, seconds since the epoch).
     since: float = 0.0
+    #: Drained by an operator: it keeps running, but takes no traffic (see /ranks).
+    drained: bool = False
 
     @property
     def ready(self) -> bool:
@@ -201,6 +203,11 @@ class RankRecord:
         self.progress: ProgressStatus | None = None
         self.waiting: str | None = None
         self.evidence: str | None = None
+        #: Operator controls (trio-dpsup ctl): drained (no traffic, still running); probes
+        #: paused until this trio.current_time(); the next restart without backoff.
+        self.drained = False
+        self.probes_paused_until = 0.0
+        self.restart_now = False
         #: The pids of the previous process's tree, once it is stopped: a restart waits for
         #: their GPU memory.
         self.previous_tree: frozenset[int] = frozenset()
@@ -239,6 +246,7 @@ class RankRecord:
             waiting=self.waiting,
             evidence=self.evidence,
             since=self.since,
+            drained=self.drained,
         )
 
 
@@ -281,6 +289,10 @@ class Board:
         if state is not self._state:
             self._state = state
             self._bump()
+
+    def touch(self) -> None:
+        """Announce a change that is not a state change (a rank drained)."""
+        self._bump()
 
     def _bump(self) -> None:
         self.version += 1

@@ -191,6 +191,7 @@ def rank_to_json(rank: RankStatus) -> JSON:
         "state": rank.state.value,
         "since": rank.since,
         "ready": rank.ready,
+        "drained": rank.drained,
         "pid": rank.pid,
         "port": rank.port,
         "devices": list(rank.devices),
@@ -300,6 +301,7 @@ def _rank_from_json(doc: JSON) -> RankStatus:
         waiting=doc.get("waiting"),
         evidence=doc.get("evidence"),
         since=doc.get("since", 0.0),
+        drained=doc.get("drained", False),
     )
 
 

@@ -35,6 +35,7 @@ from functools import partial
 import httpx
 import trio
 
+from ._admin import Admin, bind_admin_socket, serve_admin
 from ._clean_start import check_gpus_at_start, check_ports_at_start
 from ._config.config import LogFormat, SupervisorConfig
 from ._config.plan import plan_ranks
@@ -152,8 +153,15 @@ class Supervisor:
             check_tls(self.config)
             run_id = uuid.uuid4().hex
             cgroups = _make_cgroups(run_id) if self.config.cgroups else None
+            admin_sock = None
             try:
                 sock = bind_control_socket(self.config.control_host, self.config.control_port)
+                if self.config.admin_socket is not None:
+                    try:
+                        admin_sock = bind_admin_socket(self.config.admin_socket)
+                    except BaseException:
+                        sock.close()
+                        raise
             except BaseException:
                 if cgroups is not None:
                     cgroups.remove()
@@ -176,7 +184,7 @@ class Supervisor:
             run.request_shutdown(signum)
             if kill:
                 run.kill()
-        await run.run(sock, task_status)  # it closes NVML before it reports itself stopped
+        await run.run(sock, admin_sock, task_status)  # it closes NVML before it reports stopped
 
 
 class SupervisorHandle:
@@ -267,9 +275,13 @@ class _Run:
         self._handed_out = False
 
     async def run(
-        self, sock: socket.socket, task_status: trio.TaskStatus[SupervisorHandle]
+        self,
+        sock: socket.socket,
+        admin_sock: socket.socket | None,
+        task_status: trio.TaskStatus[SupervisorHandle],
     ) -> None:
         stop_control = trio.Event()
+        admin_scope = trio.CancelScope()
         try:
             async with trio.open_nursery() as root:
                 app = ControlApp(
@@ -281,6 +293,9 @@ class _Run:
                 serve = partial(serve_control_plane, tls=TlsFiles.of(self.config))
                 url: str = await root.start(serve, app, sock, stop_control.wait)
                 logger.info("control plane listening on %s", url)
+                if admin_sock is not None:
+                    admin = Admin(self.config, self.board, self.metrics.count_action)
+                    await root.start(self._serve_admin, admin_sock, admin, admin_scope)
                 make_handle = partial(SupervisorHandle, self, url)
                 try:
                     async with open_guardian(self.board.run_id) as guardian:
@@ -292,6 +307,7 @@ class _Run:
                 finally:
                     if self.cgroups is not None:
                         self.cgroups.remove()
+                    admin_scope.cancel()
                     stop_control.set()  # the control plane stops last, after every rank is gone
                 if not self._handed_out and self.board.failure is None:
                     # Shutdown was requested while ranks were being started: hand out the
@@ -302,6 +318,26 @@ class _Run:
             self._finish()
         if self.board.failure is not None:
             raise self.board.failure
+
+    async def _serve_admin(
+        self,
+        sock: socket.socket,
+        admin: Admin,
+        scope: trio.CancelScope,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """The admin socket until `scope` is cancelled (with the control plane); then its
+        file is removed."""
+        assert self.config.admin_socket is not None
+        path = self.config.admin_socket
+        try:
+            with scope:
+                logger.info("admin socket listening on %s", path)
+                await serve_admin(sock, admin, task_status=task_status)
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
 
     async def _run_ranks(
         self,

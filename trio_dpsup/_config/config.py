@@ -96,6 +96,12 @@ class SupervisorConfig:
     control_host: str = setting("127.0.0.1", "", "control plane", "HOST")
     #: 0 binds any free port; the bound address is in `SupervisorHandle.control_url`.
     control_port: int = setting(9000, "0 for any free port", "control plane", "PORT")
+    admin_socket: str | None = setting(
+        None,
+        "serve operator actions (trio-dpsup ctl: status, restart, drain, pause-probes, "
+        "rolling-restart) on this Unix socket, mode 0600, never on TCP",
+        "control plane", "PATH", check=writable_directory_of,
+    )  # fmt: skip
     ssl_certfile: str | None = setting(
         None, "serve the control plane over HTTPS: PEM chain", "control plane", "PATH"
     )
