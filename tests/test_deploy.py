@@ -80,7 +80,8 @@ def test_probes_and_grace_fit_the_supervisor(path: Path) -> None:
         assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
         assert container["livenessProbe"]["httpGet"]["path"] == "/livez"
         startup = container["startupProbe"]
-        assert startup["periodSeconds"] * startup["failureThreshold"] >= args.startup_timeout
+        # Clearly above: the supervisor, not the kubelet, must report a slow start.
+        assert startup["periodSeconds"] * startup["failureThreshold"] >= args.startup_timeout + 60
         # Kubernetes' SIGKILL must come after our drain and grace period.
         grace = template["spec"]["terminationGracePeriodSeconds"]
         assert grace > args.drain_delay + args.grace_period
@@ -92,3 +93,36 @@ def test_the_schema_check_catches_a_misspelt_field() -> None:
     container["readinesProbe"] = container.pop("readinessProbe")
     with pytest.raises(kubernetes_validate.ValidationError, match="readinesProbe"):
         kubernetes_validate.validate(deployment, kubernetes_validate.latest_version(), strict=True)
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
+def test_pods_are_restricted_resourced_and_get_their_secrets(path: Path) -> None:
+    for template in (t for doc in documents(path) for t in pod_templates(doc)):
+        pod = template["spec"]["securityContext"]
+        assert (pod["runAsNonRoot"], pod["seccompProfile"]) == (True, {"type": "RuntimeDefault"})
+        (container,) = template["spec"]["containers"]
+        security = container["securityContext"]
+        assert security == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+        resources = container["resources"]
+        for kind in ("requests", "limits"):
+            assert set(resources[kind]) == {"cpu", "memory", "nvidia.com/gpu"}
+        env = {e["name"]: e for e in container["env"]}
+        assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hf-token", "key": "token"}
+        mounts = {m["mountPath"] for m in container["volumeMounts"]}
+        assert env["HF_HOME"]["value"].startswith("/cache")
+        assert "/cache" in mounts
+        # Every rank's port is a containerPort, named for the Services.
+        args = build_parser().parse_args(trio_dpsup_options(container))
+        ranks = args.ranks or 8
+        names = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert all(names[f"rank-{i}"] == args.base_port + i for i in range(ranks))
+
+
+def test_the_group_has_a_headless_service_for_its_ranks() -> None:
+    (_, service) = documents(KUBERNETES / "leaderworkerset.yaml")
+    kubernetes_validate.validate(service, kubernetes_validate.latest_version(), strict=True)
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["selector"] == {"app": "vllm-dp16"}
+    assert {p["name"] for p in service["spec"]["ports"]} == {"control"} | {
+        f"rank-{i}" for i in range(8)
+    }

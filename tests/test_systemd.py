@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
+import tomllib
 import uuid
 from pathlib import Path
 
@@ -86,3 +88,56 @@ async def test_watchdog_for_another_pid_is_not_ours(tmp_path: Path) -> None:
             await notify.wait_for("STOPPING=1")
             assert not any("WATCHDOG=1" in m for m in notify.messages)
             nursery.cancel_scope.cancel()
+
+
+UNIT = Path(__file__).parent.parent / "deploy" / "systemd" / "trio-dpsup.service"
+
+
+def unit_settings() -> dict[str, list[str]]:
+    settings: dict[str, list[str]] = {}
+    for line in UNIT.read_text().splitlines():
+        if "=" in line and not line.startswith(("#", "[")):
+            key, _, value = line.partition("=")
+            settings.setdefault(key, []).append(value)
+    return settings
+
+
+def test_the_unit_restarts_sensibly_and_is_hardened() -> None:
+    settings = unit_settings()
+    node = tomllib.loads((UNIT.parent / "node.toml").read_text())
+    assert settings["RestartPreventExitStatus"] == ["2"]
+    assert int(settings["TimeoutStartSec"][0]) > node["startup-timeout"]
+    assert int(settings["TimeoutStopSec"][0]) > node["grace-period"] + node["drain-delay"]
+    for key, value in (
+        ("NoNewPrivileges", "yes"), ("ProtectSystem", "strict"), ("User", "trio-dpsup"),
+    ):  # fmt: skip
+        assert settings[key] == [value]
+    (path,) = [v for v in settings["Environment"] if v.startswith("PATH=")]
+    assert path.startswith("PATH=/opt/trio-dpsup/.venv/bin:")  # where vllm is found
+    assert settings["ExecStart"][0].startswith("/")
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
+async def test_systemd_analyze_verifies_the_unit(tmp_path: Path) -> None:
+    # The unit names a user and paths of a real install: make a copy that points at what
+    # exists here, so that verify judges the unit's settings, not this machine's users.
+    text = UNIT.read_text()
+    for old, new in (
+        ("/opt/trio-dpsup/.venv/bin/trio-dpsup", shutil.which("true") or "/bin/true"),
+        ("User=trio-dpsup", "User=root"),
+        ("Group=trio-dpsup", "Group=root"),
+    ):
+        text = text.replace(old, new)
+    copy = tmp_path / "trio-dpsup.service"
+    copy.write_text(text)
+    with trio.fail_after(60):
+        result = await trio.run_process(
+            ["systemd-analyze", "verify", str(copy)],
+            capture_stdout=True, capture_stderr=True, check=False,
+        )  # fmt: skip
+    output = (result.stdout + result.stderr).decode()
+    problems = [
+        line for line in output.splitlines()
+        if ("trio-dpsup.service" in line and "Failed to" not in line) or "Unknown key" in line
+    ]  # fmt: skip
+    assert not problems, output
