@@ -181,3 +181,14 @@ async def test_cli_refusal_exits_2(fake_env: dict[str, str]) -> None:
 
 def _escape(text: str) -> str:
     return re.escape(text)
+
+
+def test_gpus_per_rank_comes_from_the_command_when_not_given() -> None:
+    command = (sys.executable, "serve", "m", "-tp", "2", "--pipeline_parallel_size=2")
+    config = SupervisorConfig(command=command, preset=Preset.VLLM, devices=tuple("01234567"))
+    assert config.gpus == 4
+    plans = plan_ranks(config, {"PATH": os.environ["PATH"]})
+    assert [dict(p.env)["CUDA_VISIBLE_DEVICES"] for p in plans] == ["0,1,2,3", "4,5,6,7"]
+    assert SupervisorConfig(command=command).gpus == 1  # no preset: 1, as before
+    sglang = SupervisorConfig(command=("x", "--tp", "2"), preset=Preset.SGLANG)
+    assert sglang.gpus == 2

@@ -26,7 +26,7 @@ from .options import (
     writable_directory_of,
     zero_or_more,
 )
-from .presets import PROGRESS_METRICS, Preset
+from .presets import PROGRESS_METRICS, Preset, parallel_size
 
 __all__ = ["LogFormat", "RankScheme", "SupervisorConfig"]
 
@@ -66,7 +66,14 @@ class SupervisorConfig:
         None, "local ranks (default: devices / gpus-per-rank)", "ranks", "N", check=at_least_one,
     )  # fmt: skip
     start_rank: int = setting(0, "global rank of local rank 0", "ranks", "N", check=zero_or_more)
-    gpus_per_rank: int = setting(1, "devices per rank, e.g. TP x PP; 0: no GPU", "ranks", "N")
+    #: None: with a preset, the command's tensor x pipeline parallel size; else 1. Resolved
+    #: when the config is built: read `gpus`.
+    gpus_per_rank: int | None = setting(
+        None,
+        "devices per rank, e.g. TP x PP; 0: no GPU (default: with --preset, the command's "
+        "TP x PP; else 1)",
+        "ranks", "N",
+    )  # fmt: skip
     #: None: the environment's CUDA_VISIBLE_DEVICES when set, else every device NVML sees.
     devices: tuple[str, ...] | None = setting(
         None,
@@ -324,7 +331,10 @@ class SupervisorConfig:
         if not self.command:
             raise ConfigError("no command to run: put the rank command after '--'")
         check_settings(self)  # each option's own check, declared with it
-        if self.gpus_per_rank < 0:
+        if self.gpus_per_rank is None:
+            derived = 1 if self.preset is None else parallel_size(self.preset, self.command)
+            object.__setattr__(self, "gpus_per_rank", derived)  # frozen: set once, here
+        if self.gpus < 0:
             raise ConfigError(
                 f"{_opt('gpus_per_rank')} must be 0 (ranks without GPUs) or more, "
                 f"not {self.gpus_per_rank}"
@@ -350,6 +360,12 @@ class SupervisorConfig:
                 f"writing straight to our output ({_opt('log_prefix')}) cannot be: drop one"
             )
         self._check_fail_on_status()
+
+    @property
+    def gpus(self) -> int:
+        """Devices per rank, resolved (see `gpus_per_rank`)."""
+        assert self.gpus_per_rank is not None  # resolved in __post_init__
+        return self.gpus_per_rank
 
     def _coerce_enums(self) -> None:
         """Accept an enum setting as its member or its value (``restart="never"``), as the

@@ -79,14 +79,14 @@ def plan_ranks(
     devices, a device NVML does not have, or `ranks` missing when no device is known.
     """
     devices, source = resolve_devices(config, environ, inventory)
-    if config.gpus_per_rank == 0:
+    if config.gpus == 0:
         devices = None  # ranks without GPUs: they are told so below, and need --ranks
     gpus = None
     if devices is not None and inventory is not None:
         gpus = resolve_devices_on(devices, inventory, source=source)
     command = config.command
     if config.preset is not None:
-        command = apply_preset(config.preset, command, config.gpus_per_rank, config.start_rank)
+        command = apply_preset(config.preset, command, config.gpus, config.start_rank)
     ranks = _rank_count(config, devices, nvml_problem, source)
     check_fd_limit(ranks)
     check_port_range(config, ranks)
@@ -98,8 +98,8 @@ def plan_ranks(
     _check_placeholders(command, has_devices=devices is not None)
     plans = []
     for local_rank in range(ranks):
-        own = () if devices is None else _slice(devices, local_rank, config.gpus_per_rank)
-        own_gpus = () if gpus is None else _slice(gpus, local_rank, config.gpus_per_rank)
+        own = () if devices is None else _slice(devices, local_rank, config.gpus)
+        own_gpus = () if gpus is None else _slice(gpus, local_rank, config.gpus)
         values = {
             "rank": str(config.start_rank + local_rank),
             "local_rank": str(local_rank),
@@ -109,7 +109,7 @@ def plan_ranks(
             "ranks": str(ranks),
         }
         env = list(config.env)
-        if devices is not None or config.gpus_per_rank == 0:
+        if devices is not None or config.gpus == 0:
             env.append(("CUDA_VISIBLE_DEVICES", ",".join(own)))
         if uses_indices(own):
             # CUDA's default order (fastest first) can differ from NVML's (PCI bus order).
@@ -165,24 +165,24 @@ def _rank_count(
 ) -> int:
     if devices is None:
         if config.ranks is None:
-            why = "--gpus-per-rank is 0" if config.gpus_per_rank == 0 else "no devices are known"
-            if nvml_problem and config.gpus_per_rank:
+            why = "--gpus-per-rank is 0" if config.gpus == 0 else "no devices are known"
+            if nvml_problem and config.gpus:
                 why += f" (NVML is unavailable: {nvml_problem})"
             raise ConfigError(
                 f"{why}, so the rank count cannot be derived: pass --ranks N "
                 "(or --devices, or set CUDA_VISIBLE_DEVICES)"
             )
-        if config.gpus_per_rank and config.ranks > 1:
+        if config.gpus and config.ranks > 1:
             # Without a device list every rank would see every GPU: they would all load onto
             # GPU 0, or fight over memory. Never start ranks silently unpinned.
             why = f" (NVML is unavailable: {nvml_problem})" if nvml_problem else ""
             raise ConfigError(
                 f"no devices are known{why}, so {config.ranks} ranks with --gpus-per-rank "
-                f"{config.gpus_per_rank} would each see every GPU: name the devices with "
+                f"{config.gpus} would each see every GPU: name the devices with "
                 "--devices (or CUDA_VISIBLE_DEVICES), or pass --gpus-per-rank 0 for ranks "
                 "without GPUs"
             )
-        if config.gpus_per_rank:
+        if config.gpus:
             # One rank cannot collide with another: it sees what the server would see if
             # started by hand, so it starts, loudly.
             logger.warning(
@@ -197,12 +197,12 @@ def _rank_count(
             "--gpus-per-rank 0 and --ranks N to run ranks without GPUs, or name devices with "
             "--devices or CUDA_VISIBLE_DEVICES"
         )
-    available = len(devices) // config.gpus_per_rank
+    available = len(devices) // config.gpus
     ranks = available if config.ranks is None else config.ranks
-    if ranks < 1 or ranks * config.gpus_per_rank > len(devices):
-        wanted = (config.ranks or 1) * config.gpus_per_rank
+    if ranks < 1 or ranks * config.gpus > len(devices):
+        wanted = (config.ranks or 1) * config.gpus
         raise ConfigError(
-            f"{ranks or 1} ranks x {config.gpus_per_rank} GPUs per rank need {wanted} devices, "
+            f"{ranks or 1} ranks x {config.gpus} GPUs per rank need {wanted} devices, "
             f"but only {len(devices)} are available ({','.join(devices) or 'none'}): "
             f"lower --ranks or --gpus-per-rank, or pass more --devices"
         )

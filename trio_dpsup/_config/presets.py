@@ -24,7 +24,14 @@ from dataclasses import dataclass
 
 from .._errors import ConfigError
 
-__all__ = ["PROGRESS_METRICS", "Preset", "apply_preset", "check_preset_ranks", "check_progress"]
+__all__ = [
+    "PROGRESS_METRICS",
+    "Preset",
+    "apply_preset",
+    "check_preset_ranks",
+    "check_progress",
+    "parallel_size",
+]
 
 
 class Preset(enum.Enum):
@@ -165,10 +172,7 @@ def apply_preset(
             "the command: these ranks would wait for a data-parallel head on this node; pass "
             "--data-parallel-address HEAD (and --data-parallel-rpc-port)"
         )
-    per_server = 1
-    for spellings in rules.parallel:
-        found = _int_option(preset, command, spellings)
-        per_server *= 1 if found is None else found[1]
+    per_server = parallel_size(preset, command)
     if gpus_per_rank and per_server != gpus_per_rank:
         raise ConfigError(
             f"--preset {name}: each server uses {per_server} GPU(s) (tensor x pipeline "
@@ -176,6 +180,15 @@ def apply_preset(
             f"{per_server}"
         )
     return (*command, *added)
+
+
+def parallel_size(preset: Preset, command: Sequence[str]) -> int:
+    """The GPUs one server of `command` uses: its tensor x pipeline parallel size."""
+    size = 1
+    for spellings in _RULES[preset].parallel:
+        found = _int_option(preset, command, spellings)
+        size *= 1 if found is None else found[1]
+    return size
 
 
 def check_preset_ranks(preset: Preset, command: Sequence[str], start_rank: int, ranks: int) -> None:
