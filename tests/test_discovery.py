@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -9,7 +12,7 @@ import pytest
 import trio
 
 from trio_dpsup import RestartPolicy
-from trio_dpsup.testing import Form, Harness
+from trio_dpsup.testing import Form, Harness, free_port_range
 
 pytest_plugins = ["trio_dpsup.testing.plugin"]
 
@@ -82,3 +85,45 @@ async def test_prometheus_targets_name_every_ranks_metrics(dpsup: Harness) -> No
         }
         for rank, port in enumerate(deployment.ports)
     ]
+
+
+@pytest.mark.skipif(shutil.which("prometheus") is None, reason="prometheus is not installed")
+async def test_a_real_prometheus_scrapes_every_rank_from_the_targets(
+    dpsup: Harness, tmp_path: Path
+) -> None:
+    deployment = await dpsup.start(2)  # the fake ranks serve /metrics
+    port = free_port_range(1)
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        "global: {scrape_interval: 1s}\n"
+        "scrape_configs:\n"
+        "  - job_name: ranks\n"
+        "    http_sd_configs:\n"
+        f"      - url: {deployment.control_url}/prometheus/targets\n"
+        "        refresh_interval: 1s\n"
+    )
+    process = await trio.lowlevel.open_process(
+        [
+            "prometheus", f"--config.file={config}", f"--web.listen-address=127.0.0.1:{port}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+        ],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    up: list[Any] = []
+    try:
+        async with httpx.AsyncClient(trust_env=False) as client:
+            with trio.fail_after(60):
+                for _ in range(120):  # until both ranks are scraped healthy
+                    try:
+                        answer = await client.get(f"http://127.0.0.1:{port}/api/v1/targets")
+                        active = answer.json()["data"]["activeTargets"]
+                    except (httpx.TransportError, ValueError, KeyError):
+                        active = []
+                    up = [t for t in active if t["health"] == "up"]
+                    if len(up) == 2:
+                        break
+                    await trio.sleep(0.5)  # pacing: Prometheus scrapes every second
+    finally:
+        process.kill()
+        await process.wait()
+    assert sorted(t["labels"]["rank"] for t in up) == ["0", "1"]
