@@ -156,18 +156,20 @@ class Admin:
         record.incarnation.cancel()
 
     async def _drain(self, request: dict[str, Any]) -> dict[str, Any]:
-        record = self._record(request)
-        record.drained = True
-        self._board.touch()
-        logger.warning("rank %d drained", record.plan.rank, extra={"rank": record.plan.rank})
-        return {"rank": record.plan.rank}
+        return self._set_drained(request, True)
 
     async def _undrain(self, request: dict[str, Any]) -> dict[str, Any]:
+        return self._set_drained(request, False)
+
+    def _set_drained(self, request: dict[str, Any], drained: bool) -> dict[str, Any]:
         record = self._record(request)
-        record.drained = False
-        self._board.touch()
-        logger.warning("rank %d undrained", record.plan.rank, extra={"rank": record.plan.rank})
-        return {"rank": record.plan.rank}
+        record.drained = drained
+        self._board.touch()  # /ranks long polls hear of it
+        rank = record.plan.rank
+        logger.warning(
+            "rank %d %s", rank, "drained" if drained else "undrained", extra={"rank": rank}
+        )
+        return {"rank": rank}
 
     async def _pause(self, request: dict[str, Any]) -> dict[str, Any]:
         record = self._record(request)
