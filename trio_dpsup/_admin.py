@@ -211,11 +211,14 @@ class Admin:
     async def _wait(self, condition: Callable[[], bool]) -> None:
         """Until `condition` holds, re-checked at each change of the board; bounded by the
         startup timeout (or 30 minutes)."""
-        with trio.fail_after(self._config.startup_timeout or 1800):
+        bound = self._config.startup_timeout or 1800
+        with trio.move_on_after(bound):
             while not condition():  # each change of the board wakes it
                 if self._board.stopping.is_set():
                     raise AdminError("the supervisor began stopping")
                 await self._board.changed.wait()
+            return
+        raise AdminError(f"the rank did not come back within {bound:g}s (--startup-timeout)")
 
 
 async def serve_admin(
@@ -240,13 +243,13 @@ async def _serve_one(stream: trio.SocketStream, admin: Admin) -> None:
     async with stream:
         try:
             _check_peer(stream.socket)
-            with trio.fail_after(REQUEST_TIMEOUT):
+            with trio.move_on_after(REQUEST_TIMEOUT) as arrival:
                 request = await _read_request(stream)
+            if arrival.cancelled_caught:
+                raise AdminError("the request did not arrive in time")
             answer = await admin.act(request)
         except AdminError as exc:
             answer = {"ok": False, "error": str(exc)}
-        except trio.TooSlowError:
-            answer = {"ok": False, "error": "the request did not arrive in time"}
         with contextlib.suppress(trio.BrokenResourceError):  # the client left; it stands
             await stream.send_all(json.dumps(answer).encode() + b"\n")
 

@@ -11,7 +11,8 @@ fail a rank. An answer whose status is in `fail_on_status` fails it at once.
 The ready ranks' probes share one clock (`Ticker`): one timer wakes every rank's loop at
 each interval, and their answers come back in the same few epoll waits. Measured on 2
 cores with 32 ranks, that took the CPU of a probe from about 470 µs (a timer per rank) to
-125 µs (bench: "CPU of one probe"); through httpx it was about 1800 µs.
+125 µs (bench: "CPU of one probe"); through httpx it was about 1800 µs (as measured
+when this client was asked for).
 
 Probes go through `_http_probe.HttpProbe`, a minimal HTTP/1.1 client on Trio streams (a
 probe through httpx costs about four times the CPU); a test that injects an httpx
