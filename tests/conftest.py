@@ -10,14 +10,31 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
 import trio
 
+from trio_dpsup import RestartPolicy
+from trio_dpsup.testing import Form
 from trio_dpsup.testing.fake_servers import ARGV_FILE_ENV, install_fake_servers
 
 FAKE_RANK = (sys.executable, "-m", "trio_dpsup.testing.fake_rank")
+
+#: A test so marked runs in both forms: the CLI and the library.
+FORMS = pytest.mark.parametrize("form", list(Form), ids=lambda form: form.value)
+
+
+def on_failure(backoff: float) -> dict[str, Any]:
+    """Settings that restart a failed rank after `backoff` seconds (jitter takes it down
+    to half that)."""
+    return {
+        "restart": RestartPolicy.ON_FAILURE,
+        "restart_backoff_min": backoff,
+        "restart_backoff_max": backoff,
+    }
+
 
 #: Fast probing, so that failures show in well under a second.
 FAST_PROBES = (

@@ -17,9 +17,9 @@ import trio
 from trio_dpsup import RankState, RestartRequested, SupervisorState
 from trio_dpsup.testing import Deployment, Form, Harness
 
-pytest_plugins = ["trio_dpsup.testing.plugin"]
+from .conftest import FORMS, on_failure
 
-FORMS = pytest.mark.parametrize("form", list(Form), ids=lambda form: form.value)
+pytest_plugins = ["trio_dpsup.testing.plugin"]
 
 
 async def ctl(socket_path: Path, *args: str) -> tuple[int, str, str]:
@@ -116,9 +116,8 @@ async def test_drain_pause_and_the_metrics(dpsup: Harness, tmp_path: Path) -> No
 
 async def test_errors_are_one_line_and_exit_2(dpsup: Harness, tmp_path: Path) -> None:
     sock = tmp_path / "admin.sock"
-    settings = {"restart_backoff_min": 0.1, "restart_backoff_max": 0.1}
     deployment = await dpsup.start(
-        2, admin_socket=str(sock), rank_args=["--stop-delay", "1"], **settings
+        2, admin_socket=str(sock), rank_args=["--stop-delay", "1"], **on_failure(0.1)
     )
     cases = [
         (("restart", "7"), "no rank 7 here: the ranks are 0-1"),

@@ -18,21 +18,17 @@ from trio_dpsup import (
     PortInUse,
     RankExited,
     RankState,
-    RestartPolicy,
     Supervisor,
     SupervisorConfig,
 )
 from trio_dpsup.testing import FAKE_RANK, Deployment, FakeNvml, Form, Harness, free_port_range
 
+from .conftest import FORMS, on_failure
+
 pytest_plugins = ["trio_dpsup.testing.plugin"]
 
-FORMS = pytest.mark.parametrize("form", list(Form), ids=lambda form: form.value)
-#: Restart on failure after a backoff long enough for a test to take the port meanwhile.
-SLOW_RESTART = {
-    "restart": RestartPolicy.ON_FAILURE,
-    "restart_backoff_min": 0.5,
-    "restart_backoff_max": 0.5,
-}
+#: Restart after a backoff long enough for a test to take the port meanwhile.
+SLOW_RESTART = on_failure(0.5)
 
 
 async def restarting(deployment: Deployment, rank: int) -> None:

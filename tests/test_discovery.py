@@ -11,17 +11,13 @@ import httpx
 import pytest
 import trio
 
-from trio_dpsup import RestartPolicy
 from trio_dpsup.testing import Form, Harness, free_port_range
+
+from .conftest import FORMS, on_failure
 
 pytest_plugins = ["trio_dpsup.testing.plugin"]
 
-FORMS = pytest.mark.parametrize("form", list(Form), ids=lambda form: form.value)
-QUICK = {
-    "restart": RestartPolicy.ON_FAILURE,
-    "restart_backoff_min": 0.5,
-    "restart_backoff_max": 0.5,
-}
+QUICK = on_failure(0.5)
 
 
 async def get_json(client: httpx.AsyncClient, url: str) -> Any:

@@ -35,9 +35,10 @@ from trio_dpsup.testing import (
     read_pid_file,
 )
 
+from .conftest import FORMS
+
 pytest_plugins = ["trio_dpsup.testing.plugin"]
 
-FORMS = pytest.mark.parametrize("form", list(Form), ids=lambda form: form.value)
 #: Ranks that take half a second to stop: a window in which to watch /ready answer 503.
 SLOW_STOP = ("--stop-delay", "0.5")
 #: How long ranks idle before the supervisor is SIGKILLed. Trio's idle worker threads exit

@@ -13,8 +13,10 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 import trio_dpsup
-from trio_dpsup import RankState, RestartPolicy, SupervisorState
+from trio_dpsup import RankState, SupervisorState
 from trio_dpsup.testing import FakeNvml, Form, Harness
+
+from .conftest import on_failure
 
 pytest_plugins = ["trio_dpsup.testing.plugin"]
 
@@ -102,8 +104,7 @@ async def test_gpu_gauges_with_nvml(dpsup: Harness) -> None:
 
 
 async def test_exit_status_and_restart_time_outlive_the_restart(dpsup: Harness) -> None:
-    settings = {"restart_backoff_min": 0.1, "restart_backoff_max": 0.1}
-    deployment = await dpsup.start(1, restart=RestartPolicy.ON_FAILURE, **settings)
+    deployment = await dpsup.start(1, **on_failure(0.1))
     before = time.time()
     await deployment.crash_rank(0, 7)
     with trio.fail_after(10):

@@ -15,9 +15,10 @@ from trio_dpsup import ConfigError, Preset, RankUnhealthy, SupervisorConfig, Sup
 from trio_dpsup._http_probe import MAX_HEADER, HttpProbe
 from trio_dpsup.testing import Deployment, Form, Harness
 
+from .conftest import FORMS
+
 pytest_plugins = ["trio_dpsup.testing.plugin"]
 
-FORMS = pytest.mark.parametrize("form", list(Form), ids=lambda form: form.value)
 #: Probes 5 s apart: without confirmation three failures would take 10 s or more.
 SLOW_PROBES = {"probe_interval": 5.0, "failure_threshold": 3, "suspect_interval": 0.05}
 

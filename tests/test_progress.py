@@ -12,7 +12,6 @@ from trio_dpsup import (
     Preset,
     RankStalled,
     RankState,
-    RestartPolicy,
     SupervisorConfig,
     SupervisorState,
 )
@@ -20,9 +19,10 @@ from trio_dpsup._progress import StallClock, parse_progress
 from trio_dpsup.testing import Deployment, Form, Harness, free_port_range, open_cli_supervisor
 from trio_dpsup.testing.fake_rank import METRIC_NAMES
 
+from .conftest import FORMS, on_failure
+
 pytest_plugins = ["trio_dpsup.testing.plugin"]
 
-FORMS = pytest.mark.parametrize("form", list(Form), ids=lambda form: form.value)
 BUSY, TOKENS = METRIC_NAMES["fake"]
 #: Read every 0.1 s; busy without progress for 0.6 s is a stall.
 PROGRESS = {
@@ -129,8 +129,7 @@ async def test_unreadable_metrics_are_reported_not_failed(dpsup: Harness) -> Non
 
 
 async def test_a_stalled_rank_is_restarted_under_on_failure(dpsup: Harness) -> None:
-    settings = {"restart_backoff_min": 0.1, "restart_backoff_max": 0.1}
-    deployment = await dpsup.start(1, restart=RestartPolicy.ON_FAILURE, **settings, **PROGRESS)
+    deployment = await dpsup.start(1, **on_failure(0.1), **PROGRESS)
     await fault(deployment, 0, "busy", n=1)
     await fault(deployment, 0, "stall")
     with trio.fail_after(20):

@@ -27,15 +27,12 @@ from trio_dpsup import (
 from trio_dpsup._restart import Restarter
 from trio_dpsup.testing import Deployment, Form, Harness, wait_pids_gone
 
+from .conftest import FORMS, on_failure
+
 pytest_plugins = ["trio_dpsup.testing.plugin"]
 
-FORMS = pytest.mark.parametrize("form", list(Form), ids=lambda form: form.value)
 #: Restart on failure, quickly: 50-100 ms of backoff.
-QUICK = {
-    "restart": RestartPolicy.ON_FAILURE,
-    "restart_backoff_min": 0.1,
-    "restart_backoff_max": 0.1,
-}
+QUICK = on_failure(0.1)
 
 
 def rank(status: SupervisorStatus, r: int) -> RankStatus:
@@ -185,7 +182,7 @@ async def test_scope_all_restarts_every_rank(dpsup: Harness) -> None:
 
 @FORMS
 async def test_shutdown_during_backoff(dpsup: Harness, form: Form) -> None:
-    settings = {**QUICK, "restart_backoff_min": 60.0, "restart_backoff_max": 60.0}
+    settings = on_failure(60.0)
     deployment = await dpsup.start(2, form=form, **settings)
     await deployment.crash_rank(1, 3)
     await deployment.wait_for_rank_state(1, RankState.RESTARTING)
@@ -196,7 +193,7 @@ async def test_shutdown_during_backoff(dpsup: Harness, form: Form) -> None:
 
 
 async def test_min_ready_keeps_serving_while_a_rank_restarts(dpsup: Harness) -> None:
-    settings = {**QUICK, "restart_backoff_min": 60.0, "restart_backoff_max": 60.0}
+    settings = on_failure(60.0)
     deployment = await dpsup.start(3, min_ready=2, **settings)
     await deployment.crash_rank(2, 3)
     await deployment.wait_for_rank_state(2, RankState.RESTARTING)

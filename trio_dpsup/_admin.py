@@ -49,42 +49,27 @@ def bind_admin_socket(path: str) -> socket.socket:
     """Bind `path` now, mode 0600, so that a bad path is a ConfigError before any rank
     starts. Made under a temporary name and renamed into place: never visible with wider
     permissions. A stale socket at `path` (nobody listening) is replaced."""
+    if os.path.exists(path) and _listening(path):
+        raise ConfigError(f"--admin-socket {path}: another supervisor listens there")
     directory = os.path.dirname(os.path.abspath(path))
     temporary = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        if os.path.exists(path) and _listening(path):
-            raise ConfigError(f"--admin-socket {path}: another supervisor listens there")
-        with _removed(temporary):
-            sock.bind(temporary)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)  # left by a crashed run of this pid
+        sock.bind(temporary)
         os.chmod(temporary, 0o600)
         os.replace(temporary, path)
     except OSError as exc:
         sock.close()
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
         raise ConfigError(
             f"--admin-socket {path}: {exc.strerror or exc}: choose a path in a directory "
             "this user can write"
         ) from exc
-    except ConfigError:
-        sock.close()
-        raise
     sock.listen(16)
     return sock
-
-
-class _removed:
-    """Remove `path` before (a leftover of a crashed run) and after a failure."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def __enter__(self) -> None:
-        if os.path.lexists(self.path):
-            os.unlink(self.path)
-
-    def __exit__(self, kind: object, *rest: object) -> None:
-        if kind is not None and os.path.lexists(self.path):
-            os.unlink(self.path)
 
 
 def _listening(path: str) -> bool:

@@ -126,22 +126,18 @@ async def check_gpus_at_start(
 ) -> None:
     """Name every process outside this run that holds memory on a rank's GPUs: a warning,
     or with ``require_clean_gpus`` a ConfigError (nothing is started)."""
+    # One reading of every rank's GPUs, in one worker thread, then shared out by rank.
+    every = await _holders(backend, [gpu for plan in plans for gpu in plan.gpus], owner)
     for plan in plans:
-        foreign = [h for h in await _holders(backend, plan.gpus, owner) if not h.owner.ours]
-        if not foreign:
-            continue
-        named = "; ".join(h.describe() for h in foreign)
-        if config.require_clean_gpus:
+        labels = {gpu.label for gpu in plan.gpus}
+        foreign = [h for h in every if h.gpu in labels and not h.owner.ours]
+        if foreign and config.require_clean_gpus:
+            named = "; ".join(h.describe() for h in foreign)
             raise ConfigError(
                 f"rank {plan.rank}'s GPUs are not free: {named}: stop those processes, or "
                 "drop --require-clean-gpus to start anyway"
             )
-        logger.warning(
-            "rank %d's GPUs hold memory of processes outside this run: %s",
-            plan.rank,
-            named,
-            extra={"rank": plan.rank},
-        )
+        _warn_foreign(plan.rank, foreign)
 
 
 async def wait_clean_restart(
@@ -202,6 +198,7 @@ async def _wait_gpus(
     plan = record.plan
     start = trio.current_time()
     held: list[GpuHolder] = []
+    holders: list[GpuHolder] | None = None  # the last reading, for the foreign check too
     with trio.move_on_after(config.gpu_release_wait):
         for _ in range(_checks(config.gpu_release_wait)):  # no event to wait on: look again
             holders = await _holders(backend, plan.gpus, owner)
@@ -220,17 +217,22 @@ async def _wait_gpus(
         trio.current_time() - start,
         extra={"rank": plan.rank},
     )
-    foreign = [
-        h for h in await _holders(backend, plan.gpus, owner) if h.owner.kind is OwnerKind.OUTSIDE
-    ]
+    if holders is None:  # no time to look while waiting (--gpu-release-wait 0)
+        holders = await _holders(backend, plan.gpus, owner)
+    foreign = [h for h in holders if h.owner.kind is OwnerKind.OUTSIDE]
     if foreign and config.require_clean_gpus:
         raise GpuMemoryHeld(plan.rank, tuple(foreign), 0.0, foreign=True)
+    _warn_foreign(plan.rank, foreign)
+
+
+def _warn_foreign(rank: int, foreign: Sequence[GpuHolder]) -> None:
+    """Name the processes outside this run that hold memory on a rank's GPUs, if any."""
     if foreign:
         logger.warning(
             "rank %d's GPUs hold memory of processes outside this run: %s",
-            plan.rank,
+            rank,
             "; ".join(h.describe() for h in foreign),
-            extra={"rank": plan.rank},
+            extra={"rank": rank},
         )
 
 

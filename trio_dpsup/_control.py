@@ -115,10 +115,10 @@ class ControlApp:
         if not found:
             return 404, _TEXT, f"no rank {rank} here\n".encode()
         rank_status = found[0]
+        if status.takes_traffic(rank_status):
+            return 200, _TEXT, b"ok\n"
         if rank_status.drained:
             return 503, _TEXT, f"rank {rank} is drained\n".encode()
-        if rank_status.ready and not status.stopping:
-            return 200, _TEXT, b"ok\n"
         return 503, _TEXT, f"rank {rank} is {rank_status.state.value}\n".encode()
 
 

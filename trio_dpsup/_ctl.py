@@ -18,10 +18,11 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from ._errors import EXIT_USAGE  # standard library only, as this client
+
 __all__ = ["run_ctl"]
 
 PROG = "trio-dpsup ctl"
-EXIT_USAGE = 2
 #: The socket's path when --admin-socket is not given.
 SOCKET_ENV = "TRIO_DPSUP_ADMIN_SOCKET"
 

@@ -55,8 +55,7 @@ def _rank(
         "local_rank": rank.local_rank,
         "url": f"{config.rank_scheme.value}://{host}:{rank.port}",
         "state": rank.state.value,
-        # As /ranks/{r}/ready: ready, not drained, and no shutdown begun.
-        "ready": rank.ready and not rank.drained and not status.stopping,
+        "ready": status.takes_traffic(rank),
         "drained": rank.drained,
         "since": rank.since,
     }

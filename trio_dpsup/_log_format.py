@@ -27,6 +27,7 @@ __all__ = [
     "NonBlockingHandler",
     "configure_logging",
     "fd_lock",
+    "iso_time",
     "write_whole",
 ]
 
@@ -45,14 +46,17 @@ def fd_lock(fd: int) -> threading.RLock:
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
+def iso_time(seconds: float) -> str:
+    """How every JSON line we write gives its time: ISO 8601, UTC, milliseconds."""
+    return datetime.datetime.fromtimestamp(seconds, datetime.UTC).isoformat(timespec="milliseconds")
+
+
 class JsonFormatter(logging.Formatter):
     """``{"time": ISO 8601 UTC, "level", "logger", "rank" (where there is one), "message"}``."""
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, object] = {
-            "time": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(
-                timespec="milliseconds"
-            ),
+            "time": iso_time(record.created),
             "level": record.levelname,
             "logger": record.name,
         }

@@ -23,16 +23,16 @@ rank, and nothing is lost.
 from __future__ import annotations
 
 import collections
-import datetime
 import json
 import os
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import trio
 
-from ._log_format import write_whole
+from ._log_format import iso_time, write_whole
 
 __all__ = ["DRAIN_TIMEOUT", "TAIL_LINES", "LogPump", "RankOutput", "open_log_pump"]
 
@@ -122,7 +122,12 @@ class _Sink:
             text = f"{self._dropped} bytes of rank output dropped: {self._why}"
             self._dropped = 0
             if self._json:
-                entry = {"time": _now(), "level": "WARNING", "logger": __name__, "message": text}
+                entry = {
+                    "time": iso_time(time.time()),
+                    "level": "WARNING",
+                    "logger": __name__,
+                    "message": text,
+                }
                 self._write(json.dumps(entry).encode() + b"\n")
             else:
                 self._write(f"[trio-dpsup] {text}\n".encode())
@@ -266,15 +271,10 @@ def _json_line(rank: int, stream: str) -> Callable[[bytes], bytes]:
 
     def render(line: bytes) -> bytes:
         message = line.decode("utf-8", "backslashreplace")
-        entry = {"time": _now(), "rank": rank, "stream": stream, "message": message}
+        entry = {"time": iso_time(time.time()), "rank": rank, "stream": stream, "message": message}
         return json.dumps(entry, ensure_ascii=False).encode() + b"\n"
 
     return render
-
-
-def _now() -> str:
-    """The time as our own JSON records write it (see _log_format.JsonFormatter)."""
-    return datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
 
 
 def _prefix(rank: int, fd: int) -> bytes:

@@ -168,6 +168,11 @@ class SupervisorStatus:
         """Shutdown or a failure has begun: nothing should be routed here any more."""
         return self.state not in (SupervisorState.STARTING, SupervisorState.READY)
 
+    def takes_traffic(self, rank: RankStatus) -> bool:
+        """What /ranks/{r}/ready and /ranks say of `rank`: ready, not drained, and no
+        shutdown begun."""
+        return rank.ready and not rank.drained and not self.stopping
+
     def not_ready(self) -> tuple[int, ...]:
         return tuple(r.rank for r in self.ranks if not r.ready)
 
