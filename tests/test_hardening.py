@@ -79,8 +79,11 @@ async def test_children_that_left_the_session_and_the_cookie_are_stopped(
             kill_holders(lock)
 
 
+# From a thread: the tree watch asks only main threads for their children in most rounds,
+# and every thread in some; either way the member is recorded before it escapes.
+@pytest.mark.parametrize("kind", ["escape", "escape-from-thread"])
 async def test_a_member_that_escapes_after_it_was_seen_dies_with_a_killed_supervisor(
-    tmp_path: Path,
+    tmp_path: Path, kind: str
 ) -> None:
     # Seen by the tree watch while it had the cookie and the session, then setsid and
     # setproctitle: the guardian knows it by pid and start time (the registry).
@@ -91,7 +94,7 @@ async def test_a_member_that_escapes_after_it_was_seen_dies_with_a_killed_superv
         pid_file = tmp_path / "pids"
         base = free_port_range(1)
         rank_args = [
-            *grandchild_args(lock, "escape"),
+            *grandchild_args(lock, kind),
             "--escape-fifo", str(fifo),
             "--pid-file", str(pid_file),
         ]  # fmt: skip
@@ -100,7 +103,7 @@ async def test_a_member_that_escapes_after_it_was_seen_dies_with_a_killed_superv
         try:
             async with open_cli_supervisor(args) as sup:
                 await sup.wait_ready()
-                pid = read_pid_file(pid_file)["grandchild-escape"]
+                pid = read_pid_file(pid_file)[f"grandchild-{kind}"]
                 await sup.wait_for_line(rf"tree member pid {pid} recorded")
                 with trio.fail_after(10):  # FIFOs block until the other end opens
                     go, done = Path(fifo).write_bytes, Path(f"{fifo}.done").read_bytes

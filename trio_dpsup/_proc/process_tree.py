@@ -165,6 +165,10 @@ def _alive(proc: psutil.Process) -> bool:
         return False
 
 
+#: One tree-watch round in this many reads every thread's children (see Trees.walk).
+EVERY_THREAD_ROUNDS = 10
+
+
 async def run_tree_watch(
     trees: Trees,
     tell: Callable[[int, int, int], None],
@@ -178,24 +182,30 @@ async def run_tree_watch(
     child subreaper, reap the orphans we adopted that have exited.
 
     A walk reads only the trees' own /proc entries (a fraction of a millisecond for a
-    node's ranks), so it runs on the event loop.
+    node's ranks), so it runs on the event loop. It asks each member's main thread for its
+    children every round, and every thread one round in EVERY_THREAD_ROUNDS (the first
+    included): a child forked by another thread is recorded within that many rounds.
 
     **Cancellation**: prompt; nothing is left half done.
     """
     task_status.started()
     rounds = 0
     while True:
-        for pid, start, rank in trees.walk():
+        # One listing of our orphans serves the walk and the reaping. Reaping waits for
+        # a round in which no rank is being started (see Spawner.lock); the walk does not.
+        locked = trees.adopter is not None and spawner.lock.acquire(blocking=False)
+        try:
+            orphans = trees.orphans(spawner.own) if locked else None
+            new = trees.walk(orphans, every_thread=rounds % EVERY_THREAD_ROUNDS == 0)
+            reaped = trees.reap(orphans) if orphans else []
+        finally:
+            if locked:
+                spawner.lock.release()
+        for pid, start, rank in new:
             tell(rank, pid, start)
             logger.debug("rank %d: tree member pid %d recorded", rank, pid, extra={"rank": rank})
-        # Not while a rank is being started: see Spawner.lock.
-        if trees.adopter is not None and spawner.lock.acquire(blocking=False):
-            try:
-                reaped = trees.reap_adopted(spawner.own)
-            finally:
-                spawner.lock.release()
-            if reaped:
-                logger.debug("reaped adopted orphans %s", reaped)
+        if reaped:
+            logger.debug("reaped adopted orphans %s", reaped)
         rounds += 1
         if rounds % 60 == 0:
             trees.forget_dead()

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -78,7 +79,9 @@ METRIC_NAMES = {
 #:   zombies for whoever adopts them;
 #: * ``escape``: stays in the group with the cookie until ``--escape-fifo`` is written to,
 #:   then calls setsid and setproctitle (same pid: it left after it was seen), and says so
-#:   by writing to ``--escape-fifo`` + ``.done``.
+#:   by writing to ``--escape-fifo`` + ``.done``;
+#: * ``escape-from-thread``: the same, started by a thread of the rank that stays alive (so
+#:   it is that thread's child, not the main thread's).
 GRANDCHILD_KINDS = (
     "group",
     "setsid",
@@ -90,6 +93,7 @@ GRANDCHILD_KINDS = (
     "hopper",
     "orphan-churn",
     "escape",
+    "escape-from-thread",
 )
 
 # The long-lived grandchild. argv: lock file ('' for none), new title (''), fifo to wait on
@@ -281,6 +285,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _start_grandchild(kind: str, lock_file: str | None, escape_fifo: str | None) -> int:
+    if kind == "escape-from-thread":
+        return _from_thread(lambda: _start_grandchild("escape", lock_file, escape_fifo))
     if kind == "orphan-churn":
         threading.Thread(target=_churn_orphans, daemon=True).start()
         return os.getpid()
@@ -308,6 +314,18 @@ def _start_grandchild(kind: str, lock_file: str | None, escape_fifo: str | None)
     if double:
         child.wait()  # the middle process exits at once; reap it
     return pid
+
+
+def _from_thread(start: Callable[[], int]) -> int:
+    """`start()` in a new thread that then waits for good; its result."""
+    result: queue.SimpleQueue[int] = queue.SimpleQueue()
+
+    def run() -> None:
+        result.put(start())
+        threading.Event().wait()  # alive: what it started stays its child
+
+    threading.Thread(target=run, daemon=True).start()
+    return result.get()
 
 
 def _churn_orphans() -> None:
