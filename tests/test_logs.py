@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import pty
+import re
 import signal
+import struct
 import subprocess
 import sys
+import termios
 
 import trio
 
@@ -138,3 +144,82 @@ async def test_startup_progress_is_logged_while_ranks_load() -> None:
             await sup.wait_ready()
         sup.send_signal(signal.SIGTERM)
         assert await sup.wait() == 0
+
+
+def render_terminal(raw: bytes) -> list[str]:
+    """What a terminal shows after `raw`: carriage returns, erase-to-end-of-line and
+    newlines applied, colours dropped."""
+    text = re.sub(rb"\x1b\[[0-9;]*m", b"", raw).decode("utf-8", "replace")
+    lines, current, column = [], [], 0
+    for token in re.split(r"(\x1b\[K|\r|\n)", text):
+        if token == "\n":
+            lines.append("".join(current))
+            current, column = [], 0
+        elif token == "\r":
+            column = 0
+        elif token == "\x1b[K":
+            del current[column:]
+        else:
+            for char in token:
+                if column < len(current):
+                    current[column] = char
+                else:
+                    current.append(char)
+                column += 1
+    return [*lines, "".join(current)]
+
+
+async def test_a_terminal_shows_one_startup_line_updated_in_place() -> None:
+    # stdout and stderr on one terminal, ranks logging on both while they start: the line
+    # is redrawn below their lines and our records, never into them, and erased when ready.
+    controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 200, 0, 0))
+    base = free_port_range(2)
+    argv = [
+        sys.executable, "-m", "trio_dpsup", "--ranks", "2", "--gpus-per-rank", "0",
+        "--base-port", str(base), "--control-port", "0",
+        "--", *FAKE_RANK, "--port", "{port}", "--ready-after", "{rank}.5",
+        "--log-lines", "20", "--log-rate", "10",
+    ]  # fmt: skip
+    env = {**os.environ, "TERM": "xterm"}
+    raw = bytearray()
+
+    async def read_until(pattern: bytes | None) -> None:
+        """Until `pattern` has come; None: to the end (the supervisor has exited)."""
+        while pattern is None or pattern not in raw:
+            await trio.lowlevel.wait_readable(controller)
+            try:
+                raw.extend(os.read(controller, 65536))
+            except OSError:  # EIO: every end of the terminal is closed
+                return
+
+    os.set_blocking(controller, False)
+    try:
+        proc = await trio.lowlevel.open_process(
+            argv, stdin=subprocess.DEVNULL, stdout=terminal, stderr=terminal, env=env
+        )
+        os.close(terminal)
+        try:
+            with trio.fail_after(30):
+                await read_until(b"all 2 ranks are ready")
+                proc.send_signal(signal.SIGTERM)
+                await read_until(None)
+                assert await proc.wait() == 0
+        finally:
+            proc.kill()
+    finally:
+        os.close(controller)
+    drawn = raw.count(b"ranks ready after")
+    assert drawn >= 2, raw  # updated, not written once
+    assert b"0/2 ranks ready after" in raw
+    assert b"1/2 ranks ready after" in raw
+    assert b"\r\x1b[K" in raw
+    shown = [line for line in render_terminal(bytes(raw)) if line.strip()]
+    # Erased for good, and every line on the screen a whole record or rank line.
+    assert not [line for line in shown if "ranks ready after" in line], shown
+    rank_lines = [line for line in shown if line.startswith("[rank ")]
+    assert len(rank_lines) >= 10, shown
+    for line in shown:
+        assert re.fullmatch(r"(\[rank \d\] fake rank \d+: log line \d+ of 20|20\d\d-.*)", line), (
+            line
+        )

@@ -28,6 +28,7 @@ from ._config.plan import PLACEHOLDERS
 from ._errors import EXIT_USAGE, ConfigError, SupervisorFailure
 from ._log_format import configure_logging
 from ._proc.spawn import become_subreaper
+from ._startup_line import run_startup_line
 from ._supervisor import Supervisor, SupervisorHandle
 from ._systemd import run_systemd_notify
 
@@ -184,8 +185,10 @@ async def _supervise(config: SupervisorConfig) -> int:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_forward_signals, signals, supervisor)
+                since = trio.current_time()
                 handle: SupervisorHandle = await nursery.start(supervisor.run)
                 nursery.start_soon(run_systemd_notify, handle, os.environ)
+                nursery.start_soon(run_startup_line, config, handle, since)
                 status = await handle.wait_stopped()
                 nursery.cancel_scope.cancel()
                 return status

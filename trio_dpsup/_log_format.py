@@ -13,6 +13,7 @@ counted, and the count is written as a record of its own once stderr drains.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
@@ -20,11 +21,13 @@ import os
 import queue
 import select
 import threading
+from collections.abc import Iterator
 
 __all__ = [
     "TEXT_FORMAT",
     "JsonFormatter",
     "NonBlockingHandler",
+    "TerminalLine",
     "configure_logging",
     "fd_lock",
     "iso_time",
@@ -73,19 +76,107 @@ def write_whole(fd: int, data: bytes) -> tuple[int, OSError | None]:
     """Write all of `data` to `fd`, holding `fd_lock(fd)`; for a writer thread, never the
     event loop. A non-blocking `fd` that is full is waited on (select), EINTR retried.
     Returns (0, None), or the bytes left unwritten and the error that stopped the write
-    (EPIPE, ENOSPC, EIO...): the caller decides what dropping them means."""
+    (EPIPE, ENOSPC, EIO...): the caller decides what dropping them means.
+
+    Where a `TerminalLine` is shown on `fd`'s terminal, the write goes above it."""
     with fd_lock(fd):
-        view = memoryview(data)
-        while view:
-            try:
-                view = view[os.write(fd, view) :]
-            except BlockingIOError:
-                select.select([], [fd], [])
-            except InterruptedError:
-                continue
-            except OSError as exc:
-                return len(view), exc
-        return 0, None
+        line = _shown
+        if line is None or fd not in line.fds:
+            return _write_all(fd, data)
+        with line.lock:
+            return _write_all(fd, line.around(data))
+
+
+def _write_all(fd: int, data: bytes) -> tuple[int, OSError | None]:
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view) :]
+        except BlockingIOError:
+            select.select([], [fd], [])
+        except InterruptedError:
+            continue
+        except OSError as exc:
+            return len(view), exc
+    return 0, None
+
+
+#: The TerminalLine on show, if any (there is at most one: the CLI's).
+_shown: TerminalLine | None = None
+
+#: Carriage return, then erase to the end of the line (ANSI EL).
+_ERASE = b"\r\x1b[K"
+
+
+class TerminalLine:
+    """A line kept at the bottom of a terminal and redrawn in place (``3/8 ranks ready...``).
+
+    While it is shown, every `write_whole` to that terminal (stderr, and stdout where it is
+    the same terminal) erases it, writes, and draws it again below what it wrote: records
+    and rank lines scroll above it, never into it. Its methods write to the terminal and
+    may block (a terminal stopped with Ctrl-S): call them from a thread.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        device = os.fstat(fd).st_rdev
+        #: Our descriptors that write to the same terminal.
+        self.fds = frozenset(
+            other for other in {1, 2, fd} if os.isatty(other) and os.fstat(other).st_rdev == device
+        )
+        #: Held for each write to the terminal, by whichever descriptor.
+        self.lock = threading.RLock()
+        self._text = b""
+        # Whether the line is drawn where the cursor is; and whether the last write ended
+        # mid-line (then the line waits for its newline: erasing would wipe the text out).
+        self._drawn = False
+        self._midline = False
+        self._closed = False
+
+    @staticmethod
+    def usable(fd: int) -> bool:
+        """Whether `fd` is a terminal that understands the erase sequence."""
+        return os.isatty(fd) and os.environ.get("TERM", "") not in ("", "dumb")
+
+    def show(self, text: str) -> None:
+        """Draw `text` (cut to the terminal's width: a wrapped line cannot be redrawn)."""
+        global _shown
+        width = os.get_terminal_size(self.fd).columns or 80  # 0: the terminal did not say
+        with self._everything():
+            if self._closed:  # a show abandoned by a cancelled caller, late: not again
+                return
+            self._text = text[: max(width - 1, 1)].encode("utf-8", "replace")
+            _shown = self
+            _write_all(self.fd, self.around(b""))
+
+    def close(self) -> None:
+        """Erase the line, for good: a `show` after this draws nothing."""
+        global _shown
+        with self._everything():
+            if self._drawn:
+                _write_all(self.fd, _ERASE)
+            self._drawn = False
+            self._closed = True
+            self._text = b""
+            _shown = None
+
+    @contextlib.contextmanager
+    def _everything(self) -> Iterator[None]:
+        """Every writer of the terminal held off, in write_whole's order (the descriptors'
+        locks, then `lock`): a writer that has not seen the line yet is not mid-write."""
+        with contextlib.ExitStack() as stack:
+            for fd in sorted(self.fds):
+                stack.enter_context(fd_lock(fd))
+            stack.enter_context(self.lock)
+            yield
+
+    def around(self, data: bytes) -> bytes:
+        """`data` with the line erased before it and drawn again after it (hold `lock`)."""
+        before = _ERASE if self._drawn else b""
+        if data:
+            self._midline = not data.endswith(b"\n")
+        self._drawn = bool(self._text) and not self._midline
+        return before + data + (self._text if self._drawn else b"")
 
 
 class NonBlockingHandler(logging.Handler):

@@ -35,7 +35,7 @@ import trio
 from ._config.config import RankScheme, SupervisorConfig
 from ._errors import RankStartTimeout, RankUnhealthy, StartupTimeout, SupervisorFailure
 from ._http_probe import HttpProbe
-from ._state import Board, ProbeResult, RankRecord, RankState
+from ._state import Board, ProbeResult, RankRecord, SupervisorStatus
 from ._tls import WILDCARD_HOSTS, rank_verify
 
 __all__ = [
@@ -48,6 +48,7 @@ __all__ = [
     "probe_rank",
     "rank_health_url",
     "run_startup_deadline",
+    "startup_progress",
 ]
 
 
@@ -275,9 +276,18 @@ async def _confirm(
         raise failed
 
 
+def startup_progress(status: SupervisorStatus, elapsed: float) -> str:
+    """``3/8 ranks ready after 42s; waiting for 2, 5, 6, 7``."""
+    waiting = status.not_ready()
+    return (
+        f"{len(status.ranks) - len(waiting)}/{len(status.ranks)} ranks ready after "
+        f"{elapsed:.0f}s; waiting for {', '.join(map(str, waiting))}"
+    )
+
+
 async def log_startup_progress(config: SupervisorConfig, board: Board) -> None:
     """Every `progress_log_interval` until every rank is ready (or shutdown begins): one
-    record, ``3/8 ranks ready after 42s; waiting for 2, 5, 6, 7``.
+    record, `startup_progress`.
 
     **Cancellation**: prompt.
     """
@@ -287,14 +297,7 @@ async def log_startup_progress(config: SupervisorConfig, board: Board) -> None:
         await trio.sleep(config.progress_log_interval)
         if board.all_ready.is_set() or board.stopping.is_set():
             return
-        waiting = [r.plan.rank for r in board.ranks if r.state is not RankState.READY]
-        logger.info(
-            "%d/%d ranks ready after %.0fs; waiting for %s",
-            len(board.ranks) - len(waiting),
-            len(board.ranks),
-            trio.current_time() - board.started_at,
-            ", ".join(map(str, waiting)),
-        )
+        logger.info(startup_progress(board.snapshot(), trio.current_time() - board.started_at))
 
 
 async def run_startup_deadline(
