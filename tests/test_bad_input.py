@@ -78,6 +78,12 @@ async def test_config_that_never_ends(tmp_path: Path) -> None:
         (["--ranks", "1", "--health-path", "/h x"], "no spaces or control characters"),
         (["--ranks", "70000"], "70000 ranks need 70000 ports, more than there are"),
         (["--ranks", "3000", "--base-port", "20000", "--control-port", "0"], "open files"),
+        (["--ranks", "1", "--log-dir", "/dev/null"], "--log-dir /dev/null: cannot write in"),
+        (["--ranks", "1", "--log-max-bytes", "0"], "--log-max-bytes must be 1 or more"),
+        (
+            ["--ranks", "1", "--log-dir", "logs", "--no-log-prefix"],
+            "--log-dir needs the ranks' lines to pass through the supervisor",
+        ),
     ],
 )
 async def test_bad_values(tmp_path: Path, options: list[str], message: str) -> None:

@@ -12,6 +12,7 @@ import struct
 import subprocess
 import sys
 import termios
+from pathlib import Path
 
 import trio
 
@@ -223,3 +224,59 @@ async def test_a_terminal_shows_one_startup_line_updated_in_place() -> None:
         assert re.fullmatch(r"(\[rank \d\] fake rank \d+: log line \d+ of 20|20\d\d-.*)", line), (
             line
         )
+
+
+async def supervise(args: list[str]) -> subprocess.CompletedProcess[bytes]:
+    """A CLI run of ranks that exit on their own (1 s after they start)."""
+    with trio.fail_after(60):
+        result = await trio.run_process(
+            [sys.executable, "-m", "trio_dpsup", *args],
+            capture_stdout=True, capture_stderr=True, check=False, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    assert result.returncode != 2, result.stderr.decode()
+    return result
+
+
+async def test_log_dir_keeps_each_ranks_lines_in_rotated_files(tmp_path: Path) -> None:
+    # 300 lines of about 40 bytes a rank, files rotated at 2000 bytes, 2 kept: each file
+    # is under the limit, the newest ends with the rank's last line, and together they
+    # hold its last lines in order, as it wrote them (no prefix), both streams.
+    log_dir = tmp_path / "logs"
+    base = free_port_range(2)
+    args = [
+        "--ranks", "2", "--gpus-per-rank", "0", "--base-port", str(base),
+        "--control-port", "0", "--startup-timeout", "0",
+        "--log-dir", str(log_dir), "--log-max-bytes", "2000", "--log-backups", "2",
+        "--", *FAKE_RANK, "--port", "{port}", "--log-lines", "300", "--exit-after", "1",
+    ]  # fmt: skip
+    output = (await supervise(args)).stderr.decode()
+    for rank in (0, 1):
+        port = base + rank
+        names = sorted(p.name for p in log_dir.glob(f"rank-{rank}.log*"))
+        assert names == [f"rank-{rank}.log", f"rank-{rank}.log.1", f"rank-{rank}.log.2"]
+        files = [log_dir / f"rank-{rank}.log.{n}" for n in (2, 1)] + [log_dir / f"rank-{rank}.log"]
+        for file in files:
+            assert 0 < file.stat().st_size <= 2000, file
+        lines = [line for file in files for line in file.read_text().splitlines()]
+        log_lines = [line for line in lines if "log line" in line]
+        numbers = [int(line.split("log line ")[1].split()[0]) for line in log_lines]
+        assert numbers == list(range(numbers[0], 300)), numbers  # the tail, in order
+        assert log_lines[-1] == f"fake rank {port}: log line 299 of 300"
+        # Our own stdout still has every line, prefixed.
+        assert f"[rank {rank}] fake rank {port}: log line 299 of 300" in output
+
+
+async def test_log_dir_in_json_mode_holds_json_lines(tmp_path: Path) -> None:
+    base = free_port_range(1)
+    args = [
+        "--ranks", "1", "--gpus-per-rank", "0", "--base-port", str(base),
+        "--control-port", "0", "--startup-timeout", "0", "--log-format", "json",
+        "--log-dir", str(tmp_path),
+        "--", *FAKE_RANK, "--port", "{port}", "--log-lines", "10", "--exit-after", "1",
+    ]  # fmt: skip
+    await supervise(args)
+    entries = [json.loads(line) for line in (tmp_path / "rank-0.log").read_text().splitlines()]
+    log_lines = [e for e in entries if "log line" in e["message"]]
+    assert [e["stream"] for e in log_lines[:2]] == ["stdout", "stderr"]
+    assert {e["rank"] for e in entries} == {0}
+    assert log_lines[-1]["message"] == f"fake rank {base}: log line 9 of 10"

@@ -18,6 +18,8 @@ rank, and nothing is lost.
   full) is retried with the next chunk, and once writes pass again a line says how many
   bytes were dropped and why; EAGAIN waits for room instead of dropping anything.
 * The last lines of each rank's stderr are kept for the root-cause report.
+* With a log directory (`--log-dir`), each rank's lines also go to a file of its own,
+  ``rank-R.log``, rotated by size, written by one more thread (`RankFiles`).
 """
 
 from __future__ import annotations
@@ -32,9 +34,10 @@ from contextlib import asynccontextmanager
 
 import trio
 
+from ._log_files import LogFiles, RankFiles
 from ._log_format import iso_time, write_whole
 
-__all__ = ["DRAIN_TIMEOUT", "TAIL_LINES", "LogPump", "RankOutput", "open_log_pump"]
+__all__ = ["DRAIN_TIMEOUT", "TAIL_LINES", "LogFiles", "LogPump", "RankOutput", "open_log_pump"]
 
 #: After a rank has stopped, how long its pipes may stay open (held by an escaped process).
 DRAIN_TIMEOUT = 2.0
@@ -147,11 +150,18 @@ class LogPump:
     """Pumps the output of every rank; made by `open_log_pump`."""
 
     def __init__(
-        self, nursery: trio.Nursery, stdout: _Sink, stderr: _Sink, *, json_lines: bool = False
+        self,
+        nursery: trio.Nursery,
+        stdout: _Sink,
+        stderr: _Sink,
+        *,
+        json_lines: bool = False,
+        files: RankFiles | None = None,
     ) -> None:
         self._nursery = nursery
         self._sinks = {"stdout": stdout, "stderr": stderr}
         self._json = json_lines
+        self._files = files
 
     def attach(self, rank: int, stdout: int, stderr: int, output: RankOutput) -> None:
         """Pump the read ends `stdout` and `stderr` (raw fds, now owned here) of rank `rank`."""
@@ -160,15 +170,34 @@ class LogPump:
             sink = self._sinks[name]
             pipes.opened()
             render = _json_line(rank, name) if self._json else _text_line(_prefix(rank, sink.fd))
-            self._nursery.start_soon(_pump, fd, render, sink, name, output, pipes)
+            to_file = None
+            if self._files is not None:
+                # The file is the rank's own: its lines as written, no prefix (JSON as above).
+                as_written = render if self._json else _text_line(b"")
+                to_file = _FileTee(self._files, rank, as_written)
+            self._nursery.start_soon(_pump, fd, render, sink, name, output, pipes, to_file)
+
+
+class _FileTee:
+    """Where one pipe's lines go besides our stdout or stderr: its rank's file."""
+
+    def __init__(self, files: RankFiles, rank: int, render: Callable[[bytes], bytes]) -> None:
+        self.files = files
+        self.rank = rank
+        self.render = render
 
 
 @asynccontextmanager
 async def open_log_pump(
-    stdout_fd: int = 1, stderr_fd: int = 2, *, json_lines: bool = False
+    stdout_fd: int = 1,
+    stderr_fd: int = 2,
+    *,
+    json_lines: bool = False,
+    files: LogFiles | None = None,
 ) -> AsyncIterator[LogPump]:
     """Run the pumps for the duration of the block; on exit, wait for every attached pipe to
-    reach EOF (callers bound that: see `wait_drained`), then flush our output.
+    reach EOF (callers bound that: see `wait_drained`), then flush our output (and close
+    the ranks' files, with `files`).
 
     **Cancellation**: the exit is shielded; the pumps stop at once and what they had read is
     written out.
@@ -177,14 +206,20 @@ async def open_log_pump(
     sinks = _Sink(stdout_fd, json_lines=json_lines), _Sink(stderr_fd, json_lines=json_lines)
     for sink in sinks:
         sink.start(token)
+    rank_files = None
+    if files is not None:
+        rank_files = RankFiles(files)
+        rank_files.start(token)
     try:
         async with trio.open_nursery() as nursery:
-            yield LogPump(nursery, *sinks, json_lines=json_lines)
+            yield LogPump(nursery, *sinks, json_lines=json_lines, files=rank_files)
             # Every rank has drained or been abandoned by now (see run_rank): stop the rest.
             nursery.cancel_scope.cancel()
     finally:
         for sink in sinks:
             await sink.close()
+        if rank_files is not None:
+            await rank_files.close()
 
 
 async def wait_drained(output: RankOutput) -> None:
@@ -203,11 +238,19 @@ async def _pump(
     name: str,
     output: RankOutput,
     pipes: _Pipes,
+    to_file: _FileTee | None = None,
 ) -> None:
-    """Read `fd` to EOF, sending each line to `sink` as `render` writes it.
+    """Read `fd` to EOF, sending each line to `sink` as `render` writes it (and to the
+    rank's file, as `to_file` renders it).
 
     **Cancellation**: sends what it holds (a partial line gets its newline), then returns.
     """
+
+    async def send(lines: list[bytes]) -> None:
+        await sink.send.send(b"".join(map(render, lines)))
+        if to_file is not None:
+            await to_file.files.send.send((to_file.rank, b"".join(map(to_file.render, lines))))
+
     tail = output.stderr_tail if name == "stderr" else None
     recent = output.recent
     stream = trio.lowlevel.FdStream(fd)
@@ -217,7 +260,7 @@ async def _pump(
             while chunk := await stream.receive_some(_READ_SIZE):
                 lines = _split(partial, chunk)
                 if lines:
-                    await sink.send.send(b"".join(map(render, lines)))
+                    await send(lines)
                     recent.extend((name, line[:RECENT_LINE_BYTES]) for line in lines)
                     if tail is not None:
                         tail.extend(_tail_line(line) for line in lines)
@@ -225,7 +268,7 @@ async def _pump(
         # Bounded: a reader of our output that stopped reading must not hang shutdown.
         with trio.CancelScope(shield=True), trio.move_on_after(DRAIN_TIMEOUT):
             if partial:
-                await sink.send.send(render(bytes(partial)))
+                await send([bytes(partial)])
                 recent.append((name, bytes(partial[:RECENT_LINE_BYTES])))
                 if tail is not None:
                     tail.append(_tail_line(bytes(partial)))

@@ -44,7 +44,7 @@ from ._errors import EXIT_FAILURE, ConfigError, GpuLeftovers, SupervisorFailure,
 from ._gpu.monitor import find_leftovers, run_gpu_monitor
 from ._gpu.nvml import GpuInfo, NvmlBackend, NvmlError, NvmlFactory, NvmlUnavailable, open_pynvml
 from ._gpu.placement import Owner, OwnerKind, Placement, PlacementVerdict, owner_from_trees
-from ._logs import LogPump, open_log_pump
+from ._logs import LogFiles, LogPump, open_log_pump
 from ._metrics import Metrics
 from ._prober import (
     Ticker,
@@ -586,7 +586,11 @@ async def _log_pump(config: SupervisorConfig) -> AsyncIterator[LogPump | None]:
     if not config.log_prefix:
         yield None
         return
-    async with open_log_pump(json_lines=config.log_format is LogFormat.JSON) as pump:
+    files = None
+    if config.log_dir is not None:
+        files = LogFiles(config.log_dir, config.log_max_bytes, config.log_backups)
+    json_lines = config.log_format is LogFormat.JSON
+    async with open_log_pump(json_lines=json_lines, files=files) as pump:
         yield pump
 
 

@@ -311,6 +311,22 @@ class SupervisorConfig:
         "too (time, rank, stream, message)",
         "logs",
     )
+    log_dir: str | None = setting(
+        None,
+        "also write each rank's lines, both streams as it wrote them (JSON objects with "
+        "--log-format json), to DIR/rank-R.log, R its global rank; rotated by size",
+        "logs", "DIR", check=creatable_directory,
+    )  # fmt: skip
+    log_max_bytes: int = setting(
+        100 * 2**20,
+        "with --log-dir: a rank's file is rotated before it passes this size (rank-R.log.1 "
+        "is the newest of the old ones)",
+        "logs", "BYTES", check=at_least_one,
+    )  # fmt: skip
+    log_backups: int = setting(
+        5, "with --log-dir: old files kept per rank (0: the file starts over)", "logs", "N",
+        check=zero_or_more,
+    )  # fmt: skip
     progress_log_interval: float = setting(
         30.0,
         "while ranks start, log how many are ready and which are awaited this often, so "
@@ -354,6 +370,11 @@ class SupervisorConfig:
         self._check_restarts()
         self._check_ports()
         self._check_progress()
+        if self.log_dir is not None and not self.log_prefix:
+            raise ConfigError(
+                f"{_opt('log_dir')} needs the ranks' lines to pass through the supervisor, "
+                f"which {_opt('log_prefix')} turns off: drop one"
+            )
         if self.log_format is LogFormat.JSON and not self.log_prefix:
             raise ConfigError(
                 f"{_opt('log_format')} json turns every rank line into JSON, which ranks "
