@@ -227,7 +227,7 @@ async def test_a_terminal_shows_one_startup_line_updated_in_place() -> None:
 
 
 async def supervise(args: list[str]) -> subprocess.CompletedProcess[bytes]:
-    """A CLI run of ranks that exit on their own (1 s after they start)."""
+    """A CLI run of ranks that exit on their own."""
     with trio.fail_after(60):
         result = await trio.run_process(
             [sys.executable, "-m", "trio_dpsup", *args],
@@ -238,32 +238,34 @@ async def supervise(args: list[str]) -> subprocess.CompletedProcess[bytes]:
 
 
 async def test_log_dir_keeps_each_ranks_lines_in_rotated_files(tmp_path: Path) -> None:
-    # 300 lines of about 40 bytes a rank, files rotated at 2000 bytes, 2 kept: each file
-    # is under the limit, the newest ends with the rank's last line, and together they
-    # hold its last lines in order, as it wrote them (no prefix), both streams.
+    # 500 lines of 16 bytes on one stream (8000 bytes), files rotated at 2000 bytes, 2 kept:
+    # each file is under the limit and ends with a whole line, the oldest lines are gone, and
+    # the files hold the last ones in order, as the rank wrote them. Named by global rank.
     log_dir = tmp_path / "logs"
-    base = free_port_range(2)
+    base = free_port_range(1)
+    # No braces in the script: they would be placeholders.
+    lines = "import sys\nfor i in range(500): print('rank %s line %03d' % (sys.argv[1], i))"
     args = [
-        "--ranks", "2", "--gpus-per-rank", "0", "--base-port", str(base),
+        "--ranks", "1", "--start-rank", "3", "--gpus-per-rank", "0", "--base-port", str(base),
         "--control-port", "0", "--startup-timeout", "0",
         "--log-dir", str(log_dir), "--log-max-bytes", "2000", "--log-backups", "2",
-        "--", *FAKE_RANK, "--port", "{port}", "--log-lines", "300", "--exit-after", "1",
+        "--", sys.executable, "-c", lines, "{rank}",
     ]  # fmt: skip
-    output = (await supervise(args)).stderr.decode()
-    for rank in (0, 1):
-        port = base + rank
-        names = sorted(p.name for p in log_dir.glob(f"rank-{rank}.log*"))
-        assert names == [f"rank-{rank}.log", f"rank-{rank}.log.1", f"rank-{rank}.log.2"]
-        files = [log_dir / f"rank-{rank}.log.{n}" for n in (2, 1)] + [log_dir / f"rank-{rank}.log"]
-        for file in files:
-            assert 0 < file.stat().st_size <= 2000, file
-        lines = [line for file in files for line in file.read_text().splitlines()]
-        log_lines = [line for line in lines if "log line" in line]
-        numbers = [int(line.split("log line ")[1].split()[0]) for line in log_lines]
-        assert numbers == list(range(numbers[0], 300)), numbers  # the tail, in order
-        assert log_lines[-1] == f"fake rank {port}: log line 299 of 300"
-        # Our own stdout still has every line, prefixed.
-        assert f"[rank {rank}] fake rank {port}: log line 299 of 300" in output
+    output = (await supervise(args)).stdout.decode()
+    rank = 3
+    names = sorted(p.name for p in log_dir.glob(f"rank-{rank}.log*"))
+    assert names == [f"rank-{rank}.log", f"rank-{rank}.log.1", f"rank-{rank}.log.2"]
+    files = [log_dir / f"rank-{rank}.log.{n}" for n in (2, 1)] + [log_dir / f"rank-{rank}.log"]
+    texts = [file.read_text() for file in files]
+    for text in texts:
+        assert 0 < len(text) <= 2000, text
+        assert text.endswith("\n"), text
+    kept = "".join(texts).splitlines()
+    assert 2 * 2000 // 16 < len(kept) < 500  # two full files and more; not everything
+    assert kept == [f"rank {rank} line {i:03d}" for i in range(500 - len(kept), 500)]
+    # Our own stdout still has every line, prefixed.
+    assert f"[rank {rank}] rank {rank} line 000" in output
+    assert f"[rank {rank}] rank {rank} line 499" in output
 
 
 async def test_log_dir_in_json_mode_holds_json_lines(tmp_path: Path) -> None:
@@ -277,6 +279,7 @@ async def test_log_dir_in_json_mode_holds_json_lines(tmp_path: Path) -> None:
     await supervise(args)
     entries = [json.loads(line) for line in (tmp_path / "rank-0.log").read_text().splitlines()]
     log_lines = [e for e in entries if "log line" in e["message"]]
-    assert [e["stream"] for e in log_lines[:2]] == ["stdout", "stderr"]
     assert {e["rank"] for e in entries} == {0}
-    assert log_lines[-1]["message"] == f"fake rank {base}: log line 9 of 10"
+    for stream, first in (("stdout", 0), ("stderr", 1)):
+        messages = [e["message"] for e in log_lines if e["stream"] == stream]
+        assert messages == [f"fake rank {base}: log line {i} of 10" for i in range(first, 10, 2)]

@@ -51,11 +51,25 @@ class _RankFile:
         self.failing: str | None = None
 
     def write(self, data: bytes) -> None:
-        """Append `data`; a failed write (ENOSPC...) raises OSError, the chunk is lost."""
+        """Append `data` (whole lines), rotating between lines so that no file passes
+        `max_bytes` (a line longer than a whole file is cut). A failed write (ENOSPC...)
+        raises OSError; the rest of the chunk is lost."""
         if self._fd is None:
             self._open()
-        if self._size and self._size + len(data) > self._max:
+        while data:
+            room = self._max - self._size
+            if len(data) <= room:
+                self._append(data)
+                return
+            cut = data.rfind(b"\n", 0, room) + 1  # the whole lines that fit
+            if cut == 0 and self._size == 0:
+                cut = room
+            if cut:
+                self._append(data[:cut])
+                data = data[cut:]
             self._rotate()
+
+    def _append(self, data: bytes) -> None:
         assert self._fd is not None
         view = memoryview(data)
         while view:
