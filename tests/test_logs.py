@@ -268,6 +268,25 @@ async def test_log_dir_keeps_each_ranks_lines_in_rotated_files(tmp_path: Path) -
     assert f"[rank {rank}] rank {rank} line 499" in output
 
 
+async def test_a_log_file_that_cannot_be_written_loses_no_line_elsewhere(tmp_path: Path) -> None:
+    # rank-0.log is /dev/full: every write fails with ENOSPC. One warning says so, and the
+    # rank's lines are all on our stdout still.
+    (tmp_path / "rank-0.log").symlink_to("/dev/full")
+    base = free_port_range(1)
+    # Paced, so that the lines come in many chunks: many failed writes, one warning.
+    lines = "import time\nfor i in range(50): print('line %d' % i, flush=True); time.sleep(0.01)"
+    args = [
+        "--ranks", "1", "--gpus-per-rank", "0", "--base-port", str(base),
+        "--control-port", "0", "--startup-timeout", "0", "--log-dir", str(tmp_path),
+        "--", sys.executable, "-c", lines,
+    ]  # fmt: skip
+    result = await supervise(args)
+    stderr = result.stderr.decode()
+    assert stderr.count("lines not written to") == 1, stderr
+    assert f"rank 0: lines not written to {tmp_path}/rank-0.log: No space left" in stderr
+    assert result.stdout.decode().splitlines() == [f"[rank 0] line {i}" for i in range(50)]
+
+
 async def test_log_dir_in_json_mode_holds_json_lines(tmp_path: Path) -> None:
     base = free_port_range(1)
     args = [

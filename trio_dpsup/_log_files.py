@@ -57,7 +57,7 @@ class _RankFile:
         if self._fd is None:
             self._open()
         while data:
-            room = self._max - self._size
+            room = max(self._max - self._size, 0)  # a file left larger by an earlier run: 0
             if len(data) <= room:
                 self._append(data)
                 return
