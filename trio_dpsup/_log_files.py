@@ -12,10 +12,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import threading
 from dataclasses import dataclass
 
 import trio
+
+from ._log_format import WriterThread
 
 __all__ = ["CLOSE_TIMEOUT", "LogFiles", "RankFiles"]
 
@@ -107,27 +108,22 @@ class RankFiles:
         self._directory = files.directory
         self._max = files.max_bytes
         self._backups = files.backups
-        self.send, self._receive = trio.open_memory_channel[tuple[int, bytes] | None](_QUEUE)
         self._files: dict[int, _RankFile] = {}
-        self._thread = threading.Thread(target=self._run, name="trio-dpsup-log-dir", daemon=True)
+        self._writer = WriterThread(
+            "trio-dpsup-log-dir", self._write, queue=_QUEUE, finish=self._close_files
+        )
+        self.send = self._writer.send
 
     def start(self, token: trio.lowlevel.TrioToken) -> None:
         os.makedirs(self._directory, exist_ok=True)
-        self._token = token
-        self._thread.start()
+        self._writer.start(token)
 
-    def _run(self) -> None:
-        try:
-            while True:
-                item = trio.from_thread.run(self._receive.receive, trio_token=self._token)
-                if item is None:
-                    return
-                self._write(*item)
-        finally:
-            for file in self._files.values():
-                file.close()
+    def _close_files(self) -> None:
+        for file in self._files.values():
+            file.close()
 
-    def _write(self, rank: int, chunk: bytes) -> None:
+    def _write(self, item: tuple[int, bytes]) -> None:
+        rank, chunk = item
         file = self._files.get(rank)
         if file is None:
             path = os.path.join(self._directory, f"rank-{rank}.log")
@@ -151,6 +147,4 @@ class RankFiles:
         **Cancellation**: shielded, and bounded by CLOSE_TIMEOUT (a disk that hangs is
         abandoned to the daemon thread).
         """
-        with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
-            await self.send.send(None)
-            await trio.to_thread.run_sync(self._thread.join, abandon_on_cancel=True)
+        await self._writer.close(CLOSE_TIMEOUT)

@@ -21,13 +21,19 @@ import os
 import queue
 import select
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
+
+import trio
+
+T = TypeVar("T")
 
 __all__ = [
     "TEXT_FORMAT",
     "JsonFormatter",
     "NonBlockingHandler",
     "TerminalLine",
+    "WriterThread",
     "configure_logging",
     "fd_lock",
     "iso_time",
@@ -177,6 +183,50 @@ class TerminalLine:
             self._midline = not data.endswith(b"\n")
         self._drawn = bool(self._text) and not self._midline
         return before + data + (self._text if self._drawn else b"")
+
+
+class WriterThread(Generic[T]):
+    """Items sent from the event loop (`send`), written by `write` in a thread of its own:
+    a slow reader or disk blocks that thread, never the event loop. The channel holds
+    `queue` items; senders wait once it is full. `finish` runs in the thread at the end.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        write: Callable[[T], None],
+        *,
+        queue: int = 64,
+        finish: Callable[[], None] | None = None,
+    ) -> None:
+        self.send, self._receive = trio.open_memory_channel[T | None](queue)
+        self._write = write
+        self._finish = finish
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self, token: trio.lowlevel.TrioToken) -> None:
+        self._token = token
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while (
+                item := trio.from_thread.run(self._receive.receive, trio_token=self._token)
+            ) is not None:
+                self._write(item)
+        finally:
+            if self._finish is not None:
+                self._finish()
+
+    async def close(self, timeout: float) -> None:  # noqa: ASYNC109
+        """Write what is queued, then stop the thread.
+
+        **Cancellation**: shielded, and bounded by `timeout`: a writer that blocks for good
+        (a stopped terminal, a hung disk) is abandoned to its daemon thread.
+        """
+        with trio.CancelScope(shield=True), trio.move_on_after(timeout):
+            await self.send.send(None)
+            await trio.to_thread.run_sync(self._thread.join, abandon_on_cancel=True)
 
 
 class NonBlockingHandler(logging.Handler):

@@ -27,7 +27,6 @@ from __future__ import annotations
 import collections
 import json
 import os
-import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -35,7 +34,7 @@ from contextlib import asynccontextmanager
 import trio
 
 from ._log_files import LogFiles, RankFiles
-from ._log_format import iso_time, write_whole
+from ._log_format import WriterThread, iso_time, write_whole
 
 __all__ = ["DRAIN_TIMEOUT", "TAIL_LINES", "LogFiles", "LogPump", "RankOutput", "open_log_pump"]
 
@@ -97,22 +96,12 @@ class _Sink:
     def __init__(self, fd: int, *, json_lines: bool = False) -> None:
         self.fd = fd
         self._json = json_lines
-        self.send, self._receive = trio.open_memory_channel[bytes | None](_SINK_QUEUE)
-        self._thread = threading.Thread(target=self._run, name=f"trio-dpsup-log-{fd}", daemon=True)
+        self._writer = WriterThread(f"trio-dpsup-log-{fd}", self._write, queue=_SINK_QUEUE)
+        self.send = self._writer.send
+        self.start = self._writer.start
         #: Bytes dropped by failed writes since the last that passed, and the last reason.
         self._dropped = 0
         self._why = ""
-
-    def start(self, token: trio.lowlevel.TrioToken) -> None:
-        self._token = token
-        self._thread.start()
-
-    def _run(self) -> None:
-        while True:
-            chunk = trio.from_thread.run(self._receive.receive, trio_token=self._token)
-            if chunk is None:
-                return
-            self._write(chunk)
 
     def _write(self, chunk: bytes) -> None:
         left, error = write_whole(self.fd, chunk)
@@ -141,9 +130,7 @@ class _Sink:
         **Cancellation**: shielded, and bounded by DRAIN_TIMEOUT: output nobody reads any
         more (a stopped terminal) is abandoned to the daemon thread rather than waited for.
         """
-        with trio.CancelScope(shield=True), trio.move_on_after(DRAIN_TIMEOUT):
-            await self.send.send(None)
-            await trio.to_thread.run_sync(self._thread.join, abandon_on_cancel=True)
+        await self._writer.close(DRAIN_TIMEOUT)
 
 
 class LogPump:
