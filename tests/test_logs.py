@@ -40,8 +40,9 @@ os._exit(3)
 """
 
 
-async def run_cli(*args: str) -> subprocess.CompletedProcess[bytes]:
-    base = free_port_range(1)
+async def run_cli(*args: str, base: int | None = None) -> subprocess.CompletedProcess[bytes]:
+    """One rank on `base` (a free port unless given), run by the CLI with `args`."""
+    base = free_port_range(1) if base is None else base
     argv = [
         sys.executable, "-m", "trio_dpsup", "--ranks", "1", "--gpus-per-rank", "0",
         "--base-port", str(base), "--control-port", "0", *args,
@@ -230,32 +231,20 @@ async def test_a_terminal_shows_one_startup_line_updated_in_place() -> None:
         )
 
 
-async def supervise(args: list[str]) -> subprocess.CompletedProcess[bytes]:
-    """A CLI run of ranks that exit on their own."""
-    with trio.fail_after(60):
-        result = await trio.run_process(
-            [sys.executable, "-m", "trio_dpsup", *args],
-            capture_stdout=True, capture_stderr=True, check=False, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
-    assert result.returncode != 2, result.stderr.decode()
-    return result
-
-
 async def test_log_dir_keeps_each_ranks_lines_in_rotated_files(tmp_path: Path) -> None:
     # 500 lines of 16 bytes on one stream (8000 bytes), files rotated at 2000 bytes, 2 kept:
     # each file is under the limit and ends with a whole line, the oldest lines are gone, and
     # the files hold the last ones in order, as the rank wrote them. Named by global rank.
     log_dir = tmp_path / "logs"
-    base = free_port_range(1)
     # No braces in the script: they would be placeholders.
     lines = "import sys\nfor i in range(500): print('rank %s line %03d' % (sys.argv[1], i))"
-    args = [
-        "--ranks", "1", "--start-rank", "3", "--gpus-per-rank", "0", "--base-port", str(base),
-        "--control-port", "0", "--startup-timeout", "0",
+    result = await run_cli(
+        "--start-rank", "3", "--startup-timeout", "0",
         "--log-dir", str(log_dir), "--log-max-bytes", "2000", "--log-backups", "2",
         "--", sys.executable, "-c", lines, "{rank}",
-    ]  # fmt: skip
-    output = (await supervise(args)).stdout.decode()
+    )  # fmt: skip
+    assert result.returncode != 2, result.stderr.decode()
+    output = result.stdout.decode()
     rank = 3
     names = sorted(p.name for p in log_dir.glob(f"rank-{rank}.log*"))
     assert names == [f"rank-{rank}.log", f"rank-{rank}.log.1", f"rank-{rank}.log.2"]
@@ -276,16 +265,13 @@ async def test_a_log_file_that_cannot_be_written_loses_no_line_elsewhere(tmp_pat
     # rank-0.log is /dev/full: every write fails with ENOSPC. One warning says so, and the
     # rank's lines are all on our stdout still.
     (tmp_path / "rank-0.log").symlink_to("/dev/full")
-    base = free_port_range(1)
     # Paced, so that the lines come in many chunks: many failed writes, one warning.
     lines = "import time\nfor i in range(50): print('line %d' % i, flush=True); time.sleep(0.01)"
-    args = [
-        "--ranks", "1", "--gpus-per-rank", "0", "--base-port", str(base),
-        "--control-port", "0", "--startup-timeout", "0", "--log-dir", str(tmp_path),
-        "--", sys.executable, "-c", lines,
-    ]  # fmt: skip
-    result = await supervise(args)
+    result = await run_cli(
+        "--startup-timeout", "0", "--log-dir", str(tmp_path), "--", sys.executable, "-c", lines
+    )
     stderr = result.stderr.decode()
+    assert result.returncode != 2, stderr
     assert stderr.count("lines not written to") == 1, stderr
     assert f"rank 0: lines not written to {tmp_path}/rank-0.log: No space left" in stderr
     assert result.stdout.decode().splitlines() == [f"[rank 0] line {i}" for i in range(50)]
@@ -293,13 +279,12 @@ async def test_a_log_file_that_cannot_be_written_loses_no_line_elsewhere(tmp_pat
 
 async def test_log_dir_in_json_mode_holds_json_lines(tmp_path: Path) -> None:
     base = free_port_range(1)
-    args = [
-        "--ranks", "1", "--gpus-per-rank", "0", "--base-port", str(base),
-        "--control-port", "0", "--startup-timeout", "0", "--log-format", "json",
-        "--log-dir", str(tmp_path),
+    result = await run_cli(
+        "--startup-timeout", "0", "--log-format", "json", "--log-dir", str(tmp_path),
         "--", *FAKE_RANK, "--port", "{port}", "--log-lines", "10", "--exit-after", "1",
-    ]  # fmt: skip
-    await supervise(args)
+        base=base,
+    )  # fmt: skip
+    assert result.returncode != 2, result.stderr.decode()
     entries = [json.loads(line) for line in (tmp_path / "rank-0.log").read_text().splitlines()]
     log_lines = [e for e in entries if "log line" in e["message"]]
     assert {e["rank"] for e in entries} == {0}

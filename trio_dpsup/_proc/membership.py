@@ -229,9 +229,10 @@ class Trees:
         two); None lists them here. Without `every_thread`, only each member's main thread
         is asked for its children: where fork() from the main thread puts them, and where
         the kernel moves the children of a thread that exits. An engine process has dozens
-        of threads (torch's OpenMP pool is one per core), and reading every thread's
-        children file cost 3.6 ms a walk for 8 ranks of 65 threads (1 thread each: 0.3 ms;
-        measured on 2 cores), so the tree watch does that every few rounds only.
+        of threads (torch's OpenMP pool is one per core): over 8 CUDA torch processes of 33
+        threads, a walk once a second cost 1.9 to 2.6 ms asking every thread and about
+        0.5 ms asking main threads (`python -m bench.tree_walk_torch`, H100 machine), so the
+        tree watch asks every thread one round in a few only.
         """
         new: list[tuple[int, int, int]] = []
         starts = [(r.pid, r.rank, r.start) for r in self.roots]
