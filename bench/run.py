@@ -204,6 +204,17 @@ async def run_all(quick: bool) -> list[Row]:
             Row("idle: probe latency (last probe of each rank)", n,
                 [steady["probe_ms_median"], steady["probe_ms_max"]], "-", None),
         ]  # fmt: skip
+    # Restart records are pruned: the idle cost after 2,000 restarts, against a fresh run.
+    with tempfile.TemporaryDirectory() as tmp:
+        fresh = await scenarios.steady_state(8, idle_seconds, *scenarios.CHURN_OPTIONS)
+        churned = await scenarios.steady_state_after_restarts(8, 2000, idle_seconds, Path(tmp))
+    ratio = [churned["cpu_fraction"] / fresh["cpu_fraction"]]
+    rows += [
+        Row(f"idle: supervisor CPU after {churned['restarts']:.0f} restarts", 8,
+            [churned["cpu_fraction"] * 100], "-", None, "% core"),
+        Row("idle CPU after 2,000 restarts / fresh (same options)", 8, ratio, "<= 1.2",
+            check(1.2)(ratio), "x"),
+    ]  # fmt: skip
     # One probe's CPU: the same ranks probed every second, and not at all (every 10 min).
     probed = await scenarios.steady_state(32, idle_seconds)
     unprobed = await scenarios.steady_state(32, idle_seconds, "--probe-interval", "600")

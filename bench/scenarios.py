@@ -279,6 +279,42 @@ async def steady_state(ranks: int, seconds: float, *options: str) -> dict[str, f
     }
 
 
+#: Options that restart a crashing rank at once, however often.
+CHURN_OPTIONS = (
+    "--restart", "on-failure", "--max-restarts", "1000000", "--restart-window", "1",
+    "--restart-backoff-min", "0.001", "--restart-backoff-max", "0.001",
+)  # fmt: skip
+
+
+async def steady_state_after_restarts(
+    ranks: int, restarts: int, seconds: float, tmp: Path
+) -> dict[str, float]:
+    """`steady_state` of N ranks that were first restarted `restarts` times in all (each
+    start exits at once until then): what the restart records cost once the ranks serve."""
+    base = free_port_range(ranks)
+    count = tmp / f"starts-{base}"
+    args = [
+        "--ranks", str(ranks), "--base-port", str(base), "--control-port", "0",
+        "--gpus-per-rank", "0", "--probe-interval", "1", "--grace-period", "5",
+        "--startup-timeout", "600", *CHURN_OPTIONS, "--",
+        sys.executable, "-m", "bench.churn_rank", str(count), str(restarts), "--port", "{port}",
+    ]  # fmt: skip
+    async with open_cli_supervisor(args) as sup:
+        with trio.fail_after(900):
+            await sup.wait_ready()
+        status = await sup.status()
+        done = sum(int(r["restarts"]) for r in status["ranks"])  # type: ignore[index, union-attr, call-overload]
+        await trio.sleep(2.0)  # the measured period starts after start-up work has settled
+        proc = psutil.Process(sup.pid)
+        before = proc.cpu_times()
+        await trio.sleep(seconds)  # the measured period itself
+        after = proc.cpu_times()
+        sup.send_signal(signal.SIGTERM)
+        await sup.wait()
+    cpu = (after.user + after.system) - (before.user + before.system)
+    return {"cpu_fraction": cpu / seconds, "restarts": float(done)}
+
+
 async def log_throughput(ranks: int, seconds: float, tmp: Path) -> dict[str, float]:
     """Ranks writing 128-byte lines as fast as they can for `seconds`, through the supervisor
     (prefixed, to /dev/null) and, as the floor, straight to /dev/null."""

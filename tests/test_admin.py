@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import httpx
 import pytest
 import trio
 
-from trio_dpsup import RankState, RestartRequested, SupervisorState
-from trio_dpsup.testing import Deployment, Form, Harness
+from trio_dpsup import RankState, RankUnhealthy, RestartRequested, SupervisorState
+from trio_dpsup.testing import Deployment, Form, Harness, free_port_range
 
-from .conftest import FORMS, on_failure
+from .conftest import FAKE_RANK, FORMS, cli_args, on_failure
 
 pytest_plugins = ["trio_dpsup.testing.plugin"]
 
@@ -42,7 +44,7 @@ async def ready_again(deployment: Deployment, rank: int, restarts: int) -> None:
 @FORMS
 async def test_restart_one_rank_alone(dpsup: Harness, form: Form, tmp_path: Path) -> None:
     sock = tmp_path / "admin.sock"
-    deployment = await dpsup.start(3, form=form, admin_socket=str(sock))
+    deployment = await dpsup.start(3, form=form, admin_socket=str(sock), min_ready=2)
     assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
     before = await deployment.status()
     code, out, err = await ctl(sock, "restart", "2")
@@ -82,7 +84,7 @@ async def test_rolling_restart_keeps_ready_throughout(dpsup: Harness, tmp_path: 
         nursery.start_soon(watch_ready)
         code, out, err = await ctl(sock, "rolling-restart")
         done.set()
-    assert (code, out.strip(), err) == (0, "restarted ranks 0, 1, 2, one at a time", "")
+    assert (code, out.strip(), err) == (0, "restarted ranks 0, 1, 2, at most 1 out at a time", "")
     assert len(codes) > 10
     assert set(codes) == {200}, f"/ready was not 200 throughout: {sorted(set(codes))}"
     status = await deployment.status()
@@ -94,7 +96,7 @@ async def test_rolling_restart_keeps_ready_throughout(dpsup: Harness, tmp_path: 
 
 async def test_drain_pause_and_the_metrics(dpsup: Harness, tmp_path: Path) -> None:
     sock = tmp_path / "admin.sock"
-    deployment = await dpsup.start(2, admin_socket=str(sock), probe_interval=0.1)
+    deployment = await dpsup.start(2, admin_socket=str(sock), probe_interval=0.1, min_ready=1)
     assert (await ctl(sock, "drain", "1"))[:2] == (0, "rank 1 drained\n")
     assert await deployment.ready_code(rank=1) == 503
     assert await deployment.ready_code() == 200  # the node still serves
@@ -106,22 +108,180 @@ async def test_drain_pause_and_the_metrics(dpsup: Harness, tmp_path: Path) -> No
         assert (await ctl(sock, "pause-probes", "0", "30"))[:2] == (
             0, "rank 0: probes paused for 30s\n",
         )  # fmt: skip
+        # The pause shows wherever the operator looks: /status, ctl status, /metrics.
+        status = await deployment.status()
+        paused_until = status.ranks[0].probes_paused_until
+        assert paused_until is not None
+        assert 25 < paused_until - time.time() <= 30
+        assert status.ranks[1].probes_paused_until is None
+        table = (await ctl(sock, "status"))[1].splitlines()
+        assert "(probes paused 0m" in table[2]
+        assert "paused" not in table[3]
+        metrics = (await client.get("/metrics")).text
+        assert 'trio_dpsup_rank_probes_paused{rank="0"} 1.0' in metrics
+        assert 'trio_dpsup_rank_probes_paused{rank="1"} 0.0' in metrics
+        assert (await ctl(sock, "resume-probes", "0"))[:2] == (0, "rank 0: probes resumed\n")
+        assert (await deployment.status()).ranks[0].probes_paused_until is None
+        metrics = (await client.get("/metrics")).text
+        assert 'trio_dpsup_rank_probes_paused{rank="0"} 0.0' in metrics
+        for action in ("drain", "undrain", "pause-probes", "resume-probes"):
+            assert f'trio_dpsup_admin_actions_total{{action="{action}"}} 1.0' in metrics
+        # Paused, a failing rank is not probed; resumed, it is.
+        assert (await ctl(sock, "pause-probes", "0", "30"))[0] == 0
         await deployment.fail_health(0, 500)
         await trio.sleep(0.5)  # the period under test: five probe intervals, none probed
         assert (await deployment.status()).state is SupervisorState.READY
-        metrics = (await client.get("/metrics")).text
-    for action in ("drain", "undrain", "pause-probes"):
-        assert f'trio_dpsup_admin_actions_total{{action="{action}"}} 1.0' in metrics
+        assert (await ctl(sock, "resume-probes", "0"))[0] == 0
+    assert await deployment.wait_exit() == 1
+    assert isinstance(await deployment.failure(), RankUnhealthy)
+
+
+async def test_drain_and_restart_respect_min_ready_as_a_disruption_budget(
+    dpsup: Harness, tmp_path: Path
+) -> None:
+    sock = tmp_path / "admin.sock"
+    deployment = await dpsup.start(3, admin_socket=str(sock))  # --min-ready: all 3
+    for action in ("drain", "restart"):
+        code, out, err = await ctl(sock, action, "1")
+        assert (code, out) == (2, "")
+        doing = "draining" if action == "drain" else "restarting"
+        assert err == (
+            f"trio-dpsup ctl: error: {doing} rank 1 would leave 2 of 3 ranks serving, below "
+            "--min-ready 3: pass --force (/ready answers 503 until enough are back), or run "
+            "the supervisor with --min-ready 2\n"
+        )
+    assert await deployment.ready_code() == 200
+    # --force overrides the budget, and /ready tells the truth.
+    assert (await ctl(sock, "drain", "1", "--force"))[:2] == (0, "rank 1 drained\n")
+    assert await deployment.ready_code() == 503
+    for rank in ("0", "2"):
+        assert (await ctl(sock, "drain", rank, "--force"))[0] == 0
+    assert await deployment.ready_code() == 503, "every rank drained: nothing serves"
+    for rank in ("0", "1", "2"):
+        assert (await ctl(sock, "undrain", rank))[0] == 0
+    assert await deployment.ready_code() == 200
+
+
+async def test_a_rolling_restart_under_the_default_min_ready_and_one_operation_at_a_time(
+    dpsup: Harness, tmp_path: Path
+) -> None:
+    sock = tmp_path / "admin.sock"
+    deployment = await dpsup.start(3, admin_socket=str(sock), rank_args=["--ready-after", "1"])
+    code, _, err = await ctl(sock, "rolling-restart")
+    assert code == 2
+    assert err.endswith(
+        "--min-ready 3 leaves no room among 3 ranks: pass --max-unavailable 1 (/ready answers "
+        "503 while a rank is out), or run the supervisor with --min-ready 2\n"
+    )
+    codes: set[int] = set()
+    answers: list[tuple[int, str, str]] = []
+    rolling = trio.Event()
+
+    async def roll() -> None:
+        rolling.set()
+        answers.append(await ctl(sock, "rolling-restart", "--max-unavailable", "1"))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(roll)
+        await rolling.wait()
+        # While it rolls (each rank takes a second to be ready), any change is refused.
+        await deployment.wait_for_status(
+            lambda s: any(r.state is not RankState.READY for r in s.ranks), "a rank out"
+        )
+        codes.add(await deployment.ready_code())
+        code, _, err = await ctl(sock, "restart", "2", "--force")
+        assert code == 2
+        assert err.startswith("trio-dpsup ctl: error: busy: a rolling restart (rank ")
+        assert err.endswith(
+            "is in progress; try again when it ends (trio-dpsup ctl status shows it)\n"
+        )
+        table = (await ctl(sock, "status"))[1]
+        assert "; a rolling restart (rank " in table.splitlines()[0]
+    ((code, out, err),) = answers
+    assert (code, out.strip(), err) == (0, "restarted ranks 0, 1, 2, at most 1 out at a time", "")
+    assert codes == {503}, "/ready tells the truth while a rank is out"
+    assert await deployment.ready_code() == 200
+    assert [r.restarts for r in (await deployment.status()).ranks] == [1, 1, 1]
+
+
+async def test_a_rolling_restart_skips_a_crash_looping_rank(dpsup: Harness, tmp_path: Path) -> None:
+    sock = tmp_path / "admin.sock"
+    # Rank 1 exits a second after each start, and is restarted each time.
+    fake = " ".join(FAKE_RANK)
+    command = [
+        "sh", "-c",
+        f'if [ "{{rank}}" = 1 ]; then exec {fake} --port {{port}} --exit-after 1; '
+        f"else exec {fake} --port {{port}}; fi",
+    ]  # fmt: skip
+    deployment = await dpsup.start(
+        3, command=command, admin_socket=str(sock), min_ready=1,
+        **{**on_failure(0.05), "max_restarts": 1000},
+    )  # fmt: skip
+    await deployment.wait_for_status(lambda s: s.ranks[1].restarts >= 1, "rank 1 restarted")
+    code, out, err = await ctl(sock, "rolling-restart", "--rank-timeout", "20")
+    assert (code, err) == (0, "")
+    assert out.startswith("restarted ranks 0, 2, at most 2 out at a time; skipped rank 1: ")
+    status = await deployment.status()
+    assert status.state is SupervisorState.READY
+    assert status.ranks[0].restarts == 1
+    assert status.ranks[2].restarts == 1
+
+
+async def test_a_rank_that_does_not_return_ends_the_roll(dpsup: Harness, tmp_path: Path) -> None:
+    sock, fault = tmp_path / "admin.sock", tmp_path / "never-ready"
+    # A rank process started while `fault` exists never becomes ready.
+    fake = " ".join(FAKE_RANK)
+    command = [
+        "sh", "-c",
+        f"if [ -e {fault} ]; then exec {fake} --port {{port}} --ready-after 3600; "
+        f"else exec {fake} --port {{port}}; fi",
+    ]  # fmt: skip
+    deployment = await dpsup.start(2, command=command, admin_socket=str(sock), min_ready=1)
+    fault.touch()
+    with trio.fail_after(30):
+        code, out, err = await ctl(sock, "rolling-restart", "--rank-timeout", "1")
+    assert (code, out) == (2, "")
+    assert err == (
+        "trio-dpsup ctl: error: rank 0 did not return within 1s (--rank-timeout): it is "
+        "starting: the rolling restart stopped; restarted: 0; skipped: none\n"
+    )
+    status = await deployment.status()
+    assert (status.ranks[1].restarts, status.ranks[1].state) == (0, RankState.READY)
+    code, _, err = await ctl(sock, "restart", "1", "--force", "--wait", "--rank-timeout", "1")
+    assert code == 2  # not back in time: the same verdict for one rank
+    assert err.endswith("rank 1 did not return within 1s (--rank-timeout): it is starting\n")
+
+
+async def test_restart_wait_and_status_json(dpsup: Harness, tmp_path: Path) -> None:
+    sock = tmp_path / "admin.sock"
+    deployment = await dpsup.start(2, admin_socket=str(sock), min_ready=1)
+    code, out, err = await ctl(sock, "restart", "0", "--wait")
+    assert (code, out, err) == (0, "rank 0 ready again\n", "")
+    code, out, _ = await ctl(sock, "status", "--json")
+    assert code == 0
+    document = json.loads(out)
+    assert document["operation"] is None
+    assert document["status"]["run_id"] == deployment.run_id
+    assert [(r["rank"], r["state"], r["restarts"]) for r in document["status"]["ranks"]] == [
+        (0, "ready", 1), (1, "ready", 0),
+    ]  # fmt: skip
 
 
 async def test_errors_are_one_line_and_exit_2(dpsup: Harness, tmp_path: Path) -> None:
     sock = tmp_path / "admin.sock"
     deployment = await dpsup.start(
-        2, admin_socket=str(sock), rank_args=["--stop-delay", "1"], **on_failure(0.1)
+        2, admin_socket=str(sock), rank_args=["--stop-delay", "1"], min_ready=1, **on_failure(0.1)
     )
     cases = [
         (("restart", "7"), "no rank 7 here: the ranks are 0-1"),
-        (("rolling-restart",), "run the supervisor with --min-ready 1"),
+        (
+            ("restart", "1", "--rank-timeout", "0"),
+            "--rank-timeout must be more than 0 seconds, not 0.0",
+        ),
+        (
+            ("rolling-restart", "--max-unavailable", "3"),
+            "--max-unavailable must be within 1-2, not 3",
+        ),
         (("pause-probes", "0", "-1"), "pause-probes needs SECONDS between 0 and 86400"),
     ]
     for args, message in cases:
@@ -160,6 +320,47 @@ async def test_a_peer_that_is_not_the_owner_is_refused(dpsup: Harness) -> None:
             [sys.executable, "-c", nobody, str(sock)], capture_stdout=True, check=False
         )
     assert result.stdout.decode().strip() == (
-        '{"ok": false, "error": "uid 65534 is not the supervisor\'s owner (0)"}'
+        '{"ok": false, "error": "uid 65534 is neither the supervisor\'s owner (0) nor root"}'
     )
     shutil.rmtree(reachable, ignore_errors=True)
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to run the supervisor as another user")
+async def test_root_may_use_a_service_users_socket() -> None:
+    # As with the shipped unit's User=: the supervisor runs as a service user, and the
+    # operator types `sudo trio-dpsup ctl status`.
+    def as_nobody() -> None:
+        os.setgid(65534)
+        os.setuid(65534)
+
+    try:
+        probe = await trio.run_process(
+            [sys.executable, "-c", "import trio_dpsup"], preexec_fn=as_nobody, check=False,
+            stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd="/",
+        )  # fmt: skip
+    except PermissionError:
+        probe = None
+    if probe is None or probe.returncode != 0:
+        pytest.skip("this Python or checkout cannot be used by another user (nobody)")
+    home = Path(tempfile.mkdtemp(prefix="trio-dpsup-service-"))
+    os.chown(home, 65534, 65534)
+    os.chmod(home, 0o700)
+    sock = home / "admin.sock"
+    args = cli_args(1, free_port_range(1), options=["--admin-socket", str(sock)])
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "trio_dpsup", *args], preexec_fn=as_nobody, cwd="/",
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        with trio.fail_after(30):
+            while True:
+                code, out, _ = await ctl(sock, "status")
+                if code == 0 and "ready" in out.splitlines()[2]:
+                    break
+                await trio.sleep(0.1)  # pacing: the socket and the rank come up in turn
+    finally:
+        process.terminate()
+        with trio.fail_after(30):
+            await process.wait()
+        shutil.rmtree(home, ignore_errors=True)
+    assert process.returncode == 0

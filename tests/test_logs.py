@@ -7,11 +7,13 @@ import json
 import os
 import pty
 import re
+import shutil
 import signal
 import struct
 import subprocess
 import sys
 import termios
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -40,11 +42,14 @@ os._exit(3)
 """
 
 
-async def run_cli(*args: str, base: int | None = None) -> subprocess.CompletedProcess[bytes]:
-    """One rank on `base` (a free port unless given), run by the CLI with `args`."""
+async def run_cli(
+    *args: str, base: int | None = None, program: Sequence[str] = (sys.executable,)
+) -> subprocess.CompletedProcess[bytes]:
+    """One rank on `base` (a free port unless given), run by the CLI with `args` (through
+    `program`, which ends with the Python to run it)."""
     base = free_port_range(1) if base is None else base
     argv = [
-        sys.executable, "-m", "trio_dpsup", "--ranks", "1", "--gpus-per-rank", "0",
+        *program, "-m", "trio_dpsup", "--ranks", "1", "--gpus-per-rank", "0",
         "--base-port", str(base), "--control-port", "0", *args,
     ]  # fmt: skip
     with trio.fail_after(60):
@@ -262,19 +267,24 @@ async def test_log_dir_keeps_each_ranks_lines_in_rotated_files(tmp_path: Path) -
 
 
 async def test_a_log_file_that_cannot_be_written_loses_no_line_elsewhere(tmp_path: Path) -> None:
-    # rank-0.log is /dev/full: every write fails with ENOSPC. One warning says so, and the
-    # rank's lines are all on our stdout still.
-    (tmp_path / "rank-0.log").symlink_to("/dev/full")
+    # The supervisor may write files of at most 64 bytes (RLIMIT_FSIZE): past that, every
+    # write to rank-0.log fails (EFBIG), as on a full disk. One warning says so, and the
+    # rank's lines are all on our stdout still. (A link to /dev/full is no longer followed:
+    # see test_local_attacks.)
+    if shutil.which("prlimit") is None:
+        pytest.skip("prlimit (util-linux) is not installed")
     # Paced, so that the lines come in many chunks: many failed writes, one warning.
     lines = "import time\nfor i in range(50): print('line %d' % i, flush=True); time.sleep(0.01)"
     result = await run_cli(
-        "--startup-timeout", "0", "--log-dir", str(tmp_path), "--", sys.executable, "-c", lines
-    )
+        "--startup-timeout", "0", "--log-dir", str(tmp_path), "--", sys.executable, "-c", lines,
+        program=["prlimit", "--fsize=64", "--", sys.executable],
+    )  # fmt: skip
     stderr = result.stderr.decode()
     assert result.returncode != 2, stderr
     assert stderr.count("lines not written to") == 1, stderr
-    assert f"rank 0: lines not written to {tmp_path}/rank-0.log: No space left" in stderr
+    assert f"rank 0: lines not written to {tmp_path}/rank-0.log: File too large" in stderr
     assert result.stdout.decode().splitlines() == [f"[rank 0] line {i}" for i in range(50)]
+    assert (tmp_path / "rank-0.log").stat().st_size <= 64
 
 
 async def test_log_dir_in_json_mode_holds_json_lines(tmp_path: Path) -> None:
@@ -291,3 +301,15 @@ async def test_log_dir_in_json_mode_holds_json_lines(tmp_path: Path) -> None:
     for stream, first in (("stdout", 0), ("stderr", 1)):
         messages = [e["message"] for e in log_lines if e["stream"] == stream]
         assert messages == [f"fake rank {base}: log line {i} of 10" for i in range(first, 10, 2)]
+
+
+def test_control_characters_from_ranks_are_escaped_on_a_terminal() -> None:
+    # A unit test of the pump's escaping on purpose (private): a rank's ESC or CR must not
+    # move the operator's cursor or rewrite earlier lines; tab and UTF-8 text stay.
+    from trio_dpsup._logs import escape_controls
+
+    line = "title\x1b]0;pwned\x07 back\rover \x9b2J tab\tok é".encode()
+    assert escape_controls(line) == (
+        b"title\\x1b]0;pwned\\x07 back\\x0dover \\xc2\\x9b2J tab\tok " + "é".encode()
+    )
+    assert escape_controls(b"plain line") == b"plain line"

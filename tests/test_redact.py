@@ -28,12 +28,35 @@ TOKEN = "sk-proj-Ab12Cd34Ef56Gh78Ij90"
         (["sh", "-c", f"vllm serve m --api-key='{SECRET}'"], []),
         (["serve", "--some-flag", TOKEN], []),  # a token's shape, under any name
         (["serve", "-k", TOKEN], []),  # a short option, by shape
+        # Spellings that once slipped through (an attack on c84b649 found each).
+        (["serve", "--api-keys", SECRET], []),
+        (["serve", "--tokens", SECRET], []),
+        (["serve", "--bearer", SECRET], []),
+        (["serve", "--passphrase", SECRET], []),
+        (["serve", "--api-key", f"-{SECRET}"], []),  # a value that begins with a dash
+        (["curl", f"--header=X-Api-Key: {SECRET}"], []),
+        (["curl", f"-HX-Api-Key: {SECRET}"], []),
+        (["sh", "-c", f"curl -H 'X-Api-Key: {SECRET}' http://x"], []),
+        (["serve", "--hf-overrides", f"{{'api_key': '{SECRET}'}}"], []),  # a Python literal
+        (["serve", "--model-url", f"https://b.s3/m?X-Amz-Signature={SECRET}&x=1"], []),
+        (["serve", "--model-url", f"https://blob/m?sv=1&sig={SECRET}"], []),
+        (["serve", "--seed-key", "0123456789abcdef" * 4], []),  # a 64-digit hex key
+        (
+            [
+                "serve",
+                "--weights",
+                "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
+            ],
+            [],
+        ),
     ],
 )
 def test_secrets_are_hidden(argv: list[str], extra: list[str]) -> None:
     shown = " ".join(redact_argv(argv, extra))
     assert SECRET not in shown, shown
     assert "Ab12Cd34" not in shown, shown
+    assert "0123456789abcdef0123" not in shown, shown
+    assert "9f86d081884c7d659a2f" not in shown, shown
     assert "***" in shown
     assert "first" not in shown
 

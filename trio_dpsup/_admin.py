@@ -1,27 +1,40 @@
 """The operator socket (``--admin-socket PATH``): actions on a running supervisor.
 
 A Unix domain socket, created 0600 and never on the TCP control plane; a peer that is not
-this process's user (SO_PEERCRED) is refused. One request per connection: a JSON line
-``{"action": ..., ...}``; one JSON line back, ``{"ok": true, ...}`` or ``{"ok": false,
+this process's user or root (SO_PEERCRED) is refused. One request per connection: a JSON
+line ``{"action": ..., ...}``; one JSON line back, ``{"ok": true, ...}`` or ``{"ok": false,
 "error": ...}``. The client is ``trio-dpsup ctl`` (see _ctl).
 
-Actions: ``status``; ``restart`` a rank (the stop procedure, then a start, no backoff);
-``drain`` / ``undrain`` a rank (it keeps running; /ranks and /ranks/{r}/ready say not
-ready); ``pause-probes`` of a rank for some seconds (a weight reload); ``rolling-restart``
-(one rank at a time, each ready again before the next, never below ``min_ready``). Every
-action is logged and counted in /metrics.
+Actions: ``status``; ``restart`` a rank (the stop procedure, then a start, no backoff;
+``wait`` for it to be ready again); ``drain`` / ``undrain`` a rank (it keeps running; /ranks
+and /ranks/{r}/ready say not ready); ``pause-probes`` of a rank for some seconds (a weight
+reload) and ``resume-probes``; ``rolling-restart`` (every rank, at most ``max_unavailable``
+out at a time). Every action is logged and counted in /metrics.
+
+The semantics are a PodDisruptionBudget's: an action that takes a serving rank out
+(restart, drain) is refused, with the numbers, when fewer than ``--min-ready`` ranks would
+be left serving, unless the request says ``force``; /ready then tells the truth (503). One
+operation at a time: while a rolling restart or a waited restart runs, every other change
+gets a clear "busy" answer.
+
+The socket cannot stop the supervisor: a request is bounded in size, nesting and time
+before it is parsed, any failure while carrying it out is that request's error reply,
+``accept()`` errors back off and retry, and at most `MAX_CONNECTIONS` are served at once
+(the excess closed at once).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
 import socket
+import stat
 import struct
 from collections.abc import Callable
-from functools import partial
+from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -31,26 +44,54 @@ from ._errors import ConfigError, RestartRequested
 from ._state import Board, RankRecord, RankState
 from ._status_doc import status_to_json
 
-__all__ = ["Admin", "bind_admin_socket", "serve_admin"]
+__all__ = ["Admin", "AdminSocket", "bind_admin_socket", "serve_admin"]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("trio_dpsup.admin")
 
-#: A request longer than this is refused.
-MAX_REQUEST = 64 * 1024
+#: A request longer than this is refused (a request is a few dozen bytes).
+MAX_REQUEST = 4096
+#: JSON nesting a request may have: requests are flat objects.
+MAX_DEPTH = 4
 #: How long a request may take to arrive.
 REQUEST_TIMEOUT = 5.0
+#: Connections served at once; more are closed as soon as they are accepted.
+MAX_CONNECTIONS = 32
+#: How long `bind_admin_socket` waits for whoever may listen at the path to answer.
+LIVENESS_TIMEOUT = 0.5
+#: After an accept() error (EMFILE...): the first wait, doubled up to the second.
+ACCEPT_BACKOFF = (0.05, 1.0)
+#: Without a rank timeout in the request: how long a restarted rank may take to return.
+DEFAULT_RANK_TIMEOUT = 1800.0
 
 
 class AdminError(Exception):
     """A request that cannot be carried out; its message goes back to the client."""
 
 
-def bind_admin_socket(path: str) -> socket.socket:
+@dataclass(frozen=True)
+class AdminSocket:
+    """A bound admin socket and the identity of its file, so that only that file is
+    removed at exit (not whatever another process put at the path since)."""
+
+    sock: socket.socket
+    path: str
+    device: int
+    inode: int
+
+    def remove(self) -> None:
+        """Unlink the path if it is still our socket."""
+        with contextlib.suppress(OSError):
+            info = os.lstat(self.path)
+            if (info.st_dev, info.st_ino) == (self.device, self.inode):
+                os.unlink(self.path)
+
+
+def bind_admin_socket(path: str) -> AdminSocket:
     """Bind `path` now, mode 0600, so that a bad path is a ConfigError before any rank
     starts. Made under a temporary name and renamed into place: never visible with wider
-    permissions. A stale socket at `path` (nobody listening) is replaced."""
-    if os.path.exists(path) and _listening(path):
-        raise ConfigError(f"--admin-socket {path}: another supervisor listens there")
+    permissions. A stale socket at `path` (nobody listening) is replaced; a live one, a
+    symbolic link, a regular file or anything else is refused, never replaced."""
+    _check_existing(path)
     directory = os.path.dirname(os.path.abspath(path))
     temporary = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -60,6 +101,7 @@ def bind_admin_socket(path: str) -> socket.socket:
         sock.bind(temporary)
         os.chmod(temporary, 0o600)
         os.replace(temporary, path)
+        info = os.lstat(path)
     except OSError as exc:
         sock.close()
         with contextlib.suppress(OSError):
@@ -69,15 +111,40 @@ def bind_admin_socket(path: str) -> socket.socket:
             "this user can write"
         ) from exc
     sock.listen(16)
-    return sock
+    return AdminSocket(sock, path, info.st_dev, info.st_ino)
+
+
+def _check_existing(path: str) -> None:
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise ConfigError(f"--admin-socket {path}: {exc.strerror or exc}") from exc
+    if not stat.S_ISSOCK(info.st_mode):
+        kind = "a symbolic link" if stat.S_ISLNK(info.st_mode) else "not a socket"
+        raise ConfigError(
+            f"--admin-socket {path} exists and is {kind}: it is never replaced; remove it, "
+            "or choose a path in a private directory (systemd: RuntimeDirectory=)"
+        )
+    if _listening(path):
+        raise ConfigError(
+            f"--admin-socket {path}: another process listens there (another supervisor?): "
+            "stop it, or choose another path"
+        )
 
 
 def _listening(path: str) -> bool:
+    """Whether something accepts connections at the socket `path`. A listener with a full
+    backlog counts as one (the connect would wait): it is not stale."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(LIVENESS_TIMEOUT)
         try:
             probe.connect(path)
-        except OSError:
-            return False
+        except (TimeoutError, BlockingIOError):
+            return True
+        except OSError as exc:
+            return exc.errno == errno.EAGAIN  # a full backlog, as Linux says it
     return True
 
 
@@ -93,19 +160,25 @@ class Admin:
         self._config = config
         self._board = board
         self._count = count
-        self._rolling = False
+        #: The long operation in progress (for "busy" answers and `status`), if any.
+        self._operation: str | None = None
 
     async def act(self, request: dict[str, Any]) -> dict[str, Any]:
-        """The answer to one request. **Cancellation**: a rolling restart in progress
-        stops between ranks' steps; each rank's own restart goes on."""
+        """The answer to one request.
+
+        **Cancellation**: a rolling restart or a waited restart in progress stops waiting;
+        the restarts it began go on in the ranks' own tasks.
+        """
         action = request.get("action")
         if action == "status":
-            return {"ok": True, "status": status_to_json(self._board.snapshot())}
+            status = status_to_json(self._board.snapshot())
+            return {"ok": True, "status": status, "operation": self._operation}
         handlers = {
             "restart": self._restart,
             "drain": self._drain,
             "undrain": self._undrain,
             "pause-probes": self._pause,
+            "resume-probes": self._resume,
             "rolling-restart": self._rolling_restart,
         }
         handler = handlers.get(str(action))
@@ -113,115 +186,317 @@ class Admin:
             raise AdminError(f"unknown action {action!r}: one of status, {', '.join(handlers)}")
         if self._board.stopping.is_set():
             raise AdminError("the supervisor is stopping")
+        if self._operation is not None:
+            raise AdminError(
+                f"busy: {self._operation} is in progress; try again when it ends "
+                "(trio-dpsup ctl status shows it)"
+            )
         result = await handler(request)
         self._count(str(action))
         return {"ok": True, **result}
 
+    # -- the actions
+
+    async def _restart(self, request: dict[str, Any]) -> dict[str, Any]:
+        record = self._record(request)
+        wait, timeout = _flag(request, "wait"), self._rank_timeout(request)
+        self._within_budget(record, "restarting", _flag(request, "force"))
+        before = record.restarts
+        self._restart_one(record)
+        if wait:
+            rank = record.plan.rank
+            self._operation = f"a restart of rank {rank}"
+            try:
+                problem = await self._until_back(record, before, timeout)
+            finally:
+                self._operation = None
+            if problem is not None:
+                raise AdminError(problem)
+        return {"rank": record.plan.rank}
+
+    async def _drain(self, request: dict[str, Any]) -> dict[str, Any]:
+        record = self._record(request)
+        self._within_budget(record, "draining", _flag(request, "force"))
+        return self._set_drained(record, True)
+
+    async def _undrain(self, request: dict[str, Any]) -> dict[str, Any]:
+        return self._set_drained(self._record(request), False)
+
+    async def _pause(self, request: dict[str, Any]) -> dict[str, Any]:
+        record = self._record(request)
+        seconds = request.get("seconds")
+        if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+            seconds = -1
+        if not 0 <= seconds <= 86400:
+            raise AdminError("pause-probes needs SECONDS between 0 and 86400")
+        record.probes_paused_until = trio.current_time() + seconds
+        self._board.touch()
+        rank = record.plan.rank
+        logger.info("rank %d: probes paused for %gs", rank, seconds, extra={"rank": rank})
+        return {"rank": rank, "seconds": seconds}
+
+    async def _resume(self, request: dict[str, Any]) -> dict[str, Any]:
+        record = self._record(request)
+        record.probes_paused_until = 0.0
+        self._board.touch()
+        rank = record.plan.rank
+        logger.info("rank %d: probes resumed", rank, extra={"rank": rank})
+        return {"rank": rank}
+
+    async def _rolling_restart(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Restart every rank, at most `max_unavailable` out at a time (ranks already out
+        count), each restarted one awaited until it is ready again. A rank that is not ready
+        when its turn comes, or fails again after its restart (crash-looping), is skipped
+        and reported; one that does not return within the rank timeout ends the roll."""
+        board = self._board
+        total = len(board.ranks)
+        limit = self._max_unavailable(request)
+        timeout = self._rank_timeout(request)
+        restarted: list[int] = []
+        skipped: list[dict[str, Any]] = []
+        # Ranks the roll no longer waits for: skipped, and those drained by an operator.
+        excluded: set[int] = set()
+        problems: list[str] = []
+        #: Ranks this roll restarted that are not back yet.
+        pending: set[int] = set()
+
+        def out() -> int:
+            return sum(
+                r.state is not RankState.READY
+                for r in board.ranks
+                if r.plan.rank not in excluded and not r.drained
+            )
+
+        async def until_back(record: RankRecord, before: int) -> None:
+            try:
+                problem = await self._until_back(record, before, timeout)
+            except AdminError as exc:  # the supervisor began stopping
+                problem = str(exc)
+            pending.discard(record.plan.rank)
+            if problem is None:
+                return
+            if "failed again" in problem:
+                skipped.append({"rank": record.plan.rank, "why": problem})
+                excluded.add(record.plan.rank)
+                board.touch()  # wakes the room wait: it no longer counts
+                return
+            problems.append(problem)
+            nursery.cancel_scope.cancel()
+
+        self._operation = "a rolling restart"
+        try:
+            async with trio.open_nursery() as nursery:
+                for record in board.ranks:
+                    rank = record.plan.rank
+                    self._operation = (
+                        f"a rolling restart (rank {rank} next; {len(restarted)} of {total} done)"
+                    )
+                    try:
+                        room = await self._until(lambda: out() < limit, timeout)
+                    except AdminError as exc:  # the supervisor began stopping
+                        problems.append(str(exc))
+                        break
+                    if not room and pending:
+                        # A rank this roll took out is late: its own wait says so.
+                        await trio.sleep_forever()
+                    if not room:
+                        problems.append(
+                            f"no room to take rank {rank} out within {timeout:g}s "
+                            f"(--rank-timeout): {out()} rank(s) out, at most {limit}"
+                        )
+                        break
+                    unstable = self._unstable(record)
+                    if unstable is not None:
+                        skipped.append({"rank": rank, "why": unstable})
+                        excluded.add(rank)
+                        continue
+                    before = record.restarts
+                    self._restart_one(record)
+                    restarted.append(rank)
+                    pending.add(rank)
+                    nursery.start_soon(until_back, record, before)
+        finally:
+            self._operation = None
+        if problems:
+            raise AdminError(
+                f"{problems[0]}: the rolling restart stopped; restarted: "
+                f"{_ranks(restarted)}; skipped: {_ranks([s['rank'] for s in skipped])}"
+            )
+        return {"ranks": restarted, "skipped": skipped, "max_unavailable": limit}
+
+    # -- the pieces
+
     def _record(self, request: dict[str, Any]) -> RankRecord:
         rank = request.get("rank")
-        record = self._board.by_rank(rank) if isinstance(rank, int) else None
+        valid = isinstance(rank, int) and not isinstance(rank, bool)
+        record = self._board.by_rank(rank) if valid else None  # type: ignore[arg-type]
         if record is None:
             ranks = f"{self._board.ranks[0].plan.rank}-{self._board.ranks[-1].plan.rank}"
             raise AdminError(f"no rank {rank!r} here: the ranks are {ranks}")
         return record
 
-    async def _restart(self, request: dict[str, Any]) -> dict[str, Any]:
-        record = self._record(request)
-        self._restart_one(record)
-        return {"rank": record.plan.rank}
+    def _serving(self) -> int:
+        return sum(r.state is RankState.READY and not r.drained for r in self._board.ranks)
+
+    def _within_budget(self, record: RankRecord, doing: str, force: bool) -> None:
+        """Refuse to take a serving rank out below --min-ready, as a PodDisruptionBudget
+        refuses an eviction, unless `force`."""
+        if force or record.state is not RankState.READY or record.drained:
+            return  # it serves no traffic now: taking it out changes nothing
+        left, needed, total = self._serving() - 1, self._board.min_ready, len(self._board.ranks)
+        if left >= needed:
+            return
+        lower = f", or run the supervisor with --min-ready {left}" if left >= 1 else ""
+        raise AdminError(
+            f"{doing} rank {record.plan.rank} would leave {left} of {total} ranks serving, "
+            f"below --min-ready {needed}: pass --force (/ready answers 503 until enough are "
+            f"back){lower}"
+        )
+
+    def _max_unavailable(self, request: dict[str, Any]) -> int:
+        value = request.get("max_unavailable")
+        total, needed = len(self._board.ranks), self._board.min_ready
+        if value is None:
+            if total - needed >= 1:
+                return total - needed
+            raise AdminError(
+                f"a rolling restart takes ranks out, and --min-ready {needed} leaves no room "
+                f"among {total} ranks: pass --max-unavailable 1 (/ready answers 503 while a "
+                f"rank is out), or run the supervisor with --min-ready {max(total - 1, 1)}"
+            )
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= total:
+            raise AdminError(f"--max-unavailable must be within 1-{total}, not {value!r}")
+        return value
+
+    def _rank_timeout(self, request: dict[str, Any]) -> float:
+        value = request.get("rank_timeout")
+        if value is None:
+            return self._config.startup_timeout or DEFAULT_RANK_TIMEOUT
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+            raise AdminError(f"--rank-timeout must be more than 0 seconds, not {value!r}")
+        return float(value)
+
+    def _unstable(self, record: RankRecord) -> str | None:
+        """Why a rolling restart should leave `record` alone (crash-looping), or None: it
+        is not ready, or it restarted on its own within --restart-window."""
+        if record.state is not RankState.READY:
+            return f"it was {record.state.value}"
+        window = self._config.restart_window
+        if (
+            record.restart_times
+            and record.restart_times[-1] > trio.current_time() - window
+            and record.last_causes
+            and not isinstance(record.last_causes[-1], RestartRequested)
+        ):
+            return f"it restarted on its own within {window:g}s: {record.last_causes[-1]}"
+        return None
 
     def _restart_one(self, record: RankRecord) -> None:
         rank = record.plan.rank
         if record.state is not RankState.READY or record.incarnation is None:
             raise AdminError(f"rank {rank} is {record.state.value}: restart a ready rank")
-        logger.warning("rank %d: restart requested", rank, extra={"rank": rank})
+        logger.info("rank %d: restart requested", rank, extra={"rank": rank})
         record.state = RankState.RESTARTING
         record.last_causes.append(RestartRequested(rank))
         record.restart_now = True
         record.incarnation.cancel()
 
-    async def _drain(self, request: dict[str, Any]) -> dict[str, Any]:
-        return self._set_drained(request, True)
-
-    async def _undrain(self, request: dict[str, Any]) -> dict[str, Any]:
-        return self._set_drained(request, False)
-
-    def _set_drained(self, request: dict[str, Any], drained: bool) -> dict[str, Any]:
-        record = self._record(request)
+    def _set_drained(self, record: RankRecord, drained: bool) -> dict[str, Any]:
         record.drained = drained
         self._board.touch()  # /ranks long polls hear of it
         rank = record.plan.rank
-        logger.warning(
-            "rank %d %s", rank, "drained" if drained else "undrained", extra={"rank": rank}
-        )
+        logger.info("rank %d %s", rank, "drained" if drained else "undrained", extra={"rank": rank})
         return {"rank": rank}
 
-    async def _pause(self, request: dict[str, Any]) -> dict[str, Any]:
-        record = self._record(request)
-        seconds = request.get("seconds")
-        if not isinstance(seconds, int | float) or not 0 <= seconds <= 86400:
-            raise AdminError("pause-probes needs SECONDS between 0 and 86400")
-        record.probes_paused_until = trio.current_time() + seconds
-        logger.warning(
-            "rank %d: probes paused for %gs", record.plan.rank, seconds,
-            extra={"rank": record.plan.rank},
-        )  # fmt: skip
-        return {"rank": record.plan.rank, "seconds": seconds}
+    async def _until_back(
+        self,
+        record: RankRecord,
+        before: int,
+        timeout: float,  # noqa: ASYNC109 (a verdict: reported, not raised)
+    ) -> str | None:
+        """Wait until `record`, restarted once since `before` restarts, is ready again.
+        None when it is; else why not (it failed again, or the timeout passed)."""
+        rank = record.plan.rank
 
-    async def _rolling_restart(self, request: dict[str, Any]) -> dict[str, Any]:
-        board = self._board
-        if self._rolling:
-            raise AdminError("a rolling restart is already running")
-        if board.min_ready > len(board.ranks) - 1:
-            raise AdminError(
-                f"a rolling restart takes one rank out at a time, below --min-ready "
-                f"{board.min_ready}: run the supervisor with --min-ready {len(board.ranks) - 1}"
+        def back_or_failed() -> bool:
+            return record.restarts > before + 1 or (
+                record.restarts > before and record.state is RankState.READY
             )
-        self._rolling = True
-        try:
-            for record in board.ranks:
-                await self._wait_ready_count(board.min_ready + 1)
-                before = record.restarts
-                self._restart_one(record)
-                await self._wait(partial(_ready_again, record, before))
-        finally:
-            self._rolling = False
-        return {"ranks": [r.plan.rank for r in board.ranks]}
 
-    async def _wait_ready_count(self, needed: int) -> None:
-        await self._wait(
-            lambda: sum(r.state is RankState.READY for r in self._board.ranks) >= needed
-        )
+        if not await self._until(back_or_failed, timeout):
+            return (
+                f"rank {rank} did not return within {timeout:g}s (--rank-timeout): it is "
+                f"{record.state.value}"
+            )
+        if record.restarts > before + 1:
+            cause = record.last_causes[-1] if record.last_causes else "?"
+            return f"rank {rank} failed again after its restart (crash-looping?): {cause}"
+        return None
 
-    async def _wait(self, condition: Callable[[], bool]) -> None:
-        """Until `condition` holds, re-checked at each change of the board; bounded by the
-        startup timeout (or 30 minutes)."""
-        bound = self._config.startup_timeout or 1800
-        with trio.move_on_after(bound):
+    async def _until(self, condition: Callable[[], bool], timeout: float) -> bool:  # noqa: ASYNC109
+        """Whether `condition` came to hold within `timeout` seconds, re-checked at each
+        change of the board. Raises AdminError if the supervisor begins stopping."""
+        with trio.move_on_after(timeout):
             while not condition():  # each change of the board wakes it
                 if self._board.stopping.is_set():
                     raise AdminError("the supervisor began stopping")
                 await self._board.changed.wait()
-            return
-        raise AdminError(f"the rank did not come back within {bound:g}s (--startup-timeout)")
+            return True
+        return False
+
+
+def _flag(request: dict[str, Any], name: str) -> bool:
+    value = request.get(name, False)
+    if not isinstance(value, bool):
+        raise AdminError(f"{name} must be true or false, not {value!r}")
+    return value
+
+
+def _ranks(ranks: list[int]) -> str:
+    return ", ".join(map(str, ranks)) or "none"
 
 
 async def serve_admin(
-    sock: socket.socket,
+    admin_socket: AdminSocket,
     admin: Admin,
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve `admin` on the bound `sock` until cancelled. Takes ownership of `sock`.
+    """Serve `admin` on the bound socket until cancelled. Takes ownership of the socket
+    (not of its file: the caller removes that).
 
     **Cancellation**: stops at once; requests in progress are dropped.
     """
-    listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+    listener = trio.SocketListener(trio.socket.from_stdlib_socket(admin_socket.sock))
+    serving = 0
+
+    async def serve_one(stream: trio.SocketStream) -> None:
+        nonlocal serving
+        try:
+            await _serve_one(stream, admin)
+        finally:
+            serving -= 1
+
     async with listener, trio.open_nursery() as nursery:
         task_status.started()
+        backoff = ACCEPT_BACKOFF[0]
         while True:  # ends by cancellation
-            stream = await listener.accept()
-            nursery.start_soon(_serve_one, stream, admin)
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                # EMFILE, ENFILE, ENOBUFS: the connection waits in the backlog; so do we,
+                # rather than spin or stop.
+                if backoff == ACCEPT_BACKOFF[0]:
+                    logger.warning("admin socket: accept failed: %s; retrying", exc)
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, ACCEPT_BACKOFF[1])
+                continue
+            backoff = ACCEPT_BACKOFF[0]
+            if serving >= MAX_CONNECTIONS:
+                await trio.aclose_forcefully(stream)
+                continue
+            serving += 1
+            nursery.start_soon(serve_one, stream)
 
 
 async def _serve_one(stream: trio.SocketStream, admin: Admin) -> None:
@@ -235,37 +510,66 @@ async def _serve_one(stream: trio.SocketStream, admin: Admin) -> None:
             answer = await admin.act(request)
         except AdminError as exc:
             answer = {"ok": False, "error": str(exc)}
-        with contextlib.suppress(trio.BrokenResourceError):  # the client left; it stands
-            await stream.send_all(json.dumps(answer).encode() + b"\n")
-
-
-def _ready_again(record: RankRecord, restarts: int) -> bool:
-    return record.restarts > restarts and record.state is RankState.READY
+        except Exception as exc:
+            # A bug must cost this request, never the supervisor (and its ranks).
+            logger.exception("admin socket: a request failed")
+            answer = {"ok": False, "error": f"internal error: {type(exc).__name__}: {exc}"}
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            with trio.move_on_after(REQUEST_TIMEOUT):  # a client that never reads
+                await stream.send_all(json.dumps(answer).encode() + b"\n")
 
 
 def _check_peer(sock: trio.socket.SocketType) -> None:
-    """Refuse a peer that is not this process's user: the file's mode keeps others out
-    already; this holds even where the file was made reachable by mistake."""
+    """Refuse a peer that is neither this process's user nor root: the file's mode keeps
+    others out already; this holds even where the file was made reachable by mistake.
+    Root is let in as it is to the file itself, so ``sudo trio-dpsup ctl`` works against a
+    supervisor run as a service user."""
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, _ = struct.unpack("3i", creds)
-    if uid != os.getuid():
+    if uid not in (os.getuid(), 0):
         logger.warning("admin socket: refused pid %d of uid %d", pid, uid)
-        raise AdminError(f"uid {uid} is not the supervisor's owner ({os.getuid()})")
+        raise AdminError(f"uid {uid} is neither the supervisor's owner ({os.getuid()}) nor root")
 
 
 async def _read_request(stream: trio.SocketStream) -> dict[str, Any]:
     data = b""
     while b"\n" not in data:
-        chunk = await stream.receive_some(MAX_REQUEST)
+        chunk = await stream.receive_some(MAX_REQUEST + 1)
         if not chunk:
             break
         data += chunk
         if len(data) > MAX_REQUEST:
             raise AdminError(f"a request longer than {MAX_REQUEST} bytes")
+    line = data.split(b"\n", 1)[0]
+    if _depth(line) > MAX_DEPTH:
+        raise AdminError(f"a request nested deeper than {MAX_DEPTH} levels")
     try:
-        request = json.loads(data.split(b"\n", 1)[0] or b"null")
+        request = json.loads(line or b"null")
     except ValueError as exc:
         raise AdminError(f"not a JSON request: {exc}") from None
     if not isinstance(request, dict):
         raise AdminError('a request is a JSON object, e.g. {"action": "status"}')
     return request
+
+
+def _depth(data: bytes) -> int:
+    """How deeply the arrays and objects of the JSON text `data` nest, without parsing it
+    (the parser recurses: a few thousand ``[`` would raise RecursionError)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in data:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return deepest

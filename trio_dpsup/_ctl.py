@@ -1,10 +1,13 @@
 """``trio-dpsup ctl``: the operator's client of the admin socket (see _admin).
 
-    trio-dpsup ctl --admin-socket /run/trio-dpsup.sock status
-    trio-dpsup ctl --admin-socket /run/trio-dpsup.sock restart 2
+    trio-dpsup ctl --admin-socket /run/trio-dpsup/admin.sock status
+    trio-dpsup ctl --admin-socket /run/trio-dpsup/admin.sock restart 2 --wait
 
-Prints one table (status) or one line; an error is one line on stderr and exit status 2.
-Standard library only: it runs where the supervisor runs, as the same user.
+Prints one table (status; ``--json``: the document) or one line. Exit status, for
+scripts: 0 done; 2 refused (a bad request, an action the supervisor declines: the
+disruption budget, busy) or no supervisor at the socket; 1 no usable answer (a reply that
+is not the protocol's, or none within ``--timeout``). Errors are one line on stderr.
+Standard library only: it runs where the supervisor runs, as the same user or root.
 """
 
 from __future__ import annotations
@@ -18,13 +21,21 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from ._errors import EXIT_USAGE  # standard library only, as this client
+from ._errors import EXIT_FAILURE, EXIT_USAGE  # standard library only, as this client
 
 __all__ = ["run_ctl"]
 
 PROG = "trio-dpsup ctl"
 #: The socket's path when --admin-socket is not given.
 SOCKET_ENV = "TRIO_DPSUP_ADMIN_SOCKET"
+#: How long to wait for an answer by default.
+DEFAULT_TIMEOUT = 30.0
+#: The longest answer read (a status document of many ranks).
+MAX_ANSWER = 16 * 2**20
+
+
+class BadAnswer(Exception):
+    """The supervisor's answer could not be used (malformed, or none in time)."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,22 +46,60 @@ def _parser() -> argparse.ArgumentParser:
         default=os.environ.get(SOCKET_ENV),
         help=f"the supervisor's --admin-socket (default: ${SOCKET_ENV})",
     )
+    parser.add_argument(
+        "--timeout",
+        metavar="SECONDS",
+        type=float,
+        default=DEFAULT_TIMEOUT,
+        help="give up waiting for the answer after this long, exit 1; the action goes on "
+        "in the supervisor (default: %(default)gs)",
+    )
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
-    actions.add_parser("status", help="a table of the ranks")
+    status = actions.add_parser("status", help="a table of the ranks")
+    status.add_argument("--json", action="store_true", help="the status document, as JSON")
+    force = "even if fewer than --min-ready ranks would be left serving (/ready then says 503)"
+    restart = actions.add_parser("restart", help="restart one rank: its stop, then a start")
+    restart.add_argument("rank", type=int, metavar="RANK")
+    restart.add_argument("--force", action="store_true", help=force)
+    restart.add_argument("--wait", action="store_true", help="until it is ready again")
+    _rank_timeout(restart)
+    drain = actions.add_parser(
+        "drain", help="take a rank out of /ranks and its /ranks/{r}/ready; it keeps running"
+    )
+    drain.add_argument("rank", type=int, metavar="RANK")
+    drain.add_argument("--force", action="store_true", help=force)
     for name, text in (
-        ("restart", "restart one rank: its stop procedure, then a start"),
-        ("drain", "take a rank out of /ranks and its /ranks/{r}/ready; it keeps running"),
         ("undrain", "put a drained rank back"),
+        ("resume-probes", "probe a rank again now, ending a pause"),
     ):
         actions.add_parser(name, help=text).add_argument("rank", type=int, metavar="RANK")
     pause = actions.add_parser("pause-probes", help="stop probing a rank for a while")
     pause.add_argument("rank", type=int, metavar="RANK")
     pause.add_argument("seconds", type=float, metavar="SECONDS")
-    actions.add_parser(
+    rolling = actions.add_parser(
         "rolling-restart",
-        help="restart every rank, one at a time, each ready again before the next",
+        help="restart every rank, at most --max-unavailable at a time, each ready again "
+        "before the next",
     )
+    rolling.add_argument(
+        "--max-unavailable",
+        type=int,
+        metavar="N",
+        help="ranks out at once, even below --min-ready (/ready then says 503) (default: "
+        "what --min-ready leaves room for)",
+    )
+    _rank_timeout(rolling)
     return parser
+
+
+def _rank_timeout(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--rank-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="how long a restarted rank may take to be ready again (default: the "
+        "supervisor's --startup-timeout)",
+    )
 
 
 def run_ctl(argv: Sequence[str]) -> int:
@@ -58,51 +107,113 @@ def run_ctl(argv: Sequence[str]) -> int:
     args = _parser().parse_args(argv)
     if not args.admin_socket:
         return _error(f"no admin socket: pass --admin-socket PATH or set ${SOCKET_ENV}")
+    if not args.timeout > 0:
+        return _error(f"--timeout must be more than 0 seconds, not {args.timeout:g}")
     request: dict[str, Any] = {"action": args.action}
-    for field in ("rank", "seconds"):
-        if hasattr(args, field):
-            request[field] = getattr(args, field)
+    for field in ("rank", "seconds", "force", "wait", "max_unavailable", "rank_timeout"):
+        value = getattr(args, field, None)
+        if value is not None:
+            request[field] = value
     try:
-        answer = _ask(args.admin_socket, request)
+        answer = _ask(args.admin_socket, request, args.timeout)
+    except BadAnswer as exc:
+        return _error(str(exc), EXIT_FAILURE)
     except OSError as exc:
         return _error(
             f"cannot reach the supervisor at {args.admin_socket}: {exc.strerror or exc}: is "
             "it running, with this --admin-socket?"
         )
-    if not answer.get("ok"):
-        return _error(str(answer.get("error", "the supervisor refused")))
-    print(_render(args.action, answer))
+    if answer.get("ok") is not True:
+        error = answer.get("error")
+        if answer.get("ok") is not False or not isinstance(error, str):
+            return _error(f"a malformed answer: {_shown(answer)}", EXIT_FAILURE)
+        return _error(error)
+    try:
+        text = _render(args, answer)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        return _error(f"a malformed answer ({exc!r}): {_shown(answer)}", EXIT_FAILURE)
+    print(text)
     return 0
 
 
-def _ask(path: str, request: dict[str, Any]) -> dict[str, Any]:
+def _ask(path: str, request: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """Send `request`, return the answer. Raises OSError when nobody listens at `path`,
+    BadAnswer when the answer is not a JSON object or none comes within `timeout`."""
+    deadline = time.monotonic() + timeout
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.connect(path)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+        except TimeoutError:
+            raise BadAnswer(f"no answer within {timeout:g}s (--timeout): is it stuck?") from None
         sock.sendall(json.dumps(request).encode() + b"\n")
         data = b""
         while not data.endswith(b"\n"):
-            chunk = sock.recv(1 << 16)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BadAnswer(_late(request, timeout))
+            sock.settimeout(left)
+            try:
+                chunk = sock.recv(1 << 16)
+            except TimeoutError:
+                raise BadAnswer(_late(request, timeout)) from None
             if not chunk:
                 break
             data += chunk
+            if len(data) > MAX_ANSWER:
+                raise BadAnswer(f"an answer longer than {MAX_ANSWER} bytes")
     if not data:
-        raise ConnectionAbortedError(0, "the supervisor closed the connection")
-    answer: dict[str, Any] = json.loads(data)
+        raise BadAnswer("the supervisor closed the connection without an answer")
+    try:
+        answer = json.loads(data)
+    except ValueError:
+        raise BadAnswer(f"an answer that is not JSON: {_shown(data)}") from None
+    if not isinstance(answer, dict):
+        raise BadAnswer(f"an answer that is not a JSON object: {_shown(answer)}")
     return answer
 
 
-def _render(action: str, answer: dict[str, Any]) -> str:
+def _late(request: dict[str, Any], timeout: float) -> str:
+    goes_on = ""
+    if request["action"] in ("rolling-restart", "restart"):
+        goes_on = f" (the {request['action']} goes on in the supervisor: see ctl status)"
+    return f"no answer within {timeout:g}s (--timeout){goes_on}"
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 200 else f"{text[:200]}... ({len(text)} characters)"
+
+
+def _render(args: argparse.Namespace, answer: dict[str, Any]) -> str:
+    action = args.action
     if action == "status":
-        return _table(answer["status"])
+        if args.json:
+            return json.dumps(
+                {"status": answer["status"], "operation": answer.get("operation")}, indent=2
+            )
+        return _table(answer["status"], answer.get("operation"))
     if action == "rolling-restart":
-        return f"restarted ranks {', '.join(map(str, answer['ranks']))}, one at a time"
-    rank = answer["rank"]
+        line = f"restarted ranks {_list(answer['ranks'])}, at most {answer['max_unavailable']} "
+        line += "out at a time"
+        for skipped in answer["skipped"]:
+            line += f"; skipped rank {skipped['rank']}: {skipped['why']}"
+        return line
+    rank = int(answer["rank"])
     if action == "pause-probes":
-        return f"rank {rank}: probes paused for {answer['seconds']:g}s"
-    return f"rank {rank} {'restarting' if action == 'restart' else action + 'ed'}"
+        return f"rank {rank}: probes paused for {float(answer['seconds']):g}s"
+    if action == "resume-probes":
+        return f"rank {rank}: probes resumed"
+    if action == "restart":
+        return f"rank {rank} {'ready again' if args.wait else 'restarting'}"
+    return f"rank {rank} {action}ed"
 
 
-def _table(status: dict[str, Any]) -> str:
+def _list(ranks: list[int]) -> str:
+    return ", ".join(map(str, ranks)) or "none"
+
+
+def _table(status: dict[str, Any], operation: str | None) -> str:
     now = time.time()
     header = ("RANK", "STATE", "PID", "PORT", "GPUS (MIB USED)", "LAST PROBE", "RESTARTS", "UP")
     rows = [header]
@@ -120,6 +231,9 @@ def _table(status: dict[str, Any]) -> str:
             f"{probe['latency_ms']:.1f} ms" if probe["ok"] else str(probe["error"])
         )  # fmt: skip
         state = rank["state"] + (" (drained)" if rank.get("drained") else "")
+        paused = rank.get("probes_paused_until")
+        if paused is not None:
+            state += f" (probes paused {_duration(paused - now)})"
         up = _duration(now - rank["since"]) if rank["state"] == "ready" else "-"
         rows.append((
             str(rank["rank"]), state, str(rank["pid"] or "-"), str(rank["port"]), gpus, last,
@@ -128,6 +242,8 @@ def _table(status: dict[str, Any]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
     title = f"{status['state']}, run {status['run_id']}"
+    if operation is not None:
+        title += f"; {operation}"
     return "\n".join([title, *(line.rstrip() for line in lines)])
 
 
@@ -137,6 +253,6 @@ def _duration(seconds: float) -> str:
     return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
 
-def _error(message: str) -> int:
+def _error(message: str, status: int = EXIT_USAGE) -> int:
     print(f"{PROG}: error: {message}", file=sys.stderr)
-    return EXIT_USAGE
+    return status

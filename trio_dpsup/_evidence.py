@@ -39,6 +39,7 @@ from ._errors import (
     StartupTimeout,
     SupervisorFailure,
 )
+from ._redact import redact_text
 from ._state import RankRecord
 
 __all__ = ["capture_evidence", "wants_evidence"]
@@ -108,9 +109,15 @@ async def capture_evidence(
 
 
 def _write(folder: Path, files: dict[str, str]) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
+    """Write `files` in `folder` (made 0700), each 0600 and with secrets redacted: evidence
+    holds what the rank printed and the command lines py-spy shows. A file or link already
+    at a name is refused (O_EXCL, O_NOFOLLOW), never written through."""
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     for name, text in files.items():
-        (folder / name).write_text(text)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(folder / name, flags, 0o600)
+        with open(fd, "w", encoding="utf-8", errors="replace") as f:
+            f.write(redact_text(text))
 
 
 _NO_LOG = "no lines: the rank's output is not relayed (--no-log-prefix), or it wrote none\n"

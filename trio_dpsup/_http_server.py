@@ -6,8 +6,11 @@ of idle keep-alive connections. Hypercorn's Trio worker builds its listeners ins
 limit of 1024 open files idle connections made accept fail and probes went unanswered.
 Here every connection is counted; at `max_connections` the least recently active one is
 closed to make room, so a new connection — a probe — is always served. Idle connections
-are closed after `IDLE_TIMEOUT`, and a request must arrive whole within it (slow clients
-hold no slot for long). GET and HEAD answers are small and computed in one call.
+are closed after `IDLE_TIMEOUT`, and a request must arrive whole within it, its body too
+(slow clients hold no slot for long); a body larger than `MAX_BODY` is refused (413) and
+the connection closed, and an answer the client does not read within `IDLE_TIMEOUT`
+closes the connection (a pipelining client that never reads). GET and HEAD answers are
+small and computed in one call.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ logger = logging.getLogger(__name__)
 IDLE_TIMEOUT = 5.0
 #: The largest request head accepted (probes send a few hundred bytes).
 MAX_HEAD = 16384
+#: The largest request body accepted, and dropped: no endpoint takes one.
+MAX_BODY = 1024
 _READ = 16384
 
 
@@ -136,12 +141,10 @@ async def _serve(handler: Handler, stream: trio.abc.Stream, connection: _Connect
         if event is None:
             return
         if isinstance(event, h11.Request):
-            # A request body (none is expected) is read and dropped before answering.
-            while not isinstance(
-                end := await _next_event(http, stream, connection), h11.EndOfMessage | None
-            ):
-                pass
-            if end is None:
+            refusal = await _skip_body(http, stream, connection, event)
+            if refusal is not None:
+                # The rest of the body is never read: answer, then close.
+                await _send(http, stream, refusal, head=False)
                 return
             method = event.method.decode("ascii", "replace")
             target = event.target.decode("ascii", "replace")
@@ -154,6 +157,36 @@ async def _serve(handler: Handler, stream: trio.abc.Stream, connection: _Connect
         except h11.LocalProtocolError:
             return
         connection.last_active = trio.current_time()
+
+
+async def _skip_body(
+    http: h11.Connection, stream: trio.abc.Stream, connection: _Connection, request: h11.Request
+) -> Response | None:
+    """Read and drop the request's body (no endpoint takes one); a refusal to send instead
+    when it is larger than MAX_BODY (413, also when only announced) or takes longer than
+    IDLE_TIMEOUT in all to arrive (408): a body trickled a byte at a time, or an endless
+    chunked one, must not hold a connection or a core."""
+    for name, value in request.headers:
+        if name == b"content-length" and int(value) > MAX_BODY:
+            return _refusal(413, f"a request body is at most {MAX_BODY} bytes here")
+    received = 0
+    with trio.move_on_after(IDLE_TIMEOUT):
+        while True:
+            event = await _next_event(http, stream, connection)
+            if isinstance(event, h11.EndOfMessage):
+                return None
+            if not isinstance(event, h11.Data):
+                # Closed, or a protocol error (answered already): nothing more to answer.
+                raise trio.ClosedResourceError("the client went away mid-request")
+            received += len(event.data)
+            if received > MAX_BODY:
+                return _refusal(413, f"a request body is at most {MAX_BODY} bytes here")
+    return _refusal(408, f"the request body did not arrive within {IDLE_TIMEOUT:g}s")
+
+
+def _refusal(status: int, text: str) -> Response:
+    headers = [(b"content-type", b"text/plain"), (b"connection", b"close")]
+    return Response(status, headers, f"{text}\n".encode())
 
 
 async def _next_event(
@@ -198,4 +231,10 @@ async def _send(
     if not head and response.body:
         data = (data or b"") + (http.send(h11.Data(data=response.body)) or b"")
     data = (data or b"") + (http.send(h11.EndOfMessage()) or b"")
-    await stream.send_all(data)
+    # A client that sends requests and never reads the answers would hold the connection
+    # (and a pipelined backlog) for good: the answer goes out within IDLE_TIMEOUT, or the
+    # connection is closed.
+    with trio.move_on_after(IDLE_TIMEOUT) as sending:
+        await stream.send_all(data)
+    if sending.cancelled_caught:
+        raise trio.ClosedResourceError("the client did not read its answer")

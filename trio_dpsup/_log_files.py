@@ -2,30 +2,51 @@
 size as supervisord's ``stdout_logfile_maxbytes`` and ``_backups`` rotate (``rank-R.log.1`` is
 the newest of the old files).
 
+The directory is trusted the way logrotate and OpenSSH's ``StrictModes`` trust one, because
+the supervisor often runs as root and a log directory may sit where others can write:
+
+* `open_log_dir` creates DIR (0750) when it is missing, and refuses (a ConfigError, before
+  anything starts) one that is a symbolic link, is not owned by our user, or can be written
+  by others, or by a group other than our own. Every later open and rename goes through the
+  descriptor of the directory it checked, so a path swapped afterwards is never followed.
+* Each file is opened with ``O_NOFOLLOW | O_NONBLOCK`` (a planted link is not followed; a
+  planted FIFO cannot block the open) and kept only if ``fstat`` says it is a regular file,
+  at every open, rotation included. New files are 0640: they hold what ranks print.
+
 The log pump (_logs) hands every chunk of a rank's lines to `RankFiles` as well as to our
-stdout or stderr; one thread writes every file, so a slow disk never blocks the event loop,
-and a full channel slows the pumps as a slow stdout does.
+stdout or stderr. One thread writes every file, so a slow disk never blocks the event loop;
+and the queue to it never blocks the pump either: when it is full the chunk is dropped for
+the file alone, counted (`RankOutput.file_dropped_lines`, in /metrics), and said once in the
+log. Our stdout and stderr stay lossless whatever the files do.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
+import stat
 from dataclasses import dataclass
 
 import trio
 
+from ._errors import ConfigError
 from ._log_format import WriterThread
 
-__all__ = ["CLOSE_TIMEOUT", "LogFiles", "RankFiles"]
+__all__ = ["CLOSE_TIMEOUT", "FILE_MODE", "LogFiles", "RankFiles", "open_log_dir"]
 
 logger = logging.getLogger(__name__)
 
 #: How long closing waits for queued lines to be written.
 CLOSE_TIMEOUT = 2.0
-#: Chunks queued for the writer thread before the pumps wait.
-_QUEUE = 64
+#: Chunks queued for the writer thread; more are dropped for the files (never for stdout).
+_QUEUE = 256
+#: A new log directory: ours, our group may read.
+DIR_MODE = 0o750
+#: A new rank log file: ours, our group may read; what ranks print may be sensitive.
+FILE_MODE = 0o640
+_OPEN_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
 
 
 @dataclass(frozen=True)
@@ -37,13 +58,73 @@ class LogFiles:
     backups: int
 
 
+def open_log_dir(path: str, option: str = "--log-dir") -> int:
+    """A descriptor of the log directory `path`, created (DIR_MODE) when missing, once it
+    is found safe to write in. Raises ConfigError, naming the fix, for a directory that
+    cannot be made or opened, a symbolic link, or one that others could plant files in."""
+    try:
+        os.makedirs(path, mode=DIR_MODE, exist_ok=True)
+    except FileExistsError:
+        pass  # a dangling link or a file: the open below says which
+    except OSError as exc:
+        raise ConfigError(
+            f"{option} {path}: cannot create it: {exc.strerror or exc}: choose a directory "
+            "this user can create"
+        ) from exc
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if os.path.islink(path):
+            raise ConfigError(
+                f"{option} {path} is a symbolic link: give the directory itself "
+                f"({os.path.realpath(path)}), where nobody else can write"
+            ) from exc
+        raise ConfigError(
+            f"{option} {path}: {exc.strerror or exc}: give a directory this user can write in"
+        ) from exc
+    try:
+        _check_dir(fd, path, option)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _check_dir(fd: int, path: str, option: str) -> None:
+    info = os.fstat(fd)
+    uid, gid = os.geteuid(), os.getegid()
+    mode = stat.S_IMODE(info.st_mode)
+    if info.st_uid != uid:
+        raise ConfigError(
+            f"{option} {path} is owned by uid {info.st_uid}, not by this user ({uid}): "
+            "another user could replace its files; give a directory of this user's "
+            f"(chown {uid} {path}), or one it can create"
+        )
+    if mode & stat.S_IWOTH or (mode & stat.S_IWGRP and info.st_gid != gid):
+        raise ConfigError(
+            f"{option} {path} is writable by {'others' if mode & stat.S_IWOTH else 'its group'} "
+            f"(mode {mode:04o}): they could plant links or FIFOs there; chmod go-w {path}, "
+            "or choose a directory of this user's"
+        )
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"{option} {path}: this user cannot write in it: chmod u+wx {path}")
+
+
+#: Why an open was refused, by errno: what was planted at the file's name.
+_REFUSED = {
+    errno.ELOOP: "a symbolic link, not followed: lines go only to our stdout and stderr",
+    errno.ENXIO: "a FIFO or a device, not a regular file: lines go only to our stdout and stderr",
+}
+
+
 class _RankFile:
     """One rank's log file, rotated before it passes `max_bytes`: ``rank-R.log`` becomes
     ``rank-R.log.1``, which becomes ``.2``..., and ``.{backups}`` is dropped. For the
-    `RankFiles` thread only."""
+    `RankFiles` thread only; names are relative to the directory's descriptor."""
 
-    def __init__(self, path: str, max_bytes: int, backups: int) -> None:
-        self.path = path
+    def __init__(self, dir_fd: int, name: str, max_bytes: int, backups: int) -> None:
+        self.name = name
+        self._dir = dir_fd
         self._max = max_bytes
         self._backups = backups
         self._fd: int | None = None
@@ -53,8 +134,8 @@ class _RankFile:
 
     def write(self, data: bytes) -> None:
         """Append `data` (whole lines), rotating between lines so that no file passes
-        `max_bytes` (a line longer than a whole file is cut). A failed write (ENOSPC...)
-        raises OSError; the rest of the chunk is lost."""
+        `max_bytes` (a line longer than a whole file is cut). A failed write (ENOSPC, a
+        planted FIFO...) raises OSError; the rest of the chunk is lost."""
         if self._fd is None:
             self._open()
         while data:
@@ -84,57 +165,93 @@ class _RankFile:
             self._fd = None
 
     def _open(self) -> None:
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        self._size = os.fstat(self._fd).st_size
+        try:
+            fd = os.open(self.name, _OPEN_FLAGS, FILE_MODE, dir_fd=self._dir)
+        except OSError as exc:
+            why = _REFUSED.get(exc.errno or 0)
+            if why is None:
+                raise
+            raise OSError(exc.errno, why) from None
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            os.close(fd)
+            raise OSError(0, "not a regular file: lines go only to our stdout and stderr")
+        # Regular files never block; the flag was only for the open (a FIFO's).
+        os.set_blocking(fd, True)
+        self._fd = fd
+        self._size = info.st_size
 
     def _rotate(self) -> None:
         self.close()
         if self._backups == 0:
-            os.unlink(self.path)
+            os.unlink(self.name, dir_fd=self._dir)
         else:
             for n in range(self._backups - 1, 0, -1):
                 with contextlib.suppress(FileNotFoundError):
-                    os.rename(f"{self.path}.{n}", f"{self.path}.{n + 1}")
-            os.rename(self.path, f"{self.path}.1")
+                    self._rename(f"{self.name}.{n}", f"{self.name}.{n + 1}")
+            self._rename(self.name, f"{self.name}.1")
         self._open()
+
+    def _rename(self, old: str, new: str) -> None:
+        os.rename(old, new, src_dir_fd=self._dir, dst_dir_fd=self._dir)
 
 
 class RankFiles:
-    """Writes each rank's lines to its own file in `directory`, from a thread of its own
-    (the disk never blocks the event loop). A failed write is logged once, until writes to
-    that file pass again; the lines are still on our stdout and stderr."""
+    """Writes each rank's lines to its own file in the directory, from a thread of its own
+    (the disk never blocks the event loop, and a full queue never blocks the pump: see the
+    module doc). A failed write is logged once, until writes to that file pass again; the
+    lines are still on our stdout and stderr."""
 
-    def __init__(self, files: LogFiles) -> None:
-        self._directory = files.directory
+    def __init__(self, files: LogFiles, dir_fd: int) -> None:
+        self.directory = files.directory
+        self._dir = dir_fd
         self._max = files.max_bytes
         self._backups = files.backups
         self._files: dict[int, _RankFile] = {}
         self._writer = WriterThread(
             "trio-dpsup-log-dir", self._write, queue=_QUEUE, finish=self._close_files
         )
-        self.send = self._writer.send
+        self._dropping: set[int] = set()
 
     def start(self, token: trio.lowlevel.TrioToken) -> None:
-        os.makedirs(self._directory, exist_ok=True)
         self._writer.start(token)
+
+    def offer(self, rank: int, chunk: bytes) -> bool:
+        """Queue `chunk` for rank `rank`'s file, or drop it if the writer is behind; True if
+        it was queued. Never waits. The first drop of a run of drops is logged."""
+        try:
+            self._writer.send.send_nowait((rank, chunk))
+        except trio.WouldBlock:
+            if rank not in self._dropping:
+                self._dropping.add(rank)
+                logger.warning(
+                    "rank %d: lines dropped from %s/rank-%d.log: its writer is behind (a slow "
+                    "or blocked disk); they are on our output still, and counted in "
+                    "trio_dpsup_log_file_dropped_lines_total",
+                    rank, self.directory, rank, extra={"rank": rank},
+                )  # fmt: skip
+            return False
+        self._dropping.discard(rank)
+        return True
 
     def _close_files(self) -> None:
         for file in self._files.values():
             file.close()
+        os.close(self._dir)
 
     def _write(self, item: tuple[int, bytes]) -> None:
         rank, chunk = item
         file = self._files.get(rank)
         if file is None:
-            path = os.path.join(self._directory, f"rank-{rank}.log")
-            file = self._files[rank] = _RankFile(path, self._max, self._backups)
+            file = _RankFile(self._dir, f"rank-{rank}.log", self._max, self._backups)
+            self._files[rank] = file
         try:
             file.write(chunk)
         except OSError as exc:
             if file.failing is None:
                 logger.warning(
-                    "rank %d: lines not written to %s: %s", rank, file.path, exc.strerror or exc,
-                    extra={"rank": rank},
+                    "rank %d: lines not written to %s/%s: %s", rank, self.directory, file.name,
+                    exc.strerror or exc, extra={"rank": rank},
                 )  # fmt: skip
             file.failing = exc.strerror or str(exc)
             file.close()  # opened afresh for the next chunk (the disk may have room again)

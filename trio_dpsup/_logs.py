@@ -19,7 +19,12 @@ rank, and nothing is lost.
   bytes were dropped and why; EAGAIN waits for room instead of dropping anything.
 * The last lines of each rank's stderr are kept for the root-cause report.
 * With a log directory (`--log-dir`), each rank's lines also go to a file of its own,
-  ``rank-R.log``, rotated by size, written by one more thread (`RankFiles`).
+  ``rank-R.log``, rotated by size, written by one more thread (`RankFiles`). The files never
+  slow the pump: lines the file writer cannot take in time are dropped for the file alone
+  and counted (`RankOutput.file_dropped_lines`).
+* On a terminal, control characters in rank lines (ESC, CR, ...) are shown escaped
+  (``\x1b``): a rank must not be able to move the cursor, rewrite earlier lines or retitle
+  the operator's terminal. Pipes, files and JSON get the bytes as written.
 """
 
 from __future__ import annotations
@@ -27,14 +32,16 @@ from __future__ import annotations
 import collections
 import json
 import os
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import trio
 
-from ._log_files import LogFiles, RankFiles
+from ._log_files import LogFiles, RankFiles, open_log_dir
 from ._log_format import WriterThread, iso_time, write_whole
+from ._redact import redact_text
 
 __all__ = ["DRAIN_TIMEOUT", "TAIL_LINES", "LogFiles", "LogPump", "RankOutput", "open_log_pump"]
 
@@ -76,17 +83,31 @@ class RankOutput:
     """What the pump keeps of one rank's output: the tail of its stderr (over all of its
     processes, so a restart does not hide what came before), its last lines of both streams
     for the evidence of a failure (kept as bytes: decoded only if they are ever written),
-    and its current pipes."""
+    and its current pipes.
+
+    What it keeps is as the rank wrote it; what it hands out (`tail`, `recent_text`) has
+    secrets redacted, as everything we serve or write does: a rank that prints its API key
+    must not have it served on /status. Redacting when read, not per line, keeps a rank that
+    floods its stderr from paying for it."""
 
     def __init__(self) -> None:
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
         self.recent: collections.deque[tuple[str, bytes]] = collections.deque(maxlen=RECENT_LINES)
         self.pipes = _Pipes()
+        #: Lines not written to the rank's --log-dir file because its writer was behind.
+        self.file_dropped_lines = 0
+
+    def tail(self) -> tuple[str, ...]:
+        """The last lines of its stderr, oldest first, secrets redacted."""
+        return tuple(redact_text(line) for line in self.stderr_tail)
 
     def recent_text(self) -> str:
-        """The last lines of both streams, oldest first, each marked with its stream."""
-        return "".join(
-            f"{name}| {line.decode(errors='replace')}\n" for name, line in list(self.recent)
+        """The last lines of both streams, oldest first, each marked with its stream,
+        secrets redacted."""
+        return redact_text(
+            "".join(
+                f"{name}| {line.decode(errors='replace')}\n" for name, line in list(self.recent)
+            )
         )
 
 
@@ -156,7 +177,10 @@ class LogPump:
         for name, fd in (("stdout", stdout), ("stderr", stderr)):
             sink = self._sinks[name]
             pipes.opened()
-            render = _json_line(rank, name) if self._json else _text_line(_prefix(rank, sink.fd))
+            if self._json:
+                render = _json_line(rank, name)
+            else:
+                render = _text_line(_prefix(rank, sink.fd), terminal=os.isatty(sink.fd))
             to_file = None
             if self._files is not None:
                 # The file is the rank's own: its lines as written, no prefix (JSON as above).
@@ -173,6 +197,11 @@ class _FileTee:
         self.rank = rank
         self.render = render
 
+    def send(self, lines: list[bytes], output: RankOutput) -> None:
+        """Offer `lines` to the file; never waits (see the module doc)."""
+        if not self.files.offer(self.rank, b"".join(map(self.render, lines))):
+            output.file_dropped_lines += len(lines)
+
 
 @asynccontextmanager
 async def open_log_pump(
@@ -181,10 +210,12 @@ async def open_log_pump(
     *,
     json_lines: bool = False,
     files: LogFiles | None = None,
+    dir_fd: int | None = None,
 ) -> AsyncIterator[LogPump]:
     """Run the pumps for the duration of the block; on exit, wait for every attached pipe to
     reach EOF (callers bound that: see `wait_drained`), then flush our output (and close
-    the ranks' files, with `files`).
+    the ranks' files, with `files`: `dir_fd` is the descriptor of its directory, from
+    `open_log_dir`, now owned here; without it the directory is opened here).
 
     **Cancellation**: the exit is shielded; the pumps stop at once and what they had read is
     written out.
@@ -195,7 +226,7 @@ async def open_log_pump(
         sink.start(token)
     rank_files = None
     if files is not None:
-        rank_files = RankFiles(files)
+        rank_files = RankFiles(files, open_log_dir(files.directory) if dir_fd is None else dir_fd)
         rank_files.start(token)
     try:
         async with trio.open_nursery() as nursery:
@@ -236,7 +267,7 @@ async def _pump(
     async def send(lines: list[bytes]) -> None:
         await sink.send.send(b"".join(map(render, lines)))
         if to_file is not None:
-            await to_file.files.send.send((to_file.rank, b"".join(map(to_file.render, lines))))
+            to_file.send(lines, output)
 
     tail = output.stderr_tail if name == "stderr" else None
     recent = output.recent
@@ -290,9 +321,23 @@ def _tail_line(line: bytes) -> str:
     return f"{text[:TAIL_LINE_CHARS]}… ({len(line)} bytes)"
 
 
-def _text_line(prefix: bytes) -> Callable[[bytes], bytes]:
-    """``[rank 3] line``: the line as the rank wrote it, bytes untouched."""
+def _text_line(prefix: bytes, *, terminal: bool = False) -> Callable[[bytes], bytes]:
+    """``[rank 3] line``: the line as the rank wrote it, bytes untouched; on a `terminal`,
+    with its control characters escaped (see the module doc)."""
+    if terminal:
+        return lambda line: prefix + escape_controls(line) + b"\n"
     return lambda line: prefix + line + b"\n"
+
+
+#: C0 controls but tab, DEL, and C1 controls as UTF-8 encodes them (U+0080-U+009F).
+_CONTROLS = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]|\xc2[\x80-\x9f]")
+
+
+def escape_controls(line: bytes) -> bytes:
+    """`line` with every control character but tab written as ``\\xNN``."""
+    if not _CONTROLS.search(line):
+        return line
+    return _CONTROLS.sub(lambda m: b"".join(b"\\x%02x" % c for c in m[0]), line)
 
 
 def _json_line(rank: int, stream: str) -> Callable[[bytes], bytes]:

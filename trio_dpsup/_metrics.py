@@ -131,6 +131,17 @@ class _BoardCollector(Collector):
             "When the rank was last restarted (seconds since the epoch).",
             labels=["rank"],
         )
+        dropped = CounterMetricFamily(
+            "trio_dpsup_log_file_dropped_lines",
+            "Rank lines not written to the rank's --log-dir file because its writer was "
+            "behind (they were still relayed to the supervisor's output).",
+            labels=["rank"],
+        )
+        paused = GaugeMetricFamily(
+            "trio_dpsup_rank_probes_paused",
+            "1 while an operator has the rank's health probes paused (ctl pause-probes).",
+            labels=["rank"],
+        )
         gpu = {
             name: GaugeMetricFamily(f"trio_dpsup_gpu_{name}", text, labels=["rank", "gpu"])
             for name, text in (
@@ -146,12 +157,15 @@ class _BoardCollector(Collector):
             for each in RankState:
                 rank_state.add_metric([label, each.value], float(rank.state is each))
             up.add_metric([label], float(rank.ready))
+            paused.add_metric([label], float(rank.probes_paused_until is not None))
             restarts.add_metric([label], float(rank.restarts))
             record = board.by_rank(rank.rank)
             if record is not None and record.last_returncode is not None:
                 exit_status.add_metric([label], float(record.last_returncode))
             if record is not None and record.restarted_at is not None:
                 restarted.add_metric([label], record.restarted_at)
+            if record is not None:
+                dropped.add_metric([label], float(record.output.file_dropped_lines))
             for sample in rank.gpu_samples:
                 labels = [label, sample.uuid]
                 gpu["memory_used_bytes"].add_metric(labels, float(sample.memory_used))
@@ -162,6 +176,6 @@ class _BoardCollector(Collector):
                     gpu["temperature_celsius"].add_metric(labels, float(sample.temperature))
                 if sample.power is not None:
                     gpu["power_watts"].add_metric(labels, sample.power)
-        yield from (rank_state, up, restarts, exit_status, restarted)
+        yield from (rank_state, up, restarts, exit_status, restarted, dropped, paused)
         if any(rank.gpu_samples for rank in status.ranks):
             yield from gpu.values()

@@ -1,19 +1,25 @@
-"""Secrets out of everything we show: /status, logs, and whatever later shows a command.
+"""Secrets out of everything we show: /status, logs, evidence, and the ranks' own lines
+wherever we serve or write them (the stderr tail of a failure, evidence, the status file).
 
 A rank's command line carries API keys in many spellings. Redaction works two ways, and
 both are applied to every argument, also inside one (``sh -c "... --api-key X"``):
 
-* **by name**: the value of an option, environment assignment, JSON key or HTTP header
-  whose name has a part (split on ``-``, ``_``, ``.``) that ends in key, token, secret,
-  password, passwd, credential(s) or authorization, or is pass, pwd, auth or cookie:
-  ``--api-key X``, ``--api-key=X``, ``--hf-token X``, ``--pass X``, ``--credentials X``,
-  ``HF_TOKEN=X``, ``'{"api_key": "X"}'``, ``-H 'X-Api-Key: X'``. Parts, not substrings, so
-  ``--tokenizer`` and ``--max-num-batched-tokens`` stay readable; extra names (a server's
-  own ``-k``) come from ``secret_options``;
+* **by name**: the value of an option, environment assignment, JSON or Python dict key,
+  HTTP header or URL query parameter whose name has a part (split on ``-``, ``_``, ``.``)
+  that ends in key, token, secret, password, passwd, passphrase, bearer, signature,
+  credential or authorization (or their plurals), or is pass, pwd, auth, sig or cookie:
+  ``--api-key X``, ``--api-keys=X``, ``--hf-token X``, ``--pass X``, ``--credentials X``,
+  ``HF_TOKEN=X``, ``'{"api_key": "X"}'``, ``{'api_key': 'X'}``, ``-H 'X-Api-Key: X'``,
+  ``--header=X-Api-Key: X``, ``-HX-Api-Key: X``, ``?X-Amz-Signature=X``, ``&sig=X``. Parts,
+  not substrings, so ``--tokenizer`` stays readable; a plural beside a quantity
+  (``--max-num-batched-tokens``, ``"max_tokens"``) is a count, not a secret. The value
+  after a secret option is hidden even when it begins with one dash (``--api-key -X``);
+  extra names (a server's own ``-k``) come from ``secret_options``;
 * **by shape**: the password in a URL (``http://user:X@host``), the credentials after an
   auth scheme (``Bearer X``, ``Basic X``), and values that look like tokens wherever they
-  are: known prefixes (``sk-``, ``hf_``, ``ghp_``, ``xoxb-``, ``AKIA``, JWTs) or 32 and more
-  characters mixing upper case, lower case and digits.
+  are: known prefixes (``sk-``, ``hf_``, ``ghp_``, ``xoxb-``, ``AKIA``, JWTs), 32 and more
+  characters mixing upper case, lower case and digits, and 48 and more hexadecimal digits
+  (a 64-digit key; a 40-digit git revision stays readable).
 
 What is redacted becomes ``***``. It errs towards hiding: a long mixed-case identifier that
 is no secret is hidden too.
@@ -28,17 +34,28 @@ __all__ = ["REDACTED", "is_secret_name", "redact_argv", "redact_text"]
 
 REDACTED = "***"
 
-_ENDINGS = ("key", "token", "secret", "password", "passwd", "credential", "credentials",
-            "authorization")  # fmt: skip
-_WHOLE = frozenset({"pass", "pwd", "auth", "cookie", "apikey"})
+_STEMS = ("key", "token", "secret", "password", "passwd", "passphrase", "bearer", "signature",
+          "credential", "authorization")  # fmt: skip
+_PLURALS = tuple(f"{stem}s" for stem in _STEMS)
+_WHOLE = frozenset({"pass", "pwd", "auth", "cookie", "apikey", "sig"})
+#: Parts that make a plural a count: ``max_tokens`` is a number of tokens, not tokens.
+_QUANTITY = frozenset({"max", "min", "num", "n", "total", "batched", "prefill", "count",
+                       "limit", "per"})  # fmt: skip
 
 _URL_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][\w+.-]*://[^/\s:@'\"]+:)[^/\s@'\"]+(?=@)")
 _AUTH_SCHEME = re.compile(r"(?i)(?P<head>\b(?:bearer|basic|token|digest)\s+)[^\s'\",;]+")
 _JSON_PAIR = re.compile(r'(?P<head>"(?P<name>[^"\\]{1,100})"\s*:\s*)"(?:[^"\\]|\\.)*"')
+_PY_PAIR = re.compile(r"(?P<head>'(?P<name>[^'\\]{1,100})'\s*:\s*)'(?:[^'\\]|\\.)*'")
 _HEADER = re.compile(r"(?m)^(?P<head>\s*(?P<name>[A-Za-z][\w-]{0,100})\s*:\s*)\S.*$")
+# A header given to an option in free text or one argument: -H 'Name: X', --header=Name: X.
+_HEADER_OPTION = re.compile(
+    r"(?P<head>(?<![\w-])(?:-H\s*|--header(?:=|\s+))['\"]?(?P<name>[A-Za-z][\w-]{0,100})"
+    r"\s*:\s*)[^'\"\n]+"
+)
+_QUERY = re.compile(r"(?P<head>[?&](?P<name>[A-Za-z][\w.-]{0,100})=)[^&#\s'\"]+")
 # In free text: `--name value` and `--name=value`, and `NAME=value` (a quoted value counts
-# whole). A value never starts with a dash: that is the next option.
-_VALUE = r"(?P<value>'[^']*'|\"[^\"]*\"|(?!-)[^\s'\";&|)]+)"
+# whole). A value never starts with two dashes: that is the next option.
+_VALUE = r"(?P<value>'[^']*'|\"[^\"]*\"|(?!--)[^\s'\";&|)]+)"
 _OPTION = re.compile(r"(?P<head>(?<![\w-])(?P<name>--?[A-Za-z][\w.-]*)(?:=|\s+))" + _VALUE)
 _ASSIGN = re.compile(r"(?P<head>(?<![\w.-])(?P<name>[A-Za-z_][\w.]*)=)" + _VALUE)
 _TOKEN = re.compile(
@@ -46,14 +63,19 @@ _TOKEN = re.compile(
     r"|AKIA[0-9A-Z]{16}|eyJ[\w-]{8,}\.[\w-]{8,}\.[\w-]{8,})"
 )
 _GENERIC_TOKEN = re.compile(r"(?<![\w+/=-])[A-Za-z0-9_+/=-]{32,}(?![\w+/=-])")
+_HEX_KEY = re.compile(r"(?<![0-9A-Za-z])(?=[0-9a-fA-F]*[a-fA-F])(?=[0-9a-fA-F]*\d)[0-9a-fA-F]{48,}"
+                      r"(?![0-9A-Za-z])")  # fmt: skip
 
 
 def is_secret_name(name: str, extra: Iterable[str] = ()) -> bool:
-    """Whether an option, variable, JSON key or header called `name` holds a secret."""
+    """Whether an option, variable, JSON key, header or query parameter called `name`
+    holds a secret."""
     if name in extra:
         return True
     parts = [p for p in re.split(r"[-_.]+", name.lower()) if p]
-    return any(part.endswith(_ENDINGS) or part in _WHOLE for part in parts)
+    if any(part.endswith(_STEMS) or part in _WHOLE for part in parts):
+        return True
+    return any(part.endswith(_PLURALS) for part in parts) and not _QUANTITY.intersection(parts)
 
 
 def redact_argv(argv: Sequence[str], secret_options: Iterable[str] = ()) -> tuple[str, ...]:
@@ -62,8 +84,8 @@ def redact_argv(argv: Sequence[str], secret_options: Iterable[str] = ()) -> tupl
     out: list[str] = []
     hide_next = False
     for arg in argv:
-        if hide_next and not (arg.startswith("-") and arg not in ("-", "--")):
-            out.append(REDACTED)
+        if hide_next and not (arg.startswith("--") or arg == "-"):
+            out.append(REDACTED)  # the value, even one that begins with a dash
             hide_next = False
             continue
         hide_next = False
@@ -88,15 +110,21 @@ def redact_text(text: str, extra: Iterable[str] = ()) -> str:
             return match.group(0)
         if match.re is _JSON_PAIR:
             return f'{match.group("head")}"{REDACTED}"'
+        if match.re is _PY_PAIR:
+            return f"{match.group('head')}'{REDACTED}'"
         return match.group("head") + REDACTED
 
     text = _URL_PASSWORD.sub(lambda m: m.group("head") + REDACTED, text)
     text = _AUTH_SCHEME.sub(lambda m: m.group("head") + REDACTED, text)
     text = _JSON_PAIR.sub(by_name, text)
+    text = _PY_PAIR.sub(by_name, text)
     text = _HEADER.sub(by_name, text)
+    text = _HEADER_OPTION.sub(by_name, text)
+    text = _QUERY.sub(by_name, text)
     text = _OPTION.sub(by_name, text)
     text = _ASSIGN.sub(by_name, text)
     text = _TOKEN.sub(REDACTED, text)
+    text = _HEX_KEY.sub(REDACTED, text)
     return _GENERIC_TOKEN.sub(_generic, text)
 
 

@@ -107,6 +107,8 @@ class RankStatus:
     since: float = 0.0
     #: Drained by an operator: it keeps running, but takes no traffic (see /ranks).
     drained: bool = False
+    #: Until when an operator paused its probes (wall clock), while they are paused.
+    probes_paused_until: float | None = None
 
     @property
     def ready(self) -> bool:
@@ -160,8 +162,11 @@ class SupervisorStatus:
     @property
     def ready(self) -> bool:
         """What /ready answers: serving, and enough ranks ready (they may be restarting)."""
-        ready = sum(r.ready for r in self.ranks)
-        return self.state is SupervisorState.READY and ready >= self.min_ready
+        return self.state is SupervisorState.READY and self.serving() >= self.min_ready
+
+    def serving(self) -> int:
+        """Ranks that take traffic: ready and not drained (what --min-ready counts)."""
+        return sum(r.ready and not r.drained for r in self.ranks)
 
     @property
     def stopping(self) -> bool:
@@ -252,7 +257,13 @@ class RankRecord:
             evidence=self.evidence,
             since=self.since,
             drained=self.drained,
+            probes_paused_until=self.paused_until_wall(),
         )
+
+    def paused_until_wall(self) -> float | None:
+        """Until when its probes are paused (wall clock), or None when they are not."""
+        left = self.probes_paused_until - trio.current_time()
+        return time.time() + left if left > 0 else None
 
 
 class Board:
@@ -354,6 +365,6 @@ class Board:
             return None
         rank = self.failure.rank
         record = None if rank is None else self.by_rank(rank)
-        tail = () if record is None else tuple(record.output.stderr_tail)
+        tail = () if record is None else record.output.tail()
         evidence = None if record is None else record.evidence
         return RootCause(rank=rank, cause=str(self.failure), stderr_tail=tail, evidence=evidence)

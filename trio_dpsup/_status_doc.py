@@ -192,6 +192,7 @@ def rank_to_json(rank: RankStatus) -> JSON:
         "since": rank.since,
         "ready": rank.ready,
         "drained": rank.drained,
+        "probes_paused_until": rank.probes_paused_until,
         "pid": rank.pid,
         "port": rank.port,
         "devices": list(rank.devices),
@@ -302,6 +303,7 @@ def _rank_from_json(doc: JSON) -> RankStatus:
         evidence=doc.get("evidence"),
         since=doc.get("since", 0.0),
         drained=doc.get("drained", False),
+        probes_paused_until=doc.get("probes_paused_until"),
     )
 
 

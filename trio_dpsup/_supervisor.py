@@ -35,15 +35,17 @@ from functools import partial
 import httpx
 import trio
 
-from ._admin import Admin, bind_admin_socket, serve_admin
+from ._admin import Admin, AdminSocket, bind_admin_socket, serve_admin
 from ._clean_start import check_gpus_at_start, check_ports_at_start
 from ._config.config import LogFormat, SupervisorConfig
+from ._config.options import option_name
 from ._config.plan import plan_ranks
 from ._control import ControlApp, bind_control_socket, serve_control_plane
 from ._errors import EXIT_FAILURE, ConfigError, GpuLeftovers, SupervisorFailure, SupervisorStopped
 from ._gpu.monitor import find_leftovers, run_gpu_monitor
 from ._gpu.nvml import GpuInfo, NvmlBackend, NvmlError, NvmlFactory, NvmlUnavailable, open_pynvml
 from ._gpu.placement import Owner, OwnerKind, Placement, PlacementVerdict, owner_from_trees
+from ._log_files import open_log_dir
 from ._logs import LogFiles, LogPump, open_log_pump
 from ._metrics import Metrics
 from ._prober import (
@@ -144,31 +146,35 @@ class Supervisor:
         """
         backend, inventory, problem = await _open_nvml(self._nvml)
         gpu = None if backend is None or inventory is None else _Nvml(backend, inventory)
-        try:
-            plans = plan_ranks(self.config, self._environ, inventory, nvml_problem=problem)
-            # Nothing of this run exists yet: every holder of a port or a GPU is foreign.
-            check_ports_at_start(plans, self.config.host, _nobody_of_ours)
-            if gpu is not None:
-                await check_gpus_at_start(self.config, gpu.backend, plans, _nobody_of_ours)
-            check_tls(self.config)
-            run_id = uuid.uuid4().hex
-            cgroups = _make_cgroups(run_id) if self.config.cgroups else None
-            admin_sock = None
+        # What is made before the run exists is undone here if a later step refuses.
+        with contextlib.ExitStack() as undo:
             try:
-                sock = bind_control_socket(self.config.control_host, self.config.control_port)
-                if self.config.admin_socket is not None:
-                    try:
-                        admin_sock = bind_admin_socket(self.config.admin_socket)
-                    except BaseException:
-                        sock.close()
-                        raise
-            except BaseException:
+                plans = plan_ranks(self.config, self._environ, inventory, nvml_problem=problem)
+                # Nothing of this run exists yet: every holder of a port or a GPU is foreign.
+                check_ports_at_start(plans, self.config.host, _nobody_of_ours)
+                if gpu is not None:
+                    await check_gpus_at_start(self.config, gpu.backend, plans, _nobody_of_ours)
+                check_tls(self.config)
+                # Before anything listens: a log directory that is unsafe or cannot be made
+                # is bad input (exit 2), not a failure after the control plane answered.
+                log_dir = _open_log_dir(self.config)
+                if log_dir is not None:
+                    undo.callback(os.close, log_dir)
+                run_id = uuid.uuid4().hex
+                cgroups = _make_cgroups(run_id) if self.config.cgroups else None
                 if cgroups is not None:
-                    cgroups.remove()
+                    undo.callback(cgroups.remove)
+                sock = bind_control_socket(self.config.control_host, self.config.control_port)
+                undo.callback(sock.close)
+                admin_sock = None
+                if self.config.admin_socket is not None:
+                    admin_sock = bind_admin_socket(self.config.admin_socket)
+                    undo.callback(admin_sock.remove)
+                    undo.callback(admin_sock.sock.close)
+            except BaseException:
+                await _close_nvml(gpu)
                 raise
-        except BaseException:
-            await _close_nvml(gpu)
-            raise
+            undo.pop_all()  # the run owns them now
         for plan in plans:
             logger.info("rank %d command: %s", plan.rank, shlex.join(plan.redacted_argv))
         # Names the run in /status and marks every process of its trees (see _proc/cookie.py).
@@ -177,7 +183,7 @@ class Supervisor:
         if cgroups is not None:
             trees.use_cgroups()
         self._run = run = _Run(
-            self.config, board, self._environ, self._transport, gpu, trees, cgroups
+            self.config, board, self._environ, self._transport, gpu, trees, cgroups, log_dir
         )
         if self._early is not None:
             signum, kill = self._early
@@ -255,8 +261,11 @@ class _Run:
         gpu: _Nvml | None,
         trees: Trees,
         cgroups: RunCgroups | None,
+        log_dir: int | None,
     ) -> None:
         self.config = config
+        #: The descriptor of --log-dir, checked; the log pump owns it once it starts.
+        self.log_dir = log_dir
         self.board = board
         #: NVML and the devices it sees; None when it is unavailable.
         self.gpu = gpu
@@ -277,7 +286,7 @@ class _Run:
     async def run(
         self,
         sock: socket.socket,
-        admin_sock: socket.socket | None,
+        admin_sock: AdminSocket | None,
         task_status: trio.TaskStatus[SupervisorHandle],
     ) -> None:
         stop_control = trio.Event()
@@ -321,23 +330,20 @@ class _Run:
 
     async def _serve_admin(
         self,
-        sock: socket.socket,
+        admin_sock: AdminSocket,
         admin: Admin,
         scope: trio.CancelScope,
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """The admin socket until `scope` is cancelled (with the control plane); then its
-        file is removed."""
-        assert self.config.admin_socket is not None
-        path = self.config.admin_socket
+        file is removed, if it is still ours."""
         try:
             with scope:
-                logger.info("admin socket listening on %s", path)
-                await serve_admin(sock, admin, task_status=task_status)
+                logger.info("admin socket listening on %s", admin_sock.path)
+                await serve_admin(admin_sock, admin, task_status=task_status)
         finally:
-            with contextlib.suppress(OSError):
-                os.unlink(path)
+            admin_sock.remove()
 
     async def _run_ranks(
         self,
@@ -348,7 +354,7 @@ class _Run:
         config = self.config
         async with (
             open_spawner() as spawner,
-            _log_pump(config) as pump,
+            _log_pump(config, self.log_dir) as pump,
             open_probe_client(config, self.transport) as client,
         ):
             ticker = Ticker(config.probe_interval)
@@ -524,7 +530,12 @@ def _write_status_file(path: str, status: SupervisorStatus) -> None:
     body = json.dumps(status_to_json(status), indent=2) + "\n"
     partial_path = f"{path}.{os.getpid()}.tmp"
     try:
-        with open(partial_path, "w") as f:
+        # 0640: it holds the ranks' last stderr lines. O_EXCL and O_NOFOLLOW: a file or link
+        # planted at the temporary name is refused, never written through.
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(partial_path)  # left by a crashed run of this pid (unlink: not followed)
+        with open(os.open(partial_path, flags, 0o640), "w") as f:
             f.write(body)
         os.replace(partial_path, path)
     except OSError as exc:
@@ -580,9 +591,17 @@ async def _close_nvml(gpu: _Nvml | None) -> None:
             await trio.to_thread.run_sync(gpu.backend.close)
 
 
+def _open_log_dir(config: SupervisorConfig) -> int | None:
+    """The checked --log-dir's descriptor, when ranks' lines are relayed to files."""
+    if config.log_dir is None or not config.log_prefix:
+        return None
+    return open_log_dir(config.log_dir, option_name(SupervisorConfig, "log_dir"))
+
+
 @asynccontextmanager
-async def _log_pump(config: SupervisorConfig) -> AsyncIterator[LogPump | None]:
-    """The log pump when ranks' output is relayed; None when they inherit ours."""
+async def _log_pump(config: SupervisorConfig, log_dir: int | None) -> AsyncIterator[LogPump | None]:
+    """The log pump when ranks' output is relayed; None when they inherit ours. It takes
+    `log_dir` (the checked --log-dir's descriptor) over."""
     if not config.log_prefix:
         yield None
         return
@@ -590,7 +609,7 @@ async def _log_pump(config: SupervisorConfig) -> AsyncIterator[LogPump | None]:
     if config.log_dir is not None:
         files = LogFiles(config.log_dir, config.log_max_bytes, config.log_backups)
     json_lines = config.log_format is LogFormat.JSON
-    async with open_log_pump(json_lines=json_lines, files=files) as pump:
+    async with open_log_pump(json_lines=json_lines, files=files, dir_fd=log_dir) as pump:
         yield pump
 
 

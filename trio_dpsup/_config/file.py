@@ -18,7 +18,6 @@ import os
 import stat
 import tomllib
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 from .._errors import ConfigError
@@ -42,10 +41,12 @@ def load_config_file(
     key, or a value of the wrong type.
     """
     try:
-        with Path(path).open("rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+        # O_NONBLOCK: opening a FIFO for reading would wait for a writer, for ever.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with open(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise ConfigError(f"--config {path} is not a regular file: give a TOML file")
-            raw = f.read(MAX_FILE_BYTES + 1)  # /dev/zero must not fill our memory
+            raw = f.read(MAX_FILE_BYTES + 1)  # a huge file must not fill our memory
     except OSError as exc:
         raise ConfigError(f"--config {path}: {exc.strerror}: give the path of a TOML file") from exc
     if len(raw) > MAX_FILE_BYTES:
@@ -54,6 +55,9 @@ def load_config_file(
         data = tomllib.loads(raw.decode())
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"--config {path}: not valid TOML ({exc})") from exc
+    except RecursionError:
+        # tomllib recurses per nesting level: thousands of nested arrays exhaust the stack.
+        raise ConfigError(f"--config {path}: nested too deeply to be a config") from None
     by_key = {
         option.lstrip("-"): action
         for action in actions

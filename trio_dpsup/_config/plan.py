@@ -249,15 +249,16 @@ def _slice(devices: tuple[_T, ...], local_rank: int, per_rank: int) -> tuple[_T,
 
 def _check_placeholders(command: Sequence[str], *, has_devices: bool) -> None:
     known = ", ".join("{" + p + "}" for p in PLACEHOLDERS)
-    for arg in command:
-        _check_braces(arg, known)
+    # Messages show an argument redacted: a usage error must not print an API key.
+    for arg, shown in zip(command, redact_argv(command), strict=True):
+        _check_braces(arg, shown, known)
         for match in _TEMPLATE.finditer(arg):
             name = match.group(1)
             if name is None:
                 continue
             if name not in PLACEHOLDERS:
                 raise ConfigError(
-                    f"unknown placeholder {{{name}}} in {arg!r}: use one of {known} "
+                    f"unknown placeholder {{{name}}} in {shown!r}: use one of {known} "
                     "(write {{ and }} for literal braces)"
                 )
             if name == "gpus" and not has_devices:
@@ -267,7 +268,7 @@ def _check_placeholders(command: Sequence[str], *, has_devices: bool) -> None:
                 )
 
 
-def _check_braces(arg: str, known: str) -> None:
+def _check_braces(arg: str, shown: str, known: str) -> None:
     """A brace that is not part of ``{name}``, ``{{`` or ``}}`` is a mistake (``{port``,
     ``{port!r}``, ``{}``), unless the argument, or its value after ``=``, is JSON: vLLM takes
     JSON options, and ``'{"max_tokens": 8}'`` must pass through untouched."""
@@ -286,7 +287,7 @@ def _check_braces(arg: str, known: str) -> None:
             continue
         return
     raise ConfigError(
-        f"{arg!r} has a brace that is no placeholder: write placeholders as {known} "
+        f"{shown!r} has a brace that is no placeholder: write placeholders as {known} "
         "(no format spec or conversion), and literal braces as {{ and }}"
     )
 

@@ -19,18 +19,24 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from collections.abc import Iterable
 
 from .cgroup import kill_cgroup
 from .membership import Trees
 
-__all__ = ["main", "read_registry"]
+__all__ = ["PRUNE_EVERY", "main", "read_registry"]
+
+#: Lines read between prunes of what names only dead processes (see Trees.prune).
+PRUNE_EVERY = 256
 
 
-def read_registry(trees: Trees, lines: object) -> list[str]:
+def read_registry(trees: Trees, lines: Iterable[bytes]) -> list[str]:
     """Apply each line to `trees`; return the cgroup folders named. Malformed lines are
     skipped: a guardian must kill what it can, whatever it was told."""
     cgroups: list[str] = []
-    for raw in lines:  # type: ignore[attr-defined]
+    for count, raw in enumerate(lines, 1):
+        if count % PRUNE_EVERY == 0:
+            trees.prune()  # a run restarted thousands of times must not grow without bound
         words = raw.split()
         try:
             if words[0] == b"root":

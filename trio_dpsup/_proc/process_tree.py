@@ -207,6 +207,6 @@ async def run_tree_watch(
         if reaped:
             logger.debug("reaped adopted orphans %s", reaped)
         rounds += 1
-        if rounds % 60 == 0:
-            trees.forget_dead()
+        if rounds % EVERY_THREAD_ROUNDS == 0:
+            trees.prune()  # restarts must not pile up records that every round reads
         await trio.sleep(interval)
