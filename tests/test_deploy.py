@@ -12,7 +12,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from trio_dpsup import SupervisorConfig, plan_ranks
 from trio_dpsup._cli import build_parser
+from trio_dpsup._config.options import from_namespace
 
 KUBERNETES = Path(__file__).parent.parent / "deploy" / "kubernetes"
 MANIFESTS = sorted(KUBERNETES.glob("*.yaml"))
@@ -34,19 +36,44 @@ def pod_templates(doc: dict[str, Any]) -> list[dict[str, Any]]:
     return []
 
 
-def trio_dpsup_options(container: dict[str, Any]) -> list[str]:
-    """The options given to trio-dpsup, with the shell's arithmetic and variables filled in."""
+#: What LeaderWorkerSet sets in a worker's pod (the second of a group of two).
+LWS_WORKER = {"LWS_WORKER_INDEX": 1, "LWS_GROUP_SIZE": 2, "LWS_LEADER_ADDRESS": "10.0.0.1"}
+
+
+def trio_dpsup_argv(container: dict[str, Any]) -> list[str]:
+    """The arguments given to trio-dpsup (options, ``--``, the rank command), with the
+    shell's arithmetic and variables filled in as in LeaderWorkerSet's worker pod."""
     command = container["command"]
     if command[:2] == ["sh", "-c"]:
-        script = re.sub(r"\$\(\([^)]*\)\)", "8", command[2])
-        script = script.replace("$LWS_LEADER_ADDRESS", "10.0.0.1")
+
+        def arithmetic(match: re.Match[str]) -> str:
+            name, times = re.fullmatch(r"(\w+) \* (\d+)", match.group(1)).groups()  # type: ignore[union-attr]
+            return str(int(LWS_WORKER[name]) * int(times))
+
+        script = re.sub(r"\$\(\(([^)]*)\)\)", arithmetic, command[2])
+        script = script.replace("$LWS_LEADER_ADDRESS", str(LWS_WORKER["LWS_LEADER_ADDRESS"]))
         command = shlex.split(script)
-    start = command.index("trio-dpsup") + 1
-    return command[start : command.index("--")]
+    return command[command.index("trio-dpsup") + 1 :]
+
+
+def trio_dpsup_options(container: dict[str, Any]) -> list[str]:
+    """The options given to trio-dpsup (see `trio_dpsup_argv`)."""
+    argv = trio_dpsup_argv(container)
+    return argv[: argv.index("--")]
+
+
+def config_of(container: dict[str, Any]) -> SupervisorConfig:
+    """The SupervisorConfig the container's command line builds, as the CLI builds it."""
+    argv = trio_dpsup_argv(container)
+    split = argv.index("--")
+    args = build_parser().parse_args(argv[:split])
+    return SupervisorConfig(
+        command=tuple(argv[split + 1 :]), **from_namespace(SupervisorConfig, args)
+    )
 
 
 def test_there_are_manifests() -> None:
-    assert {p.name for p in MANIFESTS} == {"single-node.yaml", "leaderworkerset.yaml"}
+    assert {p.name for p in MANIFESTS} == {"replicas.yaml", "group.yaml", "leaderworkerset.yaml"}
 
 
 @pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
@@ -88,7 +115,7 @@ def test_probes_and_grace_fit_the_supervisor(path: Path) -> None:
 
 
 def test_the_schema_check_catches_a_misspelt_field() -> None:
-    (deployment, _) = documents(KUBERNETES / "single-node.yaml")
+    (deployment, *_) = documents(KUBERNETES / "replicas.yaml")
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     container["readinesProbe"] = container.pop("readinessProbe")
     with pytest.raises(kubernetes_validate.ValidationError, match="readinesProbe"):
@@ -119,10 +146,64 @@ def test_pods_are_restricted_resourced_and_get_their_secrets(path: Path) -> None
 
 
 def test_the_group_has_a_headless_service_for_its_ranks() -> None:
-    (_, service) = documents(KUBERNETES / "leaderworkerset.yaml")
+    (_, service, _) = documents(KUBERNETES / "leaderworkerset.yaml")
     kubernetes_validate.validate(service, kubernetes_validate.latest_version(), strict=True)
     assert service["spec"]["clusterIP"] == "None"
     assert service["spec"]["selector"] == {"app": "vllm-dp16"}
     assert {p["name"] for p in service["spec"]["ports"]} == {"control"} | {
         f"rank-{i}" for i in range(8)
     }
+
+
+def containers_of(path: Path) -> list[dict[str, Any]]:
+    return [
+        container
+        for doc in documents(path)
+        for template in pod_templates(doc)
+        for container in template["spec"]["containers"]
+    ]
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
+def test_each_command_line_plans(path: Path, fake_env: dict[str, str]) -> None:
+    # The whole command line, rank command included, as the supervisor would plan it on a
+    # node of eight GPUs: what it refuses (a group with --min-ready, a group across nodes
+    # with restarts) fails here, not on a cluster.
+    env = {**fake_env, "CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7"}
+    for container in containers_of(path):
+        config = config_of(container)
+        plans = plan_ranks(config, env)
+        assert len(plans) == 8
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
+def test_pods_get_no_service_links_and_state_the_cache_access(path: Path) -> None:
+    for doc in documents(path):
+        for template in pod_templates(doc):
+            # A Service named vllm-dp would inject VLLM_DP_* variables, read by vLLM.
+            assert template["spec"]["enableServiceLinks"] is False
+    (claim,) = [doc for doc in documents(path) if doc["kind"] == "PersistentVolumeClaim"]
+    nodes = 2 if path.name == "leaderworkerset.yaml" else 1
+    assert claim["spec"]["accessModes"] == (["ReadWriteMany"] if nodes > 1 else ["ReadWriteOnce"])
+
+
+def test_replicas_restart_one_by_one_and_the_group_as_one() -> None:
+    (replicas,) = containers_of(KUBERNETES / "replicas.yaml")
+    config = config_of(replicas)
+    assert not config.forms_group
+    assert (config.restart.value, config.scope.value, config.min_ready) == ("on-failure", "rank", 7)
+    (group,) = containers_of(KUBERNETES / "group.yaml")
+    config = config_of(group)
+    assert config.forms_group
+    assert (config.restart.value, config.scope.value, config.min_ready) == (
+        "on-failure",
+        "all",
+        None,
+    )
+    # Across nodes: no restart at all; the pod fails and LeaderWorkerSet recreates the group.
+    for container in containers_of(KUBERNETES / "leaderworkerset.yaml"):
+        config = config_of(container)
+        assert config.forms_group
+        assert config.restart.value == "never"
+    (lws, *_) = documents(KUBERNETES / "leaderworkerset.yaml")
+    assert lws["spec"]["leaderWorkerTemplate"]["restartPolicy"] == "RecreateGroupOnPodRestart"

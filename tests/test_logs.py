@@ -315,7 +315,7 @@ def test_control_characters_from_ranks_are_escaped_on_a_terminal() -> None:
     assert escape_controls(b"plain line") == b"plain line"
 
 
-async def test_a_file_writer_that_falls_behind_drops_for_the_file_alone(tmp_path: Path) -> None:
+def test_a_file_writer_that_falls_behind_drops_for_the_file_alone(tmp_path: Path) -> None:
     # A unit test on purpose (private): the writer thread is never started, as if blocked
     # on a hung disk for good. Offering lines never waits; once its queue is full they are
     # refused (the pump then counts them), and nothing else is slowed.
@@ -323,8 +323,7 @@ async def test_a_file_writer_that_falls_behind_drops_for_the_file_alone(tmp_path
 
     directory = open_log_dir(str(tmp_path))
     files = RankFiles(LogFiles(str(tmp_path), 1000, 1), directory)
-    with trio.fail_after(5):
-        taken = [files.offer(0, b"line\n") for _ in range(1000)]
+    taken = [files.offer(0, b"line\n") for _ in range(1000)]  # returns: it cannot wait
     os.close(directory)
     assert taken[0]
     assert not taken[-1]

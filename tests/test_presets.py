@@ -111,6 +111,15 @@ SG = ["-m", "sglang.launch_server"]
         (Preset.SGLANG, [*SG, "--dp-size", "2"], "--dp-size 2 makes one server span"),
         (Preset.SGLANG, [*SG, "--base-gpu-id", "1"], "sets CUDA_VISIBLE_DEVICES per rank"),
         (Preset.SGLANG, [*SG, "--tp", "2", "--pp-size", "2"], "each server uses 4 GPU(s)"),
+        # Every spelling of SGLang's docs (the long names too, and = forms).
+        (Preset.SGLANG, [*SG, "--tensor-parallel-size", "2"], "each server uses 2 GPU(s)"),
+        (Preset.SGLANG, [*SG, "--tensor-parallel-size=2"], "each server uses 2 GPU(s)"),
+        (Preset.SGLANG, [*SG, "--pipeline-parallel-size", "2"], "each server uses 2 GPU(s)"),
+        (Preset.SGLANG, [*SG, "--tp-size=2"], "each server uses 2 GPU(s)"),
+        (Preset.SGLANG, [*SG, "--data-parallel-size", "2"], "--data-parallel-size 2 makes one"),
+        (Preset.SGLANG, [*SG, "--dp=2"], "--dp 2 makes one server span"),
+        (Preset.VLLM, [*V, "--uds", "/tmp/v.sock"], "--uds in the command: it makes vLLM ignore"),
+        (Preset.VLLM, [*V, "--uds=/tmp/v.sock"], "--uds in the command"),
     ],
 )
 def test_preset_refuses_what_the_supervisor_owns(
@@ -192,3 +201,13 @@ def test_gpus_per_rank_comes_from_the_command_when_not_given() -> None:
     assert SupervisorConfig(command=command).gpus == 1  # no preset: 1, as before
     sglang = SupervisorConfig(command=("x", "--tp", "2"), preset=Preset.SGLANG)
     assert sglang.gpus == 2
+
+
+def test_sglang_long_names_set_the_gpus_per_rank() -> None:
+    # With 4 devices and --tensor-parallel-size 2, two servers of two GPUs, not four of one.
+    config = SupervisorConfig(
+        command=(sys.executable, *SG, "--tensor-parallel-size", "2"), preset=Preset.SGLANG,
+        devices=("0", "1", "2", "3"),
+    )  # fmt: skip
+    plans = plan_ranks(config, {"PATH": os.environ["PATH"]})
+    assert [p.devices for p in plans] == [("0", "1"), ("2", "3")]

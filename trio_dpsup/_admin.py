@@ -186,6 +186,12 @@ class Admin:
             raise AdminError(f"unknown action {action!r}: one of status, {', '.join(handlers)}")
         if self._board.stopping.is_set():
             raise AdminError("the supervisor is stopping")
+        if self._config.forms_group and action in ("restart", "drain", "rolling-restart"):
+            raise AdminError(
+                f"{action} of one rank: {self._config.group_reason()}, which cannot take back "
+                "one restarted or drained rank: restart the whole supervisor instead (systemctl "
+                "restart, or delete the pod)"
+            )
         if self._operation is not None:
             raise AdminError(
                 f"busy: {self._operation} is in progress; try again when it ends "

@@ -158,6 +158,9 @@ class SupervisorStatus:
     min_ready: int = 0
     #: Grows at every change of the supervisor's or a rank's state (see /ranks).
     version: int = 0
+    #: The ranks form one group (restarted as one; /ready needs every rank), not
+    #: independent replicas.
+    group: bool = False
 
     @property
     def ready(self) -> bool:
@@ -275,8 +278,10 @@ class Board:
         run_id: str,
         nvml_unavailable: str | None = None,
         min_ready: int | None = None,
+        group: bool = False,
     ) -> None:
         self.run_id = run_id
+        self.group = group
         #: None (the default) means every rank.
         self.min_ready = len(plans) if min_ready is None else min_ready
         self.nvml_unavailable = nvml_unavailable
@@ -358,6 +363,7 @@ class Board:
             root_cause=self.root_cause(),
             min_ready=self.min_ready,
             version=self.version,
+            group=self.group,
         )
 
     def root_cause(self) -> RootCause | None:

@@ -143,6 +143,7 @@ def status_to_json(status: SupervisorStatus) -> JSON:
         "state": status.state.value,
         "ready": status.ready,
         "min_ready": status.min_ready,
+        "group": status.group,
         "started": status.started,
         "failure": None if failure is None else str(failure),
         "failure_detail": None if failure is None else failure_to_json(failure),
@@ -179,6 +180,7 @@ def status_from_json(doc: JSON) -> SupervisorStatus:
             cause["rank"], cause["cause"], tuple(cause["stderr_tail"]), cause.get("evidence")
         ),
         min_ready=doc["min_ready"],
+        group=doc.get("group", False),
         version=doc.get("version", 0),
     )
 

@@ -178,7 +178,13 @@ class Supervisor:
         for plan in plans:
             logger.info("rank %d command: %s", plan.rank, shlex.join(plan.redacted_argv))
         # Names the run in /status and marks every process of its trees (see _proc/cookie.py).
-        board = Board(plans, run_id, nvml_unavailable=problem, min_ready=self.config.min_ready)
+        board = Board(
+            plans,
+            run_id,
+            nvml_unavailable=problem,
+            min_ready=self.config.min_ready,
+            group=self.config.forms_group,
+        )
         trees = Trees(run_id, adopter=os.getpid() if self._subreaper else None)
         if cgroups is not None:
             trees.use_cgroups()
@@ -626,7 +632,7 @@ def _make_cgroups(run_id: str) -> RunCgroups:
 def _restarter(config: SupervisorConfig) -> Restarter:
     return Restarter(
         config.restart,
-        config.restart_scope,
+        config.scope,
         max_restarts=config.max_restarts,
         window=config.restart_window,
         backoff_min=config.restart_backoff_min,

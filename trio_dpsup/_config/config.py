@@ -26,7 +26,7 @@ from .options import (
     writable_directory_of,
     zero_or_more,
 )
-from .presets import PROGRESS_METRICS, Preset, parallel_size
+from .presets import PROGRESS_METRICS, Preset, data_parallel_size, parallel_size
 
 __all__ = ["LogFormat", "RankScheme", "SupervisorConfig"]
 
@@ -202,8 +202,23 @@ class SupervisorConfig:
         "same",
         "restarts",
     )
-    restart_scope: RestartScope = setting(
-        RestartScope.RANK, "restart only the failed rank, or all ranks", "restarts"
+    #: None: all for a group (`forms_group`), rank for independent replicas. Resolved when
+    #: the config is built.
+    restart_scope: RestartScope | None = setting(
+        None,
+        "restart only the failed rank, or all ranks (default: all for a group, else rank)",
+        "restarts",
+    )
+    #: The ranks form one group that cannot take back one restarted rank (a data-parallel
+    #: group: vLLM's --data-parallel-size, MoE). Also set by --preset vllm with
+    #: --data-parallel-size in the command: read `forms_group`.
+    group: bool = setting(
+        False,
+        "the ranks form one group that cannot take back one restarted rank (a data-"
+        "parallel group): a restart restarts them all, /ready needs every rank, and "
+        "per-rank restarts, drains and --min-ready below the rank count are refused "
+        "(default: on with --preset vllm and --data-parallel-size in the command)",
+        "restarts",
     )
     max_restarts: int = setting(
         3,
@@ -347,6 +362,9 @@ class SupervisorConfig:
         if not self.command:
             raise ConfigError("no command to run: put the rank command after '--'")
         check_settings(self)  # each option's own check, declared with it
+        if self.restart_scope is None:
+            scope = RestartScope.ALL if self.forms_group else RestartScope.RANK
+            object.__setattr__(self, "restart_scope", scope)  # frozen: set once, here
         if self.gpus_per_rank is None:
             derived = 1 if self.preset is None else parallel_size(self.preset, self.command)
             object.__setattr__(self, "gpus_per_rank", derived)  # frozen: set once, here
@@ -383,6 +401,28 @@ class SupervisorConfig:
         self._check_fail_on_status()
 
     @property
+    def scope(self) -> RestartScope:
+        """The restart scope, resolved (see `restart_scope`)."""
+        assert self.restart_scope is not None  # resolved in __post_init__
+        return self.restart_scope
+
+    @property
+    def forms_group(self) -> bool:
+        """Whether the ranks form one group (``group``, or a preset's data-parallel size
+        in the command) rather than independent replicas."""
+        return self.group or data_parallel_size(self.preset, self.command) is not None
+
+    def group_reason(self) -> str:
+        """What makes the ranks a group, for messages."""
+        size = data_parallel_size(self.preset, self.command)
+        if size is not None:
+            return (
+                f"--data-parallel-size {size} in the command makes the ranks one vLLM "
+                "data-parallel group"
+            )
+        return f"{_opt('group')} makes the ranks one group"
+
+    @property
     def gpus(self) -> int:
         """Devices per rank, resolved (see `gpus_per_rank`)."""
         assert self.gpus_per_rank is not None  # resolved in __post_init__
@@ -400,7 +440,7 @@ class SupervisorConfig:
             ("log_format", LogFormat),
         ):
             value = getattr(self, name)
-            if value is None and name == "preset":
+            if value is None and name in ("preset", "restart_scope"):
                 continue
             if isinstance(value, cls):
                 continue
@@ -416,6 +456,16 @@ class SupervisorConfig:
             raise ConfigError(
                 f"{_opt('restart_backoff_max')} {self.restart_backoff_max:g} is below "
                 f"{_opt('restart_backoff_min')} {self.restart_backoff_min:g}: raise it"
+            )
+        if (
+            self.forms_group
+            and self.restart is not RestartPolicy.NEVER
+            and self.restart_scope is RestartScope.RANK
+        ):
+            raise ConfigError(
+                f"{_opt('restart_scope')} rank: {self.group_reason()}, which cannot take back "
+                f"one restarted rank: drop {_opt('restart_scope')} (a group restarts as one), "
+                f"or pass {_opt('restart')} never"
             )
         if self.ranks is not None:  # otherwise once the rank count is known (plan_ranks)
             check_min_ready(self, self.ranks)
@@ -521,11 +571,33 @@ def check_port_range(config: SupervisorConfig, ranks: int) -> None:
 
 
 def check_min_ready(config: SupervisorConfig, ranks: int) -> None:
-    """Raise ConfigError if --min-ready asks for more ranks than there are."""
+    """Raise ConfigError if --min-ready asks for more ranks than there are, or, for a
+    group, for fewer: a group serves whole or not at all."""
     if config.min_ready is not None and config.min_ready > ranks:
         raise ConfigError(
             f"{_opt('min_ready')} {config.min_ready} is more than the {ranks} ranks: lower it"
         )
+    if config.forms_group and config.min_ready is not None and config.min_ready < ranks:
+        raise ConfigError(
+            f"{_opt('min_ready')} {config.min_ready}: {config.group_reason()}, which serves "
+            f"whole or not at all: drop {_opt('min_ready')} (/ready then needs all {ranks}), "
+            "or run the ranks as independent replicas"
+        )
+
+
+def check_group(config: SupervisorConfig, ranks: int) -> None:
+    """A data-parallel group larger than this node's ranks spans nodes: restarting this
+    node's part cannot rejoin it, so it must exit and be recreated whole."""
+    size = data_parallel_size(config.preset, config.command)
+    if size is None or size <= ranks or config.restart is RestartPolicy.NEVER:
+        return
+    raise ConfigError(
+        f"{_opt('restart')} {config.restart.value}: the data-parallel group "
+        f"(--data-parallel-size {size}) spans more than these {ranks} ranks, and a part "
+        f"restarted on one node cannot rejoin it: pass {_opt('restart')} never; the "
+        "supervisor then exits non-zero and LeaderWorkerSet's RecreateGroupOnPodRestart "
+        "recreates the whole group (deploy/kubernetes/leaderworkerset.yaml)"
+    )
 
 
 def check_unique_devices(devices: Sequence[str], where: str) -> None:

@@ -20,7 +20,7 @@ from .._errors import ConfigError
 from .._gpu.devices import parse_visible_devices, resolve_devices_on, uses_indices
 from .._gpu.nvml import GpuInfo
 from .._redact import redact_argv
-from .config import SupervisorConfig, check_min_ready, check_port_range
+from .config import SupervisorConfig, check_group, check_min_ready, check_port_range
 from .presets import apply_preset, check_preset_ranks, check_progress
 
 __all__ = ["PLACEHOLDERS", "RankPlan", "plan_ranks", "redact_argv", "resolve_devices"]
@@ -91,6 +91,7 @@ def plan_ranks(
     check_fd_limit(ranks)
     check_port_range(config, ranks)
     check_min_ready(config, ranks)
+    check_group(config, ranks)
     if config.preset is not None:
         check_preset_ranks(config.preset, command, config.start_rank, ranks)
         if config.progress_timeout:

@@ -30,6 +30,7 @@ __all__ = [
     "apply_preset",
     "check_preset_ranks",
     "check_progress",
+    "data_parallel_size",
     "parallel_size",
 ]
 
@@ -110,6 +111,10 @@ _RULES = {
             "--data-parallel-multi-port-external-lb": _ONE_PER_RANK,
             "--data-parallel-hybrid-lb": _ONE_PER_RANK,
             "--headless": _HEADLESS,
+            # vllm/entrypoints/openai/cli_args.py, FrontendArgs.uds: "Unix domain socket
+            # path. If set, host and port arguments are ignored."
+            "--uds": "it makes vLLM ignore --host and --port, and the supervisor probes "
+            "each rank over TCP: drop it",
         },
         parallel=(("--tensor-parallel-size", "-tp"), ("--pipeline-parallel-size", "-pp")),
         dp_size=("--data-parallel-size", "-dp"),
@@ -121,13 +126,20 @@ _RULES = {
             "--host": _OWNED_HOST,
             "--base-gpu-id": "the supervisor sets CUDA_VISIBLE_DEVICES per rank: drop it",
         },
-        parallel=(("--tp-size", "--tp"), ("--pp-size", "--pp")),
+        # SGLang's server arguments (docs.sglang.io, "Server Arguments", and its cookbook's
+        # table of parallelism fields): --tp-size or --tensor-parallel-size (and --tp in
+        # its examples), --pp-size or --pipeline-parallel-size, --dp-size or
+        # --data-parallel-size; config files use the long names (tensor-parallel-size: 2).
+        parallel=(
+            ("--tp-size", "--tp", "--tensor-parallel-size"),
+            ("--pp-size", "--pp", "--pipeline-parallel-size"),
+        ),
     ),
 }
 #: Local data-parallel options: more than 1 means one server spanning several ranks.
 _DP_LOCAL = {
     Preset.VLLM: ("--data-parallel-size-local", "-dpl"),
-    Preset.SGLANG: ("--dp-size", "--dp"),
+    Preset.SGLANG: ("--dp-size", "--dp", "--data-parallel-size"),
 }
 
 
@@ -189,6 +201,15 @@ def parallel_size(preset: Preset, command: Sequence[str]) -> int:
         found = _int_option(preset, command, spellings)
         size *= 1 if found is None else found[1]
     return size
+
+
+def data_parallel_size(preset: Preset | None, command: Sequence[str]) -> int | None:
+    """The size of the data-parallel group the command's servers form (vLLM's
+    ``--data-parallel-size``, any spelling); None when they are independent replicas."""
+    if preset is None or not _RULES[preset].dp_size:
+        return None
+    found = _int_option(preset, command, _RULES[preset].dp_size)
+    return None if found is None else found[1]
 
 
 def check_preset_ranks(preset: Preset, command: Sequence[str], start_rank: int, ranks: int) -> None:
