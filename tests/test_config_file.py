@@ -45,7 +45,7 @@ command = {json.dumps([*FAKE_RANK, "--port", "{port}"])}
     ("text", "message"),
     [
         ("rnaks = 2", "unknown key 'rnaks': the keys are command, admin-socket, base-port"),
-        ("ranks = 'two'", "ranks = 'two' is not valid"),
+        ("ranks = 'two'", "ranks must be a whole number, not the string 'two'"),
         ("ranks = 2.5", "ranks must be a whole number, not 2.5"),
         ("grace-period = true", "grace-period must be a number of seconds, not True"),
         ("fail-on-leftovers = 1", "fail-on-leftovers must be true or false, not 1"),

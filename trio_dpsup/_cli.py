@@ -102,7 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     placeholders = "\n".join(f"  {{{name}}}  {text}" for name, text in PLACEHOLDERS.items())
     parser = argparse.ArgumentParser(
         prog=PROG,
-        usage=f"{PROG} [options] -- COMMAND [ARGS...]",
+        usage=(
+            f"{PROG} [options] -- COMMAND [ARGS...]\n"
+            f"       {PROG} ctl ACTION ... (see {PROG} ctl --help)"
+        ),
         description=(
             "Start one HTTP server per data-parallel rank, watch them, serve a control plane "
             "for probes, and tear everything down in order on a signal or the first failure."

@@ -353,8 +353,9 @@ def _json_line(rank: int, stream: str) -> Callable[[bytes], bytes]:
 
 
 def _prefix(rank: int, fd: int) -> bytes:
-    """``[rank 3] ``, coloured where our output is a terminal."""
+    """``[rank 3] ``, coloured where our output is a terminal and NO_COLOR is not set
+    (no-color.org: any value but the empty string turns colour off)."""
     text = f"[rank {rank}]"
-    if os.isatty(fd):
+    if os.isatty(fd) and not os.environ.get("NO_COLOR"):
         text = f"\x1b[{_COLOURS[rank % len(_COLOURS)]}m{text}\x1b[0m"
     return (text + " ").encode()

@@ -72,6 +72,9 @@ class Metrics:
         # The supervisor's own CPU, memory and open files (process_cpu_seconds_total...).
         ProcessCollector(registry=self.registry)
         self.registry.register(_BoardCollector(board))
+        #: What /metrics serves: the registry without its ``*_created`` series.
+        self._served = CollectorRegistry(auto_describe=False)
+        self._served.register(_WithoutCreated(self.registry))
 
     def observe_probe(self, rank: int, result: ProbeResult) -> None:
         label = str(rank)
@@ -83,7 +86,22 @@ class Metrics:
         self._actions.labels(action).inc()
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self._served)
+
+
+class _WithoutCreated(Collector):
+    """`registry`'s metrics without the ``*_created`` samples prometheus-client adds to every
+    counter and histogram: a timestamp per series that dashboards do not use and that
+    doubles the series a scrape stores (prometheus-client offers only a process-wide switch,
+    which would reach into an embedding program's own metrics)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self._registry.collect():
+            metric.samples = [s for s in metric.samples if not s.name.endswith("_created")]
+            yield metric
 
 
 class _BoardCollector(Collector):

@@ -111,10 +111,13 @@ async def run_rank(
         record.restart_times.append(trio.current_time())
         record.restarted_at = time.time()
         delay = ctx.restarter.backoff(ctx.restarter.recent(record.restart_times))
-        if record.restart_now:  # an operator's restart: at once
+        level = logging.WARNING
+        if record.restart_now:  # an operator's restart: at once, and no cause for alarm
             record.restart_now = False
             delay = 0.0
-        logger.warning(
+            level = logging.INFO
+        logger.log(
+            level,
             "rank %d restarts in %.2fs (restart %d)",
             record.plan.rank,
             delay,

@@ -98,5 +98,8 @@ class Restarter:
     def backoff(self, recent_restarts: int) -> float:
         """Seconds to wait before the `recent_restarts`-th restart of one rank (from 1)."""
         low, high = self._backoff
-        delay = min(high, low * 2 ** max(0, recent_restarts - 1))
-        return self._rng.uniform(delay / 2, delay)  # jitter: ranks do not restart in step
+        # Between half the ceiling and the ceiling, which doubles per recent restart: jitter,
+        # so that ranks do not restart in step, and never below --restart-backoff-min (the
+        # first restart waits between the minimum and twice it).
+        ceiling = min(high, low * 2 ** max(1, recent_restarts))
+        return self._rng.uniform(max(low, ceiling / 2), ceiling)

@@ -28,7 +28,8 @@ _ERASE_TIMEOUT = 1.0
 async def run_startup_line(
     config: SupervisorConfig, handle: SupervisorHandle, since: float, fd: int = 2
 ) -> None:
-    """Draw the line on `fd` every REDRAW_INTERVAL until every rank has been ready or
+    """Draw the line on `fd` every REDRAW_INTERVAL, and at once at each change of state,
+    until every rank has been ready or
     shutdown has begun, then erase it; `since` is when the start began (trio's clock).
     Returns at once where `fd` is not a terminal, or records are JSON.
 
@@ -45,7 +46,10 @@ async def run_startup_line(
                 return
             text = startup_progress(status, trio.current_time() - since)
             await trio.to_thread.run_sync(line.show, text, abandon_on_cancel=True)
-            await trio.sleep(REDRAW_INTERVAL)
+            # Drawn again at once when a rank becomes ready: its "ready" record has just
+            # scrolled past with the old count below it.
+            with trio.move_on_after(REDRAW_INTERVAL):
+                await handle.wait_changed()
     finally:
         with trio.CancelScope(shield=True), trio.move_on_after(_ERASE_TIMEOUT):
             await trio.to_thread.run_sync(line.close, abandon_on_cancel=True)

@@ -224,6 +224,14 @@ class SupervisorHandle:
         if board.state is not SupervisorState.READY:
             raise SupervisorStopped(board.failure) from board.failure
 
+    async def wait_changed(self) -> None:
+        """Return at the next change of the supervisor's or a rank's state (the change
+        /ranks long polls wait for); then read `status`.
+
+        **Cancellation**: safe; nothing changes.
+        """
+        await self._run.board.changed.wait()
+
     async def wait_stopping(self) -> None:
         """Return once shutdown or a failure has begun (/ready answers 503 from then on).
 
@@ -518,9 +526,13 @@ class _Run:
             logger.error("stopped after a failure: %s", cause.report(), extra={"rank": cause.rank})
         elif killed:
             self.exit_status = EXIT_FAILURE
+            when = (
+                "at once: a kill was requested (a second signal), skipping the grace period"
+                if self.clock.killed_now
+                else "at the end of the grace period"
+            )
             logger.error(
-                "stopped, but ranks %s had to be killed at the end of the grace period",
-                ", ".join(map(str, killed)),
+                "stopped, but ranks %s had to be killed %s", ", ".join(map(str, killed)), when
             )
         else:
             self.exit_status = 0

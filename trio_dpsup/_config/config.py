@@ -100,7 +100,11 @@ class SupervisorConfig:
     )
     base_port: int = setting(8000, "port of local rank 0; rank i gets base+i", "ranks", "PORT")
     # -- control plane
-    control_host: str = setting("127.0.0.1", "", "control plane", "HOST")
+    control_host: str = setting(
+        "127.0.0.1",
+        "where the control plane listens (0.0.0.0 for probes from outside: a kubelet)",
+        "control plane", "HOST",
+    )  # fmt: skip
     #: 0 binds any free port; the bound address is in `SupervisorHandle.control_url`.
     control_port: int = setting(9000, "0 for any free port", "control plane", "PORT")
     admin_socket: str | None = setting(
@@ -119,7 +123,9 @@ class SupervisorConfig:
         None, "require client certificates signed by this CA (mutual TLS)", "control plane", "PATH"
     )
     # -- health probes
-    health_path: str = setting("/health", "", "health probes", "PATH")
+    health_path: str = setting(
+        "/health", "the path each rank answers 200 on once it serves", "health probes", "PATH"
+    )
     rank_scheme: RankScheme = setting(
         RankScheme.HTTP, "how ranks serve the health path", "health probes"
     )
@@ -139,8 +145,9 @@ class SupervisorConfig:
         check=positive_seconds,
     )
     probe_timeout: float = setting(
-        2.0, "seconds", "health probes", "SECONDS", check=positive_seconds
-    )
+        2.0, "how long one probe may take before it counts as failed", "health probes",
+        "SECONDS", check=positive_seconds,
+    )  # fmt: skip
     failure_threshold: int = setting(
         3, "consecutive failures that fail a ready rank", "health probes", "N", check=at_least_one
     )
@@ -227,7 +234,10 @@ class SupervisorConfig:
         "N",
         check=zero_or_more,
     )
-    restart_window: float = setting(60.0, "seconds", "restarts", "SECONDS", check=positive_seconds)
+    restart_window: float = setting(
+        60.0, "the window --max-restarts counts restarts in", "restarts", "SECONDS",
+        check=positive_seconds,
+    )  # fmt: skip
     restart_backoff_min: float = setting(
         1.0,
         "seconds before a rank's first restart; doubles per restart",
@@ -513,7 +523,7 @@ class SupervisorConfig:
             # before it looks for the answer to its one-token generation: never faster.
             raise ConfigError(
                 f"--preset sglang: {_opt('probe_timeout')} {self.probe_timeout:g} would fail "
-                "every probe: SGLang's /health answers after at least 1 second; give 2 or more"
+                "every probe: SGLang's /health answers after at least 1 second; give more than 1"
             )
         if not self.fail_on_status and self.preset is Preset.VLLM:
             # vLLM's /health (vllm/entrypoints/serve/instrumentator/health.py) answers 503

@@ -29,7 +29,7 @@ MAX_FILE_BYTES = 1 << 20
 #: The longest string value: hosts, paths and the like.
 MAX_STRING = 4096
 #: Options that make no sense in a file.
-_NOT_KEYS = frozenset({"help", "config"})
+_NOT_KEYS = frozenset({"help", "config", "version"})
 
 
 def load_config_file(
@@ -101,6 +101,10 @@ def _value(path: str, key: str, action: argparse.Action, value: Any) -> Any:
         raise ConfigError(
             f"{path}: {key} must be a string of at most {MAX_STRING} characters, not {shown}"
         )
+    if action.type in (int, float) and isinstance(value, str):
+        # TOML has numbers: "2" is a string, as the README says a wrong type is refused.
+        kind = "a whole number" if action.type is int else "a number of seconds"
+        raise ConfigError(f"{path}: {key} must be {kind}, not the string {shown}")
     if isinstance(value, str) and action.type is not None and action.type is not str:
         try:
             value = action.type(value)  # type: ignore[operator]

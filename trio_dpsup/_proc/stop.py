@@ -72,6 +72,11 @@ class StopClock:
             finally:
                 self._scopes.discard(scope)
 
+    @property
+    def killed_now(self) -> bool:
+        """Whether `kill_now` cut the grace period short."""
+        return self._deadline == -math.inf
+
     def kill_now(self) -> None:
         self._deadline = -math.inf
         for scope in self._scopes:

@@ -43,9 +43,10 @@ def serve_fake(name: str, argv: Sequence[str]) -> None:
     fake_rank_main(["--host", known.host, "--port", str(known.port), "--metric-names", name])
 
 
-def install_fake_servers(directory: Path) -> Mapping[str, str]:
+def install_fake_servers(directory: str | os.PathLike[str]) -> Mapping[str, str]:
     """Write ``vllm`` and ``sglang.launch_server`` into `directory`; return the environment
     (PATH, PYTHONPATH) under which a supervisor's ranks find them."""
+    directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     vllm = directory / "vllm"
     vllm.write_text(

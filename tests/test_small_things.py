@@ -1,0 +1,160 @@
+"""The small things a new user notices: each was seen wrong once (see CHANGELOG)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import pty
+import random
+import signal
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from trio_dpsup import ConfigError, Preset, RestartPolicy, RestartScope, SupervisorConfig
+from trio_dpsup._cli import SECOND_SIGNAL_AFTER
+from trio_dpsup.testing import Harness, free_port_range, open_cli_supervisor
+from trio_dpsup.testing.fake_servers import install_fake_servers
+
+from .conftest import cli_args, rank_command, run_cli
+from .test_admin import ctl
+
+pytest_plugins = ["trio_dpsup.testing.plugin"]
+
+ROOT = Path(__file__).parent.parent
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ('ranks = "2"', "ranks must be a whole number, not the string '2'"),
+        ('grace-period = "20"', "grace-period must be a number of seconds, not the string"),
+        ('version = "1"', "unknown key 'version'"),
+    ],
+)
+async def test_a_config_value_of_the_wrong_type_is_refused(
+    tmp_path: Path, toml: str, message: str
+) -> None:
+    pid_file = tmp_path / "pids"
+    config = tmp_path / "node.toml"
+    config.write_text(f"gpus-per-rank = 0\n{toml}\n")
+    status, stderr = await run_cli(["--config", str(config), "--", *rank_command(pid_file)])
+    assert status == 2
+    assert message in stderr
+    assert not pid_file.exists()
+
+
+def test_the_sglang_probe_timeout_message_says_what_is_accepted() -> None:
+    with pytest.raises(ConfigError, match=r"give more than 1$"):
+        SupervisorConfig(command=("x",), preset=Preset.SGLANG, probe_timeout=1.0)
+    SupervisorConfig(command=("x",), preset=Preset.SGLANG, probe_timeout=1.5)  # accepted
+
+
+def test_the_backoff_jitter_stays_above_the_minimum() -> None:
+    # A unit test of the restart policy on purpose (private): its arithmetic has no face.
+    from trio_dpsup._restart import Restarter
+
+    restarter = Restarter(
+        RestartPolicy.ON_FAILURE, RestartScope.RANK, max_restarts=3, window=60,
+        backoff_min=0.2, backoff_max=30, rng=random.Random(7),
+    )  # fmt: skip
+    delays = [restarter.backoff(n) for n in (1, 1, 1, 2, 3) for _ in range(200)]
+    assert min(delays) >= 0.2
+    assert max(delays) <= 1.6
+
+
+def test_fake_servers_install_into_a_str_path(tmp_path: Path) -> None:
+    env = install_fake_servers(str(tmp_path / "bin"))
+    assert (tmp_path / "bin" / "vllm").exists()
+    assert str(tmp_path / "bin") in env["PATH"]
+
+
+async def test_operator_actions_log_at_info_under_a_public_name(
+    dpsup: Harness, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    sock = tmp_path / "admin.sock"
+    caplog.set_level(logging.INFO)
+    deployment = await dpsup.start(2, admin_socket=str(sock), min_ready=1)
+    assert (await ctl(sock, "restart", "1", "--wait"))[0] == 0
+    assert (await ctl(sock, "drain", "0"))[0] == 0
+    ours = [r for r in caplog.records if r.name == "trio_dpsup.admin"]
+    assert [(r.levelno, r.getMessage()) for r in ours] == [
+        (logging.INFO, "rank 1: restart requested"),
+        (logging.INFO, "rank 0 drained"),
+    ]
+    bounce = [r for r in caplog.records if r.getMessage().startswith("rank 1 restarts in")]
+    assert [r.levelno for r in bounce] == [logging.INFO], "an operator's restart is no alarm"
+    assert not any(r.name.startswith("trio_dpsup._") and "drained" in r.getMessage()
+                   for r in caplog.records)  # fmt: skip
+    await deployment.status()
+
+
+async def test_metrics_carry_no_created_series(dpsup: Harness) -> None:
+    deployment = await dpsup.start(1)
+    async with httpx.AsyncClient(base_url=deployment.control_url, trust_env=False) as client:
+        text = (await client.get("/metrics")).text
+    assert "trio_dpsup_probe_failures_total" in text
+    assert "_created" not in text
+
+
+def test_every_option_has_help_and_the_usage_names_ctl() -> None:
+    from trio_dpsup._cli import build_parser  # the CLI's own parser: what --help prints
+
+    parser = build_parser()
+    bare = [
+        action.option_strings[0]
+        for action in parser._actions
+        if action.option_strings and not (action.help or "").strip("() ").replace("default:", "")
+    ]
+    assert bare == []
+    assert "trio-dpsup ctl ACTION" in parser.format_usage()
+
+
+async def test_a_second_signal_says_the_grace_period_was_skipped() -> None:
+    args = cli_args(1, free_port_range(1), options=["--grace-period", "30"],
+                    rank_args=["--ignore-sigterm"])  # fmt: skip
+    async with open_cli_supervisor(args) as sup:
+        await sup.wait_ready()
+        sup.send_signal(signal.SIGTERM)
+        await sup.wait_for_line("shutdown requested")
+        # The period under test: past it, a second signal is a kill request.
+        await trio.sleep(SECOND_SIGNAL_AFTER * 3)
+        sup.send_signal(signal.SIGTERM)
+        assert await sup.wait() == 1
+    assert "had to be killed at once: a kill was requested (a second signal)" in sup.log
+    assert "at the end of the grace period" not in sup.log
+
+
+def test_no_color_turns_the_rank_prefix_colour_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A unit test of the pump's prefix on purpose (private), on a real terminal.
+    from trio_dpsup._logs import _prefix
+
+    main, terminal = pty.openpty()
+    try:
+        monkeypatch.delenv("NO_COLOR", raising=False)
+        assert _prefix(3, terminal).startswith(b"\x1b[")
+        monkeypatch.setenv("NO_COLOR", "1")
+        assert _prefix(3, terminal) == b"[rank 3] "
+    finally:
+        os.close(main)
+        os.close(terminal)
+
+
+def test_the_package_says_who_and_which_pythons() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["authors"]
+    assert "Programming Language :: Python :: 3.11" in project["classifiers"]
+    assert "urls" not in project  # no public home yet: no invented link
+
+
+async def test_ctl_help_lists_its_actions() -> None:
+    result = await trio.run_process(
+        [sys.executable, "-m", "trio_dpsup", "ctl", "--help"], capture_stdout=True,
+        stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert b"rolling-restart" in result.stdout
