@@ -211,3 +211,48 @@ def test_sglang_long_names_set_the_gpus_per_rank() -> None:
     )  # fmt: skip
     plans = plan_ranks(config, {"PATH": os.environ["PATH"]})
     assert [p.devices for p in plans] == [("0", "1"), ("2", "3")]
+
+
+LLAMA = ("llama-server", "-m", "tiny.gguf", "-c", "4096")
+
+
+@pytest.mark.parametrize(
+    ("command", "added"),
+    [
+        (LLAMA, ["--host", "{host}", "--port", "{port}", "--metrics"]),
+        ((*LLAMA, "--metrics"), ["--host", "{host}", "--port", "{port}"]),  # not twice
+    ],
+)
+def test_llama_cpp_preset_adds_host_port_and_metrics(
+    command: tuple[str, ...], added: list[str]
+) -> None:
+    from trio_dpsup._config.presets import apply_preset  # the rewrite itself, on purpose
+
+    assert apply_preset(Preset.LLAMA_CPP, command, 1) == (*command, *added)
+    # llama.cpp splits its layers over every GPU it is given: any count per rank is right.
+    assert apply_preset(Preset.LLAMA_CPP, command, 2)[: len(command)] == command
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--port", "8080"], "--port in the command: the supervisor gives rank i the port"),
+        (["--host=0.0.0.0"], "--host in the command: use trio-dpsup --host"),
+        (["--host", "/tmp/llama.sock"], "--host in the command"),  # a UNIX socket, too
+        (["--reuse-port"], "--reuse-port in the command: the supervisor gives each rank"),
+        (["-dev", "CUDA1"], "-dev in the command: the supervisor pins each rank's GPUs"),
+        (["--device=CUDA1"], "--device in the command: the supervisor pins"),
+    ],
+)
+def test_llama_cpp_preset_refuses_what_the_supervisor_owns(option: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=f"--preset llama-cpp: {_escape(message)}"):
+        plan(Preset.LLAMA_CPP, "-m", "tiny.gguf", *option)
+
+
+def test_llama_cpp_preset_sets_the_progress_metrics() -> None:
+    config = SupervisorConfig(
+        command=LLAMA, preset=Preset.LLAMA_CPP, progress_timeout=30, gpus_per_rank=0
+    )
+    assert config.progress_busy_metric == "llamacpp:requests_processing"
+    assert config.progress_metric == "llamacpp:n_decode_total"
+    assert config.fail_on_status == ()  # its 503 means "Loading model", not a dead engine

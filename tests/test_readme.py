@@ -89,7 +89,7 @@ def test_every_extra_named_exists() -> None:
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
         "optional-dependencies"
     ]
-    named = set(re.findall(r"\.\[(\w+)\]", README)) | set(
+    named = set(re.findall(r"\.\[([\w-]+)\]", README)) | set(
         re.findall(r"trio-dpsup\[(\w+)\]", README)
     )
     assert {"test", "bench", "harness", "debug"} <= named | set(extras)

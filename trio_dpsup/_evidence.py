@@ -6,8 +6,10 @@ startup deadline, a GPU fault), its own stop waits for the capture, bounded by
 stopped. One folder per failure, ``<evidence_dir>/<run id>/<UTC time>-rank<r>/``:
 
 * ``cause.txt``: the failure;
-* ``stacks.txt``: ``py-spy dump`` of every process of the rank's tree (the optional extra
-  ``trio-dpsup[debug]``); where py-spy is missing or may not attach, it says so instead;
+* ``stacks.txt``: ``py-spy dump`` of every Python process of the rank's tree (the optional
+  extra ``debug``), and the native thread stacks of every other one (an engine in C++, such
+  as llama.cpp's llama-server): ``eu-stack`` (elfutils) where installed, else ``gdb -batch``;
+  where no tool is there or may not attach, it says so instead;
 * ``log.txt``: the rank's last lines of stdout and stderr (RECENT_LINES);
 * ``status.json``: the rank's /status entry, with its GPUs' last readings;
 * ``xid.json``, with NVML: the Xid events reported on its GPUs during the run.
@@ -131,30 +133,65 @@ def _py_spy() -> str | None:
     return shutil.which("py-spy")
 
 
+def _native_stacks(pid: int) -> list[str] | None:
+    """The command that prints every thread's native stack of `pid`, or None without a tool:
+    eu-stack (elfutils: fast, no debugger started), else gdb in batch mode."""
+    eu_stack = shutil.which("eu-stack")
+    if eu_stack is not None:
+        return [eu_stack, "-p", str(pid)]
+    gdb = shutil.which("gdb")
+    if gdb is not None:
+        return [gdb, "-batch", "-nx", "-p", str(pid), "-ex", "thread apply all bt"]
+    return None
+
+
+def _is_python(pid: int) -> bool:
+    try:
+        return "python" in os.path.basename(os.readlink(f"/proc/{pid}/exe"))
+    except OSError:
+        return True  # gone, or not ours to read: py-spy will say which
+
+
+_NO_NATIVE = (
+    "not a Python process, and neither eu-stack (elfutils) nor gdb is installed for its "
+    "native stacks: apt install elfutils\n"
+)
+
+
 async def _stacks(pids: list[int], timeout: float) -> str:  # noqa: ASYNC109
-    """``py-spy dump`` of each pid, all at once, within `timeout` seconds in all."""
+    """The stacks of each pid (py-spy for Python, eu-stack or gdb for the others), all at
+    once, within `timeout` seconds in all."""
     program = _py_spy()
-    if program is None:
-        return _NO_PY_SPY
     dumps: dict[int, str] = {}
 
+    def command(pid: int) -> list[str] | str:
+        if not _is_python(pid):
+            return _native_stacks(pid) or _NO_NATIVE
+        if program is None:
+            return _NO_PY_SPY
+        return [program, "dump", "--pid", str(pid)]
+
     async def dump(pid: int) -> None:
+        argv = command(pid)
+        if isinstance(argv, str):
+            dumps[pid] = argv
+            return
         try:
             result = await trio.run_process(
-                [program, "dump", "--pid", str(pid)],
+                argv,
                 capture_stdout=True,
                 capture_stderr=True,
                 check=False,
                 stdin=subprocess.DEVNULL,
             )
         except OSError as exc:
-            dumps[pid] = f"py-spy could not run: {exc}\n"
+            dumps[pid] = f"{os.path.basename(argv[0])} could not run: {exc}\n"
             return
         out = result.stdout.decode(errors="replace")
         if result.returncode != 0:
             err = result.stderr.decode(errors="replace").strip()
-            # Not a Python process, gone, or not ours to trace (ptrace not permitted).
-            out += f"py-spy exited {result.returncode}: {err}\n"
+            # Gone, or not ours to trace (ptrace not permitted).
+            out += f"{os.path.basename(argv[0])} exited {result.returncode}: {err}\n"
         dumps[pid] = out
 
     with trio.move_on_after(timeout):

@@ -90,9 +90,10 @@ class SupervisorConfig:
     )
     preset: Preset | None = setting(
         None,
-        "adapt the command to vLLM (vllm serve ...) or SGLang (python -m "
-        "sglang.launch_server ...): adds --host, --port (and vLLM's --data-parallel-rank) "
-        "per rank, and checks the parallel sizes",
+        "adapt the command to vLLM (vllm serve ...), SGLang (python -m "
+        "sglang.launch_server ...) or llama.cpp (llama-server ...): adds --host, --port (and "
+        "vLLM's --data-parallel-rank, llama.cpp's --metrics) per rank, checks the parallel "
+        "sizes, and sets the progress metrics",
         "ranks",
     )
     host: str = setting(
@@ -550,7 +551,8 @@ class SupervisorConfig:
                 if default is None:
                     raise ConfigError(
                         f"{_opt('progress_timeout')} needs {_opt(name)}: name the metric on "
-                        f"the ranks' {self.metrics_path}, or pass {_opt('preset')} vllm|sglang"
+                        f"the ranks' {self.metrics_path}, or pass {_opt('preset')} "
+                        "vllm|sglang|llama-cpp"
                     )
                 object.__setattr__(self, name, default)  # frozen: set once, while constructing
 

