@@ -18,9 +18,16 @@ and what NVML saw:
    5 ms never shows the old and the new engine at once), and the GPU ends with exactly one
    holder;
 7. a stalled rank (busy, its progress counter stopped) on a GPU: its evidence folder, with
-   the py-spy stacks of its tree.
+   the py-spy stacks of its tree;
+8. a real engine, llama.cpp's llama-server built with CUDA (``--preset llama-cpp``, every
+   layer on the GPU with ``-ngl 99``, a random model written at run time): its GPU memory
+   held while ready and placement ok; a rank SIGKILLed under ``--restart on-failure``
+   (NVML polled every 5 ms: never the old and the new engine at once, one holder after);
+   SIGTERM; then the supervisor SIGKILLed: the memory freed each time.
 
-``--only 6,7`` runs those alone (one GPU is enough for them).
+``--only 6,7,8`` runs those alone (one GPU is enough for them). Scenario 8 takes the
+llama-server of ``$TRIO_DPSUP_LLAMA_SERVER``, or of ``python -m trio_dpsup.testing.llama_cpp
+--cuda-arch 90``.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
@@ -369,6 +377,94 @@ async def scenario_stalled_evidence(record: Record, out: Path) -> None:
     assert "engine_step_stalled_in_fake_rank" in stacks, "the stall is not in the stacks"
 
 
+async def scenario_llama_server(record: Record, out: Path) -> None:
+    from trio_dpsup.testing.llama_cpp import find_llama_server, vocab_file, write_tiny_model
+
+    server = find_llama_server("90")
+    assert server is not None, "build it: python -m trio_dpsup.testing.llama_cpp --cuda-arch 90"
+    model = write_tiny_model(Path(tempfile.mkdtemp()) / "tiny.gguf", vocab=vocab_file(server))
+    command = (str(server), "-m", str(model), "-ngl", "99", "-c", "65536", "--no-warmup")
+    args = cli(
+        1, "--preset", "llama-cpp", "--restart", "on-failure", "--restart-backoff-min", "0.1",
+        "--restart-backoff-max", "0.2", command=command,
+    )  # fmt: skip
+    record.add("## 8. A real engine on the GPU: llama.cpp's llama-server, built with CUDA")
+    version = await trio.run_process([str(server), "--version"], capture_stderr=True)
+    record.add("llama-server (trio_dpsup.testing.llama_cpp, the llama-server target only):")
+    record.block(version.stderr.decode())
+    size = model.stat().st_size >> 20
+    record.add(
+        f"The model: {size} MiB of random F16 weights (2 layers, width 256), written at run "
+        "time; `-c 65536` makes its KV cache plain to see."
+    )
+    record.block("python -m trio_dpsup " + shlex.join(args), "sh")
+    async with open_cli_supervisor(args) as sup:
+        with trio.fail_after(300):
+            await sup.wait_ready()
+        status = await wait_status(sup, verdicts("ok"))
+        port = status["ranks"][0]["port"]
+        async with httpx.AsyncClient(timeout=60) as client:
+            url = f"http://127.0.0.1:{port}/completion"
+            answer = (await client.post(url, json={"prompt": "Hello", "n_predict": 16})).json()
+        before = await trio.to_thread.run_sync(nvml_processes)
+        (old,) = [pid for procs in before.values() for pid, _ in procs]
+        record.add(f"Ready: {summary(status)}; a completion: {answer['tokens_predicted']} tokens, "
+                   f"{answer['timings']['predicted_per_second']:.0f} tokens/s.")  # fmt: skip
+        record.add(f"NVML while ready: {json.dumps(before)} (pid {old}: {proc_name(old)})")
+        # The rank SIGKILLed: the old engine's memory is released before the new one's.
+        start = trio.current_time()
+        os.kill(rank_pid(status), signal.SIGKILL)
+        timeline: list[tuple[float, list[tuple[int, int]]]] = []
+        new: int | None = None
+        backend = open_pynvml()
+        uuids = [g.uuid for g in backend.inventory()]
+        with trio.fail_after(300):
+            while new is None:
+                procs = sorted(
+                    (p.pid, (p.used_memory or 0) >> 20) for u in uuids for p in backend.processes(u)
+                )
+                if not timeline or timeline[-1][1] != procs:
+                    timeline.append((trio.current_time() - start, procs))
+                pids = [pid for pid, _ in procs]
+                assert not (old in pids and len(pids) > 1), f"old and new engine at once: {pids}"
+                new = next((pid for pid in pids if pid != old), None)
+                await trio.sleep(0.005)  # pacing NVML reads
+        backend.close()
+        after = await wait_status(
+            sup,
+            lambda s: (
+                s["ranks"][0]["restarts"] == 1
+                and s["ranks"][0]["state"] == "ready"
+                and s["ranks"][0]["placement"]["verdict"] == "ok"
+            ),
+        )
+        holders = await trio.to_thread.run_sync(nvml_processes)
+        record.add("NVML after the rank's SIGKILL, each time it changed (seconds after it):")
+        record.block("\n".join(f"+{t:.3f} s: {procs}" for t, procs in timeline))
+        record.add(f"/status after: {summary(after)}; NVML: {json.dumps(holders)}")
+        assert [pid for procs in holders.values() for pid, _ in procs] == [new]
+        # SIGTERM: a clean exit, and the GPU empty.
+        stopped_at = trio.current_time()
+        sup.send_signal(signal.SIGTERM)
+        with trio.fail_after(60):
+            code = await sup.wait()
+        left = await trio.to_thread.run_sync(nvml_processes)
+        record.add(f"SIGTERM -> exit status {code} in {trio.current_time() - stopped_at:.2f} s; "
+                   f"NVML after: {json.dumps(left)}")  # fmt: skip
+        assert code == 0
+        assert not any(left.values())
+    # The supervisor SIGKILLed: the guardian takes llama-server along.
+    async with open_cli_supervisor(cli(1, "--preset", "llama-cpp", command=command)) as sup:
+        with trio.fail_after(300):
+            await sup.wait_ready()
+        await wait_status(sup, verdicts("ok"))
+        before = await trio.to_thread.run_sync(nvml_processes)
+        left, released = await kill_and_wait_released(sup, before, pacing=0.005)
+    record.add(f"The supervisor SIGKILLed: NVML before {json.dumps(before)}; "
+               f"{released:.3f} s after the SIGKILL: {json.dumps(left)}")  # fmt: skip
+    assert not any(left.values()), "llama-server's GPU memory outlived the supervisor"
+
+
 async def main(out: Path, only: set[int] | None = None) -> None:
     record = Record()
     backend = open_pynvml()
@@ -392,6 +488,7 @@ async def main(out: Path, only: set[int] | None = None) -> None:
         5: partial(_both_engines, record),
         6: partial(scenario_restart_after_sigkill, record),
         7: partial(scenario_stalled_evidence, record, out),
+        8: partial(scenario_llama_server, record, out),
     }
     chosen = sorted(only or scenarios)
     for number in chosen:

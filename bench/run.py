@@ -24,6 +24,8 @@ from pathlib import Path
 
 import trio
 
+from trio_dpsup.testing import free_port_range
+
 from . import scenarios
 
 RESULTS = Path(__file__).parent / "results"
@@ -46,6 +48,56 @@ class Row:
     @property
     def max(self) -> float:
         return max(self.samples)
+
+
+async def engine_rows(reps: int) -> list[Row]:
+    """Crash -> /ready 503 with 2 llama-server ranks and with 2 fake ranks, alternated; the
+    target: the engine's median within 1.5x the fake rank's. None where llama-server is
+    neither built nor buildable here."""
+    from trio_dpsup.testing.llama_cpp import (
+        EngineUnavailable,
+        build_llama_server,
+        find_llama_server,
+        vocab_file,
+        write_tiny_model,
+    )
+
+    try:
+        server = find_llama_server() or build_llama_server()
+    except EngineUnavailable as exc:
+        print(f"no llama-server rows: {exc}", file=sys.stderr)
+        return []
+    with tempfile.TemporaryDirectory() as tmp:
+        model = write_tiny_model(Path(tmp) / "tiny.gguf", vocab=vocab_file(server))
+        engine: list[float] = []
+        fake: list[float] = []
+        for _ in range(reps):
+            engine.append(await scenarios.crash_to_503(
+                scenarios.llama_args(2, str(server), str(model))
+            ))  # fmt: skip
+            fake.append(await scenarios.crash_to_503(scenarios.cli_args(2, free_port_range(2))))
+    ratio = [statistics.median(engine) / statistics.median(fake)]
+    # The real-engine tier of the test suite, the engine built: its whole test time.
+    started = trio.current_time()
+    tests = Path(__file__).parent.parent / "tests" / "test_llama_cpp.py"
+    await trio.run_process(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tests)],
+        capture_stdout=True,
+    )
+    tier = [trio.current_time() - started]
+    return [
+        Row(
+            "real-engine test tier (tests/test_llama_cpp.py), built",
+            2,
+            tier,
+            "<= 300",
+            check(300)(tier),
+            "s",
+        ),
+        Row("crash -> /ready 503, llama-server ranks", 2, ms(engine), "-", None),
+        Row("crash -> /ready 503, fake ranks (same runs, alternated)", 2, ms(fake), "-", None),
+        Row("llama-server / fake rank, medians", 2, ratio, "<= 1.5", check(1.5)(ratio), "x"),
+    ]
 
 
 def ms(seconds: list[float]) -> list[float]:
@@ -215,6 +267,8 @@ async def run_all(quick: bool) -> list[Row]:
         Row("idle CPU after 2,000 restarts / fresh (same options)", 8, ratio, "<= 1.2",
             check(1.2)(ratio), "x"),
     ]  # fmt: skip
+    # A real engine: crash -> /ready 503 with llama-server ranks, against the fake rank.
+    rows += await engine_rows(reps)
     # One probe's CPU: the same ranks probed every second, and not at all (every 10 min).
     probed = await scenarios.steady_state(32, idle_seconds)
     unprobed = await scenarios.steady_state(32, idle_seconds, "--probe-interval", "600")

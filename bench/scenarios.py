@@ -83,6 +83,37 @@ async def crash(ranks: int, tmp: Path) -> dict[str, float]:
     return result
 
 
+async def crash_to_503(args: list[str]) -> float:
+    """Seconds from a SIGKILL of rank 0 to /ready answering 503, for any rank command (the
+    CLI's `args`): the detection figure, for a real engine as for the fake rank."""
+    async with open_cli_supervisor(args) as sup:
+        url, pids = await _ready_pids(sup)
+        async with httpx.AsyncClient(base_url=url) as client:
+            await client.get("/ready")  # open the connection before the clock starts
+            start = trio.current_time()
+            os.kill(pids[0], signal.SIGKILL)
+            for _ in range(POLL_LIMIT):
+                if (await client.get("/ready")).status_code == 503:
+                    took = trio.current_time() - start
+                    break
+                await trio.sleep(POLL_SPACING)
+            else:
+                raise AssertionError("/ready never answered 503")
+        assert await sup.wait() == 137, sup.log
+    return took
+
+
+def llama_args(ranks: int, server: str, model: str) -> list[str]:
+    """The CLI's arguments for `ranks` llama-server ranks of `model` (--preset llama-cpp)."""
+    base = free_port_range(ranks)
+    return [
+        "--ranks", str(ranks), "--base-port", str(base), "--control-port", "0",
+        "--gpus-per-rank", "0", "--probe-interval", "1", "--grace-period", "5",
+        "--startup-timeout", "120", "--preset", "llama-cpp", "--",
+        server, "-m", model, "-c", "4096", "-t", "1", "--no-warmup",
+    ]  # fmt: skip
+
+
 async def _ready_pids(sup: CliSupervisor) -> tuple[str, list[int]]:
     """Once every rank is ready: the control plane's URL and the ranks' pids."""
     with trio.fail_after(120):

@@ -167,7 +167,8 @@ async def test_a_long_prefill_is_no_stall_and_a_stopped_rank_is(
     # Stopped mid-request: busy, and no decode call any more. Caught as a stall or by the
     # probes (its /health stops answering too), whichever comes first.
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_quietly, complete, port, prompt, 2)
+        # Another prompt: the same one would be answered from llama.cpp's prompt cache.
+        nursery.start_soon(_quietly, complete, port, " ".join(["good night"] * 6000), 2)
         await deployment.wait_for_status(
             lambda s: s.ranks[0].progress is not None and (s.ranks[0].progress.busy or 0) > 0,
             "the rank busy",

@@ -22,7 +22,9 @@ BROUGHT = frozenset({
     "systemd-analyze",
 })  # fmt: skip
 #: Programs of the venv that only a server's own install puts there (the README says so).
-SERVERS = frozenset({".venv/bin/vllm", "/opt/trio-dpsup/.venv/bin/pip"})
+SERVERS = frozenset(
+    {".venv/bin/vllm", "/opt/trio-dpsup/.venv/bin/pip", "/usr/local/bin/llama-server"}
+)
 #: Our own programs: never bare (not on a fresh shell's PATH), always by the venv's path.
 OURS = frozenset({"trio-dpsup", "python", "pip", "pytest"})
 
