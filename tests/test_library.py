@@ -175,7 +175,7 @@ def test_an_enum_setting_given_as_its_value_is_converted(
     [
         ("restart", "never, on-failure, always"),
         ("restart_scope", "rank, all"),
-        ("preset", "vllm, sglang"),
+        ("preset", "vllm, sglang, llama-cpp"),
     ],
 )
 def test_an_enum_setting_of_no_known_value_is_refused(field: str, allowed: str) -> None:

