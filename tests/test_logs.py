@@ -222,6 +222,9 @@ async def test_a_terminal_shows_one_startup_line_updated_in_place() -> None:
         os.close(controller)
     drawn = raw.count(b"ranks ready after")
     assert drawn >= 2, raw  # updated, not written once
+    # Never an older count below a record that says a rank is ready.
+    after = raw.index(b"rank 0 is ready")
+    assert b"0/2 ranks ready after" not in raw[after:], raw[after:]
     assert b"0/2 ranks ready after" in raw
     assert b"1/2 ranks ready after" in raw
     assert b"\r\x1b[K" in raw

@@ -12,6 +12,10 @@ verifies ranks with (see _tls.rank_verify).
 
 Probes of one rank may overlap (confirmation probes, see _prober): each takes an idle
 connection or opens its own, and gives it back when it is still good.
+
+Parsing by hand is kept only while it agrees with h11: tests/test_probe_parser.py feeds it
+responses as h11 writes them (chunked or not, odd but legal headers, cut at any read
+boundary) and checks status and keep-alive against h11's own client (hypothesis).
 """
 
 from __future__ import annotations
@@ -143,8 +147,14 @@ async def _read_response(stream: trio.abc.Stream) -> tuple[int, bool]:
     headers: dict[str, str] = {}
     for line in head[1:]:
         name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip().lower()
-    keep = parts[0] == "HTTP/1.1" and headers.get("connection") != "close"
+        key = name.strip().lower()
+        # Repeated headers are one comma list (RFC 9110, 5.3), as h11 reads them.
+        headers[key] = f"{headers[key]}, {value.strip().lower()}" if key in headers else (
+            value.strip().lower()
+        )  # fmt: skip
+    # "close" among Connection's tokens ends the connection ("keep-alive, close" too).
+    tokens = {token.strip() for token in headers.get("connection", "").split(",")}
+    keep = parts[0] == "HTTP/1.1" and "close" not in tokens
     if status in (204, 304) or 100 <= status < 200:
         return status, keep
     if "chunked" in headers.get("transfer-encoding", ""):

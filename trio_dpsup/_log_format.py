@@ -138,6 +138,10 @@ class TerminalLine:
         self._drawn = False
         self._midline = False
         self._closed = False
+        self._width = 80
+        #: Computes the line afresh: called where a record is logged (`renew`), so that the
+        #: line drawn below a record already counts what the record says.
+        self.refresh: Callable[[], str] | None = None
 
     @staticmethod
     def usable(fd: int) -> bool:
@@ -151,9 +155,22 @@ class TerminalLine:
         with self._everything():
             if self._closed:  # a show abandoned by a cancelled caller, late: not again
                 return
+            self._width = width
             self._text = text[: max(width - 1, 1)].encode("utf-8", "replace")
             _shown = self
             _write_all(self.fd, self.around(b""))
+
+    def renew(self) -> None:
+        """Recompute the text with `refresh`, without drawing (where a record is logged,
+        which must never block: no lock is taken; a reference assignment is atomic). A
+        refresh that fails (logged from a thread it cannot read from) leaves the text."""
+        if self.refresh is None or self._closed or not self._text:
+            return
+        try:
+            text = self.refresh()
+        except Exception:
+            return
+        self._text = text[: max(self._width - 1, 1)].encode("utf-8", "replace")
 
     def close(self) -> None:
         """Erase the line, for good: a `show` after this draws nothing."""
@@ -254,6 +271,11 @@ class NonBlockingHandler(logging.Handler):
         self._thread.start()
 
     def emit(self, record: logging.LogRecord) -> None:
+        shown = _shown
+        if shown is not None:
+            # The line drawn below this record is computed now, after what the record says
+            # happened ("rank 3 is ready"), not at the line's next redraw.
+            shown.renew()
         try:
             line = (self.format(record) + "\n").encode("utf-8", "backslashreplace")
         except Exception:

@@ -39,6 +39,7 @@ async def run_startup_line(
     if config.log_format is not LogFormat.TEXT or not TerminalLine.usable(fd):
         return
     line = TerminalLine(fd)
+    line.refresh = lambda: startup_progress(handle.status(), trio.current_time() - since)
     try:
         while True:
             status = handle.status()
