@@ -197,8 +197,11 @@ async def probe_rank(
     if startup.cancelled_caught:
         assert startup_timeout is not None
         raise RankStartTimeout(rank, startup_timeout)
+    # Marked before it is said: whatever the record is read beside (the terminal's startup
+    # line) already counts this rank.
+    everyone = board.mark_ready(record)
     logger.info("rank %d is ready", rank, extra={"rank": rank})
-    if board.mark_ready(record):
+    if everyone:
         logger.info("all %d ranks are ready", len(board.ranks))
     while True:  # ready: until it fails; ends by cancellation
         await ticker.wait()
