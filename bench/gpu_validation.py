@@ -272,6 +272,43 @@ def rank_pid(status: dict[str, Any], rank: int = 0) -> int:
     return int(status["ranks"][rank]["pid"])
 
 
+async def kill_rank_and_watch(
+    sup: CliSupervisor, status: dict[str, Any], old: int
+) -> tuple[list[tuple[float, list[tuple[int, int]]]], int]:
+    """SIGKILL rank 0, whose engine is `old`, and poll NVML every 5 ms until another
+    process holds memory: what NVML listed each time it changed ((pid, MiB), seconds after
+    the kill), and the new holder. Fails if the old and a new engine are ever listed at
+    once. NVML is held open: a poll is one NVML call, about a millisecond."""
+    start = trio.current_time()
+    os.kill(rank_pid(status), signal.SIGKILL)
+    timeline: list[tuple[float, list[tuple[int, int]]]] = []
+    new: int | None = None
+    backend = open_pynvml()
+    uuids = [g.uuid for g in backend.inventory()]
+    try:
+        with trio.fail_after(300):
+            while new is None:
+                procs = sorted(
+                    (p.pid, (p.used_memory or 0) >> 20) for u in uuids for p in backend.processes(u)
+                )
+                if not timeline or timeline[-1][1] != procs:
+                    timeline.append((trio.current_time() - start, procs))
+                pids = [pid for pid, _ in procs]
+                assert not (old in pids and len(pids) > 1), f"old and new engine at once: {pids}"
+                new = next((pid for pid in pids if pid != old), None)
+                await trio.sleep(0.005)  # pacing NVML reads
+    finally:
+        backend.close()
+    return timeline, new
+
+
+def restarted_once(status: dict[str, Any]) -> bool:
+    rank = status["ranks"][0]
+    return bool(
+        rank["restarts"] == 1 and rank["state"] == "ready" and rank["placement"]["verdict"] == "ok"
+    )
+
+
 async def scenario_restart_after_sigkill(record: Record) -> None:
     engine = (PY, "-m", "bench.engine_rank", "--port", "{port}", "--allocate", "4096")
     args = cli(
@@ -291,30 +328,9 @@ async def scenario_restart_after_sigkill(record: Record) -> None:
         before = await trio.to_thread.run_sync(nvml_processes)
         (old,) = [pid for procs in before.values() for pid, _ in procs]
         record.add(f"NVML before: {json.dumps(before)} (pid {old}: {proc_name(old)})")
-        start = trio.current_time()
         killed_at = datetime.datetime.now()
-        os.kill(rank_pid(status), signal.SIGKILL)
-        timeline: list[tuple[float, list[int]]] = []
-        new: int | None = None
-        backend = open_pynvml()  # held open: a poll is one NVML call, about a millisecond
-        uuids = [g.uuid for g in backend.inventory()]
-        with trio.fail_after(300):
-            while new is None:
-                pids = sorted(p.pid for uuid in uuids for p in backend.processes(uuid))
-                if not timeline or timeline[-1][1] != pids:
-                    timeline.append((trio.current_time() - start, pids))
-                assert not (old in pids and len(pids) > 1), f"old and new engine at once: {pids}"
-                new = next((pid for pid in pids if pid != old), None)
-                await trio.sleep(0.005)  # pacing NVML reads
-        backend.close()
-        after = await wait_status(
-            sup,
-            lambda s: (
-                s["ranks"][0]["restarts"] == 1
-                and s["ranks"][0]["state"] == "ready"
-                and s["ranks"][0]["placement"]["verdict"] == "ok"
-            ),
-        )
+        timeline, new = await kill_rank_and_watch(sup, status, old)
+        after = await wait_status(sup, restarted_once)
         end = await trio.to_thread.run_sync(nvml_processes)
         sup.send_signal(signal.SIGTERM)
         with trio.fail_after(60):
@@ -323,8 +339,8 @@ async def scenario_restart_after_sigkill(record: Record) -> None:
     record.block(
         "\n".join(
             f"{(killed_at + datetime.timedelta(seconds=t)).strftime('%H:%M:%S.%f')[:-3]} "
-            f"(+{t:.3f} s): {pids}"
-            for t, pids in timeline
+            f"(+{t:.3f} s): {[pid for pid, _ in procs]}"
+            for t, procs in timeline
         )
     )
     record.add("The supervisor's log around the restart (its clock: the wall clock):")
@@ -412,32 +428,8 @@ async def scenario_llama_server(record: Record, out: Path) -> None:
                    f"{answer['timings']['predicted_per_second']:.0f} tokens/s.")  # fmt: skip
         record.add(f"NVML while ready: {json.dumps(before)} (pid {old}: {proc_name(old)})")
         # The rank SIGKILLed: the old engine's memory is released before the new one's.
-        start = trio.current_time()
-        os.kill(rank_pid(status), signal.SIGKILL)
-        timeline: list[tuple[float, list[tuple[int, int]]]] = []
-        new: int | None = None
-        backend = open_pynvml()
-        uuids = [g.uuid for g in backend.inventory()]
-        with trio.fail_after(300):
-            while new is None:
-                procs = sorted(
-                    (p.pid, (p.used_memory or 0) >> 20) for u in uuids for p in backend.processes(u)
-                )
-                if not timeline or timeline[-1][1] != procs:
-                    timeline.append((trio.current_time() - start, procs))
-                pids = [pid for pid, _ in procs]
-                assert not (old in pids and len(pids) > 1), f"old and new engine at once: {pids}"
-                new = next((pid for pid in pids if pid != old), None)
-                await trio.sleep(0.005)  # pacing NVML reads
-        backend.close()
-        after = await wait_status(
-            sup,
-            lambda s: (
-                s["ranks"][0]["restarts"] == 1
-                and s["ranks"][0]["state"] == "ready"
-                and s["ranks"][0]["placement"]["verdict"] == "ok"
-            ),
-        )
+        timeline, new = await kill_rank_and_watch(sup, status, old)
+        after = await wait_status(sup, restarted_once)
         holders = await trio.to_thread.run_sync(nvml_processes)
         record.add("NVML after the rank's SIGKILL, each time it changed (seconds after it):")
         record.block("\n".join(f"+{t:.3f} s: {procs}" for t, procs in timeline))
