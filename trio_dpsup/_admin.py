@@ -69,6 +69,15 @@ class AdminError(Exception):
 
 
 @dataclass(frozen=True)
+class _NotBack:
+    """Why a restarted rank is not ready again: late, or failing again (crash-looping, which
+    a rolling restart skips rather than stops at)."""
+
+    why: str
+    crash_looping: bool = False
+
+
+@dataclass(frozen=True)
 class AdminSocket:
     """A bound admin socket and the identity of its file, so that only that file is
     removed at exit (not whatever another process put at the path since)."""
@@ -213,11 +222,11 @@ class Admin:
             rank = record.plan.rank
             self._operation = f"a restart of rank {rank}"
             try:
-                problem = await self._until_back(record, before, timeout)
+                late = await self._until_back(record, before, timeout)
             finally:
                 self._operation = None
-            if problem is not None:
-                raise AdminError(problem)
+            if late is not None:
+                raise AdminError(late.why)
         return {"rank": record.plan.rank}
 
     async def _drain(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -275,18 +284,18 @@ class Admin:
 
         async def until_back(record: RankRecord, before: int) -> None:
             try:
-                problem = await self._until_back(record, before, timeout)
+                late = await self._until_back(record, before, timeout)
             except AdminError as exc:  # the supervisor began stopping
-                problem = str(exc)
+                late = _NotBack(str(exc))
             pending.discard(record.plan.rank)
-            if problem is None:
+            if late is None:
                 return
-            if "failed again" in problem:
-                skipped.append({"rank": record.plan.rank, "why": problem})
+            if late.crash_looping:
+                skipped.append({"rank": record.plan.rank, "why": late.why})
                 excluded.add(record.plan.rank)
                 board.touch()  # wakes the room wait: it no longer counts
                 return
-            problems.append(problem)
+            problems.append(late.why)
             nursery.cancel_scope.cancel()
 
         self._operation = "a rolling restart"
@@ -334,15 +343,16 @@ class Admin:
 
     def _record(self, request: dict[str, Any]) -> RankRecord:
         rank = request.get("rank")
-        valid = isinstance(rank, int) and not isinstance(rank, bool)
-        record = self._board.by_rank(rank) if valid else None  # type: ignore[arg-type]
+        record = None
+        if isinstance(rank, int) and not isinstance(rank, bool):  # JSON true is no rank
+            record = self._board.by_rank(rank)
         if record is None:
             ranks = f"{self._board.ranks[0].plan.rank}-{self._board.ranks[-1].plan.rank}"
             raise AdminError(f"no rank {rank!r} here: the ranks are {ranks}")
         return record
 
     def _serving(self) -> int:
-        return sum(r.state is RankState.READY and not r.drained for r in self._board.ranks)
+        return self._board.snapshot().serving()  # the one definition /ready uses
 
     def _within_budget(self, record: RankRecord, doing: str, force: bool) -> None:
         """Refuse to take a serving rank out below --min-ready, as a PodDisruptionBudget
@@ -419,9 +429,9 @@ class Admin:
         record: RankRecord,
         before: int,
         timeout: float,  # noqa: ASYNC109 (a verdict: reported, not raised)
-    ) -> str | None:
+    ) -> _NotBack | None:
         """Wait until `record`, restarted once since `before` restarts, is ready again.
-        None when it is; else why not (it failed again, or the timeout passed)."""
+        None when it is; else why not: it failed again, or the timeout passed."""
         rank = record.plan.rank
 
         def back_or_failed() -> bool:
@@ -430,13 +440,16 @@ class Admin:
             )
 
         if not await self._until(back_or_failed, timeout):
-            return (
+            return _NotBack(
                 f"rank {rank} did not return within {timeout:g}s (--rank-timeout): it is "
                 f"{record.state.value}"
             )
         if record.restarts > before + 1:
             cause = record.last_causes[-1] if record.last_causes else "?"
-            return f"rank {rank} failed again after its restart (crash-looping?): {cause}"
+            return _NotBack(
+                f"rank {rank} failed again after its restart (crash-looping?): {cause}",
+                crash_looping=True,
+            )
         return None
 
     async def _until(self, condition: Callable[[], bool], timeout: float) -> bool:  # noqa: ASYNC109

@@ -29,8 +29,9 @@ async def run_startup_line(
     config: SupervisorConfig, handle: SupervisorHandle, since: float, fd: int = 2
 ) -> None:
     """Draw the line on `fd` every REDRAW_INTERVAL, and at once at each change of state,
-    until every rank has been ready or
-    shutdown has begun, then erase it; `since` is when the start began (trio's clock).
+    until every rank has been ready or shutdown has begun, then erase it; `since` is when
+    the start began (trio's clock). Where a record is logged, the line below it is computed
+    afresh (`TerminalLine.refresh`): it never shows a count older than the record.
     Returns at once where `fd` is not a terminal, or records are JSON.
 
     The writes happen in a worker thread: a terminal that blocks never blocks the event
@@ -47,8 +48,7 @@ async def run_startup_line(
                 return
             text = startup_progress(status, trio.current_time() - since)
             await trio.to_thread.run_sync(line.show, text, abandon_on_cancel=True)
-            # Drawn again at once when a rank becomes ready: its "ready" record has just
-            # scrolled past with the old count below it.
+            # Drawn again at once at a change of state, not up to REDRAW_INTERVAL later.
             with trio.move_on_after(REDRAW_INTERVAL):
                 await handle.wait_changed()
     finally:
