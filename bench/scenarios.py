@@ -284,12 +284,8 @@ async def steady_state(ranks: int, seconds: float, *options: str) -> dict[str, f
     async with open_cli_supervisor(cli_args(ranks, base, *options)) as sup:
         with trio.fail_after(300):
             await sup.wait_ready()
-        await trio.sleep(2.0)  # the measured period starts after start-up work has settled
-        proc = psutil.Process(sup.pid)
-        before = proc.cpu_times()
-        await trio.sleep(seconds)  # the measured period itself
-        after = proc.cpu_times()
-        rss = proc.memory_info().rss
+        cpu = await _idle_cpu(sup, seconds)
+        rss = psutil.Process(sup.pid).memory_info().rss
         status = await sup.status()
         guardian = [
             c for c in psutil.process_iter(["cmdline"])
@@ -300,9 +296,8 @@ async def steady_state(ranks: int, seconds: float, *options: str) -> dict[str, f
         latencies = [r["last_probe"]["latency_ms"] for r in status["ranks"]]  # type: ignore[index, union-attr]
         sup.send_signal(signal.SIGTERM)
         await sup.wait()
-    cpu = (after.user + after.system) - (before.user + before.system)
     return {
-        "cpu_fraction": cpu / seconds,
+        "cpu_fraction": cpu,
         "rss_mb": rss / 2**20,
         "guardian_rss_mb": guardian_rss / 2**20,
         "probe_ms_median": statistics.median(latencies),
@@ -335,15 +330,20 @@ async def steady_state_after_restarts(
             await sup.wait_ready()
         status = await sup.status()
         done = sum(int(r["restarts"]) for r in status["ranks"])  # type: ignore[index, union-attr, call-overload]
-        await trio.sleep(2.0)  # the measured period starts after start-up work has settled
-        proc = psutil.Process(sup.pid)
-        before = proc.cpu_times()
-        await trio.sleep(seconds)  # the measured period itself
-        after = proc.cpu_times()
+        cpu = await _idle_cpu(sup, seconds)
         sup.send_signal(signal.SIGTERM)
         await sup.wait()
-    cpu = (after.user + after.system) - (before.user + before.system)
-    return {"cpu_fraction": cpu / seconds, "restarts": float(done)}
+    return {"cpu_fraction": cpu, "restarts": float(done)}
+
+
+async def _idle_cpu(sup: CliSupervisor, seconds: float) -> float:
+    """The supervisor's CPU over `seconds` of steady state, as a fraction of one core."""
+    await trio.sleep(2.0)  # the measured period starts after start-up work has settled
+    proc = psutil.Process(sup.pid)
+    before = proc.cpu_times()
+    await trio.sleep(seconds)  # the measured period itself
+    after = proc.cpu_times()
+    return ((after.user + after.system) - (before.user + before.system)) / seconds
 
 
 async def log_throughput(ranks: int, seconds: float, tmp: Path) -> dict[str, float]:

@@ -204,15 +204,20 @@ async def test_a_rolling_restart_under_the_default_min_ready_and_one_operation_a
     assert [r.restarts for r in (await deployment.status()).ranks] == [1, 1, 1]
 
 
+def fake_rank_where(test: str, *more: str) -> list[str]:
+    """A fake rank, given `more` arguments where the shell `test` holds at its start."""
+    fake = " ".join(FAKE_RANK)
+    return [
+        "sh", "-c",
+        f"if [ {test} ]; then exec {fake} --port {{port}} {' '.join(more)}; "
+        f"else exec {fake} --port {{port}}; fi",
+    ]  # fmt: skip
+
+
 async def test_a_rolling_restart_skips_a_crash_looping_rank(dpsup: Harness, tmp_path: Path) -> None:
     sock = tmp_path / "admin.sock"
     # Rank 1 exits a second after each start, and is restarted each time.
-    fake = " ".join(FAKE_RANK)
-    command = [
-        "sh", "-c",
-        f'if [ "{{rank}}" = 1 ]; then exec {fake} --port {{port}} --exit-after 1; '
-        f"else exec {fake} --port {{port}}; fi",
-    ]  # fmt: skip
+    command = fake_rank_where('"{rank}" = 1', "--exit-after", "1")
     deployment = await dpsup.start(
         3, command=command, admin_socket=str(sock), min_ready=1,
         **{**on_failure(0.05), "max_restarts": 1000},
@@ -230,12 +235,7 @@ async def test_a_rolling_restart_skips_a_crash_looping_rank(dpsup: Harness, tmp_
 async def test_a_rank_that_does_not_return_ends_the_roll(dpsup: Harness, tmp_path: Path) -> None:
     sock, fault = tmp_path / "admin.sock", tmp_path / "never-ready"
     # A rank process started while `fault` exists never becomes ready.
-    fake = " ".join(FAKE_RANK)
-    command = [
-        "sh", "-c",
-        f"if [ -e {fault} ]; then exec {fake} --port {{port}} --ready-after 3600; "
-        f"else exec {fake} --port {{port}}; fi",
-    ]  # fmt: skip
+    command = fake_rank_where(f"-e {fault}", "--ready-after", "3600")
     deployment = await dpsup.start(2, command=command, admin_socket=str(sock), min_ready=1)
     fault.touch()
     with trio.fail_after(30):
@@ -313,7 +313,10 @@ async def test_a_peer_that_is_not_the_owner_is_refused(dpsup: Harness) -> None:
         "import os, socket, sys\n"
         "os.setgid(65534); os.setuid(65534)\n"
         "s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])\n"
-        's.sendall(b\'{"action": "status"}\\n\'); print(s.recv(65536).decode())\n'
+        's.sendall(b\'{"action": "status"}\\n\'); data = b""\n'
+        # Read to the newline: one recv may return part of the answer.
+        "while not data.endswith(b'\\n') and (c := s.recv(65536)): data += c\n"
+        "print(data.decode())\n"
     )
     with trio.fail_after(30):
         result = await trio.run_process(

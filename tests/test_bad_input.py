@@ -51,6 +51,10 @@ async def test_malformed_placeholders(tmp_path: Path, template: str, message: st
         ("ssl-certfile = 1", "ssl-certfile must be a string"),
         ("devices = {a = 1}", "devices must be a list"),
         ("secret-option = 3", "secret-option must be a list of strings"),
+        # TOML has numbers: a number in quotes is a string, and refused.
+        ('base-port = "8000"', "base-port must be a whole number, not the string '8000'"),
+        ('grace-period = "20"', "grace-period must be a number of seconds, not the string"),
+        ('version = "1"', "unknown key 'version'"),
     ],
 )
 async def test_config_values_of_the_wrong_type(tmp_path: Path, toml: str, message: str) -> None:

@@ -259,21 +259,26 @@ async def test_idle_connections_cannot_starve_the_probes() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
+def dead_process() -> tuple[int, int]:
+    """The pid and start time of a process that has exited (and been reaped)."""
+    from trio_dpsup._proc.membership import read_stat
+
+    child = subprocess.Popen(["sleep", "60"])
+    stat = read_stat(child.pid)
+    assert stat is not None
+    child.kill()
+    child.wait()
+    return child.pid, stat.start
+
+
 def test_restart_records_of_the_dead_are_pruned() -> None:
     # A unit test of Trees on purpose (private): the records a restart leaves must not
     # pile up, since every tree-watch round and the guardian read them all.
     from trio_dpsup._proc.membership import Trees, read_stat
 
     trees = Trees("unit")
-    dead = []
     for _ in range(50):  # fifty rank processes that exited (restarts)
-        child = subprocess.Popen(["sleep", "60"])
-        stat = read_stat(child.pid)
-        assert stat is not None
-        dead.append((child.pid, stat.start))
-        trees.add_root(0, child.pid, stat.start)
-        child.kill()
-        child.wait()
+        trees.add_root(0, *dead_process())
     alive = subprocess.Popen(["sleep", "60"])
     try:
         stat = read_stat(alive.pid)
@@ -295,19 +300,15 @@ def test_a_dead_rank_whose_member_lives_is_kept() -> None:
     from trio_dpsup._proc.membership import Trees, read_stat
 
     trees = Trees("unit")
-    root = subprocess.Popen(["sleep", "60"])
-    root_stat = read_stat(root.pid)
-    assert root_stat is not None
-    trees.add_root(0, root.pid, root_stat.start)
-    root.kill()
-    root.wait()
+    root_pid, root_start = dead_process()
+    trees.add_root(0, root_pid, root_start)
     member = subprocess.Popen(["sleep", "60"])
     try:
         member_stat = read_stat(member.pid)
         assert member_stat is not None
         trees.remember(member.pid, member_stat.start, 0)
         trees.prune()
-        assert [r.pid for r in trees.roots] == [root.pid]
+        assert [r.pid for r in trees.roots] == [root_pid]
     finally:
         member.kill()
         member.wait()
@@ -319,15 +320,11 @@ def test_the_guardian_prunes_what_names_only_the_dead() -> None:
     # A unit test of the guardian's reader on purpose (private): a run restarted thousands
     # of times streams a root line per restart; the guardian's registry stays bounded.
     from trio_dpsup._proc.guardian_process import PRUNE_EVERY, read_registry
-    from trio_dpsup._proc.membership import Trees, read_stat
+    from trio_dpsup._proc.membership import Trees
 
-    child = subprocess.Popen(["sleep", "60"])
-    stat = read_stat(child.pid)
-    assert stat is not None
-    child.kill()
-    child.wait()
+    pid, start = dead_process()
     trees = Trees("unit")
-    # The same dead process, as a root and a member, over and over.
-    lines = [f"root 0 {child.pid} {stat.start}\n".encode()] * (PRUNE_EVERY * 4 + 1)
+    # The same dead process, as a root, over and over.
+    lines = [f"root 0 {pid} {start}\n".encode()] * (PRUNE_EVERY * 4 + 1)
     read_registry(trees, lines)
     assert len(trees.roots) <= PRUNE_EVERY

@@ -168,7 +168,7 @@ async def test_a_long_prefill_is_no_stall_and_a_stopped_rank_is(
     # probes (its /health stops answering too), whichever comes first.
     async with trio.open_nursery() as nursery:
         # Another prompt: the same one would be answered from llama.cpp's prompt cache.
-        nursery.start_soon(_quietly, complete, port, " ".join(["good night"] * 6000), 2)
+        nursery.start_soon(_complete_quietly, port, " ".join(["good night"] * 6000))
         await deployment.wait_for_status(
             lambda s: s.ranks[0].progress is not None and (s.ranks[0].progress.busy or 0) > 0,
             "the rank busy",
@@ -188,10 +188,10 @@ async def test_a_long_prefill_is_no_stall_and_a_stopped_rank_is(
     await deployment.assert_no_leftovers()
 
 
-async def _quietly(*call: object) -> None:
+async def _complete_quietly(port: int, prompt: str) -> None:
     # The rank is stopped and killed under the request: its failure is expected.
     with contextlib.suppress(httpx.HTTPError):
-        await call[0](*call[1:])  # type: ignore[operator]
+        await complete(port, prompt, tokens=2)
 
 
 async def test_log_dir_holds_the_engines_lines_and_a_killed_supervisor_leaves_none(

@@ -348,8 +348,8 @@ async def test_a_stale_admin_socket_is_replaced(dpsup: Harness, tmp_path: Path) 
     assert (await ctl(path, "status"))[0] == 0
 
 
-async def fake_admin(path: Path, answer: bytes | None) -> trio.SocketListener:
-    """A Unix socket at `path` that answers every request with `answer` (None: never)."""
+async def fake_admin(path: Path) -> trio.SocketListener:
+    """A Unix socket listening at `path`, for a server the test writes."""
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     await sock.bind(str(path))
     sock.listen(8)
@@ -370,7 +370,7 @@ async def test_ctl_says_one_line_and_exits_1_on_an_answer_it_cannot_use(
     tmp_path: Path, answer: bytes | None, message: str
 ) -> None:
     path = tmp_path / "fake.sock"
-    listener = await fake_admin(path, answer)
+    listener = await fake_admin(path)
 
     async def serve(stream: trio.SocketStream) -> None:
         async with stream:

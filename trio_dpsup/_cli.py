@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level",
         default="INFO",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="(default: %(default)s)",
+        help="the least severe of the supervisor's own records to write (default: %(default)s)",
     )
     return parser
 

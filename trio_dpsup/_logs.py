@@ -39,7 +39,7 @@ from contextlib import asynccontextmanager
 
 import trio
 
-from ._log_files import LogFiles, RankFiles, open_log_dir
+from ._log_files import LogFiles, RankFiles
 from ._log_format import WriterThread, iso_time, write_whole
 from ._redact import redact_text
 
@@ -209,13 +209,11 @@ async def open_log_pump(
     stderr_fd: int = 2,
     *,
     json_lines: bool = False,
-    files: LogFiles | None = None,
-    dir_fd: int | None = None,
+    files: RankFiles | None = None,
 ) -> AsyncIterator[LogPump]:
     """Run the pumps for the duration of the block; on exit, wait for every attached pipe to
     reach EOF (callers bound that: see `wait_drained`), then flush our output (and close
-    the ranks' files, with `files`: `dir_fd` is the descriptor of its directory, from
-    `open_log_dir`, now owned here; without it the directory is opened here).
+    the ranks' files, with `files`, which this starts and closes).
 
     **Cancellation**: the exit is shielded; the pumps stop at once and what they had read is
     written out.
@@ -224,20 +222,18 @@ async def open_log_pump(
     sinks = _Sink(stdout_fd, json_lines=json_lines), _Sink(stderr_fd, json_lines=json_lines)
     for sink in sinks:
         sink.start(token)
-    rank_files = None
     if files is not None:
-        rank_files = RankFiles(files, open_log_dir(files.directory) if dir_fd is None else dir_fd)
-        rank_files.start(token)
+        files.start(token)
     try:
         async with trio.open_nursery() as nursery:
-            yield LogPump(nursery, *sinks, json_lines=json_lines, files=rank_files)
+            yield LogPump(nursery, *sinks, json_lines=json_lines, files=files)
             # Every rank has drained or been abandoned by now (see run_rank): stop the rest.
             nursery.cancel_scope.cancel()
     finally:
         for sink in sinks:
             await sink.close()
-        if rank_files is not None:
-            await rank_files.close()
+        if files is not None:
+            await files.close()
 
 
 async def wait_drained(output: RankOutput) -> None:

