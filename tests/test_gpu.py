@@ -31,7 +31,7 @@ from trio_dpsup import (
     SupervisorStatus,
     plan_ranks,
 )
-from trio_dpsup._gpu.devices import parse_visible_devices, resolve_devices_on
+from trio_dpsup._config.devices import parse_visible_devices, resolve_devices_on
 from trio_dpsup._gpu.nvml import MIB
 from trio_dpsup._gpu.placement import check_placement
 from trio_dpsup.testing import (

@@ -62,7 +62,7 @@ async def test_signal_rank_reaches_that_rank(dpsup: Harness) -> None:
 
 
 def test_rank_prefix_is_coloured_only_on_a_terminal() -> None:
-    from trio_dpsup._logs import _prefix
+    from trio_dpsup._output.pump import _prefix
 
     leader, follower = os.openpty()
     try:

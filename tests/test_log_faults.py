@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import trio
 
-from trio_dpsup._logs import MAX_LINE, RankOutput, open_log_pump
+from trio_dpsup._output.pump import MAX_LINE, RankOutput, open_log_pump
 from trio_dpsup.testing import free_port_range
 
 from .conftest import cli_args

@@ -14,7 +14,7 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trio_dpsup._http_probe import _read_response
+from trio_dpsup._ranks.http_probe import _read_response
 
 REQUEST = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1:8000\r\nUser-Agent: trio-dpsup\r\n\r\n"
 

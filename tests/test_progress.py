@@ -15,7 +15,7 @@ from trio_dpsup import (
     SupervisorConfig,
     SupervisorState,
 )
-from trio_dpsup._progress import StallClock, parse_progress
+from trio_dpsup._ranks.progress import StallClock, parse_progress
 from trio_dpsup.testing import Deployment, Form, Harness, free_port_range, open_cli_supervisor
 from trio_dpsup.testing.fake_rank import METRIC_NAMES
 

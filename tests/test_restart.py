@@ -24,7 +24,7 @@ from trio_dpsup import (
     SupervisorState,
     SupervisorStatus,
 )
-from trio_dpsup._restart import Restarter
+from trio_dpsup._ranks.restart import Restarter
 from trio_dpsup.testing import Deployment, Form, Harness, wait_pids_gone
 
 from .conftest import FORMS, on_failure

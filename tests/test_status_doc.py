@@ -27,7 +27,7 @@ from trio_dpsup import (
     SupervisorState,
     SupervisorStatus,
 )
-from trio_dpsup._status_doc import failure_from_json, failure_to_json, status_from_json
+from trio_dpsup._state.document import failure_from_json, failure_to_json, status_from_json
 from trio_dpsup.testing import FakeNvml, Harness
 
 pytest_plugins = ["trio_dpsup.testing.plugin"]

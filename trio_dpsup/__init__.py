@@ -15,16 +15,17 @@ everything down in a strict order on request or on the first failure::
 import typing
 
 from . import _lazy
-
-__version__ = "0.2.0"  # the package version too (pyproject.toml reads it)
+from ._version import __version__ as __version__
 
 # The public names, declared once: type checkers read these imports; at run time they are
 # skipped and `_lazy` serves each name on first use, from this block. Ranks run
 # `python -m trio_dpsup.demo`, so this package must import nothing heavy (see _lazy).
 if typing.TYPE_CHECKING:
-    from ._config.config import LogFormat as LogFormat
-    from ._config.config import RankScheme as RankScheme
     from ._config.config import SupervisorConfig as SupervisorConfig
+    from ._config.enums import LogFormat as LogFormat
+    from ._config.enums import RankScheme as RankScheme
+    from ._config.enums import RestartPolicy as RestartPolicy
+    from ._config.enums import RestartScope as RestartScope
     from ._config.plan import RankPlan as RankPlan
     from ._config.plan import plan_ranks as plan_ranks
     from ._config.presets import Preset as Preset
@@ -60,15 +61,13 @@ if typing.TYPE_CHECKING:
     from ._gpu.placement import Placement as Placement
     from ._gpu.placement import PlacementIssue as PlacementIssue
     from ._gpu.placement import PlacementVerdict as PlacementVerdict
-    from ._restart import RestartPolicy as RestartPolicy
-    from ._restart import RestartScope as RestartScope
-    from ._state import ProbeResult as ProbeResult
-    from ._state import ProgressStatus as ProgressStatus
-    from ._state import RankState as RankState
-    from ._state import RankStatus as RankStatus
-    from ._state import RootCause as RootCause
-    from ._state import SupervisorState as SupervisorState
-    from ._state import SupervisorStatus as SupervisorStatus
+    from ._state.status import ProbeResult as ProbeResult
+    from ._state.status import ProgressStatus as ProgressStatus
+    from ._state.status import RankState as RankState
+    from ._state.status import RankStatus as RankStatus
+    from ._state.status import RootCause as RootCause
+    from ._state.status import SupervisorState as SupervisorState
+    from ._state.status import SupervisorStatus as SupervisorStatus
     from ._supervisor import Supervisor as Supervisor
     from ._supervisor import SupervisorHandle as SupervisorHandle
 

@@ -20,17 +20,17 @@ from typing import NoReturn, TypeVar
 
 import trio
 
-from . import __version__
 from ._config.config import SupervisorConfig
 from ._config.file import load_config_file
 from ._config.options import GROUPS, add_settings, from_namespace
 from ._config.plan import PLACEHOLDERS
 from ._errors import EXIT_USAGE, ConfigError, SupervisorFailure
-from ._log_format import configure_logging
+from ._output.log_format import configure_logging
 from ._proc.spawn import become_subreaper
 from ._startup_line import run_startup_line
 from ._supervisor import Supervisor, SupervisorHandle
 from ._systemd import run_systemd_notify
+from ._version import __version__
 
 __all__ = ["main", "run_cli"]
 
@@ -49,7 +49,7 @@ def run_cli(argv: Sequence[str]) -> int:
     """Parse `argv`, supervise, and return the exit status (2 for bad input).
     ``trio-dpsup ctl ...`` is the admin socket's client instead (see _ctl)."""
     if list(argv[:1]) == ["ctl"]:
-        from ._ctl import run_ctl  # standard library only: a client needs nothing else
+        from ._plane.ctl import run_ctl  # standard library only: a client needs nothing else
 
         return run_ctl(argv[1:])
     parser = build_parser()

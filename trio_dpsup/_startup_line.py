@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import trio
 
-from ._config.config import LogFormat, SupervisorConfig
-from ._log_format import TerminalLine
-from ._prober import startup_progress
+from ._config.config import SupervisorConfig
+from ._config.enums import LogFormat
+from ._output.log_format import TerminalLine
+from ._ranks.prober import startup_progress
 from ._supervisor import SupervisorHandle
 
 __all__ = ["REDRAW_INTERVAL", "run_startup_line"]

@@ -35,37 +35,40 @@ from functools import partial
 import httpx
 import trio
 
-from ._admin import Admin, AdminSocket, bind_admin_socket, serve_admin
-from ._clean_start import check_gpus_at_start, check_ports_at_start
-from ._config.config import LogFormat, SupervisorConfig
+from ._config.config import SupervisorConfig
+from ._config.enums import LogFormat
 from ._config.options import option_name
 from ._config.plan import plan_ranks
-from ._control import ControlApp, bind_control_socket, serve_control_plane
+from ._config.tls import TlsFiles, check_tls
 from ._errors import EXIT_FAILURE, ConfigError, GpuLeftovers, SupervisorFailure, SupervisorStopped
-from ._gpu.monitor import find_leftovers, run_gpu_monitor
+from ._gpu.holders import find_leftovers
 from ._gpu.nvml import GpuInfo, NvmlBackend, NvmlError, NvmlFactory, NvmlUnavailable, open_pynvml
 from ._gpu.placement import Owner, OwnerKind, Placement, PlacementVerdict, owner_from_trees
-from ._log_files import RankFiles, open_log_dir
-from ._logs import LogFiles, LogPump, open_log_pump
-from ._metrics import Metrics
-from ._prober import (
-    Ticker,
-    log_startup_progress,
-    open_probe_client,
-    probe_factory,
-    run_startup_deadline,
-)
+from ._output.log_files import RankFiles, open_log_dir
+from ._output.pump import LogFiles, LogPump, open_log_pump
+from ._plane.admin import Admin, AdminSocket, bind_admin_socket, serve_admin
+from ._plane.control import ControlApp, bind_control_socket, serve_control_plane
+from ._plane.metrics import Metrics
 from ._proc.cgroup import CgroupError, RunCgroups
 from ._proc.guardian import Guardian, open_guardian
 from ._proc.membership import Trees
 from ._proc.process_tree import TreeScanner, process_of, run_tree_watch, signal_all, wait_gone
 from ._proc.spawn import open_spawner
 from ._proc.stop import StopClock
-from ._rank import RankContext, run_rank
-from ._restart import Restarter
-from ._state import Board, SupervisorState, SupervisorStatus
-from ._status_doc import status_to_json
-from ._tls import TlsFiles, check_tls
+from ._ranks.clean_start import check_gpus_at_start, check_ports_at_start
+from ._ranks.gpu_watch import run_gpu_monitor
+from ._ranks.prober import (
+    Ticker,
+    log_startup_progress,
+    open_probe_client,
+    probe_factory,
+    run_startup_deadline,
+)
+from ._ranks.rank import RankContext, run_rank
+from ._ranks.restart import Restarter
+from ._state.board import Board
+from ._state.document import status_to_json
+from ._state.status import SupervisorState, SupervisorStatus
 
 __all__ = ["Supervisor", "SupervisorHandle"]
 

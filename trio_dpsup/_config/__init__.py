@@ -1,1 +1,6 @@
-"""Configuration: the settings and their options, the config file, presets, the rank plan."""
+"""Configuration: the settings and their options (options.py, config.py), their enums
+(enums.py), the config file, presets, device names (devices.py), TLS files (tls.py), and
+the rank plan (plan.py).
+
+May import: `_output` (redaction), `_gpu` (the inventory's types), `_errors`.
+"""

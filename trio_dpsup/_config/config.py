@@ -7,14 +7,13 @@ Checks that need the environment (devices, PATH) happen when the rank plan is ma
 
 from __future__ import annotations
 
-import enum
 import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .._errors import ConfigError
-from .._restart import RestartPolicy, RestartScope
+from .enums import LogFormat, RankScheme, RestartPolicy, RestartScope
 from .options import (
     at_least_one,
     check_settings,
@@ -28,7 +27,7 @@ from .options import (
 )
 from .presets import PROGRESS_METRICS, Preset, data_parallel_size, parallel_size
 
-__all__ = ["LogFormat", "RankScheme", "SupervisorConfig"]
+__all__ = ["SupervisorConfig"]
 
 MAX_PORT = 65535
 
@@ -36,20 +35,6 @@ MAX_PORT = 65535
 #: milliseconds of the last rank answering 200; 50 ms keeps the median delay near 25 ms while
 #: costing one refused connection per rank every 50 ms during a load that lasts minutes.
 DEFAULT_STARTUP_PROBE_INTERVAL = 0.05
-
-
-class LogFormat(enum.Enum):
-    """How our records and the ranks' lines are written."""
-
-    TEXT = "text"  # our records as text; rank lines as they are, with a [rank N] prefix
-    JSON = "json"  # every line one JSON object: ours and every rank's
-
-
-class RankScheme(enum.Enum):
-    """How ranks serve their health path."""
-
-    HTTP = "http"
-    HTTPS = "https"
 
 
 @dataclass(frozen=True, kw_only=True)

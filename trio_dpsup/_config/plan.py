@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from .._errors import ConfigError
-from .._gpu.devices import parse_visible_devices, resolve_devices_on, uses_indices
 from .._gpu.nvml import GpuInfo
-from .._redact import redact_argv
+from .._output.redact import redact_argv
 from .config import SupervisorConfig, check_group, check_min_ready, check_port_range
+from .devices import parse_visible_devices, resolve_devices_on, uses_indices
 from .presets import apply_preset, check_preset_ranks, check_progress
 
 __all__ = ["PLACEHOLDERS", "RankPlan", "plan_ranks", "redact_argv", "resolve_devices"]

@@ -37,8 +37,8 @@ from .._config.options import cli_arguments
 from .._errors import SupervisorFailure
 from .._gpu.nvml import NvmlFactory
 from .._proc import cookie as _cookie
-from .._state import RankState, RankStatus, SupervisorState, SupervisorStatus
-from .._status_doc import status_from_json
+from .._state.document import status_from_json
+from .._state.status import RankState, RankStatus, SupervisorState, SupervisorStatus
 from .._supervisor import Supervisor, SupervisorHandle
 from ._cli_process import WAIT_TIMEOUT, CliSupervisor, default_bound, open_cli_supervisor
 from ._ports import free_port_range

@@ -19,15 +19,15 @@ from urllib.parse import parse_qs
 
 import trio
 
-from ._config.config import SupervisorConfig
-from ._config.plan import control_connections
-from ._discovery import MAX_WAIT, prometheus_targets, ranks_document
-from ._errors import ConfigError
-from ._http_server import Response, serve_http
-from ._metrics import CONTENT_TYPE
-from ._state import SupervisorState, SupervisorStatus
-from ._status_doc import status_to_json
-from ._tls import TlsFiles
+from .._config.config import SupervisorConfig
+from .._config.plan import control_connections
+from .._config.tls import TlsFiles
+from .._errors import ConfigError
+from .._state.document import status_to_json
+from .._state.status import SupervisorState, SupervisorStatus
+from .discovery import MAX_WAIT, prometheus_targets, ranks_document
+from .http_server import Response, serve_http
+from .metrics import CONTENT_TYPE
 
 __all__ = ["ControlApp", "bind_control_socket", "serve_control_plane"]
 

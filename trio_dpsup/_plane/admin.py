@@ -3,7 +3,7 @@
 A Unix domain socket, created 0600 and never on the TCP control plane; a peer that is not
 this process's user or root (SO_PEERCRED) is refused. One request per connection: a JSON
 line ``{"action": ..., ...}``; one JSON line back, ``{"ok": true, ...}`` or ``{"ok": false,
-"error": ...}``. The client is ``trio-dpsup ctl`` (see _ctl).
+"error": ...}``, as protocol.py types them. The client is ``trio-dpsup ctl`` (ctl.py).
 
 Actions: ``status``; ``restart`` a rank (the stop procedure, then a start, no backoff;
 ``wait`` for it to be ready again); ``drain`` / ``undrain`` a rank (it keeps running; /ranks
@@ -35,14 +35,15 @@ import stat
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import trio
 
-from ._config.config import SupervisorConfig
-from ._errors import ConfigError, RestartRequested
-from ._state import Board, RankRecord, RankState
-from ._status_doc import status_to_json
+from .._config.config import SupervisorConfig
+from .._errors import ConfigError, RestartRequested
+from .._state.board import Board, RankRecord
+from .._state.document import status_to_json
+from .._state.status import RankState
+from .protocol import Action, ProtocolError, Reply, Request, Skipped
 
 __all__ = ["Admin", "AdminSocket", "bind_admin_socket", "serve_admin"]
 
@@ -164,7 +165,7 @@ class Admin:
         self,
         config: SupervisorConfig,
         board: Board,
-        count: Callable[[str], None],
+        count: Callable[[Action], None],
     ) -> None:
         self._config = config
         self._board = board
@@ -172,32 +173,30 @@ class Admin:
         #: The long operation in progress (for "busy" answers and `status`), if any.
         self._operation: str | None = None
 
-    async def act(self, request: dict[str, Any]) -> dict[str, Any]:
-        """The answer to one request.
+    async def act(self, request: Request) -> Reply:
+        """The answer to one request; raises AdminError when it is refused.
 
         **Cancellation**: a rolling restart or a waited restart in progress stops waiting;
         the restarts it began go on in the ranks' own tasks.
         """
-        action = request.get("action")
-        if action == "status":
+        action = request.action
+        if action is Action.STATUS:
             status = status_to_json(self._board.snapshot())
-            return {"ok": True, "status": status, "operation": self._operation}
+            return Reply(status=status, operation=self._operation)
         handlers = {
-            "restart": self._restart,
-            "drain": self._drain,
-            "undrain": self._undrain,
-            "pause-probes": self._pause,
-            "resume-probes": self._resume,
-            "rolling-restart": self._rolling_restart,
+            Action.RESTART: self._restart,
+            Action.DRAIN: self._drain,
+            Action.UNDRAIN: self._undrain,
+            Action.PAUSE_PROBES: self._pause,
+            Action.RESUME_PROBES: self._resume,
+            Action.ROLLING_RESTART: self._rolling_restart,
         }
-        handler = handlers.get(str(action))
-        if handler is None:
-            raise AdminError(f"unknown action {action!r}: one of status, {', '.join(handlers)}")
         if self._board.stopping.is_set():
             raise AdminError("the supervisor is stopping")
-        if self._config.forms_group and action in ("restart", "drain", "rolling-restart"):
+        if self._config.forms_group and action.takes_ranks_out:
             raise AdminError(
-                f"{action} of one rank: {self._config.group_reason()}, which cannot take back "
+                f"{action.value} of one rank: {self._config.group_reason()}, which cannot "
+                "take back "
                 "one restarted or drained rank: restart the whole supervisor instead (systemctl "
                 "restart, or delete the pod)"
             )
@@ -206,19 +205,19 @@ class Admin:
                 f"busy: {self._operation} is in progress; try again when it ends "
                 "(trio-dpsup ctl status shows it)"
             )
-        result = await handler(request)
-        self._count(str(action))
-        return {"ok": True, **result}
+        reply = await handlers[action](request)
+        self._count(action)
+        return reply
 
     # -- the actions
 
-    async def _restart(self, request: dict[str, Any]) -> dict[str, Any]:
+    async def _restart(self, request: Request) -> Reply:
         record = self._record(request)
-        wait, timeout = _flag(request, "wait"), self._rank_timeout(request)
-        self._within_budget(record, "restarting", _flag(request, "force"))
+        timeout = self._rank_timeout(request)
+        self._within_budget(record, "restarting", request.force)
         before = record.restarts
         self._restart_one(record)
-        if wait:
+        if request.wait:
             rank = record.plan.rank
             self._operation = f"a restart of rank {rank}"
             try:
@@ -227,38 +226,35 @@ class Admin:
                 self._operation = None
             if late is not None:
                 raise AdminError(late.why)
-        return {"rank": record.plan.rank}
+        return Reply(rank=record.plan.rank)
 
-    async def _drain(self, request: dict[str, Any]) -> dict[str, Any]:
+    async def _drain(self, request: Request) -> Reply:
         record = self._record(request)
-        self._within_budget(record, "draining", _flag(request, "force"))
+        self._within_budget(record, "draining", request.force)
         return self._set_drained(record, True)
 
-    async def _undrain(self, request: dict[str, Any]) -> dict[str, Any]:
+    async def _undrain(self, request: Request) -> Reply:
         return self._set_drained(self._record(request), False)
 
-    async def _pause(self, request: dict[str, Any]) -> dict[str, Any]:
+    async def _pause(self, request: Request) -> Reply:
         record = self._record(request)
-        seconds = request.get("seconds")
-        if isinstance(seconds, bool) or not isinstance(seconds, int | float):
-            seconds = -1
-        if not 0 <= seconds <= 86400:
-            raise AdminError("pause-probes needs SECONDS between 0 and 86400")
+        seconds = request.seconds
+        assert seconds is not None  # Request.from_json checked it
         record.probes_paused_until = trio.current_time() + seconds
         self._board.touch()
         rank = record.plan.rank
         logger.info("rank %d: probes paused for %gs", rank, seconds, extra={"rank": rank})
-        return {"rank": rank, "seconds": seconds}
+        return Reply(rank=rank, seconds=seconds)
 
-    async def _resume(self, request: dict[str, Any]) -> dict[str, Any]:
+    async def _resume(self, request: Request) -> Reply:
         record = self._record(request)
         record.probes_paused_until = 0.0
         self._board.touch()
         rank = record.plan.rank
         logger.info("rank %d: probes resumed", rank, extra={"rank": rank})
-        return {"rank": rank}
+        return Reply(rank=rank)
 
-    async def _rolling_restart(self, request: dict[str, Any]) -> dict[str, Any]:
+    async def _rolling_restart(self, request: Request) -> Reply:
         """Restart every rank, at most `max_unavailable` out at a time (ranks already out
         count), each restarted one awaited until it is ready again. A rank that is not ready
         when its turn comes, or fails again after its restart (crash-looping), is skipped
@@ -268,7 +264,7 @@ class Admin:
         limit = self._max_unavailable(request)
         timeout = self._rank_timeout(request)
         restarted: list[int] = []
-        skipped: list[dict[str, Any]] = []
+        skipped: list[Skipped] = []
         # Ranks the roll no longer waits for: skipped, and those drained by an operator.
         excluded: set[int] = set()
         problems: list[str] = []
@@ -291,7 +287,7 @@ class Admin:
             if late is None:
                 return
             if late.crash_looping:
-                skipped.append({"rank": record.plan.rank, "why": late.why})
+                skipped.append(Skipped(record.plan.rank, late.why))
                 excluded.add(record.plan.rank)
                 board.touch()  # wakes the room wait: it no longer counts
                 return
@@ -322,7 +318,7 @@ class Admin:
                         break
                     unstable = self._unstable(record)
                     if unstable is not None:
-                        skipped.append({"rank": rank, "why": unstable})
+                        skipped.append(Skipped(rank, unstable))
                         excluded.add(rank)
                         continue
                     before = record.restarts
@@ -335,17 +331,15 @@ class Admin:
         if problems:
             raise AdminError(
                 f"{problems[0]}: the rolling restart stopped; restarted: "
-                f"{_ranks(restarted)}; skipped: {_ranks([s['rank'] for s in skipped])}"
+                f"{_ranks(restarted)}; skipped: {_ranks([s.rank for s in skipped])}"
             )
-        return {"ranks": restarted, "skipped": skipped, "max_unavailable": limit}
+        return Reply(ranks=tuple(restarted), skipped=tuple(skipped), max_unavailable=limit)
 
     # -- the pieces
 
-    def _record(self, request: dict[str, Any]) -> RankRecord:
-        rank = request.get("rank")
-        record = None
-        if isinstance(rank, int) and not isinstance(rank, bool):  # JSON true is no rank
-            record = self._board.by_rank(rank)
+    def _record(self, request: Request) -> RankRecord:
+        rank = request.rank
+        record = None if rank is None else self._board.by_rank(rank)
         if record is None:
             ranks = f"{self._board.ranks[0].plan.rank}-{self._board.ranks[-1].plan.rank}"
             raise AdminError(f"no rank {rank!r} here: the ranks are {ranks}")
@@ -369,8 +363,8 @@ class Admin:
             f"back){lower}"
         )
 
-    def _max_unavailable(self, request: dict[str, Any]) -> int:
-        value = request.get("max_unavailable")
+    def _max_unavailable(self, request: Request) -> int:
+        value = request.max_unavailable
         total, needed = len(self._board.ranks), self._board.min_ready
         if value is None:
             if total - needed >= 1:
@@ -380,17 +374,14 @@ class Admin:
                 f"among {total} ranks: pass --max-unavailable 1 (/ready answers 503 while a "
                 f"rank is out), or run the supervisor with --min-ready {max(total - 1, 1)}"
             )
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= total:
+        if not 1 <= value <= total:
             raise AdminError(f"--max-unavailable must be within 1-{total}, not {value!r}")
         return value
 
-    def _rank_timeout(self, request: dict[str, Any]) -> float:
-        value = request.get("rank_timeout")
-        if value is None:
+    def _rank_timeout(self, request: Request) -> float:
+        if request.rank_timeout is None:
             return self._config.startup_timeout or DEFAULT_RANK_TIMEOUT
-        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-            raise AdminError(f"--rank-timeout must be more than 0 seconds, not {value!r}")
-        return float(value)
+        return request.rank_timeout
 
     def _unstable(self, record: RankRecord) -> str | None:
         """Why a rolling restart should leave `record` alone (crash-looping), or None: it
@@ -417,12 +408,12 @@ class Admin:
         record.restart_now = True
         record.incarnation.cancel()
 
-    def _set_drained(self, record: RankRecord, drained: bool) -> dict[str, Any]:
+    def _set_drained(self, record: RankRecord, drained: bool) -> Reply:
         record.drained = drained
         self._board.touch()  # /ranks long polls hear of it
         rank = record.plan.rank
         logger.info("rank %d %s", rank, "drained" if drained else "undrained", extra={"rank": rank})
-        return {"rank": rank}
+        return Reply(rank=rank)
 
     async def _until_back(
         self,
@@ -462,13 +453,6 @@ class Admin:
                 await self._board.changed.wait()
             return True
         return False
-
-
-def _flag(request: dict[str, Any], name: str) -> bool:
-    value = request.get(name, False)
-    if not isinstance(value, bool):
-        raise AdminError(f"{name} must be true or false, not {value!r}")
-    return value
 
 
 def _ranks(ranks: list[int]) -> str:
@@ -527,15 +511,15 @@ async def _serve_one(stream: trio.SocketStream, admin: Admin) -> None:
             if arrival.cancelled_caught:
                 raise AdminError("the request did not arrive in time")
             answer = await admin.act(request)
-        except AdminError as exc:
-            answer = {"ok": False, "error": str(exc)}
+        except (AdminError, ProtocolError) as exc:
+            answer = Reply.refusal(str(exc))
         except Exception as exc:
             # A bug must cost this request, never the supervisor (and its ranks).
             logger.exception("admin socket: a request failed")
-            answer = {"ok": False, "error": f"internal error: {type(exc).__name__}: {exc}"}
+            answer = Reply.refusal(f"internal error: {type(exc).__name__}: {exc}")
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             with trio.move_on_after(REQUEST_TIMEOUT):  # a client that never reads
-                await stream.send_all(json.dumps(answer).encode() + b"\n")
+                await stream.send_all(json.dumps(answer.to_json()).encode() + b"\n")
 
 
 def _check_peer(sock: trio.socket.SocketType) -> None:
@@ -550,7 +534,7 @@ def _check_peer(sock: trio.socket.SocketType) -> None:
         raise AdminError(f"uid {uid} is neither the supervisor's owner ({os.getuid()}) nor root")
 
 
-async def _read_request(stream: trio.SocketStream) -> dict[str, Any]:
+async def _read_request(stream: trio.SocketStream) -> Request:
     data = b""
     while b"\n" not in data:
         chunk = await stream.receive_some(MAX_REQUEST + 1)
@@ -563,12 +547,10 @@ async def _read_request(stream: trio.SocketStream) -> dict[str, Any]:
     if _depth(line) > MAX_DEPTH:
         raise AdminError(f"a request nested deeper than {MAX_DEPTH} levels")
     try:
-        request = json.loads(line or b"null")
+        document = json.loads(line or b"null")
     except ValueError as exc:
         raise AdminError(f"not a JSON request: {exc}") from None
-    if not isinstance(request, dict):
-        raise AdminError('a request is a JSON object, e.g. {"action": "status"}')
-    return request
+    return Request.from_json(document)
 
 
 def _depth(data: bytes) -> int:

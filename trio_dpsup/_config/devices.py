@@ -12,9 +12,9 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from .._config.config import check_unique_devices
 from .._errors import ConfigError
-from .nvml import GpuInfo
+from .._gpu.nvml import GpuInfo
+from .config import check_unique_devices
 
 __all__ = ["parse_visible_devices", "resolve_devices_on", "uses_indices"]
 

@@ -16,10 +16,10 @@ import inspect
 import typing
 from typing import Any
 
-from . import _errors
-from ._errors import SupervisorFailure
-from ._gpu.nvml import MIB, GpuInfo, GpuSample
-from ._gpu.placement import (
+from .. import _errors
+from .._errors import SupervisorFailure
+from .._gpu.nvml import MIB, GpuInfo, GpuSample
+from .._gpu.placement import (
     GpuHolder,
     IssueKind,
     Owner,
@@ -28,7 +28,7 @@ from ._gpu.placement import (
     PlacementIssue,
     PlacementVerdict,
 )
-from ._state import (
+from .status import (
     ProbeResult,
     ProgressStatus,
     RankState,

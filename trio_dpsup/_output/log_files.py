@@ -31,8 +31,8 @@ from dataclasses import dataclass
 
 import trio
 
-from ._errors import ConfigError
-from ._log_format import WriterThread
+from .._errors import ConfigError
+from .log_format import WriterThread
 
 __all__ = ["CLOSE_TIMEOUT", "FILE_MODE", "LogFiles", "RankFiles", "open_log_dir"]
 

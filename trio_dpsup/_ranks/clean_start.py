@@ -28,15 +28,15 @@ from dataclasses import dataclass
 import psutil
 import trio
 
-from ._config.config import SupervisorConfig
-from ._config.plan import RankPlan
-from ._errors import ConfigError, GpuMemoryHeld, PortInUse
-from ._gpu.monitor import gpu_holder
-from ._gpu.nvml import GpuInfo, NvmlBackend, NvmlError
-from ._gpu.placement import GpuHolder, Owner, OwnerKind
-from ._redact import redact_argv
-from ._state import RankRecord
-from ._tls import WILDCARD_HOSTS
+from .._config.config import SupervisorConfig
+from .._config.plan import RankPlan
+from .._config.tls import WILDCARD_HOSTS
+from .._errors import ConfigError, GpuMemoryHeld, PortInUse
+from .._gpu.holders import gpu_holder
+from .._gpu.nvml import GpuInfo, NvmlBackend, NvmlError
+from .._gpu.placement import GpuHolder, Owner, OwnerKind
+from .._output.redact import redact_argv
+from .._state.board import RankRecord
 
 __all__ = [
     "PortHolder",

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import httpx
 import trio
 
-from ._clean_start import wait_clean_restart
-from ._config.config import SupervisorConfig
-from ._errors import (
+from .._config.config import SupervisorConfig
+from .._config.enums import RestartScope
+from .._errors import (
     RankExited,
     RankSpawnFailed,
     RestartedWith,
@@ -30,21 +30,23 @@ from ._errors import (
     SupervisorFailure,
     describe_returncode,
 )
-from ._evidence import capture_evidence, wants_evidence
-from ._gpu.nvml import NvmlBackend
-from ._gpu.placement import Owner
-from ._logs import LogPump, wait_drained
-from ._prober import RankProbe, Ticker, probe_rank
-from ._proc.cgroup import RunCgroups
-from ._proc.cookie import TREE_ENV, rank_cookie
-from ._proc.guardian import Guardian
-from ._proc.process_tree import TreeScanner
-from ._proc.spawn import RankProcess, Spawner
-from ._proc.stop import StopClock, stop_rank
-from ._progress import watch_progress
-from ._restart import Restarter, RestartScope
-from ._state import Board, ProbeResult, RankRecord, RankState
-from ._status_doc import rank_to_json
+from .._gpu.nvml import NvmlBackend
+from .._gpu.placement import Owner
+from .._output.pump import LogPump, wait_drained
+from .._proc.cgroup import RunCgroups
+from .._proc.cookie import TREE_ENV, rank_cookie
+from .._proc.guardian import Guardian
+from .._proc.process_tree import TreeScanner
+from .._proc.spawn import RankProcess, Spawner
+from .._proc.stop import StopClock, stop_rank
+from .._state.board import Board, RankRecord
+from .._state.document import rank_to_json
+from .._state.status import ProbeResult, RankState
+from .clean_start import wait_clean_restart
+from .evidence import capture_evidence, wants_evidence
+from .prober import RankProbe, Ticker, probe_rank
+from .progress import watch_progress
+from .restart import Restarter
 
 __all__ = ["RankContext", "run_rank"]
 

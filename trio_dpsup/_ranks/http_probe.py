@@ -24,7 +24,7 @@ import ssl
 
 import trio
 
-from ._state import ProbeResult
+from .._state.status import ProbeResult
 
 __all__ = ["MAX_BODY", "MAX_HEADER", "HttpProbe", "ProbeError"]
 

@@ -32,11 +32,13 @@ from typing import NoReturn, Protocol
 import httpx
 import trio
 
-from ._config.config import RankScheme, SupervisorConfig
-from ._errors import RankStartTimeout, RankUnhealthy, StartupTimeout, SupervisorFailure
-from ._http_probe import HttpProbe
-from ._state import Board, ProbeResult, RankRecord, SupervisorStatus
-from ._tls import WILDCARD_HOSTS, rank_verify
+from .._config.config import SupervisorConfig
+from .._config.enums import RankScheme
+from .._config.tls import WILDCARD_HOSTS, rank_verify
+from .._errors import RankStartTimeout, RankUnhealthy, StartupTimeout, SupervisorFailure
+from .._state.board import Board, RankRecord
+from .._state.status import ProbeResult, SupervisorStatus
+from .http_probe import HttpProbe
 
 __all__ = [
     "RankProbe",

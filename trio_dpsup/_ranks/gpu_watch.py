@@ -1,4 +1,4 @@
-"""GPU monitoring: readings per rank, the placement check, GPU faults, leftovers.
+"""GPU monitoring of the ranks: readings per rank, the placement check, GPU faults.
 
 Every NVML call runs in a worker thread (NVML blocks, for seconds on a sick GPU), one at a
 time through a limiter of 1: the event loop never waits on the driver.
@@ -7,9 +7,9 @@ time through a limiter of 1: the event loop never waits on the driver.
   temperature, power) into its /status entry;
 * once every rank is ready, and on each refresh after that, the placement is checked;
 * a device NVML reports lost, or a critical Xid error on a rank's device, fails that rank
-  (`GpuFailed`), which takes the normal teardown path;
-* after shutdown, `find_leftovers` lists the processes still holding memory on the ranks'
-  devices.
+  (`GpuFailed`), which takes the normal teardown path.
+
+Who holds a device's memory, and what is left after shutdown, is `_gpu.holders`.
 """
 
 from __future__ import annotations
@@ -17,29 +17,22 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import TypeVar, TypeVarTuple
 
-import psutil
 import trio
 
 from .._errors import GpuFailed, SupervisorFailure
-from .._state import Board, RankRecord, RankState
-from .nvml import MIB, GpuEvent, GpuInfo, GpuLost, GpuProcess, NvmlBackend, NvmlError
-from .placement import PENDING, GpuHolder, Owner, Placement, PlacementVerdict, check_placement
+from .._gpu.holders import leaf_devices, nvml_call
+from .._gpu.nvml import GpuEvent, GpuInfo, GpuLost, NvmlBackend, NvmlError
+from .._gpu.placement import PENDING, Owner, Placement, PlacementVerdict, check_placement
+from .._state.board import Board, RankRecord
+from .._state.status import RankState
 
-__all__ = ["find_leftovers", "gpu_holder", "leaf_devices", "run_gpu_monitor"]
+__all__ = ["run_gpu_monitor"]
 
 logger = logging.getLogger(__name__)
 
-_T = TypeVar("_T")
-_Args = TypeVarTuple("_Args")
-
 #: How long one wait for an Xid event blocks its thread: the longest a cancelled wait lingers.
 _XID_WAIT = 0.5
-#: After shutdown, how long memory may take to be released before it counts as left over:
-#: the driver frees a dead process's contexts shortly after its exit, not at it.
-LEFTOVER_SETTLE = 3.0
-_LEFTOVER_RECHECK = 0.25
 
 
 async def run_gpu_monitor(
@@ -82,7 +75,9 @@ async def run_gpu_monitor(
 async def _refresh(backend: NvmlBackend, board: Board, limiter: trio.CapacityLimiter) -> None:
     for record in board.ranks:
         uuids = [gpu.uuid for gpu in record.plan.gpus]
-        record.gpu_samples = tuple([await _nvml(limiter, backend.sample, uuid) for uuid in uuids])
+        record.gpu_samples = tuple(
+            [await nvml_call(limiter, backend.sample, uuid) for uuid in uuids]
+        )
 
 
 async def _check_placement(
@@ -93,7 +88,7 @@ async def _check_placement(
     limiter: trio.CapacityLimiter,
 ) -> None:
     on_device = {
-        gpu.uuid: await _nvml(limiter, backend.processes, gpu.uuid)
+        gpu.uuid: await nvml_call(limiter, backend.processes, gpu.uuid)
         for gpu in leaf_devices(inventory)
     }
     ranks = {r.plan.rank: [gpu.uuid for gpu in r.plan.gpus] for r in board.ranks}
@@ -129,7 +124,7 @@ async def _watch_xids(
     if not uuids:
         return
     try:
-        if not await _nvml(limiter, backend.watch_xids, uuids):
+        if not await nvml_call(limiter, backend.watch_xids, uuids):
             logger.warning("NVML cannot report Xid events here: GPU errors are seen by probes")
             return
         while True:
@@ -160,51 +155,3 @@ def _fail_ranks_on(
                 logger.error("rank %d: %s failed: %s", record.plan.rank, gpu.label, cause)
                 fail(GpuFailed(record.plan.rank, gpu.label, cause))
                 return
-
-
-def leaf_devices(inventory: Sequence[GpuInfo]) -> list[GpuInfo]:
-    """The devices processes run on: MIG instances, and whole GPUs that have none."""
-    split = {g.parent_uuid for g in inventory if g.is_mig}
-    return [g for g in inventory if g.uuid not in split]
-
-
-async def find_leftovers(
-    backend: NvmlBackend, gpus: Sequence[GpuInfo], owner: Callable[[int], Owner]
-) -> list[GpuHolder]:
-    """After shutdown: each process still holding memory on `gpus`. Empty when none.
-
-    Waits up to LEFTOVER_SETTLE for memory that is being released.
-
-    **Cancellation**: safe; the caller shields it.
-    """
-    limiter = trio.CapacityLimiter(1)
-    found: list[tuple[GpuInfo, GpuProcess]] = []
-    with trio.move_on_after(LEFTOVER_SETTLE):
-        for _ in range(int(LEFTOVER_SETTLE / _LEFTOVER_RECHECK) + 1):
-            found = []
-            for gpu in gpus:
-                try:
-                    procs = await _nvml(limiter, backend.processes, gpu.uuid)
-                except NvmlError as exc:
-                    logger.warning("cannot list the processes on %s: %s", gpu.label, exc)
-                    continue
-                found += [(gpu, proc) for proc in procs]
-            if not found:
-                break
-            await trio.sleep(_LEFTOVER_RECHECK)  # the driver is still tearing contexts down
-    return [gpu_holder(gpu, proc, owner(proc.pid)) for gpu, proc in found]
-
-
-def gpu_holder(gpu: GpuInfo, proc: GpuProcess, owner: Owner) -> GpuHolder:
-    """`proc` on `gpu` described, with its name read from /proc now."""
-    try:
-        name: str | None = psutil.Process(proc.pid).name()
-    except psutil.Error:
-        name = None
-    memory = None if proc.used_memory is None else proc.used_memory // MIB
-    return GpuHolder(proc.pid, name, owner, memory, gpu.label)
-
-
-async def _nvml(limiter: trio.CapacityLimiter, call: Callable[[*_Args], _T], *args: *_Args) -> _T:
-    """`call(*args)` in a worker thread, one NVML call at a time."""
-    return await trio.to_thread.run_sync(call, *args, limiter=limiter, abandon_on_cancel=True)

@@ -6,8 +6,9 @@ import ipaddress
 import ssl
 from dataclasses import dataclass
 
-from ._config.config import RankScheme, SupervisorConfig
-from ._errors import ConfigError
+from .._errors import ConfigError
+from .config import SupervisorConfig
+from .enums import RankScheme
 
 
 @dataclass(frozen=True)

@@ -32,8 +32,8 @@ from typing import Any
 
 import trio
 
-from ._config.config import SupervisorConfig
-from ._errors import (
+from .._config.config import SupervisorConfig
+from .._errors import (
     GpuFailed,
     RankStalled,
     RankStartTimeout,
@@ -41,8 +41,8 @@ from ._errors import (
     StartupTimeout,
     SupervisorFailure,
 )
-from ._redact import redact_text
-from ._state import RankRecord
+from .._output.redact import redact_text
+from .._state.board import RankRecord
 
 __all__ = ["capture_evidence", "wants_evidence"]
 

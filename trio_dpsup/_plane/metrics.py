@@ -23,8 +23,10 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from . import __version__
-from ._state import Board, ProbeResult, RankState, SupervisorState
+from .._state.board import Board
+from .._state.status import ProbeResult, RankState, SupervisorState
+from .._version import __version__
+from .protocol import Action
 
 __all__ = ["CONTENT_TYPE", "Metrics"]
 
@@ -82,8 +84,8 @@ class Metrics:
         if not result.ok:
             self._probe_failures.labels(label).inc()
 
-    def count_action(self, action: str) -> None:
-        self._actions.labels(action).inc()
+    def count_action(self, action: Action) -> None:
+        self._actions.labels(action.value).inc()
 
     def render(self) -> bytes:
         return generate_latest(self._served)

@@ -39,9 +39,9 @@ from contextlib import asynccontextmanager
 
 import trio
 
-from ._log_files import LogFiles, RankFiles
-from ._log_format import WriterThread, iso_time, write_whole
-from ._redact import redact_text
+from .log_files import LogFiles, RankFiles
+from .log_format import WriterThread, iso_time, write_whole
+from .redact import redact_text
 
 __all__ = ["DRAIN_TIMEOUT", "TAIL_LINES", "LogFiles", "LogPump", "RankOutput", "open_log_pump"]
 

@@ -16,10 +16,11 @@ import httpx
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from ._config.config import SupervisorConfig
-from ._errors import RankStalled
-from ._prober import rank_health_url
-from ._state import ProgressStatus, RankRecord, RankState
+from .._config.config import SupervisorConfig
+from .._errors import RankStalled
+from .._state.board import RankRecord
+from .._state.status import ProgressStatus, RankState
+from .prober import rank_health_url
 
 __all__ = ["StallClock", "parse_progress", "watch_progress"]
 

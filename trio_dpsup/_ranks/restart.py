@@ -11,14 +11,14 @@ lockstep.
 from __future__ import annotations
 
 import collections
-import enum
 import logging
 import random
 from collections.abc import Iterable
 
 import trio
 
-from ._errors import (
+from .._config.enums import RestartPolicy, RestartScope
+from .._errors import (
     RankExited,
     RankStalled,
     RankStartTimeout,
@@ -27,25 +27,9 @@ from ._errors import (
     SupervisorFailure,
 )
 
-__all__ = ["RestartPolicy", "RestartScope", "Restarter"]
+__all__ = ["Restarter"]
 
 logger = logging.getLogger(__name__)
-
-
-class RestartPolicy(enum.Enum):
-    NEVER = "never"  # any rank failure stops everything (DP+EP: one dead rank stalls all)
-    #: Restart a rank that exited when nobody asked it to, with any status (0 included:
-    #: vLLM exits 0 on SIGTERM, so an operator's ``kill -TERM`` of one rank is a bounce),
-    #: failed its probes, stalled, or did not come back within the startup timeout.
-    ON_FAILURE = "on-failure"
-    #: The same as ON_FAILURE: kept for configurations written when on-failure did not
-    #: restart an exit with status 0. Every unrequested exit is a failure now.
-    ALWAYS = "always"
-
-
-class RestartScope(enum.Enum):
-    RANK = "rank"  # restart only the failed rank
-    ALL = "all"  # restart every rank
 
 
 class Restarter:

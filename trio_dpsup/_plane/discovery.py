@@ -18,9 +18,9 @@ from __future__ import annotations
 import socket
 from typing import Any
 
-from ._config.config import SupervisorConfig
-from ._state import RankStatus, SupervisorStatus
-from ._tls import WILDCARD_HOSTS
+from .._config.config import SupervisorConfig
+from .._config.tls import WILDCARD_HOSTS
+from .._state.status import RankStatus, SupervisorStatus
 
 __all__ = ["MAX_WAIT", "prometheus_targets", "ranks_document"]
 

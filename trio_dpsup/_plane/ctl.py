@@ -1,4 +1,5 @@
-"""``trio-dpsup ctl``: the operator's client of the admin socket (see _admin).
+"""``trio-dpsup ctl``: the operator's client of the admin socket (see admin.py; the
+requests and replies are protocol.py's).
 
     trio-dpsup ctl --admin-socket /run/trio-dpsup/admin.sock status
     trio-dpsup ctl --admin-socket /run/trio-dpsup/admin.sock restart 2 --wait
@@ -18,10 +19,11 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ._errors import EXIT_FAILURE, EXIT_USAGE  # standard library only, as this client
+from .._errors import EXIT_FAILURE, EXIT_USAGE  # standard library only, as this client
+from .protocol import Action, ProtocolError, Reply, Request
 
 __all__ = ["run_ctl"]
 
@@ -109,13 +111,18 @@ def run_ctl(argv: Sequence[str]) -> int:
         return _error(f"no admin socket: pass --admin-socket PATH or set ${SOCKET_ENV}")
     if not args.timeout > 0:
         return _error(f"--timeout must be more than 0 seconds, not {args.timeout:g}")
-    request: dict[str, Any] = {"action": args.action}
-    for field in ("rank", "seconds", "force", "wait", "max_unavailable", "rank_timeout"):
-        value = getattr(args, field, None)
-        if value is not None:
-            request[field] = value
+    action = Action(args.action)
+    request = Request(
+        action,
+        rank=getattr(args, "rank", None),
+        seconds=getattr(args, "seconds", None),
+        force=getattr(args, "force", False),
+        wait=getattr(args, "wait", False),
+        max_unavailable=getattr(args, "max_unavailable", None),
+        rank_timeout=getattr(args, "rank_timeout", None),
+    )
     try:
-        answer = _ask(args.admin_socket, request, args.timeout)
+        document = _ask(args.admin_socket, request, args.timeout)
     except BadAnswer as exc:
         return _error(str(exc), EXIT_FAILURE)
     except OSError as exc:
@@ -123,20 +130,25 @@ def run_ctl(argv: Sequence[str]) -> int:
             f"cannot reach the supervisor at {args.admin_socket}: {exc.strerror or exc}: is "
             "it running, with this --admin-socket?"
         )
-    if answer.get("ok") is not True:
-        error = answer.get("error")
-        if answer.get("ok") is not False or not isinstance(error, str):
-            return _error(f"a malformed answer: {_shown(answer)}", EXIT_FAILURE)
-        return _error(error)
     try:
-        text = _render(args, answer)
+        reply = Reply.from_json(document)
+        if reply.ok:
+            reply.check(action)
+    except ProtocolError as exc:
+        return _error(f"a malformed answer ({exc}): {_shown(document)}", EXIT_FAILURE)
+    if not reply.ok:
+        assert reply.error is not None
+        return _error(reply.error)
+    try:
+        text = _render(request, reply, as_json=getattr(args, "json", False))
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        return _error(f"a malformed answer ({exc!r}): {_shown(answer)}", EXIT_FAILURE)
+        # The status document inside a well-formed reply can still be the wrong shape.
+        return _error(f"a malformed answer ({exc!r}): {_shown(document)}", EXIT_FAILURE)
     print(text)
     return 0
 
 
-def _ask(path: str, request: dict[str, Any], timeout: float) -> dict[str, Any]:
+def _ask(path: str, request: Request, timeout: float) -> object:
     """Send `request`, return the answer. Raises OSError when nobody listens at `path`,
     BadAnswer when the answer is not a JSON object or none comes within `timeout`."""
     deadline = time.monotonic() + timeout
@@ -146,7 +158,7 @@ def _ask(path: str, request: dict[str, Any], timeout: float) -> dict[str, Any]:
             sock.connect(path)
         except TimeoutError:
             raise BadAnswer(f"no answer within {timeout:g}s (--timeout): is it stuck?") from None
-        sock.sendall(json.dumps(request).encode() + b"\n")
+        sock.sendall(json.dumps(request.to_json()).encode() + b"\n")
         data = b""
         while not data.endswith(b"\n"):
             left = deadline - time.monotonic()
@@ -165,7 +177,7 @@ def _ask(path: str, request: dict[str, Any], timeout: float) -> dict[str, Any]:
     if not data:
         raise BadAnswer("the supervisor closed the connection without an answer")
     try:
-        answer = json.loads(data)
+        answer: object = json.loads(data)
     except ValueError:
         raise BadAnswer(f"an answer that is not JSON: {_shown(data)}") from None
     if not isinstance(answer, dict):
@@ -173,10 +185,10 @@ def _ask(path: str, request: dict[str, Any], timeout: float) -> dict[str, Any]:
     return answer
 
 
-def _late(request: dict[str, Any], timeout: float) -> str:
+def _late(request: Request, timeout: float) -> str:
     goes_on = ""
-    if request["action"] in ("rolling-restart", "restart"):
-        goes_on = f" (the {request['action']} goes on in the supervisor: see ctl status)"
+    if request.action.outlives_the_request:
+        goes_on = f" (the {request.action.value} goes on in the supervisor: see ctl status)"
     return f"no answer within {timeout:g}s (--timeout){goes_on}"
 
 
@@ -185,35 +197,36 @@ def _shown(value: object) -> str:
     return text if len(text) <= 200 else f"{text[:200]}... ({len(text)} characters)"
 
 
-def _render(args: argparse.Namespace, answer: dict[str, Any]) -> str:
-    action = args.action
-    if action == "status":
-        if args.json:
-            return json.dumps(
-                {"status": answer["status"], "operation": answer.get("operation")}, indent=2
-            )
-        return _table(answer["status"], answer.get("operation"))
-    if action == "rolling-restart":
-        line = f"restarted ranks {_list(answer['ranks'])}, at most {answer['max_unavailable']} "
+def _render(request: Request, reply: Reply, *, as_json: bool) -> str:
+    """The operator's line (or table) for a successful `reply` that `Reply.check` passed."""
+    action = request.action
+    if action is Action.STATUS:
+        assert reply.status is not None
+        if as_json:
+            return json.dumps({"status": reply.status, "operation": reply.operation}, indent=2)
+        return _table(reply.status, reply.operation)
+    if action is Action.ROLLING_RESTART:
+        assert reply.ranks is not None
+        line = f"restarted ranks {_list(reply.ranks)}, at most {reply.max_unavailable} "
         line += "out at a time"
-        for skipped in answer["skipped"]:
-            line += f"; skipped rank {skipped['rank']}: {skipped['why']}"
+        for skipped in reply.skipped:
+            line += f"; skipped rank {skipped.rank}: {skipped.why}"
         return line
-    rank = int(answer["rank"])
-    if action == "pause-probes":
-        return f"rank {rank}: probes paused for {float(answer['seconds']):g}s"
-    if action == "resume-probes":
+    rank = reply.rank
+    if action is Action.PAUSE_PROBES:
+        return f"rank {rank}: probes paused for {reply.seconds:g}s"
+    if action is Action.RESUME_PROBES:
         return f"rank {rank}: probes resumed"
-    if action == "restart":
-        return f"rank {rank} {'ready again' if args.wait else 'restarting'}"
-    return f"rank {rank} {action}ed"
+    if action is Action.RESTART:
+        return f"rank {rank} {'ready again' if request.wait else 'restarting'}"
+    return f"rank {rank} {action.value}ed"
 
 
-def _list(ranks: list[int]) -> str:
+def _list(ranks: Sequence[int]) -> str:
     return ", ".join(map(str, ranks)) or "none"
 
 
-def _table(status: dict[str, Any], operation: str | None) -> str:
+def _table(status: Mapping[str, Any], operation: str | None) -> str:
     now = time.time()
     header = ("RANK", "STATE", "PID", "PORT", "GPUS (MIB USED)", "LAST PROBE", "RESTARTS", "UP")
     rows = [header]

@@ -1,0 +1,176 @@
+"""What the supervisor's state looks like from outside: its enums and the frozen snapshots
+(`SupervisorStatus`, `RankStatus`) that the control plane, the library handle and the
+harness read. The `Board` (board.py) is the one mutable place they are taken from."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from .._errors import SupervisorFailure
+from .._gpu.nvml import GpuInfo, GpuSample
+from .._gpu.placement import PENDING, Placement
+
+__all__ = [
+    "ProbeResult",
+    "ProgressStatus",
+    "RankState",
+    "RankStatus",
+    "RootCause",
+    "SupervisorState",
+    "SupervisorStatus",
+]
+
+
+class RankState(enum.Enum):
+    """The life of one rank."""
+
+    PENDING = "pending"  # planned, not spawned yet
+    STARTING = "starting"  # spawned, not yet answering its health path
+    READY = "ready"  # answered 200 and has not failed `failure_threshold` probes since
+    RESTARTING = "restarting"  # failed; being stopped, or waiting out its backoff, to restart
+    STOPPING = "stopping"  # being stopped: signalled, within its grace period
+    STOPPED = "stopped"  # exited after we asked it to
+    FAILED = "failed"  # exited on its own, or failed its probes
+
+
+class SupervisorState(enum.Enum):
+    """The life of the supervisor as a whole. Only READY answers 200 on /ready."""
+
+    STARTING = "starting"
+    READY = "ready"
+    DRAINING = "draining"  # shutdown requested; not ready, ranks still serving
+    STOPPING = "stopping"  # ranks being signalled and killed
+    STOPPED = "stopped"
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """One health probe of one rank."""
+
+    ok: bool
+    #: HTTP status, or None when no response came (refused, timed out).
+    status_code: int | None
+    error: str | None
+    latency: float
+
+
+@dataclass(frozen=True)
+class ProgressStatus:
+    """The last reading of a rank's progress (with ``progress_timeout``)."""
+
+    #: The busy gauge and the progress counter, summed over their label sets.
+    busy: float | None
+    progress: float | None
+    #: Seconds busy with the counter unmoved (0 while idle or advancing).
+    stalled_for: float
+    #: Why the last read failed (the rank is not failed for it); None after a good read.
+    problem: str | None
+
+
+@dataclass(frozen=True)
+class RankStatus:
+    rank: int
+    local_rank: int
+    port: int
+    devices: tuple[str, ...]
+    state: RankState
+    pid: int | None
+    returncode: int | None
+    last_probe: ProbeResult | None
+    consecutive_failures: int
+    #: The command line with secrets redacted.
+    command: tuple[str, ...]
+    #: The NVML devices behind `devices` (empty without NVML), and their latest readings.
+    gpus: tuple[GpuInfo, ...] = ()
+    gpu_samples: tuple[GpuSample, ...] = ()
+    placement: Placement = PENDING
+    #: Times the rank was restarted, and the causes of its last restarts, oldest first.
+    restarts: int = 0
+    last_causes: tuple[SupervisorFailure, ...] = ()
+    #: With the progress check: its last reading; None before the first, or when it is off.
+    progress: ProgressStatus | None = None
+    #: What a restart waits for before it starts the process (a held port, GPU memory).
+    waiting: str | None = None
+    #: The folder of the evidence of its last failure (with ``evidence_dir``).
+    evidence: str | None = None
+    #: When it entered its state (wall clock, seconds since the epoch).
+    since: float = 0.0
+    #: Drained by an operator: it keeps running, but takes no traffic (see /ranks).
+    drained: bool = False
+    #: Until when an operator paused its probes (wall clock), while they are paused.
+    probes_paused_until: float | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.state is RankState.READY
+
+
+@dataclass(frozen=True)
+class RootCause:
+    """Why the supervisor stopped: the first failure, and what its rank last said."""
+
+    rank: int | None
+    cause: str
+    #: The last lines the rank wrote to stderr (up to 20), oldest first.
+    stderr_tail: tuple[str, ...]
+    #: The folder of the failure's evidence (with ``evidence_dir``).
+    evidence: str | None = None
+
+    def report(self) -> str:
+        """The log record: the cause on its first line, then the rank's last lines."""
+        if self.rank is None:
+            return self.cause
+        evidence = "" if self.evidence is None else f"\n    evidence: {self.evidence}"
+        if not self.stderr_tail:
+            return f"{self.cause}{evidence}\n    rank {self.rank} wrote nothing to stderr"
+        lines = "".join(f"\n    | {line}" for line in self.stderr_tail)
+        return (
+            f"{self.cause}{evidence}\n    the last lines rank {self.rank} wrote to stderr:{lines}"
+        )
+
+
+@dataclass(frozen=True)
+class SupervisorStatus:
+    #: Names this run; every process of its trees carries it in TRIO_DPSUP_TREE.
+    run_id: str
+    state: SupervisorState
+    ranks: tuple[RankStatus, ...]
+    #: Every rank has been ready at least once (what /startupz reports).
+    started: bool
+    #: The first failure, once there is one.
+    failure: SupervisorFailure | None
+    #: Why NVML is not used (no driver, no GPU...); None when it is.
+    nvml_unavailable: str | None = None
+    #: Once a failure is recorded: its rank, its cause, and that rank's last stderr lines.
+    root_cause: RootCause | None = None
+    #: Ready ranks /ready needs once every rank has been ready: all of them, unless
+    #: ``min_ready`` was configured (the supervisor always sets it).
+    min_ready: int = 0
+    #: Grows at every change of the supervisor's or a rank's state (see /ranks).
+    version: int = 0
+    #: The ranks form one group (restarted as one; /ready needs every rank), not
+    #: independent replicas.
+    group: bool = False
+
+    @property
+    def ready(self) -> bool:
+        """What /ready answers: serving, and enough ranks ready (they may be restarting)."""
+        return self.state is SupervisorState.READY and self.serving() >= self.min_ready
+
+    def serving(self) -> int:
+        """Ranks that take traffic: ready and not drained (what --min-ready counts)."""
+        return sum(r.ready and not r.drained for r in self.ranks)
+
+    @property
+    def stopping(self) -> bool:
+        """Shutdown or a failure has begun: nothing should be routed here any more."""
+        return self.state not in (SupervisorState.STARTING, SupervisorState.READY)
+
+    def takes_traffic(self, rank: RankStatus) -> bool:
+        """What /ranks/{r}/ready and /ranks say of `rank`: ready, not drained, and no
+        shutdown begun."""
+        return rank.ready and not rank.drained and not self.stopping
+
+    def not_ready(self) -> tuple[int, ...]:
+        return tuple(r.rank for r in self.ranks if not r.ready)
