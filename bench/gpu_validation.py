@@ -51,7 +51,13 @@ import httpx
 import trio
 
 from trio_dpsup._gpu.nvml import open_pynvml
-from trio_dpsup.testing import CliSupervisor, free_port_range, open_cli_supervisor
+from trio_dpsup.testing import (
+    CliSupervisor,
+    Fault,
+    free_port_range,
+    inject_fault,
+    open_cli_supervisor,
+)
 
 PY = sys.executable
 DEMO = (PY, "-m", "trio_dpsup.demo", "--port", "{port}", "--allocate", "2048")
@@ -372,9 +378,8 @@ async def scenario_stalled_evidence(record: Record, out: Path) -> None:
             await sup.wait_ready()
         status = await wait_status(sup, verdicts("ok"))
         port = status["ranks"][0]["port"]
-        async with httpx.AsyncClient() as client:
-            for fault in ("busy", "stall"):
-                await client.post(f"http://127.0.0.1:{port}/fault/{fault}")
+        for fault in (Fault.busy_with(1), Fault.stall()):
+            await inject_fault(port, fault)
         with trio.fail_after(60):
             code = await sup.wait()
     (folder,) = [p for run in evidence.iterdir() for p in run.iterdir()]

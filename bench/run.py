@@ -24,7 +24,7 @@ from pathlib import Path
 
 import trio
 
-from trio_dpsup.testing import free_port_range
+from trio_dpsup.testing import Fault, FaultKind, free_port_range
 
 from . import scenarios
 
@@ -165,14 +165,14 @@ async def run_all(quick: bool) -> list[Row]:
     # 2. Unhealthy detection, against the configured bound.
     interval, timeout, threshold = 0.2, 0.5, 3
     for fault, bound in (
-        ("health", threshold * interval),
-        ("hang", threshold * (interval + timeout)),
+        (Fault.health(503), threshold * interval),
+        (Fault.hang(), threshold * (interval + timeout)),
     ):
         taken = ms([
             await scenarios.unhealthy(4, fault, interval, timeout, threshold) for _ in range(reps)
         ])  # fmt: skip
         bound_ms = bound * 1000 + 50  # plus the probes' own latency and our polling
-        name = "health 503" if fault == "health" else "health hangs"
+        name = "health 503" if fault.kind is FaultKind.HEALTH else "health hangs"
         rows.append(
             Row(f"{name} -> /ready 503 (0.2 s x 3, timeout 0.5 s)", 4, taken,
                 f"max <= {bound_ms:.0f} (bound)", check(None, bound_ms)(taken))
@@ -182,10 +182,10 @@ async def run_all(quick: bool) -> list[Row]:
     # random points between two probes (seeded: the same points every run), 9 of each.
     phases = random.Random(15).sample([i / 9 + 1 / 18 for i in range(9)], 9)
     for fault, more, name, target, limit in (
-        ("health", (), "explicit 503", "median <= 700", 700),
-        ("health", ("--fail-on-status", "503"), "explicit 503, --fail-on-status 503",
+        (Fault.health(503), (), "explicit 503", "median <= 700", 700),
+        (Fault.health(503), ("--fail-on-status", "503"), "explicit 503, --fail-on-status 503",
          "median <= 600", 600),
-        ("hang", (), "health hangs", "median <= 3500", 3500),
+        (Fault.hang(), (), "health hangs", "median <= 3500", 3500),
     ):  # fmt: skip
         taken = ms([
             await scenarios.unhealthy(4, fault, 1.0, 1.0, 3, *more, phase=phase)

@@ -20,7 +20,14 @@ import httpx
 import psutil
 import trio
 
-from trio_dpsup.testing import CliSupervisor, free_port_range, open_cli_supervisor, wait_pids_gone
+from trio_dpsup.testing import (
+    CLI,
+    CliSupervisor,
+    Fault,
+    free_port_range,
+    open_cli_supervisor,
+    wait_pids_gone,
+)
 
 FAKE_RANK = (sys.executable, "-m", "trio_dpsup.testing.fake_rank")
 #: Spacing of the bench's own /ready polls: the resolution of "until /ready answered 503".
@@ -119,7 +126,7 @@ async def _ready_pids(sup: CliSupervisor) -> tuple[str, list[int]]:
     with trio.fail_after(120):
         url = await sup.wait_ready()
     status = await sup.status()
-    pids = [int(r["pid"]) for r in status["ranks"]]  # type: ignore[index, call-overload]
+    pids = [r.pid for r in status.ranks if r.pid is not None]
     return url, pids
 
 
@@ -193,14 +200,14 @@ async def shutdown(ranks: int, *, ignore_sigterm: bool, grace: float) -> float:
 
 async def unhealthy(
     ranks: int,
-    fault: str,
+    fault: Fault,
     interval: float,
     probe_timeout: float,
     threshold: int,
     *more: str,
     phase: float = 0.0,
 ) -> float:
-    """A ready rank's health turns 503 (`fault` "health") or hangs ("hang"): until /ready 503.
+    """A ready rank's health turns bad (`fault`: a 503, or a hang): until /ready 503.
     `more`: further options (``--fail-on-status 503``). `phase`: seconds to wait after ready
     before the fault, so that faults fall anywhere between two probes, as real ones do (the
     probes run on one clock, started with the supervisor)."""
@@ -214,10 +221,9 @@ async def unhealthy(
             url = await sup.wait_ready()
         async with httpx.AsyncClient(base_url=url) as client:
             await client.get("/ready")
-            path = "/fault/health?status=503" if fault == "health" else "/fault/hang"
             await trio.sleep(phase)  # where the fault falls between two probes
             start = trio.current_time()
-            await client.post(f"http://127.0.0.1:{base}{path}")
+            await client.post(fault.url(base))
             for _ in range(POLL_LIMIT):
                 if (await client.get("/ready")).status_code == 503:
                     elapsed = trio.current_time() - start
@@ -246,14 +252,14 @@ async def stall(
         url, pids = await _ready_pids(sup)
         result: dict[str, float] = {}
         async with httpx.AsyncClient(base_url=url) as client:
-            await client.post(f"http://127.0.0.1:{base}/fault/busy?n=1")
+            await client.post(Fault.busy_with(1).url(base))
             for _ in range(POLL_LIMIT):  # until the supervisor has read progress twice
                 entry = (await client.get("/status")).json()["ranks"][0]
                 if (entry["progress"] or {}).get("progress", 0) >= 2:
                     break
                 await trio.sleep(POLL_SPACING)
             start = trio.current_time()
-            await client.post(f"http://127.0.0.1:{base}/fault/stall")
+            await client.post(Fault.stall().url(base))
 
             async def until_503() -> None:
                 for _ in range(POLL_LIMIT * 10):
@@ -290,7 +296,7 @@ async def steady_state(ranks: int, seconds: float, *options: str) -> dict[str, f
         guardian = [
             c for c in psutil.process_iter(["cmdline"])
             if "trio_dpsup._proc.guardian_process" in " ".join(c.info["cmdline"] or [])
-            and status["run_id"] in " ".join(c.info["cmdline"] or [])
+            and status.run_id in " ".join(c.info["cmdline"] or [])
         ]  # fmt: skip
         guardian_rss = guardian[0].memory_info().rss if guardian else float("nan")
         latencies = [r["last_probe"]["latency_ms"] for r in status["ranks"]]  # type: ignore[index, union-attr]
@@ -329,7 +335,7 @@ async def steady_state_after_restarts(
         with trio.fail_after(900):
             await sup.wait_ready()
         status = await sup.status()
-        done = sum(int(r["restarts"]) for r in status["ranks"])  # type: ignore[index, union-attr, call-overload]
+        done = sum(r.restarts for r in status.ranks)
         cpu = await _idle_cpu(sup, seconds)
         sup.send_signal(signal.SIGTERM)
         await sup.wait()
@@ -358,7 +364,7 @@ async def log_throughput(ranks: int, seconds: float, tmp: Path) -> dict[str, flo
     ]  # fmt: skip
     with trio.fail_after(seconds + 60):
         await trio.run_process(
-            [sys.executable, "-m", "trio_dpsup", *args],
+            [*CLI, *args],  # its output is the load: not captured, unlike run_cli's
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False,
         )  # fmt: skip
     through = sum(_lines_per_second(p) for p in counts)

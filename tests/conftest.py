@@ -6,7 +6,6 @@ from __future__ import annotations
 import fcntl
 import os
 import signal
-import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -66,19 +65,6 @@ def cli_args(
         *FAKE_RANK, "--port", "{port}",
         *rank_args,
     ]  # fmt: skip
-
-
-async def run_cli(args: list[str], env: dict[str, str] | None = None) -> tuple[int, str]:
-    with trio.fail_after(30):
-        result = await trio.run_process(
-            [sys.executable, "-m", "trio_dpsup", *args],
-            capture_stdout=True,
-            capture_stderr=True,
-            check=False,
-            stdin=subprocess.DEVNULL,
-            env=env,
-        )
-    return result.returncode, result.stderr.decode()
 
 
 def bare_environment() -> dict[str, str]:

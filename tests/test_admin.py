@@ -17,20 +17,16 @@ import pytest
 import trio
 
 from trio_dpsup import RankState, RankUnhealthy, RestartRequested, SupervisorState
-from trio_dpsup.testing import Deployment, Form, Harness, free_port_range
+from trio_dpsup.testing import CLI, CliResult, Deployment, Form, Harness, free_port_range, run_cli
 
 from .conftest import FAKE_RANK, FORMS, cli_args, on_failure
 
 pytest_plugins = ["trio_dpsup.testing.plugin"]
 
 
-async def ctl(socket_path: Path, *args: str) -> tuple[int, str, str]:
+async def ctl(socket_path: Path, *args: str) -> CliResult:
     with trio.fail_after(60):
-        result = await trio.run_process(
-            [sys.executable, "-m", "trio_dpsup", "ctl", "--admin-socket", str(socket_path), *args],
-            capture_stdout=True, capture_stderr=True, check=False, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
-    return result.returncode, result.stdout.decode(), result.stderr.decode()
+        return await run_cli(["ctl", "--admin-socket", str(socket_path), *args])
 
 
 async def ready_again(deployment: Deployment, rank: int, restarts: int) -> None:
@@ -351,7 +347,7 @@ async def test_root_may_use_a_service_users_socket() -> None:
     sock = home / "admin.sock"
     args = cli_args(1, free_port_range(1), options=["--admin-socket", str(sock)])
     process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "trio_dpsup", *args], preexec_fn=as_nobody, cwd="/",
+        [*CLI, *args], preexec_fn=as_nobody, cwd="/",  # as another user: no run_cli
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:

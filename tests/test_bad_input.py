@@ -8,16 +8,14 @@ import os
 import resource
 import shutil
 import signal
-import sys
 from pathlib import Path
 
 import httpx
 import pytest
-import trio
 
-from trio_dpsup.testing import free_port_range, open_cli_supervisor
+from trio_dpsup.testing import free_port_range, open_cli_supervisor, run_cli
 
-from .conftest import FAKE_RANK, bare_environment, cli_args, rank_command, run_cli
+from .conftest import FAKE_RANK, bare_environment, cli_args, rank_command
 
 
 @pytest.mark.parametrize(
@@ -33,7 +31,7 @@ from .conftest import FAKE_RANK, bare_environment, cli_args, rank_command, run_c
 async def test_malformed_placeholders(tmp_path: Path, template: str, message: str) -> None:
     pid_file = tmp_path / "pids"
     command = [*FAKE_RANK, "--port", template, "--pid-file", str(pid_file)]
-    status, stderr = await run_cli(["--ranks", "1", "--gpus-per-rank", "0", "--", *command])
+    status, _, stderr = await run_cli(["--ranks", "1", "--gpus-per-rank", "0", "--", *command])
     assert status == 2
     assert stderr.startswith("trio-dpsup: error: ")
     assert message in stderr
@@ -61,7 +59,7 @@ async def test_config_values_of_the_wrong_type(tmp_path: Path, toml: str, messag
     pid_file = tmp_path / "pids"
     config = tmp_path / "node.toml"
     config.write_text(f"ranks = 1\ngpus-per-rank = 0\n{toml}\n")
-    status, stderr = await run_cli(["--config", str(config), "--", *rank_command(pid_file)])
+    status, _, stderr = await run_cli(["--config", str(config), "--", *rank_command(pid_file)])
     assert status == 2
     assert message in stderr
     assert "Traceback" not in stderr
@@ -70,7 +68,7 @@ async def test_config_values_of_the_wrong_type(tmp_path: Path, toml: str, messag
 
 
 async def test_config_that_never_ends(tmp_path: Path) -> None:
-    status, stderr = await run_cli(["--config", "/dev/zero", "--", *FAKE_RANK])
+    status, _, stderr = await run_cli(["--config", "/dev/zero", "--", *FAKE_RANK])
     assert status == 2
     assert "/dev/zero is not a regular file" in stderr
 
@@ -98,14 +96,7 @@ async def test_bad_values(tmp_path: Path, options: list[str], message: str) -> N
     if limited and shutil.which("prlimit") is None:
         pytest.skip("prlimit (util-linux) is not installed")
     args = [*options, "--gpus-per-rank", "0", "--", *rank_command(pid_file)]
-    if limited:
-        result = await trio.run_process(
-            [*limited, sys.executable, "-m", "trio_dpsup", *args],
-            capture_stderr=True, capture_stdout=True, check=False, env=env,
-        )  # fmt: skip
-        status, stderr = result.returncode, result.stderr.decode()
-    else:
-        status, stderr = await run_cli(args, env=env)
+    status, _, stderr = await run_cli(args, env=env, prefix=limited)
     assert status == 2, stderr
     assert message in stderr
     assert "-9999" not in stderr
@@ -114,7 +105,7 @@ async def test_bad_values(tmp_path: Path, options: list[str], message: str) -> N
 
 
 async def test_a_directory_is_not_a_command(tmp_path: Path) -> None:
-    status, stderr = await run_cli(["--ranks", "1", "--gpus-per-rank", "0", "--", str(tmp_path)])
+    status, _, stderr = await run_cli(["--ranks", "1", "--gpus-per-rank", "0", "--", str(tmp_path)])
     assert status == 2
     assert "is a directory: give the path of the server program" in stderr
 
@@ -122,7 +113,7 @@ async def test_a_directory_is_not_a_command(tmp_path: Path) -> None:
 async def test_empty_cuda_visible_devices_names_the_variable(tmp_path: Path) -> None:
     pid_file = tmp_path / "pids"
     env = {**bare_environment(), "CUDA_VISIBLE_DEVICES": ""}
-    status, stderr = await run_cli(["--", *rank_command(pid_file)], env=env)
+    status, _, stderr = await run_cli(["--", *rank_command(pid_file)], env=env)
     assert status == 2
     assert "CUDA_VISIBLE_DEVICES=''" in stderr
     assert "--gpus-per-rank 0" in stderr
@@ -161,7 +152,7 @@ async def test_status_file_that_cannot_be_written(tmp_path: Path, where: str, me
     pid_file = tmp_path / "pids"
     target = tmp_path / where
     args = ["--ranks", "1", "--gpus-per-rank", "0", "--status-file", str(target)]
-    status, stderr = await run_cli([*args, "--", *rank_command(pid_file)])
+    status, _, stderr = await run_cli([*args, "--", *rank_command(pid_file)])
     assert status == 2
     assert f"--status-file {target}" in stderr
     assert message in stderr
@@ -173,7 +164,7 @@ async def test_status_file_holds_the_final_status(tmp_path: Path) -> None:
     command = [*FAKE_RANK, "--port", "{port}", "--exit-after", "0.5", "--exit-code", "5"]
     args = ["--ranks", "2", "--gpus-per-rank", "0", "--control-port", "0"]
     args += ["--base-port", str(free_port_range(2)), "--status-file", str(target)]
-    status, _ = await run_cli([*args, "--", *command])
+    status, _, _ = await run_cli([*args, "--", *command])
     assert status == 5
     document = json.loads(target.read_text())
     assert document["state"] == "stopped"

@@ -91,7 +91,9 @@ async def test_a_port_still_held_after_port_wait_stops_everything(dpsup: Harness
     assert isinstance(failure, PortInUse)
     assert (failure.rank, failure.port) == (0, deployment.ports[0])
     assert failure.waited >= 0.3
-    assert f"pid {os.getpid()} (" in failure.holder
+    (holder,) = failure.holders
+    assert holder.pid == os.getpid()
+    assert f"pid {os.getpid()} (" in str(failure)
 
 
 async def crash_with_lingering_memory(

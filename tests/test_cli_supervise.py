@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import signal
 from pathlib import Path
-from typing import Any
 
 import httpx
 import psutil
 
+from trio_dpsup import SupervisorStatus
 from trio_dpsup.testing import (
+    Fault,
     alive,
     free_port_range,
+    inject_fault,
     open_cli_supervisor,
     read_pid_file,
     wait_pids_gone,
@@ -23,14 +25,8 @@ from trio_dpsup.testing import (
 from .conftest import cli_args
 
 
-def rank_pids(status: dict[str, Any]) -> list[int]:
-    return [int(rank["pid"]) for rank in status["ranks"]]
-
-
-async def fault(port: int, action: str) -> None:
-    async with httpx.AsyncClient() as client:
-        response = await client.post(f"http://127.0.0.1:{port}/fault/{action}")
-        response.raise_for_status()
+def rank_pids(status: SupervisorStatus) -> list[int]:
+    return [rank.pid for rank in status.ranks if rank.pid is not None]
 
 
 async def test_four_ranks_become_ready_and_stop_cleanly() -> None:
@@ -54,7 +50,8 @@ async def test_four_ranks_become_ready_and_stop_cleanly() -> None:
         assert status["state"] == "ready"
         assert [r["state"] for r in status["ranks"]] == ["ready"] * 4
         assert [r["port"] for r in status["ranks"]] == [base + i for i in range(4)]
-        pids = rank_pids(status)
+        pids = rank_pids(await sup.status())
+        assert len(pids) == 4
         assert all(alive(pid) for pid in pids)
 
         sup.send_signal(signal.SIGTERM)
@@ -75,7 +72,7 @@ async def test_crash_with_an_orphaned_grandchild_keeps_the_rank_exit_status(
         # a child subreaper), not by init.
         assert len(pids) == 4
         assert all(psutil.Process(pid).ppid() == sup.pid for pid in pids)
-        await fault(base, "exit?code=7")
+        await inject_fault(base, Fault.exit(7))
         # Reaping the adopted orphan must never reap the rank and lose its status.
         assert await sup.wait() == 7
         assert "rank 0 exited unexpectedly: exit status 7" in sup.log

@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import socket
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import trio
 
 import trio_dpsup
 from trio_dpsup import NvmlUnavailable
 from trio_dpsup._gpu.nvml import open_pynvml
-from trio_dpsup.testing import free_port_range
+from trio_dpsup.testing import free_port_range, run_cli
 
-from .conftest import FAKE_RANK, bare_environment, rank_command, run_cli
+from .conftest import FAKE_RANK, bare_environment, rank_command
 
 
 @pytest.fixture
@@ -55,7 +53,7 @@ async def test_bad_option_exits_2_and_starts_nothing(
 ) -> None:
     pid_file = tmp_path / "pids"
     env = bare_environment()
-    status, stderr = await run_cli([*options, "--", *rank_command(pid_file)], env=env)
+    status, _, stderr = await run_cli([*options, "--", *rank_command(pid_file)], env=env)
     assert status == 2
     assert message in stderr
     assert stderr.startswith("trio-dpsup: error: ")
@@ -66,7 +64,7 @@ async def test_bad_option_exits_2_and_starts_nothing(
 async def test_no_ranks_and_no_nvml(tmp_path: Path) -> None:
     pid_file = tmp_path / "pids"
     env = bare_environment()
-    status, stderr = await run_cli(["--", *rank_command(pid_file)], env=env)
+    status, _, stderr = await run_cli(["--", *rank_command(pid_file)], env=env)
     assert status == 2
     assert stderr.startswith("trio-dpsup: error: no devices are known (NVML is unavailable: ")
     assert "pass --ranks N" in stderr
@@ -77,7 +75,7 @@ async def test_no_ranks_and_no_nvml(tmp_path: Path) -> None:
 async def test_gpu_ranks_are_never_started_unpinned(tmp_path: Path) -> None:
     pid_file = tmp_path / "pids"
     args = ["--ranks", "2", "--", *rank_command(pid_file)]
-    status, stderr = await run_cli(args, env=bare_environment())
+    status, _, stderr = await run_cli(args, env=bare_environment())
     assert status == 2
     assert "2 ranks with --gpus-per-rank 1 would each see every GPU" in stderr
     assert "--devices" in stderr
@@ -86,13 +84,13 @@ async def test_gpu_ranks_are_never_started_unpinned(tmp_path: Path) -> None:
 
 
 async def test_unknown_placeholder(tmp_path: Path) -> None:
-    status, stderr = await run_cli(["--ranks", "1", "--", *FAKE_RANK, "--port", "{prot}"])
+    status, _, stderr = await run_cli(["--ranks", "1", "--", *FAKE_RANK, "--port", "{prot}"])
     assert status == 2
     assert "unknown placeholder {prot}" in stderr
 
 
 async def test_command_not_found() -> None:
-    status, stderr = await run_cli(["--ranks", "1", "--", "no-such-inference-server"])
+    status, _, stderr = await run_cli(["--ranks", "1", "--", "no-such-inference-server"])
     assert status == 2
     assert "'no-such-inference-server' is not found on PATH" in stderr
 
@@ -100,19 +98,19 @@ async def test_command_not_found() -> None:
 async def test_command_not_executable(tmp_path: Path) -> None:
     script = tmp_path / "serve.sh"
     script.write_text("#!/bin/sh\nexit 0\n")
-    status, stderr = await run_cli(["--ranks", "1", "--", str(script)])
+    status, _, stderr = await run_cli(["--ranks", "1", "--", str(script)])
     assert status == 2
     assert "is not executable" in stderr
 
 
 async def test_no_command_after_double_dash() -> None:
-    status, stderr = await run_cli(["--ranks", "1", "--"])
+    status, _, stderr = await run_cli(["--ranks", "1", "--"])
     assert status == 2
     assert "no command to run: put the rank command after '--'" in stderr
 
 
 async def test_malformed_option_value() -> None:
-    status, stderr = await run_cli(["--ranks", "two", "--", *FAKE_RANK])
+    status, _, stderr = await run_cli(["--ranks", "two", "--", *FAKE_RANK])
     assert status == 2
     assert "invalid int value: 'two'" in stderr
 
@@ -121,7 +119,7 @@ async def test_control_port_taken(tmp_path: Path, taken_port: int) -> None:
     pid_file = tmp_path / "pids"
     base = free_port_range(1)
     options = ["--ranks", "1", "--base-port", str(base), "--control-port", str(taken_port)]
-    status, stderr = await run_cli([*options, "--", *rank_command(pid_file)])
+    status, _, stderr = await run_cli([*options, "--", *rank_command(pid_file)])
     assert status == 2
     assert f"cannot listen on --control-host 127.0.0.1 --control-port {taken_port}" in stderr
     assert "choose a free port" in stderr
@@ -129,14 +127,9 @@ async def test_control_port_taken(tmp_path: Path, taken_port: int) -> None:
 
 
 async def test_version_and_the_help_examples() -> None:
-    version = await trio.run_process(
-        [sys.executable, "-m", "trio_dpsup", "--version"], capture_stdout=True
-    )
-    assert version.stdout.decode().strip() == f"trio-dpsup {trio_dpsup.__version__}"
-    shown = await trio.run_process(
-        [sys.executable, "-m", "trio_dpsup", "--help"], capture_stdout=True
-    )
-    text = shown.stdout.decode()
+    version = await run_cli(["--version"])
+    assert version.stdout.strip() == f"trio-dpsup {trio_dpsup.__version__}"
+    text = (await run_cli(["--help"])).stdout
     assert "--grace-period SECONDS" in text
     assert "Examples:" in text
     assert "trio-dpsup --ranks 4 --gpus-per-rank 0 -- python -m trio_dpsup.demo" in text

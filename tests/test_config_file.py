@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from trio_dpsup.testing import free_port_range, open_cli_supervisor
+from trio_dpsup.testing import free_port_range, open_cli_supervisor, run_cli
 
-from .conftest import FAKE_RANK, bare_environment, run_cli
+from .conftest import FAKE_RANK, bare_environment
 
 
 def write_config(tmp_path: Path, text: str) -> Path:
@@ -36,7 +36,7 @@ command = {json.dumps([*FAKE_RANK, "--port", "{port}"])}
     async with open_cli_supervisor(["--config", str(path), "--ranks", "2"]) as sup:
         await sup.wait_ready()
         status = await sup.status()
-        assert [r["port"] for r in status["ranks"]] == [base, base + 1]  # type: ignore[index, union-attr]
+        assert [r.port for r in status.ranks] == [base, base + 1]
         sup.send_signal(signal.SIGINT)
         assert await sup.wait() == 0
 
@@ -56,7 +56,7 @@ command = {json.dumps([*FAKE_RANK, "--port", "{port}"])}
 )
 async def test_bad_files_exit_2_naming_the_key(tmp_path: Path, text: str, message: str) -> None:
     path = write_config(tmp_path, text)
-    status, stderr = await run_cli(["--config", str(path), "--", *FAKE_RANK, "--port", "{port}"])
+    status, _, stderr = await run_cli(["--config", str(path), "--", *FAKE_RANK, "--port", "{port}"])
     assert status == 2
     assert stderr.startswith("trio-dpsup: error: ")
     assert str(path) in stderr
@@ -64,7 +64,7 @@ async def test_bad_files_exit_2_naming_the_key(tmp_path: Path, text: str, messag
 
 
 async def test_missing_file_exits_2(tmp_path: Path) -> None:
-    status, stderr = await run_cli(["--config", str(tmp_path / "nope.toml"), "--", "true"])
+    status, _, stderr = await run_cli(["--config", str(tmp_path / "nope.toml"), "--", "true"])
     assert status == 2
     assert "No such file or directory: give the path of a TOML file" in stderr
 
@@ -72,7 +72,7 @@ async def test_missing_file_exits_2(tmp_path: Path) -> None:
 async def test_the_example_node_toml_is_valid() -> None:
     """deploy/systemd/node.toml loads: the first error is that vllm is not installed here."""
     example = Path(__file__).parent.parent / "deploy" / "systemd" / "node.toml"
-    status, stderr = await run_cli(
+    status, _, stderr = await run_cli(
         ["--config", str(example), "--ranks", "1"], env=bare_environment()
     )
     assert status == 2

@@ -6,12 +6,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import httpx
 import pytest
 import trio
 
 from trio_dpsup import GpuFailed, RankStalled, SupervisorState
-from trio_dpsup.testing import Deployment, FakeNvml, Form, Harness
+from trio_dpsup.testing import FakeNvml, Form, Harness
 from trio_dpsup.testing.fake_rank import METRIC_NAMES
 
 from .conftest import FORMS
@@ -32,13 +31,6 @@ def stall_settings(evidence: Path, **more: object) -> dict[str, object]:
     }
 
 
-async def stall(deployment: Deployment, rank: int) -> None:
-    async with httpx.AsyncClient(trust_env=False) as client:
-        for path in ("busy", "stall"):
-            url = f"http://127.0.0.1:{deployment.ports[rank]}/fault/{path}"
-            (await client.post(url)).raise_for_status()
-
-
 def the_folder(evidence: Path) -> Path:
     (run,) = evidence.iterdir()
     (folder,) = run.iterdir()
@@ -53,7 +45,7 @@ async def test_a_stalled_rank_leaves_its_stacks_lines_and_status(
     deployment = await dpsup.start(
         2, form=form, rank_args=["--log-lines", "4"], **stall_settings(evidence)
     )
-    await stall(deployment, 1)
+    await deployment.stall(1)
     with trio.fail_after(20):
         assert await deployment.wait_exit() == 1
     failure = await deployment.failure()
@@ -85,7 +77,7 @@ async def test_a_stalled_rank_leaves_its_stacks_lines_and_status(
 async def test_the_capture_is_bounded(dpsup: Harness, tmp_path: Path) -> None:
     evidence = tmp_path / "evidence"
     deployment = await dpsup.start(1, **stall_settings(evidence, evidence_timeout=0.0))
-    await stall(deployment, 0)
+    await deployment.stall(0)
     with trio.fail_after(20):
         assert await deployment.wait_exit() == 1
     stacks = (the_folder(evidence) / "stacks.txt").read_text()

@@ -21,9 +21,9 @@ from trio_dpsup import (
     SupervisorConfig,
     plan_ranks,
 )
-from trio_dpsup.testing import Form, Harness
+from trio_dpsup.testing import Form, Harness, run_cli
 
-from .conftest import on_failure, run_cli
+from .conftest import on_failure
 from .test_admin import ctl
 
 pytest_plugins = ["trio_dpsup.testing.plugin"]
@@ -86,7 +86,7 @@ def test_a_group_across_nodes_exits_rather_than_restarts() -> None:
 
 
 async def test_the_cli_refuses_a_group_with_per_rank_restarts(tmp_path: Path) -> None:
-    code, err = await run_cli(
+    code, _, err = await run_cli(
         [
             "--preset", "vllm", "--ranks", "2", "--gpus-per-rank", "0", "--restart",
             "on-failure", "--restart-scope", "rank", "--", *VLLM_GROUP,

@@ -206,7 +206,7 @@ async def test_secrets_stay_out_of_status_and_logs() -> None:
     ]  # fmt: skip
     async with open_cli_supervisor(args) as sup:
         await sup.wait_ready()
-        status = await sup.status()
+        status = await sup.status_document()
         sup.send_signal(signal.SIGTERM)
         assert await sup.wait() == 0
     assert "***" in str(status["ranks"])
@@ -226,10 +226,10 @@ async def test_idle_connections_cannot_starve_the_probes() -> None:
         pytest.skip("prlimit (util-linux) is not installed")
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, idle + 200), hard))
     base = free_port_range(1)
-    program = ["prlimit", "--nofile=1024:1024", "--", sys.executable, "-P", "-m", "trio_dpsup"]
+    prlimit = ["prlimit", "--nofile=1024:1024", "--"]
     held: list[socket.socket] = []
     try:
-        async with open_cli_supervisor(cli_args(1, base), program=program) as sup:
+        async with open_cli_supervisor(cli_args(1, base), prefix=prlimit) as sup:
             url = await sup.wait_ready()
             host, port = url.removeprefix("http://").rsplit(":", 1)
             for _ in range(idle):

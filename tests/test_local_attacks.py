@@ -19,9 +19,9 @@ import pytest
 import trio
 
 from trio_dpsup import RankExited
-from trio_dpsup.testing import Form, Harness, free_port_range
+from trio_dpsup.testing import CLI, Form, Harness, free_port_range, run_cli
 
-from .conftest import cli_args, run_cli
+from .conftest import cli_args
 from .test_admin import ctl
 
 pytest_plugins = ["trio_dpsup.testing.plugin"]
@@ -62,7 +62,7 @@ async def test_planted_links_in_the_log_dir_are_not_followed(tmp_path: Path) -> 
     (log_dir / "rank-1.log").symlink_to(tmp_path / "created-by-us")
     for rank in (0, 1):  # one rank a run, so that each surely writes its line
         program = "print('line of {rank}'); raise SystemExit(3)"
-        code, err = await run_cli(printing_rank(log_dir, program, "--start-rank", str(rank)))
+        code, _, err = await run_cli(printing_rank(log_dir, program, "--start-rank", str(rank)))
         assert code == 3
         assert f"rank-{rank}.log: a symbolic link, not followed" in err
     assert victim.read_text() == "root only\n", "a planted link was written through"
@@ -79,19 +79,13 @@ async def test_a_fifo_at_a_log_file_stops_no_output(tmp_path: Path) -> None:
     try:
         lines = 20000
         program = f"for i in range({lines}): print(i)\nraise SystemExit(3)"
-        result = await trio.run_process(
-            [sys.executable, "-m", "trio_dpsup", *printing_rank(log_dir, program)],
-            capture_stdout=True,
-            capture_stderr=True,
-            check=False,
-            stdin=subprocess.DEVNULL,
-        )
+        result = await run_cli(printing_rank(log_dir, program))
     finally:
         os.close(reader)
     assert result.returncode == 3
-    out = result.stdout.decode().splitlines()
+    out = result.stdout.splitlines()
     assert out == [f"[rank 0] {i}" for i in range(lines)], "every line on our stdout"
-    assert "rank-0.log: not a regular file" in result.stderr.decode()
+    assert "rank-0.log: not a regular file" in result.stderr
 
 
 @pytest.mark.parametrize(
@@ -107,7 +101,7 @@ async def test_a_log_dir_others_can_write_is_refused(
     log_dir = tmp_path / "shared"
     log_dir.mkdir()
     os.chmod(log_dir, mode)
-    code, err = await run_cli([*one_rank(free_port_range(1), "--log-dir", str(log_dir))])
+    code, _, err = await run_cli([*one_rank(free_port_range(1), "--log-dir", str(log_dir))])
     assert code == 2
     assert message in err
     assert err.count("\n") == 1
@@ -119,7 +113,7 @@ async def test_a_log_dir_of_another_user_is_refused(tmp_path: Path) -> None:
     log_dir = tmp_path / "theirs"
     log_dir.mkdir(mode=0o755)
     os.chown(log_dir, 65534, 65534)
-    code, err = await run_cli([*one_rank(free_port_range(1), "--log-dir", str(log_dir))])
+    code, _, err = await run_cli([*one_rank(free_port_range(1), "--log-dir", str(log_dir))])
     assert code == 2
     assert "is owned by uid 65534, not by this user (0)" in err
 
@@ -143,7 +137,7 @@ async def test_a_log_dir_that_cannot_be_trusted_or_made_exits_2_before_listening
     control = free_port_range(1)
     args = one_rank(free_port_range(1), "--log-dir", str(path))
     args[args.index("--control-port") + 1] = str(control)
-    code, err = await run_cli(args)
+    code, _, err = await run_cli(args)
     assert code == 2
     assert message in err
     assert "Traceback" not in err
@@ -152,7 +146,7 @@ async def test_a_log_dir_that_cannot_be_trusted_or_made_exits_2_before_listening
 
 async def test_log_files_are_0640_and_a_missing_dir_is_made_0750(tmp_path: Path) -> None:
     log_dir = tmp_path / "made" / "logs"
-    code, _ = await run_cli(printing_rank(log_dir, "print('x'); raise SystemExit(3)"))
+    code, _, _ = await run_cli(printing_rank(log_dir, "print('x'); raise SystemExit(3)"))
     assert code == 3
     assert stat.S_IMODE(os.stat(log_dir).st_mode) == 0o750 & ~_umask()
     assert stat.S_IMODE(os.stat(log_dir / "rank-0.log").st_mode) == 0o640 & ~_umask()
@@ -206,7 +200,7 @@ async def test_evidence_is_redacted_and_private(dpsup: Harness, tmp_path: Path) 
 
 
 async def test_a_usage_error_never_echoes_a_secret(tmp_path: Path) -> None:
-    code, err = await run_cli(
+    code, _, err = await run_cli(
         ["--ranks", "1", "--gpus-per-rank", "0", "--", "serve", f"--api-key={SECRET}{{nope}}"]
     )
     assert code == 2
@@ -263,7 +257,7 @@ async def test_admin_connections_past_the_open_files_limit(tmp_path: Path) -> No
         resource.setrlimit(resource.RLIMIT_NOFILE, (96, 96))  # the plan needs about 88
 
     process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "trio_dpsup", *args],
+        [*CLI, *args],  # no output read: run_cli and open_cli_supervisor read it
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         preexec_fn=low_limit,
     )  # fmt: skip
@@ -321,7 +315,7 @@ async def test_an_admin_socket_path_that_is_taken_is_refused(tmp_path: Path, kin
                     filler.close()
                     break
                 fillers.append(filler)
-        code, err = await run_cli([*one_rank(free_port_range(1), "--admin-socket", str(path))])
+        code, _, err = await run_cli([*one_rank(free_port_range(1), "--admin-socket", str(path))])
     finally:
         for filler in fillers:
             filler.close()
@@ -462,13 +456,13 @@ async def test_a_client_that_pipelines_and_never_reads_is_dropped(dpsup: Harness
 async def test_a_config_that_is_a_fifo_or_nested_too_deeply_exits_2(tmp_path: Path) -> None:
     fifo = tmp_path / "config.toml"
     os.mkfifo(fifo)
-    code, err = await run_cli(["--config", str(fifo), "--", "true"])
+    code, _, err = await run_cli(["--config", str(fifo), "--", "true"])
     assert (code, err.strip()) == (
         2, f"trio-dpsup: error: --config {fifo} is not a regular file: give a TOML file",
     )  # fmt: skip
     deep = tmp_path / "deep.toml"
     deep.write_text("ranks = " + "[" * 5000 + "]" * 5000 + "\n")
-    code, err = await run_cli(["--config", str(deep), "--", "true"])
+    code, _, err = await run_cli(["--config", str(deep), "--", "true"])
     assert (code, err.strip()) == (
         2, f"trio-dpsup: error: --config {deep}: nested too deeply to be a config",
     )  # fmt: skip

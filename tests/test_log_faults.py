@@ -18,7 +18,7 @@ import httpx
 import trio
 
 from trio_dpsup._output.pump import MAX_LINE, RankOutput, open_log_pump
-from trio_dpsup.testing import free_port_range
+from trio_dpsup.testing import CLI, free_port_range
 
 from .conftest import cli_args
 
@@ -50,7 +50,7 @@ async def test_a_stderr_nobody_reads_blocks_neither_probes_nor_signals(tmp_path:
     with trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         await sock.bind(notify)
         process = await trio.lowlevel.open_process(
-            [sys.executable, "-P", "-m", "trio_dpsup", *args],
+            [*CLI, *args],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=write_end,
@@ -86,7 +86,7 @@ async def test_a_late_reader_of_a_non_blocking_stdout_gets_every_line(tmp_path: 
     events = tmp_path / "events"
     args = cli_args(1, base, rank_args=["--log-lines", str(lines), "--events-file", str(events)])
     process = await trio.lowlevel.open_process(
-        [sys.executable, "-P", "-m", "trio_dpsup", *args],
+        [*CLI, *args],
         stdin=subprocess.DEVNULL,
         stdout=write_end,
         stderr=subprocess.DEVNULL,
@@ -166,7 +166,7 @@ async def test_a_line_without_end_is_relayed_in_bounded_pieces(tmp_path: Path) -
     args = cli_args(1, base, options=["--log-format", "json"])
     args = [*args[: args.index("--") + 1], sys.executable, str(script), "{port}"]
     process = await trio.lowlevel.open_process(
-        [sys.executable, "-P", "-m", "trio_dpsup", *args],
+        [*CLI, *args],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

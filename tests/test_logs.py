@@ -20,7 +20,14 @@ import pytest
 import trio
 
 from trio_dpsup import SupervisorState, SupervisorStatus
-from trio_dpsup.testing import Harness, free_port_range, open_cli_supervisor
+from trio_dpsup.testing import (
+    CLI,
+    CliResult,
+    Harness,
+    free_port_range,
+    open_cli_supervisor,
+    run_cli,
+)
 
 from .conftest import FAKE_RANK
 
@@ -42,32 +49,30 @@ os._exit(3)
 """
 
 
-async def run_cli(
-    *args: str, base: int | None = None, program: Sequence[str] = (sys.executable,)
-) -> subprocess.CompletedProcess[bytes]:
-    """One rank on `base` (a free port unless given), run by the CLI with `args` (through
-    `program`, which ends with the Python to run it)."""
+async def run_one_rank(
+    *args: str, base: int | None = None, prefix: Sequence[str] = ()
+) -> CliResult:
+    """One rank on `base` (a free port unless given), run by the CLI with `args` to its end
+    (after `prefix`, a wrapper such as prlimit)."""
     base = free_port_range(1) if base is None else base
     argv = [
-        *program, "-m", "trio_dpsup", "--ranks", "1", "--gpus-per-rank", "0",
-        "--base-port", str(base), "--control-port", "0", *args,
+        "--ranks", "1", "--gpus-per-rank", "0", "--base-port", str(base), "--control-port", "0",
+        *args,
     ]  # fmt: skip
     with trio.fail_after(60):
-        return await trio.run_process(
-            argv, capture_stdout=True, capture_stderr=True, check=False, stdin=subprocess.DEVNULL
-        )
+        return await run_cli(argv, prefix=prefix)
 
 
 async def test_every_line_a_crashing_rank_wrote_comes_out_prefixed() -> None:
-    result = await run_cli("--", sys.executable, "-c", FLOOD)
+    result = await run_one_rank("--", sys.executable, "-c", FLOOD)
     assert result.returncode == 3
-    out = result.stdout.splitlines()
+    out = result.stdout_bytes.splitlines()
     assert out == [f"[rank 0] out {i}".encode() for i in range(LINES)]
-    err = [line for line in result.stderr.splitlines() if line.startswith(b"[rank 0] ")]
+    err = [line for line in result.stderr_bytes.splitlines() if line.startswith(b"[rank 0] ")]
     assert err[:LINES] == [f"[rank 0] err {i}".encode() for i in range(LINES)]
     assert err[LINES:] == [b"[rank 0] not utf-8: \xff\xfe", b"[rank 0] last words, no newline"]
     # The root-cause report: one record, with the rank's last stderr lines.
-    report = result.stderr.decode(errors="replace").split("stopped after a failure: ", 1)[1]
+    report = result.stderr.split("stopped after a failure: ", 1)[1]
     cause, heading, *lines = report.splitlines()
     assert cause == "rank 0 exited unexpectedly: exit status 3"
     assert heading == "    the last lines rank 0 wrote to stderr:"
@@ -79,19 +84,19 @@ async def test_every_line_a_crashing_rank_wrote_comes_out_prefixed() -> None:
 
 
 async def test_no_log_prefix_passes_output_through() -> None:
-    result = await run_cli("--no-log-prefix", "--", sys.executable, "-c", FLOOD)
+    result = await run_one_rank("--no-log-prefix", "--", sys.executable, "-c", FLOOD)
     assert result.returncode == 3
-    assert result.stdout.splitlines() == [f"out {i}".encode() for i in range(LINES)]
-    assert b"last words, no newline" in result.stderr
-    assert b"[rank 0]" not in result.stderr
+    assert result.stdout_bytes.splitlines() == [f"out {i}".encode() for i in range(LINES)]
+    assert b"last words, no newline" in result.stderr_bytes
+    assert b"[rank 0]" not in result.stderr_bytes
 
 
 async def test_json_log_format() -> None:
-    result = await run_cli("--log-format", "json", "--", sys.executable, "-c", FLOOD)
+    result = await run_one_rank("--log-format", "json", "--", sys.executable, "-c", FLOOD)
     assert result.returncode == 3
     # Every line of both streams is one JSON object: ours and the rank's.
-    records = [json.loads(line) for line in result.stderr.splitlines()]
-    out = [json.loads(line) for line in result.stdout.splitlines()]
+    records = [json.loads(line) for line in result.stderr_bytes.splitlines()]
+    out = [json.loads(line) for line in result.stdout_bytes.splitlines()]
     assert [(r["rank"], r["stream"], r["message"]) for r in out] == [
         (0, "stdout", f"out {i}") for i in range(LINES)
     ]
@@ -111,9 +116,9 @@ async def test_json_log_format() -> None:
 
 
 async def test_json_needs_the_ranks_output_relayed() -> None:
-    result = await run_cli("--log-format", "json", "--no-log-prefix", "--", "true")
+    result = await run_one_rank("--log-format", "json", "--no-log-prefix", "--", "true")
     assert result.returncode == 2
-    assert b"--log-format json turns every rank line into JSON" in result.stderr
+    assert b"--log-format json turns every rank line into JSON" in result.stderr_bytes
 
 
 async def test_status_shows_the_root_cause_until_exit(dpsup: Harness) -> None:
@@ -140,12 +145,12 @@ async def test_status_shows_the_root_cause_until_exit(dpsup: Harness) -> None:
 
 async def test_startup_progress_is_logged_while_ranks_load() -> None:
     base = free_port_range(2)
-    argv = [
-        sys.executable, "-m", "trio_dpsup", "--ranks", "2", "--gpus-per-rank", "0",
-        "--base-port", str(base), "--control-port", "0", "--progress-log-interval", "0.2",
+    args = [
+        "--ranks", "2", "--gpus-per-rank", "0", "--base-port", str(base), "--control-port", "0",
+        "--progress-log-interval", "0.2",
         "--", *FAKE_RANK, "--port", "{port}", "--ready-after", "{rank}.5",
     ]  # fmt: skip
-    async with open_cli_supervisor(argv[3:]) as sup:
+    async with open_cli_supervisor(args) as sup:
         with trio.fail_after(30):
             await sup.wait_for_line(r"0/2 ranks ready after \d+s; waiting for 0, 1")
             await sup.wait_for_line(r"1/2 ranks ready after \d+s; waiting for 1$")
@@ -187,7 +192,7 @@ async def test_a_terminal_shows_one_startup_line_updated_in_place() -> None:
     fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 200, 0, 0))
     base = free_port_range(2)
     argv = [
-        sys.executable, "-m", "trio_dpsup", "--ranks", "2", "--gpus-per-rank", "0",
+        *CLI, "--ranks", "2", "--gpus-per-rank", "0",
         "--base-port", str(base), "--control-port", "0",
         "--", *FAKE_RANK, "--port", "{port}", "--ready-after", "{rank}.5",
         "--log-lines", "20", "--log-rate", "10",
@@ -246,13 +251,13 @@ async def test_log_dir_keeps_each_ranks_lines_in_rotated_files(tmp_path: Path) -
     log_dir = tmp_path / "logs"
     # No braces in the script: they would be placeholders.
     lines = "import sys\nfor i in range(500): print('rank %s line %03d' % (sys.argv[1], i))"
-    result = await run_cli(
+    result = await run_one_rank(
         "--start-rank", "3", "--startup-timeout", "0",
         "--log-dir", str(log_dir), "--log-max-bytes", "2000", "--log-backups", "2",
         "--", sys.executable, "-c", lines, "{rank}",
     )  # fmt: skip
-    assert result.returncode != 2, result.stderr.decode()
-    output = result.stdout.decode()
+    assert result.returncode != 2, result.stderr
+    output = result.stdout
     rank = 3
     names = sorted(p.name for p in log_dir.glob(f"rank-{rank}.log*"))
     assert names == [f"rank-{rank}.log", f"rank-{rank}.log.1", f"rank-{rank}.log.2"]
@@ -278,26 +283,26 @@ async def test_a_log_file_that_cannot_be_written_loses_no_line_elsewhere(tmp_pat
         pytest.skip("prlimit (util-linux) is not installed")
     # Paced, so that the lines come in many chunks: many failed writes, one warning.
     lines = "import time\nfor i in range(50): print('line %d' % i, flush=True); time.sleep(0.01)"
-    result = await run_cli(
+    result = await run_one_rank(
         "--startup-timeout", "0", "--log-dir", str(tmp_path), "--", sys.executable, "-c", lines,
-        program=["prlimit", "--fsize=64", "--", sys.executable],
+        prefix=["prlimit", "--fsize=64", "--"],
     )  # fmt: skip
-    stderr = result.stderr.decode()
+    stderr = result.stderr
     assert result.returncode != 2, stderr
     assert stderr.count("lines not written to") == 1, stderr
     assert f"rank 0: lines not written to {tmp_path}/rank-0.log: File too large" in stderr
-    assert result.stdout.decode().splitlines() == [f"[rank 0] line {i}" for i in range(50)]
+    assert result.stdout.splitlines() == [f"[rank 0] line {i}" for i in range(50)]
     assert (tmp_path / "rank-0.log").stat().st_size <= 64
 
 
 async def test_log_dir_in_json_mode_holds_json_lines(tmp_path: Path) -> None:
     base = free_port_range(1)
-    result = await run_cli(
+    result = await run_one_rank(
         "--startup-timeout", "0", "--log-format", "json", "--log-dir", str(tmp_path),
         "--", *FAKE_RANK, "--port", "{port}", "--log-lines", "10", "--exit-after", "1",
         base=base,
     )  # fmt: skip
-    assert result.returncode != 2, result.stderr.decode()
+    assert result.returncode != 2, result.stderr
     entries = [json.loads(line) for line in (tmp_path / "rank-0.log").read_text().splitlines()]
     log_lines = [e for e in entries if "log line" in e["message"]]
     assert {e["rank"] for e in entries} == {0}

@@ -11,10 +11,8 @@ from pathlib import Path
 import pytest
 
 from trio_dpsup import ConfigError, Preset, SupervisorConfig, plan_ranks
-from trio_dpsup.testing import free_port_range, open_cli_supervisor
+from trio_dpsup.testing import free_port_range, open_cli_supervisor, run_cli
 from trio_dpsup.testing.fake_servers import read_recorded_argv
-
-from .conftest import run_cli
 
 
 async def test_vllm_preset_adds_host_port_and_rank(
@@ -167,7 +165,7 @@ def test_tensor_parallel_ranks_get_their_gpus() -> None:
 
 
 async def test_cli_refusal_exits_2(fake_env: dict[str, str]) -> None:
-    status, stderr = await run_cli(
+    status, _, stderr = await run_cli(
         [
             "--preset",
             "vllm",

@@ -23,13 +23,6 @@ pytest_plugins = ["trio_dpsup.testing.plugin"]
 SLOW_PROBES = {"probe_interval": 5.0, "failure_threshold": 3, "suspect_interval": 0.05}
 
 
-async def blip(deployment: Deployment, rank: int, status: int, count: int) -> None:
-    async with httpx.AsyncClient(trust_env=False) as client:
-        url = f"http://127.0.0.1:{deployment.ports[rank]}/fault/health"
-        params = {"status": status, "count": count}
-        (await client.post(url, params=params)).raise_for_status()
-
-
 @FORMS
 async def test_a_failure_is_confirmed_by_quick_probes(dpsup: Harness, form: Form) -> None:
     deployment = await dpsup.start(2, form=form, **SLOW_PROBES)
@@ -44,7 +37,7 @@ async def test_a_failure_is_confirmed_by_quick_probes(dpsup: Harness, form: Form
 
 async def test_a_single_blip_does_not_fail_a_rank(dpsup: Harness) -> None:
     deployment = await dpsup.start(1, probe_interval=0.2, failure_threshold=3)
-    await blip(deployment, 0, 503, count=1)
+    await deployment.fail_health(0, 503, count=1)
     with trio.fail_after(10):  # the failed probe is counted; a healthy one clears it
         for _ in range(200):  # the counter is what we wait for; no event tells of it
             if await failed_probes(deployment) >= 1:

@@ -3,7 +3,6 @@ one never has, and one whose metrics cannot be read is reported, not failed."""
 
 from __future__ import annotations
 
-import httpx
 import pytest
 import trio
 
@@ -16,7 +15,14 @@ from trio_dpsup import (
     SupervisorState,
 )
 from trio_dpsup._ranks.progress import StallClock, parse_progress
-from trio_dpsup.testing import Deployment, Form, Harness, free_port_range, open_cli_supervisor
+from trio_dpsup.testing import (
+    Fault,
+    Form,
+    Harness,
+    free_port_range,
+    inject_fault,
+    open_cli_supervisor,
+)
 from trio_dpsup.testing.fake_rank import METRIC_NAMES
 
 from .conftest import FORMS, on_failure
@@ -31,13 +37,6 @@ PROGRESS = {
     "progress_busy_metric": BUSY,
     "progress_metric": TOKENS,
 }
-
-
-async def fault(deployment: Deployment, rank: int, path: str, **params: int) -> None:
-    """A fault of the fake rank's metrics (busy, stall, metrics)."""
-    async with httpx.AsyncClient(trust_env=False) as client:
-        url = f"http://127.0.0.1:{deployment.ports[rank]}/fault/{path}"
-        (await client.post(url, params=params)).raise_for_status()
 
 
 # -- the pure parts -------------------------------------------------------------------------
@@ -75,14 +74,14 @@ def test_the_stall_clock_runs_only_while_busy_without_progress() -> None:
 @FORMS
 async def test_a_rank_busy_without_progress_has_stalled(dpsup: Harness, form: Form) -> None:
     deployment = await dpsup.start(2, form=form, **PROGRESS)
-    await fault(deployment, 1, "busy", n=3)
+    await deployment.make_busy(1, 3)
     # Busy and progressing: readings advance the counter, so the clock never reaches 0.6 s.
     with trio.fail_after(10):
         await deployment.wait_for_status(
             lambda s: (p := s.ranks[1].progress) is not None and (p.progress or 0) >= 3,
             "progress readings",
         )
-    await fault(deployment, 1, "stall")
+    await deployment.inject(1, Fault.stall())
     with trio.fail_after(10):
         assert await deployment.wait_exit() == 1
     failure = await deployment.failure()
@@ -110,8 +109,8 @@ async def test_an_idle_rank_without_progress_never_stalls(dpsup: Harness) -> Non
 
 async def test_unreadable_metrics_are_reported_not_failed(dpsup: Harness) -> None:
     deployment = await dpsup.start(1, **PROGRESS)
-    await fault(deployment, 0, "busy", n=1)
-    await fault(deployment, 0, "metrics", status=500)
+    await deployment.make_busy(0)
+    await deployment.fail_metrics(0, 500)
     with trio.fail_after(10):
         status = await deployment.wait_for_status(
             lambda s: (p := s.ranks[0].progress) is not None and p.problem is not None,
@@ -130,8 +129,7 @@ async def test_unreadable_metrics_are_reported_not_failed(dpsup: Harness) -> Non
 
 async def test_a_stalled_rank_is_restarted_under_on_failure(dpsup: Harness) -> None:
     deployment = await dpsup.start(1, **on_failure(0.1), **PROGRESS)
-    await fault(deployment, 0, "busy", n=1)
-    await fault(deployment, 0, "stall")
+    await deployment.stall(0)
     with trio.fail_after(20):
         status = await deployment.wait_for_status(
             lambda s: s.ranks[0].restarts == 1 and s.ranks[0].state is RankState.READY,
@@ -171,10 +169,10 @@ async def test_vllm_preset_detects_a_stall_with_vllms_names(fake_env: dict[str, 
         "--control-port", "0", "--progress-timeout", "0.6", "--progress-interval", "0.1",
         "--", "vllm", "serve", "my-model",
     ]  # fmt: skip
-    async with open_cli_supervisor(args, env=fake_env) as sup, httpx.AsyncClient() as client:
+    async with open_cli_supervisor(args, env=fake_env) as sup:
         await sup.wait_ready()
-        for path in ("busy", "stall"):
-            await client.post(f"http://127.0.0.1:{base}/fault/{path}")
+        for fault in (Fault.busy_with(1), Fault.stall()):
+            await inject_fault(base, fault)
         with trio.fail_after(10):
             assert await sup.wait() == 1
     assert "rank 0 stalled: vllm:num_requests_running = 1 but vllm:generation_tokens_total" in (

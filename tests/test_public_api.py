@@ -12,6 +12,7 @@ from types import ModuleType
 
 import pytest
 import trio
+from typing_extensions import Unpack
 
 import trio_dpsup
 import trio_dpsup.testing
@@ -95,8 +96,9 @@ def _types_in(hint: object) -> Iterator[type]:
 
 
 def _hints(obj: object, names: dict[str, object]) -> list[object]:
+    # Unpack: the harness's typed **settings name it for type checkers only.
     try:
-        return list(typing.get_type_hints(obj, localns=names).values())
+        return list(typing.get_type_hints(obj, localns={**names, "Unpack": Unpack}).values())
     except TypeError:
         return []  # not something with annotations (a constant, a builtin)
 

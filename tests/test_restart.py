@@ -25,9 +25,18 @@ from trio_dpsup import (
     SupervisorStatus,
 )
 from trio_dpsup._ranks.restart import Restarter
-from trio_dpsup.testing import Deployment, Form, Harness, wait_pids_gone
+from trio_dpsup.testing import (
+    Deployment,
+    Fault,
+    Form,
+    Harness,
+    free_port_range,
+    inject_fault,
+    open_cli_supervisor,
+    wait_pids_gone,
+)
 
-from .conftest import FORMS, on_failure
+from .conftest import FORMS, cli_args, on_failure
 
 pytest_plugins = ["trio_dpsup.testing.plugin"]
 
@@ -132,7 +141,12 @@ async def test_crash_loop_escalates_with_the_last_cause(dpsup: Harness) -> None:
 async def test_exit_zero_is_restarted_like_any_failure(
     dpsup: Harness, policy: RestartPolicy
 ) -> None:
-    deployment = await dpsup.start(2, **{**QUICK, "restart": policy})
+    settings = {**QUICK, "restart": policy}
+    if policy is RestartPolicy.ALWAYS:  # deprecated: on-failure, with a warning
+        with pytest.warns(FutureWarning, match="--restart always is the same as on-failure"):
+            deployment = await dpsup.start(2, **settings)
+    else:
+        deployment = await dpsup.start(2, **settings)
     await deployment.crash_rank(0, 0)
     status = await ready_again(deployment, 0, 1)
     assert causes(rank(status, 0)) == ["rank 0 exited unexpectedly: exit status 0"]
@@ -257,10 +271,26 @@ async def test_a_second_signal_reaches_a_rank_that_is_restarting(
     await deployment.fail_health(0, 503)
     await deployment.wait_for_rank_state(0, RankState.RESTARTING)
     deployment.signal_supervisor(signal.SIGTERM)
-    await trio.sleep(0.2)  # past the 0.1 s in which a repeat is the same request (README)
+    await deployment.signal_supervisor_again(signal.SIGTERM)
     start = trio.current_time()
-    deployment.signal_supervisor(signal.SIGTERM)
     with trio.fail_after(10):
         assert await deployment.wait_exit() == 1  # ranks had to be killed
     assert trio.current_time() - start < 3.0  # not the 30 s of the restart's grace period
     await deployment.assert_no_leftovers()
+
+
+async def test_restart_always_is_deprecated_in_the_cli_too() -> None:
+    # The warning is one record of our log; the run is on-failure's.
+    base = free_port_range(1)
+    args = cli_args(1, base, options=["--restart", "always", "--restart-backoff-min", "0.1"])
+    async with open_cli_supervisor(args) as sup:
+        await sup.wait_ready()
+        mark = len(sup.lines)
+        await inject_fault(base, Fault.exit(0))
+        await sup.wait_for_line(r"rank 0 is ready", after=mark)  # again, after its restart
+        assert (await sup.status()).ranks[0].restarts == 1
+        sup.send_signal(signal.SIGTERM)
+        assert await sup.wait() == 0
+    (warning,) = [line for line in sup.lines if "always is the same" in line]
+    assert "WARNING" in warning
+    assert "pass --restart on-failure" in warning

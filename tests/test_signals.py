@@ -83,7 +83,8 @@ async def test_cgroups_hold_what_leaves_session_cookie_and_parent(tmp_path: Path
             if "--cgroups needs a writable cgroup v2" in sup.log:
                 pytest.skip("no writable cgroup v2 here")
             raise
-        rank_pid = int((await sup.status())["ranks"][0]["pid"])  # type: ignore[index]
+        rank_pid = (await sup.status()).ranks[0].pid
+        assert rank_pid is not None
         cgroup = Path(f"/proc/{rank_pid}/cgroup").read_text()  # noqa: ASYNC240
         assert "/trio-dpsup-" in cgroup
         assert "/rank-0" in cgroup

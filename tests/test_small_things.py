@@ -8,8 +8,6 @@ import pty
 import random
 import re
 import signal
-import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
@@ -18,8 +16,8 @@ import pytest
 import trio
 
 from trio_dpsup import ConfigError, Preset, RestartPolicy, RestartScope, SupervisorConfig
-from trio_dpsup._cli import SECOND_SIGNAL_AFTER
-from trio_dpsup.testing import Harness, free_port_range, open_cli_supervisor
+from trio_dpsup._proc.stop import SECOND_SIGNAL_AFTER  # the CLI's window, under test
+from trio_dpsup.testing import Harness, free_port_range, open_cli_supervisor, run_cli
 from trio_dpsup.testing.fake_servers import install_fake_servers
 
 from .conftest import cli_args
@@ -136,8 +134,5 @@ def test_the_package_says_who_and_which_pythons() -> None:
 
 
 async def test_ctl_help_lists_its_actions() -> None:
-    result = await trio.run_process(
-        [sys.executable, "-m", "trio_dpsup", "ctl", "--help"], capture_stdout=True,
-        stdin=subprocess.DEVNULL,
-    )  # fmt: skip
-    assert b"rolling-restart" in result.stdout
+    result = await run_cli(["ctl", "--help"])
+    assert "rolling-restart" in result.stdout

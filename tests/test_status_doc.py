@@ -13,6 +13,8 @@ from trio_dpsup import (
     GpuLeftovers,
     GpuMemoryHeld,
     Owner,
+    OwnerKind,
+    PortHolder,
     PortInUse,
     RankExited,
     RankSpawnFailed,
@@ -45,7 +47,8 @@ EXAMPLES: list[SupervisorFailure] = [
     RestartRequested(2),
     GpuFailed(1, "GPU 1 (GPU-x)", "critical Xid error 79"),
     GpuLeftovers((HOLDER,)),
-    PortInUse(1, 8001, "pid 7 (python; not ours)", 30.0),
+    PortInUse(1, 8001, (PortHolder(7, "python -m x", Owner(OwnerKind.OUTSIDE)),), 30.0),
+    PortInUse(1, 8001, (PortHolder(None, None, Owner(OwnerKind.UNKNOWN)),), 30.0),
     GpuMemoryHeld(1, (HOLDER,), 60.0, foreign=False),
 ]
 

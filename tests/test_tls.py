@@ -10,9 +10,9 @@ import httpx
 import pytest
 import trustme
 
-from trio_dpsup.testing import free_port_range, open_cli_supervisor
+from trio_dpsup.testing import free_port_range, open_cli_supervisor, run_cli
 
-from .conftest import cli_args, run_cli
+from .conftest import cli_args
 
 
 class Certs:
@@ -81,7 +81,7 @@ async def test_ranks_serving_https(certs: Certs, verify: str) -> None:
     async with open_cli_supervisor(args) as sup:
         await sup.wait_ready()
         status = await sup.status()
-        assert all(r["last_probe"]["ok"] for r in status["ranks"])  # type: ignore[index, union-attr]
+        assert all(r.last_probe is not None and r.last_probe.ok for r in status.ranks)
         sup.send_signal(signal.SIGTERM)
         assert await sup.wait() == 0
 
@@ -115,6 +115,6 @@ async def test_ranks_with_a_certificate_from_another_ca_never_become_ready(
 async def test_bad_tls_options_exit_2(certs: Certs, options: list[str], message: str) -> None:
     files = {"CERT": str(certs.cert), "CA": str(certs.ca_file), "CERT.key": str(certs.key)}
     options = [files.get(o, o) for o in options]
-    status, stderr = await run_cli([*cli_args(1, free_port_range(1), options=options)], env=None)
+    status, _, stderr = await run_cli([*cli_args(1, free_port_range(1), options=options)], env=None)
     assert status == 2, stderr
     assert message in stderr

@@ -56,11 +56,12 @@ if typing.TYPE_CHECKING:
     from ._gpu.nvml import NvmlUnavailable as NvmlUnavailable
     from ._gpu.placement import GpuHolder as GpuHolder
     from ._gpu.placement import IssueKind as IssueKind
-    from ._gpu.placement import Owner as Owner
-    from ._gpu.placement import OwnerKind as OwnerKind
     from ._gpu.placement import Placement as Placement
     from ._gpu.placement import PlacementIssue as PlacementIssue
     from ._gpu.placement import PlacementVerdict as PlacementVerdict
+    from ._proc.owners import Owner as Owner
+    from ._proc.owners import OwnerKind as OwnerKind
+    from ._proc.owners import PortHolder as PortHolder
     from ._state.status import ProbeResult as ProbeResult
     from ._state.status import ProgressStatus as ProgressStatus
     from ._state.status import RankState as RankState

@@ -21,12 +21,14 @@ from typing import NoReturn, TypeVar
 import trio
 
 from ._config.config import SupervisorConfig
+from ._config.enums import LogFormat
 from ._config.file import load_config_file
 from ._config.options import GROUPS, add_settings, from_namespace
 from ._config.plan import PLACEHOLDERS
 from ._errors import EXIT_USAGE, ConfigError, SupervisorFailure
 from ._output.log_format import configure_logging
 from ._proc.spawn import become_subreaper
+from ._proc.stop import SECOND_SIGNAL_AFTER
 from ._startup_line import run_startup_line
 from ._supervisor import Supervisor, SupervisorHandle
 from ._systemd import run_systemd_notify
@@ -64,7 +66,7 @@ def run_cli(argv: Sequence[str]) -> int:
     except ConfigError as exc:
         return _usage_error(exc)
     args = parser.parse_args(options)  # exits 2 itself on a malformed option
-    configure_logging(args.log_level, args.log_format)
+    configure_logging(args.log_level, json_lines=LogFormat(args.log_format) is LogFormat.JSON)
     _raise_fd_limit()
     try:
         config = _config_from_args(args, command)
@@ -169,10 +171,6 @@ def _usage_error(exc: ConfigError) -> int:
 #: The signals that ask for the ordered shutdown. SIGHUP (the terminal or session went
 #: away) and SIGQUIT mean "stop" to a supervisor as much as SIGTERM does.
 SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
-#: A repeated signal within this many seconds of the first is the same request: coreutils'
-#: `timeout` sends SIGTERM twice a few milliseconds apart (to us, then to our group), and
-#: two signals in one scheduler tick cannot be told apart anyway. Past it, "kill now".
-SECOND_SIGNAL_AFTER = 0.1
 
 
 async def _supervise(config: SupervisorConfig) -> int:

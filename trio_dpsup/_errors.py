@@ -13,6 +13,7 @@ import typing
 
 if typing.TYPE_CHECKING:  # only for annotations: this module stays light
     from ._gpu.placement import GpuHolder
+    from ._proc.owners import PortHolder
 
 __all__ = [
     "ConfigError",
@@ -176,14 +177,17 @@ class RestartedWith(SupervisorFailure):
 class PortInUse(SupervisorFailure):
     """A rank's port was still held when it was to restart, past ``port_wait``."""
 
-    def __init__(self, rank: int, port: int, holder: str, waited: float) -> None:
+    def __init__(
+        self, rank: int, port: int, holders: tuple[PortHolder, ...], waited: float
+    ) -> None:
         self.rank = rank
         self.port = port
-        self.holder = holder
+        self.holders = holders
         self.waited = waited
+        named = "; ".join(h.describe() for h in holders) or "a process this user cannot see"
         super().__init__(
             f"rank {rank} cannot restart: its port {port} is still held after {waited:.1f}s, "
-            f"by {holder}"
+            f"by {named}"
         )
 
 
@@ -258,3 +262,9 @@ def describe_returncode(returncode: int) -> str:
     except ValueError:
         name = f"signal {-returncode}"
     return f"killed by {name}"
+
+
+def first_failure(group: BaseExceptionGroup[SupervisorFailure]) -> SupervisorFailure:
+    """The first failure in `group`, depth first: the one a nursery saw first."""
+    first = group.exceptions[0]
+    return first if isinstance(first, SupervisorFailure) else first_failure(first)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -191,8 +192,8 @@ class SupervisorConfig:
     restart: RestartPolicy = setting(
         RestartPolicy.NEVER,
         "never: any rank failure stops everything (DP+EP); on-failure: restart a rank that "
-        "exited unasked (any status, 0 included), failed its probes or stalled; always: the "
-        "same",
+        "exited unasked (any status, 0 included), failed its probes or stalled; always: "
+        "deprecated, the same as on-failure",
         "restarts",
     )
     #: None: all for a group (`forms_group`), rank for independent replicas. Resolved when
@@ -448,6 +449,16 @@ class SupervisorConfig:
             object.__setattr__(self, name, member)  # frozen: set once, while constructing
 
     def _check_restarts(self) -> None:
+        if self.restart is RestartPolicy.ALWAYS:
+            # It meant on-failure since on-failure restarts an exit with status 0 too; a
+            # user-facing warning (FutureWarning: shown by default), then the one meaning.
+            warnings.warn(
+                f"{_opt('restart')} always is the same as on-failure and will be removed: "
+                f"pass {_opt('restart')} on-failure",
+                FutureWarning,
+                stacklevel=4,
+            )
+            object.__setattr__(self, "restart", RestartPolicy.ON_FAILURE)  # frozen: set once
         if self.restart_backoff_max < self.restart_backoff_min:
             raise ConfigError(
                 f"{_opt('restart_backoff_max')} {self.restart_backoff_max:g} is below "

@@ -28,8 +28,9 @@ class RestartPolicy(enum.Enum):
     #: vLLM exits 0 on SIGTERM, so an operator's ``kill -TERM`` of one rank is a bounce),
     #: failed its probes, stalled, or did not come back within the startup timeout.
     ON_FAILURE = "on-failure"
-    #: The same as ON_FAILURE: kept for configurations written when on-failure did not
-    #: restart an exit with status 0. Every unrequested exit is a failure now.
+    #: Deprecated (a FutureWarning when a config is built with it, which then holds
+    #: ON_FAILURE): it meant on-failure since every unrequested exit, status 0 included,
+    #: became a failure. Kept so that configurations that name it still load.
     ALWAYS = "always"
 
 

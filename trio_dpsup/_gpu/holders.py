@@ -10,8 +10,9 @@ from typing import TypeVar, TypeVarTuple
 import psutil
 import trio
 
+from .._proc.owners import Owner
 from .nvml import MIB, GpuInfo, GpuProcess, NvmlBackend, NvmlError
-from .placement import GpuHolder, Owner
+from .placement import GpuHolder
 
 __all__ = ["LEFTOVER_SETTLE", "find_leftovers", "gpu_holder", "leaf_devices", "nvml_call"]
 

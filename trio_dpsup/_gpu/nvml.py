@@ -103,6 +103,14 @@ class GpuEvent:
     xid: int
 
 
+@dataclass(frozen=True)
+class XidSeen:
+    """A critical Xid error as the supervisor saw it: when (wall clock) and what."""
+
+    at: float
+    event: GpuEvent
+
+
 class NvmlBackend(Protocol):
     """The NVML calls the supervisor makes. Every method blocks; all are thread-safe.
     Failures raise `NvmlError` (`GpuLost` when the device is gone)."""

@@ -21,8 +21,9 @@ import os
 import queue
 import select
 import threading
+import warnings
 from collections.abc import Callable, Iterator
-from typing import Generic, TypeVar
+from typing import Generic, TextIO, TypeVar
 
 import trio
 
@@ -316,14 +317,25 @@ class NonBlockingHandler(logging.Handler):
         return (self.format(record) + "\n").encode("utf-8", "backslashreplace")
 
 
-def configure_logging(level: str, log_format: str) -> None:
-    """Send our records to stderr, as text or JSON, without blocking; quiet the libraries'
-    per-request lines."""
+def configure_logging(level: str, *, json_lines: bool) -> None:
+    """Send our records to stderr, as text or (`json_lines`) JSON, without blocking; quiet
+    the libraries' per-request lines; and log warnings (a deprecated setting) as records of
+    their own, so that they reach whoever reads our log, in its format."""
     handler = NonBlockingHandler()
-    handler.setFormatter(
-        JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT)
-    )
+    handler.setFormatter(JsonFormatter() if json_lines else logging.Formatter(TEXT_FORMAT))
     logging.basicConfig(level=level, handlers=[handler])
+    warnings.showwarning = _log_warning
     # One line per probe from httpx would drown the ranks' events.
     for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _log_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
+    logging.getLogger("trio_dpsup").warning("%s", message)

@@ -33,7 +33,7 @@ import os
 import socket
 import stat
 import struct
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import trio
@@ -462,14 +462,32 @@ def _ranks(ranks: list[int]) -> str:
 async def serve_admin(
     admin_socket: AdminSocket,
     admin: Admin,
+    shutdown_trigger: Callable[[], Awaitable[object]],
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve `admin` on the bound socket until cancelled. Takes ownership of the socket
-    (not of its file: the caller removes that).
+    """Serve `admin` on the bound socket until `shutdown_trigger` returns (the control
+    plane's, so both stop last); then remove the socket's file if it is still ours. Takes
+    ownership of the socket.
 
-    **Cancellation**: stops at once; requests in progress are dropped.
+    **Cancellation**: stops at once, dropping requests in progress; the file is removed.
     """
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(_serve, admin_socket, admin)
+            task_status.started()
+            await shutdown_trigger()
+            nursery.cancel_scope.cancel()
+    finally:
+        admin_socket.remove()
+
+
+async def _serve(
+    admin_socket: AdminSocket,
+    admin: Admin,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
     listener = trio.SocketListener(trio.socket.from_stdlib_socket(admin_socket.sock))
     serving = 0
 

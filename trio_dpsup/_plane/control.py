@@ -23,6 +23,7 @@ from .._config.config import SupervisorConfig
 from .._config.plan import control_connections
 from .._config.tls import TlsFiles
 from .._errors import ConfigError
+from .._state.board import Board
 from .._state.document import status_to_json
 from .._state.status import SupervisorState, SupervisorStatus
 from .discovery import MAX_WAIT, prometheus_targets, ranks_document
@@ -40,22 +41,16 @@ _ALLOWED = "GET, HEAD"
 
 
 class ControlApp:
-    """Answers the probe, status and discovery endpoints from `snapshot()`, a fresh status
-    each call. With `config` and `changed` (the event the next change sets), it also serves
-    /ranks (long polls included) and /prometheus/targets (see _discovery)."""
+    """Answers the probe, status and discovery endpoints from a fresh snapshot of `board`
+    each call, /metrics from `metrics()`, and /ranks (long polls included) and
+    /prometheus/targets (see discovery.py) by `config`."""
 
     def __init__(
-        self,
-        snapshot: Callable[[], SupervisorStatus],
-        metrics: Callable[[], bytes] | None = None,
-        *,
-        config: SupervisorConfig | None = None,
-        changed: Callable[[], trio.Event] | None = None,
+        self, board: Board, metrics: Callable[[], bytes], config: SupervisorConfig
     ) -> None:
-        self._snapshot = snapshot
+        self._board = board
         self._metrics = metrics
         self._config = config
-        self._changed = changed
 
     async def respond(self, method: str, target: str) -> Response:
         """The answer to `method` `target` (the server leaves out the body of a HEAD).
@@ -63,29 +58,28 @@ class ControlApp:
         **Cancellation**: a long poll of /ranks ends at once; nothing else waits.
         """
         path, _, query = target.partition("?")
-        if path == "/ranks" and method in ("GET", "HEAD") and self._config is not None:
+        if path == "/ranks" and method in ("GET", "HEAD"):
             return await self._ranks(parse_qs(query))
         return Response(*self._route(method, path))
 
     async def _ranks(self, query: dict[str, list[str]]) -> Response:
-        assert self._config is not None
         try:
             wait = min(float(query.get("wait", ["0"])[0]), MAX_WAIT)
             version = int(query.get("version", ["-1"])[0])
         except ValueError:
             return Response(400, _TEXT, b"wait is seconds and version a whole number\n")
-        if wait > 0 and self._changed is not None and version == self._snapshot().version:
-            changed = self._changed()
+        if wait > 0 and version == self._board.snapshot().version:
+            changed = self._board.changed
             with trio.move_on_after(wait):
                 await changed.wait()
-        body = json.dumps(ranks_document(self._snapshot(), self._config), indent=2) + "\n"
+        body = json.dumps(ranks_document(self._board.snapshot(), self._config), indent=2) + "\n"
         return Response(200, [(b"content-type", b"application/json")], body.encode())
 
     def _route(self, method: str, path: str) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         if method not in ("GET", "HEAD"):
             return 405, [(b"allow", _ALLOWED.encode()), *_TEXT], b"method not allowed\n"
-        status = self._snapshot()
-        if path == "/prometheus/targets" and self._config is not None:
+        status = self._board.snapshot()
+        if path == "/prometheus/targets":
             targets = json.dumps(prometheus_targets(status, self._config), indent=2) + "\n"
             return 200, [(b"content-type", b"application/json")], targets.encode()
         if path == "/livez":
@@ -98,7 +92,7 @@ class ControlApp:
             if status.ready:
                 return 200, _TEXT, b"ok\n"
             return 503, _TEXT, _reason(status).encode()
-        if path == "/metrics" and self._metrics is not None:
+        if path == "/metrics":
             return 200, [(b"content-type", CONTENT_TYPE.encode())], self._metrics()
         if path == "/status":
             body = json.dumps(status_to_json(status), indent=2).encode() + b"\n"

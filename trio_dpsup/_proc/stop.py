@@ -19,16 +19,21 @@ from dataclasses import dataclass
 import psutil
 import trio
 
-from .process_tree import TreeScanner, kill_all, reap, signal_all, wait_gone
+from .membership import Trees
+from .process_tree import TreeScanner, kill_all, process_of, reap, signal_all, wait_gone
 from .spawn import RankProcess
 
-__all__ = ["StopClock", "StopOutcome", "stop_rank"]
+__all__ = ["StopClock", "StopOutcome", "stop_rank", "sweep_orphans"]
 
 logger = logging.getLogger(__name__)
 
 #: How long to wait after SIGKILL. Any process outside uninterruptible sleep dies within
 #: milliseconds; one that outlives this is reported by pid instead of hanging shutdown.
 KILL_TIMEOUT = 2.0
+#: A repeated signal within this many seconds of the first is the same request: coreutils'
+#: `timeout` sends SIGTERM twice a few milliseconds apart (to us, then to our group), and
+#: two signals in one scheduler tick cannot be told apart anyway. Past it, "kill now".
+SECOND_SIGNAL_AFTER = 0.1
 
 
 class StopClock:
@@ -176,3 +181,25 @@ def _union(first: list[psutil.Process], second: list[psutil.Process]) -> list[ps
     for proc in second:
         seen.setdefault(proc.pid, proc)
     return list(seen.values())
+
+
+async def sweep_orphans(trees: Trees, scanner: TreeScanner, clock: StopClock) -> None:
+    """Stop the orphans this subreaper adopted from the trees whose rank could not be
+    told (no rank's stop took them: a setsid, double-forked, renamed process). They get
+    the forwarded signal and what is left of the shared grace period, then kill passes.
+
+    **Cancellation**: shielded; bounded by the grace deadline and the kill passes.
+    """
+    with trio.CancelScope(shield=True):
+        orphans = [stat for stat, _ in trees.adopted()]
+        if not orphans:
+            return
+        logger.warning(
+            "stopping pids %s: orphans adopted from the rank trees",
+            ", ".join(str(stat.pid) for stat in orphans),
+        )
+        procs = [proc for stat in orphans if (proc := process_of(stat)) is not None]
+        signal_all(procs, clock.signum)
+        with clock.grace():
+            await wait_gone(procs)
+        await scanner.kill_members(None)

@@ -23,7 +23,6 @@ import logging
 import math
 import socket
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
 
 import psutil
 import trio
@@ -34,8 +33,9 @@ from .._config.tls import WILDCARD_HOSTS
 from .._errors import ConfigError, GpuMemoryHeld, PortInUse
 from .._gpu.holders import gpu_holder
 from .._gpu.nvml import GpuInfo, NvmlBackend, NvmlError
-from .._gpu.placement import GpuHolder, Owner, OwnerKind
+from .._gpu.placement import GpuHolder
 from .._output.redact import redact_argv
+from .._proc.owners import Owner, OwnerKind, PortHolder
 from .._state.board import RankRecord
 
 __all__ = [
@@ -52,22 +52,6 @@ logger = logging.getLogger(__name__)
 RECHECK = 0.05
 #: A command line in a message is cut to this many characters.
 _COMMAND_CHARS = 200
-
-
-@dataclass(frozen=True)
-class PortHolder:
-    """A process listening on a port we need; pid None where /proc does not show it
-    (another user's process, without privileges)."""
-
-    pid: int | None
-    command: str | None
-    owner: Owner
-
-    def describe(self) -> str:
-        if self.pid is None:
-            return "a process this user cannot see (run `ss -ltnp` as root)"
-        whose = "ours: " + self.owner.describe() if self.owner.ours else "not ours"
-        return f"pid {self.pid} ({self.command or '?'}; {whose})"
 
 
 def port_in_use(host: str, port: int) -> bool:
@@ -169,7 +153,8 @@ async def _wait_port(
     if not port_in_use(config.host, plan.port):
         return
     holders = await trio.to_thread.run_sync(port_holders, plan.port, owner)
-    named = "; ".join(h.describe() for h in holders) or "a process this user cannot see"
+    holders = holders or (PortHolder(None, None, _UNKNOWN),)
+    named = "; ".join(h.describe() for h in holders)
     record.waiting = f"port {plan.port} held by {named}"
     logger.warning(
         "rank %d waits up to %gs for its port %d, held by %s",
@@ -185,7 +170,7 @@ async def _wait_port(
             await trio.sleep(RECHECK)
             if not port_in_use(config.host, plan.port):
                 return
-    raise PortInUse(plan.rank, plan.port, named, trio.current_time() - start)
+    raise PortInUse(plan.rank, plan.port, holders, trio.current_time() - start)
 
 
 async def _wait_gpus(

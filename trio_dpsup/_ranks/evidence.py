@@ -26,9 +26,8 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Collection
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import trio
 
@@ -41,10 +40,12 @@ from .._errors import (
     StartupTimeout,
     SupervisorFailure,
 )
+from .._gpu.nvml import XidSeen
 from .._output.redact import redact_text
 from .._state.board import RankRecord
+from .._state.document import rank_to_json
 
-__all__ = ["capture_evidence", "wants_evidence"]
+__all__ = ["EvidenceRequest", "capture_evidence", "wants_evidence"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,46 +57,54 @@ _NO_PY_SPY = (
 )
 
 
+@dataclass(frozen=True)
+class EvidenceRequest:
+    """What one failure's evidence is made of, gathered by the rank's task before the kill."""
+
+    run_id: str
+    record: RankRecord
+    failure: SupervisorFailure
+    #: The rank's process tree, now.
+    pids: frozenset[int]
+    #: The critical Xid errors seen in this run (those on the rank's devices are kept).
+    xids: tuple[XidSeen, ...] = ()
+
+
 def wants_evidence(config: SupervisorConfig, failure: SupervisorFailure | None) -> bool:
     return config.evidence_dir is not None and isinstance(failure, _KINDS)
 
 
-async def capture_evidence(
-    config: SupervisorConfig,
-    run_id: str,
-    record: RankRecord,
-    failure: SupervisorFailure,
-    pids: Collection[int],
-    status_entry: dict[str, Any],
-    xid_events: Collection[tuple[float, str, int]] = (),
-) -> str | None:
-    """Write the evidence of `failure` of `record`'s rank (its tree: `pids`); return the
-    folder, or None if it could not be written (logged).
+async def capture_evidence(config: SupervisorConfig, request: EvidenceRequest) -> str | None:
+    """Write the evidence of `request`'s failure of its rank; return the folder, or None if
+    it could not be written (logged).
 
     **Cancellation**: the caller shields it; the stacks are bounded by evidence_timeout
     (what they had not given by then is noted as cut), the rest is quick.
     """
     assert config.evidence_dir is not None
+    record, failure = request.record, request.failure
     rank = record.plan.rank
     stamp = (
         time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f".{int(time.time() * 1000) % 1000:03d}Z"
     )
-    folder = Path(config.evidence_dir) / run_id / f"{stamp}-rank{rank}"
+    folder = Path(config.evidence_dir) / request.run_id / f"{stamp}-rank{rank}"
     start = trio.current_time()
     files = {
         "cause.txt": f"{failure}\n",
         "log.txt": record.output.recent_text() or _NO_LOG,
-        "status.json": json.dumps(status_entry, indent=2) + "\n",
+        "status.json": json.dumps(rank_to_json(record.snapshot()), indent=2) + "\n",
     }
     if record.plan.gpus:
         own = {uuid for g in record.plan.gpus for uuid in (g.uuid, g.parent_uuid) if uuid}
         events = [
-            {"time": when, "gpu": uuid, "xid": xid} for when, uuid, xid in xid_events if uuid in own
+            {"time": seen.at, "gpu": seen.event.uuid, "xid": seen.event.xid}
+            for seen in request.xids
+            if seen.event.uuid in own
         ]
         files["xid.json"] = json.dumps(events, indent=2) + "\n"
     try:
         await trio.to_thread.run_sync(_write, folder, files)
-        stacks = await _stacks(sorted(pids), config.evidence_timeout)
+        stacks = await _stacks(sorted(request.pids), config.evidence_timeout)
         await trio.to_thread.run_sync(_write, folder, {"stacks.txt": stacks})
     except OSError as exc:
         logger.error("rank %d: cannot write its evidence in %s: %s", rank, folder, exc)

@@ -20,19 +20,76 @@ from collections.abc import Callable, Sequence
 
 import trio
 
-from .._errors import GpuFailed, SupervisorFailure
-from .._gpu.holders import leaf_devices, nvml_call
-from .._gpu.nvml import GpuEvent, GpuInfo, GpuLost, NvmlBackend, NvmlError
-from .._gpu.placement import PENDING, Owner, Placement, PlacementVerdict, check_placement
+from .._errors import GpuFailed, GpuLeftovers, SupervisorFailure
+from .._gpu.holders import find_leftovers, leaf_devices, nvml_call
+from .._gpu.nvml import GpuEvent, GpuInfo, GpuLost, NvmlBackend, NvmlError, XidSeen
+from .._gpu.placement import PENDING, Placement, PlacementVerdict, check_placement
+from .._gpu.session import NvmlSession
+from .._proc.owners import Owner
 from .._state.board import Board, RankRecord
 from .._state.status import RankState
+from .context import RankContext
 
-__all__ = ["run_gpu_monitor"]
+__all__ = ["report_leftovers", "run_gpu_watch"]
 
 logger = logging.getLogger(__name__)
 
 #: How long one wait for an Xid event blocks its thread: the longest a cancelled wait lingers.
 _XID_WAIT = 0.5
+
+
+async def run_gpu_watch(
+    nvml: NvmlSession | None,
+    ctx: RankContext,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """`run_gpu_monitor` of the ranks over `nvml`; without NVML, every rank's placement is
+    marked unavailable (with a warning where ranks have devices) and this returns at once.
+
+    **Cancellation**: as `run_gpu_monitor`'s.
+    """
+    board = ctx.board
+    if nvml is not None:
+        await run_gpu_monitor(
+            nvml.backend,
+            nvml.inventory,
+            board,
+            interval=ctx.config.gpu_interval,
+            fail=ctx.fail,
+            owner=ctx.owner,
+            task_status=task_status,
+        )
+        return
+    unavailable = Placement(PlacementVerdict.UNAVAILABLE, note=board.nvml_unavailable)
+    for record in board.ranks:
+        record.placement = unavailable
+    if any(record.plan.devices for record in board.ranks):
+        logger.warning(
+            "NVML is unavailable (%s): no GPU readings, placement checks, GPU fault "
+            "detection or leftover report",
+            board.nvml_unavailable,
+        )
+    task_status.started()
+
+
+async def report_leftovers(
+    nvml: NvmlSession | None, board: Board, owner: Callable[[int], Owner], *, fail: bool
+) -> None:
+    """After every rank stopped: log each process still holding memory on the ranks'
+    devices; with `fail` (--fail-on-leftovers), a clean run becomes a `GpuLeftovers` failure.
+
+    **Cancellation**: shielded; bounded by `LEFTOVER_SETTLE`.
+    """
+    gpus = [gpu for record in board.ranks for gpu in record.plan.gpus]
+    if nvml is None or not gpus:
+        return
+    with trio.CancelScope(shield=True):
+        leftovers = await find_leftovers(nvml.backend, gpus, owner)
+    for holder in leftovers:
+        logger.error("left over after shutdown: %s", holder.describe())
+    if leftovers and fail and board.failure is None:
+        board.fail(GpuLeftovers(tuple(leftovers)))
 
 
 async def run_gpu_monitor(
@@ -135,7 +192,7 @@ async def _watch_xids(
             )
             if event is not None:
                 logger.error("critical Xid %d on GPU %s", event.xid, event.uuid)
-                board.xid_events.append((time.time(), event.uuid, event.xid))
+                board.xid_events.append(XidSeen(time.time(), event))
                 _fail_ranks_on(board, event.uuid, f"critical Xid error {event.xid}", fail)
     except NvmlError as exc:
         logger.warning("Xid events stopped (%s): GPU errors are seen by probes only", exc)

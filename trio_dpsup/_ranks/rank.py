@@ -14,13 +14,9 @@ from __future__ import annotations
 import logging
 import subprocess
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 
-import httpx
 import trio
 
-from .._config.config import SupervisorConfig
 from .._config.enums import RestartScope
 from .._errors import (
     RankExited,
@@ -30,57 +26,21 @@ from .._errors import (
     SupervisorFailure,
     describe_returncode,
 )
-from .._gpu.nvml import NvmlBackend
-from .._gpu.placement import Owner
-from .._output.pump import LogPump, wait_drained
-from .._proc.cgroup import RunCgroups
+from .._output.pump import wait_drained
 from .._proc.cookie import TREE_ENV, rank_cookie
-from .._proc.guardian import Guardian
-from .._proc.process_tree import TreeScanner
-from .._proc.spawn import RankProcess, Spawner
-from .._proc.stop import StopClock, stop_rank
-from .._state.board import Board, RankRecord
-from .._state.document import rank_to_json
-from .._state.status import ProbeResult, RankState
+from .._proc.spawn import RankProcess
+from .._proc.stop import stop_rank
+from .._state.board import RankRecord
+from .._state.status import RankState
 from .clean_start import wait_clean_restart
-from .evidence import capture_evidence, wants_evidence
-from .prober import RankProbe, Ticker, probe_rank
+from .context import RankContext
+from .evidence import EvidenceRequest, capture_evidence, wants_evidence
+from .prober import probe_rank
 from .progress import watch_progress
-from .restart import Restarter
 
-__all__ = ["RankContext", "run_rank"]
+__all__ = ["run_rank"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RankContext:
-    """What every rank task shares."""
-
-    config: SupervisorConfig
-    board: Board
-    spawner: Spawner
-    scanner: TreeScanner
-    #: Told of every rank process (and cgroup) as it starts.
-    guardian: Guardian
-    #: The shutdown's clock: one grace deadline for every rank.
-    clock: StopClock
-    #: For the progress check's reads of each rank's metrics.
-    client: httpx.AsyncClient
-    #: Makes the health probe of the rank on a port (see _prober.probe_factory).
-    probes: Callable[[int], RankProbe]
-    #: The clock of the ready ranks' probes.
-    ticker: Ticker
-    restarter: Restarter
-    environ: Mapping[str, str]
-    fail: Callable[[SupervisorFailure], SupervisorFailure]
-    #: Whose a pid is (for naming port and GPU holders), and NVML where it is available.
-    owner: Callable[[int], Owner]
-    nvml: NvmlBackend | None
-    observe: Callable[[int, ProbeResult], None] | None = None
-    pump: LogPump | None = None
-    #: The ranks' cgroups, with --cgroups.
-    cgroups: RunCgroups | None = None
 
 
 async def run_rank(
@@ -234,11 +194,9 @@ async def _evidence(
     if process.returncode is not None or not wants_evidence(ctx.config, failure):
         return False
     assert failure is not None
-    pids = {proc.pid for proc in await ctx.scanner.scan(rank)} | {process.pid}
-    entry = rank_to_json(record.snapshot())
-    record.evidence = await capture_evidence(
-        ctx.config, ctx.board.run_id, record, failure, pids, entry, tuple(ctx.board.xid_events)
-    )
+    pids = frozenset({proc.pid for proc in await ctx.scanner.scan(rank)} | {process.pid})
+    request = EvidenceRequest(ctx.board.run_id, record, failure, pids, tuple(ctx.board.xid_events))
+    record.evidence = await capture_evidence(ctx.config, request)
     return True
 
 

@@ -14,7 +14,7 @@ import trio
 
 from .._config.plan import RankPlan
 from .._errors import SupervisorFailure
-from .._gpu.nvml import GpuSample
+from .._gpu.nvml import GpuSample, XidSeen
 from .._gpu.placement import PENDING
 from .._output.pump import RankOutput
 from .status import (
@@ -142,7 +142,7 @@ class Board:
         #: When every rank was first ready (trio.current_time()), once they have been.
         self.ready_at: float | None = None
         #: Xid events NVML reported, newest last: (wall-clock time, device UUID, Xid).
-        self.xid_events: collections.deque[tuple[float, str, int]] = collections.deque(maxlen=64)
+        self.xid_events: collections.deque[XidSeen] = collections.deque(maxlen=64)
         self.all_ready = trio.Event()  # set once, when every rank is first ready
         self.stopping = trio.Event()  # set once, when shutdown or a failure begins
 
@@ -196,6 +196,20 @@ class Board:
             return
         self.state = state
         self.stopping.set()
+
+    async def wait_settled(self) -> None:
+        """Return once every rank is ready or shutdown has begun, whichever is first.
+
+        **Cancellation**: safe; nothing changes.
+        """
+        async with trio.open_nursery() as nursery:
+
+            async def wait_and_cancel(event: trio.Event) -> None:
+                await event.wait()
+                nursery.cancel_scope.cancel()
+
+            for event in (self.all_ready, self.stopping):
+                nursery.start_soon(wait_and_cancel, event)
 
     def snapshot(self) -> SupervisorStatus:
         return SupervisorStatus(

@@ -22,12 +22,11 @@ from .._gpu.nvml import MIB, GpuInfo, GpuSample
 from .._gpu.placement import (
     GpuHolder,
     IssueKind,
-    Owner,
-    OwnerKind,
     Placement,
     PlacementIssue,
     PlacementVerdict,
 )
+from .._proc.owners import Owner, OwnerKind, PortHolder
 from .status import (
     ProbeResult,
     ProgressStatus,
@@ -75,7 +74,8 @@ def failure_from_json(doc: JSON) -> SupervisorFailure:
         unknown = SupervisorFailure(doc["message"])
         unknown.rank = doc.get("rank")
         return unknown
-    hints = typing.get_type_hints(cls.__init__, localns={"GpuHolder": GpuHolder})
+    holders = {"GpuHolder": GpuHolder, "PortHolder": PortHolder}
+    hints = typing.get_type_hints(cls.__init__, localns=holders)
     kwargs = {name: _decode(doc[name], hints[name]) for name in _parameters(cls)}
     return cls(**kwargs)
 
@@ -91,6 +91,8 @@ def _encode(value: Any) -> Any:
         return failure_to_json(value)
     if isinstance(value, GpuHolder):
         return _holder_json(value)
+    if isinstance(value, PortHolder):
+        return {"pid": value.pid, "command": value.command, "owner": _owner_json(value.owner)}
     if isinstance(value, tuple):
         return [_encode(v) for v in value]
     return value
@@ -104,6 +106,8 @@ def _decode(value: Any, hint: Any) -> Any:
         return tuple(_decode(v, item) for v in value)
     if hint is GpuHolder:
         return _holder_from_json(value)
+    if hint is PortHolder:
+        return PortHolder(value["pid"], value["command"], _owner_from_json(value["owner"]))
     return value
 
 

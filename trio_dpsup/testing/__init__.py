@@ -1,11 +1,13 @@
 """Test support for supervised deployments.
 
-* ``python -m trio_dpsup.testing.fake_rank``: a rank server with faults to inject;
+* ``python -m trio_dpsup.testing.fake_rank``: a rank server with faults to inject, each a
+  `Fault` (its `FaultKind` and parameters), sent by `Deployment.inject` or `inject_fault`;
 * `open_cli_supervisor`: the CLI supervisor as a subprocess, with its log and control URL;
+  `run_cli` runs it to its end (`CliResult`); `CLI` is the command line of both;
 * `Harness` (the ``dpsup`` fixture of ``trio_dpsup.testing.plugin``, or `open_harness`):
   supervisors of fake ranks in either `Form`, each a `Deployment` to inject faults into,
   signal and watch through the typed `SupervisorStatus`, and a check that no process of its
-  tree is left;
+  tree is left; its settings are `SupervisorSettings`, typed keywords;
 * `FakeNvml`, `no_nvml`: NVML where there is no GPU, for ``Supervisor(config, nvml=...)``;
 * `free_port_range`, `alive`, `wait_pids_gone`, `read_pid_file`: ports and process checks.
 """
@@ -17,9 +19,12 @@ from .. import _lazy
 # The public names, declared once (see trio_dpsup/_lazy.py). The fake rank runs as
 # `python -m trio_dpsup.testing.fake_rank`: import nothing heavy here.
 if typing.TYPE_CHECKING:
+    from ._cli_process import CLI as CLI
     from ._cli_process import WAIT_TIMEOUT as WAIT_TIMEOUT
+    from ._cli_process import CliResult as CliResult
     from ._cli_process import CliSupervisor as CliSupervisor
     from ._cli_process import open_cli_supervisor as open_cli_supervisor
+    from ._cli_process import run_cli as run_cli
     from ._harness import FAKE_RANK as FAKE_RANK
     from ._harness import Deployment as Deployment
     from ._harness import Form as Form
@@ -32,7 +37,11 @@ if typing.TYPE_CHECKING:
     from ._procs import alive as alive
     from ._procs import read_pid_file as read_pid_file
     from ._procs import wait_pids_gone as wait_pids_gone
+    from ._settings import SupervisorSettings as SupervisorSettings
     from .fake_nvml import FakeNvml as FakeNvml
     from .fake_nvml import no_nvml as no_nvml
+    from .faults import Fault as Fault
+    from .faults import FaultKind as FaultKind
+    from .faults import inject_fault as inject_fault
 
 __getattr__, __dir__ = _lazy.lazy_exports(__name__)

@@ -1,4 +1,6 @@
-"""The CLI supervisor as a subprocess, for tests that run it as a user would.
+"""The CLI supervisor as a subprocess, for tests that run it as a user would: `CLI` is the
+one command line that starts it, `open_cli_supervisor` runs it for a block, `run_cli` to its
+end (bad input, ``--help``, ``ctl``).
 
 Waits take no timeouts: bound them with ``trio.fail_after``, as any Trio call. A wait
 called with no deadline at all is bounded by `WAIT_TIMEOUT` instead, so a forgotten bound
@@ -15,11 +17,26 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
+from typing import Any, NamedTuple
 
 import httpx
 import trio
 
-__all__ = ["WAIT_TIMEOUT", "CliSupervisor", "default_bound", "open_cli_supervisor"]
+from .._state.document import status_from_json
+from .._state.status import SupervisorStatus
+
+__all__ = [
+    "CLI",
+    "WAIT_TIMEOUT",
+    "CliResult",
+    "CliSupervisor",
+    "default_bound",
+    "open_cli_supervisor",
+    "run_cli",
+]
+
+#: How tests start the CLI: this Python, and never the working directory on its path (-P).
+CLI = (sys.executable, "-P", "-m", "trio_dpsup")
 
 #: The bound, in seconds, of a wait whose caller set no deadline.
 WAIT_TIMEOUT = 120.0
@@ -56,10 +73,11 @@ class CliSupervisor:
     def log(self) -> str:
         return "\n".join(self.lines)
 
-    async def wait_for_line(self, pattern: str) -> re.Match[str]:
-        """Wait for a log line matching the regex `pattern`."""
+    async def wait_for_line(self, pattern: str, *, after: int = 0) -> re.Match[str]:
+        """Wait for a log line matching the regex `pattern`, among the lines from index
+        `after` on (``after=len(sup.lines)``: a line still to come)."""
         regex = re.compile(pattern)
-        seen = 0
+        seen = after
         with default_bound():
             while True:
                 for line in self.lines[seen:]:
@@ -80,11 +98,16 @@ class CliSupervisor:
         await self.wait_for_line(r"all \d+ ranks are ready")
         return url
 
-    async def status(self) -> dict[str, object]:
-        """GET /status, parsed."""
-        async with httpx.AsyncClient() as client:
+    async def status(self) -> SupervisorStatus:
+        """GET /status, as the library's typed status."""
+        return status_from_json(await self.status_document())
+
+    async def status_document(self) -> dict[str, Any]:
+        """GET /status as JSON, for tests of the document itself."""
+        async with httpx.AsyncClient(trust_env=False) as client:
             response = await client.get(f"{await self.control_url()}/status")
-            result: dict[str, object] = response.json()
+            response.raise_for_status()
+            result: dict[str, Any] = response.json()
             return result
 
     async def wait_for_eof(self) -> None:
@@ -118,22 +141,64 @@ class CliSupervisor:
         self._new_line = trio.Event()
 
 
+class CliResult(NamedTuple):
+    """How a CLI run that `run_cli` waited for ended, and what it printed: decoded as UTF-8,
+    where a byte that is not UTF-8 stands as a lone surrogate; `stdout_bytes` and
+    `stderr_bytes` give back exactly the bytes written."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def stdout_bytes(self) -> bytes:
+        return self.stdout.encode(errors="surrogateescape")
+
+    @property
+    def stderr_bytes(self) -> bytes:
+        return self.stderr.encode(errors="surrogateescape")
+
+
+async def run_cli(
+    args: Sequence[str],
+    env: Mapping[str, str] | None = None,
+    *,
+    prefix: Sequence[str] = (),
+    cwd: str | None = None,
+) -> CliResult:
+    """Run ``CLI ARGS`` (after `prefix`, a wrapper such as ``prlimit ... --``) to its end,
+    with no input; bounded by `WAIT_TIMEOUT` where the caller set no deadline."""
+    with default_bound():
+        result = await trio.run_process(
+            [*prefix, *CLI, *args],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            stdin=subprocess.DEVNULL,
+            env=None if env is None else dict(env),
+            cwd=cwd,
+        )
+    out, err = (data.decode(errors="surrogateescape") for data in (result.stdout, result.stderr))
+    return CliResult(result.returncode, out, err)
+
+
 @asynccontextmanager
 async def open_cli_supervisor(
     args: Sequence[str],
     env: Mapping[str, str] | None = None,
     *,
+    prefix: Sequence[str] = (),
     program: Sequence[str] | None = None,
     cwd: str | None = None,
 ) -> AsyncIterator[CliSupervisor]:
-    """Run ``python -P -m trio_dpsup ARGS`` (or `program` ARGS) for the duration of the block.
+    """Run ``CLI ARGS`` (after `prefix`, a wrapper; or `program` ARGS, such as the console
+    script) for the duration of the block.
 
     On the way out a supervisor still running is sent SIGKILL (its ranks then die with it,
     by their parent-death signal) and reaped.
     """
     process = await trio.lowlevel.open_process(
-        # -P: never the working directory on the path.
-        [*(program or (sys.executable, "-P", "-m", "trio_dpsup")), *args],
+        [*prefix, *(program or CLI), *args],
         stdin=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         env=None if env is None else dict(env),

@@ -10,7 +10,10 @@ test).
 
 Waits take no timeouts: bound them with ``trio.fail_after``, as any Trio call. A wait
 called with no deadline at all is bounded by `WAIT_TIMEOUT` instead, so a forgotten bound
-fails, naming what it waited for, and never hangs a test run.
+fails, naming what it waited for, and never hangs a test run. A wait wakes on each change
+the supervisor announces (the library's `SupervisorHandle.wait_changed`, the CLI's /ranks
+long poll), and re-reads at least every `REREAD` seconds for what no change announces (a
+probe's latency, a GPU reading).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import tempfile
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import trio
@@ -37,12 +40,19 @@ from .._config.options import cli_arguments
 from .._errors import SupervisorFailure
 from .._gpu.nvml import NvmlFactory
 from .._proc import cookie as _cookie
+from .._proc.stop import SECOND_SIGNAL_AFTER
 from .._state.document import status_from_json
 from .._state.status import RankState, RankStatus, SupervisorState, SupervisorStatus
 from .._supervisor import Supervisor, SupervisorHandle
 from ._cli_process import WAIT_TIMEOUT, CliSupervisor, default_bound, open_cli_supervisor
 from ._ports import free_port_range
 from ._procs import alive, wait_pids_gone
+from .faults import Fault, FaultKind
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing's own from Python 3.12
+
+    from ._settings import SupervisorSettings
 
 __all__ = [
     "FAKE_RANK",
@@ -69,8 +79,9 @@ FAST_SETTINGS: Mapping[str, Any] = {
     "gpus_per_rank": 0,
 }
 
-#: Spacing of /status reads while waiting for a state: fine enough for tests, light on CPU.
-_POLL_SPACING = 0.01
+#: The longest a wait goes without reading the status again: for changes that no version
+#: counts (a probe's latency, a GPU reading). Announced changes wake it at once.
+REREAD = 0.25
 #: How long the leftover check gives a tree to finish exiting, by default.
 _LEFTOVER_GRACE = 5.0
 
@@ -124,6 +135,8 @@ class Deployment(abc.ABC):
         #: The ranks run the fake rank, which takes faults over HTTP.
         self.fake_rank = fake_rank
         self.run_id = ""  # set by `_attach`, from the first /status
+        #: When `signal_supervisor` was first called (Trio's clock).
+        self._signalled_at: float | None = None
         self._client = httpx.AsyncClient(trust_env=False, timeout=5.0)
         self._seen: set[int] = set()
 
@@ -175,12 +188,17 @@ class Deployment(abc.ABC):
                     last = await self._status_or_gone(what)
                     if condition(last):
                         return last
-                    await trio.sleep(_POLL_SPACING)  # pacing between reads, not a sync
+                    with trio.move_on_after(REREAD):
+                        await self._changed_since(last.version)
         except trio.TooSlowError:
             seen = (
                 "nothing" if last is None else f"state {last.state.value}, failure {last.failure}"
             )
             raise AssertionError(f"no {what} within {WAIT_TIMEOUT}s; last seen: {seen}") from None
+
+    @abc.abstractmethod
+    async def _changed_since(self, version: int) -> None:
+        """Return once the supervisor announced a change after `version`."""
 
     async def _status_or_gone(self, what: str) -> SupervisorStatus:
         try:
@@ -192,13 +210,41 @@ class Deployment(abc.ABC):
 
     # -- faults ---------------------------------------------------------------------------
 
-    async def fail_health(self, rank: int, status_code: int = 503) -> None:
-        """Make rank `rank`'s health path answer `status_code` from now on (fake rank)."""
-        await self._fault(rank, "/fault/health", {"status": status_code})
+    async def inject(self, rank: int, fault: Fault) -> None:
+        """Make rank `rank`'s fake server show `fault` (see `FaultKind`). An exit fault
+        returns once asked: the rank may die before it answers."""
+        if fault.kind is FaultKind.EXIT:
+            self.process_tree()
+            with contextlib.suppress(httpx.TransportError):
+                await self._fault(rank, fault)
+            return
+        await self._fault(rank, fault)
+
+    async def fail_health(
+        self, rank: int, status_code: int = 503, *, count: int | None = None
+    ) -> None:
+        """Make rank `rank`'s health path answer `status_code` from now on, or for its next
+        `count` answers only (fake rank)."""
+        await self.inject(rank, Fault.health(status_code, count))
 
     async def hang_health(self, rank: int) -> None:
         """Make rank `rank`'s health path hang: the probe-timeout path (fake rank)."""
-        await self._fault(rank, "/fault/hang", {})
+        await self.inject(rank, Fault.hang())
+
+    async def make_busy(self, rank: int, requests: float = 1) -> None:
+        """Make rank `rank` report `requests` in flight; its progress counter then moves
+        at each read, until it stalls (fake rank)."""
+        await self.inject(rank, Fault.busy_with(requests))
+
+    async def stall(self, rank: int) -> None:
+        """Make rank `rank` busy with no progress for good: the progress-timeout path (fake
+        rank)."""
+        await self.inject(rank, Fault.busy_with(1))
+        await self.inject(rank, Fault.stall())
+
+    async def fail_metrics(self, rank: int, status_code: int = 500) -> None:
+        """Make rank `rank`'s /metrics answer `status_code` (fake rank)."""
+        await self.inject(rank, Fault.metrics(status_code))
 
     async def crash_rank(self, rank: int, code: int = 1) -> None:
         """Make rank `rank` exit at once with `code` (negative: killed by signal ``-code``).
@@ -208,9 +254,7 @@ class Deployment(abc.ABC):
         if not self.fake_rank:
             await self.signal_rank(rank, -code if code < 0 else signal.SIGKILL)
             return
-        # It may die before its answer is read; the crash is what was asked for.
-        with contextlib.suppress(httpx.TransportError):
-            await self._fault(rank, "/fault/exit", {"code": code})
+        await self.inject(rank, Fault.exit(code))
 
     async def rank_pid(self, rank: int) -> int:
         pid = _rank_entry(await self.status(), rank).pid
@@ -228,6 +272,14 @@ class Deployment(abc.ABC):
     @abc.abstractmethod
     def signal_supervisor(self, signum: int) -> None:
         """Send `signum` to the supervisor, as a user or Kubernetes would."""
+
+    async def signal_supervisor_again(self, signum: int) -> None:
+        """Send `signum` as a second signal, the request to kill the ranks now: the CLI
+        takes a repeat within `SECOND_SIGNAL_AFTER` seconds of the first signal for the
+        same request, so this waits out what is left of that window first."""
+        assert self._signalled_at is not None, "no first signal: call signal_supervisor"
+        await trio.sleep_until(self._signalled_at + SECOND_SIGNAL_AFTER * 2)
+        self.signal_supervisor(signum)
 
     @abc.abstractmethod
     async def wait_exit(self) -> int:
@@ -287,17 +339,16 @@ class Deployment(abc.ABC):
         self.run_id = (await self.status()).run_id
         self.process_tree()
 
-    async def _fault(self, rank: int, path: str, params: Mapping[str, int]) -> None:
+    async def _fault(self, rank: int, fault: Fault) -> None:
         if not self.fake_rank:
             raise NeedsFakeRank(
-                f"{path} is a fault of the fake rank ({' '.join(FAKE_RANK)}), and this "
+                f"{fault.kind.value} is a fault of the fake rank ({' '.join(FAKE_RANK)}), and this "
                 "deployment runs another command: use signal_rank or crash_rank, or start "
                 "it without command="
             )
         status = await self.status()
         index = rank - status.ranks[0].rank
-        url = f"http://127.0.0.1:{self.ports[index]}{path}"
-        (await self._client.post(url, params=dict(params))).raise_for_status()
+        (await self._client.post(fault.url(self.ports[index]))).raise_for_status()
 
     async def _close(self, grace: float) -> None:
         """Stop the supervisor if it still runs (SIGTERM, then the kill), check leftovers."""
@@ -337,6 +388,12 @@ class _CliDeployment(Deployment):
     async def status(self) -> SupervisorStatus:
         return status_from_json(await self.status_document())
 
+    async def _changed_since(self, version: int) -> None:
+        # The long poll routers use: it answers at the first change after `version`.
+        params = {"wait": str(REREAD), "version": str(version)}
+        with contextlib.suppress(httpx.TransportError):  # gone: the next read says so
+            await self._client.get(f"{self.control_url}/ranks", params=params)
+
     async def final_status(self) -> SupervisorStatus:
         if self.returncode is None:
             return await self.status()
@@ -350,6 +407,8 @@ class _CliDeployment(Deployment):
         return status_from_json(document)
 
     def signal_supervisor(self, signum: int) -> None:
+        if self._signalled_at is None:
+            self._signalled_at = trio.current_time()
         self.cli.send_signal(signum)
 
     async def wait_exit(self) -> int:
@@ -372,10 +431,13 @@ class _LibraryDeployment(Deployment):
     ) -> None:
         super().__init__(Form.LIBRARY, handle.control_url, ports, fake_rank=fake_rank)
         self.handle = handle
-        self._signalled = False
 
     async def status(self) -> SupervisorStatus:
         return self.handle.status()
+
+    async def _changed_since(self, version: int) -> None:
+        while self.handle.status().version == version:
+            await self.handle.wait_changed()
 
     async def final_status(self) -> SupervisorStatus:
         return self.handle.status()
@@ -387,9 +449,10 @@ class _LibraryDeployment(Deployment):
                 f"the library form runs in this process and takes SIGTERM or SIGINT, not "
                 f"{signal.Signals(signum).name}: use Form.CLI to send other signals"
             )
-        if self._signalled:
+        if self._signalled_at is not None:
             self.handle.kill()
-        self._signalled = True
+        else:
+            self._signalled_at = trio.current_time()
         self.handle.request_shutdown(signum)
 
     async def wait_exit(self) -> int:
@@ -428,7 +491,7 @@ class Harness:
         command: Sequence[str] | None = None,
         wait_ready: bool = True,
         nvml: NvmlFactory | None = None,
-        **settings: Any,
+        **settings: Unpack[SupervisorSettings],
     ) -> Deployment:
         """Start a supervisor of `ranks` fake ranks on free loopback ports.
 
@@ -441,10 +504,11 @@ class Harness:
         replaces NVML, e.g. with `FakeNvml.factory`. In the library form, a failure before
         every rank process exists is raised from here, as `Supervisor.run` raises it.
         """
-        base = int(settings.pop("base_port", 0)) or free_port_range(ranks)
+        given: dict[str, Any] = dict(settings)
+        base = int(given.pop("base_port", 0)) or free_port_range(ranks)
         argv = (*(command or (*FAKE_RANK, "--port", "{port}")), *rank_args)
         fake_rank = command is None or tuple(command[: len(FAKE_RANK)]) == FAKE_RANK
-        merged = {**FAST_SETTINGS, "control_port": 0, **settings}
+        merged: dict[str, Any] = {**FAST_SETTINGS, "control_port": 0, **given}
         ports = tuple(range(base, base + ranks))
         deployment: Deployment
         if form is Form.CLI:

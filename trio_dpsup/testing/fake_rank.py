@@ -1,22 +1,13 @@
 """A fake rank with faults: ``python -m trio_dpsup.testing.fake_rank --port {port} [faults]``.
 
-The demo rank server plus the faults a supervisor must survive, chosen by flag at start and,
-for health and exit, by HTTP at run time:
-
-* ``POST /fault/health?status=503`` makes the health path answer that status from now on
-  (``&count=N``: for its next N answers only, a blip);
-* ``POST /fault/hang`` makes the health path hang (the probe-timeout path);
-* ``POST /fault/exit?code=3`` exits at once with that status (``code=-9`` kills itself).
+The demo rank server plus the faults a supervisor must survive, chosen by flag at start and
+by HTTP at run time: ``POST /fault/{kind}?...``, each kind and its parameters declared in
+faults.py (`Fault`: health answers, a hang, an exit, busy, a stall, /metrics errors).
 
 ``GET /metrics`` serves a busy gauge and a progress counter in the Prometheus text format,
 named as ``--metric-names`` says (``fake``, or ``vllm`` and ``sglang`` for their own names).
 The counter advances by one at each read while the rank is busy and not stalled, so a
-supervisor that reads it sees progress exactly when there is some:
-
-* ``POST /fault/busy?n=3`` sets the busy gauge (0: idle);
-* ``POST /fault/stall`` stops the counter for good, and blocks a thread in
-  `engine_step_stalled_in_fake_rank`, a name easy to find in a stack dump;
-* ``POST /fault/metrics?status=500`` makes /metrics answer that status.
+supervisor that reads it sees progress exactly when there is some.
 
 ``--log-lines N`` writes N numbered lines, alternately to stdout and stderr, at
 ``--log-rate`` lines a second; ``--last-words TEXT`` is written to stdout with no newline
@@ -53,6 +44,7 @@ from ..demo import (
     serve,
     use_tls,
 )
+from .faults import Fault, FaultKind
 
 __all__ = ["GRANDCHILD_KINDS", "METRIC_NAMES", "engine_step_stalled_in_fake_rank", "main"]
 
@@ -139,31 +131,34 @@ class FaultHandler(DemoHandler):
     def do_POST(self) -> None:
         url = urlsplit(self.path)
         query = {k: v[0] for k, v in parse_qs(url.query).items()}
-        if url.path == "/fault/health":
-            self.server.health_override = int(query.get("status", "503"))
-            self.server.health_override_left = int(query["count"]) if "count" in query else None
-            self.reply(200, "ok\n")
-        elif url.path == "/fault/hang":
-            self.server.health_hang.set()
-            self.reply(200, "ok\n")
-        elif url.path == "/fault/busy":
-            self.server.busy = float(query.get("n", "1"))
-            self.reply(200, "ok\n")
-        elif url.path == "/fault/stall":
-            if not self.server.stalled.is_set():
-                self.server.stalled.set()
-                threading.Thread(target=engine_step_stalled_in_fake_rank, daemon=True).start()
-            self.reply(200, "ok\n")
-        elif url.path == "/fault/metrics":
-            self.server.metrics_status = int(query.get("status", "500"))
-            self.reply(200, "ok\n")
-        elif url.path == "/fault/exit":
-            code = int(query.get("code", "1"))
-            self.reply(200, "ok\n")
-            self.wfile.flush()
-            _exit(code)
-        else:
+        try:
+            fault = Fault.from_request(url.path, query)
+        except ValueError as exc:
+            self.reply(400, f"{exc}\n")
+            return
+        if fault is None:
             self.reply(404, "not found\n")
+            return
+        server = self.server
+        if fault.kind is FaultKind.HEALTH:
+            server.health_override, server.health_override_left = fault.status, fault.count
+        elif fault.kind is FaultKind.HANG:
+            server.health_hang.set()
+        elif fault.kind is FaultKind.BUSY:
+            assert fault.busy is not None
+            server.busy = fault.busy
+        elif fault.kind is FaultKind.STALL:
+            if not server.stalled.is_set():
+                server.stalled.set()
+                threading.Thread(target=engine_step_stalled_in_fake_rank, daemon=True).start()
+        elif fault.kind is FaultKind.METRICS:
+            assert fault.status is not None
+            server.metrics_status = fault.status
+        self.reply(200, "ok\n")
+        if fault.kind is FaultKind.EXIT:
+            assert fault.code is not None
+            self.wfile.flush()
+            _exit(fault.code)
 
     def do_GET(self) -> None:
         if self.path.split("?", 1)[0] == "/metrics":

@@ -1,0 +1,140 @@
+"""Everything one run is made of before its first task starts: NVML, the rank plan, the
+start checks, and what is bound or made (the log directory, the cgroups, the control and
+admin sockets), then the board and the trees.
+
+Bad input found here is a ConfigError with nothing started and nothing left open: what was
+made is undone in reverse order when a later step refuses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shlex
+import socket
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from ._config.config import SupervisorConfig
+from ._config.options import option_name
+from ._config.plan import plan_ranks
+from ._config.tls import check_tls
+from ._errors import ConfigError
+from ._gpu.nvml import NvmlFactory
+from ._gpu.session import NvmlSession, open_nvml
+from ._output.log_files import open_log_dir
+from ._plane.admin import AdminSocket, bind_admin_socket
+from ._plane.control import bind_control_socket
+from ._proc.cgroup import CgroupError, RunCgroups
+from ._proc.membership import Trees
+from ._proc.owners import Owner, OwnerKind
+from ._ranks.clean_start import check_gpus_at_start, check_ports_at_start
+from ._state.board import Board
+
+__all__ = ["RunParts", "prepare_run"]
+
+logger = logging.getLogger("trio_dpsup._supervisor")  # the records operators know it by
+
+
+@dataclass(frozen=True)
+class RunParts:
+    """What `prepare_run` made; the run owns it and closes each part when it ends."""
+
+    board: Board
+    trees: Trees
+    #: NVML and the devices it sees; None when it is unavailable (the board says why).
+    gpu: NvmlSession | None
+    cgroups: RunCgroups | None
+    #: The descriptor of --log-dir, checked; the log pump takes it over.
+    log_dir: int | None
+    control_sock: socket.socket
+    admin_sock: AdminSocket | None
+
+    async def aclose(self) -> None:
+        """Remove the cgroups (empty once every rank tree is gone) and close NVML. The
+        sockets belong to their servers by now, the log directory to the pump.
+
+        **Cancellation**: shielded (NVML's close).
+        """
+        if self.cgroups is not None:
+            self.cgroups.remove()
+        if self.gpu is not None:
+            await self.gpu.aclose()
+
+
+async def prepare_run(
+    config: SupervisorConfig, environ: Mapping[str, str], nvml: NvmlFactory, *, subreaper: bool
+) -> RunParts:
+    """Make the parts of one run. Raises ConfigError (nothing left made or open) for bad
+    input, a taken port or GPU, an unusable log directory or socket path.
+
+    **Cancellation**: what was made is undone; NVML is closed, shielded.
+    """
+    gpu, problem = await open_nvml(nvml)
+    with contextlib.ExitStack() as undo:
+        try:
+            inventory = None if gpu is None else gpu.inventory
+            plans = plan_ranks(config, environ, inventory, nvml_problem=problem)
+            # Nothing of this run exists yet: every holder of a port or a GPU is foreign.
+            check_ports_at_start(plans, config.host, _nobody_of_ours)
+            if gpu is not None:
+                await check_gpus_at_start(config, gpu.backend, plans, _nobody_of_ours)
+            check_tls(config)
+            # Before anything listens: a log directory that is unsafe or cannot be made
+            # is bad input (exit 2), not a failure after the control plane answered.
+            log_dir = _open_log_dir(config)
+            if log_dir is not None:
+                undo.callback(os.close, log_dir)
+            run_id = uuid.uuid4().hex
+            cgroups = _make_cgroups(run_id) if config.cgroups else None
+            if cgroups is not None:
+                undo.callback(cgroups.remove)
+            sock = bind_control_socket(config.control_host, config.control_port)
+            undo.callback(sock.close)
+            admin_sock = None
+            if config.admin_socket is not None:
+                admin_sock = bind_admin_socket(config.admin_socket)
+                undo.callback(admin_sock.remove)
+                undo.callback(admin_sock.sock.close)
+        except BaseException:
+            if gpu is not None:
+                await gpu.aclose()
+            raise
+        undo.pop_all()  # the run owns them now
+    for plan in plans:
+        logger.info("rank %d command: %s", plan.rank, shlex.join(plan.redacted_argv))
+    # Names the run in /status and marks every process of its trees (see _proc/cookie.py).
+    board = Board(
+        plans,
+        run_id,
+        nvml_unavailable=problem,
+        min_ready=config.min_ready,
+        group=config.forms_group,
+    )
+    trees = Trees(run_id, adopter=os.getpid() if subreaper else None)
+    if cgroups is not None:
+        trees.use_cgroups()
+    return RunParts(board, trees, gpu, cgroups, log_dir, sock, admin_sock)
+
+
+def _nobody_of_ours(pid: int) -> Owner:
+    return Owner(OwnerKind.OUTSIDE)
+
+
+def _open_log_dir(config: SupervisorConfig) -> int | None:
+    """The checked --log-dir's descriptor, when ranks' lines are relayed to files."""
+    if config.log_dir is None:  # (the config refuses it without the log prefix)
+        return None
+    return open_log_dir(config.log_dir, option_name(SupervisorConfig, "log_dir"))
+
+
+def _make_cgroups(run_id: str) -> RunCgroups:
+    try:
+        return RunCgroups.create(run_id)
+    except CgroupError as exc:
+        raise ConfigError(
+            f"--cgroups needs a writable cgroup v2 hierarchy, and {exc}: run under systemd "
+            "with Delegate=yes, in a privileged container, or without --cgroups"
+        ) from exc
