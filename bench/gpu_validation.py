@@ -50,7 +50,7 @@ from typing import Any
 import httpx
 import trio
 
-from trio_dpsup._gpu.nvml import open_pynvml
+from trio_dpsup import open_pynvml
 from trio_dpsup.testing import (
     CliSupervisor,
     Fault,

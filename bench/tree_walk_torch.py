@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 
-from trio_dpsup._proc.membership import Trees
+from trio_dpsup._proc.membership import Trees  # the walk itself is what this times
 
 _RANK = """
 import time

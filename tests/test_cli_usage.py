@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 
 import trio_dpsup
-from trio_dpsup import NvmlUnavailable
-from trio_dpsup._gpu.nvml import open_pynvml
+from trio_dpsup import NvmlUnavailable, open_pynvml
 from trio_dpsup.testing import free_port_range, run_cli
 
 from .conftest import FAKE_RANK, bare_environment, rank_command

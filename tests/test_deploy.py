@@ -13,6 +13,9 @@ import pytest
 import yaml
 
 from trio_dpsup import SupervisorConfig, plan_ranks
+
+# The CLI's own parser and its config, on purpose: each manifest's command line is planned
+# as the supervisor would plan it, without starting anything.
 from trio_dpsup._cli import build_parser
 from trio_dpsup._config.options import from_namespace
 

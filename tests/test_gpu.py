@@ -31,6 +31,8 @@ from trio_dpsup import (
     SupervisorStatus,
     plan_ranks,
 )
+
+# The pure units of device naming and placement, on purpose (tables of cases).
 from trio_dpsup._config.devices import parse_visible_devices, resolve_devices_on
 from trio_dpsup._gpu.nvml import MIB
 from trio_dpsup._gpu.placement import check_placement

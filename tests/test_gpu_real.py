@@ -12,8 +12,7 @@ import sys
 import pytest
 import trio
 
-from trio_dpsup import NvmlUnavailable, PlacementVerdict
-from trio_dpsup._gpu.nvml import open_pynvml
+from trio_dpsup import NvmlUnavailable, PlacementVerdict, open_pynvml
 from trio_dpsup.testing import Harness
 
 pytest_plugins = ["trio_dpsup.testing.plugin"]

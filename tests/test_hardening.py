@@ -261,7 +261,7 @@ async def test_idle_connections_cannot_starve_the_probes() -> None:
 
 def dead_process() -> tuple[int, int]:
     """The pid and start time of a process that has exited (and been reaped)."""
-    from trio_dpsup._proc.membership import read_stat
+    from trio_dpsup._proc.membership import read_stat  # /proc's start time, as Trees reads it
 
     child = subprocess.Popen(["sleep", "60"])
     stat = read_stat(child.pid)
@@ -295,8 +295,8 @@ def test_restart_records_of_the_dead_are_pruned() -> None:
 
 
 def test_a_dead_rank_whose_member_lives_is_kept() -> None:
-    # The rank's process died but a member of its tree lives on: the record is still needed
-    # to find that member by session (see Trees.prune).
+    # A unit test of Trees on purpose (private): the rank's process died but a member of
+    # its tree lives on: the record is still needed to find that member by session.
     from trio_dpsup._proc.membership import Trees, read_stat
 
     trees = Trees("unit")

@@ -62,7 +62,7 @@ async def test_signal_rank_reaches_that_rank(dpsup: Harness) -> None:
 
 
 def test_rank_prefix_is_coloured_only_on_a_terminal() -> None:
-    from trio_dpsup._output.pump import _prefix
+    from trio_dpsup._output.pump import _prefix  # the prefix unit: a pty decides its colour
 
     leader, follower = os.openpty()
     try:

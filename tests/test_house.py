@@ -162,3 +162,20 @@ def test_harness_settings_are_the_config_fields() -> None:
         for name, hint in SupervisorSettings.__annotations__.items()
     }
     assert settings == config
+
+
+def test_tests_say_why_they_import_a_private_module() -> None:
+    """Tests go through the public API; a unit tested on purpose says so where it is
+    imported: a comment on the line, or just above its imports."""
+    unexplained = []
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        lines = path.read_text().splitlines()
+        for number, line in enumerate(lines):
+            if not line.lstrip().startswith(("from trio_dpsup._", "import trio_dpsup._")):
+                continue
+            above = number - 1
+            while above >= 0 and lines[above].lstrip().startswith(("from ", "import ")):
+                above -= 1
+            if "#" not in line and (above < 0 or not lines[above].lstrip().startswith("#")):
+                unexplained.append(f"{path.name}:{number + 1}: {line.strip()}")
+    assert not unexplained, "private imports without a why:\n" + "\n".join(unexplained)

@@ -17,6 +17,8 @@ from pathlib import Path
 import httpx
 import trio
 
+# The log pump as a unit, on purpose: its write errors and bounds, injected where a run
+# cannot reach them.
 from trio_dpsup._output.pump import MAX_LINE, RankOutput, open_log_pump
 from trio_dpsup.testing import CLI, free_port_range
 

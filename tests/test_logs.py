@@ -314,7 +314,7 @@ async def test_log_dir_in_json_mode_holds_json_lines(tmp_path: Path) -> None:
 def test_control_characters_from_ranks_are_escaped_on_a_terminal() -> None:
     # A unit test of the pump's escaping on purpose (private): a rank's ESC or CR must not
     # move the operator's cursor or rewrite earlier lines; tab and UTF-8 text stay.
-    from trio_dpsup._output.pump import escape_controls
+    from trio_dpsup._output.pump import escape_controls  # the escaping unit, on purpose
 
     line = "title\x1b]0;pwned\x07 back\rover \x9b2J tab\tok é".encode()
     assert escape_controls(line) == (
@@ -327,6 +327,7 @@ def test_a_file_writer_that_falls_behind_drops_for_the_file_alone(tmp_path: Path
     # A unit test on purpose (private): the writer thread is never started, as if blocked
     # on a hung disk for good. Offering lines never waits; once its queue is full they are
     # refused (the pump then counts them), and nothing else is slowed.
+    # The rotation unit, on purpose: a byte-exact check a run cannot make.
     from trio_dpsup._output.log_files import LogFiles, RankFiles, open_log_dir
 
     directory = open_log_dir(str(tmp_path))

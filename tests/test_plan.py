@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from trio_dpsup import ConfigError, SupervisorConfig, plan_ranks
-from trio_dpsup._config.plan import redact_argv
+from trio_dpsup._output.redact import redact_argv  # the redaction unit itself, on purpose
 
 PY = sys.executable
 ENV = {"PATH": "/usr/bin:/bin"}

@@ -1,4 +1,4 @@
-"""The probe client parses HTTP/1.1 by hand, for CPU (see _http_probe). It is held to h11:
+"""The probe client parses HTTP/1.1 by hand, for CPU (see _ranks/http_probe.py). It is held to h11:
 every response h11 writes, chunked or not, with odd but legal headers, cut at any read
 boundary, must give the same status and the same keep-alive verdict as h11's own client, and
 leave nothing of the response unread. A unit test of a private function, on purpose: the
@@ -14,7 +14,7 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trio_dpsup._ranks.http_probe import _read_response
+from trio_dpsup._ranks.http_probe import _read_response  # the parser itself, held to h11
 
 REQUEST = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1:8000\r\nUser-Agent: trio-dpsup\r\n\r\n"
 

@@ -12,7 +12,7 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from trio_dpsup import ConfigError, Preset, RankUnhealthy, SupervisorConfig, SupervisorState
-from trio_dpsup._ranks.http_probe import MAX_HEADER, HttpProbe
+from trio_dpsup._ranks.http_probe import MAX_HEADER, HttpProbe  # the probe client, on purpose
 from trio_dpsup.testing import Deployment, Form, Harness
 
 from .conftest import FORMS

@@ -14,6 +14,8 @@ from trio_dpsup import (
     SupervisorConfig,
     SupervisorState,
 )
+
+# The pure parts of the progress check (the metrics parser, the stall clock), on purpose.
 from trio_dpsup._ranks.progress import StallClock, parse_progress
 from trio_dpsup.testing import (
     Fault,

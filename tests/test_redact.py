@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from trio_dpsup._output.redact import redact_argv
+from trio_dpsup._output.redact import redact_argv  # the redaction unit itself, on purpose
 
 SECRET = "hunter2-s3cret"
 TOKEN = "sk-proj-Ab12Cd34Ef56Gh78Ij90"

@@ -24,7 +24,7 @@ from trio_dpsup import (
     SupervisorState,
     SupervisorStatus,
 )
-from trio_dpsup._ranks.restart import Restarter
+from trio_dpsup._ranks.restart import Restarter  # the policy's arithmetic, on purpose
 from trio_dpsup.testing import (
     Deployment,
     Fault,

@@ -36,7 +36,7 @@ def test_the_sglang_probe_timeout_message_says_what_is_accepted() -> None:
 
 def test_the_backoff_jitter_stays_above_the_minimum() -> None:
     # A unit test of the restart policy on purpose (private): its arithmetic has no face.
-    from trio_dpsup._ranks.restart import Restarter
+    from trio_dpsup._ranks.restart import Restarter  # the jitter's arithmetic, on purpose
 
     restarter = Restarter(
         RestartPolicy.ON_FAILURE, RestartScope.RANK, max_restarts=3, window=60,
@@ -113,7 +113,7 @@ async def test_a_second_signal_says_the_grace_period_was_skipped() -> None:
 
 def test_no_color_turns_the_rank_prefix_colour_off(monkeypatch: pytest.MonkeyPatch) -> None:
     # A unit test of the pump's prefix on purpose (private), on a real terminal.
-    from trio_dpsup._output.pump import _prefix
+    from trio_dpsup._output.pump import _prefix  # the prefix unit: a pty decides its colour
 
     main, terminal = pty.openpty()
     try:

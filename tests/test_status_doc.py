@@ -29,6 +29,8 @@ from trio_dpsup import (
     SupervisorState,
     SupervisorStatus,
 )
+
+# The /status document's codec itself, on purpose: every failure kind round-trips.
 from trio_dpsup._state.document import failure_from_json, failure_to_json, status_from_json
 from trio_dpsup.testing import FakeNvml, Harness
 

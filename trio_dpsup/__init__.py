@@ -54,6 +54,7 @@ if typing.TYPE_CHECKING:
     from ._gpu.nvml import NvmlError as NvmlError
     from ._gpu.nvml import NvmlFactory as NvmlFactory
     from ._gpu.nvml import NvmlUnavailable as NvmlUnavailable
+    from ._gpu.nvml import open_pynvml as open_pynvml
     from ._gpu.placement import GpuHolder as GpuHolder
     from ._gpu.placement import IssueKind as IssueKind
     from ._gpu.placement import Placement as Placement

@@ -49,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
 
 def run_cli(argv: Sequence[str]) -> int:
     """Parse `argv`, supervise, and return the exit status (2 for bad input).
-    ``trio-dpsup ctl ...`` is the admin socket's client instead (see _ctl)."""
+    ``trio-dpsup ctl ...`` is the admin socket's client instead (see _plane/ctl.py)."""
     if list(argv[:1]) == ["ctl"]:
         from ._plane.ctl import run_ctl  # standard library only: a client needs nothing else
 

@@ -48,7 +48,7 @@ class SupervisorFailure(Exception):
     """The first failure that made a supervisor stop. `exit_status` is the CLI's exit code.
 
     Each kind keeps its constructor's arguments as attributes of the same names, so that
-    /status can carry it as data and the harness can rebuild it (see _status_doc).
+    /status can carry it as data and the harness can rebuild it (see _state/document.py).
     """
 
     #: The rank that failed first; None for a failure of no single rank.

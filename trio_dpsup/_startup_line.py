@@ -5,7 +5,7 @@ ready or shutdown begins.
 Only the CLI draws it, and only where stderr is a terminal and records are text: a library
 embedding the supervisor owns its terminal, and a JSON log must stay one object per line.
 Without a terminal, the supervisor's progress records (`--progress-log-interval`) say the
-same in the log. How records and rank lines keep above the line: `_log_format.TerminalLine`.
+same in the log. How records and rank lines keep above the line: `_output.log_format.TerminalLine`.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from .config import SupervisorConfig, check_group, check_min_ready, check_port_r
 from .devices import parse_visible_devices, resolve_devices_on, uses_indices
 from .presets import apply_preset, check_preset_ranks, check_progress
 
-__all__ = ["PLACEHOLDERS", "RankPlan", "plan_ranks", "redact_argv", "resolve_devices"]
+__all__ = ["PLACEHOLDERS", "RankPlan", "plan_ranks", "resolve_devices"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class RankPlan:
     env: tuple[tuple[str, str], ...]
     #: The NVML devices behind `devices`; empty when NVML is unavailable.
     gpus: tuple[GpuInfo, ...] = ()
-    #: Options whose values are secret besides those redaction knows (see _redact).
+    #: Options whose values are secret besides those redaction knows (see _output/redact.py).
     secret_options: tuple[str, ...] = ()
 
     @property

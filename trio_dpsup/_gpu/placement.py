@@ -1,9 +1,9 @@
 """The placement check: is each rank on its own GPUs, alone, and nowhere else?
 
 Pure: it takes which processes NVML sees on each device and who owns each pid, and returns a
-verdict per rank. Who owns a pid is read from the tree cookie in its environment (see
-_cookie); where the pids NVML reports are not ours to resolve (a container's own pid
-namespace), the verdict is UNKNOWN rather than a guess.
+verdict per rank. Who owns a pid is `_proc.owners`' answer (a rank's tree, by the rules of
+the stop procedure); where the pids NVML reports are not ours to resolve (a container's own
+pid namespace), the verdict is UNKNOWN rather than a guess.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ the supervisor often runs as root and a log directory may sit where others can w
   planted FIFO cannot block the open) and kept only if ``fstat`` says it is a regular file,
   at every open, rotation included. New files are 0640: they hold what ranks print.
 
-The log pump (_logs) hands every chunk of a rank's lines to `RankFiles` as well as to our
+The log pump (pump.py) hands every chunk of a rank's lines to `RankFiles` as well as to our
 stdout or stderr. One thread writes every file, so a slow disk never blocks the event loop;
 and the queue to it never blocks the pump either: when it is full the chunk is dropped for
 the file alone, counted (`RankOutput.file_dropped_lines`, in /metrics), and said once in the

@@ -1,4 +1,4 @@
-"""The control plane: the probe, status and metrics endpoints, served by `_http_server`.
+"""The control plane: the probe, status and metrics endpoints, served by `http_server`.
 
 It listens before any rank is spawned and stops after every rank is gone, so probes always
 get an answer that says why (503 with a reason while starting or stopping). GET and HEAD only.
@@ -156,7 +156,7 @@ async def serve_control_plane(
 
     Calls ``task_status.started(url)`` with the bound address once it accepts connections.
     `tls` serves HTTPS. Connections
-    are capped below the open-file limit (see _http_server).
+    are capped below the open-file limit (see http_server.py).
 
     **Cancellation**: stops serving at once, dropping open connections.
     """

@@ -45,7 +45,7 @@ class RankContext:
     clock: StopClock
     #: For the progress check's reads of each rank's metrics.
     client: httpx.AsyncClient
-    #: Makes the health probe of the rank on a port (see _prober.probe_factory).
+    #: Makes the health probe of the rank on a port (see prober.probe_factory).
     probes: Callable[[int], RankProbe]
     #: The clock of the ready ranks' probes.
     ticker: Ticker

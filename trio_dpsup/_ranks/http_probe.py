@@ -8,9 +8,9 @@ line and headers (at most MAX_HEADER bytes), read and discard the body (Content-
 chunked, or to EOF; at most MAX_BODY bytes), and keep the connection for the next probe.
 Any error, a timeout, a body too large or ``Connection: close`` drops the connection: the
 next probe opens a new one. HTTPS goes through `trio.SSLStream` with the context the prober
-verifies ranks with (see _tls.rank_verify).
+verifies ranks with (see _config.tls.rank_verify).
 
-Probes of one rank may overlap (confirmation probes, see _prober): each takes an idle
+Probes of one rank may overlap (confirmation probes, see prober.py): each takes an idle
 connection or opens its own, and gives it back when it is still good.
 
 Parsing by hand is kept only while it agrees with h11: tests/test_probe_parser.py feeds it

@@ -14,10 +14,10 @@ cores with 32 ranks, that took the CPU of a probe from about 470 µs (a timer pe
 125 µs (bench: "CPU of one probe"); through httpx it was about 1800 µs (as measured
 when this client was asked for).
 
-Probes go through `_http_probe.HttpProbe`, a minimal HTTP/1.1 client on Trio streams (a
+Probes go through `http_probe.HttpProbe`, a minimal HTTP/1.1 client on Trio streams (a
 probe through httpx costs about four times the CPU); a test that injects an httpx
 transport gets an httpx probe instead.
-Each rank's loop runs in that rank's own task (see _rank), so a rank whose health path
+Each rank's loop runs in that rank's own task (see rank.py), so a rank whose health path
 hangs delays no other rank's probes, and a restarted rank is probed from startup again.
 """
 
