@@ -25,7 +25,7 @@ from ._errors import ConfigError
 from ._gpu.nvml import NvmlFactory
 from ._gpu.session import NvmlSession, open_nvml
 from ._output.log_files import open_log_dir
-from ._plane.admin import AdminSocket, bind_admin_socket
+from ._plane.admin_socket import AdminSocket, bind_admin_socket
 from ._plane.control import bind_control_socket
 from ._proc.cgroup import CgroupError, RunCgroups
 from ._proc.membership import Trees

@@ -32,7 +32,8 @@ from ._config.config import SupervisorConfig
 from ._config.tls import TlsFiles
 from ._errors import SupervisorFailure, SupervisorStopped, first_failure
 from ._gpu.nvml import NvmlFactory, open_pynvml
-from ._plane.admin import Admin, serve_admin
+from ._plane.admin import Admin
+from ._plane.admin_socket import serve_admin
 from ._plane.control import ControlApp, serve_control_plane
 from ._plane.metrics import Metrics
 from ._plane.outcome import report_outcome
@@ -123,7 +124,7 @@ class Supervisor:
             run.request_shutdown(signum)
             if kill:
                 run.kill()
-        await run.run(task_status)  # it closes NVML before it reports stopped
+        await run.run(task_status)
 
 
 class SupervisorHandle:
@@ -249,8 +250,11 @@ class _Run:
                     # handle now, to a caller who will find it stopped.
                     task_status.started(make_handle())
         finally:
-            await self.parts.aclose()
-            self._finish()
+            await self.parts.aclose()  # NVML closes before the run reports itself stopped
+            self.exit_status = report_outcome(
+                self.board, killed_now=self.clock.killed_now, status_file=self.config.status_file
+            )
+            self.stopped.set()
         if self.board.failure is not None:
             raise self.board.failure
 
@@ -341,9 +345,3 @@ class _Run:
         self.board.begin_stopping(SupervisorState.STOPPING)
         assert self._ranks_scope is not None
         self._ranks_scope.cancel()
-
-    def _finish(self) -> None:
-        self.exit_status = report_outcome(
-            self.board, killed_now=self.clock.killed_now, status_file=self.config.status_file
-        )
-        self.stopped.set()

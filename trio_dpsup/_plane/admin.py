@@ -1,9 +1,5 @@
-"""The operator socket (``--admin-socket PATH``): actions on a running supervisor.
-
-A Unix domain socket, created 0600 and never on the TCP control plane; a peer that is not
-this process's user or root (SO_PEERCRED) is refused. One request per connection: a JSON
-line ``{"action": ..., ...}``; one JSON line back, ``{"ok": true, ...}`` or ``{"ok": false,
-"error": ...}``, as protocol.py types them. The client is ``trio-dpsup ctl`` (ctl.py).
+"""The operator's actions on a running supervisor, as the admin socket (admin_socket.py)
+receives them, typed by protocol.py; the client is ``trio-dpsup ctl`` (ctl.py).
 
 Actions: ``status``; ``restart`` a rank (the stop procedure, then a start, no backoff;
 ``wait`` for it to be ready again); ``drain`` / ``undrain`` a rank (it keeps running; /ranks
@@ -16,51 +12,27 @@ The semantics are a PodDisruptionBudget's: an action that takes a serving rank o
 be left serving, unless the request says ``force``; /ready then tells the truth (503). One
 operation at a time: while a rolling restart or a waited restart runs, every other change
 gets a clear "busy" answer.
-
-The socket cannot stop the supervisor: a request is bounded in size, nesting and time
-before it is parsed, any failure while carrying it out is that request's error reply,
-``accept()`` errors back off and retry, and at most `MAX_CONNECTIONS` are served at once
-(the excess closed at once).
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import json
 import logging
-import os
-import socket
-import stat
-import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
 
 from .._config.config import SupervisorConfig
-from .._errors import ConfigError, RestartRequested
+from .._errors import RestartRequested
 from .._state.board import Board, RankRecord
 from .._state.document import status_to_json
 from .._state.status import RankState
-from .protocol import Action, ProtocolError, Reply, Request, Skipped
+from .protocol import Action, Reply, Request, Skipped
 
-__all__ = ["Admin", "AdminSocket", "bind_admin_socket", "serve_admin"]
+__all__ = ["Admin", "AdminError"]
 
 logger = logging.getLogger("trio_dpsup.admin")
 
-#: A request longer than this is refused (a request is a few dozen bytes).
-MAX_REQUEST = 4096
-#: JSON nesting a request may have: requests are flat objects.
-MAX_DEPTH = 4
-#: How long a request may take to arrive.
-REQUEST_TIMEOUT = 5.0
-#: Connections served at once; more are closed as soon as they are accepted.
-MAX_CONNECTIONS = 32
-#: How long `bind_admin_socket` waits for whoever may listen at the path to answer.
-LIVENESS_TIMEOUT = 0.5
-#: After an accept() error (EMFILE...): the first wait, doubled up to the second.
-ACCEPT_BACKOFF = (0.05, 1.0)
 #: Without a rank timeout in the request: how long a restarted rank may take to return.
 DEFAULT_RANK_TIMEOUT = 1800.0
 
@@ -76,86 +48,6 @@ class _NotBack:
 
     why: str
     crash_looping: bool = False
-
-
-@dataclass(frozen=True)
-class AdminSocket:
-    """A bound admin socket and the identity of its file, so that only that file is
-    removed at exit (not whatever another process put at the path since)."""
-
-    sock: socket.socket
-    path: str
-    device: int
-    inode: int
-
-    def remove(self) -> None:
-        """Unlink the path if it is still our socket."""
-        with contextlib.suppress(OSError):
-            info = os.lstat(self.path)
-            if (info.st_dev, info.st_ino) == (self.device, self.inode):
-                os.unlink(self.path)
-
-
-def bind_admin_socket(path: str) -> AdminSocket:
-    """Bind `path` now, mode 0600, so that a bad path is a ConfigError before any rank
-    starts. Made under a temporary name and renamed into place: never visible with wider
-    permissions. A stale socket at `path` (nobody listening) is replaced; a live one, a
-    symbolic link, a regular file or anything else is refused, never replaced."""
-    _check_existing(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    temporary = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)  # left by a crashed run of this pid
-        sock.bind(temporary)
-        os.chmod(temporary, 0o600)
-        os.replace(temporary, path)
-        info = os.lstat(path)
-    except OSError as exc:
-        sock.close()
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise ConfigError(
-            f"--admin-socket {path}: {exc.strerror or exc}: choose a path in a directory "
-            "this user can write"
-        ) from exc
-    sock.listen(16)
-    return AdminSocket(sock, path, info.st_dev, info.st_ino)
-
-
-def _check_existing(path: str) -> None:
-    try:
-        info = os.lstat(path)
-    except FileNotFoundError:
-        return
-    except OSError as exc:
-        raise ConfigError(f"--admin-socket {path}: {exc.strerror or exc}") from exc
-    if not stat.S_ISSOCK(info.st_mode):
-        kind = "a symbolic link" if stat.S_ISLNK(info.st_mode) else "not a socket"
-        raise ConfigError(
-            f"--admin-socket {path} exists and is {kind}: it is never replaced; remove it, "
-            "or choose a path in a private directory (systemd: RuntimeDirectory=)"
-        )
-    if _listening(path):
-        raise ConfigError(
-            f"--admin-socket {path}: another process listens there (another supervisor?): "
-            "stop it, or choose another path"
-        )
-
-
-def _listening(path: str) -> bool:
-    """Whether something accepts connections at the socket `path`. A listener with a full
-    backlog counts as one (the connect would wait): it is not stale."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        probe.settimeout(LIVENESS_TIMEOUT)
-        try:
-            probe.connect(path)
-        except (TimeoutError, BlockingIOError):
-            return True
-        except OSError as exc:
-            return exc.errno == errno.EAGAIN  # a full backlog, as Linux says it
-    return True
 
 
 class Admin:
@@ -457,138 +349,3 @@ class Admin:
 
 def _ranks(ranks: list[int]) -> str:
     return ", ".join(map(str, ranks)) or "none"
-
-
-async def serve_admin(
-    admin_socket: AdminSocket,
-    admin: Admin,
-    shutdown_trigger: Callable[[], Awaitable[object]],
-    *,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Serve `admin` on the bound socket until `shutdown_trigger` returns (the control
-    plane's, so both stop last); then remove the socket's file if it is still ours. Takes
-    ownership of the socket.
-
-    **Cancellation**: stops at once, dropping requests in progress; the file is removed.
-    """
-    try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(_serve, admin_socket, admin)
-            task_status.started()
-            await shutdown_trigger()
-            nursery.cancel_scope.cancel()
-    finally:
-        admin_socket.remove()
-
-
-async def _serve(
-    admin_socket: AdminSocket,
-    admin: Admin,
-    *,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    listener = trio.SocketListener(trio.socket.from_stdlib_socket(admin_socket.sock))
-    serving = 0
-
-    async def serve_one(stream: trio.SocketStream) -> None:
-        nonlocal serving
-        try:
-            await _serve_one(stream, admin)
-        finally:
-            serving -= 1
-
-    async with listener, trio.open_nursery() as nursery:
-        task_status.started()
-        backoff = ACCEPT_BACKOFF[0]
-        while True:  # ends by cancellation
-            try:
-                stream = await listener.accept()
-            except OSError as exc:
-                # EMFILE, ENFILE, ENOBUFS: the connection waits in the backlog; so do we,
-                # rather than spin or stop.
-                if backoff == ACCEPT_BACKOFF[0]:
-                    logger.warning("admin socket: accept failed: %s; retrying", exc)
-                await trio.sleep(backoff)
-                backoff = min(backoff * 2, ACCEPT_BACKOFF[1])
-                continue
-            backoff = ACCEPT_BACKOFF[0]
-            if serving >= MAX_CONNECTIONS:
-                await trio.aclose_forcefully(stream)
-                continue
-            serving += 1
-            nursery.start_soon(serve_one, stream)
-
-
-async def _serve_one(stream: trio.SocketStream, admin: Admin) -> None:
-    async with stream:
-        try:
-            _check_peer(stream.socket)
-            with trio.move_on_after(REQUEST_TIMEOUT) as arrival:
-                request = await _read_request(stream)
-            if arrival.cancelled_caught:
-                raise AdminError("the request did not arrive in time")
-            answer = await admin.act(request)
-        except (AdminError, ProtocolError) as exc:
-            answer = Reply.refusal(str(exc))
-        except Exception as exc:
-            # A bug must cost this request, never the supervisor (and its ranks).
-            logger.exception("admin socket: a request failed")
-            answer = Reply.refusal(f"internal error: {type(exc).__name__}: {exc}")
-        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            with trio.move_on_after(REQUEST_TIMEOUT):  # a client that never reads
-                await stream.send_all(json.dumps(answer.to_json()).encode() + b"\n")
-
-
-def _check_peer(sock: trio.socket.SocketType) -> None:
-    """Refuse a peer that is neither this process's user nor root: the file's mode keeps
-    others out already; this holds even where the file was made reachable by mistake.
-    Root is let in as it is to the file itself, so ``sudo trio-dpsup ctl`` works against a
-    supervisor run as a service user."""
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid, uid, _ = struct.unpack("3i", creds)
-    if uid not in (os.getuid(), 0):
-        logger.warning("admin socket: refused pid %d of uid %d", pid, uid)
-        raise AdminError(f"uid {uid} is neither the supervisor's owner ({os.getuid()}) nor root")
-
-
-async def _read_request(stream: trio.SocketStream) -> Request:
-    data = b""
-    while b"\n" not in data:
-        chunk = await stream.receive_some(MAX_REQUEST + 1)
-        if not chunk:
-            break
-        data += chunk
-        if len(data) > MAX_REQUEST:
-            raise AdminError(f"a request longer than {MAX_REQUEST} bytes")
-    line = data.split(b"\n", 1)[0]
-    if _depth(line) > MAX_DEPTH:
-        raise AdminError(f"a request nested deeper than {MAX_DEPTH} levels")
-    try:
-        document = json.loads(line or b"null")
-    except ValueError as exc:
-        raise AdminError(f"not a JSON request: {exc}") from None
-    return Request.from_json(document)
-
-
-def _depth(data: bytes) -> int:
-    """How deeply the arrays and objects of the JSON text `data` nest, without parsing it
-    (the parser recurses: a few thousand ``[`` would raise RecursionError)."""
-    depth = deepest = 0
-    in_string = escaped = False
-    for byte in data:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif byte == 0x5C:  # backslash
-                escaped = True
-            elif byte == 0x22:  # quote
-                in_string = False
-        elif byte == 0x22:
-            in_string = True
-        elif byte in (0x5B, 0x7B):  # [ {
-            depth += 1
-            deepest = max(deepest, depth)
-        elif byte in (0x5D, 0x7D):
-            depth -= 1
-    return deepest

@@ -1,7 +1,7 @@
 """The harness's settings, typed: every `SupervisorConfig` field but those the harness sets
 itself (``command``, ``ranks``), as keywords that a type checker holds to their types.
 
-`SupervisorConfig` stays the one declaration: a test (test_harness_settings) fails when a
+`SupervisorConfig` stays the one declaration: a test (tests/test_house.py) fails when a
 field is added, removed or retyped there and not here.
 """
 
