@@ -160,10 +160,10 @@ async def ready_overhead(ranks: int, tmp: Path, ready_after: float = 2.0) -> flo
                 raise AssertionError("never ready")
         sup.send_signal(signal.SIGTERM)
         await sup.wait()
-    firsts = []
+    firsts: list[float] = []
     for rank in range(ranks):
         text = await trio.Path(str(events).format(rank=rank)).read_text()
-        firsts.append(json.loads(text.splitlines()[0])["monotonic"])
+        firsts.append(float(json.loads(text.splitlines()[0])["monotonic"]))
     return ready_at - max(firsts)
 
 
@@ -299,7 +299,7 @@ async def steady_state(ranks: int, seconds: float, *options: str) -> dict[str, f
             and status.run_id in " ".join(c.info["cmdline"] or [])
         ]  # fmt: skip
         guardian_rss = guardian[0].memory_info().rss if guardian else float("nan")
-        latencies = [r["last_probe"]["latency_ms"] for r in status["ranks"]]  # type: ignore[index, union-attr]
+        latencies = [r.last_probe.latency * 1000 for r in status.ranks if r.last_probe]
         sup.send_signal(signal.SIGTERM)
         await sup.wait()
     return {
