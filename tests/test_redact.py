@@ -28,6 +28,8 @@ TOKEN = "sk-proj-Ab12Cd34Ef56Gh78Ij90"
         (["sh", "-c", f"vllm serve m --api-key='{SECRET}'"], []),
         (["serve", "--some-flag", TOKEN], []),  # a token's shape, under any name
         (["serve", "-k", TOKEN], []),  # a short option, by shape
+        # A token that begins like a device name but is not one.
+        (["serve", "--flag", "GPU-Ab12Cd34Ef56Gh78Ij90Kl12Mn34Op56"], []),
         # Spellings that once slipped through (an attack on c84b649 found each).
         (["serve", "--api-keys", SECRET], []),
         (["serve", "--tokens", SECRET], []),
@@ -72,6 +74,11 @@ def test_secrets_are_hidden(argv: list[str], extra: list[str]) -> None:
         ["serve", "--url", "http://10.0.0.1:8000/v1"],
         ["serve", "--no-auth", "--port", "8000"],
         ["serve", "--hf-overrides", '{"max_tokens": 8, "rope_scaling": {"type": "yarn"}}'],
+        # Device names, in the evidence's status.json and a GpuFailed's message (the GPU
+        # record of 2026-12-03 showed them hidden): long and mixed, and no secret.
+        ["serve", '"uuid": "GPU-2eaac1b0-7bba-de5c-d1a8-50573d40827d"'],
+        ["serve", "GPU 0 (GPU-2eaac1b0-7bba-de5c-d1a8-50573d40827d) failed"],
+        ["serve", "MIG-1f2e3d4c-5b6a-7980-a1b2-c3d4e5f60718"],
     ],
 )
 def test_what_is_no_secret_stays_readable(argv: list[str]) -> None:

@@ -18,8 +18,9 @@ both are applied to every argument, also inside one (``sh -c "... --api-key X"``
 * **by shape**: the password in a URL (``http://user:X@host``), the credentials after an
   auth scheme (``Bearer X``, ``Basic X``), and values that look like tokens wherever they
   are: known prefixes (``sk-``, ``hf_``, ``ghp_``, ``xoxb-``, ``AKIA``, JWTs), 32 and more
-  characters mixing upper case, lower case and digits, and 48 and more hexadecimal digits
-  (a 64-digit key; a 40-digit git revision stays readable).
+  characters mixing upper case, lower case and digits (but for a GPU's or MIG instance's
+  UUID), and 48 and more hexadecimal digits (a 64-digit key; a 40-digit git revision stays
+  readable).
 
 What is redacted becomes ``***``. It errs towards hiding: a long mixed-case identifier that
 is no secret is hidden too.
@@ -62,7 +63,12 @@ _TOKEN = re.compile(
     r"\b(?:sk-[\w-]{16,}|hf_\w{16,}|gh[pousr]_\w{16,}|github_pat_\w{16,}|xox[abpr]-[\w-]{10,}"
     r"|AKIA[0-9A-Z]{16}|eyJ[\w-]{8,}\.[\w-]{8,}\.[\w-]{8,})"
 )
-_GENERIC_TOKEN = re.compile(r"(?<![\w+/=-])[A-Za-z0-9_+/=-]{32,}(?![\w+/=-])")
+# NVIDIA's device names are no secret, though long and mixed: GPU-<uuid>, MIG-<uuid> (what
+# `nvidia-smi -L` prints and the evidence and GPU failures name).
+_DEVICE_UUID = r"(?:GPU|MIG)-[0-9a-fA-F]{8}(?:-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}"
+_GENERIC_TOKEN = re.compile(
+    rf"(?<![\w+/=-])(?!{_DEVICE_UUID}(?![\w+/=-]))[A-Za-z0-9_+/=-]{{32,}}(?![\w+/=-])"
+)
 _HEX_KEY = re.compile(r"(?<![0-9A-Za-z])(?=[0-9a-fA-F]*[a-fA-F])(?=[0-9a-fA-F]*\d)[0-9a-fA-F]{48,}"
                       r"(?![0-9A-Za-z])")  # fmt: skip
 
