@@ -1,4 +1,7 @@
-"""Process lifetime: spawning ranks, their trees, stopping them, the guardian.
+"""Process lifetime: spawning ranks, their trees and whose a process is (owners.py),
+stopping them, the guardian.
+
+May import: nothing of the package: it is the ground floor.
 
 Standard library only where the guardian program imports it (cookie, membership, cgroup,
 guardian_process).

@@ -10,6 +10,9 @@
   tree is left; its settings are `SupervisorSettings`, typed keywords;
 * `FakeNvml`, `no_nvml`: NVML where there is no GPU, for ``Supervisor(config, nvml=...)``;
 * `free_port_range`, `alive`, `wait_pids_gone`, `read_pid_file`: ports and process checks.
+
+It stands on top and may import the whole package; the fake rank (fake_rank.py, faults.py)
+imports only the standard library and `trio_dpsup.demo`, since it runs as a rank.
 """
 
 import typing
