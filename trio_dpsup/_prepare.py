@@ -35,7 +35,8 @@ from ._state.board import Board
 
 __all__ = ["RunParts", "prepare_run"]
 
-logger = logging.getLogger("trio_dpsup._supervisor")  # the records operators know it by
+# The run's own records keep the logger name they had before the split (the README shows it).
+logger = logging.getLogger("trio_dpsup._supervisor")
 
 
 @dataclass(frozen=True)

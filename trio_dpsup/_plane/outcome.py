@@ -17,7 +17,8 @@ from .._state.status import SupervisorState, SupervisorStatus
 
 __all__ = ["report_outcome", "write_status_file"]
 
-logger = logging.getLogger("trio_dpsup._supervisor")  # the records operators know it by
+# The run's own records keep the logger name they had before the split (the README shows it).
+logger = logging.getLogger("trio_dpsup._supervisor")
 
 
 def report_outcome(board: Board, *, killed_now: bool, status_file: str | None) -> int:
