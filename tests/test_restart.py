@@ -156,7 +156,12 @@ async def test_exit_zero_is_restarted_like_any_failure(
 async def test_a_rank_bounced_by_hand_comes_back(dpsup: Harness, form: Form) -> None:
     """`kill -TERM <rank pid>` under on-failure: the node stays up, the rank comes back on
     its port with one restart, and the other ranks are untouched."""
-    deployment = await dpsup.start(3, form=form, **QUICK)
+    # The fake rank closes its listener before it exits, as a server shutting down does:
+    # with the fast probes' confirmation (2 failures, 30 ms apart), a loaded machine could
+    # see that first and call it unhealthy. Slower confirmation (3 more probes, 0.2 s
+    # apart) leaves the exit, the cause under test, to be seen first.
+    confirm_slowly = {"failure_threshold": 4, "suspect_interval": 0.2}
+    deployment = await dpsup.start(3, form=form, **QUICK, **confirm_slowly)
     before = await deployment.status()
     await deployment.signal_rank(1, signal.SIGTERM)
     with trio.fail_after(30):
