@@ -250,11 +250,10 @@ class Deployment(abc.ABC):
         """Make rank `rank` exit at once with `code` (negative: killed by signal ``-code``).
         Any command: the fake rank exits as asked; another command's process gets the
         signal, or SIGKILL for an exit status it cannot be made to return."""
-        self.process_tree()
         if not self.fake_rank:
             await self.signal_rank(rank, -code if code < 0 else signal.SIGKILL)
             return
-        await self.inject(rank, Fault.exit(code))
+        await self.inject(rank, Fault.exit(code))  # it notes the tree first, as signal_rank
 
     async def rank_pid(self, rank: int) -> int:
         pid = _rank_entry(await self.status(), rank).pid
