@@ -35,7 +35,7 @@ from .._gpu.holders import gpu_holder
 from .._gpu.nvml import GpuInfo, NvmlBackend, NvmlError
 from .._gpu.placement import GpuHolder
 from .._output.redact import redact_argv
-from .._proc.owners import Owner, OwnerKind, PortHolder
+from .._proc.owners import UNKNOWN, Owner, OwnerKind, PortHolder
 from .._state.board import RankRecord
 
 __all__ = [
@@ -70,8 +70,9 @@ def port_in_use(host: str, port: int) -> bool:
 
 
 def port_holders(port: int, owner: Callable[[int], Owner]) -> tuple[PortHolder, ...]:
-    """Who listens on `port`. Blocking (it reads every process's sockets): run it in a
-    thread, and only once the port is known to be held."""
+    """Who listens on `port`: never empty, since one this user cannot see is named as such.
+    Blocking (it reads every process's sockets): run it in a thread, and only once the port
+    is known to be held."""
     holders: dict[int | None, PortHolder] = {}
     for conn in psutil.net_connections(kind="tcp"):
         if conn.status != psutil.CONN_LISTEN or not conn.laddr or conn.laddr.port != port:
@@ -83,9 +84,9 @@ def port_holders(port: int, owner: Callable[[int], Owner]) -> tuple[PortHolder, 
                 command = " ".join(redact_argv(psutil.Process(pid).cmdline()))[:_COMMAND_CHARS]
             except psutil.Error:
                 command = None
-        who = owner(pid) if pid is not None else Owner(OwnerKind.UNKNOWN)
+        who = owner(pid) if pid is not None else UNKNOWN
         holders[pid] = PortHolder(pid, command, who)
-    return tuple(holders.values())
+    return tuple(holders.values()) or (PortHolder(None, None, UNKNOWN),)
 
 
 def check_ports_at_start(
@@ -94,8 +95,7 @@ def check_ports_at_start(
     """Raise ConfigError naming the holder of the first rank port that is taken."""
     for plan in plans:
         if port_in_use(host, plan.port):
-            holders = port_holders(plan.port, owner) or (PortHolder(None, None, _UNKNOWN),)
-            named = "; ".join(h.describe() for h in holders)
+            named = "; ".join(h.describe() for h in port_holders(plan.port, owner))
             raise ConfigError(
                 f"port {plan.port} of rank {plan.rank} is in use by {named}: stop it, or "
                 "choose another --base-port"
@@ -153,7 +153,6 @@ async def _wait_port(
     if not port_in_use(config.host, plan.port):
         return
     holders = await trio.to_thread.run_sync(port_holders, plan.port, owner)
-    holders = holders or (PortHolder(None, None, _UNKNOWN),)
     named = "; ".join(h.describe() for h in holders)
     record.waiting = f"port {plan.port} held by {named}"
     logger.warning(
@@ -243,6 +242,3 @@ async def _holders(
 def _checks(bound: float) -> int:
     """How many looks, RECHECK apart, fit in `bound` seconds (and one more)."""
     return math.ceil(bound / RECHECK) + 1
-
-
-_UNKNOWN = Owner(OwnerKind.UNKNOWN)

@@ -275,9 +275,10 @@ class Deployment(abc.ABC):
     async def signal_supervisor_again(self, signum: int) -> None:
         """Send `signum` as a second signal, the request to kill the ranks now: the CLI
         takes a repeat within `SECOND_SIGNAL_AFTER` seconds of the first signal for the
-        same request, so this waits out what is left of that window first."""
+        same request, so in that form this waits out what is left of that window first."""
         assert self._signalled_at is not None, "no first signal: call signal_supervisor"
-        await trio.sleep_until(self._signalled_at + SECOND_SIGNAL_AFTER * 2)
+        if self.form is Form.CLI:  # the library form takes any second signal as one
+            await trio.sleep_until(self._signalled_at + SECOND_SIGNAL_AFTER * 2)
         self.signal_supervisor(signum)
 
     @abc.abstractmethod
