@@ -306,9 +306,12 @@ async def test_a_peer_that_is_not_the_owner_is_refused(dpsup: Harness) -> None:
     # As if the socket's mode had been widened by mistake: the owner check still holds.
     os.chmod(sock, 0o666)
     nobody = (
-        "import os, socket, sys\n"
+        "import os, select, socket, sys\n"
         "os.setgid(65534); os.setuid(65534)\n"
         "s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])\n"
+        # A client that writes late, as a loaded machine makes any: a refusal sent (and
+        # the connection closed) before the request arrived would break its write.
+        "if select.select([s], [], [], 1.0)[0]: sys.exit('answered before the request')\n"
         's.sendall(b\'{"action": "status"}\\n\'); data = b""\n'
         # Read to the newline: one recv may return part of the answer.
         "while not data.endswith(b'\\n') and (c := s.recv(65536)): data += c\n"

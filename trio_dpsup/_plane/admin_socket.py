@@ -192,12 +192,18 @@ async def _serve(
 async def _serve_one(stream: trio.SocketStream, admin: Admin) -> None:
     async with stream:
         try:
-            _check_peer(stream.socket)
-            with trio.move_on_after(REQUEST_TIMEOUT) as arrival:
-                request = await _read_request(stream)
-            if arrival.cancelled_caught:
-                raise AdminError("the request did not arrive in time")
-            answer = await admin.act(request)
+            # The line is read before the peer is checked, so that a refused peer's own
+            # write has landed when the refusal comes: answered first and closed on, it
+            # would meet EPIPE on its write and never read why.
+            arrived: bytes | AdminError
+            try:
+                arrived = await _read_line(stream)
+            except AdminError as exc:
+                arrived = exc
+            _check_peer(stream.socket)  # a stranger hears only that it is one
+            if isinstance(arrived, AdminError):
+                raise arrived
+            answer = await admin.act(_parse(arrived))
         except (AdminError, ProtocolError) as exc:
             answer = Reply.refusal(str(exc))
         except Exception as exc:
@@ -221,16 +227,24 @@ def _check_peer(sock: trio.socket.SocketType) -> None:
         raise AdminError(f"uid {uid} is neither the supervisor's owner ({os.getuid()}) nor root")
 
 
-async def _read_request(stream: trio.SocketStream) -> Request:
+async def _read_line(stream: trio.SocketStream) -> bytes:
+    """The request's line, unparsed: at most `MAX_REQUEST` bytes within `REQUEST_TIMEOUT`,
+    whoever sends. Raises AdminError past either bound."""
     data = b""
-    while b"\n" not in data:
-        chunk = await stream.receive_some(MAX_REQUEST + 1)
-        if not chunk:
-            break
-        data += chunk
-        if len(data) > MAX_REQUEST:
-            raise AdminError(f"a request longer than {MAX_REQUEST} bytes")
-    line = data.split(b"\n", 1)[0]
+    with trio.move_on_after(REQUEST_TIMEOUT) as arrival:
+        while b"\n" not in data:
+            chunk = await stream.receive_some(MAX_REQUEST + 1)
+            if not chunk:
+                break
+            data += chunk
+            if len(data) > MAX_REQUEST:
+                raise AdminError(f"a request longer than {MAX_REQUEST} bytes")
+    if arrival.cancelled_caught:
+        raise AdminError("the request did not arrive in time")
+    return data.split(b"\n", 1)[0]
+
+
+def _parse(line: bytes) -> Request:
     if _depth(line) > MAX_DEPTH:
         raise AdminError(f"a request nested deeper than {MAX_DEPTH} levels")
     try:

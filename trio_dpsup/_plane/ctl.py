@@ -14,6 +14,7 @@ Standard library only: it runs where the supervisor runs, as the same user or ro
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -158,7 +159,10 @@ def _ask(path: str, request: Request, timeout: float) -> object:
             sock.connect(path)
         except TimeoutError:
             raise BadAnswer(f"no answer within {timeout:g}s (--timeout): is it stuck?") from None
-        sock.sendall(json.dumps(request.to_json()).encode() + b"\n")
+        with contextlib.suppress(BrokenPipeError):
+            # The supervisor answered and closed before reading it all: its answer, a
+            # refusal, is still there to read.
+            sock.sendall(json.dumps(request.to_json()).encode() + b"\n")
         data = b""
         while not data.endswith(b"\n"):
             left = deadline - time.monotonic()
