@@ -9,14 +9,14 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Unpack
 
 import psutil
 import pytest
 import trio
 
 from trio_dpsup import RestartPolicy
-from trio_dpsup.testing import Form
+from trio_dpsup.testing import Form, SupervisorSettings
 from trio_dpsup.testing.fake_servers import ARGV_FILE_ENV, install_fake_servers
 
 FAKE_RANK = (sys.executable, "-m", "trio_dpsup.testing.fake_rank")
@@ -25,13 +25,14 @@ FAKE_RANK = (sys.executable, "-m", "trio_dpsup.testing.fake_rank")
 FORMS = pytest.mark.parametrize("form", list(Form), ids=lambda form: form.value)
 
 
-def on_failure(backoff: float) -> dict[str, Any]:
+def on_failure(backoff: float, **more: Unpack[SupervisorSettings]) -> SupervisorSettings:
     """Settings that restart a failed rank after `backoff` seconds (jitter takes it down
-    to half that)."""
+    to half that), and `more`."""
     return {
         "restart": RestartPolicy.ON_FAILURE,
         "restart_backoff_min": backoff,
         "restart_backoff_max": backoff,
+        **more,
     }
 
 

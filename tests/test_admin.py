@@ -215,8 +215,8 @@ async def test_a_rolling_restart_skips_a_crash_looping_rank(dpsup: Harness, tmp_
     # Rank 1 exits a second after each start, and is restarted each time.
     command = fake_rank_where('"{rank}" = 1', "--exit-after", "1")
     deployment = await dpsup.start(
-        3, command=command, admin_socket=str(sock), min_ready=1,
-        **{**on_failure(0.05), "max_restarts": 1000},
+        3, command=command,
+        **on_failure(0.05, admin_socket=str(sock), min_ready=1, max_restarts=1000),
     )  # fmt: skip
     await deployment.wait_for_status(lambda s: s.ranks[1].restarts >= 1, "rank 1 restarted")
     code, out, err = await ctl(sock, "rolling-restart", "--rank-timeout", "20")
@@ -266,7 +266,7 @@ async def test_restart_wait_and_status_json(dpsup: Harness, tmp_path: Path) -> N
 async def test_errors_are_one_line_and_exit_2(dpsup: Harness, tmp_path: Path) -> None:
     sock = tmp_path / "admin.sock"
     deployment = await dpsup.start(
-        2, admin_socket=str(sock), rank_args=["--stop-delay", "1"], min_ready=1, **on_failure(0.1)
+        2, rank_args=["--stop-delay", "1"], **on_failure(0.1, admin_socket=str(sock), min_ready=1)
     )
     cases = [
         (("restart", "7"), "no rank 7 here: the ranks are 0-1"),

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator
+from typing import Unpack
 
 import pytest
 import trio
@@ -21,7 +22,15 @@ from trio_dpsup import (
     Supervisor,
     SupervisorConfig,
 )
-from trio_dpsup.testing import FAKE_RANK, Deployment, FakeNvml, Form, Harness, free_port_range
+from trio_dpsup.testing import (
+    FAKE_RANK,
+    Deployment,
+    FakeNvml,
+    Form,
+    Harness,
+    SupervisorSettings,
+    free_port_range,
+)
 
 from .conftest import FORMS, on_failure
 
@@ -81,7 +90,7 @@ async def test_a_restart_waits_for_its_port_and_names_the_holder(
 
 
 async def test_a_port_still_held_after_port_wait_stops_everything(dpsup: Harness) -> None:
-    deployment = await dpsup.start(1, port_wait=0.3, **SLOW_RESTART)
+    deployment = await dpsup.start(1, **on_failure(0.5, port_wait=0.3))
     await deployment.crash_rank(0, 3)
     await restarting(deployment, 0)
     with listen_on(deployment.ports[0]):
@@ -97,14 +106,13 @@ async def test_a_port_still_held_after_port_wait_stops_everything(dpsup: Harness
 
 
 async def crash_with_lingering_memory(
-    dpsup: Harness, **settings: object
+    dpsup: Harness, **settings: Unpack[SupervisorSettings]
 ) -> tuple[Deployment, FakeNvml, int]:
     """One GPU rank whose 4 GiB outlive its process, as vLLM's engine's do until the driver
     frees them; crashed. Returns the deployment, the fake NVML and the old pid."""
     fake = FakeNvml(gpus=1)
-    deployment = await dpsup.start(
-        1, nvml=fake.factory, gpus_per_rank=1, **SLOW_RESTART, **settings
-    )
+    on_gpu: SupervisorSettings = {"gpus_per_rank": 1, **settings}
+    deployment = await dpsup.start(1, nvml=fake.factory, **on_failure(0.5, **on_gpu))
     old = await deployment.rank_pid(0)
     fake.place(old, fake.gpus[0].uuid, used_mib=4096, linger=True)
     await deployment.crash_rank(0, 3)

@@ -40,7 +40,11 @@ def pod_templates(doc: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 #: What LeaderWorkerSet sets in a worker's pod (the second of a group of two).
-LWS_WORKER = {"LWS_WORKER_INDEX": 1, "LWS_GROUP_SIZE": 2, "LWS_LEADER_ADDRESS": "10.0.0.1"}
+LWS_WORKER: dict[str, int | str] = {
+    "LWS_WORKER_INDEX": 1,
+    "LWS_GROUP_SIZE": 2,
+    "LWS_LEADER_ADDRESS": "10.0.0.1",
+}
 
 
 def trio_dpsup_argv(container: dict[str, Any]) -> list[str]:
@@ -56,7 +60,8 @@ def trio_dpsup_argv(container: dict[str, Any]) -> list[str]:
         script = re.sub(r"\$\(\(([^)]*)\)\)", arithmetic, command[2])
         script = script.replace("$LWS_LEADER_ADDRESS", str(LWS_WORKER["LWS_LEADER_ADDRESS"]))
         command = shlex.split(script)
-    return command[command.index("trio-dpsup") + 1 :]
+    argv: list[str] = command[command.index("trio-dpsup") + 1 :]
+    return argv
 
 
 def trio_dpsup_options(container: dict[str, Any]) -> list[str]:

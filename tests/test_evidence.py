@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Unpack
 
 import pytest
 import trio
 
 from trio_dpsup import GpuFailed, RankStalled, SupervisorState
-from trio_dpsup.testing import FakeNvml, Form, Harness
+from trio_dpsup.testing import FakeNvml, Form, Harness, SupervisorSettings
 from trio_dpsup.testing.fake_rank import METRIC_NAMES
 
 from .conftest import FORMS
@@ -20,7 +21,7 @@ pytest_plugins = ["trio_dpsup.testing.plugin"]
 BUSY, TOKENS = METRIC_NAMES["fake"]
 
 
-def stall_settings(evidence: Path, **more: object) -> dict[str, object]:
+def stall_settings(evidence: Path, **more: Unpack[SupervisorSettings]) -> SupervisorSettings:
     return {
         "progress_timeout": 0.5,
         "progress_interval": 0.1,

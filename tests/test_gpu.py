@@ -12,6 +12,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Unpack
 
 import pytest
 import trio
@@ -42,6 +43,7 @@ from trio_dpsup.testing import (
     FakeNvml,
     Form,
     Harness,
+    SupervisorSettings,
     free_port_range,
     no_nvml,
     read_pid_file,
@@ -53,7 +55,7 @@ PY = sys.executable
 #: The environment without CUDA_VISIBLE_DEVICES: devices come from (fake) NVML.
 ENV = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
 #: Settings for GPU ranks under the harness: one GPU each, fast readings.
-GPU_SETTINGS = {"gpus_per_rank": 1, "gpu_interval": 0.1}
+GPU_SETTINGS: SupervisorSettings = {"gpus_per_rank": 1, "gpu_interval": 0.1}
 
 
 # -- CUDA_VISIBLE_DEVICES and --devices -----------------------------------------------------
@@ -102,10 +104,12 @@ def test_names_resolve_by_index_uuid_prefix_and_mig() -> None:
 # -- the plan -------------------------------------------------------------------------------
 
 
-def config(**overrides: object) -> SupervisorConfig:
-    settings: dict[str, object] = {"command": (PY, "--port", "{port}", "--gpus", "{gpus}")}
-    settings.update(overrides)
-    return SupervisorConfig(**settings)  # type: ignore[arg-type]
+def config(
+    command: tuple[str, ...] = (PY, "--port", "{port}", "--gpus", "{gpus}"),
+    ranks: int | None = None,
+    **overrides: Unpack[SupervisorSettings],
+) -> SupervisorConfig:
+    return SupervisorConfig(command=command, ranks=ranks, **overrides)
 
 
 def test_ranks_default_to_every_gpu_nvml_sees() -> None:

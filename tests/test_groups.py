@@ -3,10 +3,12 @@ or not at all, and refuse what only replicas can take; replicas keep per-rank re
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import signal
 from pathlib import Path
+from typing import Any, Unpack
 
 import pytest
 
@@ -21,7 +23,7 @@ from trio_dpsup import (
     SupervisorConfig,
     plan_ranks,
 )
-from trio_dpsup.testing import Form, Harness, run_cli
+from trio_dpsup.testing import Form, Harness, SupervisorSettings, run_cli
 
 from .conftest import on_failure
 from .test_admin import ctl
@@ -31,9 +33,9 @@ pytest_plugins = ["trio_dpsup.testing.plugin"]
 VLLM_GROUP = ("vllm", "serve", "m", "--data-parallel-size", "2")
 
 
-def vllm(*command: str, **settings: object) -> SupervisorConfig:
-    base: dict[str, object] = {"ranks": 2, "gpus_per_rank": 0, "preset": Preset.VLLM}
-    return SupervisorConfig(command=command, **{**base, **settings})  # type: ignore[arg-type]
+def vllm(*command: str, ranks: int = 2, **settings: Unpack[SupervisorSettings]) -> SupervisorConfig:
+    base = SupervisorConfig(command=command, ranks=ranks, gpus_per_rank=0, preset=Preset.VLLM)
+    return dataclasses.replace(base, **settings)
 
 
 def test_a_data_parallel_group_restarts_as_one_and_replicas_one_by_one() -> None:
@@ -64,7 +66,7 @@ def test_a_data_parallel_group_restarts_as_one_and_replicas_one_by_one() -> None
         ),
     ],
 )
-def test_what_a_group_cannot_take_is_refused(settings: dict[str, object], message: str) -> None:
+def test_what_a_group_cannot_take_is_refused(settings: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
         vllm(*VLLM_GROUP, **settings)
 
@@ -100,7 +102,7 @@ async def test_the_cli_refuses_a_group_with_per_rank_restarts(tmp_path: Path) ->
 async def test_a_group_restarts_whole_and_serves_whole(dpsup: Harness, tmp_path: Path) -> None:
     sock = tmp_path / "admin.sock"
     deployment = await dpsup.start(
-        3, form=Form.CLI, group=True, admin_socket=str(sock), **on_failure(0.1)
+        3, form=Form.CLI, **on_failure(0.1, group=True, admin_socket=str(sock))
     )
     status = await deployment.status()
     assert status.group
@@ -126,7 +128,7 @@ async def test_a_group_restarts_whole_and_serves_whole(dpsup: Harness, tmp_path:
 
 
 async def test_replicas_keep_per_rank_restarts(dpsup: Harness) -> None:
-    deployment = await dpsup.start(3, min_ready=2, **on_failure(0.1))
+    deployment = await dpsup.start(3, **on_failure(0.1, min_ready=2))
     assert not (await deployment.status()).group
     before = await deployment.status()
     await deployment.crash_rank(2, 1)

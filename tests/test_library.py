@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import socket
 import sys
 from pathlib import Path
+from typing import Unpack
 
 import httpx
 import pytest
@@ -26,27 +28,34 @@ from trio_dpsup import (
     SupervisorState,
     SupervisorStopped,
 )
-from trio_dpsup.testing import Harness, alive, free_port_range, wait_pids_gone
+from trio_dpsup.testing import (
+    Harness,
+    SupervisorSettings,
+    alive,
+    free_port_range,
+    wait_pids_gone,
+)
 
 from .conftest import FAKE_RANK
 
 pytest_plugins = ["trio_dpsup.testing.plugin"]
 
 
-def fake_config(ranks: int, base_port: int, *rank_args: str, **fields: object) -> SupervisorConfig:
-    options: dict[str, object] = {
-        "command": (*FAKE_RANK, "--port", "{port}", *rank_args),
-        "ranks": ranks,
-        "gpus_per_rank": 0,
-        "base_port": base_port,
-        "control_port": 0,
-        "probe_interval": 0.1,
-        "probe_timeout": 0.5,
-        "failure_threshold": 2,
-        "grace_period": 5.0,
-    }
-    options.update(fields)
-    return SupervisorConfig(**options)  # type: ignore[arg-type]
+def fake_config(
+    ranks: int, base_port: int, /, *rank_args: str, **fields: Unpack[SupervisorSettings]
+) -> SupervisorConfig:
+    base = SupervisorConfig(
+        command=(*FAKE_RANK, "--port", "{port}", *rank_args),
+        ranks=ranks,
+        gpus_per_rank=0,
+        base_port=base_port,
+        control_port=0,
+        probe_interval=0.1,
+        probe_timeout=0.5,
+        failure_threshold=2,
+        grace_period=5.0,
+    )
+    return dataclasses.replace(base, **fields)
 
 
 async def start_and_wait_ready(config: SupervisorConfig) -> None:
@@ -166,6 +175,7 @@ async def test_prober_transport_is_injected() -> None:
 def test_an_enum_setting_given_as_its_value_is_converted(
     field: str, text: str, member: object
 ) -> None:
+    # As a caller without a type checker writes it: the text, not the enum.
     config = SupervisorConfig(command=("server",), **{field: text})  # type: ignore[arg-type]
     assert getattr(config, field) is member
 
@@ -185,7 +195,7 @@ def test_an_enum_setting_of_no_known_value_is_refused(field: str, allowed: str) 
 
 async def test_restart_given_as_a_string_never_restarts(dpsup: Harness) -> None:
     # The CLI converts; so must the library: "never" must not be misread as a policy.
-    deployment = await dpsup.start(2, restart="never")
+    deployment = await dpsup.start(2, restart="never")  # type: ignore[arg-type]
     await deployment.crash_rank(1, 3)
     assert await deployment.wait_exit() == 3
     await deployment.assert_no_leftovers()

@@ -9,14 +9,15 @@ import functools
 import os
 import signal
 from pathlib import Path
+from typing import Unpack
 
 import httpx
 import psutil
 import pytest
 import trio
 
-from trio_dpsup import RankExited, RankStalled, RankState, RankUnhealthy
-from trio_dpsup.testing import Deployment, Form, Harness
+from trio_dpsup import Preset, RankExited, RankStalled, RankState, RankUnhealthy
+from trio_dpsup.testing import Deployment, Form, Harness, SupervisorSettings
 from trio_dpsup.testing.llama_cpp import (
     EngineUnavailable,
     build_llama_server,
@@ -70,14 +71,11 @@ def llama(server: Path, model: Path, *more: str) -> list[str]:
     return [str(server), "-m", str(model), "-c", "4096", "-t", "1", "--no-warmup", *more]
 
 
-async def start(dpsup: Harness, ranks: int, command: list[str], **settings: object) -> Deployment:
-    return await dpsup.start(
-        ranks,
-        command=command,
-        preset="llama-cpp",
-        form=Form.CLI,
-        **settings,  # type: ignore[arg-type]
-    )
+async def start(
+    dpsup: Harness, ranks: int, command: list[str], **settings: Unpack[SupervisorSettings]
+) -> Deployment:
+    with_preset: SupervisorSettings = {"preset": Preset.LLAMA_CPP, **settings}
+    return await dpsup.start(ranks, command=command, form=Form.CLI, **with_preset)
 
 
 async def complete(port: int, prompt: str = "Hello", tokens: int = 8) -> dict[str, object]:

@@ -163,7 +163,9 @@ def render_terminal(raw: bytes) -> list[str]:
     """What a terminal shows after `raw`: carriage returns, erase-to-end-of-line and
     newlines applied, colours dropped."""
     text = re.sub(rb"\x1b\[[0-9;]*m", b"", raw).decode("utf-8", "replace")
-    lines, current, column = [], [], 0
+    lines: list[str] = []
+    current: list[str] = []
+    column = 0
     for token in re.split(r"(\x1b\[K|\r|\n)", text):
         if token == "\n":
             lines.append("".join(current))

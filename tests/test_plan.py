@@ -2,28 +2,34 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
+from typing import Any, Unpack
 
 import pytest
 
 from trio_dpsup import ConfigError, SupervisorConfig, plan_ranks
 from trio_dpsup._output.redact import redact_argv  # the redaction unit itself, on purpose
+from trio_dpsup.testing import SupervisorSettings
 
 PY = sys.executable
 ENV = {"PATH": "/usr/bin:/bin"}
 
 
-def config(**overrides: object) -> SupervisorConfig:
-    fields: dict[str, object] = {
-        "command": (PY, "-m", "server", "--port", "{port}"),
-        "ranks": 2,
-        "gpus_per_rank": 0,  # no devices are known here: GPU ranks would be refused
-        "base_port": 8000,
-        "control_port": 9000,
-    }
-    fields.update(overrides)
-    return SupervisorConfig(**fields)  # type: ignore[arg-type]
+def config(
+    command: tuple[str, ...] = (PY, "-m", "server", "--port", "{port}"),
+    ranks: int | None = 2,
+    **overrides: Unpack[SupervisorSettings],
+) -> SupervisorConfig:
+    base = SupervisorConfig(
+        command=command,
+        ranks=ranks,
+        gpus_per_rank=0,  # no devices are known here: GPU ranks would be refused
+        base_port=8000,
+        control_port=9000,
+    )
+    return dataclasses.replace(base, **overrides)
 
 
 def test_placeholders_are_filled_per_rank() -> None:
@@ -125,7 +131,7 @@ def test_control_port_inside_rank_ports_derived_from_devices() -> None:
         ({"control_port": 65536}, "--control-port must be within"),
     ],
 )
-def test_ports_out_of_range(overrides: dict[str, object], message: str) -> None:
+def test_ports_out_of_range(overrides: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         config(**overrides)
 
@@ -146,7 +152,7 @@ def test_ports_out_of_range(overrides: dict[str, object], message: str) -> None:
         ({"health_path": "health"}, "--health-path must start with '/'"),
     ],
 )
-def test_bad_counts_and_durations(overrides: dict[str, object], message: str) -> None:
+def test_bad_counts_and_durations(overrides: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         config(**overrides)
 

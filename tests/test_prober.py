@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
+from typing import Unpack
 
 import httpx
 import pytest
@@ -13,19 +14,21 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from trio_dpsup import ConfigError, Preset, RankUnhealthy, SupervisorConfig, SupervisorState
 from trio_dpsup._ranks.http_probe import MAX_HEADER, HttpProbe  # the probe client, on purpose
-from trio_dpsup.testing import Deployment, Form, Harness
+from trio_dpsup.testing import Deployment, Form, Harness, SupervisorSettings
 
 from .conftest import FORMS
 
 pytest_plugins = ["trio_dpsup.testing.plugin"]
 
-#: Probes 5 s apart: without confirmation three failures would take 10 s or more.
-SLOW_PROBES = {"probe_interval": 5.0, "failure_threshold": 3, "suspect_interval": 0.05}
+
+def slow_probes(**more: Unpack[SupervisorSettings]) -> SupervisorSettings:
+    """Probes 5 s apart: without confirmation three failures would take 10 s or more."""
+    return {"probe_interval": 5.0, "failure_threshold": 3, "suspect_interval": 0.05, **more}
 
 
 @FORMS
 async def test_a_failure_is_confirmed_by_quick_probes(dpsup: Harness, form: Form) -> None:
-    deployment = await dpsup.start(2, form=form, **SLOW_PROBES)
+    deployment = await dpsup.start(2, form=form, **slow_probes())
     await deployment.fail_health(1, 500)
     # The next interval's probe sees it; two confirmations follow 50 ms apart, not 5 s.
     with trio.fail_after(5 + 3):
@@ -64,7 +67,7 @@ async def failed_probes(deployment: Deployment) -> float:
 
 @FORMS
 async def test_an_explicit_failure_status_fails_at_once(dpsup: Harness, form: Form) -> None:
-    deployment = await dpsup.start(2, form=form, fail_on_status=("5xx",), **SLOW_PROBES)
+    deployment = await dpsup.start(2, form=form, **slow_probes(fail_on_status=("5xx",)))
     await deployment.fail_health(0, 503)
     with trio.fail_after(5 + 3):
         await deployment.wait_for_state(SupervisorState.STOPPING)
@@ -75,7 +78,7 @@ async def test_an_explicit_failure_status_fails_at_once(dpsup: Harness, form: Fo
 
 
 async def test_other_statuses_still_count_to_the_threshold(dpsup: Harness) -> None:
-    deployment = await dpsup.start(1, fail_on_status=("503",), **SLOW_PROBES)
+    deployment = await dpsup.start(1, **slow_probes(fail_on_status=("503",)))
     await deployment.fail_health(0, 500)
     with trio.fail_after(5 + 3):
         await deployment.wait_for_state(SupervisorState.STOPPING)

@@ -21,6 +21,7 @@ from trio_dpsup.testing import (
     Fault,
     Form,
     Harness,
+    SupervisorSettings,
     free_port_range,
     inject_fault,
     open_cli_supervisor,
@@ -33,7 +34,7 @@ pytest_plugins = ["trio_dpsup.testing.plugin"]
 
 BUSY, TOKENS = METRIC_NAMES["fake"]
 #: Read every 0.1 s; busy without progress for 0.6 s is a stall.
-PROGRESS = {
+PROGRESS: SupervisorSettings = {
     "progress_timeout": 0.6,
     "progress_interval": 0.1,
     "progress_busy_metric": BUSY,
@@ -130,7 +131,7 @@ async def test_unreadable_metrics_are_reported_not_failed(dpsup: Harness) -> Non
 
 
 async def test_a_stalled_rank_is_restarted_under_on_failure(dpsup: Harness) -> None:
-    deployment = await dpsup.start(1, **on_failure(0.1), **PROGRESS)
+    deployment = await dpsup.start(1, **on_failure(0.1, **PROGRESS))
     await deployment.stall(0)
     with trio.fail_after(20):
         status = await deployment.wait_for_status(

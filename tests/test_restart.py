@@ -96,7 +96,7 @@ async def test_a_restarted_rank_has_its_own_startup_deadline(
     fault = tmp_path / "unhealthy"
     rank_args = ["--unhealthy-if-exists", str(fault)]
     deployment = await dpsup.start(
-        2, rank_args=rank_args, startup_timeout=1.0, max_restarts=2, **QUICK
+        2, rank_args=rank_args, **on_failure(0.1, startup_timeout=1.0, max_restarts=2)
     )
     fault.touch()  # from now on no process of any rank is healthy, restarted or not
     with trio.fail_after(30):
@@ -123,7 +123,10 @@ async def test_crash_loop_escalates_with_the_last_cause(dpsup: Harness) -> None:
     # Every process of every rank exits 0.3 s after it starts, with status 7.
     rank_args = ["--exit-after", "0.3", "--exit-code", "7"]
     deployment = await dpsup.start(
-        2, rank_args=rank_args, wait_ready=False, max_restarts=3, restart_window=60, **QUICK
+        2,
+        rank_args=rank_args,
+        wait_ready=False,
+        **on_failure(0.1, max_restarts=3, restart_window=60),
     )
     with trio.fail_after(30):
         assert await deployment.wait_exit() == 7  # the root cause's status
@@ -141,7 +144,7 @@ async def test_crash_loop_escalates_with_the_last_cause(dpsup: Harness) -> None:
 async def test_exit_zero_is_restarted_like_any_failure(
     dpsup: Harness, policy: RestartPolicy
 ) -> None:
-    settings = {**QUICK, "restart": policy}
+    settings = on_failure(0.1, restart=policy)
     if policy is RestartPolicy.ALWAYS:  # deprecated: on-failure, with a warning
         with pytest.warns(FutureWarning, match="--restart always is the same as on-failure"):
             deployment = await dpsup.start(2, **settings)
@@ -160,8 +163,8 @@ async def test_a_rank_bounced_by_hand_comes_back(dpsup: Harness, form: Form) -> 
     # with the fast probes' confirmation (2 failures, 30 ms apart), a loaded machine could
     # see that first and call it unhealthy. Slower confirmation (3 more probes, 0.2 s
     # apart) leaves the exit, the cause under test, to be seen first.
-    confirm_slowly = {"failure_threshold": 4, "suspect_interval": 0.2}
-    deployment = await dpsup.start(3, form=form, **QUICK, **confirm_slowly)
+    confirm_slowly = on_failure(0.1, failure_threshold=4, suspect_interval=0.2)
+    deployment = await dpsup.start(3, form=form, **confirm_slowly)
     before = await deployment.status()
     await deployment.signal_rank(1, signal.SIGTERM)
     with trio.fail_after(30):
@@ -181,7 +184,7 @@ async def test_a_rank_bounced_by_hand_comes_back(dpsup: Harness, form: Form) -> 
 
 
 async def test_scope_all_restarts_every_rank(dpsup: Harness) -> None:
-    deployment = await dpsup.start(3, restart_scope=RestartScope.ALL, **QUICK)
+    deployment = await dpsup.start(3, **on_failure(0.1, restart_scope=RestartScope.ALL))
     before = await deployment.status()
     await deployment.crash_rank(2, 1)
     after = await deployment.wait_for_status(
@@ -212,15 +215,14 @@ async def test_shutdown_during_backoff(dpsup: Harness, form: Form) -> None:
 
 
 async def test_min_ready_keeps_serving_while_a_rank_restarts(dpsup: Harness) -> None:
-    settings = on_failure(60.0)
-    deployment = await dpsup.start(3, min_ready=2, **settings)
+    deployment = await dpsup.start(3, **on_failure(60.0, min_ready=2))
     await deployment.crash_rank(2, 3)
     await deployment.wait_for_rank_state(2, RankState.RESTARTING)
     assert await deployment.ready_code() == 200  # 2 of 3 ready
     assert await deployment.ready_code(rank=2) == 503
     status = await deployment.status()
     assert (status.ready, status.min_ready) == (True, 2)
-    strict = await dpsup.start(2, **settings)  # min-ready defaults to every rank
+    strict = await dpsup.start(2, **on_failure(60.0))  # min-ready defaults to every rank
     await strict.crash_rank(0, 3)
     await strict.wait_for_rank_state(0, RankState.RESTARTING)
     assert await strict.ready_code() == 503
@@ -271,7 +273,7 @@ async def test_a_second_signal_reaches_a_rank_that_is_restarting(
     # period of 30 s of its own. A second signal must end that wait too, not only the
     # shutdown's.
     deployment = await dpsup.start(
-        2, form=form, rank_args=["--ignore-sigterm"], grace_period=30, **QUICK
+        2, form=form, rank_args=["--ignore-sigterm"], **on_failure(0.1, grace_period=30)
     )
     await deployment.fail_health(0, 503)
     await deployment.wait_for_rank_state(0, RankState.RESTARTING)

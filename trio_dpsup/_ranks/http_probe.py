@@ -125,7 +125,7 @@ class HttpProbe:
             _drop(stream)  # over the cap (probes overlapped): let it go at once
 
 
-async def _read_response(stream: trio.abc.Stream) -> tuple[int, bool]:
+async def _read_response(stream: trio.abc.ReceiveStream) -> tuple[int, bool]:
     """The status of the answer on `stream`, once its body is read; and whether the
     connection may be used again."""
     buffer = bytearray()
@@ -169,7 +169,7 @@ async def _read_response(stream: trio.abc.Stream) -> tuple[int, bool]:
     return status, keep
 
 
-async def _discard(stream: trio.abc.Stream, have: bytearray, length: int) -> None:
+async def _discard(stream: trio.abc.ReceiveStream, have: bytearray, length: int) -> None:
     if length > MAX_BODY:
         raise ProbeError(f"a body of {length} bytes, more than {MAX_BODY}")
     left = length - len(have)
@@ -180,7 +180,7 @@ async def _discard(stream: trio.abc.Stream, have: bytearray, length: int) -> Non
         left -= len(chunk)
 
 
-async def _discard_to_eof(stream: trio.abc.Stream, have: bytearray) -> None:
+async def _discard_to_eof(stream: trio.abc.ReceiveStream, have: bytearray) -> None:
     total = len(have)
     while chunk := await stream.receive_some(_READ):
         total += len(chunk)
@@ -188,7 +188,7 @@ async def _discard_to_eof(stream: trio.abc.Stream, have: bytearray) -> None:
             raise ProbeError(f"a body of more than {MAX_BODY} bytes")
 
 
-async def _discard_chunked(stream: trio.abc.Stream, have: bytearray) -> None:
+async def _discard_chunked(stream: trio.abc.ReceiveStream, have: bytearray) -> None:
     """Read a chunked body to its end (trailers included), keeping at most a chunk's worth."""
     buffer = bytearray(have)
     total = 0
