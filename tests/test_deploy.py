@@ -54,7 +54,9 @@ def trio_dpsup_argv(container: dict[str, Any]) -> list[str]:
     if command[:2] == ["sh", "-c"]:
 
         def arithmetic(match: re.Match[str]) -> str:
-            name, times = re.fullmatch(r"(\w+) \* (\d+)", match.group(1)).groups()  # type: ignore[union-attr]
+            term = re.fullmatch(r"(\w+) \* (\d+)", match.group(1))
+            assert term is not None, f"not NAME * N: {match.group(1)}"
+            name, times = term.groups()
             return str(int(LWS_WORKER[name]) * int(times))
 
         script = re.sub(r"\$\(\(([^)]*)\)\)", arithmetic, command[2])

@@ -7,11 +7,17 @@ import re
 import signal
 import sys
 from pathlib import Path
+from typing import Unpack
 
 import pytest
 
 from trio_dpsup import ConfigError, Preset, SupervisorConfig, plan_ranks
-from trio_dpsup.testing import free_port_range, open_cli_supervisor, run_cli
+from trio_dpsup.testing import (
+    SupervisorSettings,
+    free_port_range,
+    open_cli_supervisor,
+    run_cli,
+)
 from trio_dpsup.testing.fake_servers import read_recorded_argv
 
 
@@ -65,10 +71,14 @@ async def test_sglang_preset(fake_env: dict[str, str], tmp_path: Path) -> None:
     ]
 
 
-def plan(preset: Preset, *command: str, **overrides: object) -> None:
-    settings: dict[str, object] = {"ranks": 2, "gpus_per_rank": 1, "devices": ("0", "1")}
-    settings.update(overrides)
-    config = SupervisorConfig(command=(sys.executable, *command), preset=preset, **settings)  # type: ignore[arg-type]
+def plan(preset: Preset, /, *command: str, **overrides: Unpack[SupervisorSettings]) -> None:
+    settings: SupervisorSettings = {
+        "preset": preset,
+        "gpus_per_rank": 1,
+        "devices": ("0", "1"),
+        **overrides,
+    }
+    config = SupervisorConfig(command=(sys.executable, *command), ranks=2, **settings)
     plan_ranks(config, {"PATH": os.environ["PATH"]})
 
 
