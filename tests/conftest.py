@@ -7,7 +7,7 @@ import fcntl
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from pathlib import Path
 from typing import Unpack
 
@@ -144,3 +144,33 @@ def fake_env(tmp_path: Path) -> dict[str, str]:
     env[ARGV_FILE_ENV] = str(tmp_path / "argv.jsonl")
     env.pop("CUDA_VISIBLE_DEVICES", None)
     return env
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> Generator[None, object, object]:
+    """A trio test's own ``pytest.skip(reason)``, with its reason and line.
+
+    pytest-trio 0.8 runs the test in ``trio.run``, whose strict exception groups wrap the
+    skip; it unwraps a lone skip by raising a new, empty ``pytest.skip()`` (its plugin.py,
+    the wrapper's ``except BaseExceptionGroup``), so the summary said only "Skipped" at a
+    line of pytest's own. The test's skip is that empty one's context: raise it instead.
+    """
+    try:
+        return (yield)
+    except pytest.skip.Exception as empty:
+        group = empty.__context__
+        if empty.msg or not isinstance(group, BaseExceptionGroup):
+            raise
+        matched, _ = group.split(pytest.skip.Exception)
+        leaves = [] if matched is None else _leaves(matched)
+        if len(leaves) != 1:
+            raise
+        raise leaves[0] from None
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    return [
+        leaf
+        for exc in group.exceptions
+        for leaf in (_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    ]
