@@ -23,7 +23,7 @@ import psutil
 import pytest
 import trio
 
-from trio_dpsup.testing import alive, free_port_range, open_cli_supervisor, read_pid_file
+from trio_dpsup.testing import free_port_range, open_cli_supervisor, read_pid_file, wait_pids_gone
 
 from .conftest import all_holders_gone, cli_args, describe_holders, holders_now, kill_holders
 
@@ -117,7 +117,8 @@ async def test_a_member_that_escapes_after_it_was_seen_dies_with_a_killed_superv
                 sup.send_signal(signal.SIGKILL)
                 assert await sup.wait() == -signal.SIGKILL
                 assert await all_holders_gone(lock, within=10)
-                assert not alive(escaped.pid)
+                # Its lock goes with its files, early in its exit: wait for the rest.
+                assert await wait_pids_gone([escaped.pid], timeout=10) == []
         finally:
             kill_holders(lock)
 
