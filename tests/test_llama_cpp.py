@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import os
 import signal
 from pathlib import Path
@@ -203,9 +204,23 @@ async def test_log_dir_holds_the_engines_lines_and_a_killed_supervisor_leaves_no
     deployment.signal_supervisor(signal.SIGKILL)
     assert await deployment.wait_exit() == -signal.SIGKILL
     await deployment.assert_no_leftovers(grace=5.0)
-    assert not [p for p in psutil.process_iter(["exe"]) if p.info["exe"] == str(llama_server)]
+    # None of its engines anywhere, known to the harness or not; by their ports, as other
+    # llama-servers (another test run, a user's) may share the machine.
+    ports = [str(r.port) for r in ranks]
+    left = [
+        p.pid
+        for p in psutil.process_iter(["exe", "cmdline"])
+        if p.info["exe"] == str(llama_server)
+        and any(port in ports for port in _after("--port", p.info["cmdline"] or []))
+    ]
+    assert not left, f"llama-servers left: {left}"
     for rank in ranks:
         # llama-server's own lines, as it wrote them (no prefix).
         text = (log_dir / f"rank-{rank.rank}.log").read_text(errors="replace")
         assert "llama_server: model loaded" in text, text[-2000:]
         assert f"listening on http://127.0.0.1:{rank.port}" in text, text[-2000:]
+
+
+def _after(option: str, argv: list[str]) -> list[str]:
+    """The values that follow `option` in `argv`."""
+    return [value for flag, value in itertools.pairwise(argv) if flag == option]
