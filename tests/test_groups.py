@@ -3,7 +3,6 @@ or not at all, and refuse what only replicas can take; replicas keep per-rank re
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 import signal
@@ -34,8 +33,8 @@ VLLM_GROUP = ("vllm", "serve", "m", "--data-parallel-size", "2")
 
 
 def vllm(*command: str, ranks: int = 2, **settings: Unpack[SupervisorSettings]) -> SupervisorConfig:
-    base = SupervisorConfig(command=command, ranks=ranks, gpus_per_rank=0, preset=Preset.VLLM)
-    return dataclasses.replace(base, **settings)
+    group: SupervisorSettings = {"gpus_per_rank": 0, "preset": Preset.VLLM, **settings}
+    return SupervisorConfig(command=command, ranks=ranks, **group)
 
 
 def test_a_data_parallel_group_restarts_as_one_and_replicas_one_by_one() -> None:

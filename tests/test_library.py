@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import signal
 import socket
@@ -44,18 +43,18 @@ pytest_plugins = ["trio_dpsup.testing.plugin"]
 def fake_config(
     ranks: int, base_port: int, /, *rank_args: str, **fields: Unpack[SupervisorSettings]
 ) -> SupervisorConfig:
-    base = SupervisorConfig(
-        command=(*FAKE_RANK, "--port", "{port}", *rank_args),
-        ranks=ranks,
-        gpus_per_rank=0,
-        base_port=base_port,
-        control_port=0,
-        probe_interval=0.1,
-        probe_timeout=0.5,
-        failure_threshold=2,
-        grace_period=5.0,
-    )
-    return dataclasses.replace(base, **fields)
+    settings: SupervisorSettings = {
+        "gpus_per_rank": 0,
+        "base_port": base_port,
+        "control_port": 0,
+        "probe_interval": 0.1,
+        "probe_timeout": 0.5,
+        "failure_threshold": 2,
+        "grace_period": 5.0,
+        **fields,
+    }
+    command = (*FAKE_RANK, "--port", "{port}", *rank_args)
+    return SupervisorConfig(command=command, ranks=ranks, **settings)
 
 
 async def start_and_wait_ready(config: SupervisorConfig) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from pathlib import Path
 from typing import Any, Unpack
@@ -22,14 +21,13 @@ def config(
     ranks: int | None = 2,
     **overrides: Unpack[SupervisorSettings],
 ) -> SupervisorConfig:
-    base = SupervisorConfig(
-        command=command,
-        ranks=ranks,
-        gpus_per_rank=0,  # no devices are known here: GPU ranks would be refused
-        base_port=8000,
-        control_port=9000,
-    )
-    return dataclasses.replace(base, **overrides)
+    settings: SupervisorSettings = {
+        "gpus_per_rank": 0,  # no devices are known here: GPU ranks would be refused
+        "base_port": 8000,
+        "control_port": 9000,
+        **overrides,
+    }
+    return SupervisorConfig(command=command, ranks=ranks, **settings)
 
 
 def test_placeholders_are_filled_per_rank() -> None:

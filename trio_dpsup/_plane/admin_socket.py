@@ -1,8 +1,9 @@
 """The admin socket (``--admin-socket PATH``): a Unix domain socket, created 0600 and never
 on the TCP control plane, that carries the operator's requests to `Admin` (admin.py).
 
-A peer that is not this process's user or root (SO_PEERCRED) is refused. One request per
-connection: a JSON line ``{"action": ..., ...}``; one JSON line back, ``{"ok": true, ...}``
+A peer that is not this process's user or root (SO_PEERCRED) is refused, once its request
+has arrived (so that its write lands and it reads why). One request per connection: a
+JSON line ``{"action": ..., ...}``; one JSON line back, ``{"ok": true, ...}``
 or ``{"ok": false, "error": ...}``, as protocol.py types them.
 
 The socket cannot stop the supervisor: a request is bounded in size, nesting and time
