@@ -12,6 +12,7 @@ import socket
 import stat
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -34,6 +35,9 @@ LEAKY = (
     f"print('api_key={SECRET}', 'Authorization: Bearer {SECRET}', "
     f"'postgres://app:{SECRET}@db/x', sep='\\n', file=sys.stderr); sys.exit(3)"
 )
+
+
+ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a directory away")
 
 
 def one_rank(base: int, *options: str) -> list[str]:
@@ -108,7 +112,7 @@ async def test_a_log_dir_others_can_write_is_refused(
     assert list(log_dir.iterdir()) == []
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a directory away")
+@ROOT_ONLY
 async def test_a_log_dir_of_another_user_is_refused(tmp_path: Path) -> None:
     log_dir = tmp_path / "theirs"
     log_dir.mkdir(mode=0o755)
@@ -197,6 +201,53 @@ async def test_evidence_is_redacted_and_private(dpsup: Harness, tmp_path: Path) 
     for file in folder.iterdir():
         assert stat.S_IMODE(os.stat(file).st_mode) == 0o600, file
         assert SECRET not in file.read_text(), file
+
+
+@pytest.mark.parametrize(
+    ("owner", "mode", "message"),
+    [
+        pytest.param(65534, 0o755, "is owned by uid 65534, not by this user", marks=ROOT_ONLY),
+        (None, 0o777, "is writable by others (mode 0777)"),
+        (None, 0o1777, "is writable by others (mode 1777)"),
+    ],
+)
+async def test_an_evidence_dir_others_could_plant_in_is_refused(
+    tmp_path: Path, owner: int | None, mode: int, message: str
+) -> None:
+    evidence = tmp_path / "evidence"
+    evidence.mkdir()
+    os.chmod(evidence, mode)
+    if owner is not None:
+        os.chown(evidence, owner, owner)
+    code, _, err = await run_cli(one_rank(free_port_range(1), "--evidence-dir", str(evidence)))
+    assert code == 2
+    assert f"--evidence-dir {evidence} {message}" in err
+    assert err.count("\n") == 1
+    assert list(evidence.iterdir()) == []
+
+
+@pytest.mark.parametrize("planted", ["link", pytest.param("theirs", marks=ROOT_ONLY)])
+async def test_what_is_planted_in_the_evidence_dir_is_never_written_through(
+    dpsup: Harness, tmp_path: Path, planted: str
+) -> None:
+    # The run's folder is named by its run id, which /status shows to anyone: a folder or
+    # link planted at that name (here by us, standing in for whoever could) is refused.
+    evidence = tmp_path / "evidence"
+    victim = tmp_path / "victim"
+    victim.mkdir(mode=0o700)
+    deployment = await dpsup.start(1, evidence_dir=str(evidence), evidence_timeout=1)
+    if planted == "link":
+        (evidence / deployment.run_id).symlink_to(victim)
+    else:
+        (evidence / deployment.run_id).mkdir(mode=0o755)
+        os.chown(evidence / deployment.run_id, 65534, 65534)
+    await deployment.hang_health(0)
+    with trio.fail_after(20):
+        assert await deployment.wait_exit() == 1
+    assert list(victim.iterdir()) == [], "evidence was written through a planted link"
+    assert [p for p in evidence.rglob("*") if not p.is_symlink() and p.is_file()] == []
+    final = await deployment.final_status()
+    assert final.ranks[0].evidence is None
 
 
 async def test_a_usage_error_never_echoes_a_secret(tmp_path: Path) -> None:
@@ -331,6 +382,89 @@ async def test_an_admin_socket_path_that_is_taken_is_refused(tmp_path: Path, kin
         assert path.is_symlink() == (kind == "symlink")
     else:
         assert "another process listens there" in err
+
+
+@pytest.mark.parametrize(
+    ("owner", "mode", "message"),
+    [
+        pytest.param(65534, 0o755, "is owned by uid 65534, not by this user", marks=ROOT_ONLY),
+        (None, 0o777, "is writable by others (mode 0777)"),
+        # Sticky protects what is ours from being renamed, not our name from being taken.
+        (None, 0o1777, "is writable by others (mode 1777)"),
+    ],
+)
+async def test_an_admin_socket_dir_another_user_could_change_is_refused(
+    tmp_path: Path, owner: int | None, mode: int, message: str
+) -> None:
+    # That user could swap the socket for one of their own: a forged status for ctl, and
+    # the operator's restart sent to them.
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, mode)
+    if owner is not None:
+        os.chown(shared, owner, owner)
+    path = shared / "admin.sock"
+    code, _, err = await run_cli([*one_rank(free_port_range(1), "--admin-socket", str(path))])
+    assert code == 2
+    assert f"--admin-socket {path}: the directory {shared} {message}" in err
+    assert list(shared.iterdir()) == []
+    # ctl says no to such a path too, before a word is sent: here a listener stands in for
+    # the other user's.
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(str(path))
+        listener.listen(8)
+        listener.setblocking(False)
+        code, out, err = await ctl(path, "status")
+        with pytest.raises(BlockingIOError):
+            listener.accept()  # nobody connected
+    assert (code, out) == (2, "")
+    assert f"the directory {shared} {message}" in err
+
+
+@ROOT_ONLY
+async def test_ctl_refuses_a_socket_served_by_another_user(tmp_path: Path) -> None:
+    # The kernel's word (SO_PEERCRED) on who listens, whatever the files say: the listener
+    # is bound here and listens in a process of uid 65534.
+    path = tmp_path / "admin.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(path))
+    reply = json.dumps({"ok": True, "action": "undrain", "rank": 0})
+    # It becomes uid 65534 itself (that user may not run our interpreter), and answers the
+    # two connections of this test: the refused ctl's (which sends nothing), then the other.
+    server = f"""
+import contextlib, os, socket
+s = socket.socket(fileno={sock.fileno()})
+os.setgid(65534)
+os.setuid(65534)
+s.listen(4)
+for _ in range(2):
+    c, _ = s.accept()
+    with c, contextlib.suppress(OSError):
+        if c.recv(4096):
+            c.sendall({reply!r}.encode() + b"\\n")
+"""
+    async with trio.open_nursery() as nursery:
+        process = await nursery.start(
+            partial(
+                trio.run_process, [sys.executable, "-c", server], pass_fds=(sock.fileno(),),
+                check=False,
+            )
+        )  # fmt: skip
+        sock.close()
+        with trio.fail_after(10):
+            while True:  # until it listens: then a connect is accepted into its backlog
+                code, _, err = await ctl(path, "undrain", "0")
+                if "Connection refused" not in err:
+                    break
+                await trio.sleep(0.05)
+        assert code == 2
+        assert "is served by uid 65534" in err
+        assert "--user 65534" in err
+        # Named as the supervisor's user, it is believed.
+        code, out, err = await ctl(path, "--user", "65534", "undrain", "0")
+        assert (code, out, err) == (0, "rank 0 undrained\n", "")
+        with trio.fail_after(10):
+            assert await process.wait() == 0
 
 
 async def test_a_stale_admin_socket_is_replaced(dpsup: Harness, tmp_path: Path) -> None:

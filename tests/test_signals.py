@@ -10,9 +10,18 @@ from pathlib import Path
 import pytest
 import trio
 
-from trio_dpsup.testing import alive, free_port_range, open_cli_supervisor, read_pid_file
+from trio_dpsup.testing import (
+    Form,
+    Harness,
+    alive,
+    free_port_range,
+    open_cli_supervisor,
+    read_pid_file,
+)
 
-from .conftest import all_holders_gone, cli_args, kill_holders
+from .conftest import FORMS, all_holders_gone, cli_args, kill_holders
+
+pytest_plugins = ["trio_dpsup.testing.plugin"]
 
 
 async def test_sigterm_while_ranks_are_being_started_stops_in_order(tmp_path: Path) -> None:
@@ -94,3 +103,17 @@ async def test_cgroups_hold_what_leaves_session_cookie_and_parent(tmp_path: Path
         assert await all_holders_gone(lock, within=10)
     finally:
         kill_holders(lock)
+
+
+@FORMS
+async def test_a_stopped_rank_stops_at_once_on_sigterm(dpsup: Harness, form: Form) -> None:
+    # SIGSTOP (or a job-control stop, or a debugger cut off mid-attach): a SIGTERM alone
+    # waits until the process runs again, so it used to hold the whole grace period and end
+    # in a SIGKILL (exit 1). Probes are slow here so the stop is not first seen as a failure.
+    deployment = await dpsup.start(2, form=form, probe_interval=30.0, grace_period=20.0)
+    await deployment.signal_rank(1, signal.SIGSTOP)
+    start = trio.current_time()
+    deployment.signal_supervisor(signal.SIGTERM)
+    with trio.fail_after(15):
+        assert await deployment.wait_exit() == 0  # 1 when a rank had to be killed
+    assert trio.current_time() - start < 5.0  # the promise is 1 s; far below 20 s of grace

@@ -16,6 +16,7 @@ import socket
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Literal
 
 from ._config.config import SupervisorConfig
 from ._config.options import option_name
@@ -24,13 +25,15 @@ from ._config.tls import check_tls
 from ._errors import ConfigError
 from ._gpu.nvml import NvmlFactory
 from ._gpu.session import NvmlSession, open_nvml
-from ._output.log_files import open_log_dir
+from ._output.log_files import DIR_MODE as LOG_DIR_MODE
+from ._output.private_dir import open_private_dir
 from ._plane.admin_socket import AdminSocket, bind_admin_socket
 from ._plane.control import bind_control_socket
 from ._proc.cgroup import CgroupError, RunCgroups
 from ._proc.membership import Trees
 from ._proc.owners import Owner, OwnerKind
 from ._ranks.clean_start import check_gpus_at_start, check_ports_at_start
+from ._ranks.evidence import EVIDENCE_DIR_MODE
 from ._state.board import Board
 
 __all__ = ["RunParts", "prepare_run"]
@@ -50,15 +53,20 @@ class RunParts:
     cgroups: RunCgroups | None
     #: The descriptor of --log-dir, checked; the log pump takes it over.
     log_dir: int | None
+    #: The descriptor of --evidence-dir, checked; every evidence folder is made through it.
+    evidence_dir: int | None
     control_sock: socket.socket
     admin_sock: AdminSocket | None
 
     async def aclose(self) -> None:
-        """Remove the cgroups (empty once every rank tree is gone) and close NVML. The
-        sockets belong to their servers by now, the log directory to the pump.
+        """Remove the cgroups (empty once every rank tree is gone), close the evidence
+        directory and NVML. The sockets belong to their servers by now, the log directory
+        to the pump.
 
         **Cancellation**: shielded (NVML's close).
         """
+        if self.evidence_dir is not None:
+            os.close(self.evidence_dir)
         if self.cgroups is not None:
             self.cgroups.remove()
         if self.gpu is not None:
@@ -85,9 +93,12 @@ async def prepare_run(
             check_tls(config)
             # Before anything listens: a log directory that is unsafe or cannot be made
             # is bad input (exit 2), not a failure after the control plane answered.
-            log_dir = _open_log_dir(config)
+            log_dir = _open_dir(config, "log_dir", LOG_DIR_MODE)
             if log_dir is not None:
                 undo.callback(os.close, log_dir)
+            evidence_dir = _open_dir(config, "evidence_dir", EVIDENCE_DIR_MODE)
+            if evidence_dir is not None:
+                undo.callback(os.close, evidence_dir)
             run_id = uuid.uuid4().hex
             cgroups = _make_cgroups(run_id) if config.cgroups else None
             if cgroups is not None:
@@ -117,18 +128,22 @@ async def prepare_run(
     trees = Trees(run_id, adopter=os.getpid() if subreaper else None)
     if cgroups is not None:
         trees.use_cgroups()
-    return RunParts(board, trees, gpu, cgroups, log_dir, sock, admin_sock)
+    return RunParts(board, trees, gpu, cgroups, log_dir, evidence_dir, sock, admin_sock)
 
 
 def _nobody_of_ours(pid: int) -> Owner:
     return Owner(OwnerKind.OUTSIDE)
 
 
-def _open_log_dir(config: SupervisorConfig) -> int | None:
-    """The checked --log-dir's descriptor, when ranks' lines are relayed to files."""
-    if config.log_dir is None:  # (the config refuses it without the log prefix)
+def _open_dir(
+    config: SupervisorConfig, field: Literal["log_dir", "evidence_dir"], mode: int
+) -> int | None:
+    """The descriptor of the directory setting `field` names, checked (private_dir.py), or
+    None where it is not set. (The config refuses --log-dir without the log prefix.)"""
+    path = getattr(config, field)
+    if path is None:
         return None
-    return open_log_dir(config.log_dir, option_name(SupervisorConfig, "log_dir"))
+    return open_private_dir(path, option_name(SupervisorConfig, field), mode)
 
 
 def _make_cgroups(run_id: str) -> RunCgroups:

@@ -277,6 +277,7 @@ class _Run:
             nvml=None if self.gpu is None else self.gpu.backend,
             cgroups=self.parts.cgroups,
             log_dir=self.parts.log_dir,
+            evidence_dir=self.parts.evidence_dir,
             transport=self.transport,
             observe=self.metrics.observe_probe,
         ) as ctx:

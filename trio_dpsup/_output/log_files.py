@@ -7,8 +7,9 @@ the supervisor often runs as root and a log directory may sit where others can w
 
 * `open_log_dir` creates DIR (0750) when it is missing, and refuses (a ConfigError, before
   anything starts) one that is a symbolic link, is not owned by our user, or can be written
-  by others, or by a group other than our own. Every later open and rename goes through the
-  descriptor of the directory it checked, so a path swapped afterwards is never followed.
+  by others, or by a group other than our own (private_dir.py). Every later open and rename
+  goes through the descriptor of the directory it checked, so a path swapped afterwards is
+  never followed.
 * Each file is opened with ``O_NOFOLLOW | O_NONBLOCK`` (a planted link is not followed; a
   planted FIFO cannot block the open) and kept only if ``fstat`` says it is a regular file,
   at every open, rotation included. New files are 0640: they hold what ranks print.
@@ -31,10 +32,10 @@ from dataclasses import dataclass
 
 import trio
 
-from .._errors import ConfigError
 from .log_format import WriterThread
+from .private_dir import open_private_dir
 
-__all__ = ["CLOSE_TIMEOUT", "FILE_MODE", "LogFiles", "RankFiles", "open_log_dir"]
+__all__ = ["CLOSE_TIMEOUT", "DIR_MODE", "FILE_MODE", "LogFiles", "RankFiles", "open_log_dir"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,54 +61,8 @@ class LogFiles:
 
 def open_log_dir(path: str, option: str = "--log-dir") -> int:
     """A descriptor of the log directory `path`, created (DIR_MODE) when missing, once it
-    is found safe to write in. Raises ConfigError, naming the fix, for a directory that
-    cannot be made or opened, a symbolic link, or one that others could plant files in."""
-    try:
-        os.makedirs(path, mode=DIR_MODE, exist_ok=True)
-    except FileExistsError:
-        pass  # a dangling link or a file: the open below says which
-    except OSError as exc:
-        raise ConfigError(
-            f"{option} {path}: cannot create it: {exc.strerror or exc}: choose a directory "
-            "this user can create"
-        ) from exc
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as exc:
-        if os.path.islink(path):
-            raise ConfigError(
-                f"{option} {path} is a symbolic link: give the directory itself "
-                f"({os.path.realpath(path)}), where nobody else can write"
-            ) from exc
-        raise ConfigError(
-            f"{option} {path}: {exc.strerror or exc}: give a directory this user can write in"
-        ) from exc
-    try:
-        _check_dir(fd, path, option)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def _check_dir(fd: int, path: str, option: str) -> None:
-    info = os.fstat(fd)
-    uid, gid = os.geteuid(), os.getegid()
-    mode = stat.S_IMODE(info.st_mode)
-    if info.st_uid != uid:
-        raise ConfigError(
-            f"{option} {path} is owned by uid {info.st_uid}, not by this user ({uid}): "
-            "another user could replace its files; give a directory of this user's "
-            f"(chown {uid} {path}), or one it can create"
-        )
-    if mode & stat.S_IWOTH or (mode & stat.S_IWGRP and info.st_gid != gid):
-        raise ConfigError(
-            f"{option} {path} is writable by {'others' if mode & stat.S_IWOTH else 'its group'} "
-            f"(mode {mode:04o}): they could plant links or FIFOs there; chmod go-w {path}, "
-            "or choose a directory of this user's"
-        )
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise ConfigError(f"{option} {path}: this user cannot write in it: chmod u+wx {path}")
+    is found safe to write in (private_dir.py). Raises ConfigError, naming the fix."""
+    return open_private_dir(path, option, DIR_MODE)
 
 
 #: Why an open was refused, by errno: what was planted at the file's name.

@@ -3,6 +3,6 @@ http_server.py) with discovery for routers and Prometheus, the metrics, the oper
 admin socket (admin_socket.py) and actions (admin.py) with their client (ctl.py) and typed
 protocol (protocol.py), and the report of how a run ended (outcome.py).
 
-May import: `_state`, `_config`, `_errors`, `_version`. Never `_ranks`: an operator's
+May import: `_state`, `_config`, `_output`, `_errors`, `_version`. Never `_ranks`: an operator's
 action reaches a rank through the board's records, which the rank's own task acts on.
 """

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import trio
 
 from .._errors import ConfigError
+from .._output.private_dir import check_socket_dir
 from .admin import Admin, AdminError
 from .protocol import ProtocolError, Reply, Request
 
@@ -71,7 +72,9 @@ def bind_admin_socket(path: str) -> AdminSocket:
     """Bind `path` now, mode 0600, so that a bad path is a ConfigError before any rank
     starts. Made under a temporary name and renamed into place: never visible with wider
     permissions. A stale socket at `path` (nobody listening) is replaced; a live one, a
-    symbolic link, a regular file or anything else is refused, never replaced."""
+    symbolic link, a regular file or anything else is refused, never replaced; so is a
+    directory on the path that another user owns or others can write (private_dir.py)."""
+    check_socket_dir(path, "--admin-socket")
     _check_existing(path)
     directory = os.path.dirname(os.path.abspath(path))
     temporary = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}")

@@ -17,13 +17,16 @@ import argparse
 import contextlib
 import json
 import os
+import pwd
 import socket
+import struct
 import sys
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .._errors import EXIT_FAILURE, EXIT_USAGE  # standard library only, as this client
+from .._errors import EXIT_FAILURE, EXIT_USAGE, ConfigError  # standard library only, as this
+from .._output.private_dir import check_socket_dir  # client
 from .protocol import Action, ProtocolError, Reply, Request
 
 __all__ = ["run_ctl"]
@@ -41,6 +44,10 @@ class BadAnswer(Exception):
     """The supervisor's answer could not be used (malformed, or none in time)."""
 
 
+class Untrusted(Exception):
+    """The socket is served by another user: nothing is sent to it, nothing believed."""
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Act on a running supervisor.")
     parser.add_argument(
@@ -48,6 +55,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="PATH",
         default=os.environ.get(SOCKET_ENV),
         help=f"the supervisor's --admin-socket (default: ${SOCKET_ENV})",
+    )
+    parser.add_argument(
+        "--user",
+        metavar="USER",
+        help="the user the supervisor runs as, when it is not this one (root always is "
+        "trusted): a socket served by anyone else, or in a directory they could change, is "
+        "refused (e.g. sudo trio-dpsup ctl --user trio-dpsup ...)",
     )
     parser.add_argument(
         "--timeout",
@@ -123,7 +137,13 @@ def run_ctl(argv: Sequence[str]) -> int:
         rank_timeout=getattr(args, "rank_timeout", None),
     )
     try:
-        document = _ask(args.admin_socket, request, args.timeout)
+        trusted = None if args.user is None else _uid(args.user)
+        # Another user who can rename a directory on the path can serve a socket of their
+        # own there: refuse such a path before a word is sent, as the supervisor does.
+        check_socket_dir(args.admin_socket, "--admin-socket", also=trusted)
+        document = _ask(args.admin_socket, request, args.timeout, trusted)
+    except (ConfigError, Untrusted) as exc:
+        return _error(str(exc))
     except BadAnswer as exc:
         return _error(str(exc), EXIT_FAILURE)
     except OSError as exc:
@@ -149,7 +169,17 @@ def run_ctl(argv: Sequence[str]) -> int:
     return 0
 
 
-def _ask(path: str, request: Request, timeout: float) -> object:
+def _uid(user: str) -> int:
+    """The uid of `user`, a name or a number; ConfigError if there is no such user."""
+    try:
+        return pwd.getpwnam(user).pw_uid
+    except KeyError:
+        if user.isdigit():
+            return int(user)
+        raise ConfigError(f"--user {user}: no such user: give the supervisor's user") from None
+
+
+def _ask(path: str, request: Request, timeout: float, trusted: int | None) -> object:
     """Send `request`, return the answer, parsed JSON. Raises OSError when nobody listens at
     `path`, BadAnswer when the answer is not JSON or none comes within `timeout`."""
     deadline = time.monotonic() + timeout
@@ -159,6 +189,7 @@ def _ask(path: str, request: Request, timeout: float) -> object:
             sock.connect(path)
         except TimeoutError:
             raise BadAnswer(f"no answer within {timeout:g}s (--timeout): is it stuck?") from None
+        _check_peer(sock, path, trusted)
         with contextlib.suppress(BrokenPipeError):
             # The supervisor answered and closed before reading it all: its answer, a
             # refusal, is still there to read.
@@ -185,6 +216,19 @@ def _ask(path: str, request: Request, timeout: float) -> object:
     except ValueError:
         raise BadAnswer(f"an answer that is not JSON: {_shown(data)}") from None
     return answer  # its shape is Reply.from_json's to check
+
+
+def _check_peer(sock: socket.socket, path: str, trusted: int | None) -> None:
+    """Raise Untrusted unless the process serving the socket is this user, root or the
+    --user given (SO_PEERCRED: the kernel's word, which no file mode can forge)."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, _ = struct.unpack("3i", creds)
+    if uid not in (os.geteuid(), 0, trusted):
+        raise Untrusted(
+            f"--admin-socket {path} is served by uid {uid} (pid {pid}), not by this user "
+            f"({os.geteuid()}), root or --user: refusing to talk to it; if uid {uid} is the "
+            f"supervisor's user, say so with --user {uid}"
+        )
 
 
 def _late(request: Request, timeout: float) -> str:

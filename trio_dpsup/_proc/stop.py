@@ -1,8 +1,9 @@
 """The stop procedure of one rank, and the grace deadline that all ranks share.
 
 Forward the signal to the rank's process group (and to tree members that left the group),
-wait for the whole tree up to the shared grace deadline, then SIGKILL whatever is left,
-wait a bounded time, reap, and name by pid anything that could not be killed.
+with SIGCONT after it so that a stopped process acts on it; wait for the whole tree up to
+the shared grace deadline, then SIGKILL whatever is left, wait a bounded time, reap, and
+name by pid anything that could not be killed.
 """
 
 from __future__ import annotations
@@ -111,9 +112,15 @@ async def stop_rank(
     """
     signum = clock.signum
     process.signal_group(signum)
+    # A stopped process (SIGSTOP, a job-control stop, a debugger cut off mid-attach) only
+    # acts on the signal once it runs again: continue it right after, as systemd and the
+    # kubelet's runtimes do, or it would hold the whole grace period.
+    process.signal_group(signal.SIGCONT)
     # After the signal, not before: the signal must not wait on a process-table scan.
     tree = await scanner.scan(rank)
-    signal_all(_outside_group(tree, process.pid), signum)
+    outside = _outside_group(tree, process.pid)
+    signal_all(outside, signum)
+    signal_all(outside, signal.SIGCONT)
 
     graceful = False
     with clock.grace():
@@ -200,6 +207,7 @@ async def sweep_orphans(trees: Trees, scanner: TreeScanner, clock: StopClock) ->
         )
         procs = [proc for stat in orphans if (proc := process_of(stat)) is not None]
         signal_all(procs, clock.signum)
+        signal_all(procs, signal.SIGCONT)
         with clock.grace():
             await wait_gone(procs)
         await scanner.kill_members(None)

@@ -59,6 +59,8 @@ class RankContext:
     pump: LogPump | None = None
     #: The ranks' cgroups, with --cgroups.
     cgroups: RunCgroups | None = None
+    #: The checked --evidence-dir's descriptor (evidence.py makes its folders through it).
+    evidence_dir: int | None = None
 
 
 @asynccontextmanager
@@ -75,6 +77,7 @@ async def open_rank_context(
     nvml: NvmlBackend | None,
     cgroups: RunCgroups | None,
     log_dir: int | None,
+    evidence_dir: int | None,
     transport: httpx.AsyncBaseTransport | None,
     observe: Callable[[int, ProbeResult], None] | None,
 ) -> AsyncIterator[RankContext]:
@@ -114,6 +117,7 @@ async def open_rank_context(
             nvml=nvml,
             observe=observe,
             pump=pump,
+            evidence_dir=evidence_dir,
         )
 
 

@@ -19,10 +19,12 @@ The folder's path goes into the rank's /status entry and the root-cause record.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -41,16 +43,19 @@ from .._errors import (
     SupervisorFailure,
 )
 from .._gpu.nvml import XidSeen
+from .._output.private_dir import open_subdir
 from .._output.redact import redact_text
 from .._state.board import RankRecord
 from .._state.document import rank_to_json
 
-__all__ = ["EvidenceRequest", "capture_evidence", "wants_evidence"]
+__all__ = ["EVIDENCE_DIR_MODE", "EvidenceRequest", "capture_evidence", "wants_evidence"]
 
 logger = logging.getLogger(__name__)
 
 #: Failures whose rank may still be running, and whose stacks say why.
 _KINDS = (RankUnhealthy, RankStalled, RankStartTimeout, StartupTimeout, GpuFailed)
+#: The folders of the evidence: only our user may read what ranks printed.
+EVIDENCE_DIR_MODE = 0o700
 _NO_PY_SPY = (
     "py-spy is not installed, so no stacks were taken: pip install 'trio-dpsup[debug]' "
     "(and, in a container, allow ptrace: CAP_SYS_PTRACE)\n"
@@ -74,12 +79,16 @@ def wants_evidence(config: SupervisorConfig, failure: SupervisorFailure | None) 
     return config.evidence_dir is not None and isinstance(failure, _KINDS)
 
 
-async def capture_evidence(config: SupervisorConfig, request: EvidenceRequest) -> str | None:
-    """Write the evidence of `request`'s failure of its rank; return the folder, or None if
-    it could not be written (logged).
+async def capture_evidence(
+    config: SupervisorConfig, request: EvidenceRequest, directory: int
+) -> str | None:
+    """Write the evidence of `request`'s failure of its rank under `directory`, the checked
+    --evidence-dir's descriptor; return the folder, or None if it could not be written
+    (logged).
 
     **Cancellation**: the caller shields it; the stacks are bounded by evidence_timeout
-    (what they had not given by then is noted as cut), the rest is quick.
+    (what they had not given by then is noted as cut, and the tree is continued in case a
+    debugger cut off mid-attach left it stopped), the rest is quick.
     """
     assert config.evidence_dir is not None
     record, failure = request.record, request.failure
@@ -87,7 +96,8 @@ async def capture_evidence(config: SupervisorConfig, request: EvidenceRequest) -
     stamp = (
         time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f".{int(time.time() * 1000) % 1000:03d}Z"
     )
-    folder = Path(config.evidence_dir) / request.run_id / f"{stamp}-rank{rank}"
+    name = f"{stamp}-rank{rank}"
+    folder = Path(config.evidence_dir) / request.run_id / name
     start = trio.current_time()
     files = {
         "cause.txt": f"{failure}\n",
@@ -103,12 +113,21 @@ async def capture_evidence(config: SupervisorConfig, request: EvidenceRequest) -
         ]
         files["xid.json"] = json.dumps(events, indent=2) + "\n"
     try:
-        await trio.to_thread.run_sync(_write, folder, files)
-        stacks = await _stacks(sorted(request.pids), config.evidence_timeout)
-        await trio.to_thread.run_sync(_write, folder, {"stacks.txt": stacks})
+        folder_fd = await trio.to_thread.run_sync(_make_folder, directory, request.run_id, name)
     except OSError as exc:
         logger.error("rank %d: cannot write its evidence in %s: %s", rank, folder, exc)
         return None
+    try:
+        await trio.to_thread.run_sync(_write, folder_fd, files)
+        stacks, cut = await _stacks(sorted(request.pids), config.evidence_timeout)
+        if cut:
+            _continue(request.pids)
+        await trio.to_thread.run_sync(_write, folder_fd, {"stacks.txt": stacks})
+    except OSError as exc:
+        logger.error("rank %d: cannot write its evidence in %s: %s", rank, folder, exc)
+        return None
+    finally:
+        os.close(folder_fd)
     logger.warning(
         "rank %d: evidence of the failure in %s (%.2fs)",
         rank,
@@ -119,16 +138,40 @@ async def capture_evidence(config: SupervisorConfig, request: EvidenceRequest) -
     return str(folder)
 
 
-def _write(folder: Path, files: dict[str, str]) -> None:
-    """Write `files` in `folder` (made 0700), each 0600 and with secrets redacted: evidence
+def _make_folder(directory: int, run_id: str, name: str) -> int:
+    """Make ``<run id>/<name>`` (0700) under the evidence directory's descriptor and open
+    it, never by path and never through a link: a run's folder already there is kept only
+    if it is ours and private, and the failure's own folder must be new."""
+    run_fd = open_subdir(directory, run_id, EVIDENCE_DIR_MODE, exist_ok=True)
+    try:
+        return open_subdir(run_fd, name, EVIDENCE_DIR_MODE, exist_ok=False)
+    finally:
+        os.close(run_fd)
+
+
+def _write(folder: int, files: dict[str, str]) -> None:
+    """Write `files` in the open `folder`, each 0600 and with secrets redacted: evidence
     holds what the rank printed and the command lines py-spy shows. A file or link already
     at a name is refused (O_EXCL, O_NOFOLLOW), never written through."""
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     for name, text in files.items():
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(folder / name, flags, 0o600)
+        fd = os.open(name, flags, 0o600, dir_fd=folder)
         with open(fd, "w", encoding="utf-8", errors="replace") as f:
             f.write(redact_text(text))
+
+
+async def _kill(process: trio.Process) -> None:
+    """Cut off a dump at once: a debugger that hangs may ignore SIGTERM (trio's default
+    cancellation waits 5 s more for it), and the kernel detaches a killed tracer's tracees."""
+    process.kill()
+
+
+def _continue(pids: frozenset[int]) -> None:
+    """SIGCONT each pid: a debugger killed mid-attach can leave its process stopped, and a
+    rank we fail must be left as it was, running, for its own stop."""
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGCONT)
 
 
 _NO_LOG = "no lines: the rank's output is not relayed (--no-log-prefix), or it wrote none\n"
@@ -167,9 +210,9 @@ _NO_NATIVE = (
 )
 
 
-async def _stacks(pids: list[int], timeout: float) -> str:  # noqa: ASYNC109
+async def _stacks(pids: list[int], timeout: float) -> tuple[str, bool]:  # noqa: ASYNC109
     """The stacks of each pid (py-spy for Python, eu-stack or gdb for the others), all at
-    once, within `timeout` seconds in all."""
+    once, within `timeout` seconds in all; and whether a dump was cut off."""
     program = _py_spy()
     dumps: dict[int, str] = {}
 
@@ -192,6 +235,7 @@ async def _stacks(pids: list[int], timeout: float) -> str:  # noqa: ASYNC109
                 capture_stderr=True,
                 check=False,
                 stdin=subprocess.DEVNULL,
+                deliver_cancel=_kill,
             )
         except OSError as exc:
             dumps[pid] = f"{os.path.basename(argv[0])} could not run: {exc}\n"
@@ -203,7 +247,7 @@ async def _stacks(pids: list[int], timeout: float) -> str:  # noqa: ASYNC109
             out += f"{os.path.basename(argv[0])} exited {result.returncode}: {err}\n"
         dumps[pid] = out
 
-    with trio.move_on_after(timeout):
+    with trio.move_on_after(timeout) as bound:
         async with trio.open_nursery() as nursery:
             for pid in pids:
                 nursery.start_soon(dump, pid)
@@ -211,4 +255,4 @@ async def _stacks(pids: list[int], timeout: float) -> str:  # noqa: ASYNC109
     for pid in pids:
         text = dumps.get(pid, f"cut: no dump within --evidence-timeout {timeout:g}s\n")
         parts.append(f"==== pid {pid} ====\n{text}")
-    return "\n".join(parts)
+    return "\n".join(parts), bound.cancelled_caught

@@ -194,9 +194,10 @@ async def _evidence(
     if process.returncode is not None or not wants_evidence(ctx.config, failure):
         return False
     assert failure is not None
+    assert ctx.evidence_dir is not None
     pids = frozenset({proc.pid for proc in await ctx.scanner.scan(rank)} | {process.pid})
     request = EvidenceRequest(ctx.board.run_id, record, failure, pids, tuple(ctx.board.xid_events))
-    record.evidence = await capture_evidence(ctx.config, request)
+    record.evidence = await capture_evidence(ctx.config, request, ctx.evidence_dir)
     return True
 
 
