@@ -1,9 +1,11 @@
 """Shared pieces of the process tests: the fake rank command, CLI arguments, running the CLI
-to completion, and the lock file that proves a tree's escapees are gone."""
+to completion, the lock file that proves a tree's escapees are gone, and the real engine of
+the engine tiers."""
 
 from __future__ import annotations
 
 import fcntl
+import functools
 import os
 import signal
 import sys
@@ -18,6 +20,13 @@ import trio
 from trio_dpsup import RestartPolicy
 from trio_dpsup.testing import Form, SupervisorSettings
 from trio_dpsup.testing.fake_servers import ARGV_FILE_ENV, install_fake_servers
+from trio_dpsup.testing.llama_cpp import (
+    EngineUnavailable,
+    build_llama_server,
+    find_llama_server,
+    vocab_file,
+    write_tiny_model,
+)
 
 FAKE_RANK = (sys.executable, "-m", "trio_dpsup.testing.fake_rank")
 
@@ -174,3 +183,49 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
         for exc in group.exceptions
         for leaf in (_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
     ]
+
+
+# -- the real engine of the engine tiers (test_llama_cpp.py, test_router.py): llama.cpp's
+# llama-server, found or built once per machine (trio_dpsup.testing.llama_cpp), with a tiny
+# random model written at test time; where it can be neither, every test that needs it
+# skips with one line saying why.
+
+#: Set to skip the build where the engine is missing (a quick local run).
+NO_BUILD_ENV = "TRIO_DPSUP_NO_ENGINE_BUILD"
+
+
+@functools.cache
+def _engine() -> tuple[Path | None, str]:
+    """llama-server, found or built (once per process), or None and why not."""
+    try:
+        import gguf  # noqa: F401  (the model writer's)
+    except ImportError:
+        return None, "the gguf package is missing: pip install -e '.[test]'"
+    server = find_llama_server()
+    if server is None:
+        if os.environ.get(NO_BUILD_ENV):
+            return None, f"llama-server is not built here and {NO_BUILD_ENV} is set"
+        try:
+            server = build_llama_server()
+        except EngineUnavailable as exc:
+            return None, str(exc).splitlines()[0]
+    return server, ""
+
+
+@pytest.fixture(scope="session")
+def llama_server() -> Path:
+    server, why = _engine()
+    if server is None:
+        pytest.skip(f"no llama-server: {why}")
+    return server
+
+
+@pytest.fixture(scope="session")
+def tiny_model(llama_server: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("model") / "tiny.gguf"
+    return write_tiny_model(path, vocab=vocab_file(llama_server))
+
+
+def llama(server: Path, model: Path, *more: str) -> list[str]:
+    """The rank command as a user writes it: the preset adds --host, --port and --metrics."""
+    return [str(server), "-m", str(model), "-c", "4096", "-t", "1", "--no-warmup", *more]

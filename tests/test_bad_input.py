@@ -172,3 +172,48 @@ async def test_status_file_holds_the_final_status(tmp_path: Path) -> None:
     assert document["failure_detail"]["returncode"] == 5
     assert [r["state"] for r in document["ranks"]] in (["failed", "stopped"], ["stopped", "failed"])
     assert os.listdir(tmp_path) == ["status.json"], "the partial file is renamed, not left"
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (
+            ["--router", "envoy=http://127.0.0.1:1"],
+            "unknown router kind 'envoy'; the kinds are: sglang",
+        ),
+        (["--router", "http://127.0.0.1:1"], "has no '=': write --router KIND=URL"),
+        (["--router", "sglang=ftp://127.0.0.1:1"], "the router's URL must be http:// or https://"),
+        (["--router", "sglang=127.0.0.1:30000"], "the router's URL must be http:// or https://"),
+        (["--router", "sglang=http://127.0.0.1:x"], "Port could not be cast"),
+        (["--router", "sglang=http://127.0.0.1:1/v1"], "without a path"),
+        (["--drain-timeout", "-1"], "--drain-timeout must be 0 or more seconds"),
+        (["--drain-delay", "-0.5"], "--drain-delay must be 0 or more seconds"),
+        (["--router-timeout", "0"], "--router-timeout must be more than 0 seconds"),
+        (
+            ["--host", "0.0.0.0", "--router", "sglang=http://10.0.0.5:30000"],
+            "is a wildcard: pass --advertise-host",
+        ),
+        (["--advertise-host", "0.0.0.0"], "--advertise-host '0.0.0.0' is not an address"),
+    ],
+)
+async def test_router_and_drain_options(tmp_path: Path, options: list[str], message: str) -> None:
+    pid_file = tmp_path / "pids"
+    command = [*FAKE_RANK, "--port", "{port}", "--pid-file", str(pid_file)]
+    argv = ["--ranks", "1", "--gpus-per-rank", "0", *options, "--", *command]
+    status, _, stderr = await run_cli(argv)
+    assert status == 2, stderr
+    assert message in stderr
+    assert stderr.count("\n") == 1
+    assert not pid_file.exists()
+
+
+async def test_a_router_at_a_rank_port_is_refused(tmp_path: Path) -> None:
+    base = free_port_range(2)
+    pid_file = tmp_path / "pids"
+    command = [*FAKE_RANK, "--port", "{port}", "--pid-file", str(pid_file)]
+    options = ["--base-port", str(base), "--router", f"sglang=http://127.0.0.1:{base + 1}"]
+    argv = ["--ranks", "2", "--gpus-per-rank", "0", *options, "--", *command]
+    status, _, stderr = await run_cli(argv)
+    assert status == 2
+    assert f"port {base + 1} is a rank's (the rank ports are {base}-{base + 1})" in stderr
+    assert not pid_file.exists()

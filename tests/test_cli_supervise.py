@@ -85,7 +85,7 @@ async def test_drain_delay_answers_503_while_ranks_still_serve() -> None:
         url = await sup.wait_ready()
         pids = rank_pids(await sup.status())
         sup.send_signal(signal.SIGTERM)
-        await sup.wait_for_line("draining for 1s")
+        await sup.wait_for_line("draining ranks 0, 1 before stopping them")
         async with httpx.AsyncClient(base_url=url) as client:
             ready = await client.get("/ready")
             assert (ready.status_code, ready.text) == (503, "draining\n")

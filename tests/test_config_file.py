@@ -44,7 +44,10 @@ command = {json.dumps([*FAKE_RANK, "--port", "{port}"])}
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("rnaks = 2", "unknown key 'rnaks': the keys are command, admin-socket, base-port"),
+        (
+            "rnaks = 2",
+            "unknown key 'rnaks': the keys are command, admin-socket, advertise-host, base-port",
+        ),
         ("ranks = 'two'", "ranks must be a whole number, not the string 'two'"),
         ("ranks = 2.5", "ranks must be a whole number, not 2.5"),
         ("grace-period = true", "grace-period must be a number of seconds, not True"),

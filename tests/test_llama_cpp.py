@@ -5,9 +5,7 @@ it can be neither, every test here skips with one line saying why."""
 from __future__ import annotations
 
 import contextlib
-import functools
 import itertools
-import os
 import signal
 from pathlib import Path
 from typing import Unpack
@@ -19,57 +17,10 @@ import trio
 
 from trio_dpsup import Preset, RankExited, RankStalled, RankState, RankUnhealthy
 from trio_dpsup.testing import Deployment, Form, Harness, SupervisorSettings
-from trio_dpsup.testing.llama_cpp import (
-    EngineUnavailable,
-    build_llama_server,
-    find_llama_server,
-    vocab_file,
-    write_tiny_model,
-)
 
-from .conftest import on_failure
+from .conftest import llama, on_failure
 
 pytest_plugins = ["trio_dpsup.testing.plugin"]
-
-#: Set to skip the build where the engine is missing (a quick local run).
-NO_BUILD_ENV = "TRIO_DPSUP_NO_ENGINE_BUILD"
-
-
-@functools.cache
-def _engine() -> tuple[Path | None, str]:
-    """llama-server, found or built (once per process), or None and why not."""
-    try:
-        import gguf  # noqa: F401  (the model writer's)
-    except ImportError:
-        return None, "the gguf package is missing: pip install -e '.[test]'"
-    server = find_llama_server()
-    if server is None:
-        if os.environ.get(NO_BUILD_ENV):
-            return None, f"llama-server is not built here and {NO_BUILD_ENV} is set"
-        try:
-            server = build_llama_server()
-        except EngineUnavailable as exc:
-            return None, str(exc).splitlines()[0]
-    return server, ""
-
-
-@pytest.fixture(scope="session")
-def llama_server() -> Path:
-    server, why = _engine()
-    if server is None:
-        pytest.skip(f"no llama-server: {why}")
-    return server
-
-
-@pytest.fixture(scope="session")
-def tiny_model(llama_server: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("model") / "tiny.gguf"
-    return write_tiny_model(path, vocab=vocab_file(llama_server))
-
-
-def llama(server: Path, model: Path, *more: str) -> list[str]:
-    """The rank command as a user writes it: the preset adds --host, --port and --metrics."""
-    return [str(server), "-m", str(model), "-c", "4096", "-t", "1", "--no-warmup", *more]
 
 
 async def start(

@@ -29,6 +29,8 @@ if typing.TYPE_CHECKING:
     from ._config.plan import RankPlan as RankPlan
     from ._config.plan import plan_ranks as plan_ranks
     from ._config.presets import Preset as Preset
+    from ._config.routers import RouterKind as RouterKind
+    from ._config.routers import RouterSpec as RouterSpec
     from ._errors import ConfigError as ConfigError
     from ._errors import GpuFailed as GpuFailed
     from ._errors import GpuLeftovers as GpuLeftovers
@@ -63,11 +65,15 @@ if typing.TYPE_CHECKING:
     from ._proc.owners import Owner as Owner
     from ._proc.owners import OwnerKind as OwnerKind
     from ._proc.owners import PortHolder as PortHolder
+    from ._state.status import DrainEnd as DrainEnd
+    from ._state.status import DrainReason as DrainReason
+    from ._state.status import DrainStatus as DrainStatus
     from ._state.status import ProbeResult as ProbeResult
     from ._state.status import ProgressStatus as ProgressStatus
     from ._state.status import RankState as RankState
     from ._state.status import RankStatus as RankStatus
     from ._state.status import RootCause as RootCause
+    from ._state.status import RouterStatus as RouterStatus
     from ._state.status import SupervisorState as SupervisorState
     from ._state.status import SupervisorStatus as SupervisorStatus
     from ._supervisor import Supervisor as Supervisor

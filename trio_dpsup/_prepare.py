@@ -124,6 +124,7 @@ async def prepare_run(
         nvml_unavailable=problem,
         min_ready=config.min_ready,
         group=config.forms_group,
+        routers=config.routers,
     )
     trees = Trees(run_id, adopter=os.getpid() if subreaper else None)
     if cgroups is not None:

@@ -2,10 +2,12 @@
 
     run()                              root nursery
     ├── control plane (h11)            started first, stopped last
+    ├── router feed (--router)         each router lists the serving ranks; empties them last
     ├── guardian process               kills the rank trees if the supervisor dies; told
     │                                  of each rank process and tree member as they come
     └── ranks nursery                  cancelled on shutdown or on the first failure
-        ├── shutdown watcher           started first: drain delay, then cancels the nursery
+        ├── shutdown watcher           started first: drains the serving ranks (each in
+        │                              its own task), then cancels the nursery
         ├── tree watch                 records tree members for the guardian; reaps orphans
         ├── one task per rank          owns its process: spawn, its probe loop, stop, restart
         ├── startup deadline           every rank ready in time, or StartupTimeout
@@ -37,6 +39,7 @@ from ._plane.admin_socket import serve_admin
 from ._plane.control import ControlApp, serve_control_plane
 from ._plane.metrics import Metrics
 from ._plane.outcome import report_outcome
+from ._plane.routers import feed_routers
 from ._prepare import RunParts, prepare_run
 from ._proc.guardian import Guardian, open_guardian
 from ._proc.owners import owner_from_trees
@@ -46,7 +49,8 @@ from ._ranks.context import open_rank_context
 from ._ranks.gpu_watch import report_leftovers, run_gpu_watch
 from ._ranks.prober import log_startup_progress, run_startup_deadline
 from ._ranks.rank import run_rank
-from ._state.status import SupervisorState, SupervisorStatus
+from ._state.board import RankRecord
+from ._state.status import DrainReason, RankState, SupervisorState, SupervisorStatus
 
 __all__ = ["Supervisor", "SupervisorHandle"]
 
@@ -230,6 +234,9 @@ class _Run:
                     admin = Admin(self.config, self.board, self.metrics.count_action)
                     await root.start(serve_admin, self.parts.admin_sock, admin, stop_control.wait)
                     logger.info("admin socket listening on %s", self.parts.admin_sock.path)
+                # The routers are fed from the board: out the moment a rank leaves traffic,
+                # and every rank out of them once the ranks are gone (stop_control).
+                root.start_soon(feed_routers, self.config, self.board, stop_control.wait)
                 make_handle = partial(SupervisorHandle, self, url)
                 try:
                     async with open_guardian(self.board.run_id) as guardian:
@@ -337,12 +344,31 @@ class _Run:
 
     async def _watch_shutdown(self) -> None:
         await self.shutdown_requested.wait()
-        # Drain only a supervisor that was serving: while starting, nobody routes to it yet.
-        if self.board.state is SupervisorState.READY and self.config.drain_delay > 0:
+        # Drain the ranks that serve (while starting, nobody routes to a rank yet), all at
+        # once, each in its own task: out of /ranks and every router, the delay, its
+        # in-flight requests to zero (_ranks/drain.py). Ranks an operator drained are out.
+        serving = [r for r in self.board.ranks if r.serving]
+        if serving and not self._drain_scope.cancel_called:
             self.board.begin_stopping(SupervisorState.DRAINING)
-            logger.info("draining for %gs before stopping ranks", self.config.drain_delay)
-            with self._drain_scope:
-                await trio.sleep(self.config.drain_delay)
+            logger.info(
+                "draining ranks %s before stopping them (--drain-delay %gs, --drain-timeout %gs)",
+                ", ".join(str(r.plan.rank) for r in serving),
+                self.config.drain_delay,
+                self.config.drain_timeout,
+            )
+            for record in serving:
+                record.request_drain(DrainReason.SHUTDOWN)
+
+            def drained() -> bool:
+                return all(r.state is not RankState.READY or _drain_ended(r) for r in serving)
+
+            with self._drain_scope:  # a second signal, or a failure, ends the wait
+                while not drained():
+                    await self.board.changed.wait()
         self.board.begin_stopping(SupervisorState.STOPPING)
         assert self._ranks_scope is not None
         self._ranks_scope.cancel()
+
+
+def _drain_ended(record: RankRecord) -> bool:
+    return record.drain is not None and record.drain.end is not None

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .._errors import ConfigError
-from .enums import LogFormat, RankScheme, RestartPolicy, RestartScope
+from .enums import WILDCARD_HOSTS, LogFormat, RankScheme, RestartPolicy, RestartScope
 from .options import (
     at_least_one,
     check_settings,
@@ -26,7 +26,14 @@ from .options import (
     writable_directory_of,
     zero_or_more,
 )
-from .presets import PROGRESS_METRICS, Preset, data_parallel_size, parallel_size
+from .presets import (
+    INFLIGHT_METRICS,
+    PROGRESS_METRICS,
+    Preset,
+    data_parallel_size,
+    parallel_size,
+)
+from .routers import RouterSpec, check_routers, parse_router
 
 __all__ = ["SupervisorConfig"]
 
@@ -258,6 +265,50 @@ class SupervisorConfig:
         None, "/ready answers 200 while this many ranks are ready (default: all ranks)",
         "restarts", "N", check=at_least_one,
     )  # fmt: skip
+    # -- drain and routers: a planned stop takes the rank out, then waits for its requests
+    drain_delay: float = setting(
+        0.0,
+        "before a planned stop (ctl drain, restart, rolling-restart; SIGTERM), how long a "
+        "rank stays up once it is out of /ranks, its /ranks/{r}/ready and every --router, "
+        "before its in-flight requests are awaited: a pull-based balancer's check interval "
+        "x fall count",
+        "drain and routers", "SECONDS", check=seconds_or_zero,
+    )  # fmt: skip
+    drain_timeout: float = setting(
+        30.0,
+        "the longest a planned stop waits, after --drain-delay, for the rank's in-flight "
+        "gauge (--inflight-metric) to read 0 before it signals the rank anyway",
+        "drain and routers", "SECONDS", check=seconds_or_zero,
+    )  # fmt: skip
+    #: Empty: the preset's (presets.INFLIGHT_METRICS); none without a preset. Resolved when
+    #: the config is built.
+    inflight_metrics: tuple[str, ...] = setting(
+        (),
+        "a gauge on the rank's metrics that counts its requests in flight; several are "
+        "summed (repeatable; default: the preset's, e.g. llamacpp:requests_processing and "
+        "llamacpp:requests_deferred; none: a drain waits --drain-delay only)",
+        "drain and routers", "NAME", flag="--inflight-metric",
+    )  # fmt: skip
+    routers: tuple[str, ...] = setting(
+        (),
+        "register each rank with this router once it serves, and take it out before any "
+        "planned stop and at a failure (repeatable; kinds: sglang, e.g. "
+        "sglang=http://127.0.0.1:30000)",
+        "drain and routers", "KIND=URL", flag="--router", check=check_routers,
+    )  # fmt: skip
+    router_timeout: float = setting(
+        2.0,
+        "how long to wait for a router's own listing to confirm a rank added or removed, "
+        "before going on (its health checks remain)",
+        "drain and routers", "SECONDS", check=positive_seconds,
+    )  # fmt: skip
+    #: None: `host`. Resolved when the config is built: read `advertised_host`.
+    advertise_host: str | None = setting(
+        None,
+        "the host in the rank URLs given to routers (default: --host; needed when --host is "
+        "a wildcard address)",
+        "drain and routers", "HOST",
+    )  # fmt: skip
     # -- shutdown
     grace_period: float = setting(
         20.0,
@@ -265,13 +316,6 @@ class SupervisorConfig:
         "shutdown",
         "SECONDS",
         check=positive_seconds,
-    )
-    drain_delay: float = setting(
-        0.0,
-        "seconds to stay up, not ready, before signalling ranks",
-        "shutdown",
-        "SECONDS",
-        check=seconds_or_zero,
     )
     cgroups: bool = setting(
         False,
@@ -385,6 +429,7 @@ class SupervisorConfig:
         self._check_restarts()
         self._check_ports()
         self._check_progress()
+        self._check_drain()
         if self.log_dir is not None and not self.log_prefix:
             raise ConfigError(
                 f"{_opt('log_dir')} needs the ranks' lines to pass through the supervisor, "
@@ -552,6 +597,35 @@ class SupervisorConfig:
                     )
                 object.__setattr__(self, name, default)  # frozen: set once, while constructing
 
+    def _check_drain(self) -> None:
+        """The in-flight gauges (the preset's when none is given, filled in here) and the
+        routers' rank URLs."""
+        if not self.inflight_metrics and self.preset is not None:
+            object.__setattr__(self, "inflight_metrics", INFLIGHT_METRICS[self.preset])
+        if self.routers and self.advertise_host is None and self.host in WILDCARD_HOSTS:
+            raise ConfigError(
+                f"{_opt('routers')} needs an address routers can reach each rank at, and "
+                f"{_opt('host')} {self.host!r} is a wildcard: pass {_opt('advertise_host')} "
+                "with this node's address (in Kubernetes, the pod IP: $(POD_IP))"
+            )
+        if self.advertise_host is not None and (
+            not self.advertise_host or self.advertise_host in WILDCARD_HOSTS
+        ):
+            raise ConfigError(
+                f"{_opt('advertise_host')} {self.advertise_host!r} is not an address a "
+                "router can reach: give this node's address or name"
+            )
+
+    @property
+    def router_specs(self) -> tuple[RouterSpec, ...]:
+        """The routers to feed, parsed (each was checked when the config was built)."""
+        return tuple(parse_router(_opt("routers"), text) for text in self.routers)
+
+    @property
+    def advertised_host(self) -> str:
+        """The host in the rank URLs given to routers."""
+        return self.host if self.advertise_host is None else self.advertise_host
+
 
 def _opt(name: str) -> str:
     """The option that sets field `name`, as users spell it: messages name what to change."""
@@ -576,6 +650,13 @@ def check_port_range(config: SupervisorConfig, ranks: int) -> None:
             f"{_opt('control_port')} {config.control_port} is inside the rank ports "
             f"{config.base_port}-{last}: choose a control port outside that range"
         )
+    ours = {config.host, config.advertised_host, "localhost", *WILDCARD_HOSTS.values()}
+    for router in config.router_specs:
+        if router.host in ours and config.base_port <= router.port <= last:
+            raise ConfigError(
+                f"{_opt('routers')} {router}: port {router.port} is a rank's (the rank "
+                f"ports are {config.base_port}-{last}): give the router's own port"
+            )
 
 
 def check_min_ready(config: SupervisorConfig, ranks: int) -> None:

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import enum
 
-__all__ = ["LogFormat", "RankScheme", "RestartPolicy", "RestartScope"]
+__all__ = ["WILDCARD_HOSTS", "LogFormat", "RankScheme", "RestartPolicy", "RestartScope"]
+
+#: Hosts that mean "every interface": a rank bound there is probed on loopback, here, and
+#: cannot be told to a router.
+WILDCARD_HOSTS = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
 
 
 class LogFormat(enum.Enum):

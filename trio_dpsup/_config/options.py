@@ -45,6 +45,7 @@ GROUPS = (
     "health probes",
     "progress",
     "restarts",
+    "drain and routers",
     "shutdown",
     "logs",
 )

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from .._errors import ConfigError
 
 __all__ = [
+    "INFLIGHT_METRICS",
     "PROGRESS_METRICS",
     "Preset",
     "apply_preset",
@@ -65,6 +66,24 @@ PROGRESS_METRICS = {
     # hang; keep the timeout several times the slowest batch (-b/-ub tokens at the
     # rank's prefill speed).
     Preset.LLAMA_CPP: ("llamacpp:requests_processing", "llamacpp:n_decode_total"),
+}
+
+
+#: The gauges whose sum is a rank's requests in flight (running and queued), on each server's
+#: own /metrics: a planned stop waits for it to read 0 before it signals the rank.
+INFLIGHT_METRICS = {
+    # vLLM (docs/design/metrics.md of vllm-project/vllm; vllm/v1/metrics/loggers.py):
+    # "Number of requests in model execution batches." and "Number of requests waiting to
+    # be processed."
+    Preset.VLLM: ("vllm:num_requests_running", "vllm:num_requests_waiting"),
+    # SGLang (python/sglang/srt/metrics/collector.py of sgl-project/sglang): "The number of
+    # running requests." and "The number of requests in the waiting queue." Served only
+    # with --enable-metrics; without it the drain finds no gauge and waits the delay only.
+    Preset.SGLANG: ("sglang:num_running_reqs", "sglang:num_queue_reqs"),
+    # llama-server (tools/server/server.cpp of ggml-org/llama.cpp, served with --metrics,
+    # which the preset adds): "Number of requests processing" and "Number of requests
+    # deferred" (waiting for a free slot).
+    Preset.LLAMA_CPP: ("llamacpp:requests_processing", "llamacpp:requests_deferred"),
 }
 
 

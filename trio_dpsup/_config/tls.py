@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from .._errors import ConfigError
 from .config import SupervisorConfig
-from .enums import RankScheme
+from .enums import WILDCARD_HOSTS, RankScheme
 
 
 @dataclass(frozen=True)
@@ -26,9 +26,6 @@ class TlsFiles:
             return None
         return cls(config.ssl_certfile, config.ssl_keyfile, config.ssl_ca_certs)
 
-
-#: Hosts that mean "every interface": a rank bound there is probed on loopback, here.
-WILDCARD_HOSTS = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
 
 __all__ = ["WILDCARD_HOSTS", "TlsFiles", "check_tls", "is_loopback", "rank_verify"]
 

@@ -26,7 +26,7 @@ from .._config.config import SupervisorConfig
 from .._errors import RestartRequested
 from .._state.board import Board, RankRecord
 from .._state.document import status_to_json
-from .._state.status import RankState
+from .._state.status import DrainReason, RankState
 from .protocol import Action, Reply, Request, Skipped
 
 __all__ = ["Admin", "AdminError"]
@@ -157,17 +157,25 @@ class Admin:
         timeout = self._rank_timeout(request)
         restarted: list[int] = []
         skipped: list[Skipped] = []
-        # Ranks the roll no longer waits for: skipped, and those drained by an operator.
+        # Ranks the roll no longer waits for: skipped as crash-looping.
         excluded: set[int] = set()
         problems: list[str] = []
-        #: Ranks this roll restarted that are not back yet.
+        #: Ranks this roll restarted that are not back yet (or back less than --drain-delay).
         pending: set[int] = set()
 
         def out() -> int:
-            return sum(
-                r.state is not RankState.READY
-                for r in board.ranks
-                if r.plan.rank not in excluded and not r.drained
+            # A drained rank serves nothing: it counts, and stays drained. So does a rank
+            # this roll restarted until --drain-delay after it is back (`pending`).
+            serving = {r.plan.rank for r in board.ranks if r.serving}
+            return len({r.plan.rank for r in board.ranks} - serving - excluded | pending)
+
+        drained = [r.plan.rank for r in board.ranks if r.drained]
+        if len(drained) >= limit:
+            raise AdminError(
+                f"a rolling restart has no room: drained rank(s) {_ranks(drained)} already "
+                f"count against --max-unavailable {limit} (they serve nothing): undrain "
+                f"them, or pass --max-unavailable {len(drained) + 1} (/ready answers 503 "
+                "below --min-ready)"
             )
 
         async def until_back(record: RankRecord, before: int) -> None:
@@ -175,7 +183,12 @@ class Admin:
                 late = await self._until_back(record, before, timeout)
             except AdminError as exc:  # the supervisor began stopping
                 late = _NotBack(str(exc))
+            if late is None:
+                # A pull-based balancer (HAProxy) needs as long to notice a rank back as
+                # to notice it out: the next rank leaves only then, or it could find none.
+                await trio.sleep(self._config.drain_delay)
             pending.discard(record.plan.rank)
+            board.touch()  # wakes the room wait
             if late is None:
                 return
             if late.crash_looping:
@@ -191,6 +204,9 @@ class Admin:
             async with trio.open_nursery() as nursery:
                 for record in board.ranks:
                     rank = record.plan.rank
+                    if record.drained:
+                        skipped.append(Skipped(rank, "it is drained: left drained"))
+                        continue
                     self._operation = (
                         f"a rolling restart (rank {rank} next; {len(restarted)} of {total} done)"
                     )
@@ -243,7 +259,7 @@ class Admin:
     def _within_budget(self, record: RankRecord, doing: str, force: bool) -> None:
         """Refuse to take a serving rank out below --min-ready, as a PodDisruptionBudget
         refuses an eviction, unless `force`."""
-        if force or record.state is not RankState.READY or record.drained:
+        if force or not record.serving:
             return  # it serves no traffic now: taking it out changes nothing
         left, needed, total = self._serving() - 1, self._board.min_ready, len(self._board.ranks)
         if left >= needed:
@@ -291,17 +307,25 @@ class Admin:
         return None
 
     def _restart_one(self, record: RankRecord) -> None:
+        """Ask the rank's task to drain it, stop it and start it again (no backoff)."""
         rank = record.plan.rank
         if record.state is not RankState.READY or record.incarnation is None:
             raise AdminError(f"rank {rank} is {record.state.value}: restart a ready rank")
+        if record.drain is not None and record.drain.reason is not DrainReason.DRAIN:
+            raise AdminError(
+                f"rank {rank} is already being drained for a {record.drain.reason.value}"
+            )
         logger.info("rank %d: restart requested", rank, extra={"rank": rank})
-        record.state = RankState.RESTARTING
         record.last_causes.append(RestartRequested(rank))
         record.restart_now = True
-        record.incarnation.cancel()
+        record.request_drain(DrainReason.RESTART)
 
     def _set_drained(self, record: RankRecord, drained: bool) -> Reply:
         record.drained = drained
+        if drained and record.state is RankState.READY:
+            record.request_drain(DrainReason.DRAIN)  # its task waits for what is in flight
+        elif not drained:
+            record.clear_drain()
         self._board.touch()  # /ranks long polls hear of it
         rank = record.plan.rank
         logger.info("rank %d %s", rank, "drained" if drained else "undrained", extra={"rank": rank})

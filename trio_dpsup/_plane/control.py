@@ -113,6 +113,9 @@ class ControlApp:
             return 200, _TEXT, b"ok\n"
         if rank_status.drained:
             return 503, _TEXT, f"rank {rank} is drained\n".encode()
+        if rank_status.drain is not None:
+            reason = rank_status.drain.reason.value
+            return 503, _TEXT, f"rank {rank} is draining for a {reason}\n".encode()
         return 503, _TEXT, f"rank {rank} is {rank_status.state.value}\n".encode()
 
 

@@ -290,6 +290,11 @@ def _table(status: Mapping[str, Any], operation: str | None) -> str:
             f"{probe['latency_ms']:.1f} ms" if probe["ok"] else str(probe["error"])
         )  # fmt: skip
         state = rank["state"] + (" (drained)" if rank.get("drained") else "")
+        drain = rank.get("drain")
+        if drain is not None and drain["end"] is None:
+            inflight = drain["inflight"]
+            count = "?" if inflight is None else f"{inflight:g}"
+            state += f" (draining for a {drain['reason']}: {count} in flight)"
         paused = rank.get("probes_paused_until")
         if paused is not None:
             state += f" (probes paused {_duration(paused - now)})"
@@ -303,7 +308,12 @@ def _table(status: Mapping[str, Any], operation: str | None) -> str:
     title = f"{status['state']}, run {status['run_id']}"
     if operation is not None:
         title += f"; {operation}"
-    return "\n".join([title, *(line.rstrip() for line in lines)])
+    routers = [
+        f"router {r['name']}: lists ranks {_list(r['listed'])}"
+        + ("" if r["problem"] is None else f"; failing: {r['problem']}")
+        for r in status.get("routers", ())
+    ]
+    return "\n".join([title, *(line.rstrip() for line in lines), *routers])
 
 
 def _duration(seconds: float) -> str:

@@ -19,8 +19,8 @@ import socket
 from typing import Any
 
 from .._config.config import SupervisorConfig
-from .._config.tls import WILDCARD_HOSTS
-from .._state.status import RankStatus, SupervisorStatus
+from .._config.enums import WILDCARD_HOSTS
+from .._state.status import DrainReason, RankStatus, SupervisorStatus
 
 __all__ = ["MAX_WAIT", "prometheus_targets", "ranks_document"]
 
@@ -31,7 +31,9 @@ SCHEMA = 1
 
 
 def _host(config: SupervisorConfig) -> str:
-    host = socket.gethostname() if config.host in WILDCARD_HOSTS else config.host
+    host = config.advertised_host
+    if host in WILDCARD_HOSTS:
+        host = socket.gethostname()
     return f"[{host}]" if ":" in host else host
 
 
@@ -57,6 +59,8 @@ def _rank(
         "state": rank.state.value,
         "ready": status.takes_traffic(rank),
         "drained": rank.drained,
+        # Taken out before a stop (a restart, the shutdown): its requests are finishing.
+        "draining": rank.drain is not None and rank.drain.reason is not DrainReason.DRAIN,
         "since": rank.since,
     }
 
@@ -76,4 +80,6 @@ def prometheus_targets(status: SupervisorStatus, config: SupervisorConfig) -> li
             },
         }
         for rank in status.ranks
+        # A rank drained before its stop is going away; one an operator drained still runs.
+        if rank.drain is None or rank.drain.reason is DrainReason.DRAIN
     ]

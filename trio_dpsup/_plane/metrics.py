@@ -197,5 +197,20 @@ class _BoardCollector(Collector):
                 if sample.power is not None:
                     gpu["power_watts"].add_metric(labels, sample.power)
         yield from (rank_state, up, restarts, exit_status, restarted, dropped, paused)
+        if status.routers:
+            errors = CounterMetricFamily(
+                "trio_dpsup_router_errors",
+                "Failed exchanges with a router fed the ranks' URLs (--router); retried.",
+                labels=["router"],
+            )
+            listed = GaugeMetricFamily(
+                "trio_dpsup_router_listed_ranks",
+                "Ranks the router's own listing shows registered, as last read.",
+                labels=["router"],
+            )
+            for router in status.routers:
+                errors.add_metric([router.name], float(router.errors))
+                listed.add_metric([router.name], float(len(router.listed)))
+            yield from (errors, listed)
         if any(rank.gpu_samples for rank in status.ranks):
             yield from gpu.values()

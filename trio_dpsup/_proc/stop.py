@@ -78,6 +78,19 @@ class StopClock:
             finally:
                 self._scopes.discard(scope)
 
+    @contextlib.contextmanager
+    def interruptible(self) -> Iterator[trio.CancelScope]:
+        """A cancel scope that `kill_now` (a second signal) cancels: for the waits before a
+        stop (a drain), which a second signal skips."""
+        with trio.CancelScope() as scope:
+            if self.killed_now:
+                scope.cancel()
+            self._scopes.add(scope)
+            try:
+                yield scope
+            finally:
+                self._scopes.discard(scope)
+
     @property
     def killed_now(self) -> bool:
         """Whether `kill_now` cut the grace period short."""

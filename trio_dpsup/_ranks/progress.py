@@ -22,7 +22,14 @@ from .._state.board import RankRecord
 from .._state.status import ProgressStatus, RankState
 from .prober import rank_health_url
 
-__all__ = ["StallClock", "parse_progress", "watch_progress"]
+__all__ = [
+    "NoAnswer",
+    "StallClock",
+    "metric_sums",
+    "parse_progress",
+    "read_metrics",
+    "watch_progress",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -30,10 +37,10 @@ logger = logging.getLogger(__name__)
 MAX_METRICS_BYTES = 16 * 2**20
 
 
-def parse_progress(text: str, busy_metric: str, progress_metric: str) -> tuple[float, float]:
-    """The busy gauge and the progress counter in `text`, each summed over its label sets
-    (vLLM labels by model and engine). Raises ValueError naming a metric that is missing."""
-    sums = {busy_metric: 0.0, progress_metric: 0.0}
+def metric_sums(text: str, names: tuple[str, ...]) -> dict[str, float]:
+    """Each metric of `names` in `text`, summed over its label sets (vLLM labels by model
+    and engine). Raises ValueError naming a metric that is missing."""
+    sums = dict.fromkeys(names, 0.0)
     seen: set[str] = set()
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -43,6 +50,12 @@ def parse_progress(text: str, busy_metric: str, progress_metric: str) -> tuple[f
     missing = [name for name in sums if name not in seen]
     if missing:
         raise ValueError(f"no {' or '.join(missing)} in the rank's metrics")
+    return sums
+
+
+def parse_progress(text: str, busy_metric: str, progress_metric: str) -> tuple[float, float]:
+    """The busy gauge and the progress counter in `text` (see `metric_sums`)."""
+    sums = metric_sums(text, (busy_metric, progress_metric))
     return sums[busy_metric], sums[progress_metric]
 
 
@@ -84,11 +97,11 @@ async def watch_progress(
             clock = StallClock()  # not serving yet (or any more): nothing to hold against it
             continue
         try:
-            text = await _read(client, url, config.probe_timeout)
+            text = await read_metrics(client, url, config.probe_timeout)
             busy, progress = await trio.to_thread.run_sync(
                 parse_progress, text, busy_metric, progress_metric
             )
-        except (httpx.HTTPError, ValueError, _NoAnswer) as exc:
+        except (httpx.HTTPError, ValueError, NoAnswer) as exc:
             problem = f"cannot read {config.metrics_path}: {exc or type(exc).__name__}"
             if record.progress is None or record.progress.problem != problem:
                 rank = record.plan.rank
@@ -109,16 +122,19 @@ async def watch_progress(
             )
 
 
-class _NoAnswer(Exception):
-    pass
+class NoAnswer(Exception):
+    """A rank's metrics did not come within the time given."""
 
 
-async def _read(client: httpx.AsyncClient, url: str, timeout: float) -> str:  # noqa: ASYNC109
-    """GET `url` within `timeout` seconds (a verdict, like a probe's): its text."""
+async def read_metrics(client: httpx.AsyncClient, url: str, timeout: float) -> str:  # noqa: ASYNC109
+    """GET `url` within `timeout` seconds (a verdict, like a probe's): its text. Raises
+    httpx.HTTPError, ValueError (a page too large) or NoAnswer.
+
+    **Cancellation**: prompt; the request is abandoned."""
     with trio.move_on_after(timeout):
         response = await client.get(url)
         response.raise_for_status()
         if len(response.content) > MAX_METRICS_BYTES:
             raise ValueError(f"the page is larger than {MAX_METRICS_BYTES} bytes")
         return response.text
-    raise _NoAnswer(f"no answer within {timeout:g}s")
+    raise NoAnswer(f"no answer within {timeout:g}s")

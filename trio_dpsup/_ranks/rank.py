@@ -31,9 +31,10 @@ from .._proc.cookie import TREE_ENV, rank_cookie
 from .._proc.spawn import RankProcess
 from .._proc.stop import stop_rank
 from .._state.board import RankRecord
-from .._state.status import RankState
+from .._state.status import DrainReason, RankState
 from .clean_start import wait_clean_restart
 from .context import RankContext
+from .drain import drain_rank
 from .evidence import EvidenceRequest, capture_evidence, wants_evidence
 from .prober import probe_rank
 from .progress import watch_progress
@@ -117,6 +118,7 @@ async def _spawn(record: RankRecord, ctx: RankContext) -> RankProcess:
         ctx.guardian.root(root)
     record.pid = process.pid
     record.returncode = None
+    record.clear_drain()  # a new process serves again (an operator's `drained` stays)
     if ctx.pump is not None and process.output is not None:
         ctx.pump.attach(plan.rank, *process.output, record.output)
     record.state = RankState.STARTING
@@ -145,7 +147,8 @@ async def _run_process(
         with trio.CancelScope() as incarnation:  # cancelled: restart with the whole group
             record.incarnation = incarnation
             failure = await _watch(record, process, ctx)
-            escalate = _decide(record, failure, ctx)
+            if failure is not None:  # None: drained, for a restart an operator asked for
+                escalate = _decide(record, failure, ctx)
     finally:
         record.incarnation = None
         with trio.CancelScope(shield=True):
@@ -201,8 +204,12 @@ async def _evidence(
     return True
 
 
-async def _watch(record: RankRecord, process: RankProcess, ctx: RankContext) -> SupervisorFailure:
-    """The first failure of this process: its exit, or its failed probes."""
+async def _watch(
+    record: RankRecord, process: RankProcess, ctx: RankContext
+) -> SupervisorFailure | None:
+    """The first failure of this process (its exit, its failed probes, a stall), or None
+    once it has been drained for a restart an operator asked for. A failure during a drain
+    ends the drain: it is a failure, not a planned stop."""
     rank = record.plan.rank
     found: list[SupervisorFailure] = []
     # After a restart, the process has a startup deadline of its own; the first start is
@@ -240,12 +247,23 @@ async def _watch(record: RankRecord, process: RankProcess, ctx: RankContext) -> 
             found.append(failure)
             cancel.cancel()
 
+    async def planned(cancel: trio.CancelScope) -> None:
+        while True:  # ends by cancellation, or once drained for a restart
+            reason = await record.next_drain_request()
+            await drain_rank(record, ctx, reason)
+            if reason is DrainReason.RESTART:
+                cancel.cancel()
+                return
+            # An operator's drain: it stays out, running. The shutdown's: the supervisor
+            # stops every rank once every drain has ended.
+
     record.progress = None  # a new process: its readings start again
     async with trio.open_nursery() as nursery:
         nursery.start_soon(exits, nursery.cancel_scope)
         nursery.start_soon(probes, nursery.cancel_scope)
         nursery.start_soon(progress, nursery.cancel_scope)
-    return found[0]
+        nursery.start_soon(planned, nursery.cancel_scope)
+    return found[0] if found else None
 
 
 def _decide(

@@ -7,6 +7,7 @@ read `SupervisorStatus` snapshots of it. Everything runs on one Trio thread, so 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import time
 from collections.abc import Callable
 
@@ -18,11 +19,15 @@ from .._gpu.nvml import GpuSample, XidSeen
 from .._gpu.placement import PENDING
 from .._output.pump import RankOutput
 from .status import (
+    DrainEnd,
+    DrainReason,
+    DrainStatus,
     ProbeResult,
     ProgressStatus,
     RankState,
     RankStatus,
     RootCause,
+    RouterStatus,
     SupervisorState,
     SupervisorStatus,
 )
@@ -71,6 +76,55 @@ class RankRecord:
         self.previous_tree: frozenset[int] = frozenset()
         #: The cancel scope of the current process's life: cancelling it restarts the rank.
         self.incarnation: trio.CancelScope | None = None
+        #: Its drain, while it is taken out before a planned stop (or drained by an
+        #: operator): through `request_drain`, `note_inflight`, `end_drain`, `clear_drain`.
+        self.drain: DrainStatus | None = None
+        self._drain_request: DrainReason | None = None
+        self._drain_wanted = trio.Event()
+
+    # -- the drain: asked for by an operator or the shutdown, carried out by the rank's task
+
+    def request_drain(self, reason: DrainReason) -> None:
+        """Take the rank out now (/ranks, its /ranks/{r}/ready and the routers drop it, and
+        it counts as out for the disruption budget from this moment), and ask its own task
+        to drain it (and then, for a restart, to stop it)."""
+        self.drain = DrainStatus(reason, time.time())
+        self._drain_request = reason
+        self._drain_wanted.set()
+        self._on_change()
+
+    async def next_drain_request(self) -> DrainReason:
+        """Wait for the next `request_drain`; return its reason.
+
+        **Cancellation**: safe; a request not yet taken stays for the next caller.
+        """
+        while True:  # a request withdrawn by `clear_drain` wakes it for nothing
+            await self._drain_wanted.wait()
+            self._drain_wanted = trio.Event()
+            reason, self._drain_request = self._drain_request, None
+            if reason is not None:
+                return reason
+
+    @property
+    def serving(self) -> bool:
+        """Ready and not taken out (see RankStatus.serving)."""
+        return self.state is RankState.READY and not self.drained and self.drain is None
+
+    def note_inflight(self, inflight: float | None) -> None:
+        if self.drain is not None:
+            self.drain = dataclasses.replace(self.drain, inflight=inflight)
+
+    def end_drain(self, end: DrainEnd, seconds: float) -> None:
+        if self.drain is not None:
+            self.drain = dataclasses.replace(self.drain, end=end, seconds=seconds)
+            self._on_change()
+
+    def clear_drain(self) -> None:
+        """Back in: a new process of the rank, or an operator's undrain."""
+        self._drain_request = None
+        if self.drain is not None:
+            self.drain = None
+            self._on_change()
 
     @property
     def state(self) -> RankState:
@@ -106,6 +160,7 @@ class RankRecord:
             since=self.since,
             drained=self.drained,
             probes_paused_until=self.paused_until_wall(),
+            drain=self.drain,
         )
 
     def paused_until_wall(self) -> float | None:
@@ -124,8 +179,11 @@ class Board:
         nvml_unavailable: str | None = None,
         min_ready: int | None = None,
         group: bool = False,
+        routers: tuple[str, ...] = (),
     ) -> None:
         self.run_id = run_id
+        #: The routers fed with the ranks' URLs, by name (KIND=URL): see `set_router`.
+        self.routers = {name: RouterStatus(name) for name in routers}
         self.group = group
         #: None (the default) means every rank.
         self.min_ready = len(plans) if min_ready is None else min_ready
@@ -164,6 +222,12 @@ class Board:
         self.version += 1
         changed, self.changed = self.changed, trio.Event()
         changed.set()
+
+    def set_router(self, status: RouterStatus) -> None:
+        """Record what a router's listing says (a change is announced, as a state's is)."""
+        if self.routers.get(status.name) != status:
+            self.routers[status.name] = status
+            self._bump()
 
     def by_rank(self, rank: int) -> RankRecord | None:
         index = rank - self.ranks[0].plan.rank
@@ -223,6 +287,7 @@ class Board:
             min_ready=self.min_ready,
             version=self.version,
             group=self.group,
+            routers=tuple(self.routers.values()),
         )
 
     def root_cause(self) -> RootCause | None:

@@ -28,11 +28,15 @@ from .._gpu.placement import (
 )
 from .._proc.owners import Owner, OwnerKind, PortHolder
 from .status import (
+    DrainEnd,
+    DrainReason,
+    DrainStatus,
     ProbeResult,
     ProgressStatus,
     RankState,
     RankStatus,
     RootCause,
+    RouterStatus,
     SupervisorState,
     SupervisorStatus,
 )
@@ -164,6 +168,7 @@ def status_to_json(status: SupervisorStatus) -> JSON:
             "problem": status.nvml_unavailable,
         },
         "ranks": [rank_to_json(r) for r in status.ranks],
+        "routers": [_router_json(r) for r in status.routers],
     }
 
 
@@ -186,6 +191,7 @@ def status_from_json(doc: JSON) -> SupervisorStatus:
         min_ready=doc["min_ready"],
         group=doc.get("group", False),
         version=doc.get("version", 0),
+        routers=tuple(_router_from_json(r) for r in doc.get("routers", ())),
     )
 
 
@@ -226,6 +232,7 @@ def rank_to_json(rank: RankStatus) -> JSON:
         },
         "waiting": rank.waiting,
         "evidence": rank.evidence,
+        "drain": None if rank.drain is None else _drain_json(rank.drain),
         "gpus": _gpus_json(rank),
         "placement": {
             "verdict": rank.placement.verdict.value,
@@ -310,7 +317,42 @@ def _rank_from_json(doc: JSON) -> RankStatus:
         since=doc.get("since", 0.0),
         drained=doc.get("drained", False),
         probes_paused_until=doc.get("probes_paused_until"),
+        drain=None if (d := doc.get("drain")) is None else _drain_from_json(d),
     )
+
+
+def _drain_json(drain: DrainStatus) -> JSON:
+    return {
+        "reason": drain.reason.value,
+        "began": drain.began,
+        "inflight": drain.inflight,
+        "end": None if drain.end is None else drain.end.value,
+        "seconds": None if drain.seconds is None else round(drain.seconds, 3),
+    }
+
+
+def _drain_from_json(doc: JSON) -> DrainStatus:
+    end = doc["end"]
+    return DrainStatus(
+        DrainReason(doc["reason"]),
+        doc["began"],
+        doc["inflight"],
+        None if end is None else DrainEnd(end),
+        doc["seconds"],
+    )
+
+
+def _router_json(router: RouterStatus) -> JSON:
+    return {
+        "name": router.name,
+        "listed": list(router.listed),
+        "problem": router.problem,
+        "errors": router.errors,
+    }
+
+
+def _router_from_json(doc: JSON) -> RouterStatus:
+    return RouterStatus(doc["name"], tuple(doc["listed"]), doc["problem"], doc["errors"])
 
 
 def _gpus_json(rank: RankStatus) -> list[JSON]:

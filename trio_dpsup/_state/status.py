@@ -12,11 +12,15 @@ from .._gpu.nvml import GpuInfo, GpuSample
 from .._gpu.placement import PENDING, Placement
 
 __all__ = [
+    "DrainEnd",
+    "DrainReason",
+    "DrainStatus",
     "ProbeResult",
     "ProgressStatus",
     "RankState",
     "RankStatus",
     "RootCause",
+    "RouterStatus",
     "SupervisorState",
     "SupervisorStatus",
 ]
@@ -42,6 +46,53 @@ class SupervisorState(enum.Enum):
     DRAINING = "draining"  # shutdown requested; not ready, ranks still serving
     STOPPING = "stopping"  # ranks being signalled and killed
     STOPPED = "stopped"
+
+
+class DrainReason(enum.Enum):
+    """Why a rank is drained: what follows its drain."""
+
+    DRAIN = "drain"  # an operator's drain: it stays out, running, until undrained
+    RESTART = "restart"  # an operator's restart (or a rolling restart's): then stopped, started
+    SHUTDOWN = "shutdown"  # the supervisor's SIGTERM or SIGINT: then stopped with every rank
+
+
+class DrainEnd(enum.Enum):
+    """How a drain ended."""
+
+    EMPTY = "empty"  # the in-flight gauge read 0
+    TIMEOUT = "timeout"  # --drain-timeout passed first: what was in flight is lost
+    #: No gauge to read (none configured, metrics off, a rank not answering): it ended
+    #: after --drain-delay.
+    UNKNOWN = "unknown"
+    SKIPPED = "skipped"  # a second signal ended it
+
+
+@dataclass(frozen=True)
+class DrainStatus:
+    """A rank's drain: out of /ranks and every router, its in-flight requests awaited."""
+
+    reason: DrainReason
+    #: When it began (wall clock).
+    began: float
+    #: The last reading of the in-flight gauges (their sum); None before the first, or
+    #: when they cannot be read.
+    inflight: float | None = None
+    #: How it ended, and how long it took; None while it goes on.
+    end: DrainEnd | None = None
+    seconds: float | None = None
+
+
+@dataclass(frozen=True)
+class RouterStatus:
+    """One router fed with the ranks' URLs (``--router``), as its own listing says."""
+
+    name: str  # KIND=URL, as given
+    #: The ranks its listing shows registered, as last read.
+    listed: tuple[int, ...] = ()
+    #: Why the last exchange with it failed; None once one passes.
+    problem: str | None = None
+    #: Exchanges that failed since the start (also in /metrics).
+    errors: int = 0
 
 
 @dataclass(frozen=True)
@@ -100,10 +151,23 @@ class RankStatus:
     drained: bool = False
     #: Until when an operator paused its probes (wall clock), while they are paused.
     probes_paused_until: float | None = None
+    #: Its drain, from the moment it is taken out until its process stops (or, for an
+    #: operator's drain, until it is undrained).
+    drain: DrainStatus | None = None
 
     @property
     def ready(self) -> bool:
         return self.state is RankState.READY
+
+    @property
+    def out(self) -> bool:
+        """Taken out of traffic: drained by an operator, or draining before a stop."""
+        return self.drained or self.drain is not None
+
+    @property
+    def serving(self) -> bool:
+        """Ready and not taken out: what --min-ready counts and routers are given."""
+        return self.ready and not self.out
 
 
 @dataclass(frozen=True)
@@ -152,6 +216,8 @@ class SupervisorStatus:
     #: The ranks form one group (restarted as one; /ready needs every rank), not
     #: independent replicas.
     group: bool = False
+    #: The routers fed with the ranks' URLs (``--router``).
+    routers: tuple[RouterStatus, ...] = ()
 
     @property
     def ready(self) -> bool:
@@ -159,8 +225,8 @@ class SupervisorStatus:
         return self.state is SupervisorState.READY and self.serving() >= self.min_ready
 
     def serving(self) -> int:
-        """Ranks that take traffic: ready and not drained (what --min-ready counts)."""
-        return sum(r.ready and not r.drained for r in self.ranks)
+        """Ranks that take traffic: ready and not taken out (what --min-ready counts)."""
+        return sum(r.serving for r in self.ranks)
 
     @property
     def stopping(self) -> bool:
@@ -168,9 +234,9 @@ class SupervisorStatus:
         return self.state not in (SupervisorState.STARTING, SupervisorState.READY)
 
     def takes_traffic(self, rank: RankStatus) -> bool:
-        """What /ranks/{r}/ready and /ranks say of `rank`: ready, not drained, and no
-        shutdown begun."""
-        return rank.ready and not rank.drained and not self.stopping
+        """What /ranks/{r}/ready, /ranks and the routers say of `rank`: ready, not taken
+        out, and no shutdown begun."""
+        return rank.serving and not self.stopping
 
     def not_ready(self) -> tuple[int, ...]:
         return tuple(r.rank for r in self.ranks if not r.ready)

@@ -8,6 +8,8 @@
   supervisors of fake ranks in either `Form`, each a `Deployment` to inject faults into,
   signal and watch through the typed `SupervisorStatus`, and a check that no process of its
   tree is left; its settings are `SupervisorSettings`, typed keywords;
+* `open_load`: a closed-loop load of completion requests through a router (or to a rank),
+  each request kept as a `LoadRequest` in the `Load`, with the event windows it fell in;
 * `FakeNvml`, `no_nvml`: NVML where there is no GPU, for ``Supervisor(config, nvml=...)``;
 * `free_port_range`, `alive`, `wait_pids_gone`, `read_pid_file`: ports and process checks.
 
@@ -46,5 +48,8 @@ if typing.TYPE_CHECKING:
     from .faults import Fault as Fault
     from .faults import FaultKind as FaultKind
     from .faults import inject_fault as inject_fault
+    from .load import Load as Load
+    from .load import LoadRequest as LoadRequest
+    from .load import open_load as open_load
 
 __getattr__, __dir__ = _lazy.lazy_exports(__name__)

@@ -59,8 +59,13 @@ class SupervisorSettings(TypedDict, total=False):
     gpu_release_wait: float
     require_clean_gpus: bool
     min_ready: int | None
-    grace_period: float
     drain_delay: float
+    drain_timeout: float
+    inflight_metrics: tuple[str, ...]
+    routers: tuple[str, ...]
+    router_timeout: float
+    advertise_host: str | None
+    grace_period: float
     cgroups: bool
     tree_watch_interval: float
     fail_on_leftovers: bool
