@@ -100,6 +100,36 @@ async def engine_rows(reps: int) -> list[Row]:
     ]
 
 
+async def router_rows(reps: int, runs_seen: list[dict[str, object]]) -> list[Row]:
+    """`bench/router.py`'s runs as rows: per event, failed requests and p99 latency with the
+    router feed and with the router's health checks only; a planned stop's time per rank.
+    The runs themselves (each event's errors included) are added to `runs_seen`."""
+    from . import router
+
+    runs = await router.router_runs(reps)
+    if runs is None:
+        return []
+    runs_seen.extend(runs)
+    rows: list[Row] = []
+    for event in router.EVENTS:
+        for feed, how in ((True, "--router"), (False, "health checks only")):
+            figures = [r[event] for r in runs if r["feed"] is feed]
+            failed = [float(f["failed"]) for f in figures]  # type: ignore[index]
+            p99 = [float(f["p99_ms"]) for f in figures if f["p99_ms"] is not None]  # type: ignore[index]
+            zero = event != "SIGKILL 1" and feed
+            target = "0" if zero else ("<= 4" if feed else "-")
+            met = check(maximum=0)(failed) if zero else (check(maximum=4)(failed) if feed else None)
+            rows.append(Row(f"{event}: failed requests, {how}", 2, failed, target, met, "requests"))
+            if p99:
+                rows.append(Row(f"{event}: p99 latency, {how}", 2, p99, "-", None))
+    per_rank = [float(r["rolling restart"]["seconds"]) / 2 for r in runs if r["feed"]]  # type: ignore[index]
+    rows.append(Row("planned stop per rank under load (drain + stop + ready), --router", 2,
+                    per_rank, "-", None, "s"))  # fmt: skip
+    sigterm = [float(r["SIGTERM"]["seconds"]) for r in runs if r["feed"]]  # type: ignore[index]
+    rows.append(Row("SIGTERM under load -> exit, --router", 2, sigterm, "-", None, "s"))
+    return rows
+
+
 def ms(seconds: list[float]) -> list[float]:
     return [s * 1000 for s in seconds]
 
@@ -369,7 +399,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="3 repetitions, N = 8 only")
     parser.add_argument("--plot", metavar="RESULTS.json", help="only draw the plot of a run")
+    parser.add_argument(
+        "--router",
+        action="store_true",
+        help="only the rows behind a real router (bench/router.py): 3 runs of each form",
+    )
     args = parser.parse_args()
+    if args.router:
+        runs_seen: list[dict[str, object]] = []
+        rows = trio.run(router_rows, 3, runs_seen)
+        print(table(rows))
+        info = machine()
+        RESULTS.mkdir(exist_ok=True)
+        path = RESULTS / f"{info['date'][:10]}-router.json"  # type: ignore[index]
+        document = {
+            **info,
+            "rows": [{**asdict(r), "median": r.median, "max": r.max} for r in rows],
+            "runs": runs_seen,
+        }
+        path.write_text(json.dumps(document, indent=2) + "\n")
+        print(f"\nwrote {path}")
+        return
     if args.plot:
         document = json.loads(Path(args.plot).read_text())
         fields = {"scenario", "ranks", "samples", "target", "met", "unit"}

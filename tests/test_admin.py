@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -16,12 +18,25 @@ import httpx
 import pytest
 import trio
 
-from trio_dpsup import RankState, RankUnhealthy, RestartRequested, SupervisorState
-from trio_dpsup.testing import CLI, CliResult, Deployment, Form, Harness, free_port_range, run_cli
+from trio_dpsup import DrainEnd, RankState, RankUnhealthy, RestartRequested, SupervisorState
+from trio_dpsup.testing import (
+    CLI,
+    CliResult,
+    Deployment,
+    Form,
+    Harness,
+    alive,
+    free_port_range,
+    run_cli,
+)
+from trio_dpsup.testing.fake_rank import METRIC_NAMES
 
 from .conftest import FAKE_RANK, FORMS, cli_args, on_failure
 
 pytest_plugins = ["trio_dpsup.testing.plugin"]
+
+#: The fake rank's busy gauge: what its "requests in flight" read as.
+BUSY = METRIC_NAMES["fake"][0]
 
 
 async def ctl(socket_path: Path, *args: str) -> CliResult:
@@ -366,3 +381,112 @@ async def test_root_may_use_a_service_users_socket() -> None:
             await process.wait()
         shutil.rmtree(home, ignore_errors=True)
     assert process.returncode == 0
+
+
+async def test_a_drain_waits_for_the_requests_in_flight_and_says_how_it_ended(
+    dpsup: Harness, tmp_path: Path
+) -> None:
+    # The fake rank's busy gauge stands for the engine's in-flight gauge. ctl's --timeout is
+    # how long it waits for a word from the supervisor: the drain lasts longer than it, and
+    # its progress lines keep ctl waiting.
+    sock = tmp_path / "admin.sock"
+    deployment = await dpsup.start(
+        2, form=Form.CLI, admin_socket=str(sock), min_ready=1, inflight_metrics=(BUSY,),
+        drain_timeout=30.0,
+    )  # fmt: skip
+    await deployment.make_busy(1, requests=2)
+
+    async def idle_later() -> None:
+        await deployment.wait_for_status(
+            lambda s: s.ranks[1].drain is not None and s.ranks[1].drain.inflight == 2,
+            "rank 1 draining, 2 in flight",
+        )
+        # The period under test: past ctl's --timeout below, and past PROGRESS_EVERY.
+        await trio.sleep_until(drained_from + 6.5)
+        await deployment.make_busy(1, requests=0)
+
+    drained_from = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(idle_later)
+        code, out, err = await ctl(sock, "--timeout", "6", "--progress", "drain", "1")
+    took = trio.current_time() - drained_from
+    assert (code, out) == (0, "rank 1 drained\n"), err
+    assert "trio-dpsup ctl: still going: a drain of rank 1" in err
+    assert re.search(r"trio-dpsup ctl: rank 1 drained in \d+\.\d\ds: empty\n", err), err
+    assert took > 6.0, "the drain outlasted ctl's --timeout, and ctl waited"
+    status = await deployment.status()
+    drain = status.ranks[1].drain
+    assert drain is not None
+    assert drain.end is DrainEnd.EMPTY
+    assert status.ranks[1].drained
+    assert not status.takes_traffic(status.ranks[1])
+    assert (await ctl(sock, "undrain", "1"))[0] == 0
+    status = await deployment.status()
+    assert status.ranks[1].drain is None
+    assert status.takes_traffic(status.ranks[1])
+
+
+async def test_a_rolling_restart_says_how_it_goes(dpsup: Harness, tmp_path: Path) -> None:
+    sock = tmp_path / "admin.sock"
+    await dpsup.start(2, form=Form.CLI, admin_socket=str(sock), min_ready=1)
+    code, out, err = await ctl(sock, "--progress", "rolling-restart")
+    assert (code, out) == (0, "restarted ranks 0, 1, at most 1 out at a time\n"), err
+    assert err.splitlines() == [
+        "trio-dpsup ctl: rank 0: draining and restarting (1 of 2)",
+        "trio-dpsup ctl: rank 0 ready again",
+        "trio-dpsup ctl: rank 1: draining and restarting (2 of 2)",
+        "trio-dpsup ctl: rank 1 ready again",
+    ]
+    # Without --progress (and with stderr not a terminal), nothing but the answer.
+    code, out, err = await ctl(sock, "rolling-restart")
+    assert (code, err) == (0, "")
+
+
+async def test_sigterm_drains_every_serving_rank_at_once(dpsup: Harness) -> None:
+    deployment = await dpsup.start(
+        3, form=Form.CLI, inflight_metrics=(BUSY,), drain_delay=0.5, drain_timeout=20.0
+    )
+    await deployment.make_busy(2, requests=1)
+    deployment.signal_supervisor(signal.SIGTERM)
+    status = await deployment.wait_for_status(
+        lambda s: all(r.drain is not None for r in s.ranks), "every rank draining"
+    )
+    assert status.state is SupervisorState.DRAINING
+    assert not any(status.takes_traffic(r) for r in status.ranks)
+    # Ranks 0 and 1 are idle: drained after the delay; rank 2 waits for its request.
+    status = await deployment.wait_for_status(
+        lambda s: all(r.drain is not None and r.drain.end for r in s.ranks[:2]),
+        "ranks 0 and 1 drained",
+    )
+    drain = status.ranks[2].drain
+    assert drain is not None
+    assert drain.end is None
+    assert drain.inflight == 1
+    assert all(r.pid is not None and alive(r.pid) for r in status.ranks), "nothing signalled yet"
+    await deployment.make_busy(2, requests=0)
+    assert await deployment.wait_exit() == 0
+    final = await deployment.final_status()
+    assert [r.drain.end if r.drain else None for r in final.ranks] == [DrainEnd.EMPTY] * 3
+
+
+async def test_a_rolling_restart_counts_a_drained_rank_as_out(
+    dpsup: Harness, tmp_path: Path
+) -> None:
+    # One of 3 drained and --min-ready 2: restarting any other rank would leave 1 serving.
+    sock = tmp_path / "admin.sock"
+    deployment = await dpsup.start(3, form=Form.CLI, admin_socket=str(sock), min_ready=2)
+    assert (await ctl(sock, "drain", "1"))[0] == 0
+    code, out, err = await ctl(sock, "rolling-restart")
+    assert (code, out) == (2, "")
+    assert "drained rank(s) 1 already count against --max-unavailable 1" in err
+    assert [r.restarts for r in (await deployment.status()).ranks] == [0, 0, 0]
+    # With room for it, the drained rank is skipped and left drained.
+    code, out, err = await ctl(sock, "rolling-restart", "--max-unavailable", "2")
+    assert (code, err) == (0, "")
+    assert out == (
+        "restarted ranks 0, 2, at most 2 out at a time; skipped rank 1: it is drained: left "
+        "drained\n"
+    )
+    status = await deployment.status()
+    assert [r.restarts for r in status.ranks] == [1, 0, 1]
+    assert status.ranks[1].drained

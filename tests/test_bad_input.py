@@ -186,6 +186,10 @@ async def test_status_file_holds_the_final_status(tmp_path: Path) -> None:
         (["--router", "sglang=127.0.0.1:30000"], "the router's URL must be http:// or https://"),
         (["--router", "sglang=http://127.0.0.1:x"], "Port could not be cast"),
         (["--router", "sglang=http://127.0.0.1:1/v1"], "without a path"),
+        (
+            ["--router", "sglang=http://127.0.0.1:1", "--router", "sglang=http://127.0.0.1:1/"],
+            "--router sglang=http://127.0.0.1:1 is given twice",
+        ),
         (["--drain-timeout", "-1"], "--drain-timeout must be 0 or more seconds"),
         (["--drain-delay", "-0.5"], "--drain-delay must be 0 or more seconds"),
         (["--router-timeout", "0"], "--router-timeout must be more than 0 seconds"),
@@ -194,9 +198,18 @@ async def test_status_file_holds_the_final_status(tmp_path: Path) -> None:
             "is a wildcard: pass --advertise-host",
         ),
         (["--advertise-host", "0.0.0.0"], "--advertise-host '0.0.0.0' is not an address"),
+        # Every interval has a floor: 1e-9 would spend a whole core on checking.
+        (["--probe-interval", "1e-9"], "--probe-interval must be at least 0.01 seconds"),
+        (["--tree-watch-interval", "1e-9"], "--tree-watch-interval must be at least 0.01"),
+        (["--suspect-interval", "0.001"], "--suspect-interval must be at least 0.01"),
+        (["--progress-interval", "1e-9"], "--progress-interval must be at least 0.01"),
+        (["--gpu-interval", "1e-9"], "--gpu-interval must be at least 0.01"),
+        (["--progress-log-interval", "1e-9"], "--progress-log-interval must be at least 0.01"),
     ],
 )
-async def test_router_and_drain_options(tmp_path: Path, options: list[str], message: str) -> None:
+async def test_router_drain_and_interval_options(
+    tmp_path: Path, options: list[str], message: str
+) -> None:
     pid_file = tmp_path / "pids"
     command = [*FAKE_RANK, "--port", "{port}", "--pid-file", str(pid_file)]
     argv = ["--ranks", "1", "--gpus-per-rank", "0", *options, "--", *command]

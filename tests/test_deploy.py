@@ -119,9 +119,14 @@ def test_probes_and_grace_fit_the_supervisor(path: Path) -> None:
         startup = container["startupProbe"]
         # Clearly above: the supervisor, not the kubelet, must report a slow start.
         assert startup["periodSeconds"] * startup["failureThreshold"] >= args.startup_timeout + 60
-        # Kubernetes' SIGKILL must come after our drain and grace period.
+        # Kubernetes' SIGKILL must come after the routers are told, the drain (its delay and
+        # the wait for requests in flight) and the grace period.
         grace = template["spec"]["terminationGracePeriodSeconds"]
-        assert grace > args.drain_delay + args.grace_period
+        stop = args.router_timeout + args.drain_delay + args.drain_timeout + args.grace_period
+        assert grace > stop
+        # The drain delay covers the readiness probe's notice of /ready 503.
+        probe = container["readinessProbe"]
+        assert args.drain_delay >= probe["periodSeconds"] * probe.get("failureThreshold", 3)
 
 
 def test_the_schema_check_catches_a_misspelt_field() -> None:

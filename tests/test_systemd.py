@@ -108,7 +108,8 @@ def test_the_unit_restarts_sensibly_and_is_hardened() -> None:
     node = tomllib.loads((UNIT.parent / "node.toml").read_text())
     assert settings["RestartPreventExitStatus"] == ["2"]
     assert int(settings["TimeoutStartSec"][0]) > node["startup-timeout"]
-    assert int(settings["TimeoutStopSec"][0]) > node["grace-period"] + node["drain-delay"]
+    stop = node["grace-period"] + node["drain-delay"] + node["drain-timeout"]
+    assert int(settings["TimeoutStopSec"][0]) > stop
     for key, value in (
         ("NoNewPrivileges", "yes"), ("ProtectSystem", "strict"), ("User", "trio-dpsup"),
     ):  # fmt: skip

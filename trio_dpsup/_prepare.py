@@ -124,7 +124,7 @@ async def prepare_run(
         nvml_unavailable=problem,
         min_ready=config.min_ready,
         group=config.forms_group,
-        routers=config.routers,
+        routers=tuple(str(spec) for spec in config.router_specs),
     )
     trees = Trees(run_id, adopter=os.getpid() if subreaper else None)
     if cgroups is not None:

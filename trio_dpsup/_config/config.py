@@ -19,6 +19,8 @@ from .options import (
     at_least_one,
     check_settings,
     creatable_directory,
+    interval,
+    interval_or_zero,
     option_name,
     positive_seconds,
     seconds_or_zero,
@@ -79,7 +81,7 @@ class SupervisorConfig:
         "seconds between GPU readings and placement checks",
         "ranks",
         "SECONDS",
-        check=positive_seconds,
+        check=interval,
     )
     preset: Preset | None = setting(
         None,
@@ -136,7 +138,7 @@ class SupervisorConfig:
         "seconds between probes of a ready rank",
         "health probes",
         "SECONDS",
-        check=positive_seconds,
+        check=interval,
     )
     probe_timeout: float = setting(
         2.0, "how long one probe may take before it counts as failed", "health probes",
@@ -149,7 +151,7 @@ class SupervisorConfig:
         0.03,
         "after a ready rank's first failed probe, the spacing of the probes that confirm "
         "or clear it (as Envoy's unhealthy_edge_interval)",
-        "health probes", "SECONDS", check=positive_seconds,
+        "health probes", "SECONDS", check=interval,
     )  # fmt: skip
     #: Empty with --preset vllm: vLLM's /health answers 503 only when its engine is dead.
     fail_on_status: tuple[str, ...] = setting(
@@ -176,7 +178,7 @@ class SupervisorConfig:
     )  # fmt: skip
     progress_interval: float = setting(
         5.0, "seconds between reads of each ready rank's metrics", "progress", "SECONDS",
-        check=positive_seconds,
+        check=interval,
     )  # fmt: skip
     #: None: the preset's (vLLM's vllm:num_requests_running, SGLang's sglang:num_running_reqs).
     progress_busy_metric: str | None = setting(
@@ -328,7 +330,7 @@ class SupervisorConfig:
         1.0,
         "seconds between walks of the rank trees that record their members for the "
         "guardian and reap adopted orphans",
-        "shutdown", "SECONDS", check=positive_seconds,
+        "shutdown", "SECONDS", check=interval,
     )  # fmt: skip
     fail_on_leftovers: bool = setting(
         False,
@@ -387,7 +389,7 @@ class SupervisorConfig:
         30.0,
         "while ranks start, log how many are ready and which are awaited this often, so "
         "that a long model load shows it is moving (kubectl logs); 0: never",
-        "logs", "SECONDS", check=seconds_or_zero,
+        "logs", "SECONDS", check=interval_or_zero,
     )  # fmt: skip
     secret_options: tuple[str, ...] = setting(
         (),
@@ -414,7 +416,7 @@ class SupervisorConfig:
                 f"{_opt('gpus_per_rank')} must be 0 (ranks without GPUs) or more, "
                 f"not {self.gpus_per_rank}"
             )
-        positive_seconds(_opt("startup_probe_interval"), self.startup_probe_interval)
+        interval(_opt("startup_probe_interval"), self.startup_probe_interval)
         path = _opt("health_path")
         if not self.health_path.startswith("/"):
             raise ConfigError(f"{path} must start with '/', e.g. /{self.health_path}")

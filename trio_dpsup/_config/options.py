@@ -30,6 +30,8 @@ __all__ = [
     "cli_arguments",
     "config_fields",
     "creatable_directory",
+    "interval",
+    "interval_or_zero",
     "option_name",
     "positive_seconds",
     "seconds_or_zero",
@@ -82,6 +84,29 @@ def zero_or_more(option: str, value: int) -> None:
 def positive_seconds(option: str, value: float) -> None:
     if not math.isfinite(value) or value <= 0:
         raise ConfigError(f"{option} must be more than 0 seconds, not {value}")
+
+
+#: The shortest interval of any periodic check: low enough for the tests' fast settings, high
+#: enough that a typo (1e-9) cannot spend a whole core on probing.
+MIN_INTERVAL = 0.01
+
+
+def interval(option: str, value: float) -> None:
+    """A period between checks: at least MIN_INTERVAL seconds."""
+    positive_seconds(option, value)
+    if value < MIN_INTERVAL:
+        raise ConfigError(
+            f"{option} must be at least {MIN_INTERVAL:g} seconds (shorter spends a core on "
+            f"checking), not {value:g}"
+        )
+
+
+def interval_or_zero(option: str, value: float) -> None:
+    """A period between checks, or 0 for never."""
+    if value != 0:
+        interval(option, value)
+    else:
+        seconds_or_zero(option, value)
 
 
 def seconds_or_zero(option: str, value: float) -> None:

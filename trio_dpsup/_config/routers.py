@@ -72,5 +72,9 @@ def parse_router(option: str, text: str) -> RouterSpec:
 
 
 def check_routers(option: str, value: tuple[str, ...]) -> None:
+    seen: set[RouterSpec] = set()
     for text in value:
-        parse_router(option, text)
+        spec = parse_router(option, text)
+        if spec in seen:
+            raise ConfigError(f"{option} {spec} is given twice: give each router once")
+        seen.add(spec)

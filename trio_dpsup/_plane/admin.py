@@ -27,7 +27,7 @@ from .._errors import RestartRequested
 from .._state.board import Board, RankRecord
 from .._state.document import status_to_json
 from .._state.status import DrainReason, RankState
-from .protocol import Action, Reply, Request, Skipped
+from .protocol import PROGRESS_EVERY, Action, Reply, Request, Skipped
 
 __all__ = ["Admin", "AdminError"]
 
@@ -35,6 +35,10 @@ logger = logging.getLogger("trio_dpsup.admin")
 
 #: Without a rank timeout in the request: how long a restarted rank may take to return.
 DEFAULT_RANK_TIMEOUT = 1800.0
+
+
+def _nowhere(text: str) -> None:
+    pass
 
 
 class AdminError(Exception):
@@ -64,13 +68,26 @@ class Admin:
         self._count = count
         #: The long operation in progress (for "busy" answers and `status`), if any.
         self._operation: str | None = None
+        #: Where the long operation's progress lines go (its client), while it runs.
+        self._progress: Callable[[str], None] = _nowhere
 
-    async def act(self, request: Request) -> Reply:
-        """The answer to one request; raises AdminError when it is refused.
+    async def act(self, request: Request, progress: Callable[[str], None] = _nowhere) -> Reply:
+        """The answer to one request; raises AdminError when it is refused. A long action
+        says how it goes through `progress`, at each step and at least every
+        PROGRESS_EVERY seconds while it waits.
 
-        **Cancellation**: a rolling restart or a waited restart in progress stops waiting;
-        the restarts it began go on in the ranks' own tasks.
+        **Cancellation**: a drain, a rolling restart or a waited restart in progress stops
+        waiting; what it began goes on in the ranks' own tasks.
         """
+        if request.action is not Action.STATUS:
+            self._progress = progress
+        try:
+            return await self._act(request)
+        finally:
+            if request.action is not Action.STATUS:
+                self._progress = _nowhere
+
+    async def _act(self, request: Request) -> Reply:
         action = request.action
         if action is Action.STATUS:
             status = status_to_json(self._board.snapshot())
@@ -112,18 +129,36 @@ class Admin:
         if request.wait:
             rank = record.plan.rank
             self._operation = f"a restart of rank {rank}"
+            started = trio.current_time()
             try:
                 late = await self._until_back(record, before, timeout)
             finally:
                 self._operation = None
             if late is not None:
                 raise AdminError(late.why)
+            self._progress(f"rank {rank} ready again after {trio.current_time() - started:.2f}s")
         return Reply(rank=record.plan.rank)
 
     async def _drain(self, request: Request) -> Reply:
+        """Take the rank out; when it was serving, wait for its drain (the routers, the
+        delay, its requests in flight), saying how it ended."""
         record = self._record(request)
         self._within_budget(record, "draining", request.force)
-        return self._set_drained(record, True)
+        reply = self._set_drained(record, True)
+        if record.drain is None:
+            return reply  # it was not serving: nothing to wait for
+        rank = record.plan.rank
+        config = self._config
+        bound = config.router_timeout + config.drain_delay + config.drain_timeout + 10.0
+        self._operation = f"a drain of rank {rank}"
+        try:
+            await self._until(lambda: record.drain is None or record.drain.end is not None, bound)
+        finally:
+            self._operation = None
+        drain = record.drain
+        if drain is not None and drain.end is not None and drain.seconds is not None:
+            self._progress(f"rank {rank} drained in {drain.seconds:.2f}s: {drain.end.value}")
+        return reply
 
     async def _undrain(self, request: Request) -> Reply:
         return self._set_drained(self._record(request), False)
@@ -190,6 +225,7 @@ class Admin:
             pending.discard(record.plan.rank)
             board.touch()  # wakes the room wait
             if late is None:
+                self._progress(f"rank {record.plan.rank} ready again")
                 return
             if late.crash_looping:
                 skipped.append(Skipped(record.plan.rank, late.why))
@@ -231,6 +267,9 @@ class Admin:
                         continue
                     before = record.restarts
                     self._restart_one(record)
+                    self._progress(
+                        f"rank {rank}: draining and restarting ({len(restarted) + 1} of {total})"
+                    )
                     restarted.append(rank)
                     pending.add(rank)
                     nursery.start_soon(until_back, record, before)
@@ -366,7 +405,10 @@ class Admin:
             while not condition():  # each change of the board wakes it
                 if self._board.stopping.is_set():
                     raise AdminError("the supervisor began stopping")
-                await self._board.changed.wait()
+                with trio.move_on_after(PROGRESS_EVERY) as quiet:
+                    await self._board.changed.wait()
+                if quiet.cancelled_caught and self._operation is not None:
+                    self._progress(f"still going: {self._operation}")
             return True
         return False
 

@@ -4,7 +4,8 @@ on the TCP control plane, that carries the operator's requests to `Admin` (admin
 A peer that is not this process's user or root (SO_PEERCRED) is refused, once its request
 has arrived (so that its write lands and it reads why). One request per connection: a
 JSON line ``{"action": ..., ...}``; one JSON line back, ``{"ok": true, ...}``
-or ``{"ok": false, "error": ...}``, as protocol.py types them.
+or ``{"ok": false, "error": ...}``, as protocol.py types them, after the progress lines of a
+long action.
 
 The socket cannot stop the supervisor: a request is bounded in size, nesting and time
 before it is parsed, any failure while carrying it out is that request's error reply,
@@ -30,7 +31,7 @@ import trio
 from .._errors import ConfigError
 from .._output.private_dir import check_socket_dir
 from .admin import Admin, AdminError
-from .protocol import ProtocolError, Reply, Request
+from .protocol import ProtocolError, Reply, Request, progress_line
 
 __all__ = ["AdminSocket", "bind_admin_socket", "serve_admin"]
 
@@ -46,6 +47,8 @@ REQUEST_TIMEOUT = 5.0
 MAX_CONNECTIONS = 32
 #: How long `bind_admin_socket` waits for whoever may listen at the path to answer.
 LIVENESS_TIMEOUT = 0.5
+#: Progress lines waiting for a slow client; more are dropped (the reply never is).
+PROGRESS_QUEUE = 64
 #: After an accept() error (EMFILE...): the first wait, doubled up to the second.
 ACCEPT_BACKOFF = (0.05, 1.0)
 
@@ -207,7 +210,7 @@ async def _serve_one(stream: trio.SocketStream, admin: Admin) -> None:
             _check_peer(stream.socket)  # a stranger hears only that it is one
             if isinstance(arrived, AdminError):
                 raise arrived
-            answer = await admin.act(_parse(arrived))
+            answer = await _act_saying_progress(stream, admin, _parse(arrived))
         except (AdminError, ProtocolError) as exc:
             answer = Reply.refusal(str(exc))
         except Exception as exc:
@@ -217,6 +220,36 @@ async def _serve_one(stream: trio.SocketStream, admin: Admin) -> None:
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             with trio.move_on_after(REQUEST_TIMEOUT):  # a client that never reads
                 await stream.send_all(json.dumps(answer.to_json()).encode() + b"\n")
+
+
+async def _act_saying_progress(stream: trio.SocketStream, admin: Admin, request: Request) -> Reply:
+    """Carry out `request`, writing its progress lines to `stream` as they come. A client
+    that stops reading loses its lines (never more than PROGRESS_QUEUE wait), not the
+    action."""
+    send, receive = trio.open_memory_channel[str](PROGRESS_QUEUE)
+
+    def progress(text: str) -> None:
+        with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
+            send.send_nowait(text)
+
+    async def write() -> None:
+        async with receive:
+            async for text in receive:
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    with trio.move_on_after(REQUEST_TIMEOUT):  # a client that never reads
+                        await stream.send_all(json.dumps(progress_line(text)).encode() + b"\n")
+
+    answer: Reply | Exception
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(write)
+        async with send:
+            try:
+                answer = await admin.act(request, progress)
+            except Exception as exc:  # raised below, as itself, not in the nursery's group
+                answer = exc
+    if isinstance(answer, Exception):
+        raise answer
+    return answer
 
 
 def _check_peer(sock: trio.socket.SocketType) -> None:

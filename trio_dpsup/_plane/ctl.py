@@ -22,12 +22,12 @@ import socket
 import struct
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from .._errors import EXIT_FAILURE, EXIT_USAGE, ConfigError  # standard library only, as this
 from .._output.private_dir import check_socket_dir  # client
-from .protocol import Action, ProtocolError, Reply, Request
+from .protocol import Action, ProtocolError, Reply, Request, progress_of
 
 __all__ = ["run_ctl"]
 
@@ -68,8 +68,16 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         type=float,
         default=DEFAULT_TIMEOUT,
-        help="give up waiting for the answer after this long, exit 1; the action goes on "
-        "in the supervisor (default: %(default)gs)",
+        help="give up when the supervisor has said nothing for this long, exit 1: a long "
+        "action (drain, restart --wait, rolling-restart) says how it goes at least every "
+        "5 s; what was asked goes on in the supervisor (default: %(default)gs)",
+    )
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="print a long action's progress lines on stderr (default: when stderr is a "
+        "terminal, as git does)",
     )
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     status = actions.add_parser("status", help="a table of the ranks")
@@ -141,7 +149,8 @@ def run_ctl(argv: Sequence[str]) -> int:
         # Another user who can rename a directory on the path can serve a socket of their
         # own there: refuse such a path before a word is sent, as the supervisor does.
         check_socket_dir(args.admin_socket, "--admin-socket", also=trusted)
-        document = _ask(args.admin_socket, request, args.timeout, trusted)
+        show = args.progress if args.progress is not None else sys.stderr.isatty()
+        document = _ask(args.admin_socket, request, args.timeout, trusted, _say if show else _quiet)
     except (ConfigError, Untrusted) as exc:
         return _error(str(exc))
     except BadAnswer as exc:
@@ -179,10 +188,16 @@ def _uid(user: str) -> int:
         raise ConfigError(f"--user {user}: no such user: give the supervisor's user") from None
 
 
-def _ask(path: str, request: Request, timeout: float, trusted: int | None) -> object:
-    """Send `request`, return the answer, parsed JSON. Raises OSError when nobody listens at
-    `path`, BadAnswer when the answer is not JSON or none comes within `timeout`."""
-    deadline = time.monotonic() + timeout
+def _ask(
+    path: str,
+    request: Request,
+    timeout: float,
+    trusted: int | None,
+    progress: Callable[[str], None],
+) -> object:
+    """Send `request`, hand each progress line to `progress`, return the answer, parsed
+    JSON. Raises OSError when nobody listens at `path`, BadAnswer when a line is not JSON or
+    the supervisor says nothing for `timeout` seconds (each progress line resets it)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         try:
@@ -195,11 +210,16 @@ def _ask(path: str, request: Request, timeout: float, trusted: int | None) -> ob
             # refusal, is still there to read.
             sock.sendall(json.dumps(request.to_json()).encode() + b"\n")
         data = b""
-        while not data.endswith(b"\n"):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise BadAnswer(_late(request, timeout))
-            sock.settimeout(left)
+        while True:
+            line, newline, rest = data.partition(b"\n")
+            if newline:
+                answer = _parsed(line)
+                text = progress_of(answer)
+                if text is None:
+                    return answer  # its shape is Reply.from_json's to check
+                progress(text)
+                data = rest
+                continue
             try:
                 chunk = sock.recv(1 << 16)
             except TimeoutError:
@@ -211,11 +231,22 @@ def _ask(path: str, request: Request, timeout: float, trusted: int | None) -> ob
                 raise BadAnswer(f"an answer longer than {MAX_ANSWER} bytes")
     if not data:
         raise BadAnswer("the supervisor closed the connection without an answer")
+    answer = _parsed(data.rstrip(_NEWLINE))
+    if progress_of(answer) is not None:
+        raise BadAnswer("the supervisor closed the connection before its answer")
+    return answer
+
+
+_NEWLINE = b"\n"
+
+
+def _parsed(data: bytes) -> object:
     try:
         answer: object = json.loads(data)
     except ValueError:
-        raise BadAnswer(f"an answer that is not JSON: {_shown(data)}") from None
-    return answer  # its shape is Reply.from_json's to check
+        # Shown with its newline, as it came.
+        raise BadAnswer(f"an answer that is not JSON: {_shown(data + _NEWLINE)}") from None
+    return answer
 
 
 def _check_peer(sock: socket.socket, path: str, trusted: int | None) -> None:
@@ -229,6 +260,14 @@ def _check_peer(sock: socket.socket, path: str, trusted: int | None) -> None:
             f"({os.geteuid()}), root or --user: refusing to talk to it; if uid {uid} is the "
             f"supervisor's user, say so with --user {uid}"
         )
+
+
+def _say(text: str) -> None:
+    print(f"{PROG}: {text}", file=sys.stderr, flush=True)
+
+
+def _quiet(text: str) -> None:
+    pass
 
 
 def _late(request: Request, timeout: float) -> str:

@@ -3,7 +3,10 @@
 once. Standard library only, as the client is.
 
 A request is ``{"action": ..., "rank": ..., ...}``; a reply ``{"ok": true, ...}`` or
-``{"ok": false, "error": ...}``. `Request.from_json` and `Reply.from_json` take what came
+``{"ok": false, "error": ...}``. A long action (a drain, a waited restart, a rolling restart)
+sends progress lines before its reply, ``{"progress": "rank 1 drained in 0.52s"}``, at each
+step and at least every `PROGRESS_EVERY` seconds, so that a client can wait for as long as
+the supervisor has something to say. `Request.from_json` and `Reply.from_json` take what came
 off the socket and raise `ProtocolError`, whose message goes back to the peer (or to the
 operator) as it is.
 """
@@ -16,10 +19,35 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeGuard
 
-__all__ = ["MAX_PAUSE", "Action", "ProtocolError", "Reply", "Request", "Skipped"]
+__all__ = [
+    "MAX_PAUSE",
+    "PROGRESS_EVERY",
+    "Action",
+    "ProtocolError",
+    "Reply",
+    "Request",
+    "Skipped",
+    "progress_line",
+    "progress_of",
+]
 
 #: The longest probe pause a request may ask for, in seconds (a day).
 MAX_PAUSE = 86400
+#: The longest a long action goes without a progress line.
+PROGRESS_EVERY = 5.0
+
+
+def progress_line(text: str) -> dict[str, Any]:
+    """A progress line of a long action, before its reply."""
+    return {"progress": text}
+
+
+def progress_of(document: object) -> str | None:
+    """The text of a progress line, or None for anything else (a reply)."""
+    if isinstance(document, dict) and set(document) == {"progress"}:
+        text = document["progress"]
+        return text if isinstance(text, str) else None
+    return None
 
 
 class ProtocolError(ValueError):
@@ -51,7 +79,7 @@ class Action(enum.Enum):
     @property
     def outlives_the_request(self) -> bool:
         """Whether it goes on in the supervisor after its client stops waiting."""
-        return self in (Action.RESTART, Action.ROLLING_RESTART)
+        return self in (Action.RESTART, Action.DRAIN, Action.ROLLING_RESTART)
 
 
 @dataclass(frozen=True)
