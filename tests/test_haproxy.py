@@ -88,17 +88,27 @@ async def behind_haproxy(
             process.kill()
 
 
-async def test_a_rolling_restart_through_haproxy_loses_nothing(
+async def test_a_rolling_restart_restart_and_drain_through_haproxy_lose_nothing(
     behind_haproxy: tuple[Deployment, str], tmp_path: Path
 ) -> None:
     deployment, url = behind_haproxy
+    sock = tmp_path / "admin.sock"
     async with open_load(url, clients=4) as load:
         await load.settle(4)
         await served_by_every_rank(deployment)
         with load.window("rolling restart"):
-            code, out, err = await ctl(tmp_path / "admin.sock", "rolling-restart")
+            code, out, err = await ctl(sock, "rolling-restart")
+        await load.settle(len(load.succeeded()) + 8)
+        with load.window("restart"):
+            restarted = await ctl(sock, "restart", "1", "--wait")
+        await load.settle(len(load.succeeded()) + 8)
+        with load.window("drain"):
+            drained = await ctl(sock, "drain", "0")
+            await load.settle(len(load.succeeded()) + 8)
+            undrained = await ctl(sock, "undrain", "0")
         await load.settle(len(load.succeeded()) + 8)
     assert (code, err) == (0, ""), out
+    assert [restarted[0], drained[0], undrained[0]] == [0, 0, 0], (restarted, drained)
     assert load.failed() == [], load.summary()
     assert len(load.succeeded("rolling restart")) >= 4, load.summary()
     log = deployment.cli.log  # type: ignore[attr-defined]

@@ -132,6 +132,10 @@ class Admin:
             started = trio.current_time()
             try:
                 late = await self._until_back(record, before, timeout)
+                if late is None:
+                    # Back for the balancers too: a pull-based one needs --drain-delay to
+                    # see it, and the operator's next step may take another rank out.
+                    await trio.sleep(self._config.drain_delay)
             finally:
                 self._operation = None
             if late is not None:
