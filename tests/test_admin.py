@@ -490,3 +490,33 @@ async def test_a_rolling_restart_counts_a_drained_rank_as_out(
     status = await deployment.status()
     assert [r.restarts for r in status.ranks] == [1, 0, 1]
     assert status.ranks[1].drained
+
+
+async def test_sigterm_during_a_restart_drain_stops_the_rank_without_restarting_it(
+    dpsup: Harness, tmp_path: Path
+) -> None:
+    sock = tmp_path / "admin.sock"
+    deployment = await dpsup.start(
+        2, form=Form.CLI, admin_socket=str(sock), min_ready=1, inflight_metrics=(BUSY,)
+    )
+    await deployment.make_busy(1, requests=1)
+    assert (await ctl(sock, "restart", "1"))[0] == 0
+    await deployment.wait_for_status(
+        lambda s: s.ranks[1].drain is not None and s.ranks[1].drain.inflight == 1,
+        "rank 1 draining for its restart",
+    )
+    # It comes back by itself: an undrain now would put it in the routers mid-restart.
+    code, _, err = await ctl(sock, "undrain", "1")
+    assert code == 2
+    assert "rank 1 is being drained for a restart: it comes back by itself" in err
+    deployment.signal_supervisor(signal.SIGTERM)
+    status = await deployment.wait_for_status(
+        lambda s: s.state is SupervisorState.DRAINING and s.ranks[0].drain is not None,
+        "the shutdown's drain",
+    )
+    assert status.ranks[1].pid is not None
+    assert alive(status.ranks[1].pid), "its requests in flight are still awaited"
+    await deployment.make_busy(1, requests=0)
+    assert await deployment.wait_exit() == 0
+    final = await deployment.final_status()
+    assert final.ranks[1].restarts == 0, "a shutdown does not restart a rank it drained"

@@ -348,11 +348,15 @@ class _Run:
         # once, each in its own task: out of /ranks and every router, the delay, its
         # in-flight requests to zero (_ranks/drain.py). Ranks an operator drained are out.
         serving = [r for r in self.board.ranks if r.serving]
-        if serving and not self._drain_scope.cancel_called:
+        # A rank already draining (for a restart, or an operator's drain) finishes its drain
+        # too; one drained for a restart is then not restarted (see _ranks/rank.py).
+        draining = [r for r in self.board.ranks if r.drain is not None and r.drain.end is None]
+        waited = serving + draining
+        if waited and not self._drain_scope.cancel_called:
             self.board.begin_stopping(SupervisorState.DRAINING)
             logger.info(
                 "draining ranks %s before stopping them (--drain-delay %gs, --drain-timeout %gs)",
-                ", ".join(str(r.plan.rank) for r in serving),
+                ", ".join(str(r.plan.rank) for r in sorted(waited, key=lambda r: r.plan.rank)),
                 self.config.drain_delay,
                 self.config.drain_timeout,
             )
@@ -360,7 +364,7 @@ class _Run:
                 record.request_drain(DrainReason.SHUTDOWN)
 
             def drained() -> bool:
-                return all(r.state is not RankState.READY or _drain_ended(r) for r in serving)
+                return all(r.state is not RankState.READY or _drain_ended(r) for r in waited)
 
             with self._drain_scope:  # a second signal, or a failure, ends the wait
                 while not drained():

@@ -68,8 +68,10 @@ class Admin:
         self._count = count
         #: The long operation in progress (for "busy" answers and `status`), if any.
         self._operation: str | None = None
-        #: Where the long operation's progress lines go (its client), while it runs.
+        #: Where the long operation's progress lines go (its client), while it runs, and
+        #: when it last said something (see `_say`).
         self._progress: Callable[[str], None] = _nowhere
+        self._last_word = 0.0
 
     async def act(self, request: Request, progress: Callable[[str], None] = _nowhere) -> Reply:
         """The answer to one request; raises AdminError when it is refused. A long action
@@ -79,15 +81,9 @@ class Admin:
         **Cancellation**: a drain, a rolling restart or a waited restart in progress stops
         waiting; what it began goes on in the ranks' own tasks.
         """
-        if request.action is not Action.STATUS:
-            self._progress = progress
-        try:
-            return await self._act(request)
-        finally:
-            if request.action is not Action.STATUS:
-                self._progress = _nowhere
+        return await self._act(request, progress)
 
-    async def _act(self, request: Request) -> Reply:
+    async def _act(self, request: Request, progress: Callable[[str], None]) -> Reply:
         action = request.action
         if action is Action.STATUS:
             status = status_to_json(self._board.snapshot())
@@ -114,7 +110,13 @@ class Admin:
                 f"busy: {self._operation} is in progress; try again when it ends "
                 "(trio-dpsup ctl status shows it)"
             )
-        reply = await handlers[action](request)
+        # Only the request that runs gets the progress lines: one refused as busy must not
+        # take them from the operation it was refused for.
+        self._progress, self._last_word = progress, trio.current_time()
+        try:
+            reply = await handlers[action](request)
+        finally:
+            self._progress = _nowhere
         self._count(action)
         return reply
 
@@ -135,12 +137,12 @@ class Admin:
                 if late is None:
                     # Back for the balancers too: a pull-based one needs --drain-delay to
                     # see it, and the operator's next step may take another rank out.
-                    await trio.sleep(self._config.drain_delay)
+                    await self._back_in(record)
             finally:
                 self._operation = None
             if late is not None:
                 raise AdminError(late.why)
-            self._progress(f"rank {rank} ready again after {trio.current_time() - started:.2f}s")
+            self._say(f"rank {rank} ready again after {trio.current_time() - started:.2f}s")
         return Reply(rank=record.plan.rank)
 
     async def _drain(self, request: Request) -> Reply:
@@ -161,11 +163,18 @@ class Admin:
             self._operation = None
         drain = record.drain
         if drain is not None and drain.end is not None and drain.seconds is not None:
-            self._progress(f"rank {rank} drained in {drain.seconds:.2f}s: {drain.end.value}")
+            self._say(f"rank {rank} drained in {drain.seconds:.2f}s: {drain.end.value}")
         return reply
 
     async def _undrain(self, request: Request) -> Reply:
-        return self._set_drained(self._record(request), False)
+        record = self._record(request)
+        drain = record.drain
+        if drain is not None and drain.reason is not DrainReason.DRAIN:
+            raise AdminError(
+                f"rank {record.plan.rank} is being drained for a {drain.reason.value}: it "
+                "comes back by itself once restarted"
+            )
+        return self._set_drained(record, False)
 
     async def _pause(self, request: Request) -> Reply:
         record = self._record(request)
@@ -194,6 +203,8 @@ class Admin:
         total = len(board.ranks)
         limit = self._max_unavailable(request)
         timeout = self._rank_timeout(request)
+        # A rank is out for its restart, then while routers and balancers take it back.
+        settle = timeout + self._config.router_timeout + self._config.drain_delay
         restarted: list[int] = []
         skipped: list[Skipped] = []
         # Ranks the roll no longer waits for: skipped as crash-looping.
@@ -225,11 +236,14 @@ class Admin:
             if late is None:
                 # A pull-based balancer (HAProxy) needs as long to notice a rank back as
                 # to notice it out: the next rank leaves only then, or it could find none.
-                await trio.sleep(self._config.drain_delay)
+                try:
+                    await self._back_in(record)
+                except AdminError as exc:  # the supervisor began stopping
+                    late = _NotBack(str(exc))
             pending.discard(record.plan.rank)
             board.touch()  # wakes the room wait
             if late is None:
-                self._progress(f"rank {record.plan.rank} ready again")
+                self._say(f"rank {record.plan.rank} ready again")
                 return
             if late.crash_looping:
                 skipped.append(Skipped(record.plan.rank, late.why))
@@ -251,13 +265,15 @@ class Admin:
                         f"a rolling restart (rank {rank} next; {len(restarted)} of {total} done)"
                     )
                     try:
-                        room = await self._until(lambda: out() < limit, timeout)
+                        room = await self._until(lambda: out() < limit, settle)
+                        if not room and pending:
+                            # A rank this roll took out is late: its own wait says so (and
+                            # cancels the roll), or it comes back, and there is room then.
+                            await self._until(lambda: not pending, settle)
+                            room = out() < limit
                     except AdminError as exc:  # the supervisor began stopping
                         problems.append(str(exc))
                         break
-                    if not room and pending:
-                        # A rank this roll took out is late: its own wait says so.
-                        await trio.sleep_forever()
                     if not room:
                         problems.append(
                             f"no room to take rank {rank} out within {timeout:g}s "
@@ -402,6 +418,24 @@ class Admin:
             )
         return None
 
+    async def _back_in(self, record: RankRecord) -> None:
+        """After a restarted rank is ready: wait until every router that answers lists it
+        again (at most --router-timeout), then --drain-delay, for pull-based balancers.
+        Raises AdminError if the supervisor begins stopping."""
+        rank = record.plan.rank
+
+        def listed() -> bool:
+            routers = self._board.routers.values()
+            return all(rank in r.listed for r in routers if r.problem is None)
+
+        await self._until(listed, self._config.router_timeout)
+        await self._until(lambda: False, self._config.drain_delay)
+
+    def _say(self, text: str) -> None:
+        """A progress line of the action in progress."""
+        self._last_word = trio.current_time()
+        self._progress(text)
+
     async def _until(self, condition: Callable[[], bool], timeout: float) -> bool:  # noqa: ASYNC109
         """Whether `condition` came to hold within `timeout` seconds, re-checked at each
         change of the board. Raises AdminError if the supervisor begins stopping."""
@@ -409,10 +443,12 @@ class Admin:
             while not condition():  # each change of the board wakes it
                 if self._board.stopping.is_set():
                     raise AdminError("the supervisor began stopping")
-                with trio.move_on_after(PROGRESS_EVERY) as quiet:
+                # At least every PROGRESS_EVERY seconds a word, however often the board
+                # changes meanwhile (a failing router's retries, a crash-looping rank).
+                with trio.move_on_at(self._last_word + PROGRESS_EVERY):
                     await self._board.changed.wait()
-                if quiet.cancelled_caught and self._operation is not None:
-                    self._progress(f"still going: {self._operation}")
+                if trio.current_time() >= self._last_word + PROGRESS_EVERY:
+                    self._say(f"still going: {self._operation or 'waiting'}")
             return True
         return False
 

@@ -156,7 +156,7 @@ class _Feed:
             version = self._board.version
             try:
                 await self._sync()
-            except (httpx.HTTPError, ValueError, KeyError, TypeError, _Unconfirmed) as exc:
+            except Exception as exc:  # whatever a router does, it never stops the supervisor
                 self._failed(exc)
                 if final:
                     return
@@ -191,7 +191,7 @@ class _Feed:
                 wanted, deadline = now_wanted, trio.current_time() + timeout
                 added &= wanted
                 removed -= wanted
-            with trio.fail_after(timeout):  # one exchange's bound; a slow router is a failure
+            with trio.move_on_after(timeout) as bound:  # a slow router is a failed exchange
                 listed = self._of_ours(await self._workers.listed())
                 for url in sorted(wanted - listed.keys() - added):
                     await self._workers.add(url)
@@ -199,6 +199,8 @@ class _Feed:
                 for url in sorted(listed.keys() - wanted - removed):
                     await self._workers.remove(url, listed[url])
                     removed.add(url)
+            if bound.cancelled_caught:
+                raise _Unconfirmed(f"no answer within --router-timeout {timeout:g}s")
             self._record(listed)
             if listed.keys() == wanted:
                 return

@@ -28,6 +28,7 @@ it is never drained (the feed takes the rank out of the routers at once all the 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import httpx
 import trio
@@ -46,26 +47,33 @@ logger = logging.getLogger("trio_dpsup.drain")
 
 #: Between reads of the in-flight gauges during a drain.
 POLL = 0.1
+#: Failed reads of the gauges in a row that make the count "unknown" (a rank that does not
+#: answer, a 404, a missing gauge): the drain then ends, never waiting out its timeout.
+UNREADABLE = 3
 
 
-async def drain_rank(record: RankRecord, ctx: RankContext, reason: DrainReason) -> DrainEnd:
+async def drain_rank(record: RankRecord, ctx: RankContext, reason: DrainReason) -> DrainEnd | None:
     """Drain `record`'s rank, taken out by `RankRecord.request_drain` (see the module's
-    docstring), and say how it ended. The rank stays out (``record.drain``) until its process
-    stops or an operator undrains it.
+    docstring), and say how it ended; None when it was withdrawn before its end (an
+    operator's undrain, a later request). The rank stays out (``record.drain``) until its
+    process stops or an operator undrains it.
 
     **Cancellation**: prompt; the rank stays out. A second signal ends it as SKIPPED.
     """
     config = ctx.config
     rank = record.plan.rank
+    assert record.drain is not None  # taken out by request_drain
+    began = record.drain.began
     start = trio.current_time()  # (it was taken out when the drain was asked for)
     logger.info("rank %d: draining (%s)", rank, reason.value, extra={"rank": rank})
-    end = DrainEnd.SKIPPED
+    end: DrainEnd | None = DrainEnd.SKIPPED
     with ctx.clock.interruptible():
-        await _until_routers_forget(record, ctx)
-        await trio.sleep(config.drain_delay)
-        end = await _until_idle(record, ctx)
+        end = await _drain(record, ctx, began)
     seconds = trio.current_time() - start
-    record.end_drain(end, seconds)
+    if end is None:
+        logger.info("rank %d: drain withdrawn after %.2fs", rank, seconds, extra={"rank": rank})
+        return None
+    record.end_drain(began, end, seconds)
     how = {
         DrainEnd.EMPTY: "nothing in flight",
         DrainEnd.TIMEOUT: f"{_count(record)} still in flight at --drain-timeout "
@@ -83,7 +91,25 @@ def _count(record: RankRecord) -> str:
     return "requests" if inflight is None else f"{inflight:g} request(s)"
 
 
-async def _until_routers_forget(record: RankRecord, ctx: RankContext) -> None:
+async def _drain(record: RankRecord, ctx: RankContext, began: float) -> DrainEnd | None:
+    """The three waits; None as soon as the drain is withdrawn."""
+    board = ctx.board
+
+    def withdrawn() -> bool:
+        return not record.draining_since(began)
+
+    await _until_routers_forget(record, ctx, withdrawn)
+    with trio.move_on_after(ctx.config.drain_delay):
+        while not withdrawn():  # an undrain wakes it; the delay ends it
+            await board.changed.wait()
+    if withdrawn():
+        return None
+    return await _until_idle(record, ctx, began)
+
+
+async def _until_routers_forget(
+    record: RankRecord, ctx: RankContext, withdrawn: Callable[[], bool]
+) -> None:
     """Wait until no router's listing shows the rank, at most --router-timeout."""
     board, rank = ctx.board, record.plan.rank
 
@@ -91,7 +117,7 @@ async def _until_routers_forget(record: RankRecord, ctx: RankContext) -> None:
         return [r.name for r in board.routers.values() if rank in r.listed]
 
     with trio.move_on_after(ctx.config.router_timeout):
-        while listing():
+        while listing() and not withdrawn():
             await board.changed.wait()
         return
     logger.warning(
@@ -101,32 +127,40 @@ async def _until_routers_forget(record: RankRecord, ctx: RankContext) -> None:
     )  # fmt: skip
 
 
-async def _until_idle(record: RankRecord, ctx: RankContext) -> DrainEnd:
-    """Read the in-flight gauges until they sum to 0 twice in a row, at most --drain-timeout."""
+async def _until_idle(record: RankRecord, ctx: RankContext, began: float) -> DrainEnd | None:
+    """Read the in-flight gauges until they sum to 0 twice in a row, at most --drain-timeout;
+    None once the drain is withdrawn. A read that fails is tried again (a busy engine can be
+    slow to answer its /metrics); `UNREADABLE` failures in a row make the count unknown."""
     config = ctx.config
     names = config.inflight_metrics
     if not names:
         return DrainEnd.UNKNOWN
     rank = record.plan.rank
     url = rank_health_url(config, record.plan.port, config.metrics_path)
-    idle_reads = 0
+    idle_reads = failures = 0
     with trio.move_on_after(config.drain_timeout):
-        while True:
+        while record.draining_since(began):
             try:
                 text = await read_metrics(ctx.client, url, config.probe_timeout)
                 sums = await trio.to_thread.run_sync(metric_sums, text, names)
             except (httpx.HTTPError, ValueError, NoAnswer) as exc:
-                record.note_inflight(None)
+                failures += 1
+                if failures < UNREADABLE:
+                    await trio.sleep(POLL)
+                    continue
+                record.note_inflight(began, None)
                 logger.warning(
                     "rank %d: its requests in flight are unknown (cannot read %s: %s): "
                     "stopping it after --drain-delay alone",
                     rank, config.metrics_path, exc or type(exc).__name__, extra={"rank": rank},
                 )  # fmt: skip
                 return DrainEnd.UNKNOWN
+            failures = 0
             inflight = sum(sums.values())
-            record.note_inflight(inflight)
+            record.note_inflight(began, inflight)
             idle_reads = idle_reads + 1 if inflight <= 0 else 0
             if idle_reads == 2:
                 return DrainEnd.EMPTY
             await trio.sleep(POLL)
+        return None
     return DrainEnd.TIMEOUT

@@ -250,8 +250,14 @@ async def _watch(
     async def planned(cancel: trio.CancelScope) -> None:
         while True:  # ends by cancellation, or once drained for a restart
             reason = await record.next_drain_request()
-            await drain_rank(record, ctx, reason)
-            if reason is DrainReason.RESTART:
+            end = await drain_rank(record, ctx, reason)
+            # Restarted only if the drain was not withdrawn and no shutdown began meanwhile
+            # (the shutdown stops every rank itself: a restart now would start one again).
+            if (
+                reason is DrainReason.RESTART
+                and end is not None
+                and not ctx.board.stopping.is_set()
+            ):
                 cancel.cancel()
                 return
             # An operator's drain: it stays out, running. The shutdown's: the supervisor

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 import time
 from collections.abc import Callable
 
@@ -88,7 +89,12 @@ class RankRecord:
         """Take the rank out now (/ranks, its /ranks/{r}/ready and the routers drop it, and
         it counts as out for the disruption budget from this moment), and ask its own task
         to drain it (and then, for a restart, to stop it)."""
-        self.drain = DrainStatus(reason, time.time())
+        # A later request replaces an earlier one; `began` tells them apart (a strictly
+        # later time, so that two requests in one clock tick do too).
+        began = time.time()
+        if self.drain is not None and began <= self.drain.began:
+            began = math.nextafter(self.drain.began, math.inf)
+        self.drain = DrainStatus(reason, began)
         self._drain_request = reason
         self._drain_wanted.set()
         self._on_change()
@@ -110,12 +116,18 @@ class RankRecord:
         """Ready and not taken out (see RankStatus.serving)."""
         return self.state is RankState.READY and not self.drained and self.drain is None
 
-    def note_inflight(self, inflight: float | None) -> None:
-        if self.drain is not None:
+    def draining_since(self, began: float) -> bool:
+        """Whether the drain that began at `began` is still the rank's: an undrain (or a
+        new process) withdraws it, and a later request replaces it."""
+        return self.drain is not None and self.drain.began == began
+
+    def note_inflight(self, began: float, inflight: float | None) -> None:
+        if self.drain is not None and self.draining_since(began):
             self.drain = dataclasses.replace(self.drain, inflight=inflight)
 
-    def end_drain(self, end: DrainEnd, seconds: float) -> None:
-        if self.drain is not None:
+    def end_drain(self, began: float, end: DrainEnd, seconds: float) -> None:
+        """Say how the drain that began at `began` ended (nothing if it was withdrawn)."""
+        if self.drain is not None and self.draining_since(began):
             self.drain = dataclasses.replace(self.drain, end=end, seconds=seconds)
             self._on_change()
 
