@@ -520,3 +520,24 @@ async def test_sigterm_during_a_restart_drain_stops_the_rank_without_restarting_
     assert await deployment.wait_exit() == 0
     final = await deployment.final_status()
     assert final.ranks[1].restarts == 0, "a shutdown does not restart a rank it drained"
+
+
+async def test_a_second_signal_skips_what_is_left_of_every_drain(dpsup: Harness) -> None:
+    deployment = await dpsup.start(
+        2, form=Form.CLI, inflight_metrics=(BUSY,), drain_timeout=60.0, grace_period=20.0
+    )
+    await deployment.make_busy(0, requests=1)
+    await deployment.make_busy(1, requests=1)
+    deployment.signal_supervisor(signal.SIGTERM)
+    await deployment.wait_for_status(
+        lambda s: all(r.drain is not None and r.drain.inflight == 1 for r in s.ranks),
+        "both ranks draining, a request in flight each",
+    )
+    start = trio.current_time()
+    await deployment.signal_supervisor_again(signal.SIGTERM)
+    with trio.fail_after(15):
+        code = await deployment.wait_exit()
+    assert trio.current_time() - start < 10.0, "not the drain timeout (60 s) nor the grace (20 s)"
+    final = await deployment.final_status()
+    assert [r.drain.end if r.drain else None for r in final.ranks] == [DrainEnd.SKIPPED] * 2
+    assert code == 1  # what a second signal means: kill now, which is no clean stop

@@ -67,8 +67,14 @@ async def drain_rank(record: RankRecord, ctx: RankContext, reason: DrainReason) 
     start = trio.current_time()  # (it was taken out when the drain was asked for)
     logger.info("rank %d: draining (%s)", rank, reason.value, extra={"rank": rank})
     end: DrainEnd | None = DrainEnd.SKIPPED
-    with ctx.clock.interruptible():
-        end = await _drain(record, ctx, began)
+    try:
+        with ctx.clock.interruptible():
+            end = await _drain(record, ctx, began)
+    except trio.Cancelled:
+        # Cut short from outside too (a second signal and the stop of everything in one
+        # tick, a failure): it ended all the same, and /status says so.
+        record.end_drain(began, DrainEnd.SKIPPED, trio.current_time() - start)
+        raise
     seconds = trio.current_time() - start
     if end is None:
         logger.info("rank %d: drain withdrawn after %.2fs", rank, seconds, extra={"rank": rank})

@@ -64,7 +64,7 @@ class DrainEnd(enum.Enum):
     #: No gauge to read (none configured, metrics off, a rank not answering): it ended
     #: after --drain-delay.
     UNKNOWN = "unknown"
-    SKIPPED = "skipped"  # a second signal ended it
+    SKIPPED = "skipped"  # ended early: a second signal, or a failure that stops every rank
 
 
 @dataclass(frozen=True)
