@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from trio_dpsup._output.redact import redact_argv  # the redaction unit itself, on purpose
+from trio_dpsup._output.redact import (  # the redaction unit itself, on purpose
+    redact_argv,
+    redact_text,
+)
 
 SECRET = "hunter2-s3cret"
 TOKEN = "sk-proj-Ab12Cd34Ef56Gh78Ij90"
@@ -83,3 +88,106 @@ def test_secrets_are_hidden(argv: list[str], extra: list[str]) -> None:
 )
 def test_what_is_no_secret_stays_readable(argv: list[str]) -> None:
     assert list(redact_argv(argv)) == argv
+
+
+# -- held as properties: every spelling a program prints, any secret name, any case
+
+#: Names of secrets, as programs spell them.
+SECRET_NAMES = (
+    "api_key", "apikey", "token", "hf_token", "access_token", "secret", "client_secret",
+    "password", "passwd", "passphrase", "auth", "authorization", "credentials", "bearer",
+    "signature", "pwd", "pass", "cookie", "private_key", "openai_api_key",
+)  # fmt: skip
+#: Names of ordinary settings, whose values must stay readable.
+PLAIN_NAMES = (
+    "max_tokens", "temperature", "model", "port", "host", "path", "device", "top_p", "seed",
+    "served_model_name", "max_num_batched_tokens", "tokenizer", "gpu", "revision",
+)  # fmt: skip
+PLAIN_VALUES = (
+    "16", "0.7", "meta-llama/Llama-3.1-8B-Instruct", "/models/llama-7b", "8000",
+    "GPU-2eaac1b0-7bba-de5c-d1a8-50573d40827d", "Qwen/Qwen2.5-72B-Instruct-AWQ", "yarn",
+)  # fmt: skip
+#: `name = value` as programs print it: {k} the name, {v} the value.
+SPELLINGS = (
+    "{k}={v}", "{k} = {v}", "{k}: {v}", "{k}:{v}", '{k}="{v}"', "{k} = '{v}'",
+    '"{k}": "{v}"', "'{k}': '{v}'", '{{"{k}": "{v}"}}', "{{'{k}': '{v}'}}",
+    "{{b'{k}': b'{v}'}}", '{{"{k}": ["{v}"]}}', "{k}=['{v}']", "'{k}': ['{v}']",
+    "Client({k} = '{v}')", "dict({k}={v!r})", "--{k} {v}", "--{k}={v}", "{{{k}: {v}}}",
+    "https://x.example/m?{k}={v}&y=1", "-H '{k}: {v}'",
+)  # fmt: skip
+AROUND = st.tuples(
+    st.sampled_from(["", "INFO ", "[rank 0] ", "config: ", "got "]),
+    st.sampled_from(["", " and more", ",", ")", "\n"]),
+)
+
+
+def _spelled(name: str, case: str, dash: bool, encoded: bool) -> str:
+    name = {"lower": name, "upper": name.upper(), "title": name.title()}[case]
+    if dash:
+        name = name.replace("_", "-")
+    if encoded:
+        name = name.replace("_", "%5F").replace("-", "%2D")
+    return name
+
+
+@settings(max_examples=1000, deadline=None)
+@given(
+    name=st.sampled_from(SECRET_NAMES),
+    case=st.sampled_from(["lower", "upper", "title"]),
+    dash=st.booleans(),
+    encoded=st.booleans(),
+    spelling=st.sampled_from(SPELLINGS),
+    value=st.text(alphabet="abcdefghjkmnpqrstuvwxyz23456789", min_size=6, max_size=14),
+    around=AROUND,
+)
+def test_any_secret_name_in_any_spelling_is_hidden(
+    name: str,
+    case: str,
+    dash: bool,
+    encoded: bool,
+    spelling: str,
+    value: str,
+    around: tuple[str, str],
+) -> None:
+    secret = f"Zq{value}"  # distinctive, 8 characters or more
+    # URL-encoded names are what a query string or a form body carries: `api%5Fkey=X`.
+    form = spelling.startswith("{k}=") or "?" in spelling
+    key = _spelled(name, case, dash, encoded and form)
+    line = around[0] + spelling.format(k=key, v=secret) + around[1]
+    shown = redact_text(line)
+    assert secret not in shown, (line, shown)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    name=st.sampled_from(PLAIN_NAMES),
+    case=st.sampled_from(["lower", "upper"]),
+    spelling=st.sampled_from(SPELLINGS),
+    value=st.sampled_from(PLAIN_VALUES),
+    around=AROUND,
+)
+def test_ordinary_values_stay_readable(
+    name: str, case: str, spelling: str, value: str, around: tuple[str, str]
+) -> None:
+    line = around[0] + spelling.format(k=_spelled(name, case, False, False), v=value) + around[1]
+    assert redact_text(line) == line
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "'api_key': ['hunter2-S3cret']",
+        "api_key=['hunter2-S3cret']",
+        'API_KEY = "hunter2-S3cret"',
+        "OpenAI(api_key = 'hunter2-S3cret')",
+        "api%5Fkey=hunter2-S3cret",
+        "{b'api_key': b'hunter2-S3cret'}",
+        '{"password": ["hunter2-S3cret"]}',
+        "{api_key: hunter2-S3cret}",
+        "curl -u admin:hunter2-S3cret https://x",
+        "mysql -phunter2-S3cret -h db",
+    ],
+)
+def test_the_spellings_an_attack_found(line: str) -> None:
+    # Each passed redaction on f2fe13b (the reliability issue, item 5).
+    assert "hunter2-S3cret" not in redact_text(line)

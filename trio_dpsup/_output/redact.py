@@ -22,14 +22,21 @@ both are applied to every argument, also inside one (``sh -c "... --api-key X"``
   UUID), and 48 and more hexadecimal digits (a 64-digit key; a 40-digit git revision stays
   readable).
 
+And in what programs print: ``name = value`` and ``name: value`` with the name bare,
+quoted, a bytes literal or URL-encoded, and the value quoted, a list or bare
+(``API_KEY = "X"``, ``OpenAI(api_key = 'X')``, ``{b'api_key': b'X'}``, ``{"password":
+["X"]}``, ``api%5Fkey=X``), a client's ``-u user:X``, and MySQL's ``-pX``.
+
 What is redacted becomes ``***``. It errs towards hiding: a long mixed-case identifier that
-is no secret is hidden too.
+is no secret is hidden too. Free prose cannot be promised: "the password is X" names no
+key, and no pattern can tell X from the words around it.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
+from urllib.parse import unquote
 
 __all__ = ["REDACTED", "is_secret_name", "redact_argv", "redact_text"]
 
@@ -44,7 +51,8 @@ _QUANTITY = frozenset({"max", "min", "num", "n", "total", "batched", "prefill", 
                        "limit", "per"})  # fmt: skip
 
 _URL_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][\w+.-]*://[^/\s:@'\"]+:)[^/\s@'\"]+(?=@)")
-_AUTH_SCHEME = re.compile(r"(?i)(?P<head>\b(?:bearer|basic|token|digest)\s+)[^\s'\",;]+")
+# (Not `bearer = X`: that is a name and its value, _PAIR's.)
+_AUTH_SCHEME = re.compile(r"(?i)(?P<head>\b(?:bearer|basic|token|digest)\s+)(?![=:])[^\s'\",;]+")
 _JSON_PAIR = re.compile(r'(?P<head>"(?P<name>[^"\\]{1,100})"\s*:\s*)"(?:[^"\\]|\\.)*"')
 _PY_PAIR = re.compile(r"(?P<head>'(?P<name>[^'\\]{1,100})'\s*:\s*)'(?:[^'\\]|\\.)*'")
 _HEADER = re.compile(r"(?m)^(?P<head>\s*(?P<name>[A-Za-z][\w-]{0,100})\s*:\s*)\S.*$")
@@ -54,6 +62,23 @@ _HEADER_OPTION = re.compile(
     r"\s*:\s*)[^'\"\n]+"
 )
 _QUERY = re.compile(r"(?P<head>[?&](?P<name>[A-Za-z][\w.-]{0,100})=)[^&#\s'\"]+")
+# Any `name = value` or `name: value` a program prints: the name bare, quoted, a bytes
+# literal (b'api_key') or URL-encoded (api%5Fkey); the value quoted (bytes too), a list
+# (['X'], ["X"]) or bare up to a delimiter: `API_KEY = "X"`, `OpenAI(api_key = 'X')`,
+# `{b'api_key': b'X'}`, `{"password": ["X"]}`, `{api_key: X}`, `api_key=['X']`. Not a URL
+# (`https://...`): its password is _URL_PASSWORD's.
+_PAIR = re.compile(
+    r"(?P<head>(?<![\w%.-])(?:b?['\"])?(?P<name>[A-Za-z_][\w.%-]{0,100})['\"]?\s*[=:]\s*)"
+    r"(?!//)(?:b?'(?:[^'\\\n]|\\.)*'|b?\"(?:[^\"\\\n]|\\.)*\"|\[[^\]\n]*\]|[^\s,;&|)}\]'\"]+)"
+)
+# A user and password given to a client: `curl -u admin:X`, `--user=admin:X`.
+_USER_PASSWORD = re.compile(
+    r"(?P<head>(?<![\w-])(?:-u\s*|--user(?:=|\s+))['\"]?[^\s:'\"]+:)[^\s'\"]+"
+)
+# MySQL's password glued to its option: `mysql -pX` (and mysqldump, mysqladmin, mariadb).
+_MYSQL_PASSWORD = re.compile(
+    r"(?P<head>\b(?:mysql|mysqldump|mysqladmin|mariadb)\b[^\n|;&]*?\s-p)[^\s'\"]+"
+)
 # In free text: `--name value` and `--name=value`, and `NAME=value` (a quoted value counts
 # whole). A value never starts with two dashes: that is the next option.
 _VALUE = r"(?P<value>'[^']*'|\"[^\"]*\"|(?!--)[^\s'\";&|)]+)"
@@ -64,10 +89,11 @@ _TOKEN = re.compile(
     r"|AKIA[0-9A-Z]{16}|eyJ[\w-]{8,}\.[\w-]{8,}\.[\w-]{8,})"
 )
 # NVIDIA's device names are no secret, though long and mixed: GPU-<uuid>, MIG-<uuid> (what
-# `nvidia-smi -L` prints and the evidence and GPU failures name).
+# `nvidia-smi -L` prints and the evidence and GPU failures name). `=` only as base64's
+# padding: `served_model_name=meta-llama/Llama-3` is a name and a value, not one token.
 _DEVICE_UUID = r"(?:GPU|MIG)-[0-9a-fA-F]{8}(?:-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}"
 _GENERIC_TOKEN = re.compile(
-    rf"(?<![\w+/=-])(?!{_DEVICE_UUID}(?![\w+/=-]))[A-Za-z0-9_+/=-]{{32,}}(?![\w+/=-])"
+    rf"(?<![\w+/=-])(?!{_DEVICE_UUID}(?![\w+/=-]))[A-Za-z0-9_+/-]{{32,}}={{0,2}}(?![\w+/=-])"
 )
 _HEX_KEY = re.compile(r"(?<![0-9A-Za-z])(?=[0-9a-fA-F]*[a-fA-F])(?=[0-9a-fA-F]*\d)[0-9a-fA-F]{48,}"
                       r"(?![0-9A-Za-z])")  # fmt: skip
@@ -111,7 +137,7 @@ def redact_text(text: str, extra: Iterable[str] = ()) -> str:
     names = frozenset(extra)
 
     def by_name(match: re.Match[str]) -> str:
-        name = match.group("name").lstrip("-")
+        name = unquote(match.group("name")).lstrip("-")
         if not (is_secret_name(name, names) or match.group("name") in names):
             return match.group(0)
         if match.re is _JSON_PAIR:
@@ -121,17 +147,37 @@ def redact_text(text: str, extra: Iterable[str] = ()) -> str:
         return match.group("head") + REDACTED
 
     text = _URL_PASSWORD.sub(lambda m: m.group("head") + REDACTED, text)
+    text = _USER_PASSWORD.sub(lambda m: m.group("head") + REDACTED, text)
+    text = _MYSQL_PASSWORD.sub(lambda m: m.group("head") + REDACTED, text)
     text = _AUTH_SCHEME.sub(lambda m: m.group("head") + REDACTED, text)
     text = _JSON_PAIR.sub(by_name, text)
     text = _PY_PAIR.sub(by_name, text)
     text = _HEADER.sub(by_name, text)
     text = _HEADER_OPTION.sub(by_name, text)
     text = _QUERY.sub(by_name, text)
+    text = _pairs(text, names)
     text = _OPTION.sub(by_name, text)
     text = _ASSIGN.sub(by_name, text)
     text = _TOKEN.sub(REDACTED, text)
     text = _HEX_KEY.sub(REDACTED, text)
     return _GENERIC_TOKEN.sub(_generic, text)
+
+
+def _pairs(text: str, names: frozenset[str]) -> str:
+    """_PAIR's secrets hidden. A pair whose name is no secret gives up only its name, not
+    its value: in `config: api_key = X` the value of `config` is the next pair's name."""
+    out: list[str] = []
+    pos = 0
+    while (match := _PAIR.search(text, pos)) is not None:
+        name = match.group("name")
+        if is_secret_name(unquote(name), names) or name in names:
+            out.append(text[pos : match.start()] + match.group("head") + REDACTED)
+            pos = match.end()
+        else:
+            out.append(text[pos : match.end("name")])
+            pos = match.end("name")
+    out.append(text[pos:])
+    return "".join(out)
 
 
 def _generic(match: re.Match[str]) -> str:
