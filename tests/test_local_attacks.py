@@ -257,6 +257,14 @@ async def test_a_usage_error_never_echoes_a_secret(tmp_path: Path) -> None:
     assert code == 2
     assert "unknown placeholder {nope} in '--api-key=***'" in err
     assert SECRET not in err
+    # A health path can carry a token too (f2fe13b echoed it).
+    code, _, err = await run_cli(
+        ["--ranks", "1", "--gpus-per-rank", "0", "--health-path", f"/h x?token={SECRET}",
+         "--", "serve"]
+    )  # fmt: skip
+    assert code == 2
+    assert "no spaces or control characters" in err
+    assert SECRET not in err
 
 
 # -- the admin socket
@@ -465,6 +473,38 @@ for _ in range(2):
         assert (code, out, err) == (0, "rank 0 undrained\n", "")
         with trio.fail_after(10):
             assert await process.wait() == 0
+
+
+async def test_idle_admin_clients_cannot_hold_every_slot(dpsup: Harness, tmp_path: Path) -> None:
+    # 32 clients that connect and say nothing (the owner's own, or strangers on a socket
+    # widened by mistake): one more is told "busy" at once, and the idle are dropped after
+    # LINE_TIMEOUT, so that ctl gets through (on f2fe13b: "is it running?" for 5 s a round).
+    from trio_dpsup._plane.admin_socket import LINE_TIMEOUT, MAX_CONNECTIONS  # its bounds
+
+    sock = tmp_path / "admin.sock"
+    await dpsup.start(1, admin_socket=str(sock))
+    # Trio's sockets: the supervisor runs in this event loop, which must not block.
+    idle = [await trio.open_unix_socket(str(sock)) for _ in range(MAX_CONNECTIONS)]
+    try:
+        # Until the server has taken them all: then ctl is the one too many.
+        with trio.fail_after(10):
+            while True:
+                code, _, err = await ctl(sock, "status")
+                if code != 0:
+                    break
+                await trio.sleep(0.01)  # pacing: the server accepts them in turn
+        assert code == 2
+        assert f"busy: all {MAX_CONNECTIONS} admin connections are taken" in err
+        # The idle are dropped within LINE_TIMEOUT: each read ends (in EOF, or the answer
+        # that the request did not arrive in time).
+        with trio.fail_after(LINE_TIMEOUT + 5):
+            for client in idle:
+                await client.receive_some(4096)
+        code, out, _ = await ctl(sock, "status")
+        assert code == 0, out
+    finally:
+        for client in idle:
+            await client.aclose()
 
 
 async def test_a_stale_admin_socket_is_replaced(dpsup: Harness, tmp_path: Path) -> None:

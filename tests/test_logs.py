@@ -323,6 +323,11 @@ def test_control_characters_from_ranks_are_escaped_on_a_terminal() -> None:
         b"title\\x1b]0;pwned\\x07 back\\x0dover \\xc2\\x9b2J tab\tok " + "é".encode()
     )
     assert escape_controls(b"plain line") == b"plain line"
+    # A raw 0x9b (CSI to a terminal in 8-bit mode) and U+202E (right-to-left override, which
+    # shows `txt.exe` as `exe.txt`) slipped through on f2fe13b.
+    assert escape_controls(b"raw \x9b[2J, rtl \xe2\x80\xae and \xc3\xa9") == (
+        b"raw \\x9b[2J, rtl \\xe2\\x80\\xae and \xc3\xa9"
+    )
 
 
 def test_a_file_writer_that_falls_behind_drops_for_the_file_alone(tmp_path: Path) -> None:

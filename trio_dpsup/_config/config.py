@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .._errors import ConfigError
+from .._output.redact import redact_text
 from .enums import WILDCARD_HOSTS, LogFormat, RankScheme, RestartPolicy, RestartScope
 from .options import (
     at_least_one,
@@ -418,11 +419,13 @@ class SupervisorConfig:
             )
         interval(_opt("startup_probe_interval"), self.startup_probe_interval)
         path = _opt("health_path")
+        # Shown redacted: a path can carry a token (/health?token=X).
+        shown = redact_text(self.health_path)
         if not self.health_path.startswith("/"):
-            raise ConfigError(f"{path} must start with '/', e.g. /{self.health_path}")
+            raise ConfigError(f"{path} must start with '/', e.g. /{shown}")
         if not re.fullmatch(r"/[\x21-\x7e]{0,1000}", self.health_path):
             raise ConfigError(
-                f"{path} {self.health_path!r} must be a URL path of visible ASCII "
+                f"{path} {shown!r} must be a URL path of visible ASCII "
                 "characters, with no spaces or control characters: e.g. /health"
             )
         if self.devices is not None:

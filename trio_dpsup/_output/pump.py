@@ -327,13 +327,29 @@ def _text_line(prefix: bytes, *, terminal: bool = False) -> Callable[[bytes], by
 
 #: C0 controls but tab, DEL, and C1 controls as UTF-8 encodes them (U+0080-U+009F).
 _CONTROLS = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]|\xc2[\x80-\x9f]")
+#: Characters that reorder what a terminal shows (bidi embeddings, overrides, isolates):
+#: U+202E makes `exe.txt` of `txt.exe`.
+_BIDI = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 
 
 def escape_controls(line: bytes) -> bytes:
-    """`line` with every control character but tab written as ``\\xNN``."""
-    if not _CONTROLS.search(line):
-        return line
-    return _CONTROLS.sub(lambda m: b"".join(b"\\x%02x" % c for c in m[0]), line)
+    """`line` with every control character but tab written as ``\\xNN`` (each byte of
+    one that UTF-8 encodes), and so every byte that is not UTF-8 (a raw 0x9b is CSI to a
+    terminal in 8-bit mode) and every bidi control character."""
+    if line.isascii():
+        if not _CONTROLS.search(line):
+            return line
+        return _CONTROLS.sub(lambda m: b"".join(b"\\x%02x" % c for c in m[0]), line)
+    out: list[str] = []
+    for char in line.decode("utf-8", "surrogateescape"):
+        code = ord(char)
+        if 0xDC80 <= code <= 0xDCFF:  # a byte that is not UTF-8, as surrogateescape keeps it
+            out.append("\\x%02x" % (code - 0xDC00))
+        elif (code < 0x20 and char != "\t") or 0x7F <= code <= 0x9F or char in _BIDI:
+            out.append("".join("\\x%02x" % b for b in char.encode()))
+        else:
+            out.append(char)
+    return "".join(out).encode()
 
 
 def _json_line(rank: int, stream: str) -> Callable[[bytes], bytes]:

@@ -10,7 +10,8 @@ long action.
 The socket cannot stop the supervisor: a request is bounded in size, nesting and time
 before it is parsed, any failure while carrying it out is that request's error reply,
 ``accept()`` errors back off and retry, and at most `MAX_CONNECTIONS` are served at once
-(the excess closed at once).
+(the excess told "busy" and closed at once); a client that has not sent its request line
+within `LINE_TIMEOUT` is dropped, so idle clients cannot hold every slot.
 """
 
 from __future__ import annotations
@@ -41,7 +42,10 @@ logger = logging.getLogger("trio_dpsup.admin")
 MAX_REQUEST = 4096
 #: JSON nesting a request may have: requests are flat objects.
 MAX_DEPTH = 4
-#: How long a request may take to arrive.
+#: How long a request's line may take to arrive: ctl sends it at once; a client that holds
+#: a connection and says nothing is dropped, so that idle clients cannot hold every slot.
+LINE_TIMEOUT = 1.0
+#: How long writing an answer to a client may take (one that never reads is dropped).
 REQUEST_TIMEOUT = 5.0
 #: Connections served at once; more are closed as soon as they are accepted.
 MAX_CONNECTIONS = 32
@@ -190,10 +194,22 @@ async def _serve(
                 continue
             backoff = ACCEPT_BACKOFF[0]
             if serving >= MAX_CONNECTIONS:
-                await trio.aclose_forcefully(stream)
+                nursery.start_soon(_refuse_busy, stream)
                 continue
             serving += 1
             nursery.start_soon(serve_one, stream)
+
+
+async def _refuse_busy(stream: trio.SocketStream) -> None:
+    """Tell a client past MAX_CONNECTIONS why it is refused (briefly), then close."""
+    answer = Reply.refusal(
+        f"busy: all {MAX_CONNECTIONS} admin connections are taken; try again (a client that "
+        f"says nothing is dropped after {LINE_TIMEOUT:g}s)"
+    )
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        with trio.move_on_after(0.1):  # a refusal is not worth waiting on
+            await stream.send_all(json.dumps(answer.to_json()).encode() + b"\n")
+    await trio.aclose_forcefully(stream)
 
 
 async def _serve_one(stream: trio.SocketStream, admin: Admin) -> None:
@@ -265,10 +281,10 @@ def _check_peer(sock: trio.socket.SocketType) -> None:
 
 
 async def _read_line(stream: trio.SocketStream) -> bytes:
-    """The request's line, unparsed: at most `MAX_REQUEST` bytes within `REQUEST_TIMEOUT`,
+    """The request's line, unparsed: at most `MAX_REQUEST` bytes within `LINE_TIMEOUT`,
     whoever sends. Raises AdminError past either bound."""
     data = b""
-    with trio.move_on_after(REQUEST_TIMEOUT) as arrival:
+    with trio.move_on_after(LINE_TIMEOUT) as arrival:
         while b"\n" not in data:
             chunk = await stream.receive_some(MAX_REQUEST + 1)
             if not chunk:

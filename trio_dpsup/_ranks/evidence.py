@@ -118,11 +118,12 @@ async def capture_evidence(
         logger.error("rank %d: cannot write its evidence in %s: %s", rank, folder, exc)
         return None
     try:
-        await trio.to_thread.run_sync(_write, folder_fd, files)
+        secret = config.secret_options
+        await trio.to_thread.run_sync(_write, folder_fd, files, secret)
         stacks, cut = await _stacks(sorted(request.pids), config.evidence_timeout)
         if cut:
             _continue(request.pids)
-        await trio.to_thread.run_sync(_write, folder_fd, {"stacks.txt": stacks})
+        await trio.to_thread.run_sync(_write, folder_fd, {"stacks.txt": stacks}, secret)
     except OSError as exc:
         logger.error("rank %d: cannot write its evidence in %s: %s", rank, folder, exc)
         return None
@@ -149,15 +150,16 @@ def _make_folder(directory: int, run_id: str, name: str) -> int:
         os.close(run_fd)
 
 
-def _write(folder: int, files: dict[str, str]) -> None:
-    """Write `files` in the open `folder`, each 0600 and with secrets redacted: evidence
-    holds what the rank printed and the command lines py-spy shows. A file or link already
+def _write(folder: int, files: dict[str, str], secret_options: tuple[str, ...]) -> None:
+    """Write `files` in the open `folder`, each 0600 and with secrets redacted (the
+    --secret-option names too): evidence holds what the rank printed and the command lines
+    py-spy shows. A file or link already
     at a name is refused (O_EXCL, O_NOFOLLOW), never written through."""
     for name, text in files.items():
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         fd = os.open(name, flags, 0o600, dir_fd=folder)
         with open(fd, "w", encoding="utf-8", errors="replace") as f:
-            f.write(redact_text(text))
+            f.write(redact_text(text, secret_options))
 
 
 async def _kill(process: trio.Process) -> None:
