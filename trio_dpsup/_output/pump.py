@@ -344,9 +344,9 @@ def escape_controls(line: bytes) -> bytes:
     for char in line.decode("utf-8", "surrogateescape"):
         code = ord(char)
         if 0xDC80 <= code <= 0xDCFF:  # a byte that is not UTF-8, as surrogateescape keeps it
-            out.append("\\x%02x" % (code - 0xDC00))
+            out.append(f"\\x{code - 0xDC00:02x}")
         elif (code < 0x20 and char != "\t") or 0x7F <= code <= 0x9F or char in _BIDI:
-            out.append("".join("\\x%02x" % b for b in char.encode()))
+            out.append("".join(f"\\x{b:02x}" for b in char.encode()))
         else:
             out.append(char)
     return "".join(out).encode()
