@@ -114,3 +114,25 @@ async def test_a_gpu_fault_leaves_the_xid_in_the_evidence(dpsup: Harness, tmp_pa
     assert [(e["gpu"], e["xid"]) for e in events] == [(fake.gpus[1].uuid, 79)]
     entry = json.loads((folder / "status.json").read_text())
     assert [g["uuid"] for g in entry["gpus"]] == [fake.gpus[1].uuid]
+
+
+async def test_only_the_newest_evidence_is_kept(dpsup: Harness, tmp_path: Path) -> None:
+    # Three folders of an earlier run, and what else a directory may hold: with
+    # --evidence-keep 2, the new failure's folder and the newest old one are left, oldest
+    # removed first whatever the run; a name not of our shape is never touched.
+    evidence = tmp_path / "evidence"
+    old = evidence / "0123456789abcdef"
+    old.mkdir(parents=True, mode=0o700)
+    for stamp in ("20260101T000000.000Z", "20260102T000000.000Z", "20260103T000000.000Z"):
+        (old / f"{stamp}-rank0").mkdir(mode=0o700)
+        (old / f"{stamp}-rank0" / "cause.txt").write_text("old\n")
+    (evidence / "notes").mkdir()
+    deployment = await dpsup.start(1, **stall_settings(evidence, evidence_keep=2))
+    await deployment.stall(0)
+    with trio.fail_after(20):
+        assert await deployment.wait_exit() == 1
+    left = sorted(p.relative_to(evidence).as_posix() for p in evidence.glob("*/*-rank*"))
+    assert len(left) == 2, left
+    assert left[0] == "0123456789abcdef/20260103T000000.000Z-rank0"
+    assert left[1].startswith(f"{deployment.run_id}/")
+    assert (evidence / "notes").is_dir()

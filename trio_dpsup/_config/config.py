@@ -344,6 +344,12 @@ class SupervisorConfig:
         "(py-spy), last log lines and status under this directory, one folder per failure",
         "shutdown", "DIR", check=creatable_directory,
     )  # fmt: skip
+    evidence_keep: int = setting(
+        100,
+        "keep at most this many evidence folders in --evidence-dir (of every run), the "
+        "oldest removed first (about 0.4 MB each); 0: keep them all",
+        "shutdown", "N", check=zero_or_more,
+    )  # fmt: skip
     evidence_timeout: float = setting(
         5.0,
         "the longest the failed rank's own stop waits for its evidence (other ranks never "

@@ -14,7 +14,8 @@ stopped. One folder per failure, ``<evidence_dir>/<run id>/<UTC time>-rank<r>/``
 * ``status.json``: the rank's /status entry, with its GPUs' last readings;
 * ``xid.json``, with NVML: the Xid events reported on its GPUs during the run.
 
-The folder's path goes into the rank's /status entry and the root-cause record.
+The folder's path goes into the rank's /status entry and the root-cause record. At most
+``evidence_keep`` folders are kept, of every run in the directory: the oldest go first.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -129,6 +131,8 @@ async def capture_evidence(
         return None
     finally:
         os.close(folder_fd)
+    if config.evidence_keep:
+        await trio.to_thread.run_sync(_prune, directory, config.evidence_keep)
     logger.warning(
         "rank %d: evidence of the failure in %s (%.2fs)",
         rank,
@@ -148,6 +152,51 @@ def _make_folder(directory: int, run_id: str, name: str) -> int:
         return open_subdir(run_fd, name, EVIDENCE_DIR_MODE, exist_ok=False)
     finally:
         os.close(run_fd)
+
+
+#: A failure's folder: its UTC time, then its rank (see `capture_evidence`).
+_FOLDER = re.compile(r"\d{8}T\d{6}\.\d{3}Z-rank\d+")
+
+
+def _prune(directory: int, keep: int) -> None:
+    """Remove the oldest failure folders of every run in the evidence directory (its
+    descriptor) until `keep` are left, and the run folders they leave empty. Only names of
+    our own shape are touched, each through its parent's descriptor and never through a
+    link (shutil.rmtree with dir_fd). Errors are logged, never raised: a full or odd
+    directory must not stop a rank's stop."""
+    try:
+        folders: list[tuple[str, str]] = []  # (folder, run)
+        with os.scandir(directory) as runs:
+            for run in runs:
+                if not run.is_dir(follow_symlinks=False):
+                    continue
+                run_fd = os.open(
+                    run.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=directory
+                )
+                try:
+                    with os.scandir(run_fd) as entries:
+                        folders += [
+                            (entry.name, run.name)
+                            for entry in entries
+                            if _FOLDER.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False)
+                        ]
+                finally:
+                    os.close(run_fd)
+        folders.sort()  # the UTC time first: oldest first, whatever the run
+        emptied: set[str] = set()
+        for name, run_name in folders[: max(0, len(folders) - keep)]:
+            flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+            run_fd = os.open(run_name, flags, dir_fd=directory)
+            try:
+                shutil.rmtree(name, dir_fd=run_fd)
+                emptied.add(run_name)
+            finally:
+                os.close(run_fd)
+        for run_name in emptied:
+            with contextlib.suppress(OSError):  # not empty: it still holds newer ones
+                os.rmdir(run_name, dir_fd=directory)
+    except OSError as exc:
+        logger.warning("cannot remove old evidence (--evidence-keep): %s", exc)
 
 
 def _write(folder: int, files: dict[str, str], secret_options: tuple[str, ...]) -> None:

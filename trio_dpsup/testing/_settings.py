@@ -70,6 +70,7 @@ class SupervisorSettings(TypedDict, total=False):
     tree_watch_interval: float
     fail_on_leftovers: bool
     evidence_dir: str | None
+    evidence_keep: int
     evidence_timeout: float
     status_file: str | None
     log_prefix: bool
