@@ -4,6 +4,9 @@ still runs, written before its SIGTERM; none for a rank that already exited."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import sys
 from pathlib import Path
 from typing import Unpack
 
@@ -11,7 +14,16 @@ import pytest
 import trio
 
 from trio_dpsup import GpuFailed, RankStalled, SupervisorState
-from trio_dpsup.testing import FakeNvml, Form, Harness, SupervisorSettings
+from trio_dpsup.testing import (
+    FakeNvml,
+    Fault,
+    Form,
+    Harness,
+    SupervisorSettings,
+    alive,
+    inject_fault,
+    wait_pids_gone,
+)
 from trio_dpsup.testing.fake_rank import METRIC_NAMES
 
 from .conftest import FORMS
@@ -136,3 +148,34 @@ async def test_only_the_newest_evidence_is_kept(dpsup: Harness, tmp_path: Path) 
     assert left[0] == "0123456789abcdef/20260103T000000.000Z-rank0"
     assert left[1].startswith(f"{deployment.run_id}/")
     assert (evidence / "notes").is_dir()
+
+
+async def test_a_hung_debugger_dies_with_a_killed_supervisor(
+    dpsup: Harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A native-stack tool that hangs and ignores SIGTERM, as a debugger stuck on a process
+    # in D state does; the supervisor is SIGKILLed while it waits for it. The debugger is a
+    # member of the rank's tree (its cookie), so the guardian kills it with the rest.
+    tools, pid_file = tmp_path / "bin", tmp_path / "debugger.pid"
+    tools.mkdir()
+    stuck = tools / "eu-stack"
+    stuck.write_text(f"#!/bin/sh\ntrap '' TERM\necho $$ > {pid_file}\nexec sleep 600\n")
+    stuck.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tools}:{os.environ['PATH']}")
+    # A shell stays in the rank's tree as a process that is not Python: its stacks are
+    # eu-stack's to take.
+    rank = f"{sys.executable} -m trio_dpsup.testing.fake_rank --port {{port}} & wait"
+    deployment = await dpsup.start(
+        1, form=Form.CLI, command=["sh", "-c", rank], evidence_dir=str(tmp_path / "evidence"),
+        evidence_timeout=120.0,
+    )  # fmt: skip
+    port = (await deployment.status()).ranks[0].port
+    await inject_fault(port, Fault.hang())
+    with trio.fail_after(30):
+        while not pid_file.exists() or not pid_file.read_text().strip():  # noqa: ASYNC110
+            await trio.sleep(0.05)  # the stuck debugger writes it once it runs
+    debugger = int(pid_file.read_text())
+    assert alive(debugger)
+    deployment.signal_supervisor(signal.SIGKILL)
+    await deployment.wait_exit()
+    assert await wait_pids_gone([debugger], 10.0) == [], "the hung debugger outlived it"

@@ -47,6 +47,7 @@ from .._errors import (
 from .._gpu.nvml import XidSeen
 from .._output.private_dir import open_subdir
 from .._output.redact import redact_text
+from .._proc.cookie import TREE_ENV, rank_cookie
 from .._state.board import RankRecord
 from .._state.document import rank_to_json
 
@@ -122,7 +123,10 @@ async def capture_evidence(
     try:
         secret = config.secret_options
         await trio.to_thread.run_sync(_write, folder_fd, files, secret)
-        stacks, cut = await _stacks(sorted(request.pids), config.evidence_timeout)
+        # The debuggers carry the rank's cookie: members of its tree, so that the guardian
+        # kills one that hangs if the supervisor itself is killed meanwhile.
+        env = {**os.environ, TREE_ENV: rank_cookie(request.run_id, rank)}
+        stacks, cut = await _stacks(sorted(request.pids), config.evidence_timeout, env)
         if cut:
             _continue(request.pids)
         await trio.to_thread.run_sync(_write, folder_fd, {"stacks.txt": stacks}, secret)
@@ -261,7 +265,11 @@ _NO_NATIVE = (
 )
 
 
-async def _stacks(pids: list[int], timeout: float) -> tuple[str, bool]:  # noqa: ASYNC109
+async def _stacks(
+    pids: list[int],
+    timeout: float,  # noqa: ASYNC109
+    env: dict[str, str],
+) -> tuple[str, bool]:
     """The stacks of each pid (py-spy for Python, eu-stack or gdb for the others), all at
     once, within `timeout` seconds in all; and whether a dump was cut off."""
     program = _py_spy()
@@ -286,6 +294,7 @@ async def _stacks(pids: list[int], timeout: float) -> tuple[str, bool]:  # noqa:
                 capture_stderr=True,
                 check=False,
                 stdin=subprocess.DEVNULL,
+                env=env,
                 deliver_cancel=_kill,
             )
         except OSError as exc:
