@@ -179,3 +179,32 @@ async def test_a_hung_debugger_dies_with_a_killed_supervisor(
     deployment.signal_supervisor(signal.SIGKILL)
     await deployment.wait_exit()
     assert await wait_pids_gone([debugger], 10.0) == [], "the hung debugger outlived it"
+
+
+async def test_a_second_signal_cuts_a_hung_capture_short(
+    dpsup: Harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The same stuck debugger, and a second SIGTERM while the capture waits for it: the
+    # supervisor exits at once (f2fe13b waited out the evidence timeout, 29.6 s measured).
+    tools, pid_file = tmp_path / "bin", tmp_path / "debugger.pid"
+    tools.mkdir()
+    stuck = tools / "eu-stack"
+    stuck.write_text(f"#!/bin/sh\ntrap '' TERM\necho $$ > {pid_file}\nexec sleep 600\n")
+    stuck.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tools}:{os.environ['PATH']}")
+    rank = f"{sys.executable} -m trio_dpsup.testing.fake_rank --port {{port}} & wait"
+    deployment = await dpsup.start(
+        1, form=Form.CLI, command=["sh", "-c", rank], evidence_dir=str(tmp_path / "evidence"),
+        evidence_timeout=120.0,
+    )  # fmt: skip
+    port = (await deployment.status()).ranks[0].port
+    await inject_fault(port, Fault.hang())
+    with trio.fail_after(30):
+        while not pid_file.exists() or not pid_file.read_text().strip():  # noqa: ASYNC110
+            await trio.sleep(0.05)  # the stuck debugger writes it once it runs
+    debugger = int(pid_file.read_text())
+    deployment.signal_supervisor(signal.SIGTERM)
+    await deployment.signal_supervisor_again(signal.SIGTERM)
+    with trio.fail_after(15):  # not the 120 s of --evidence-timeout
+        assert await deployment.wait_exit() == 1  # the rank's failure
+    assert await wait_pids_gone([debugger], 10.0) == []

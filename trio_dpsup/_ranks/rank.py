@@ -155,8 +155,11 @@ async def _run_process(
             stopping = ctx.board.stopping.is_set()
             if record.state not in (RankState.FAILED, RankState.RESTARTING):
                 record.state = RankState.STOPPING if stopping else RankState.RESTARTING
-            # Evidence first, while the failed process still runs; only this rank waits.
-            captured = await _evidence(record, process, failure, ctx)
+            # Evidence first, while the failed process still runs; only this rank waits,
+            # and a second signal (kill now) cuts it short: its debuggers are killed.
+            captured = False
+            with ctx.clock.interruptible():
+                captured = await _evidence(record, process, failure, ctx)
             # A restart's stop has a grace period of its own, which a kill ends too; so
             # has a stop that waited for evidence. A shutdown's is shared.
             clock = ctx.clock if stopping and not captured else ctx.clock.for_restart()
