@@ -15,6 +15,7 @@ import trio
 
 from trio_dpsup import GpuFailed, RankStalled, SupervisorState
 from trio_dpsup.testing import (
+    Deployment,
     FakeNvml,
     Fault,
     Form,
@@ -150,12 +151,12 @@ async def test_only_the_newest_evidence_is_kept(dpsup: Harness, tmp_path: Path) 
     assert (evidence / "notes").is_dir()
 
 
-async def test_a_hung_debugger_dies_with_a_killed_supervisor(
+async def stuck_capture(
     dpsup: Harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # A native-stack tool that hangs and ignores SIGTERM, as a debugger stuck on a process
-    # in D state does; the supervisor is SIGKILLed while it waits for it. The debugger is a
-    # member of the rank's tree (its cookie), so the guardian kills it with the rest.
+) -> tuple[Deployment, int]:
+    """A rank failed while its evidence is being taken by a native-stack tool that hangs and
+    ignores SIGTERM, as a debugger stuck on a process in D state does; the deployment, and
+    that tool's pid once it runs."""
     tools, pid_file = tmp_path / "bin", tmp_path / "debugger.pid"
     tools.mkdir()
     stuck = tools / "eu-stack"
@@ -174,7 +175,15 @@ async def test_a_hung_debugger_dies_with_a_killed_supervisor(
     with trio.fail_after(30):
         while not pid_file.exists() or not pid_file.read_text().strip():  # noqa: ASYNC110
             await trio.sleep(0.05)  # the stuck debugger writes it once it runs
-    debugger = int(pid_file.read_text())
+    return deployment, int(pid_file.read_text())
+
+
+async def test_a_hung_debugger_dies_with_a_killed_supervisor(
+    dpsup: Harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The supervisor is SIGKILLed while it waits for the stuck debugger: the debugger is a
+    # member of the rank's tree (its cookie), so the guardian kills it with the rest.
+    deployment, debugger = await stuck_capture(dpsup, tmp_path, monkeypatch)
     assert alive(debugger)
     deployment.signal_supervisor(signal.SIGKILL)
     await deployment.wait_exit()
@@ -184,25 +193,9 @@ async def test_a_hung_debugger_dies_with_a_killed_supervisor(
 async def test_a_second_signal_cuts_a_hung_capture_short(
     dpsup: Harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The same stuck debugger, and a second SIGTERM while the capture waits for it: the
-    # supervisor exits at once (f2fe13b waited out the evidence timeout, 29.6 s measured).
-    tools, pid_file = tmp_path / "bin", tmp_path / "debugger.pid"
-    tools.mkdir()
-    stuck = tools / "eu-stack"
-    stuck.write_text(f"#!/bin/sh\ntrap '' TERM\necho $$ > {pid_file}\nexec sleep 600\n")
-    stuck.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{tools}:{os.environ['PATH']}")
-    rank = f"{sys.executable} -m trio_dpsup.testing.fake_rank --port {{port}} & wait"
-    deployment = await dpsup.start(
-        1, form=Form.CLI, command=["sh", "-c", rank], evidence_dir=str(tmp_path / "evidence"),
-        evidence_timeout=120.0,
-    )  # fmt: skip
-    port = (await deployment.status()).ranks[0].port
-    await inject_fault(port, Fault.hang())
-    with trio.fail_after(30):
-        while not pid_file.exists() or not pid_file.read_text().strip():  # noqa: ASYNC110
-            await trio.sleep(0.05)  # the stuck debugger writes it once it runs
-    debugger = int(pid_file.read_text())
+    # A second SIGTERM while the capture waits for the stuck debugger: the supervisor exits
+    # at once (f2fe13b waited out the evidence timeout, 29.6 s measured).
+    deployment, debugger = await stuck_capture(dpsup, tmp_path, monkeypatch)
     deployment.signal_supervisor(signal.SIGTERM)
     await deployment.signal_supervisor_again(signal.SIGTERM)
     with trio.fail_after(15):  # not the 120 s of --evidence-timeout
