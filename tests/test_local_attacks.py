@@ -203,7 +203,9 @@ async def test_evidence_is_redacted_and_private(dpsup: Harness, tmp_path: Path) 
         assert SECRET not in file.read_text(), file
 
 
-@pytest.mark.parametrize(
+#: Directories another user could plant in or swap: (owner, mode, what the refusal says).
+#: Sticky (1777) protects what is ours from being renamed, not our name from being taken.
+UNSAFE_DIRS = pytest.mark.parametrize(
     ("owner", "mode", "message"),
     [
         pytest.param(65534, 0o755, "is owned by uid 65534, not by this user", marks=ROOT_ONLY),
@@ -211,6 +213,9 @@ async def test_evidence_is_redacted_and_private(dpsup: Harness, tmp_path: Path) 
         (None, 0o1777, "is writable by others (mode 1777)"),
     ],
 )
+
+
+@UNSAFE_DIRS
 async def test_an_evidence_dir_others_could_plant_in_is_refused(
     tmp_path: Path, owner: int | None, mode: int, message: str
 ) -> None:
@@ -392,15 +397,7 @@ async def test_an_admin_socket_path_that_is_taken_is_refused(tmp_path: Path, kin
         assert "another process listens there" in err
 
 
-@pytest.mark.parametrize(
-    ("owner", "mode", "message"),
-    [
-        pytest.param(65534, 0o755, "is owned by uid 65534, not by this user", marks=ROOT_ONLY),
-        (None, 0o777, "is writable by others (mode 0777)"),
-        # Sticky protects what is ours from being renamed, not our name from being taken.
-        (None, 0o1777, "is writable by others (mode 1777)"),
-    ],
-)
+@UNSAFE_DIRS
 async def test_an_admin_socket_dir_another_user_could_change_is_refused(
     tmp_path: Path, owner: int | None, mode: int, message: str
 ) -> None:
