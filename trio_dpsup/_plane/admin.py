@@ -16,7 +16,9 @@ gets a clear "busy" answer.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -46,12 +48,43 @@ class AdminError(Exception):
 
 
 @dataclass(frozen=True)
-class _NotBack:
-    """Why a restarted rank is not ready again: late, or failing again (crash-looping, which
-    a rolling restart skips rather than stops at)."""
+class _Taken:
+    """A rank an operation took out for a restart, and the moments it has reached since
+    (trio.current_time()): ready again, then listed by every router."""
 
+    record: RankRecord
+    before: int  # its restarts before
+    began: float
+    deadline: float  # --rank-timeout: not ready again by then, it is late
+    ready_at: float | None = None
+    listed_at: float | None = None
+
+
+@dataclass(frozen=True)
+class _Back:
+    """Ready again, and back in every balancer."""
+
+    rank: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class _CrashLooping:
+    """Failed again after its restart: a rolling restart skips it rather than stops."""
+
+    rank: int
     why: str
-    crash_looping: bool = False
+
+
+@dataclass(frozen=True)
+class _Late:
+    """Not ready again within --rank-timeout: the operation stops."""
+
+    rank: int
+    why: str
+
+
+_Outcome = _Back | _CrashLooping | _Late
 
 
 class Admin:
@@ -126,23 +159,19 @@ class Admin:
         record = self._record(request)
         timeout = self._rank_timeout(request)
         self._within_budget(record, "restarting", request.force)
-        before = record.restarts
-        self._restart_one(record)
+        taken = self._take_out(record, timeout)
         if request.wait:
             rank = record.plan.rank
             self._operation = f"a restart of rank {rank}"
-            started = trio.current_time()
             try:
-                late = await self._until_back(record, before, timeout)
-                if late is None:
-                    # Back for the balancers too: a pull-based one needs --drain-delay to
-                    # see it, and the operator's next step may take another rank out.
-                    await self._back_in(record)
+                # Back for the balancers too: a pull-based one needs --drain-delay to see
+                # it, and the operator's next step may take another rank out.
+                outcome = await self._next_outcome({rank: taken})
             finally:
                 self._operation = None
-            if late is not None:
-                raise AdminError(late.why)
-            self._say(f"rank {rank} ready again after {trio.current_time() - started:.2f}s")
+            if not isinstance(outcome, _Back):
+                raise AdminError(outcome.why)
+            self._say(f"rank {rank} ready again after {outcome.seconds:.2f}s")
         return Reply(rank=record.plan.rank)
 
     async def _drain(self, request: Request) -> Reply:
@@ -180,45 +209,31 @@ class Admin:
         record = self._record(request)
         seconds = request.seconds
         assert seconds is not None  # Request.from_json checked it
-        record.probes_paused_until = trio.current_time() + seconds
-        self._board.touch()
+        record.pause_probes(seconds)
         rank = record.plan.rank
         logger.info("rank %d: probes paused for %gs", rank, seconds, extra={"rank": rank})
         return Reply(rank=rank, seconds=seconds)
 
     async def _resume(self, request: Request) -> Reply:
         record = self._record(request)
-        record.probes_paused_until = 0.0
-        self._board.touch()
+        record.resume_probes()
         rank = record.plan.rank
         logger.info("rank %d: probes resumed", rank, extra={"rank": rank})
         return Reply(rank=rank)
 
     async def _rolling_restart(self, request: Request) -> Reply:
         """Restart every rank, at most `max_unavailable` out at a time (ranks already out
-        count), each restarted one awaited until it is ready again. A rank that is not ready
-        when its turn comes, or fails again after its restart (crash-looping), is skipped
-        and reported; one that does not return within the rank timeout ends the roll."""
+        count), each restarted one awaited until it is ready again and back in every
+        balancer. A rank that is not ready when its turn comes, or fails again after its
+        restart (crash-looping), is skipped and reported; one that does not return within
+        the rank timeout ends the roll.
+
+        A plain loop: each turn waits for room, settling the outcomes of the ranks it has
+        out (`_next_outcome`) as they come."""
         board = self._board
         total = len(board.ranks)
         limit = self._max_unavailable(request)
         timeout = self._rank_timeout(request)
-        # A rank is out for its restart, then while routers and balancers take it back.
-        settle = timeout + self._config.router_timeout + self._config.drain_delay
-        restarted: list[int] = []
-        skipped: list[Skipped] = []
-        # Ranks the roll no longer waits for: skipped as crash-looping.
-        excluded: set[int] = set()
-        problems: list[str] = []
-        #: Ranks this roll restarted that are not back yet (or back less than --drain-delay).
-        pending: set[int] = set()
-
-        def out() -> int:
-            # A drained rank serves nothing: it counts, and stays drained. So does a rank
-            # this roll restarted until --drain-delay after it is back (`pending`).
-            serving = {r.plan.rank for r in board.ranks if r.serving}
-            return len({r.plan.rank for r in board.ranks} - serving - excluded | pending)
-
         drained = [r.plan.rank for r in board.ranks if r.drained]
         if len(drained) >= limit:
             raise AdminError(
@@ -227,80 +242,74 @@ class Admin:
                 f"them, or pass --max-unavailable {len(drained) + 1} (/ready answers 503 "
                 "below --min-ready)"
             )
+        restarted: list[int] = []
+        skipped: list[Skipped] = []
+        excluded: set[int] = set()  # skipped as unstable: no longer counted as out
+        taken: dict[int, _Taken] = {}  # out for this roll, until back in every balancer
 
-        async def until_back(record: RankRecord, before: int) -> None:
-            try:
-                late = await self._until_back(record, before, timeout)
-            except AdminError as exc:  # the supervisor began stopping
-                late = _NotBack(str(exc))
-            if late is None:
-                # A pull-based balancer (HAProxy) needs as long to notice a rank back as
-                # to notice it out: the next rank leaves only then, or it could find none.
-                try:
-                    await self._back_in(record)
-                except AdminError as exc:  # the supervisor began stopping
-                    late = _NotBack(str(exc))
-            pending.discard(record.plan.rank)
-            board.touch()  # wakes the room wait
-            if late is None:
-                self._say(f"rank {record.plan.rank} ready again")
-                return
-            if late.crash_looping:
-                skipped.append(Skipped(record.plan.rank, late.why))
-                excluded.add(record.plan.rank)
-                board.touch()  # wakes the room wait: it no longer counts
-                return
-            problems.append(late.why)
-            nursery.cancel_scope.cancel()
+        def out() -> int:
+            return self._out(taken, excluded)
 
-        self._operation = "a rolling restart"
         try:
-            async with trio.open_nursery() as nursery:
-                for record in board.ranks:
-                    rank = record.plan.rank
-                    if record.drained:
-                        skipped.append(Skipped(rank, "it is drained: left drained"))
-                        continue
-                    self._operation = (
-                        f"a rolling restart (rank {rank} next; {len(restarted)} of {total} done)"
+            for record in board.ranks:
+                rank = record.plan.rank
+                if record.drained:
+                    skipped.append(Skipped(rank, "it is drained: left drained"))
+                    continue
+                self._operation = (
+                    f"a rolling restart (rank {rank} next; {len(restarted)} of {total} done)"
+                )
+                while taken and out() >= limit:  # room comes as the roll's ranks settle
+                    self._settle(await self._next_outcome(taken), taken, skipped, excluded)
+                if out() >= limit and not await self._until(lambda: out() < limit, timeout):
+                    raise AdminError(
+                        f"no room to take rank {rank} out within {timeout:g}s "
+                        f"(--rank-timeout): {out()} rank(s) out, at most {limit}"
                     )
-                    try:
-                        room = await self._until(lambda: out() < limit, settle)
-                        if not room and pending:
-                            # A rank this roll took out is late: its own wait says so (and
-                            # cancels the roll), or it comes back, and there is room then.
-                            await self._until(lambda: not pending, settle)
-                            room = out() < limit
-                    except AdminError as exc:  # the supervisor began stopping
-                        problems.append(str(exc))
-                        break
-                    if not room:
-                        problems.append(
-                            f"no room to take rank {rank} out within {timeout:g}s "
-                            f"(--rank-timeout): {out()} rank(s) out, at most {limit}"
-                        )
-                        break
-                    unstable = self._unstable(record)
-                    if unstable is not None:
-                        skipped.append(Skipped(rank, unstable))
-                        excluded.add(rank)
-                        continue
-                    before = record.restarts
-                    self._restart_one(record)
-                    self._progress(
-                        f"rank {rank}: draining and restarting ({len(restarted) + 1} of {total})"
-                    )
-                    restarted.append(rank)
-                    pending.add(rank)
-                    nursery.start_soon(until_back, record, before)
+                unstable = self._unstable(record)
+                if unstable is not None:
+                    skipped.append(Skipped(rank, unstable))
+                    excluded.add(rank)
+                    continue
+                taken[rank] = self._take_out(record, timeout)
+                restarted.append(rank)
+                self._progress(
+                    f"rank {rank}: draining and restarting ({len(restarted)} of {total})"
+                )
+            while taken:
+                self._settle(await self._next_outcome(taken), taken, skipped, excluded)
+        except AdminError as exc:  # one late, or the supervisor began stopping
+            raise AdminError(
+                f"{exc}: the rolling restart stopped; restarted: {_ranks(restarted)}; "
+                f"skipped: {_ranks([s.rank for s in skipped])}"
+            ) from None
         finally:
             self._operation = None
-        if problems:
-            raise AdminError(
-                f"{problems[0]}: the rolling restart stopped; restarted: "
-                f"{_ranks(restarted)}; skipped: {_ranks([s.rank for s in skipped])}"
-            )
         return Reply(ranks=tuple(restarted), skipped=tuple(skipped), max_unavailable=limit)
+
+    def _settle(
+        self,
+        outcome: _Outcome,
+        taken: dict[int, _Taken],
+        skipped: list[Skipped],
+        excluded: set[int],
+    ) -> None:
+        """A rolling restart's rank settled: back (said), crash-looping (skipped, and no
+        longer counted as out) or late (AdminError: the roll stops)."""
+        del taken[outcome.rank]
+        if isinstance(outcome, _Late):
+            raise AdminError(outcome.why)
+        if isinstance(outcome, _CrashLooping):
+            skipped.append(Skipped(outcome.rank, outcome.why))
+            excluded.add(outcome.rank)
+            return
+        self._say(f"rank {outcome.rank} ready again")
+
+    def _out(self, taken: dict[int, _Taken], excluded: set[int]) -> int:
+        """Ranks out now: not serving (a drained one serves nothing: it counts), or taken
+        out by the roll and not back in yet; not those it skipped as unstable."""
+        out = {r.plan.rank for r in self._board.ranks if not r.serving} - excluded
+        return len(out | taken.keys())
 
     # -- the pieces
 
@@ -368,68 +377,92 @@ class Admin:
     def _restart_one(self, record: RankRecord) -> None:
         """Ask the rank's task to drain it, stop it and start it again (no backoff)."""
         rank = record.plan.rank
-        if record.state is not RankState.READY or record.incarnation is None:
+        if record.state is not RankState.READY:
             raise AdminError(f"rank {rank} is {record.state.value}: restart a ready rank")
         if record.drain is not None and record.drain.reason is not DrainReason.DRAIN:
             raise AdminError(
                 f"rank {rank} is already being drained for a {record.drain.reason.value}"
             )
         logger.info("rank %d: restart requested", rank, extra={"rank": rank})
-        record.last_causes.append(RestartRequested(rank))
-        record.restart_now = True
-        record.request_drain(DrainReason.RESTART)
+        record.request_restart(RestartRequested(rank), drain=True)
 
     def _set_drained(self, record: RankRecord, drained: bool) -> Reply:
-        record.drained = drained
-        if drained and record.state is RankState.READY:
-            record.request_drain(DrainReason.DRAIN)  # its task waits for what is in flight
-        elif not drained:
-            record.clear_drain()
-        self._board.touch()  # /ranks long polls hear of it
+        record.set_drained(drained)  # a ready rank's task waits for what is in flight
         rank = record.plan.rank
         logger.info("rank %d %s", rank, "drained" if drained else "undrained", extra={"rank": rank})
         return Reply(rank=rank)
 
-    async def _until_back(
-        self,
-        record: RankRecord,
-        before: int,
-        timeout: float,  # noqa: ASYNC109 (a verdict: reported, not raised)
-    ) -> _NotBack | None:
-        """Wait until `record`, restarted once since `before` restarts, is ready again.
-        None when it is; else why not: it failed again, or the timeout passed."""
+    def _take_out(self, record: RankRecord, timeout: float) -> _Taken:
+        """Restart `record` (`_restart_one`): it is out until `_next_outcome` says."""
+        before = record.restarts
+        self._restart_one(record)
+        return _Taken(record, before, trio.current_time(), trio.current_time() + timeout)
+
+    async def _next_outcome(self, taken: dict[int, _Taken]) -> _Outcome:
+        """Wait for the first of the `taken` ranks to settle: back (ready again, listed by
+        every router that answers, at most --router-timeout, and then --drain-delay for
+        pull-based balancers), failed again, or late. Raises AdminError if the supervisor
+        begins stopping. Updates `taken` as they move (ready, listed)."""
+        while True:  # each change of the board or a deadline wakes it
+            if self._board.stopping.is_set():
+                raise AdminError("the supervisor began stopping")
+            now = trio.current_time()
+            for rank, one in taken.items():
+                taken[rank] = one = self._advance(one, now)
+                outcome = self._outcome_of(one, now)
+                if outcome is not None:
+                    return outcome
+            wake = min((self._wake_at(one) for one in taken.values()), default=math.inf)
+            # At least every PROGRESS_EVERY seconds a word, however often the board
+            # changes meanwhile (a failing router's retries, a crash-looping rank).
+            with trio.move_on_at(min(wake, self._last_word + PROGRESS_EVERY)):
+                await self._board.changed.wait()
+            if trio.current_time() >= self._last_word + PROGRESS_EVERY:
+                self._say(f"still going: {self._operation or 'waiting'}")
+
+    def _advance(self, one: _Taken, now: float) -> _Taken:
+        """`one` with the moments it reached: ready again, then in every router."""
+        record = one.record
+        if one.ready_at is None and self._back(one) and record.state is RankState.READY:
+            one = dataclasses.replace(one, ready_at=now)
+        if one.ready_at is not None and one.listed_at is None:
+            rank = record.plan.rank
+            routers = [r for r in self._board.routers.values() if r.problem is None]
+            if all(rank in r.listed for r in routers) or (
+                now >= one.ready_at + self._config.router_timeout
+            ):
+                one = dataclasses.replace(one, listed_at=now)
+        return one
+
+    def _outcome_of(self, one: _Taken, now: float) -> _Outcome | None:
+        record = one.record
         rank = record.plan.rank
-
-        def back_or_failed() -> bool:
-            return record.restarts > before + 1 or (
-                record.restarts > before and record.state is RankState.READY
-            )
-
-        if not await self._until(back_or_failed, timeout):
-            return _NotBack(
-                f"rank {rank} did not return within {timeout:g}s (--rank-timeout): it is "
-                f"{record.state.value}"
-            )
-        if record.restarts > before + 1:
+        if record.restarts > one.before + 1:
             cause = record.last_causes[-1] if record.last_causes else "?"
-            return _NotBack(
-                f"rank {rank} failed again after its restart (crash-looping?): {cause}",
-                crash_looping=True,
+            return _CrashLooping(
+                rank, f"rank {rank} failed again after its restart (crash-looping?): {cause}"
+            )
+        if one.listed_at is not None and now >= one.listed_at + self._config.drain_delay:
+            return _Back(rank, now - one.began)
+        if one.ready_at is None and now >= one.deadline:
+            return _Late(
+                rank,
+                f"rank {rank} did not return within {one.deadline - one.began:g}s "
+                f"(--rank-timeout): it is {record.state.value}",
             )
         return None
 
-    async def _back_in(self, record: RankRecord) -> None:
-        """After a restarted rank is ready: wait until every router that answers lists it
-        again (at most --router-timeout), then --drain-delay, for pull-based balancers.
-        Raises AdminError if the supervisor begins stopping."""
-        rank = record.plan.rank
+    def _back(self, one: _Taken) -> bool:
+        return one.record.restarts > one.before
 
-        def listed() -> bool:
-            routers = self._board.routers.values()
-            return all(rank in r.listed for r in routers if r.problem is None)
-
-        await self._until(listed, self._config.router_timeout)
-        await self._until(lambda: False, self._config.drain_delay)
+    def _wake_at(self, one: _Taken) -> float:
+        """When `one` may settle without a change of the board: its deadline, or the end of
+        its wait for the routers or of its --drain-delay."""
+        if one.ready_at is None:
+            return one.deadline
+        if one.listed_at is None:
+            return one.ready_at + self._config.router_timeout
+        return one.listed_at + self._config.drain_delay
 
     def _say(self, text: str) -> None:
         """A progress line of the action in progress."""

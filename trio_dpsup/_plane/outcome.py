@@ -13,7 +13,7 @@ import os
 from .._errors import EXIT_FAILURE
 from .._state.board import Board
 from .._state.document import status_to_json
-from .._state.status import SupervisorState, SupervisorStatus
+from .._state.status import SupervisorStatus
 
 __all__ = ["report_outcome", "write_status_file"]
 
@@ -25,7 +25,7 @@ def report_outcome(board: Board, *, killed_now: bool, status_file: str | None) -
     """Mark the board stopped, log how the run ended, write `status_file`; return the exit
     status: the failure's, 1 when a rank had to be killed, else 0. Called after every pump
     has drained, so that the failing rank's last lines are complete."""
-    board.state = SupervisorState.STOPPED
+    board.finish()
     killed = [r.plan.rank for r in board.ranks if r.killed]
     if board.failure is not None:
         exit_status = board.failure.exit_status

@@ -143,7 +143,7 @@ async def wait_clean_restart(
         if backend is not None and plan.gpus:
             await _wait_gpus(config, record, previous, owner, backend)
     finally:
-        record.waiting = None
+        record.set_waiting(None)
 
 
 async def _wait_port(
@@ -154,7 +154,7 @@ async def _wait_port(
         return
     holders = await trio.to_thread.run_sync(port_holders, plan.port, owner)
     named = "; ".join(h.describe() for h in holders)
-    record.waiting = f"port {plan.port} held by {named}"
+    record.set_waiting(f"port {plan.port} held by {named}")
     logger.warning(
         "rank %d waits up to %gs for its port %d, held by %s",
         plan.rank,
@@ -189,8 +189,8 @@ async def _wait_gpus(
             held = [h for h in holders if h.pid in previous]
             if not held:
                 break
-            record.waiting = "GPU memory of the previous process: " + "; ".join(
-                h.describe() for h in held
+            record.set_waiting(
+                "GPU memory of the previous process: " + "; ".join(h.describe() for h in held)
             )
             await trio.sleep(RECHECK)  # the driver is still tearing the contexts down
     if held:

@@ -63,7 +63,7 @@ async def run_gpu_watch(
         return
     unavailable = Placement(PlacementVerdict.UNAVAILABLE, note=board.nvml_unavailable)
     for record in board.ranks:
-        record.placement = unavailable
+        record.place(unavailable)
     if any(record.plan.devices for record in board.ranks):
         logger.warning(
             "NVML is unavailable (%s): no GPU readings, placement checks, GPU fault "
@@ -132,9 +132,7 @@ async def run_gpu_monitor(
 async def _refresh(backend: NvmlBackend, board: Board, limiter: trio.CapacityLimiter) -> None:
     for record in board.ranks:
         uuids = [gpu.uuid for gpu in record.plan.gpus]
-        record.gpu_samples = tuple(
-            [await nvml_call(limiter, backend.sample, uuid) for uuid in uuids]
-        )
+        record.note_gpus(tuple([await nvml_call(limiter, backend.sample, uuid) for uuid in uuids]))
 
 
 async def _check_placement(
@@ -158,9 +156,8 @@ async def _check_placement(
 
 def _set_placement(record: RankRecord, placement: Placement) -> None:
     """Log a verdict when it changes: a misplaced rank is a warning, not a failure."""
-    if placement == record.placement:
+    if not record.place(placement):
         return
-    record.placement = placement
     rank = record.plan.rank
     if placement.verdict is PlacementVerdict.MISPLACED:
         for issue in placement.issues:
@@ -192,7 +189,7 @@ async def _watch_xids(
             )
             if event is not None:
                 logger.error("critical Xid %d on GPU %s", event.xid, event.uuid)
-                board.xid_events.append(XidSeen(time.time(), event))
+                board.note_xid(XidSeen(time.time(), event))
                 _fail_ranks_on(board, event.uuid, f"critical Xid error {event.xid}", fail)
     except NvmlError as exc:
         logger.warning("Xid events stopped (%s): GPU errors are seen by probes only", exc)

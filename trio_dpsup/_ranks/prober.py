@@ -189,11 +189,12 @@ async def probe_rank(
     closes `probe`).
     """
     rank = record.plan.rank
-    record.consecutive_failures = 0
+    record.reset_probes()
     with trio.move_on_after(startup_timeout or math.inf) as startup:
         while True:  # startup: until the first 2xx
-            record.last_probe = await probe.probe(config.probe_timeout)
-            if record.last_probe.ok:
+            result = await probe.probe(config.probe_timeout)
+            record.record_probe(result)
+            if result.ok:
                 break
             await trio.sleep(config.startup_probe_interval)
     if startup.cancelled_caught:
@@ -207,7 +208,7 @@ async def probe_rank(
         logger.info("all %d ranks are ready", len(board.ranks))
     while True:  # ready: until it fails; ends by cancellation
         await ticker.wait()
-        if trio.current_time() < record.probes_paused_until:
+        if record.probes_paused:
             continue  # an operator paused them (a weight reload...): see trio-dpsup ctl
         if not _count(config, record, await probe.probe(config.probe_timeout), observe):
             await _confirm(config, record, probe, observe)
@@ -222,26 +223,24 @@ def _count(
     """Record one probe of a ready rank; True if it was healthy. Raises RankUnhealthy at
     the threshold, or at once for a status in fail_on_status."""
     rank = record.plan.rank
-    record.last_probe = result
+    failures = record.record_probe(result)
     if observe is not None:
         observe(rank, result)
     if result.ok:
-        record.consecutive_failures = 0
         return True
-    record.consecutive_failures += 1
     error = result.error or ""
     if result.status_code is not None and config.fails_at_once(result.status_code):
-        raise RankUnhealthy(rank, record.consecutive_failures, f"{error} (--fail-on-status)")
+        raise RankUnhealthy(rank, failures, f"{error} (--fail-on-status)")
     logger.warning(
         "rank %d failed a health probe (%d of %d): %s",
         rank,
-        record.consecutive_failures,
+        failures,
         config.failure_threshold,
         error,
         extra={"rank": rank},
     )
-    if record.consecutive_failures >= config.failure_threshold:
-        raise RankUnhealthy(rank, record.consecutive_failures, error)
+    if failures >= config.failure_threshold:
+        raise RankUnhealthy(rank, failures, error)
     return False
 
 

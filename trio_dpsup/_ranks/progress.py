@@ -93,7 +93,7 @@ async def watch_progress(
     clock = StallClock()
     while True:  # ends by cancellation or by the stall it raises
         await trio.sleep(config.progress_interval)
-        if record.state is not RankState.READY or trio.current_time() < record.probes_paused_until:
+        if record.state is not RankState.READY or record.probes_paused:
             clock = StallClock()  # not serving yet (or any more): nothing to hold against it
             continue
         try:
@@ -107,15 +107,17 @@ async def watch_progress(
                 rank = record.plan.rank
                 logger.warning("rank %d: %s", rank, problem, extra={"rank": rank})
             last = record.progress
-            record.progress = ProgressStatus(
-                None if last is None else last.busy,
-                None if last is None else last.progress,
-                0.0 if last is None else last.stalled_for,
-                problem,
+            record.note_progress(
+                ProgressStatus(
+                    None if last is None else last.busy,
+                    None if last is None else last.progress,
+                    0.0 if last is None else last.stalled_for,
+                    problem,
+                )
             )
             continue
         stalled_for = clock.observe(trio.current_time(), busy, progress)
-        record.progress = ProgressStatus(busy, progress, stalled_for, None)
+        record.note_progress(ProgressStatus(busy, progress, stalled_for, None))
         if stalled_for >= config.progress_timeout:
             raise RankStalled(
                 record.plan.rank, busy_metric, busy, progress_metric, progress, stalled_for

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import subprocess
-import time
 
 import trio
 
@@ -31,7 +30,7 @@ from .._proc.cookie import TREE_ENV, rank_cookie
 from .._proc.spawn import RankProcess
 from .._proc.stop import stop_rank
 from .._state.board import RankRecord
-from .._state.status import DrainReason, RankState
+from .._state.status import DrainReason
 from .clean_start import wait_clean_restart
 from .context import RankContext
 from .drain import drain_rank
@@ -42,6 +41,15 @@ from .progress import watch_progress
 __all__ = ["run_rank"]
 
 logger = logging.getLogger(__name__)
+
+#: How long a failure's verdict waits for the process's own exit (see `_watch`). A process
+#: that is exiting has closed its listener before the kernel reaps it: llama-server on an
+#: H200, SIGKILLed, failed three probes in 31 ms and freed its GPU memory 0.11 s after the
+#: kill. The teardown's length is the engine's, not the probes' (two intervals would be 0.1
+#: s under fast probes, 2 s by default), so the window is a fixed time, long enough for a
+#: CUDA teardown and short against any probe-based detection: a rank that stays alive and
+#: unhealthy is failed this much later, out of traffic meanwhile.
+VERDICT_WINDOW = 1.0
 
 
 async def run_rank(
@@ -70,13 +78,10 @@ async def run_rank(
         restart = await _run_process(record, process, ctx)
         if restart is not None:
             raise restart  # stopping everything, with this rank's failure as the cause
-        record.restarts += 1
-        record.restart_times.append(trio.current_time())
-        record.restarted_at = time.time()
+        asked = record.restarted()
         delay = ctx.restarter.backoff(ctx.restarter.recent(record.restart_times))
         level = logging.WARNING
-        if record.restart_now:  # an operator's restart: at once, and no cause for alarm
-            record.restart_now = False
+        if asked:  # an operator's restart: at once, and no cause for alarm
             delay = 0.0
             level = logging.INFO
         logger.log(
@@ -95,7 +100,7 @@ async def _clean_restart(record: RankRecord, ctx: RankContext) -> None:
     try:
         await wait_clean_restart(ctx.config, record, record.previous_tree, ctx.owner, ctx.nvml)
     except SupervisorFailure as failure:
-        record.state = RankState.FAILED
+        record.fail()
         raise ctx.fail(failure) from None
 
 
@@ -111,17 +116,14 @@ async def _spawn(record: RankRecord, ctx: RankContext) -> RankProcess:
             plan.argv, env, capture=ctx.pump is not None, cgroup=cgroup
         )
     except (OSError, subprocess.SubprocessError) as exc:
-        record.state = RankState.FAILED
+        record.fail()
         raise ctx.fail(RankSpawnFailed(plan.rank, str(exc))) from exc
     root = ctx.scanner.trees.add_root(plan.rank, process.pid)
     if root is not None:
         ctx.guardian.root(root)
-    record.pid = process.pid
-    record.returncode = None
-    record.clear_drain()  # a new process serves again (an operator's `drained` stays)
     if ctx.pump is not None and process.output is not None:
         ctx.pump.attach(plan.rank, *process.output, record.output)
-    record.state = RankState.STARTING
+    record.started(process.pid)
     logger.info(
         "rank %d started: pid %d, port %d",
         plan.rank,
@@ -144,17 +146,13 @@ async def _run_process(
     escalate: SupervisorFailure | None = None
     failure: SupervisorFailure | None = None
     try:
-        with trio.CancelScope() as incarnation:  # cancelled: restart with the whole group
-            record.incarnation = incarnation
-            failure = await _watch(record, process, ctx)
-            if failure is not None:  # None: drained, for a restart an operator asked for
-                escalate = _decide(record, failure, ctx)
+        failure = await _watch(record, process, ctx)
+        if failure is not None:  # None: a restart asked for (drained first) or a group's
+            escalate = _decide(record, failure, ctx)
     finally:
-        record.incarnation = None
         with trio.CancelScope(shield=True):
             stopping = ctx.board.stopping.is_set()
-            if record.state not in (RankState.FAILED, RankState.RESTARTING):
-                record.state = RankState.STOPPING if stopping else RankState.RESTARTING
+            record.begin_stop(shutdown=stopping)
             # Evidence first, while the failed process still runs; only this rank waits,
             # and a second signal (kill now) cuts it short: its debuggers are killed.
             captured = False
@@ -164,15 +162,10 @@ async def _run_process(
             # has a stop that waited for evidence. A shutdown's is shared.
             clock = ctx.clock if stopping and not captured else ctx.clock.for_restart()
             outcome = await stop_rank(rank, process, ctx.scanner, clock)
-            record.previous_tree = outcome.pids
             if process.output is not None:
                 await wait_drained(record.output)  # its last lines, before any report
-            record.killed = record.killed or (stopping and not outcome.graceful)
-            record.returncode = process.returncode
-            if process.returncode is not None:
-                record.last_returncode = process.returncode  # kept across its restart
-            if record.state is RankState.STOPPING:
-                record.state = RankState.STOPPED
+            killed = stopping and not outcome.graceful
+            if record.stopped(outcome.pids, process.returncode, killed):
                 how = (
                     "still running"
                     if process.returncode is None
@@ -203,7 +196,7 @@ async def _evidence(
     assert ctx.evidence_dir is not None
     pids = frozenset({proc.pid for proc in await ctx.scanner.scan(rank)} | {process.pid})
     request = EvidenceRequest(ctx.board.run_id, record, failure, pids, tuple(ctx.board.xid_events))
-    record.evidence = await capture_evidence(ctx.config, request, ctx.evidence_dir)
+    record.set_evidence(await capture_evidence(ctx.config, request, ctx.evidence_dir))
     return True
 
 
@@ -211,8 +204,13 @@ async def _watch(
     record: RankRecord, process: RankProcess, ctx: RankContext
 ) -> SupervisorFailure | None:
     """The first failure of this process (its exit, its failed probes, a stall), or None
-    once it has been drained for a restart an operator asked for. A failure during a drain
-    ends the drain: it is a failure, not a planned stop."""
+    once a restart is asked for (an operator's, drained first; a group's, at once). A
+    failure during a drain ends the drain: it is a failure, not a planned stop.
+
+    A failure seen while the process runs takes the rank out at once, and its verdict waits
+    up to `VERDICT_WINDOW` for the process's own exit: a rank that closed its listener on
+    its way out fails its probes before its exit is seen, and its exit status is the truer
+    cause (and the supervisor's exit status)."""
     rank = record.plan.rank
     found: list[SupervisorFailure] = []
     # After a restart, the process has a startup deadline of its own; the first start is
@@ -221,8 +219,14 @@ async def _watch(
 
     async def exits(cancel: trio.CancelScope) -> None:
         returncode = await process.wait()
-        record.returncode = returncode
+        record.exited(returncode)
         found.append(RankExited(rank, returncode))
+        cancel.cancel()
+
+    async def verdict(failure: SupervisorFailure, cancel: trio.CancelScope) -> None:
+        found.append(failure)
+        record.failing()  # out of traffic and every router now; only the verdict waits
+        await trio.sleep(VERDICT_WINDOW)  # an exit meanwhile cancels this (see `exits`)
         cancel.cancel()
 
     async def probes(cancel: trio.CancelScope) -> None:
@@ -238,8 +242,7 @@ async def _watch(
                 startup_timeout=timeout,
             )
         except SupervisorFailure as failure:
-            found.append(failure)
-            cancel.cancel()
+            await verdict(failure, cancel)
         finally:
             await probe.aclose()
 
@@ -247,8 +250,7 @@ async def _watch(
         try:
             await watch_progress(ctx.config, record, ctx.client)
         except SupervisorFailure as failure:
-            found.append(failure)
-            cancel.cancel()
+            await verdict(failure, cancel)
 
     async def planned(cancel: trio.CancelScope) -> None:
         while True:  # ends by cancellation, or once drained for a restart
@@ -266,13 +268,15 @@ async def _watch(
             # An operator's drain: it stays out, running. The shutdown's: the supervisor
             # stops every rank once every drain has ended.
 
-    record.progress = None  # a new process: its readings start again
+    async def cut(cancel: trio.CancelScope) -> None:
+        await record.until_cut()  # the group restarts with a failed rank
+        cancel.cancel()
+
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(exits, nursery.cancel_scope)
-        nursery.start_soon(probes, nursery.cancel_scope)
-        nursery.start_soon(progress, nursery.cancel_scope)
-        nursery.start_soon(planned, nursery.cancel_scope)
-    return found[0] if found else None
+        for watcher in (exits, probes, progress, planned, cut):
+            nursery.start_soon(watcher, nursery.cancel_scope)
+    exited = [f for f in found if isinstance(f, RankExited)]
+    return exited[0] if exited else found[0] if found else None
 
 
 def _decide(
@@ -289,14 +293,11 @@ def _decide(
         )
     escalate = None if ctx.board.stopping.is_set() else ctx.restarter.decide(failure)
     if ctx.board.stopping.is_set() or escalate is not None:
-        record.state = RankState.FAILED
+        record.fail()
         return ctx.fail(escalate or failure)
-    record.state = RankState.RESTARTING
-    record.last_causes.append(failure)
+    record.restarting(failure)
     if ctx.restarter.scope is RestartScope.ALL:
         for other in ctx.board.ranks:
-            if other is not record and other.incarnation is not None:
-                other.state = RankState.RESTARTING
-                other.last_causes.append(RestartedWith(other.plan.rank, failure))
-                other.incarnation.cancel()
+            if other is not record:
+                other.request_restart(RestartedWith(other.plan.rank, failure), drain=False)
     return None

@@ -17,7 +17,7 @@ import trio
 from .._config.plan import RankPlan
 from .._errors import SupervisorFailure
 from .._gpu.nvml import GpuSample, XidSeen
-from .._gpu.placement import PENDING
+from .._gpu.placement import PENDING, Placement
 from .._output.pump import RankOutput
 from .status import (
     DrainEnd,
@@ -37,51 +37,340 @@ __all__ = ["Board", "RankRecord"]
 
 
 class RankRecord:
-    """The mutable state of one rank, written by its task and by the prober. A change of
-    its state is announced through `on_change` (the board's version, for /ranks)."""
+    """The state of one rank. Read anywhere; changed only through its verbs, each one
+    transition of its life (as h11's state machine keeps its own): `started`, `mark_ready`
+    (the board's), `record_probe`, `failing`, `fail`, `request_restart`, `begin_stop`,
+    `stopped`, `restarted`, the drain's verbs and the operator's (`set_drained`,
+    `pause_probes`). Its fields are read-only properties: a module outside `_state` cannot
+    assign them (tests/test_board.py holds it). A change of its state is announced through
+    `on_change` (the board's version, for /ranks)."""
+
+    __slots__ = (
+        "_consecutive_failures",
+        "_cut",
+        "_drain",
+        "_drain_request",
+        "_drain_wanted",
+        "_drained",
+        "_evidence",
+        "_failing",
+        "_gpu_samples",
+        "_killed",
+        "_last_causes",
+        "_last_probe",
+        "_last_returncode",
+        "_live",
+        "_on_change",
+        "_output",
+        "_pid",
+        "_placement",
+        "_plan",
+        "_previous_tree",
+        "_probes_paused_until",
+        "_progress",
+        "_restart_now",
+        "_restart_times",
+        "_restarted_at",
+        "_restarts",
+        "_returncode",
+        "_since",
+        "_state",
+        "_waiting",
+    )  # fmt: skip
 
     def __init__(self, plan: RankPlan, on_change: Callable[[], None] = lambda: None) -> None:
-        self.plan = plan
+        self._plan = plan
         self._state = RankState.PENDING
         self._on_change = on_change
-        #: When the rank entered its state (wall clock, for /ranks).
-        self.since = time.time()
-        self.pid: int | None = None
-        self.returncode: int | None = None
-        #: The last exit status of any of its processes, kept across restarts (/metrics).
-        self.last_returncode: int | None = None
-        #: When it was last restarted (wall clock), once it has been.
-        self.restarted_at: float | None = None
-        self.last_probe: ProbeResult | None = None
-        self.consecutive_failures = 0
-        #: Set when the rank needed SIGKILL: it did not stop within the grace period.
-        self.killed = False
-        self.gpu_samples: tuple[GpuSample, ...] = ()
-        self.placement = PENDING
-        #: What the log pump keeps of the rank's output (the tail of its stderr).
-        self.output = RankOutput()
-        self.restarts = 0
-        self.last_causes: collections.deque[SupervisorFailure] = collections.deque(maxlen=5)
-        #: When this rank was restarted (trio.current_time()), for its backoff.
-        self.restart_times: collections.deque[float] = collections.deque(maxlen=64)
-        self.progress: ProgressStatus | None = None
-        self.waiting: str | None = None
-        self.evidence: str | None = None
-        #: Operator controls (trio-dpsup ctl): drained (no traffic, still running); probes
-        #: paused until this trio.current_time(); the next restart without backoff.
-        self.drained = False
-        self.probes_paused_until = 0.0
-        self.restart_now = False
-        #: The pids of the previous process's tree, once it is stopped: a restart waits for
-        #: their GPU memory.
-        self.previous_tree: frozenset[int] = frozenset()
-        #: The cancel scope of the current process's life: cancelling it restarts the rank.
-        self.incarnation: trio.CancelScope | None = None
-        #: Its drain, while it is taken out before a planned stop (or drained by an
-        #: operator): through `request_drain`, `note_inflight`, `end_drain`, `clear_drain`.
-        self.drain: DrainStatus | None = None
+        self._since = time.time()
+        self._pid: int | None = None
+        self._returncode: int | None = None
+        self._last_returncode: int | None = None
+        self._restarted_at: float | None = None
+        self._last_probe: ProbeResult | None = None
+        self._consecutive_failures = 0
+        self._killed = False
+        self._gpu_samples: tuple[GpuSample, ...] = ()
+        self._placement = PENDING
+        self._output = RankOutput()
+        self._restarts = 0
+        self._last_causes: collections.deque[SupervisorFailure] = collections.deque(maxlen=5)
+        self._restart_times: collections.deque[float] = collections.deque(maxlen=64)
+        self._progress: ProgressStatus | None = None
+        self._waiting: str | None = None
+        self._evidence: str | None = None
+        self._drained = False
+        self._probes_paused_until = 0.0
+        self._restart_now = False
+        self._previous_tree: frozenset[int] = frozenset()
+        self._live = False
+        self._failing = False
+        self._cut = trio.Event()
+        self._drain: DrainStatus | None = None
         self._drain_request: DrainReason | None = None
         self._drain_wanted = trio.Event()
+
+    # -- what it is (read-only)
+
+    @property
+    def plan(self) -> RankPlan:
+        return self._plan
+
+    @property
+    def state(self) -> RankState:
+        return self._state
+
+    @property
+    def since(self) -> float:
+        """When the rank entered its state (wall clock, for /ranks)."""
+        return self._since
+
+    @property
+    def pid(self) -> int | None:
+        return self._pid
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit status of its current (or last) process, once it exited."""
+        return self._returncode
+
+    @property
+    def last_returncode(self) -> int | None:
+        """The last exit status of any of its processes, kept across restarts (/metrics)."""
+        return self._last_returncode
+
+    @property
+    def restarted_at(self) -> float | None:
+        """When it was last restarted (wall clock), once it has been."""
+        return self._restarted_at
+
+    @property
+    def last_probe(self) -> ProbeResult | None:
+        return self._last_probe
+
+    @property
+    def consecutive_failures(self) -> int:
+        return self._consecutive_failures
+
+    @property
+    def killed(self) -> bool:
+        """It needed SIGKILL at the shutdown: it did not stop within the grace period."""
+        return self._killed
+
+    @property
+    def gpu_samples(self) -> tuple[GpuSample, ...]:
+        return self._gpu_samples
+
+    @property
+    def placement(self) -> Placement:
+        return self._placement
+
+    @property
+    def output(self) -> RankOutput:
+        """What the log pump keeps of the rank's output (the tail of its stderr)."""
+        return self._output
+
+    @property
+    def restarts(self) -> int:
+        return self._restarts
+
+    @property
+    def last_causes(self) -> tuple[SupervisorFailure, ...]:
+        """The causes of its last restarts (at most 5), oldest first."""
+        return tuple(self._last_causes)
+
+    @property
+    def restart_times(self) -> tuple[float, ...]:
+        """When it was restarted (trio.current_time()), for its backoff; oldest first."""
+        return tuple(self._restart_times)
+
+    @property
+    def progress(self) -> ProgressStatus | None:
+        return self._progress
+
+    @property
+    def waiting(self) -> str | None:
+        """What a restart waits for before it starts the process (a held port, GPU memory)."""
+        return self._waiting
+
+    @property
+    def evidence(self) -> str | None:
+        return self._evidence
+
+    @property
+    def drained(self) -> bool:
+        """Drained by an operator (trio-dpsup ctl): no traffic, still running."""
+        return self._drained
+
+    @property
+    def probes_paused(self) -> bool:
+        """An operator paused its probes, until a time not yet reached."""
+        return trio.current_time() < self._probes_paused_until
+
+    @property
+    def previous_tree(self) -> frozenset[int]:
+        """The pids of the previous process's tree, once it is stopped: a restart waits for
+        their GPU memory."""
+        return self._previous_tree
+
+    @property
+    def drain(self) -> DrainStatus | None:
+        """Its drain, while it is taken out before a planned stop (or drained by an
+        operator)."""
+        return self._drain
+
+    @property
+    def serving(self) -> bool:
+        """Ready and not taken out (see RankStatus.serving)."""
+        return self._state is RankState.READY and not self.out
+
+    @property
+    def out(self) -> bool:
+        """Taken out of traffic: drained, draining, or failing (its verdict pending)."""
+        return self._drained or self._drain is not None or self._failing
+
+    # -- its process's life, as its task lives it (_ranks/rank.py)
+
+    def _enter(self, state: RankState) -> None:
+        if state is not self._state:
+            self._state = state
+            self._since = time.time()
+            self._on_change()
+
+    def started(self, pid: int) -> None:
+        """A new process runs: STARTING, its readings start again, and it serves again
+        once ready (an operator's `drained` stays)."""
+        self._pid = pid
+        self._returncode = None
+        self._progress = None
+        self._failing = False
+        self._live = True
+        self._cut = trio.Event()
+        self.clear_drain()
+        self._enter(RankState.STARTING)
+
+    def exited(self, returncode: int) -> None:
+        """Its process exited (on its own, or after it was signalled)."""
+        self._returncode = returncode
+        self._last_returncode = returncode  # kept across its restart
+
+    def failing(self) -> None:
+        """A failure was seen and its cause is being settled (`_ranks.rank.VERDICT_WINDOW`):
+        out of traffic, and of every router, from now on."""
+        if not self._failing:
+            self._failing = True
+            self._on_change()
+
+    def fail(self) -> None:
+        """Failed, and not to be restarted."""
+        self._enter(RankState.FAILED)
+
+    def request_restart(self, cause: SupervisorFailure, *, drain: bool) -> bool:
+        """The one way a running rank is restarted from outside its own failure. With
+        `drain` (an operator's restart: no backoff), its task drains it first; without (a
+        group restarting with a failed rank), it is cut at once. False when it has no
+        process to restart (starting, or between two)."""
+        if not self._live:
+            return False
+        self._last_causes.append(cause)
+        if drain:
+            self._restart_now = True
+            self.request_drain(DrainReason.RESTART)
+        else:
+            self._enter(RankState.RESTARTING)
+            self._cut.set()
+        return True
+
+    async def until_cut(self) -> None:
+        """Wait until `request_restart` cuts the current process.
+
+        **Cancellation**: safe.
+        """
+        await self._cut.wait()
+
+    def restarting(self, cause: SupervisorFailure) -> None:
+        """Its own failure is to be mended by a restart."""
+        self._last_causes.append(cause)
+        self._enter(RankState.RESTARTING)
+
+    def begin_stop(self, shutdown: bool) -> None:
+        """Its process is being stopped: for the shutdown (STOPPING), or for a restart."""
+        self._live = False
+        if self._state not in (RankState.FAILED, RankState.RESTARTING):
+            self._enter(RankState.STOPPING if shutdown else RankState.RESTARTING)
+
+    def stopped(self, pids: frozenset[int], returncode: int | None, killed: bool) -> bool:
+        """Its process's tree is stopped (`pids`, for the restart's GPU wait), `killed` if
+        that took SIGKILL at the shutdown; True if that was its final stop (STOPPED)."""
+        self._previous_tree = pids
+        self._killed = self._killed or killed
+        self._returncode = returncode
+        if returncode is not None:
+            self._last_returncode = returncode
+        if self._state is RankState.STOPPING:
+            self._enter(RankState.STOPPED)
+            return True
+        return False
+
+    def restarted(self) -> bool:
+        """Count a restart; True if an operator asked for it (no backoff, no alarm)."""
+        self._restarts += 1
+        self._restart_times.append(trio.current_time())
+        self._restarted_at = time.time()
+        asked, self._restart_now = self._restart_now, False
+        return asked
+
+    # -- what its watchers see
+
+    def reset_probes(self) -> None:
+        self._consecutive_failures = 0
+
+    def record_probe(self, result: ProbeResult) -> int:
+        """One health probe; the failures in a row, counting it."""
+        self._last_probe = result
+        self._consecutive_failures = 0 if result.ok else self._consecutive_failures + 1
+        return self._consecutive_failures
+
+    def note_progress(self, progress: ProgressStatus) -> None:
+        self._progress = progress
+
+    def set_waiting(self, what: str | None) -> None:
+        self._waiting = what
+
+    def note_gpus(self, samples: tuple[GpuSample, ...]) -> None:
+        self._gpu_samples = samples
+
+    def place(self, placement: Placement) -> bool:
+        """Its GPU placement's verdict; True if it changed."""
+        if placement == self._placement:
+            return False
+        self._placement = placement
+        return True
+
+    def set_evidence(self, folder: str | None) -> None:
+        self._evidence = folder
+
+    # -- the operator's controls (trio-dpsup ctl)
+
+    def set_drained(self, drained: bool) -> bool:
+        """Drain (no traffic, still running) or undrain; True if a drain began (it was
+        ready): its task then waits for what is in flight."""
+        self._drained = drained
+        began = drained and self._state is RankState.READY
+        if began:
+            self.request_drain(DrainReason.DRAIN)
+        elif not drained:
+            self.clear_drain()
+        self._on_change()  # /ranks long polls hear of it
+        return began
+
+    def pause_probes(self, seconds: float) -> None:
+        self._probes_paused_until = trio.current_time() + seconds
+        self._on_change()
+
+    def resume_probes(self) -> None:
+        self._probes_paused_until = 0.0
+        self._on_change()
 
     # -- the drain: asked for by an operator or the shutdown, carried out by the rank's task
 
@@ -92,9 +381,9 @@ class RankRecord:
         # A later request replaces an earlier one; `began` tells them apart (a strictly
         # later time, so that two requests in one clock tick do too).
         began = time.time()
-        if self.drain is not None and began <= self.drain.began:
-            began = math.nextafter(self.drain.began, math.inf)
-        self.drain = DrainStatus(reason, began)
+        if self._drain is not None and began <= self._drain.began:
+            began = math.nextafter(self._drain.began, math.inf)
+        self._drain = DrainStatus(reason, began)
         self._drain_request = reason
         self._drain_wanted.set()
         self._on_change()
@@ -111,42 +400,26 @@ class RankRecord:
             if reason is not None:
                 return reason
 
-    @property
-    def serving(self) -> bool:
-        """Ready and not taken out (see RankStatus.serving)."""
-        return self.state is RankState.READY and not self.drained and self.drain is None
-
     def draining_since(self, began: float) -> bool:
         """Whether the drain that began at `began` is still the rank's: an undrain (or a
         new process) withdraws it, and a later request replaces it."""
-        return self.drain is not None and self.drain.began == began
+        return self._drain is not None and self._drain.began == began
 
     def note_inflight(self, began: float, inflight: float | None) -> None:
-        if self.drain is not None and self.draining_since(began):
-            self.drain = dataclasses.replace(self.drain, inflight=inflight)
+        if self._drain is not None and self.draining_since(began):
+            self._drain = dataclasses.replace(self._drain, inflight=inflight)
 
     def end_drain(self, began: float, end: DrainEnd, seconds: float) -> None:
         """Say how the drain that began at `began` ended (nothing if it was withdrawn)."""
-        if self.drain is not None and self.draining_since(began):
-            self.drain = dataclasses.replace(self.drain, end=end, seconds=seconds)
+        if self._drain is not None and self.draining_since(began):
+            self._drain = dataclasses.replace(self._drain, end=end, seconds=seconds)
             self._on_change()
 
     def clear_drain(self) -> None:
         """Back in: a new process of the rank, or an operator's undrain."""
         self._drain_request = None
-        if self.drain is not None:
-            self.drain = None
-            self._on_change()
-
-    @property
-    def state(self) -> RankState:
-        return self._state
-
-    @state.setter
-    def state(self, state: RankState) -> None:
-        if state is not self._state:
-            self._state = state
-            self.since = time.time()
+        if self._drain is not None:
+            self._drain = None
             self._on_change()
 
     def snapshot(self) -> RankStatus:
@@ -155,29 +428,30 @@ class RankRecord:
             local_rank=self.plan.local_rank,
             port=self.plan.port,
             devices=self.plan.devices,
-            state=self.state,
-            pid=self.pid,
-            returncode=self.returncode,
-            last_probe=self.last_probe,
-            consecutive_failures=self.consecutive_failures,
+            state=self._state,
+            pid=self._pid,
+            returncode=self._returncode,
+            last_probe=self._last_probe,
+            consecutive_failures=self._consecutive_failures,
             command=self.plan.redacted_argv,
             gpus=self.plan.gpus,
-            gpu_samples=self.gpu_samples,
-            placement=self.placement,
-            restarts=self.restarts,
-            last_causes=tuple(self.last_causes),
-            progress=self.progress,
-            waiting=self.waiting,
-            evidence=self.evidence,
-            since=self.since,
-            drained=self.drained,
+            gpu_samples=self._gpu_samples,
+            placement=self._placement,
+            restarts=self._restarts,
+            last_causes=self.last_causes,
+            progress=self._progress,
+            waiting=self._waiting,
+            evidence=self._evidence,
+            since=self._since,
+            drained=self._drained,
             probes_paused_until=self.paused_until_wall(),
-            drain=self.drain,
+            drain=self._drain,
+            failing=self._failing,
         )
 
     def paused_until_wall(self) -> float | None:
         """Until when its probes are paused (wall clock), or None when they are not."""
-        left = self.probes_paused_until - trio.current_time()
+        left = self._probes_paused_until - trio.current_time()
         return time.time() + left if left > 0 else None
 
 
@@ -212,7 +486,7 @@ class Board:
         #: When every rank was first ready (trio.current_time()), once they have been.
         self.ready_at: float | None = None
         #: Xid events NVML reported, newest last: (wall-clock time, device UUID, Xid).
-        self.xid_events: collections.deque[XidSeen] = collections.deque(maxlen=64)
+        self._xid_events: collections.deque[XidSeen] = collections.deque(maxlen=64)
         self.all_ready = trio.Event()  # set once, when every rank is first ready
         self.stopping = trio.Event()  # set once, when shutdown or a failure begins
 
@@ -220,11 +494,23 @@ class Board:
     def state(self) -> SupervisorState:
         return self._state
 
-    @state.setter
-    def state(self, state: SupervisorState) -> None:
+    def _enter(self, state: SupervisorState) -> None:
         if state is not self._state:
             self._state = state
             self._bump()
+
+    def finish(self) -> None:
+        """Every rank is stopped: STOPPED."""
+        self._enter(SupervisorState.STOPPED)
+
+    def note_xid(self, seen: XidSeen) -> None:
+        """An Xid event NVML reported."""
+        self._xid_events.append(seen)
+
+    @property
+    def xid_events(self) -> tuple[XidSeen, ...]:
+        """The Xid events NVML reported (at most 64), newest last."""
+        return tuple(self._xid_events)
 
     def touch(self) -> None:
         """Announce a change that is not a state change (a rank drained)."""
@@ -249,13 +535,13 @@ class Board:
         """Mark `record` ready; True if that made every rank ready for the first time."""
         if record.state is not RankState.STARTING:
             return False  # stopping already: a late probe result must not revive it
-        record.state = RankState.READY
+        record._enter(RankState.READY)  # the board's verb: it knows the other ranks
         if self.started or any(r.state is not RankState.READY for r in self.ranks):
             return False
         self.started = True
         self.ready_at = trio.current_time()
         if self.state is SupervisorState.STARTING:
-            self.state = SupervisorState.READY
+            self._enter(SupervisorState.READY)
         self.all_ready.set()
         return True
 
@@ -270,7 +556,7 @@ class Board:
         """Enter DRAINING or STOPPING: /ready answers 503 from this moment on."""
         if self.state in (SupervisorState.STOPPING, SupervisorState.STOPPED):
             return
-        self.state = state
+        self._enter(state)
         self.stopping.set()
 
     async def wait_settled(self) -> None:

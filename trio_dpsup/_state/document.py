@@ -204,6 +204,7 @@ def rank_to_json(rank: RankStatus) -> JSON:
         "since": rank.since,
         "ready": rank.ready,
         "drained": rank.drained,
+        "failing": rank.failing,
         "probes_paused_until": rank.probes_paused_until,
         "pid": rank.pid,
         "port": rank.port,
@@ -316,6 +317,7 @@ def _rank_from_json(doc: JSON) -> RankStatus:
         evidence=doc.get("evidence"),
         since=doc.get("since", 0.0),
         drained=doc.get("drained", False),
+        failing=doc.get("failing", False),
         probes_paused_until=doc.get("probes_paused_until"),
         drain=None if (d := doc.get("drain")) is None else _drain_from_json(d),
     )

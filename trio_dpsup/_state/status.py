@@ -154,6 +154,9 @@ class RankStatus:
     #: Its drain, from the moment it is taken out until its process stops (or, for an
     #: operator's drain, until it is undrained).
     drain: DrainStatus | None = None
+    #: A failure was seen and its cause is being settled (a probe failure waits briefly for
+    #: the process's own exit, the truer cause): out of traffic meanwhile.
+    failing: bool = False
 
     @property
     def ready(self) -> bool:
@@ -161,8 +164,8 @@ class RankStatus:
 
     @property
     def out(self) -> bool:
-        """Taken out of traffic: drained by an operator, or draining before a stop."""
-        return self.drained or self.drain is not None
+        """Taken out of traffic: drained by an operator, draining before a stop, or failing."""
+        return self.drained or self.drain is not None or self.failing
 
     @property
     def serving(self) -> bool:
