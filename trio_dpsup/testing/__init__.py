@@ -13,7 +13,7 @@
 * `FakeNvml`, `no_nvml`: NVML where there is no GPU, for ``Supervisor(config, nvml=...)``;
 * `free_port_range`, `alive`, `wait_pids_gone`, `read_pid_file`: ports and process checks.
 
-It stands on top and may import the whole package; the fake rank (fake_rank.py, faults.py)
+May import: every room below it. It stands on top; the fake rank (fake_rank.py, faults.py)
 imports only the standard library and `trio_dpsup.demo`, since it runs as a rank.
 """
 
