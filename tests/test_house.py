@@ -2,14 +2,17 @@
 
 Each top-level module or folder ("room") of trio_dpsup is on one floor of `FLOORS`; a room
 may import only rooms on lower floors (the rooms of one floor do not know each other), and
-no files import each other in a circle. Imports are read from the source (``ast``), the
-ones made for type checkers included: a name a signature needs is a dependency too.
+no files import each other in a circle. Each folder's own list, the "May import:" line of
+its ``__init__.py`` docstring, is held too, exactly: a folder imports every room it lists and
+no other. Imports are read from the source (``ast``), the ones made for type checkers
+included: a name a signature needs is a dependency too.
 """
 
 from __future__ import annotations
 
 import ast
 import dataclasses
+import re
 import typing
 from collections.abc import Iterator
 from pathlib import Path
@@ -114,6 +117,86 @@ def test_an_upward_import_is_caught(tmp_path: Path) -> None:
     found["trio_dpsup._state.board"] = planted
     (caught,) = upward_imports(found)
     assert caught.startswith("trio_dpsup._state.board -> trio_dpsup._supervisor (_state on 5")
+
+
+#: A folder's list: "May import: `_state`, `_config` (why), `_errors`." up to the sentence's
+#: end, each room in backticks (none in a why); "nothing of the package" where it imports
+#: none; "every room below it" for the top, which the floors alone hold.
+MAY_IMPORT = re.compile(r"^May import: (?P<rooms>.*?)\.(?:\s|$)", re.MULTILINE | re.DOTALL)
+EVERY_ROOM_BELOW = "every room below it"
+
+
+def folders() -> dict[str, Path]:
+    """Each room that is a folder, by name -> its ``__init__.py``."""
+    return {p.parent.name: p for p in PACKAGE.glob("*/__init__.py")}
+
+
+def may_import(init: Path) -> frozenset[str] | None:
+    """The rooms a folder's docstring lists after "May import:"; None for every room below
+    it (floors alone hold it)."""
+    doc = ast.get_docstring(ast.parse(init.read_text())) or ""
+    found = MAY_IMPORT.search(doc)
+    assert found, f'{init}: its docstring has no "May import: ..." line (see MAY_IMPORT)'
+    words = " ".join(found["rooms"].split())
+    if words == EVERY_ROOM_BELOW:
+        return None
+    rooms = frozenset(re.findall(r"`([^`]+)`", words))
+    assert rooms or words.startswith("nothing"), (
+        f'{init}: "May import: {words}." names no room in backticks; say "nothing of the '
+        f'package" or "{EVERY_ROOM_BELOW}"'
+    )
+    return rooms
+
+
+def unlisted_imports(found: dict[str, Path]) -> list[str]:
+    """Where a folder's modules and its "May import:" list disagree: an import of a room it
+    does not list, or a listed room it never imports."""
+    lists = {name: may_import(init) for name, init in folders().items()}
+    used: dict[str, set[str]] = {name: set() for name in lists}
+    wrong = []
+    for module, path in found.items():
+        here = room(module)
+        allowed = lists.get(here)
+        for target in sorted(set(imports(module, path, set(found)))):
+            there = room(target)
+            if here not in lists or there == here:
+                continue
+            used[here].add(there)
+            if allowed is not None and there not in allowed:
+                wrong.append(f"{module} -> {target} ({there} is not in {here}'s May import)")
+    for name, allowed in lists.items():
+        wrong += [
+            f"{name} lists {r} but imports nothing of it" for r in (allowed or set()) - used[name]
+        ]
+    return sorted(wrong)
+
+
+def test_each_folder_lists_rooms_below_it() -> None:
+    for name, init in sorted(folders().items()):
+        for listed in sorted(may_import(init) or ()):
+            assert floor_of(listed) < floor_of(name), f"{name} lists {listed}, not below it"
+
+
+def test_each_folder_imports_exactly_what_it_lists() -> None:
+    wrong = unlisted_imports(modules())
+    assert not wrong, "imports that a folder's May import does not say:\n" + "\n".join(wrong)
+
+
+def test_an_unlisted_import_is_caught(tmp_path: Path) -> None:
+    # The check itself: the control plane importing the process layer runs down the floors
+    # but is not on `_plane`'s list; a list naming a room never imported is stale.
+    found = modules()
+    planted = tmp_path / "metrics.py"
+    planted.write_text(
+        found["trio_dpsup._plane.metrics"].read_text() + "\nfrom .._proc import stop\n"
+    )
+    found["trio_dpsup._plane.metrics"] = planted
+    assert not upward_imports(found)
+    assert unlisted_imports(found) == [
+        "trio_dpsup._plane.metrics -> trio_dpsup._proc.stop (_proc is not in _plane's May import)"
+    ]
+    del found["trio_dpsup._plane.metrics"]
+    assert unlisted_imports(found) == ["_plane lists _version but imports nothing of it"]
 
 
 def test_no_files_import_each_other_in_a_circle() -> None:

@@ -17,8 +17,7 @@ import typing
 from . import _lazy
 from ._version import __version__ as __version__
 
-# The public names, declared once: type checkers read these imports; at run time they are
-# skipped and `_lazy` serves each name on first use, from this block. Ranks run
+# The public names, for type checkers: at run time this block is skipped. Ranks run
 # `python -m trio_dpsup.demo`, so this package must import nothing heavy (see _lazy).
 if typing.TYPE_CHECKING:
     from ._config.config import SupervisorConfig as SupervisorConfig
@@ -79,4 +78,65 @@ if typing.TYPE_CHECKING:
     from ._supervisor import Supervisor as Supervisor
     from ._supervisor import SupervisorHandle as SupervisorHandle
 
-__getattr__, __dir__ = _lazy.lazy_exports(__name__)
+# The same names for the run time: `_lazy` serves each from its module on first use.
+# tests/test_public_api.py holds that this table and the block above agree exactly.
+_EXPORTS = {
+    "SupervisorConfig": "._config.config",
+    "LogFormat": "._config.enums",
+    "RankScheme": "._config.enums",
+    "RestartPolicy": "._config.enums",
+    "RestartScope": "._config.enums",
+    "RankPlan": "._config.plan",
+    "plan_ranks": "._config.plan",
+    "Preset": "._config.presets",
+    "RouterKind": "._config.routers",
+    "RouterSpec": "._config.routers",
+    "ConfigError": "._errors",
+    "GpuFailed": "._errors",
+    "GpuLeftovers": "._errors",
+    "GpuMemoryHeld": "._errors",
+    "PortInUse": "._errors",
+    "RankExited": "._errors",
+    "RankSpawnFailed": "._errors",
+    "RankStalled": "._errors",
+    "RankStartTimeout": "._errors",
+    "RankUnhealthy": "._errors",
+    "RestartedWith": "._errors",
+    "RestartRequested": "._errors",
+    "RestartsExhausted": "._errors",
+    "StartupTimeout": "._errors",
+    "SupervisorFailure": "._errors",
+    "SupervisorStopped": "._errors",
+    "GpuEvent": "._gpu.nvml",
+    "GpuInfo": "._gpu.nvml",
+    "GpuLost": "._gpu.nvml",
+    "GpuProcess": "._gpu.nvml",
+    "GpuSample": "._gpu.nvml",
+    "NvmlBackend": "._gpu.nvml",
+    "NvmlError": "._gpu.nvml",
+    "NvmlFactory": "._gpu.nvml",
+    "NvmlUnavailable": "._gpu.nvml",
+    "open_pynvml": "._gpu.nvml",
+    "GpuHolder": "._gpu.placement",
+    "IssueKind": "._gpu.placement",
+    "Placement": "._gpu.placement",
+    "PlacementIssue": "._gpu.placement",
+    "PlacementVerdict": "._gpu.placement",
+    "Owner": "._proc.owners",
+    "OwnerKind": "._proc.owners",
+    "PortHolder": "._proc.owners",
+    "DrainEnd": "._state.status",
+    "DrainReason": "._state.status",
+    "DrainStatus": "._state.status",
+    "ProbeResult": "._state.status",
+    "ProgressStatus": "._state.status",
+    "RankState": "._state.status",
+    "RankStatus": "._state.status",
+    "RootCause": "._state.status",
+    "RouterStatus": "._state.status",
+    "SupervisorState": "._state.status",
+    "SupervisorStatus": "._state.status",
+    "Supervisor": "._supervisor",
+    "SupervisorHandle": "._supervisor",
+}
+__getattr__, __dir__ = _lazy.lazy_exports(__name__, _EXPORTS)

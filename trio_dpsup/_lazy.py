@@ -5,60 +5,41 @@ imports the parent packages first. Eager imports there would load trio, httpx an
 into every rank: measured on 2 cores, imports took 148 ms instead of 37, and the exit on
 SIGTERM 33 ms instead of 11, on each rank.
 
-A package lists its public names once, as the ``if typing.TYPE_CHECKING:`` imports that
-type checkers read (``from ._errors import ConfigError as ConfigError``). At run time that
-block is skipped; `lazy_exports` reads it from the package's source on the first lookup of
-a name (``__all__`` included), so a rank that never looks pays nothing.
+A package names its public names twice, side by side, in its ``__init__.py``: as the
+``if typing.TYPE_CHECKING:`` imports that type checkers read (``from ._errors import
+ConfigError as ConfigError``), and as ``_EXPORTS``, the table the run time reads (``"ConfigError":
+"._errors"``), public name -> the relative module it lives in. tests/test_public_api.py holds
+that the two agree exactly. The run time reads nothing but the table: no source, no file
+(a package compiled without its ``.py`` files, or inside a zip, exports the same names), and a
+name's module is imported on its first lookup only, so a rank that never looks pays nothing.
 """
 
 from __future__ import annotations
 
 import importlib
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 
-def lazy_exports(package: str) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
-    """`__getattr__` and `__dir__` for `package`, exporting what its TYPE_CHECKING block
-    imports from its own modules; ``__all__`` is those names, sorted."""
+def lazy_exports(
+    package: str, exports: Mapping[str, str]
+) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
+    """`__getattr__` and `__dir__` for `package`, exporting each name of `exports` (public name
+    -> the module it lives in, relative to `package`) from its module on first use; sets the
+    package's ``__all__`` to those names, sorted."""
     namespace = sys.modules[package].__dict__
-    table: dict[str, str] = {}  # public name -> the relative module it lives in
-
-    def home() -> dict[str, str]:
-        if not table:
-            table.update(_declared(namespace["__file__"]))
-        return table
+    table = dict(exports)  # a copy: what the package exports cannot change under it
+    namespace["__all__"] = sorted(table)
 
     def __getattr__(name: str) -> Any:
-        if name == "__all__":
-            value: Any = sorted(home())
-        elif name in home():
-            value = getattr(importlib.import_module(home()[name], package), name)
-        else:
+        if name not in table:
             raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(table[name], package), name)
         namespace[name] = value  # later lookups do not come back here
         return value
 
     def __dir__() -> list[str]:
-        return sorted({*namespace, *home()})
+        return sorted({*namespace, *table})
 
     return __getattr__, __dir__
-
-
-def _declared(path: str) -> dict[str, str]:
-    """Name -> relative module, from the ``if typing.TYPE_CHECKING:`` block of `path`."""
-    import ast  # only on first lookup: ranks never pay for it
-
-    with open(path, encoding="utf-8") as f:
-        tree = ast.parse(f.read(), path)
-    found: dict[str, str] = {}
-    for node in tree.body:
-        if isinstance(node, ast.If) and ast.unparse(node.test) == "typing.TYPE_CHECKING":
-            for statement in node.body:
-                if isinstance(statement, ast.ImportFrom) and statement.level:
-                    module = "." * statement.level + (statement.module or "")
-                    found.update({alias.asname or alias.name: module for alias in statement.names})
-    if not found:
-        raise ImportError(f"{path} declares no exports in an `if typing.TYPE_CHECKING:` block")
-    return found

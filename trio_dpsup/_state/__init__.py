@@ -3,6 +3,8 @@ mutable `Board` they are taken from (board.py), and their JSON form, /status's d
 (document.py).
 
 It stands below every family that reads or writes state (`_ranks`, `_plane`, the
-supervisor, the harness) and imports only the floors under it: `_config`, `_gpu`, `_output`,
-`_errors`.
+supervisor, the harness).
+
+May import: `_config`, `_gpu`, `_output`, `_errors`, `_proc` (whose a process is: the owners
+that a rank's GPU placement and a port's holders name, which the document writes and reads).
 """

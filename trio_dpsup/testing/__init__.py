@@ -13,7 +13,7 @@
 * `FakeNvml`, `no_nvml`: NVML where there is no GPU, for ``Supervisor(config, nvml=...)``;
 * `free_port_range`, `alive`, `wait_pids_gone`, `read_pid_file`: ports and process checks.
 
-It stands on top and may import the whole package; the fake rank (fake_rank.py, faults.py)
+May import: every room below it. It stands on top; the fake rank (fake_rank.py, faults.py)
 imports only the standard library and `trio_dpsup.demo`, since it runs as a rank.
 """
 
@@ -21,8 +21,9 @@ import typing
 
 from .. import _lazy
 
-# The public names, declared once (see trio_dpsup/_lazy.py). The fake rank runs as
-# `python -m trio_dpsup.testing.fake_rank`: import nothing heavy here.
+# The public names, for type checkers, and the same for the run time below (see
+# trio_dpsup/_lazy.py). The fake rank runs as `python -m trio_dpsup.testing.fake_rank`:
+# import nothing heavy here.
 if typing.TYPE_CHECKING:
     from ._cli_process import CLI as CLI
     from ._cli_process import WAIT_TIMEOUT as WAIT_TIMEOUT
@@ -52,4 +53,33 @@ if typing.TYPE_CHECKING:
     from .load import LoadRequest as LoadRequest
     from .load import open_load as open_load
 
-__getattr__, __dir__ = _lazy.lazy_exports(__name__)
+_EXPORTS = {
+    "CLI": "._cli_process",
+    "WAIT_TIMEOUT": "._cli_process",
+    "CliResult": "._cli_process",
+    "CliSupervisor": "._cli_process",
+    "open_cli_supervisor": "._cli_process",
+    "run_cli": "._cli_process",
+    "FAKE_RANK": "._harness",
+    "Deployment": "._harness",
+    "Form": "._harness",
+    "Harness": "._harness",
+    "LeftoverProcesses": "._harness",
+    "NeedsFakeRank": "._harness",
+    "ProcessTree": "._harness",
+    "open_harness": "._harness",
+    "free_port_range": "._ports",
+    "alive": "._procs",
+    "read_pid_file": "._procs",
+    "wait_pids_gone": "._procs",
+    "SupervisorSettings": "._settings",
+    "FakeNvml": ".fake_nvml",
+    "no_nvml": ".fake_nvml",
+    "Fault": ".faults",
+    "FaultKind": ".faults",
+    "inject_fault": ".faults",
+    "Load": ".load",
+    "LoadRequest": ".load",
+    "open_load": ".load",
+}
+__getattr__, __dir__ = _lazy.lazy_exports(__name__, _EXPORTS)
