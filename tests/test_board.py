@@ -8,6 +8,7 @@ import inspect
 import pytest
 import trio
 
+# The state family's own record, unit-tested on purpose: its verbs are its whole surface.
 from trio_dpsup._config.plan import RankPlan
 from trio_dpsup._state.board import Board, RankRecord
 from trio_dpsup._state.status import ProbeResult, RankState
