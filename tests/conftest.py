@@ -8,7 +8,6 @@ import fcntl
 import functools
 import os
 import signal
-import sys
 from collections.abc import Generator, Sequence
 from pathlib import Path
 from typing import Unpack
@@ -18,7 +17,7 @@ import pytest
 import trio
 
 from trio_dpsup import RestartPolicy
-from trio_dpsup.testing import Form, SupervisorSettings
+from trio_dpsup.testing import FAKE_RANK, FAST_SETTINGS, Form, SupervisorSettings, cli_options
 from trio_dpsup.testing.fake_servers import ARGV_FILE_ENV, install_fake_servers
 from trio_dpsup.testing.llama_cpp import (
     EngineUnavailable,
@@ -27,8 +26,6 @@ from trio_dpsup.testing.llama_cpp import (
     vocab_file,
     write_tiny_model,
 )
-
-FAKE_RANK = (sys.executable, "-m", "trio_dpsup.testing.fake_rank")
 
 #: A test so marked runs in both forms: the CLI and the library.
 FORMS = pytest.mark.parametrize("form", list(Form), ids=lambda form: form.value)
@@ -45,12 +42,9 @@ def on_failure(backoff: float, **more: Unpack[SupervisorSettings]) -> Supervisor
     }
 
 
-#: Fast probing, so that failures show in well under a second.
-FAST_PROBES = (
-    "--probe-interval", "0.1",
-    "--probe-timeout", "0.5",
-    "--failure-threshold", "2",
-)  # fmt: skip
+#: The harness's fast settings (fast probing, so that failures show in well under a
+#: second; a short grace period; no GPUs), as options, for tests that run the CLI themselves.
+FAST_OPTIONS = tuple(cli_options({**FAST_SETTINGS, "control_host": "127.0.0.1"}))
 
 
 def cli_args(
@@ -65,11 +59,8 @@ def cli_args(
         "--ranks", str(ranks),
         "--host", "127.0.0.1",
         "--base-port", str(base_port),
-        "--control-host", "127.0.0.1",
         "--control-port", "0",
-        "--gpus-per-rank", "0",  # fake ranks need no GPU, also on a machine that has some
-        "--grace-period", "5",
-        *FAST_PROBES,
+        *FAST_OPTIONS,
         *options,
         "--",
         *FAKE_RANK, "--port", "{port}",

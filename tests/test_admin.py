@@ -21,6 +21,7 @@ import trio
 from trio_dpsup import DrainEnd, RankState, RankUnhealthy, RestartRequested, SupervisorState
 from trio_dpsup.testing import (
     CLI,
+    FAKE_RANK,
     CliResult,
     Deployment,
     Form,
@@ -31,7 +32,7 @@ from trio_dpsup.testing import (
 )
 from trio_dpsup.testing.fake_rank import METRIC_NAMES
 
-from .conftest import FAKE_RANK, FORMS, cli_args, on_failure
+from .conftest import FORMS, cli_args, on_failure
 
 pytest_plugins = ["trio_dpsup.testing.plugin"]
 

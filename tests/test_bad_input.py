@@ -13,9 +13,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from trio_dpsup.testing import free_port_range, open_cli_supervisor, run_cli
+from trio_dpsup.testing import FAKE_RANK, free_port_range, open_cli_supervisor, run_cli
 
-from .conftest import FAKE_RANK, bare_environment, cli_args, rank_command
+from .conftest import bare_environment, cli_args, rank_command
 
 
 @pytest.mark.parametrize(

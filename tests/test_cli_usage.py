@@ -10,9 +10,9 @@ import pytest
 
 import trio_dpsup
 from trio_dpsup import NvmlUnavailable, open_pynvml
-from trio_dpsup.testing import free_port_range, run_cli
+from trio_dpsup.testing import FAKE_RANK, free_port_range, run_cli
 
-from .conftest import FAKE_RANK, bare_environment, rank_command
+from .conftest import bare_environment, rank_command
 
 
 @pytest.fixture

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from trio_dpsup.testing import free_port_range, open_cli_supervisor, run_cli
+from trio_dpsup.testing import FAKE_RANK, free_port_range, open_cli_supervisor, run_cli
 
-from .conftest import FAKE_RANK, bare_environment
+from .conftest import bare_environment
 
 
 def write_config(tmp_path: Path, text: str) -> Path:

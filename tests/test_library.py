@@ -28,14 +28,13 @@ from trio_dpsup import (
     SupervisorStopped,
 )
 from trio_dpsup.testing import (
+    FAKE_RANK,
     Harness,
     SupervisorSettings,
     alive,
     free_port_range,
     wait_pids_gone,
 )
-
-from .conftest import FAKE_RANK
 
 pytest_plugins = ["trio_dpsup.testing.plugin"]
 

@@ -22,14 +22,13 @@ import trio
 from trio_dpsup import SupervisorState, SupervisorStatus
 from trio_dpsup.testing import (
     CLI,
+    FAKE_RANK,
     CliResult,
     Harness,
     free_port_range,
     open_cli_supervisor,
     run_cli,
 )
-
-from .conftest import FAKE_RANK
 
 pytest_plugins = ["trio_dpsup.testing.plugin"]
 

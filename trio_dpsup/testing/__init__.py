@@ -32,12 +32,14 @@ if typing.TYPE_CHECKING:
     from ._cli_process import open_cli_supervisor as open_cli_supervisor
     from ._cli_process import run_cli as run_cli
     from ._harness import FAKE_RANK as FAKE_RANK
+    from ._harness import FAST_SETTINGS as FAST_SETTINGS
     from ._harness import Deployment as Deployment
     from ._harness import Form as Form
     from ._harness import Harness as Harness
     from ._harness import LeftoverProcesses as LeftoverProcesses
     from ._harness import NeedsFakeRank as NeedsFakeRank
     from ._harness import ProcessTree as ProcessTree
+    from ._harness import cli_options as cli_options
     from ._harness import open_harness as open_harness
     from ._ports import free_port_range as free_port_range
     from ._procs import alive as alive
@@ -61,12 +63,14 @@ _EXPORTS = {
     "open_cli_supervisor": "._cli_process",
     "run_cli": "._cli_process",
     "FAKE_RANK": "._harness",
+    "FAST_SETTINGS": "._harness",
     "Deployment": "._harness",
     "Form": "._harness",
     "Harness": "._harness",
     "LeftoverProcesses": "._harness",
     "NeedsFakeRank": "._harness",
     "ProcessTree": "._harness",
+    "cli_options": "._harness",
     "open_harness": "._harness",
     "free_port_range": "._ports",
     "alive": "._procs",

@@ -56,12 +56,14 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FAKE_RANK",
+    "FAST_SETTINGS",
     "Deployment",
     "Form",
     "Harness",
     "LeftoverProcesses",
     "NeedsFakeRank",
     "ProcessTree",
+    "cli_options",
     "open_harness",
 ]
 
@@ -69,7 +71,7 @@ __all__ = [
 FAKE_RANK = (sys.executable, "-m", "trio_dpsup.testing.fake_rank")
 
 #: Settings that make faults show within a second, unless a test chooses its own.
-FAST_SETTINGS: Mapping[str, Any] = {
+FAST_SETTINGS: SupervisorSettings = {
     "probe_interval": 0.1,
     "probe_timeout": 0.5,
     "failure_threshold": 2,
@@ -504,11 +506,11 @@ class Harness:
         replaces NVML, e.g. with `FakeNvml.factory`. In the library form, a failure before
         every rank process exists is raised from here, as `Supervisor.run` raises it.
         """
-        given: dict[str, Any] = dict(settings)
-        base = int(given.pop("base_port", 0)) or free_port_range(ranks)
+        base = settings.get("base_port") or free_port_range(ranks)
         argv = (*(command or (*FAKE_RANK, "--port", "{port}")), *rank_args)
         fake_rank = command is None or tuple(command[: len(FAKE_RANK)]) == FAKE_RANK
-        merged: dict[str, Any] = {**FAST_SETTINGS, "control_port": 0, **given}
+        merged: SupervisorSettings = {**FAST_SETTINGS, "control_port": 0, **settings}
+        merged["base_port"] = base
         ports = tuple(range(base, base + ranks))
         deployment: Deployment
         if form is Form.CLI:
@@ -520,13 +522,13 @@ class Harness:
                 self._run_cli, ranks, base, argv, merged, fake_rank
             )
         else:
-            config = SupervisorConfig(command=argv, ranks=ranks, base_port=base, **merged)
+            config = SupervisorConfig(command=argv, ranks=ranks, **merged)
             supervisor = Supervisor(config) if nvml is None else Supervisor(config, nvml=nvml)
             deployment = await self._nursery.start(self._run_library, supervisor, ports, fake_rank)
-        self._deployments.append((deployment, float(merged["grace_period"])))
+        self._deployments.append((deployment, merged["grace_period"]))
         await deployment._attach()
         if wait_ready:
-            with trio.fail_after(float(merged["startup_timeout"]) + 5.0):
+            with trio.fail_after(merged["startup_timeout"] + 5.0):
                 await deployment.wait_ready()
         return deployment
 
@@ -555,13 +557,11 @@ class Harness:
         ranks: int,
         base: int,
         argv: Sequence[str],
-        settings: Mapping[str, Any],
+        settings: SupervisorSettings,
         fake_rank: bool,
         task_status: trio.TaskStatus[Deployment],
     ) -> None:
-        args = [
-            "--ranks", str(ranks), "--base-port", str(base), *_cli_options(settings), "--", *argv,
-        ]  # fmt: skip
+        args = ["--ranks", str(ranks), *cli_options(settings), "--", *argv]
         async with open_cli_supervisor(args) as cli:
             try:
                 url = await cli.control_url()
@@ -569,7 +569,8 @@ class Harness:
                 code = await cli.wait()
                 raise AssertionError(f"the supervisor exited with {code}:\n{cli.log}") from None
             ports = tuple(range(base, base + ranks))
-            status_file = Path(settings["status_file"])
+            assert settings.get("status_file") is not None  # `start` gives the CLI form one
+            status_file = Path(str(settings.get("status_file")))
             task_status.started(
                 _CliDeployment(cli, url, ports, fake_rank=fake_rank, status_file=status_file)
             )
@@ -621,10 +622,11 @@ async def open_harness() -> AsyncIterator[Harness]:
             await harness.close()
 
 
-def _cli_options(settings: Mapping[str, Any]) -> list[str]:
-    """`SupervisorConfig` fields as CLI options: ``grace_period=3`` -> ``--grace-period 3``,
-    from the same declarations the CLI's parser is made of."""
-    for name in ("command", "ranks", "base_port", "env"):
+def cli_options(settings: SupervisorSettings) -> list[str]:
+    """Harness settings as the CLI options that set them: ``grace_period=3`` ->
+    ``--grace-period 3``, from the same declarations the CLI's parser is made of (for a
+    test that runs ``python -m trio_dpsup`` itself, with the harness's `FAST_SETTINGS`)."""
+    for name in ("command", "ranks", "env"):
         if name in settings:
             raise ValueError(f"{name} is set by the harness or has no CLI option")
     return cli_arguments(SupervisorConfig, settings)
