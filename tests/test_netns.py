@@ -5,6 +5,7 @@ network, even one whose test failed. Skipped, in one line, where namespaces are 
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -13,6 +14,9 @@ from contextlib import asynccontextmanager
 import pytest
 import trio
 
+from trio_dpsup.testing import open_cli_supervisor
+
+from .conftest import cli_args
 from .netns import LOCK_DIR, PREFIX, Node, open_network
 from .relay import Impairment, open_relay
 
@@ -132,3 +136,20 @@ async def test_where_namespaces_cannot_be_made_the_test_is_skipped_in_one_line()
     message = str(skipped.value)
     assert "/nonexistent/ip" in message
     assert "\n" not in message
+
+
+async def test_a_supervisor_in_one_node_serves_another_over_the_link() -> None:
+    # The shape of the group tests: a supervisor per node (its ranks on that node's own
+    # loopback), its control plane on the node's address, reached from the other node.
+    async with open_network(2) as net:
+        a, b = net.nodes
+        args = cli_args(1, 8100, options=["--control-host", b.address, "--control-port", "9100"])
+        async with open_cli_supervisor(args, prefix=b.prefix) as supervisor:
+            with trio.fail_after(30):
+                await supervisor.wait_ready()
+            assert (await get(a, f"http://{b.address}:9100/ready"))[0] == "200"
+            await net.link_down(a, b)
+            assert (await get(a, f"http://{b.address}:9100/ready", timeout=2))[0] == "000"
+            supervisor.send_signal(signal.SIGTERM)
+            with trio.fail_after(30):
+                assert await supervisor.wait() == 0
