@@ -27,7 +27,9 @@ PORT = 8000  # the same in every node: each has its own ports
 async def http_server(node: Node) -> AsyncIterator[None]:
     """``python -m http.server`` on `node`'s address, once it listens."""
     argv = [sys.executable, "-u", "-m", "http.server", "--bind", node.address, str(PORT)]
-    async with node.open_process(argv, stdout=subprocess.PIPE) as process:
+    async with node.open_process(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+    ) as process:
         assert process.stdout is not None
         with trio.fail_after(20):
             line = await process.stdout.receive_some()
