@@ -2,12 +2,31 @@
 
 The demo rank server plus the faults a supervisor must survive, chosen by flag at start and
 by HTTP at run time: ``POST /fault/{kind}?...``, each kind and its parameters declared in
-faults.py (`Fault`: health answers, a hang, an exit, busy, a stall, /metrics errors).
+faults.py (`Fault`: health answers, a hang, an exit, busy, a stall, /metrics errors, a
+generation that hangs or fails).
+
+``POST /v1/completions`` generates, in the shape of vLLM's OpenAI-compatible server
+(``CompletionResponse`` in vllm/entrypoints/openai/protocol.py: ``id`` "cmpl-...",
+``object`` "text_completion", ``created``, ``model``, ``choices`` [{``index``, ``text``,
+``logprobs``, ``finish_reason``, ``stop_reason``}], ``usage``; errors as its
+``ErrorResponse``, ``{"error": {"message", "type", "param", "code"}}``): ``max_tokens``
+fake tokens (16 when not given), each ``--token-seconds`` apart, streamed as server-sent
+events ending in ``data: [DONE]`` when ``stream`` is true. It needs ``--api-key`` where one
+is given and, with ``--served-model-name``, that model (404 otherwise, as vLLM).
 
 ``GET /metrics`` serves a busy gauge and a progress counter in the Prometheus text format,
 named as ``--metric-names`` says (``fake``, or ``vllm`` and ``sglang`` for their own names).
-The counter advances by one at each read while the rank is busy and not stalled, so a
-supervisor that reads it sees progress exactly when there is some.
+The gauge is the busy fault's value plus the completions in flight (a hung one stays in
+flight). The counter advances by one for each token generated, and at each read while the
+busy fault is on; never while stalled. A supervisor that reads them sees progress exactly
+when there is some.
+
+``--load-seconds S`` is a model load with visible progress: for S seconds the rank reads a
+file of its own from the disk (its page cache dropped before each read, so
+``/proc/PID/io`` read_bytes grows) and writes a line to stdout for each step; health
+answers 503 until it ends. ``--load-wedge`` is a load that never ends and shows no
+progress: a thread spins a CPU, reading and writing nothing, and health answers 503 for
+good (a collective that waits for ever burns CPU too).
 
 ``--log-lines N`` writes N numbered lines, alternately to stdout and stderr, at
 ``--log-rate`` lines a second; ``--last-words TEXT`` is written to stdout with no newline
@@ -21,6 +40,8 @@ written before the server listens: once the rank is healthy, the file is complet
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import os
 import queue
@@ -29,7 +50,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from http import HTTPStatus
 from types import FrameType
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -46,7 +68,28 @@ from ..demo import (
 )
 from .faults import Fault, FaultKind
 
-__all__ = ["GRANDCHILD_KINDS", "METRIC_NAMES", "engine_step_stalled_in_fake_rank", "main"]
+__all__ = [
+    "COMPLETIONS_PATH",
+    "GRANDCHILD_KINDS",
+    "METRIC_NAMES",
+    "engine_step_stalled_in_fake_rank",
+    "generation_hung_in_fake_rank",
+    "load_wedged_in_fake_rank",
+    "main",
+]
+
+#: Where the fake rank generates: vLLM's OpenAI-compatible completions path.
+COMPLETIONS_PATH = "/v1/completions"
+#: The largest completion request body read, and the most tokens one may ask for.
+MAX_BODY_BYTES = 1 << 20
+MAX_TOKENS = 4096
+#: OpenAI's default ``max_tokens`` for completions.
+DEFAULT_MAX_TOKENS = 16
+#: What each fake token reads.
+TOKEN_TEXT = " ok"
+#: --load-seconds: each step reads this many bytes, then waits this long.
+LOAD_CHUNK_BYTES = 256 * 1024
+LOAD_STEP_SECONDS = 0.2
 
 #: (busy gauge, progress counter) by ``--metric-names``: the fake's own, and the names vLLM
 #: and SGLang serve (see trio_dpsup/_config/presets.py for where they are documented).
@@ -130,6 +173,12 @@ class FaultHandler(DemoHandler):
 
     def do_POST(self) -> None:
         url = urlsplit(self.path)
+        if url.path == COMPLETIONS_PATH:
+            try:
+                self.complete()
+            except (BrokenPipeError, ConnectionResetError):
+                self.close_connection = True  # the client left: its request is over
+            return
         query = {k: v[0] for k, v in parse_qs(url.query).items()}
         try:
             fault = Fault.from_request(url.path, query)
@@ -154,6 +203,8 @@ class FaultHandler(DemoHandler):
         elif fault.kind is FaultKind.METRICS:
             assert fault.status is not None
             server.metrics_status = fault.status
+        elif fault.kind in (FaultKind.GENERATE_HANG, FaultKind.GENERATE_ERROR):
+            server.set_generation_fault(fault)
         self.reply(200, "ok\n")
         if fault.kind is FaultKind.EXIT:
             assert fault.code is not None
@@ -167,10 +218,141 @@ class FaultHandler(DemoHandler):
         else:
             super().do_GET()
 
+    def complete(self) -> None:
+        """``POST /v1/completions`` (see the module's docstring)."""
+        server = self.server
+        length = self.headers.get("Content-Length", "")
+        if not length.isdigit() or int(length) > MAX_BODY_BYTES:
+            self.close_connection = True  # the body, if any, is left unread
+            self.reply_error(413 if length.isdigit() else 411, "a Content-Length up to 1 MiB")
+            return
+        try:
+            body = json.loads(self.rfile.read(int(length)))
+        except ValueError as exc:
+            self.reply_error(400, f"the body is not JSON: {exc}")
+            return
+        if not server.authorized(self.headers.get("Authorization")):
+            self.reply_error(401, "missing or wrong bearer key")
+            return
+        if not isinstance(body, dict):
+            self.reply_error(400, "the body is not a JSON object")
+            return
+        model, max_tokens = body.get("model"), body.get("max_tokens", DEFAULT_MAX_TOKENS)
+        if server.served_model_name is not None and model != server.served_model_name:
+            self.reply_error(404, f"The model `{model}` does not exist.")
+            return
+        if type(max_tokens) is not int or not 1 <= max_tokens <= MAX_TOKENS:
+            self.reply_error(400, f"max_tokens must be an integer from 1 to {MAX_TOKENS}")
+            return
+        if not server.loaded.is_set():
+            self.reply_error(503, "the model is loading")
+            return
+        fault = server.take_generation_fault()
+        if fault is not None and fault.kind is FaultKind.GENERATE_ERROR:
+            assert fault.status is not None
+            self.reply_error(fault.status, "generation failed: generate-error fault injected")
+            return
+        completion = _Completion(str(model or "fake"), body.get("prompt"), max_tokens)
+        with server.in_flight():
+            if fault is not None:  # generate-hang
+                generation_hung_in_fake_rank()
+            if body.get("stream") is True:
+                self.stream(completion)
+            else:
+                for _ in range(max_tokens):
+                    server.generate_token()
+                self.reply(200, json.dumps(completion.answer()), "application/json")
+
+    def stream(self, completion: _Completion) -> None:
+        """Server-sent events, one per token, then ``data: [DONE]``, chunked."""
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        for index in range(completion.max_tokens):
+            self.server.generate_token()
+            self.send_chunk(f"data: {json.dumps(completion.chunk(index))}\n\n")
+        self.send_chunk("data: [DONE]\n\n")
+        self.wfile.write(b"0\r\n\r\n")
+
+    def send_chunk(self, text: str) -> None:
+        data = text.encode()
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
+
+    def reply_error(self, status: int, message: str) -> None:
+        """An error in the shape of vLLM's ``ErrorResponse``."""
+        phrase = HTTPStatus(status).phrase.replace(" ", "") if status in _STATUSES else ""
+        kind = phrase if phrase.endswith("Error") else f"{phrase}Error"  # NotFoundError...
+        error = {"message": message, "type": kind, "param": None, "code": status}
+        self.reply(status, json.dumps({"error": error}), "application/json")
+
+
+_STATUSES = {s.value for s in HTTPStatus}
+
+
+class _Completion:
+    """One completion's answer, whole or as stream chunks."""
+
+    def __init__(self, model: str, prompt: object, max_tokens: int) -> None:
+        self.id = f"cmpl-{os.urandom(16).hex()}"
+        self.created = int(time.time())
+        self.model = model
+        # Words stand for tokens: the usage need only be plausible.
+        self.prompt_tokens = len(prompt.split()) if isinstance(prompt, str) else 0
+        self.max_tokens = max_tokens
+
+    def _head(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "text_completion",
+            "created": self.created,
+            "model": self.model,
+        }
+
+    def answer(self) -> dict[str, Any]:
+        choice = {
+            "index": 0,
+            "text": TOKEN_TEXT * self.max_tokens,
+            "logprobs": None,
+            "finish_reason": "length",  # it always stops at max_tokens
+            "stop_reason": None,
+        }
+        usage = {
+            "prompt_tokens": self.prompt_tokens,
+            "total_tokens": self.prompt_tokens + self.max_tokens,
+            "completion_tokens": self.max_tokens,
+        }
+        return {**self._head(), "choices": [choice], "usage": usage}
+
+    def chunk(self, index: int) -> dict[str, Any]:
+        last = index == self.max_tokens - 1
+        choice = {
+            "index": 0,
+            "text": TOKEN_TEXT,
+            "logprobs": None,
+            "finish_reason": "length" if last else None,
+            "stop_reason": None,
+        }
+        return {**self._head(), "choices": [choice]}
+
 
 def engine_step_stalled_in_fake_rank() -> None:
     """Blocks for ever: the stalled engine a stack dump must show by this name."""
     threading.Event().wait()
+
+
+def generation_hung_in_fake_rank() -> None:
+    """Blocks for ever (a daemon handler thread): the hung generation of ``generate-hang``,
+    by this name in a stack dump."""
+    threading.Event().wait()
+
+
+def load_wedged_in_fake_rank() -> None:
+    """Spins for ever, reading and writing nothing: ``--load-wedge``, by this name in a
+    stack dump."""
+    while True:
+        pass
 
 
 class FaultServer(DemoServer):
@@ -191,8 +373,51 @@ class FaultServer(DemoServer):
         self.progress = 0
         self.stalled = threading.Event()
         self.metrics_status: int | None = None
+        #: Completions being generated (or hung): counted in the busy gauge.
+        self.generating = 0
+        #: The generation fault in force, and how many requests it has left (None: all).
+        self.generation_fault: Fault | None = None
+        self.generation_fault_left: int | None = None
+        self.served_model_name: str | None = None
+        self.token_seconds = 0.0
+        #: Set once the model is loaded (at once, without --load-seconds or --load-wedge).
+        self.loaded = threading.Event()
+        self.loaded.set()
         self._metrics_lock = threading.Lock()
         super().__init__(host, port, health_path, ready_after, api_key)
+
+    def set_generation_fault(self, fault: Fault) -> None:
+        with self._metrics_lock:
+            self.generation_fault, self.generation_fault_left = fault, fault.count
+
+    def take_generation_fault(self) -> Fault | None:
+        """The generation fault for one request, its count spent by one."""
+        with self._metrics_lock:
+            fault = self.generation_fault
+            if self.generation_fault_left is not None:
+                self.generation_fault_left -= 1
+                if self.generation_fault_left <= 0:
+                    self.generation_fault = self.generation_fault_left = None
+            return fault
+
+    @contextlib.contextmanager
+    def in_flight(self) -> Iterator[None]:
+        with self._metrics_lock:
+            self.generating += 1
+        try:
+            yield
+        finally:
+            with self._metrics_lock:
+                self.generating -= 1
+
+    def generate_token(self) -> None:
+        """One decode step: it takes --token-seconds, never ends while stalled, and counts."""
+        if self.token_seconds > 0:
+            time.sleep(self.token_seconds)  # the fake's decode time, not a wait for anything
+        if self.stalled.is_set():
+            engine_step_stalled_in_fake_rank()
+        with self._metrics_lock:
+            self.progress += 1
 
     def metrics(self) -> tuple[int, str]:
         if self.metrics_status is not None:
@@ -202,10 +427,11 @@ class FaultServer(DemoServer):
             if self.busy > 0 and not self.stalled.is_set():
                 self.progress += 1
             progress = self.progress
+            running = self.busy + self.generating
         family = progress_name.removesuffix("_total")
         labels = '{model_name="fake"}'
         return 200, (
-            f"# TYPE {busy_name} gauge\n{busy_name}{labels} {self.busy}\n"
+            f"# TYPE {busy_name} gauge\n{busy_name}{labels} {float(running)}\n"
             f"# TYPE {family} counter\n{progress_name}{labels} {float(progress)}\n"
         )
 
@@ -221,6 +447,8 @@ class FaultServer(DemoServer):
                 if self.health_override_left <= 0:
                     self.health_override = None
             return status, "fault injected\n"
+        if not self.loaded.is_set():
+            return 503, "loading the model\n"
         status, text = super().health()
         if status == 200 and self.first_healthy is None:
             self.first_healthy = time.monotonic()
@@ -275,6 +503,28 @@ def _build_parser() -> argparse.ArgumentParser:
         choices=sorted(METRIC_NAMES),
         default="fake",
         help="whose names /metrics uses for its busy gauge and progress counter",
+    )
+    parser.add_argument(
+        "--served-model-name",
+        help=f"the one model {COMPLETIONS_PATH} serves (404 for another); default: any",
+    )
+    parser.add_argument(
+        "--token-seconds",
+        type=float,
+        default=0.0,
+        help="seconds each generated token takes (0: none)",
+    )
+    load = parser.add_mutually_exclusive_group()
+    load.add_argument(
+        "--load-seconds",
+        type=float,
+        metavar="S",
+        help="load for S seconds first, reading a file and saying so on stdout (health 503)",
+    )
+    load.add_argument(
+        "--load-wedge",
+        action="store_true",
+        help="a load that spins a CPU for ever, reading and writing nothing (health 503)",
     )
     return parser
 
@@ -378,6 +628,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     server.events_file = args.events_file
     server.unhealthy_file = args.unhealthy_if_exists
     server.metric_names = METRIC_NAMES[args.metric_names]
+    server.served_model_name = args.served_model_name
+    server.token_seconds = args.token_seconds
+    if args.load_seconds is not None or args.load_wedge:
+        server.loaded.clear()
+        load = (
+            load_wedged_in_fake_rank
+            if args.load_wedge
+            else functools.partial(_load_weights, server, args.load_seconds, args.port)
+        )
+        threading.Thread(target=load, daemon=True).start()
     serve(server, on_sigterm, signal.SIG_IGN if args.ignore_sigint else _obey)
 
 
@@ -405,6 +665,32 @@ def _write_log(lines: int, rate: float, port: int) -> None:
         print(f"fake rank {port}: log line {i} of {lines}", file=stream, flush=True)
         if rate > 0:
             time.sleep(1 / rate)  # pacing the output, not waiting for anything
+
+
+def _load_weights(server: FaultServer, seconds: float, port: int) -> None:
+    """--load-seconds: read and say how far, for `seconds`; then the rank is loaded."""
+    import tempfile  # here: a rank that loads nothing must start fast
+
+    began = time.monotonic()
+    read = 0
+    # Unlinked at once (O_TMPFILE): nothing is left behind when the rank is killed.
+    with tempfile.TemporaryFile(prefix="fake-rank-weights-") as weights:
+        weights.write(bytes(LOAD_CHUNK_BYTES))
+        weights.flush()
+        os.fsync(weights.fileno())  # a dirty page cannot be dropped
+        while (elapsed := time.monotonic() - began) < seconds:
+            # Dropped from the page cache, so the read reaches the disk: read_bytes in
+            # /proc/PID/io counts only that (rchar counts any read, sockets included).
+            os.posix_fadvise(weights.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            read += len(os.pread(weights.fileno(), LOAD_CHUNK_BYTES, 0))
+            print(
+                f"fake rank {port}: loading the model: {read / 2**20:.2f} MiB read, "
+                f"{elapsed:.1f}s of {seconds:g}s",
+                flush=True,
+            )
+            time.sleep(min(LOAD_STEP_SECONDS, seconds - elapsed))  # pacing the load
+    print(f"fake rank {port}: model loaded in {time.monotonic() - began:.1f}s", flush=True)
+    server.loaded.set()
 
 
 def _obey(signum: int, frame: FrameType | None) -> None:

@@ -1,6 +1,8 @@
 """The faults a fake rank can be made to show at run time, declared once: the fake rank
 parses them (`Fault.from_request`), `Deployment.inject` and `inject_fault` send them, and
-tests and the bench name them (``Fault.stall()``) instead of writing URLs.
+tests and the bench name them (``Fault.stall()``) instead of writing URLs. Faults of the
+rank's start (a slow or wedged load, a rank that exits) are its flags instead: see
+fake_rank.py.
 
 Standard library only: the fake rank imports it, and ranks must start fast.
 """
@@ -32,6 +34,13 @@ class FaultKind(enum.Enum):
     STALL = "stall"
     #: /metrics answers `Fault.status`.
     METRICS = "metrics"
+    #: Generation (``POST /v1/completions``) never answers, from now on or for its next
+    #: `Fault.count` requests; each such request stays in flight (the busy gauge counts it)
+    #: and makes no progress. Health is untouched: the hung engine that /health hides.
+    GENERATE_HANG = "generate-hang"
+    #: Generation answers `Fault.status` (500 by default), from now on or for its next
+    #: `Fault.count` requests; health is untouched.
+    GENERATE_ERROR = "generate-error"
 
 
 @dataclass(frozen=True)
@@ -68,6 +77,14 @@ class Fault:
     def metrics(cls, status: int = 500) -> Fault:
         return cls(FaultKind.METRICS, status=status)
 
+    @classmethod
+    def generate_hang(cls, count: int | None = None) -> Fault:
+        return cls(FaultKind.GENERATE_HANG, count=count)
+
+    @classmethod
+    def generate_error(cls, status: int = 500, count: int | None = None) -> Fault:
+        return cls(FaultKind.GENERATE_ERROR, status=status, count=count)
+
     @property
     def path(self) -> str:
         return f"/fault/{self.kind.value}"
@@ -103,6 +120,12 @@ class Fault:
             return cls.busy_with(float(query.get("n", "1")))
         if kind is FaultKind.METRICS:
             return cls.metrics(int(query.get("status", "500")))
+        count = query.get("count")
+        counted = None if count is None else int(count)
+        if kind is FaultKind.GENERATE_HANG:
+            return cls.generate_hang(counted)
+        if kind is FaultKind.GENERATE_ERROR:
+            return cls.generate_error(int(query.get("status", "500")), counted)
         return cls(kind)
 
 
