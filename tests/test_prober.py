@@ -13,7 +13,10 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from trio_dpsup import ConfigError, Preset, RankUnhealthy, SupervisorConfig, SupervisorState
-from trio_dpsup._ranks.http_probe import MAX_HEADER, HttpProbe  # the probe client, on purpose
+
+# The probe settings' own rule, and the probe client, on purpose.
+from trio_dpsup._config.concerns import ProbeSettings, derive
+from trio_dpsup._ranks.http_probe import MAX_HEADER, HttpProbe
 from trio_dpsup.testing import Deployment, Form, Harness, SupervisorSettings
 
 from .conftest import FORMS
@@ -89,7 +92,8 @@ async def test_other_statuses_still_count_to_the_threshold(dpsup: Harness) -> No
 
 def test_fail_on_status_values_and_the_vllm_default() -> None:
     config = SupervisorConfig(command=("x",), fail_on_status=("503", "4xx"))
-    assert [config.fails_at_once(s) for s in (503, 500, 404, 200)] == [True, False, True, False]
+    probes = derive(ProbeSettings, config)
+    assert [probes.fails_at_once(s) for s in (503, 500, 404, 200)] == [True, False, True, False]
     vllm = SupervisorConfig(command=("vllm", "serve", "m"), preset=Preset.VLLM)
     assert vllm.fail_on_status == ("503",)
     sglang = SupervisorConfig(command=("x",), preset=Preset.SGLANG)

@@ -189,7 +189,7 @@ async def _supervise(config: SupervisorConfig) -> int:
                 since = trio.current_time()
                 handle: SupervisorHandle = await nursery.start(supervisor.run)
                 nursery.start_soon(run_systemd_notify, handle, os.environ)
-                nursery.start_soon(run_startup_line, config, handle, since)
+                nursery.start_soon(run_startup_line, config.log_format, handle, since)
                 status = await handle.wait_stopped()
                 nursery.cancel_scope.cancel()
                 return status

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
+from ._config.concerns import CleanStartSettings, derive
 from ._config.config import SupervisorConfig
 from ._config.options import option_name
 from ._config.plan import plan_ranks
@@ -89,7 +90,8 @@ async def prepare_run(
             # Nothing of this run exists yet: every holder of a port or a GPU is foreign.
             check_ports_at_start(plans, config.host, _nobody_of_ours)
             if gpu is not None:
-                await check_gpus_at_start(config, gpu.backend, plans, _nobody_of_ours)
+                clean_start = derive(CleanStartSettings, config)
+                await check_gpus_at_start(clean_start, gpu.backend, plans, _nobody_of_ours)
             check_tls(config)
             # Before anything listens: a log directory that is unsafe or cannot be made
             # is bad input (exit 2), not a failure after the control plane answered.

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import trio
 
-from ._config.config import SupervisorConfig
 from ._config.enums import LogFormat
 from ._output.log_format import TerminalLine
 from ._ranks.prober import startup_progress
@@ -27,7 +26,7 @@ _ERASE_TIMEOUT = 1.0
 
 
 async def run_startup_line(
-    config: SupervisorConfig, handle: SupervisorHandle, since: float, fd: int = 2
+    log_format: LogFormat, handle: SupervisorHandle, since: float, fd: int = 2
 ) -> None:
     """Draw the line on `fd` every REDRAW_INTERVAL, and at once at each change of state,
     until every rank has been ready or shutdown has begun, then erase it; `since` is when
@@ -38,7 +37,7 @@ async def run_startup_line(
     The writes happen in a worker thread: a terminal that blocks never blocks the event
     loop. **Cancellation**: prompt; the line is erased, within _ERASE_TIMEOUT.
     """
-    if config.log_format is not LogFormat.TEXT or not TerminalLine.usable(fd):
+    if log_format is not LogFormat.TEXT or not TerminalLine.usable(fd):
         return
     line = TerminalLine(fd)
     line.refresh = lambda: startup_progress(handle.status(), trio.current_time() - since)

@@ -30,6 +30,13 @@ from functools import partial
 import httpx
 import trio
 
+from ._config.concerns import (
+    AdminSettings,
+    ProbeSettings,
+    PublishSettings,
+    RankSettings,
+    derive,
+)
 from ._config.config import SupervisorConfig
 from ._config.tls import TlsFiles
 from ._errors import SupervisorFailure, SupervisorStopped, first_failure
@@ -226,17 +233,20 @@ class _Run:
         stop_control = trio.Event()
         try:
             async with trio.open_nursery() as root:
-                app = ControlApp(self.board, self.metrics.render, self.config)
+                publish = derive(PublishSettings, self.config)
+                app = ControlApp(self.board, self.metrics.render, publish)
                 serve = partial(serve_control_plane, tls=TlsFiles.of(self.config))
                 url: str = await root.start(serve, app, self.parts.control_sock, stop_control.wait)
                 logger.info("control plane listening on %s", url)
                 if self.parts.admin_sock is not None:
-                    admin = Admin(self.config, self.board, self.metrics.count_action)
+                    admin = Admin(
+                        derive(AdminSettings, self.config), self.board, self.metrics.count_action
+                    )
                     await root.start(serve_admin, self.parts.admin_sock, admin, stop_control.wait)
                     logger.info("admin socket listening on %s", self.parts.admin_sock.path)
                 # The routers are fed from the board: out the moment a rank leaves traffic,
                 # and every rank out of them once the ranks are gone (stop_control).
-                root.start_soon(feed_routers, self.config, self.board, stop_control.wait)
+                root.start_soon(feed_routers, publish, self.board, stop_control.wait)
                 make_handle = partial(SupervisorHandle, self, url)
                 try:
                     async with open_guardian(self.board.run_id) as guardian:
@@ -273,7 +283,7 @@ class _Run:
     ) -> None:
         config = self.config
         async with open_rank_context(
-            config,
+            derive(RankSettings, config),
             self.board,
             trees=self.trees,
             scanner=self.scanner,
@@ -305,8 +315,9 @@ class _Run:
                     )
                     for record in self.board.ranks:
                         await ranks.start(run_rank, record, ctx)
-                    ranks.start_soon(run_startup_deadline, config, self.board, self.fail)
-                    ranks.start_soon(log_startup_progress, config, self.board)
+                    probes = derive(ProbeSettings, config)
+                    ranks.start_soon(run_startup_deadline, probes, self.board, self.fail)
+                    ranks.start_soon(log_startup_progress, probes, self.board)
                     await ranks.start(run_gpu_watch, self.gpu, ctx)
                     self._handed_out = True
                     task_status.started(make_handle())

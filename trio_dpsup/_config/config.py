@@ -465,6 +465,7 @@ class SupervisorConfig:
         in the command) rather than independent replicas."""
         return self.group or data_parallel_size(self.preset, self.command) is not None
 
+    @property
     def group_reason(self) -> str:
         """What makes the ranks a group, for messages."""
         size = data_parallel_size(self.preset, self.command)
@@ -526,7 +527,7 @@ class SupervisorConfig:
             and self.restart_scope is RestartScope.RANK
         ):
             raise ConfigError(
-                f"{_opt('restart_scope')} rank: {self.group_reason()}, which cannot take back "
+                f"{_opt('restart_scope')} rank: {self.group_reason}, which cannot take back "
                 f"one restarted rank: drop {_opt('restart_scope')} (a group restarts as one), "
                 f"or pass {_opt('restart')} never"
             )
@@ -582,11 +583,6 @@ class SupervisorConfig:
             # vLLM's /health (vllm/entrypoints/serve/instrumentator/health.py) answers 503
             # only on EngineDeadError: a dead engine, which no later probe will see alive.
             object.__setattr__(self, "fail_on_status", ("503",))  # frozen: set once, here
-
-    def fails_at_once(self, status: int) -> bool:
-        """An answer with `status` fails a ready rank at once (``fail_on_status``)."""
-        text = str(status)
-        return any(p == text or (p[1:] == "xx" and p[0] == text[0]) for p in self.fail_on_status)
 
     def _check_progress(self) -> None:
         """With the progress check on, both metric names must be known: given, or the
@@ -679,7 +675,7 @@ def check_min_ready(config: SupervisorConfig, ranks: int) -> None:
         )
     if config.forms_group and config.min_ready is not None and config.min_ready < ranks:
         raise ConfigError(
-            f"{_opt('min_ready')} {config.min_ready}: {config.group_reason()}, which serves "
+            f"{_opt('min_ready')} {config.min_ready}: {config.group_reason}, which serves "
             f"whole or not at all: drop {_opt('min_ready')} (/ready then needs all {ranks}), "
             "or run the ranks as independent replicas"
         )

@@ -34,7 +34,7 @@ def check_tls(config: SupervisorConfig) -> None:
     """Load every certificate, key and CA file now, so that a bad one is a ConfigError before
     anything starts (the control plane and the prober load them again when they need them)."""
     if config.rank_scheme is RankScheme.HTTPS:
-        rank_verify(config)
+        rank_verify(config.host, config.rank_ca_certs)
     if config.ssl_certfile is None or config.ssl_keyfile is None:
         return
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -49,17 +49,18 @@ def check_tls(config: SupervisorConfig) -> None:
         ) from exc
 
 
-def rank_verify(config: SupervisorConfig) -> ssl.SSLContext | bool:
-    """What the prober verifies HTTPS ranks with (httpx's `verify`)."""
-    if config.rank_ca_certs is not None:
+def rank_verify(host: str, ca_certs: str | None) -> ssl.SSLContext | bool:
+    """What the prober verifies HTTPS ranks on `host` with (httpx's `verify`), given
+    --rank-ca-certs `ca_certs`."""
+    if ca_certs is not None:
         try:
-            return ssl.create_default_context(cafile=config.rank_ca_certs)
+            return ssl.create_default_context(cafile=ca_certs)
         except (ssl.SSLError, OSError) as exc:
             raise ConfigError(
-                f"cannot use --rank-ca-certs {config.rank_ca_certs}: {exc}: give a PEM CA bundle"
+                f"cannot use --rank-ca-certs {ca_certs}: {exc}: give a PEM CA bundle"
             ) from exc
     # Ranks on loopback hold self-signed certificates; nothing between us and them to fear.
-    return not is_loopback(config.host)
+    return not is_loopback(host)
 
 
 def is_loopback(host: str) -> bool:

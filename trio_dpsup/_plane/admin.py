@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import trio
 
-from .._config.config import SupervisorConfig
+from .._config.concerns import AdminSettings
 from .._errors import RestartRequested
 from .._state.board import Board, RankRecord
 from .._state.document import status_to_json
@@ -92,7 +92,7 @@ class Admin:
 
     def __init__(
         self,
-        config: SupervisorConfig,
+        config: AdminSettings,
         board: Board,
         count: Callable[[Action], None],
     ) -> None:
@@ -133,7 +133,7 @@ class Admin:
             raise AdminError("the supervisor is stopping")
         if self._config.forms_group and action.takes_ranks_out:
             raise AdminError(
-                f"{action.value} of one rank: {self._config.group_reason()}, which cannot "
+                f"{action.value} of one rank: {self._config.group_reason}, which cannot "
                 "take back "
                 "one restarted or drained rank: restart the whole supervisor instead (systemctl "
                 "restart, or delete the pod)"

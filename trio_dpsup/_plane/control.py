@@ -19,7 +19,7 @@ from urllib.parse import parse_qs
 
 import trio
 
-from .._config.config import SupervisorConfig
+from .._config.concerns import PublishSettings
 from .._config.plan import control_connections
 from .._config.tls import TlsFiles
 from .._errors import ConfigError
@@ -45,9 +45,7 @@ class ControlApp:
     each call, /metrics from `metrics()`, and /ranks (long polls included) and
     /prometheus/targets (see discovery.py) by `config`."""
 
-    def __init__(
-        self, board: Board, metrics: Callable[[], bytes], config: SupervisorConfig
-    ) -> None:
+    def __init__(self, board: Board, metrics: Callable[[], bytes], config: PublishSettings) -> None:
         self._board = board
         self._metrics = metrics
         self._config = config

@@ -18,7 +18,7 @@ from __future__ import annotations
 import socket
 from typing import Any
 
-from .._config.config import SupervisorConfig
+from .._config.concerns import PublishSettings
 from .._config.enums import WILDCARD_HOSTS
 from .._state.status import DrainReason, RankStatus, SupervisorStatus
 
@@ -30,14 +30,14 @@ MAX_WAIT = 60.0
 SCHEMA = 1
 
 
-def _host(config: SupervisorConfig) -> str:
+def _host(config: PublishSettings) -> str:
     host = config.advertised_host
     if host in WILDCARD_HOSTS:
         host = socket.gethostname()
     return f"[{host}]" if ":" in host else host
 
 
-def ranks_document(status: SupervisorStatus, config: SupervisorConfig) -> dict[str, Any]:
+def ranks_document(status: SupervisorStatus, config: PublishSettings) -> dict[str, Any]:
     """The /ranks document."""
     host = _host(config)
     return {
@@ -50,7 +50,7 @@ def ranks_document(status: SupervisorStatus, config: SupervisorConfig) -> dict[s
 
 
 def _rank(
-    rank: RankStatus, status: SupervisorStatus, host: str, config: SupervisorConfig
+    rank: RankStatus, status: SupervisorStatus, host: str, config: PublishSettings
 ) -> dict[str, Any]:
     return {
         "rank": rank.rank,
@@ -65,7 +65,7 @@ def _rank(
     }
 
 
-def prometheus_targets(status: SupervisorStatus, config: SupervisorConfig) -> list[Any]:
+def prometheus_targets(status: SupervisorStatus, config: PublishSettings) -> list[Any]:
     """The http_sd_config document: a JSON list of {"targets": [...], "labels": {...}}."""
     host = _host(config)
     return [

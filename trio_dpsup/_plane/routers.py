@@ -29,7 +29,7 @@ from typing import Any, Protocol
 import httpx
 import trio
 
-from .._config.config import SupervisorConfig
+from .._config.concerns import PublishSettings
 from .._config.routers import RouterKind, RouterSpec
 from .._state.board import Board
 
@@ -82,7 +82,7 @@ class SglangWorkers:
             response.raise_for_status()
 
 
-def rank_url(config: SupervisorConfig, port: int) -> str:
+def rank_url(config: PublishSettings, port: int) -> str:
     """A rank's URL as routers are given it: --advertise-host (else --host) and its port."""
     host = config.advertised_host
     host = f"[{host}]" if ":" in host else host
@@ -100,7 +100,7 @@ class _Unconfirmed(Exception):
 
 
 async def feed_routers(
-    config: SupervisorConfig,
+    config: PublishSettings,
     board: Board,
     stop: Callable[[], Awaitable[object]],
 ) -> None:
@@ -134,7 +134,7 @@ class _Feed:
 
     def __init__(
         self,
-        config: SupervisorConfig,
+        config: PublishSettings,
         board: Board,
         spec: RouterSpec,
         workers: RouterWorkers,

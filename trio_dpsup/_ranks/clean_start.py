@@ -27,7 +27,7 @@ from collections.abc import Callable, Collection, Sequence
 import psutil
 import trio
 
-from .._config.config import SupervisorConfig
+from .._config.concerns import CleanStartSettings
 from .._config.plan import RankPlan
 from .._config.tls import WILDCARD_HOSTS
 from .._errors import ConfigError, GpuMemoryHeld, PortInUse
@@ -103,7 +103,7 @@ def check_ports_at_start(
 
 
 async def check_gpus_at_start(
-    config: SupervisorConfig,
+    config: CleanStartSettings,
     backend: NvmlBackend,
     plans: Sequence[RankPlan],
     owner: Callable[[int], Owner],
@@ -125,7 +125,7 @@ async def check_gpus_at_start(
 
 
 async def wait_clean_restart(
-    config: SupervisorConfig,
+    config: CleanStartSettings,
     record: RankRecord,
     previous: Collection[int],
     owner: Callable[[int], Owner],
@@ -147,7 +147,7 @@ async def wait_clean_restart(
 
 
 async def _wait_port(
-    config: SupervisorConfig, record: RankRecord, owner: Callable[[int], Owner]
+    config: CleanStartSettings, record: RankRecord, owner: Callable[[int], Owner]
 ) -> None:
     plan = record.plan
     if not port_in_use(config.host, plan.port):
@@ -173,7 +173,7 @@ async def _wait_port(
 
 
 async def _wait_gpus(
-    config: SupervisorConfig,
+    config: CleanStartSettings,
     record: RankRecord,
     previous: Collection[int],
     owner: Callable[[int], Owner],

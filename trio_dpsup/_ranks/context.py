@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from .._config.config import SupervisorConfig
+from .._config.concerns import LogSettings, RankSettings
 from .._config.enums import LogFormat
 from .._errors import SupervisorFailure
 from .._gpu.nvml import NvmlBackend
@@ -35,7 +35,8 @@ __all__ = ["RankContext", "open_rank_context"]
 class RankContext:
     """What every rank task shares."""
 
-    config: SupervisorConfig
+    #: What the rank tasks read, by concern.
+    settings: RankSettings
     board: Board
     spawner: Spawner
     scanner: TreeScanner
@@ -65,7 +66,7 @@ class RankContext:
 
 @asynccontextmanager
 async def open_rank_context(
-    config: SupervisorConfig,
+    settings: RankSettings,
     board: Board,
     *,
     trees: Trees,
@@ -89,11 +90,12 @@ async def open_rank_context(
     """
     async with (
         open_spawner() as spawner,
-        _open_pump(config, log_dir) as pump,
-        open_probe_client(config, transport) as client,
+        _open_pump(settings.logs, log_dir) as pump,
+        open_probe_client(settings.probes.address, transport) as client,
     ):
+        restarts = settings.restarts
         yield RankContext(
-            config=config,
+            settings=settings,
             board=board,
             spawner=spawner,
             scanner=scanner,
@@ -101,15 +103,17 @@ async def open_rank_context(
             cgroups=cgroups,
             clock=clock,
             client=client,
-            probes=probe_factory(config, client, through_httpx=transport is not None),
-            ticker=Ticker(config.probe_interval),
+            probes=probe_factory(
+                settings.probes.address, client, through_httpx=transport is not None
+            ),
+            ticker=Ticker(settings.probes.probe_interval),
             restarter=Restarter(
-                config.restart,
-                config.scope,
-                max_restarts=config.max_restarts,
-                window=config.restart_window,
-                backoff_min=config.restart_backoff_min,
-                backoff_max=config.restart_backoff_max,
+                restarts.restart,
+                restarts.scope,
+                max_restarts=restarts.max_restarts,
+                window=restarts.restart_window,
+                backoff_min=restarts.restart_backoff_min,
+                backoff_max=restarts.restart_backoff_max,
             ),
             environ=environ,
             fail=fail,
@@ -122,9 +126,7 @@ async def open_rank_context(
 
 
 @asynccontextmanager
-async def _open_pump(
-    config: SupervisorConfig, log_dir: int | None
-) -> AsyncIterator[LogPump | None]:
+async def _open_pump(config: LogSettings, log_dir: int | None) -> AsyncIterator[LogPump | None]:
     """The log pump when ranks' output is relayed; None when they inherit ours."""
     if not config.log_prefix:
         yield None

@@ -36,7 +36,6 @@ import trio
 from .._state.board import RankRecord
 from .._state.status import DrainEnd, DrainReason
 from .context import RankContext
-from .prober import rank_health_url
 from .progress import NoAnswer, metric_sums, read_metrics
 
 __all__ = ["POLL", "drain_rank"]
@@ -60,7 +59,7 @@ async def drain_rank(record: RankRecord, ctx: RankContext, reason: DrainReason) 
 
     **Cancellation**: prompt; the rank stays out. A second signal ends it as SKIPPED.
     """
-    config = ctx.config
+    config = ctx.settings.drain
     rank = record.plan.rank
     assert record.drain is not None  # taken out by request_drain
     began = record.drain.began
@@ -105,7 +104,7 @@ async def _drain(record: RankRecord, ctx: RankContext, began: float) -> DrainEnd
         return not record.draining_since(began)
 
     await _until_routers_forget(record, ctx, withdrawn)
-    with trio.move_on_after(ctx.config.drain_delay):
+    with trio.move_on_after(ctx.settings.drain.drain_delay):
         while not withdrawn():  # an undrain wakes it; the delay ends it
             await board.changed.wait()
     if withdrawn():
@@ -122,14 +121,14 @@ async def _until_routers_forget(
     def listing() -> list[str]:
         return [r.name for r in board.routers.values() if rank in r.listed]
 
-    with trio.move_on_after(ctx.config.router_timeout):
+    with trio.move_on_after(ctx.settings.drain.router_timeout):
         while listing() and not withdrawn():
             await board.changed.wait()
         return
     logger.warning(
         "rank %d: still listed by %s after --router-timeout %gs: draining anyway (its health "
         "checks remain)",
-        rank, ", ".join(listing()), ctx.config.router_timeout, extra={"rank": rank},
+        rank, ", ".join(listing()), ctx.settings.drain.router_timeout, extra={"rank": rank},
     )  # fmt: skip
 
 
@@ -137,12 +136,12 @@ async def _until_idle(record: RankRecord, ctx: RankContext, began: float) -> Dra
     """Read the in-flight gauges until they sum to 0 twice in a row, at most --drain-timeout;
     None once the drain is withdrawn. A read that fails is tried again (a busy engine can be
     slow to answer its /metrics); `UNREADABLE` failures in a row make the count unknown."""
-    config = ctx.config
+    config = ctx.settings.drain
     names = config.inflight_metrics
     if not names:
         return DrainEnd.UNKNOWN
     rank = record.plan.rank
-    url = rank_health_url(config, record.plan.port, config.metrics_path)
+    url = config.address.url(record.plan.port, config.address.metrics_path)
     idle_reads = failures = 0
     with trio.move_on_after(config.drain_timeout):
         while record.draining_since(began):
@@ -158,7 +157,8 @@ async def _until_idle(record: RankRecord, ctx: RankContext, began: float) -> Dra
                 logger.warning(
                     "rank %d: its requests in flight are unknown (cannot read %s: %s): "
                     "stopping it after --drain-delay alone",
-                    rank, config.metrics_path, exc or type(exc).__name__, extra={"rank": rank},
+                    rank, config.address.metrics_path, exc or type(exc).__name__,
+                    extra={"rank": rank},
                 )  # fmt: skip
                 return DrainEnd.UNKNOWN
             failures = 0

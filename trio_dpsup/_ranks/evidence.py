@@ -35,7 +35,7 @@ from pathlib import Path
 
 import trio
 
-from .._config.config import SupervisorConfig
+from .._config.concerns import EvidenceSettings
 from .._errors import (
     GpuFailed,
     RankStalled,
@@ -78,12 +78,12 @@ class EvidenceRequest:
     xids: tuple[XidSeen, ...] = ()
 
 
-def wants_evidence(config: SupervisorConfig, failure: SupervisorFailure | None) -> bool:
+def wants_evidence(config: EvidenceSettings, failure: SupervisorFailure | None) -> bool:
     return config.evidence_dir is not None and isinstance(failure, _KINDS)
 
 
 async def capture_evidence(
-    config: SupervisorConfig, request: EvidenceRequest, directory: int
+    config: EvidenceSettings, request: EvidenceRequest, directory: int
 ) -> str | None:
     """Write the evidence of `request`'s failure of its rank under `directory`, the checked
     --evidence-dir's descriptor; return the folder, or None if it could not be written

@@ -55,7 +55,7 @@ async def run_gpu_watch(
             nvml.backend,
             nvml.inventory,
             board,
-            interval=ctx.config.gpu_interval,
+            interval=ctx.settings.gpu_watch.gpu_interval,
             fail=ctx.fail,
             owner=ctx.owner,
             task_status=task_status,

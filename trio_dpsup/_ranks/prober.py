@@ -32,7 +32,7 @@ from typing import NoReturn, Protocol
 import httpx
 import trio
 
-from .._config.config import SupervisorConfig
+from .._config.concerns import ProbeSettings, RankAddress
 from .._config.enums import RankScheme
 from .._config.tls import WILDCARD_HOSTS, rank_verify
 from .._errors import RankStartTimeout, RankUnhealthy, StartupTimeout, SupervisorFailure
@@ -48,7 +48,6 @@ __all__ = [
     "probe_factory",
     "probe_once",
     "probe_rank",
-    "rank_health_url",
     "run_startup_deadline",
     "startup_progress",
 ]
@@ -98,20 +97,20 @@ class _HttpxProbe:
 
 
 def probe_factory(
-    config: SupervisorConfig, client: httpx.AsyncClient, *, through_httpx: bool
+    address: RankAddress, client: httpx.AsyncClient, *, through_httpx: bool
 ) -> Callable[[int], RankProbe]:
     """Makes the probe of the rank listening on a port: the native client, or (with an
     injected transport) `client`."""
     if through_httpx:
-        return lambda port: _HttpxProbe(client, rank_health_url(config, port))
-    host = WILDCARD_HOSTS.get(config.host, config.host)
-    tls = _tls_context(config) if config.rank_scheme is RankScheme.HTTPS else None
-    return lambda port: HttpProbe(host, port, config.health_path, tls)
+        return lambda port: _HttpxProbe(client, address.url(port))
+    host = WILDCARD_HOSTS.get(address.host, address.host)
+    tls = _tls_context(address) if address.rank_scheme is RankScheme.HTTPS else None
+    return lambda port: HttpProbe(host, port, address.health_path, tls)
 
 
-def _tls_context(config: SupervisorConfig) -> ssl.SSLContext:
+def _tls_context(address: RankAddress) -> ssl.SSLContext:
     """The verification rules of rank_verify, as an SSL context."""
-    verify = rank_verify(config)
+    verify = rank_verify(address.host, address.rank_ca_certs)
     if isinstance(verify, ssl.SSLContext):
         return verify
     context = ssl.create_default_context()
@@ -124,22 +123,16 @@ def _tls_context(config: SupervisorConfig) -> ssl.SSLContext:
 logger = logging.getLogger(__name__)
 
 
-def rank_health_url(config: SupervisorConfig, port: int, path: str | None = None) -> str:
-    """The URL of `path` (default: the health path) on the rank that listens on `port`."""
-    host = WILDCARD_HOSTS.get(config.host, config.host)
-    if ":" in host:
-        host = f"[{host}]"
-    return f"{config.rank_scheme.value}://{host}:{port}{path or config.health_path}"
-
-
 def open_probe_client(
-    config: SupervisorConfig, transport: httpx.AsyncBaseTransport | None = None
+    address: RankAddress, transport: httpx.AsyncBaseTransport | None = None
 ) -> httpx.AsyncClient:
     """The one client every probe goes through (use it as an async context manager).
 
     `transport` replaces httpx's network transport (tests may pass a MockTransport).
     """
-    verify = rank_verify(config) if config.rank_scheme is RankScheme.HTTPS else True
+    verify: ssl.SSLContext | bool = True
+    if address.rank_scheme is RankScheme.HTTPS:
+        verify = rank_verify(address.host, address.rank_ca_certs)
     # Probes must not go through an HTTP proxy from the environment: ranks are local.
     return httpx.AsyncClient(transport=transport, trust_env=False, verify=verify)
 
@@ -169,7 +162,7 @@ async def probe_once(client: httpx.AsyncClient, url: str, timeout: float) -> Pro
 
 
 async def probe_rank(
-    config: SupervisorConfig,
+    config: ProbeSettings,
     board: Board,
     record: RankRecord,
     probe: RankProbe,
@@ -215,7 +208,7 @@ async def probe_rank(
 
 
 def _count(
-    config: SupervisorConfig,
+    config: ProbeSettings,
     record: RankRecord,
     result: ProbeResult,
     observe: Callable[[int, ProbeResult], None] | None,
@@ -245,7 +238,7 @@ def _count(
 
 
 async def _confirm(
-    config: SupervisorConfig,
+    config: ProbeSettings,
     record: RankRecord,
     probe: RankProbe,
     observe: Callable[[int, ProbeResult], None] | None,
@@ -289,7 +282,7 @@ def startup_progress(status: SupervisorStatus, elapsed: float) -> str:
     )
 
 
-async def log_startup_progress(config: SupervisorConfig, board: Board) -> None:
+async def log_startup_progress(config: ProbeSettings, board: Board) -> None:
     """Every `progress_log_interval` until every rank is ready (or shutdown begins): one
     record, `startup_progress`.
 
@@ -305,7 +298,7 @@ async def log_startup_progress(config: SupervisorConfig, board: Board) -> None:
 
 
 async def run_startup_deadline(
-    config: SupervisorConfig,
+    config: ProbeSettings,
     board: Board,
     fail: Callable[[SupervisorFailure], SupervisorFailure],
 ) -> None:

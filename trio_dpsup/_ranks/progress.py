@@ -16,11 +16,10 @@ import httpx
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from .._config.config import SupervisorConfig
+from .._config.concerns import ProgressSettings
 from .._errors import RankStalled
 from .._state.board import RankRecord
 from .._state.status import ProgressStatus, RankState
-from .prober import rank_health_url
 
 __all__ = [
     "NoAnswer",
@@ -76,7 +75,7 @@ class StallClock:
 
 
 async def watch_progress(
-    config: SupervisorConfig, record: RankRecord, client: httpx.AsyncClient
+    config: ProgressSettings, record: RankRecord, client: httpx.AsyncClient
 ) -> None:
     """Read one rank process's metrics every `progress_interval` while it is ready; raise
     `RankStalled` once it has been busy without progress for `progress_timeout`. Returns at
@@ -89,7 +88,7 @@ async def watch_progress(
     busy_metric, progress_metric = config.progress_busy_metric, config.progress_metric
     assert busy_metric is not None  # both filled in by the config
     assert progress_metric is not None
-    url = rank_health_url(config, record.plan.port, config.metrics_path)
+    url = config.address.url(record.plan.port, config.address.metrics_path)
     clock = StallClock()
     while True:  # ends by cancellation or by the stall it raises
         await trio.sleep(config.progress_interval)
@@ -102,7 +101,7 @@ async def watch_progress(
                 parse_progress, text, busy_metric, progress_metric
             )
         except (httpx.HTTPError, ValueError, NoAnswer) as exc:
-            problem = f"cannot read {config.metrics_path}: {exc or type(exc).__name__}"
+            problem = f"cannot read {config.address.metrics_path}: {exc or type(exc).__name__}"
             if record.progress is None or record.progress.problem != problem:
                 rank = record.plan.rank
                 logger.warning("rank %d: %s", rank, problem, extra={"rank": rank})

@@ -98,7 +98,8 @@ async def run_rank(
 async def _clean_restart(record: RankRecord, ctx: RankContext) -> None:
     """Wait for the previous process's port and GPU memory; a failure stops everything."""
     try:
-        await wait_clean_restart(ctx.config, record, record.previous_tree, ctx.owner, ctx.nvml)
+        settings = ctx.settings.clean_start
+        await wait_clean_restart(settings, record, record.previous_tree, ctx.owner, ctx.nvml)
     except SupervisorFailure as failure:
         record.fail()
         raise ctx.fail(failure) from None
@@ -190,13 +191,13 @@ async def _evidence(
         deadline = isinstance(first, StartupTimeout) and rank in first.not_ready
         if deadline or (first is not None and first.rank == rank):
             failure = first
-    if process.returncode is not None or not wants_evidence(ctx.config, failure):
+    if process.returncode is not None or not wants_evidence(ctx.settings.evidence, failure):
         return False
     assert failure is not None
     assert ctx.evidence_dir is not None
     pids = frozenset({proc.pid for proc in await ctx.scanner.scan(rank)} | {process.pid})
     request = EvidenceRequest(ctx.board.run_id, record, failure, pids, tuple(ctx.board.xid_events))
-    record.set_evidence(await capture_evidence(ctx.config, request, ctx.evidence_dir))
+    record.set_evidence(await capture_evidence(ctx.settings.evidence, request, ctx.evidence_dir))
     return True
 
 
@@ -215,7 +216,8 @@ async def _watch(
     found: list[SupervisorFailure] = []
     # After a restart, the process has a startup deadline of its own; the first start is
     # bounded by the supervisor's startup deadline instead.
-    timeout = ctx.config.startup_timeout if record.restarts and ctx.config.startup_timeout else None
+    startup = ctx.settings.probes.startup_timeout
+    timeout = startup if record.restarts and startup else None
 
     async def exits(cancel: trio.CancelScope) -> None:
         returncode = await process.wait()
@@ -233,7 +235,7 @@ async def _watch(
         probe = ctx.probes(record.plan.port)
         try:
             await probe_rank(
-                ctx.config,
+                ctx.settings.probes,
                 ctx.board,
                 record,
                 probe,
@@ -248,7 +250,7 @@ async def _watch(
 
     async def progress(cancel: trio.CancelScope) -> None:
         try:
-            await watch_progress(ctx.config, record, ctx.client)
+            await watch_progress(ctx.settings.progress, record, ctx.client)
         except SupervisorFailure as failure:
             await verdict(failure, cancel)
 
