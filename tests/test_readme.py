@@ -269,3 +269,20 @@ def _group_alive(pgid: int) -> bool:
         os.killpg(pgid, 0)
         return True
     return False
+
+
+def test_every_option_and_endpoint_has_an_example() -> None:
+    used: set[str] = set()
+    texts = []
+    for block in blocks():
+        texts.append(block.text)
+        for command in commands(block.text):
+            if program_of(command).endswith("trio-dpsup"):
+                used |= {arg.split("=")[0] for arg in command if arg.startswith("--")}
+    options = {o for a in build_parser()._actions for o in a.option_strings if o[:2] == "--"}
+    missing = options - used - {"--help", "--version"}
+    assert not missing, f"options with no example in any shell block of the docs: {missing}"
+    every = "".join(texts)
+    for endpoint in ("/livez", "/startupz", "/ready", "/readyz", "/health", "/ranks/1/ready",
+                     "/metrics", "/ranks?wait=", "/prometheus/targets", "/status"):  # fmt: skip
+        assert f"localhost:9000{endpoint}" in every or endpoint in every, endpoint
