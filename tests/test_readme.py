@@ -45,9 +45,10 @@ BROUGHT = frozenset({
     "haproxy",
 })  # fmt: skip
 #: Programs of the venv that only a server's own install puts there (the docs say so).
+#: (A bare ``vllm`` is the stand-in of trio_dpsup.testing.fake_servers, put on PATH.)
 SERVERS = frozenset(
     {".venv/bin/vllm", "/opt/trio-dpsup/.venv/bin/pip", "/usr/local/bin/llama-server",
-     "llama-server"}
+     "llama-server", "vllm"}
 )  # fmt: skip
 #: Our own programs: never bare (not on a fresh shell's PATH), always by the venv's path.
 OURS = frozenset({"trio-dpsup", "python", "pip", "pytest"})
