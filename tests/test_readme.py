@@ -17,6 +17,7 @@ import shlex
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 import tomllib
 from dataclasses import dataclass
@@ -238,31 +239,51 @@ def test_a_runnable_block_runs_in_a_fresh_shell(block: Block) -> None:
     taken = [port for port in BLOCK_PORTS if _port_taken(port)]
     if taken:
         pytest.skip(f"ports the docs' examples use are taken here: {taken}")
+    ran = run_block(block.text, BLOCK_TIMEOUT)
+    assert not ran.overran, f"{block.id}: still running after {BLOCK_TIMEOUT} s:\n{ran.out}"
+    assert ran.returncode == 0, f"{block.id}: exit {ran.returncode} in {ran.took:.1f} s:\n{ran.out}"
+    assert not ran.left, f"{block.id}: left a process running (stop what you start):\n{ran.out}"
+    print(f"{block.id}: {ran.took:.1f} s")
+
+
+@dataclass(frozen=True)
+class Ran:
+    returncode: int | None
+    out: str
+    took: float
+    #: Whether it was still running at its time limit.
+    overran: bool
+    #: Whether a process it started was still running when it ended.
+    left: bool
+
+
+def run_block(text: str, timeout: float) -> Ran:
+    """Run `text` as a fresh shell would, in a process group of its own (what it starts in
+    the background stays in it), then kill whatever of the group is left."""
     # A fresh shell: nothing activated, the venv's programs only by path; errors stop it.
     env = {
         "PATH": "/usr/local/bin:/usr/bin:/bin",
         "HOME": os.environ.get("HOME", "/root"),
         "LANG": "C.UTF-8",
     }
-    shell = subprocess.Popen(
-        ["bash", "-e", "-o", "pipefail", "-c", block.text],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True,
-    )  # fmt: skip
-    started = time.monotonic()
-    try:
-        out, _ = shell.communicate(timeout=BLOCK_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(shell.pid, signal.SIGKILL)
-        out, _ = shell.communicate()
-        pytest.fail(f"{block.id}: still running after {BLOCK_TIMEOUT} s:\n{out}")
-    took = time.monotonic() - started
-    left = _group_alive(shell.pid)
-    if left:
-        os.killpg(shell.pid, signal.SIGKILL)
-    assert shell.returncode == 0, f"{block.id}: exit {shell.returncode} after {took:.1f} s:\n{out}"
-    assert not left, f"{block.id}: left a process of its own running (stop what you start):\n{out}"
-    print(f"{block.id}: {took:.1f} s")
+    with tempfile.TemporaryFile("w+") as out:
+        shell = subprocess.Popen(
+            ["bash", "-e", "-o", "pipefail", "-c", text],
+            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        started = time.monotonic()
+        overran = False
+        try:
+            shell.wait(timeout=timeout)  # the shell, not its output: a leftover may hold that
+        except subprocess.TimeoutExpired:
+            overran = True
+        took = time.monotonic() - started
+        left = not overran and _group_alive(shell.pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(shell.pid, signal.SIGKILL)
+        shell.wait()
+        out.seek(0)
+        return Ran(shell.returncode if not overran else None, out.read(), took, overran, left)
 
 
 def _group_alive(pgid: int) -> bool:
@@ -270,6 +291,18 @@ def _group_alive(pgid: int) -> bool:
         os.killpg(pgid, 0)
         return True
     return False
+
+
+def test_the_block_runner_fails_a_block_that_leaves_a_process_or_overruns() -> None:
+    python = ROOT / ".venv" / "bin" / "python"
+    if not python.exists():
+        pytest.skip("no .venv in the checkout")
+    wait = f"{python} -c 'import time; time.sleep(30)'"
+    left = run_block(f"{wait} > /dev/null &\necho started", 30)
+    assert (left.returncode, left.out, left.left, left.overran) == (0, "started\n", True, False)
+    overran = run_block(wait, 0.5)
+    assert overran.overran
+    assert run_block("false\necho not reached", 30).returncode == 1  # -e: an error stops it
 
 
 def test_every_option_and_endpoint_has_an_example() -> None:
