@@ -320,3 +320,17 @@ def test_every_option_and_endpoint_has_an_example() -> None:
     for endpoint in ("/livez", "/startupz", "/ready", "/readyz", "/health", "/ranks/1/ready",
                      "/metrics", "/ranks?wait=", "/prometheus/targets", "/status"):  # fmt: skip
         assert f"localhost:9000{endpoint}" in every or endpoint in every, endpoint
+
+
+@pytest.mark.parametrize("block", [b for b in blocks() if not b.runnable], ids=lambda b: b.id)
+def test_a_background_start_says_how_to_stop_it(block: Block) -> None:
+    # Runnable blocks are held to it by running them; the others must say so.
+    if re.search(r"[^&]&\s*($|#)", block.text, flags=re.M):
+        assert "kill" in block.text, f"{block.id}: a background start, and no word of its stop"
+
+
+@pytest.mark.parametrize("block", [b for b in blocks() if not b.runnable], ids=lambda b: b.id)
+def test_every_loop_ends(block: Block) -> None:
+    # A loop in a block that does not run could spin for ever unseen: run it (mark the block
+    # runnable), so that the test holds its end.
+    assert not re.search(r"^\s*(while|until)\b", block.text, flags=re.M), block.id
