@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+# The docs' command lines are parsed by the CLI's own parsers, as the CLI would parse them.
 from trio_dpsup._cli import build_parser
 from trio_dpsup._plane.ctl import _parser as ctl_parser
 
