@@ -51,6 +51,8 @@ async def test_vllm_preset_adds_host_port_and_rank(
         "--data-parallel-rank 3" in sup.log
     )
     assert "sk-secret" not in sup.log
+    # Ranks 0-1 of the group are another node's: said at start.
+    assert "ranks 2-3 of the data-parallel group of 4 run here; the others are expected" in sup.log
 
 
 async def test_sglang_preset(fake_env: dict[str, str], tmp_path: Path) -> None:

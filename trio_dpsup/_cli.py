@@ -95,7 +95,8 @@ _EXAMPLES = """Examples:
   # four demo ranks, no GPU: then curl localhost:9000/ready, Ctrl-C to stop
   trio-dpsup --ranks 4 --gpus-per-rank 0 -- python -m trio_dpsup.demo --port {port}
 
-  # vLLM, one rank per GPU, bounced ranks restarted, hangs caught by progress
+  # vLLM, one data-parallel group of 8 ranks, one per GPU: on any failure the group
+  # restarts as one; hangs caught by progress
   trio-dpsup --preset vllm --restart on-failure --progress-timeout 120 \\
       --evidence-dir /var/log/trio-dpsup -- vllm serve MODEL --data-parallel-size 8"""
 

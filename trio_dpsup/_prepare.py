@@ -21,7 +21,8 @@ from typing import Literal
 from ._config.concerns import CleanStartSettings, derive
 from ._config.config import SupervisorConfig
 from ._config.options import option_name
-from ._config.plan import plan_ranks
+from ._config.plan import RankPlan, plan_ranks
+from ._config.presets import data_parallel_size
 from ._config.tls import check_tls
 from ._errors import ConfigError
 from ._gpu.nvml import NvmlFactory
@@ -118,7 +119,13 @@ async def prepare_run(
             raise
         undo.pop_all()  # the run owns them now
     for plan in plans:
-        logger.info("rank %d command: %s", plan.rank, shlex.join(plan.redacted_argv))
+        logger.info(
+            "rank %d command: %s",
+            plan.rank,
+            shlex.join(plan.redacted_argv),
+            extra={"rank": plan.rank},
+        )
+    _say_where_the_rest_run(config, plans)
     # Names the run in /status and marks every process of its trees (see _proc/cookie.py).
     board = Board(
         plans,
@@ -157,3 +164,20 @@ def _make_cgroups(run_id: str) -> RunCgroups:
             f"--cgroups needs a writable cgroup v2 hierarchy, and {exc}: run under systemd "
             "with Delegate=yes, in a privileged container, or without --cgroups"
         ) from exc
+
+
+def _say_where_the_rest_run(config: SupervisorConfig, plans: tuple[RankPlan, ...]) -> None:
+    """A data-parallel size (in the command, under a preset) larger than the ranks here:
+    say which ranks this node runs and that the others are expected from other nodes, so
+    that ``-dp 8`` on a 4-GPU node is no surprise."""
+    size = data_parallel_size(config.preset, config.command)
+    first, last = plans[0].rank, plans[-1].rank
+    if size is None or (first == 0 and last + 1 >= size):
+        return
+    logger.info(
+        "ranks %d-%d of the data-parallel group of %d run here; the others are expected "
+        "from other nodes (--start-rank, --ranks)",
+        first,
+        last,
+        size,
+    )

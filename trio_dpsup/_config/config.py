@@ -19,6 +19,7 @@ from .enums import WILDCARD_HOSTS, LogFormat, RankScheme, RestartPolicy, Restart
 from .options import (
     at_least_one,
     check_settings,
+    check_types,
     creatable_directory,
     interval,
     interval_or_zero,
@@ -411,6 +412,7 @@ class SupervisorConfig:
         self._coerce_enums()
         if not self.command:
             raise ConfigError("no command to run: put the rank command after '--'")
+        check_types(self)  # before any check reads a value as its declared type
         check_settings(self)  # each option's own check, declared with it
         if self.restart_scope is None:
             scope = RestartScope.ALL if self.forms_group else RestartScope.RANK

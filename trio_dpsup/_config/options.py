@@ -168,6 +168,56 @@ def option_name(cls: type, name: str) -> str:
     return name if decl is None else flag_of(name, decl)
 
 
+def check_types(config: Any) -> None:
+    """Raise ConfigError, naming the field and its option, for a value its annotation does
+    not admit (``ranks="2"``, ``ranks=True``, ``fail_on_status=(503,)``); an int where a
+    float is declared is fine, and so is a list where a tuple is (it is made the tuple).
+    The CLI and the TOML file convert and check their own text first; this is for library
+    callers, whose wrong type would otherwise surface as an internal TypeError far from
+    its cause."""
+    declared = {f.name: decl for f, decl, _ in config_fields(type(config))}
+    for name, hint in typing.get_type_hints(type(config)).items():
+        value = getattr(config, name)
+        if isinstance(value, list) and _admits(hint, tuple(value)):
+            # A list where a tuple is declared holds the same items: kept as the tuple
+            # (the configuration is frozen, and hashable).
+            object.__setattr__(config, name, tuple(value))
+            continue
+        if _admits(hint, value):
+            continue
+        option = f" ({flag_of(name, declared[name])})" if name in declared else ""
+        shown = repr(value) if len(repr(value)) <= 80 else f"{repr(value)[:60]}..."
+        raise ConfigError(f"{name}{option} must be {_kind(hint)}, not {shown}")
+
+
+def _admits(hint: Any, value: Any) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        return any(_admits(arm, value) for arm in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if origin is tuple:
+        if not isinstance(value, tuple):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_admits(args[0], item) for item in value)
+        return len(args) == len(value) and all(map(_admits, args, value))
+    return not isinstance(hint, type) or isinstance(value, hint)
+
+
+def _kind(hint: Any) -> str:
+    """What `hint` admits, as Python spells it: ``int | None``, ``tuple[str, ...]``."""
+    if isinstance(hint, type) and not typing.get_args(hint):
+        return "None" if hint is type(None) else hint.__name__
+    return str(hint).replace("typing.", "").replace("NoneType", "None")
+
+
 def check_settings(config: Any) -> None:
     """Run each declared field's own check on its value in `config`."""
     for field, decl, _ in config_fields(type(config)):

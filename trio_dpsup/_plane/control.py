@@ -25,7 +25,7 @@ from .._config.tls import TlsFiles
 from .._errors import ConfigError
 from .._state.board import Board
 from .._state.document import status_to_json
-from .._state.status import SupervisorState, SupervisorStatus
+from .._state.status import RankStatus, SupervisorState, SupervisorStatus
 from .discovery import MAX_WAIT, prometheus_targets, ranks_document
 from .http_server import Response, serve_http
 from .metrics import CONTENT_TYPE
@@ -126,9 +126,21 @@ def _reason(status: SupervisorStatus) -> str:
     ranks = ", ".join(str(r) for r in status.not_ready())
     if status.state is SupervisorState.STARTING:
         return f"starting: ranks not ready: {ranks}\n"
-    if status.state is SupervisorState.READY:  # ready, but too few ranks (restarting)
-        return f"degraded: ranks not ready: {ranks}\n"
+    if status.state is SupervisorState.READY:  # too few ranks serving: restarting, or out
+        parts = [f"ranks not ready: {ranks}"] if ranks else []
+        out = [f"{r.rank} ({_why_out(r)})" for r in status.ranks if r.ready and r.out]
+        if out:
+            parts.append(f"ranks taken out: {', '.join(out)}")
+        return f"degraded: {'; '.join(parts)}\n"
     return f"{status.state.value}\n"
+
+
+def _why_out(rank: RankStatus) -> str:
+    if rank.drained:
+        return "drained"
+    if rank.drain is not None:
+        return f"draining for a {rank.drain.reason.value}"
+    return "failing"
 
 
 def bind_control_socket(host: str, port: int) -> socket.socket:
