@@ -269,7 +269,7 @@ async def test_load_seconds_reads_and_says_so_then_becomes_ready() -> None:
         ready_after = time.monotonic() - rank.started
         grown = rank.read_bytes() - read_before
         loading = [line for line in rank.lines if "loading the model" in line]
-        assert 2.0 <= ready_after < 5.0
+        assert 2.0 <= ready_after < 15.0  # not before its load ends (a loaded machine: later)
         # A step every 0.2 s, each 256 KiB from the disk: 10 in 2 s, some of them before
         # the first sample.
         assert grown >= 1 << 20, f"read_bytes grew by {grown} only"
@@ -280,15 +280,14 @@ async def test_load_seconds_reads_and_says_so_then_becomes_ready() -> None:
 async def test_load_wedge_spins_and_never_becomes_ready() -> None:
     async with open_fake_rank("--load-wedge") as rank:
         cpu, read = rank.cpu_seconds(), rank.read_bytes()
-        began = trio.current_time()
         polls = 0
-        while trio.current_time() - began < 1.5:  # the window under test
-            assert await rank.health() == 503
-            polls += 1
-            await trio.sleep(0.1)  # pacing the polls
-        spun = rank.cpu_seconds() - cpu
-        assert polls >= 3
-        assert spun >= 0.4, f"{spun:.2f}s of CPU in 1.5 s"
+        # Until it has burnt 0.4 s of CPU: a loaded machine gives it a smaller share of a
+        # core, so the measure is the CPU it spent, not a window of wall time.
+        with trio.fail_after(30):
+            while rank.cpu_seconds() - cpu < 0.4 or polls < 3:
+                assert await rank.health() == 503
+                polls += 1
+                await trio.sleep(0.1)  # pacing the polls
         assert rank.read_bytes() == read
         assert rank.lines == []
         assert (await rank.complete()).status_code == 503
