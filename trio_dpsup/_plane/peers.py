@@ -1,0 +1,437 @@
+"""The members of a group across nodes watch each other over their control planes, so that
+the group fails as one in seconds, not at NCCL's timeout.
+
+Each member asks the members it is given (``--group-peer``; under LeaderWorkerSet a worker
+asks the leader) ``GET /group`` with its own word in the query: who it is, its group and
+generation, its state and, once failed, where the group's failure began. The member asked
+takes that word and answers, as a long poll, with its own: at once when its state or its
+view of the group changed since the asker's last answer, else after a heartbeat
+(``--peer-timeout`` / `HEARTBEATS`). So a change crosses in one round trip either way, and
+each member hears from each member it is joined to at least `HEARTBEATS` times per peer
+timeout; one silent for longer than the peer timeout is lost, and the group fails.
+
+A word can only make this member stop: a member that failed (or saw the group fail) fails
+it, with the origin it names; a member stopping as planned (SIGTERM) starts this member's
+planned stop, which drains; a member of another group or generation is ignored, and one not
+yet heard from has "not yet appeared". Nothing a peer says starts or restarts anything.
+
+Cancellation of `GroupMember.run` ends the watch; `linger` first gives every member this
+member's last state, bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import trio
+
+from .._config.concerns import PeerSettings
+from .._errors import GroupFailed, SupervisorFailure
+from .._state.board import Board
+from .._state.group import GroupView, Origin
+from .._state.status import MemberState
+from .http_server import Response
+
+__all__ = ["HEARTBEATS", "GroupMember"]
+
+logger = logging.getLogger(__name__)
+
+#: Answers per peer timeout, at least: two may be lost (or late) without a false failure.
+HEARTBEATS = 3
+#: The longest text a word carries (names, a failure's reason); the longest answer read.
+MAX_TEXT = 2000
+MAX_ANSWER = 64 * 1024
+#: How long to wait before asking again a member that did not answer (not yet listening,
+#: or its link down): short, since its silence is timed by the peer timeout, not by this.
+RETRY = 0.2
+#: The longest `linger` waits for every member to have our last state.
+LINGER = 2.0
+
+_JSON = [(b"content-type", b"application/json")]
+_TEXT = [(b"content-type", b"text/plain; charset=utf-8")]
+
+
+@dataclass(frozen=True)
+class Word:
+    """What one member says of itself (and, in an answer, of the members it heard)."""
+
+    group_id: str
+    generation: str | None
+    member: int
+    node: str
+    state: MemberState
+    cause: Origin | None
+    #: What it heard of the others (answers only): member, state.
+    members: tuple[tuple[int, MemberState], ...] = ()
+
+    def query(self) -> dict[str, str]:
+        out = {
+            "group": self.group_id,
+            "member": str(self.member),
+            "node": self.node,
+            "state": self.state.value,
+        }
+        if self.generation is not None:
+            out["generation"] = self.generation
+        if self.cause is not None:
+            out["cause_member"] = str(self.cause.member)
+            out["cause_reason"] = self.cause.reason
+            if self.cause.node is not None:
+                out["cause_node"] = self.cause.node
+        return out
+
+    @classmethod
+    def from_query(cls, query: dict[str, list[str]]) -> Word:
+        """The word in a report's query. Raises ValueError for a malformed one."""
+        one = {name: values[0] for name, values in query.items() if values}
+        cause = None
+        if "cause_member" in one:
+            cause = Origin(
+                _whole(one["cause_member"]), one.get("cause_node"), _text(one["cause_reason"])
+            )
+        return cls(
+            group_id=_text(one["group"]),
+            generation=None if "generation" not in one else _text(one["generation"]),
+            member=_whole(one["member"]),
+            node=_text(one["node"]),
+            state=MemberState(one["state"]),
+            cause=cause,
+        )
+
+    def to_json(self, version: int) -> dict[str, Any]:
+        cause = self.cause
+        return {
+            "group": self.group_id,
+            "generation": self.generation,
+            "member": self.member,
+            "node": self.node,
+            "state": self.state.value,
+            "cause": None
+            if cause is None
+            else {"member": cause.member, "node": cause.node, "reason": cause.reason},
+            "version": version,
+            "members": [{"member": m, "state": s.value} for m, s in self.members],
+        }
+
+    @classmethod
+    def from_json(cls, doc: Any) -> tuple[Word, int]:
+        """The word in an answer, and the asked member's version. Raises ValueError (or
+        KeyError, TypeError) for a malformed one."""
+        cause = doc["cause"]
+        generation = doc["generation"]
+        word = cls(
+            group_id=_text(doc["group"]),
+            generation=None if generation is None else _text(generation),
+            member=_whole(doc["member"]),
+            node=_text(doc["node"]),
+            state=MemberState(doc["state"]),
+            cause=None
+            if cause is None
+            else Origin(
+                _whole(cause["member"]),
+                None if cause["node"] is None else _text(cause["node"]),
+                _text(cause["reason"]),
+            ),
+            members=tuple(
+                (_whole(m["member"]), MemberState(m["state"])) for m in doc["members"][:4096]
+            ),
+        )
+        version = doc["version"]
+        if not isinstance(version, int):
+            raise ValueError("version is not a whole number")
+        return word, version
+
+
+def _whole(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError(f"not a whole number: {value!r}")
+    number = int(value)
+    if not 0 <= number < 2**31:
+        raise ValueError(f"out of range: {number}")
+    return number
+
+
+def _text(value: object) -> str:
+    if not isinstance(value, str) or not value or len(value) > MAX_TEXT:
+        raise ValueError("not a text of 1 to 2000 characters")
+    return value
+
+
+class GroupMember:
+    """This supervisor as one member of its group: answers ``GET /group`` (`respond`, for
+    the control plane) and asks its peers (`run`). `fail` records a failure and stops
+    every rank (the supervisor's); `stop` begins the planned stop (its SIGTERM path)."""
+
+    def __init__(
+        self,
+        settings: PeerSettings,
+        board: Board,
+        fail: Callable[[SupervisorFailure], object],
+        stop: Callable[[], None],
+    ) -> None:
+        assert board.members is not None
+        self._settings = settings
+        self._board = board
+        self._view: GroupView = board.members
+        self._plan = board.members.plan
+        self._fail = fail
+        self._stop = stop
+        #: Set (and replaced) each time a member is known to have received our state.
+        self._told = trio.Event()
+        self._ignored: set[str] = set()  # what was logged as ignored, to log it once
+
+    @property
+    def heartbeat(self) -> float:
+        return self._settings.peer_timeout / HEARTBEATS
+
+    # -- answering --------------------------------------------------------------------------
+
+    async def respond(self, query: dict[str, list[str]]) -> Response:
+        """The answer to a member's ``GET /group`` report: 400 for a malformed one, 409 for
+        a member of another group or generation, else this member's word once it changed
+        since `version` or after ``wait`` seconds (at most a heartbeat).
+
+        **Cancellation**: the long poll ends at once; the report was taken already.
+        """
+        try:
+            word = Word.from_query(query)
+            wait = min(float(query.get("wait", ["0"])[0]), self.heartbeat)
+            version = int(query.get("version", ["-1"])[0])
+            if not wait >= 0:
+                raise ValueError("wait")
+        except (KeyError, ValueError) as exc:
+            return Response(400, _TEXT, f"a malformed report: {exc}\n".encode())
+        if not self._take(word):
+            return Response(409, _TEXT, b"not a member of this group and generation\n")
+        if wait > 0 and version == self._board.version:
+            with trio.move_on_after(wait):
+                await self._board.changed.wait()
+        own = self._word()
+        self._note_told(word.member, own.state)
+        body = json.dumps(own.to_json(self._board.version)).encode()
+        return Response(200, _JSON, body)
+
+    # -- asking -----------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Ask every peer, time every member heard from, and fail the group for a member
+        that never appeared by the startup timeout; until cancelled.
+
+        **Cancellation**: ends every ask at once.
+        """
+        async with (
+            httpx.AsyncClient(
+                verify=self._verify(), trust_env=False, timeout=self._settings.peer_timeout
+            ) as client,
+            trio.open_nursery() as nursery,
+        ):
+            for url in self._plan.peers:
+                nursery.start_soon(self._ask_peer, client, url)
+            nursery.start_soon(self._watch_silence)
+            nursery.start_soon(self._watch_startup)
+            nursery.start_soon(self._log_ready)
+            logger.info(
+                "member %d of group %s (%d members, from %s): asking %s every %.2gs at most; "
+                "a member silent for %gs fails the group",
+                self._plan.member,
+                self._plan.group_id,
+                self._plan.size,
+                self._plan.source,
+                ", ".join(self._plan.peers) or "no one (the others ask this member)",
+                self.heartbeat,
+                self._settings.peer_timeout,
+            )
+            task_status.started()
+
+    async def linger(self) -> None:
+        """Return once every member alive has received this member's last state, or after
+        `LINGER` seconds (or the peer timeout, if shorter). Call it before the control plane
+        stops: a failure told to every member is what makes the group fail fast.
+
+        **Cancellation**: returns at once.
+        """
+        with trio.move_on_after(min(LINGER, self._settings.peer_timeout)):
+            while self._view.untold(self._word().state):
+                await self._told.wait()
+
+    def _verify(self) -> ssl.SSLContext:
+        settings = self._settings
+        context = ssl.create_default_context(cafile=settings.peer_ca_certs)
+        if settings.peer_certfile is not None and settings.peer_keyfile is not None:
+            context.load_cert_chain(settings.peer_certfile, settings.peer_keyfile)
+        return context
+
+    async def _ask_peer(self, client: httpx.AsyncClient, url: str) -> None:
+        """Ask `url` again and again: at once after our own state changed, else as a long
+        poll a heartbeat long."""
+        version = -1
+        while True:
+            own = self._word()
+            query = {**own.query(), "version": str(version), "wait": f"{self.heartbeat:g}"}
+            answer: tuple[Word, int] | None = None
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._cancel_on_change, nursery.cancel_scope, own.state)
+                answer = await self._ask(client, url, query)
+                nursery.cancel_scope.cancel()
+            if answer is None:
+                if self._word().state is own.state:  # not asked again at once for news
+                    await trio.sleep(RETRY)
+                continue
+            word, version = answer
+            if self._take(word):
+                self._note_told(word.member, own.state)
+
+    async def _ask(
+        self, client: httpx.AsyncClient, url: str, query: dict[str, str]
+    ) -> tuple[Word, int] | None:
+        timeout = self.heartbeat + self._settings.peer_timeout
+        try:
+            async with client.stream("GET", f"{url}/group", params=query, timeout=timeout) as r:
+                body = b""
+                async for chunk in r.aiter_bytes():
+                    body += chunk
+                    if len(body) > MAX_ANSWER:
+                        raise ValueError(f"an answer of more than {MAX_ANSWER} bytes")
+                if r.status_code == 409:
+                    self._ignore(url, f"{url} is not a member of this group and generation")
+                    return None
+                if r.status_code != 200:
+                    raise ValueError(f"HTTP {r.status_code}: {body[:200]!r}")
+                return Word.from_json(json.loads(body))
+        except httpx.HTTPError as exc:
+            logger.debug("group peer %s did not answer: %s", url, exc)
+        except (ValueError, KeyError, TypeError) as exc:
+            self._ignore(url, f"group peer {url} answered with something else: {exc}")
+        return None
+
+    async def _cancel_on_change(self, scope: trio.CancelScope, state: MemberState) -> None:
+        while self._word().state is state:
+            await self._board.changed.wait()
+        scope.cancel()
+
+    # -- taking a word ----------------------------------------------------------------------
+
+    def _take(self, word: Word) -> bool:
+        """Take `word` from a member (asked or asking); False if it was ignored."""
+        plan, view = self._plan, self._view
+        if word.member == plan.member or not 0 <= word.member < plan.size:
+            self._ignore(
+                f"member {word.member}",
+                f"a word from member {word.member} of a group of {plan.size}, which this "
+                f"member ({plan.member}) ignores: is --group-member (or --group-peer) right?",
+            )
+            return False
+        if not view.accepts(word.group_id, word.generation):
+            self._ignore(
+                f"{word.group_id} {word.generation}",
+                f"member {word.member} ({word.node}) is of group {word.group_id}, generation "
+                f"{word.generation}, not this member's ({plan.group_id}, {view.generation}): "
+                "ignored",
+            )
+            return False
+        if view.generation is None and word.generation is not None:
+            if word.state in (MemberState.FAILED, MemberState.LOST) or word.state.planned_stop:
+                # A member still stopping while its group is recreated: not ours to join.
+                return False
+            view.adopt(word.generation)
+        before = view.heard(word.member, word.node, word.state, word.cause)
+        if before is MemberState.NOT_APPEARED:
+            logger.info(
+                "group member %d (%s) appeared: %s", word.member, word.node, word.state.value
+            )
+        for member, state in word.members:
+            if member != plan.member and 0 <= member < plan.size:
+                view.relayed(member, state)
+        self._react(word)
+        return True
+
+    def _react(self, word: Word) -> None:
+        """What a member's state makes this member do: only ever stop."""
+        board = self._board
+        if board.failure is not None:
+            return
+        if word.state is MemberState.FAILED:
+            cause = word.cause or Origin(word.member, word.node, "failed")
+            self._fail(cause.failure())
+        elif word.state.planned_stop and not board.stopping.is_set():
+            logger.info(
+                "group member %d (%s) is stopping as planned: the group drains and stops",
+                word.member,
+                word.node,
+            )
+            self._stop()
+
+    def _word(self) -> Word:
+        """This member's own word, now."""
+        status = self._board.snapshot()
+        state, cause = self._view.own(status)
+        view, plan = self._view, self._plan
+        heard = () if status.members is None else status.members.members
+        members = tuple((m.member, m.state) for m in heard)
+        return Word(plan.group_id, view.generation, plan.member, view.node, state, cause, members)
+
+    def _note_told(self, member: int, state: MemberState) -> None:
+        self._view.told(member, state)
+        self._told.set()
+        self._told = trio.Event()
+
+    def _ignore(self, key: str, message: str) -> None:
+        if key not in self._ignored:
+            self._ignored.add(key)
+            logger.warning("%s", message)
+
+    # -- timing -----------------------------------------------------------------------------
+
+    def _watching(self) -> bool:
+        """Whether silence still matters: not once this member fails or stops as planned."""
+        return not self._board.stopping.is_set()
+
+    async def _watch_silence(self) -> None:
+        timeout = self._settings.peer_timeout
+        while self._watching():
+            with trio.move_on_at(self._view.next_deadline(timeout)):
+                await self._board.changed.wait()
+            if not self._watching():
+                return
+            for member in self._view.overdue(timeout):
+                node = self._view.node_of(member)
+                self._view.lose(member)
+                self._fail(
+                    GroupFailed(
+                        member,
+                        node,
+                        f"stopped answering: not heard from for {timeout:g}s (--peer-timeout)",
+                    )
+                )
+
+    async def _watch_startup(self) -> None:
+        timeout = self._settings.startup_timeout
+        if not timeout:
+            return
+        with trio.move_on_at(self._board.started_at + timeout):
+            while self._view.not_appeared():
+                await self._board.changed.wait()
+            return
+        missing = self._view.not_appeared()
+        if missing and self._board.failure is None and not self._board.stopping.is_set():
+            self._fail(
+                GroupFailed(
+                    missing[0],
+                    None,
+                    f"never appeared within --startup-timeout {timeout:g}s"
+                    + ("" if len(missing) == 1 else f" (nor did members {missing[1:]})"),
+                )
+            )
+
+    async def _log_ready(self) -> None:
+        while not self._board.snapshot().ready:
+            if self._board.stopping.is_set():
+                return
+            await self._board.changed.wait()
+        logger.info("the group is ready: all %d members report every rank ready", self._plan.size)
