@@ -26,6 +26,7 @@ from .netns import open_network
 #: defined), but for those a case leaves out.
 LWS = {"LWS_LEADER_ADDRESS": "10.0.0.1", "LWS_GROUP_SIZE": "2", "LWS_WORKER_INDEX": "1"}
 PEER = "http://10.0.0.2:9000"
+NOT_PEM = str(Path(__file__).parent.parent / "pyproject.toml")
 
 
 @pytest.mark.parametrize(
@@ -67,6 +68,11 @@ PEER = "http://10.0.0.2:9000"
             ["--group", "--group-peer", PEER, "--group-member", "1", "--peer-certfile", "x"],
             {},
             "--peer-certfile and --peer-keyfile go together",
+        ),
+        (
+            ["--group", "--group-peer", PEER, "--group-member", "1", "--peer-ca-certs", NOT_PEM],
+            {},
+            f"cannot use --peer-ca-certs {NOT_PEM}",
         ),
         (
             ["--group"],

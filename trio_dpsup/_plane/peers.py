@@ -32,6 +32,7 @@ import httpx
 import trio
 
 from .._config.concerns import PeerSettings
+from .._config.tls import peer_context
 from .._errors import GroupFailed, SupervisorFailure
 from .._state.board import Board
 from .._state.group import GroupView, Origin
@@ -262,10 +263,7 @@ class GroupMember:
 
     def _verify(self) -> ssl.SSLContext:
         settings = self._settings
-        context = ssl.create_default_context(cafile=settings.peer_ca_certs)
-        if settings.peer_certfile is not None and settings.peer_keyfile is not None:
-            context.load_cert_chain(settings.peer_certfile, settings.peer_keyfile)
-        return context
+        return peer_context(settings.peer_ca_certs, settings.peer_certfile, settings.peer_keyfile)
 
     async def _ask_peer(self, client: httpx.AsyncClient, url: str) -> None:
         """Ask `url` again and again: at once after our own state changed, else as a long
