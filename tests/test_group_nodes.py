@@ -8,6 +8,7 @@ startup timeout; words from another group or generation are ignored."""
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import signal
@@ -26,6 +27,7 @@ from trio_dpsup.testing import CliSupervisor, open_cli_supervisor, read_pid_file
 
 from .conftest import cli_args
 from .netns import Network, Node, open_network
+from .relay import Impairment, open_relay
 
 CONTROL_PORT = 9100
 BASE_PORT = 8100
@@ -286,3 +288,45 @@ async def test_words_of_another_group_or_generation_are_ignored_and_a_failure_st
         with trio.fail_after(30):
             assert await member.wait() == 1
     assert "group failed: member 1 (10.0.0.2) rank 3 exited unexpectedly" in member.log
+
+
+#: The soak under a slow, lossy network: the issue's numbers.
+SOAK_SECONDS = 120.0
+SOAK = Impairment(delay=0.3, loss=0.05)
+RELAY_PORT = 9200
+
+
+@pytest.mark.long
+async def test_no_false_failure_under_300ms_delay_and_5_percent_loss(tmp_path: Path) -> None:
+    # Longer than pytest's faulthandler_timeout by design: its dump would be noise. This
+    # test's own bound is the fail_after below.
+    faulthandler.cancel_dump_traceback_later()
+    async with open_network(2) as net:
+        a, b = net.nodes
+        # Each member asks the other through a relay in its own node: both ways impaired.
+        peers = [f"http://127.0.0.1:{RELAY_PORT}"]
+        soak = ["--peer-timeout", "5"]  # the default, as shipped
+        args_a = member_args(a, 0, peers, 2, options=soak)
+        args_b = member_args(b, 1, peers, 2, options=soak)
+        with trio.fail_after(SOAK_SECONDS + 120):
+            async with (
+                open_relay(("127.0.0.1", RELAY_PORT), (b.address, CONTROL_PORT), SOAK,
+                           prefix=a.prefix),
+                open_relay(("127.0.0.1", RELAY_PORT), (a.address, CONTROL_PORT), SOAK,
+                           prefix=b.prefix),
+                open_cli_supervisor(args_a, prefix=a.prefix) as member_a,
+                open_cli_supervisor(args_b, prefix=b.prefix) as member_b,
+            ):  # fmt: skip
+                await wait_group_ready([member_a, member_b])
+                with trio.move_on_after(SOAK_SECONDS):
+                    # Returns early only if a member exits: a false failure.
+                    await exit_times([member_a, member_b])
+                assert member_a.process.returncode is None, member_a.log
+                assert member_b.process.returncode is None, member_b.log
+                assert (await ready_status(a, control(a)))[0] == "200"
+                assert (await ready_status(b, control(b)))[0] == "200"
+                for member in (member_a, member_b):
+                    member.send_signal(signal.SIGTERM)
+                assert [status for status, _ in await exit_times([member_a, member_b])] == [0, 0]
+    for member in (member_a, member_b):
+        assert "group failed" not in member.log
