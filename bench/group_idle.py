@@ -1,11 +1,14 @@
-"""The idle cost of watching a peer: ``python -m bench.group_idle [--seconds 60] [--runs 3]``.
+"""The idle cost of watching peers: ``python -m bench.group_idle [--seconds 60] [--runs 3]``.
 
-Side by side, on loopback, each with one fake rank probed every second (the default): a
-member of a group of two (each member asks the other and answers its asks, --peer-timeout
-5: the default) and, as the floor, a supervisor with --group and no peer. The CPU time of
-each supervisor process over `--seconds` of steady state (psutil, from /proc); the cost of
-one peer is a member's CPU minus the floor's. Target (issue 30): at most 0.05 % of a core
-per peer. Writes bench/results/DATE-group-idle.json and prints one line per run.
+Side by side, on loopback, each supervisor with one fake rank probed every second (the
+default) and --peer-timeout 5 (the default): a pair that asks each other (--group-peer both
+ways: each member asks one peer and answers its asks), a star of three as under
+LeaderWorkerSet (two workers ask the leader; the leader answers two), and, as the floor, a
+supervisor with --group and no peer. The CPU time of each supervisor process over
+`--seconds` of steady state (psutil, from /proc). The cost of one peer: a pair member's CPU
+minus the floor's; a worker's minus the floor's; the leader's minus the floor's, halved.
+Target (issue 30): at most 0.05 % of a core per peer. Writes
+bench/results/DATE-group-idle.json and prints one line per run.
 """
 
 from __future__ import annotations
@@ -36,41 +39,58 @@ def args_for(base: int, control: int, *group: str) -> list[str]:
     ]  # fmt: skip
 
 
-async def cpu_seconds(sup: CliSupervisor) -> float:
+def peer(port: int) -> str:
+    return f"--group-peer=http://127.0.0.1:{port}"
+
+
+def cpu_seconds(sup: CliSupervisor) -> float:
     times = psutil.Process(sup.pid).cpu_times()
     return float(times.user + times.system)
 
 
 async def one_run(seconds: float) -> dict[str, float]:
-    base = free_port_range(6)  # three ranks, three control planes
-    a = args_for(base, base + 3, "--group-member", "0", f"--group-peer=http://127.0.0.1:{base + 4}")
-    b = args_for(
-        base + 1, base + 4, "--group-member", "1", f"--group-peer=http://127.0.0.1:{base + 3}"
-    )
-    solo = args_for(base + 2, base + 5)
+    base = free_port_range(12)  # six ranks, then six control planes
+    c = base + 6
+    commands = {
+        "pair_a": args_for(base, c, "--group-member", "0", peer(c + 1)),
+        "pair_b": args_for(base + 1, c + 1, "--group-member", "1", peer(c)),
+        "leader": args_for(base + 2, c + 2, "--group-member", "0", "--group-size", "3"),
+        "worker_1": args_for(base + 3, c + 3, "--group-member", "1", "--group-size", "3",
+                             peer(c + 2)),
+        "worker_2": args_for(base + 4, c + 4, "--group-member", "2", "--group-size", "3",
+                             peer(c + 2)),
+        "floor": args_for(base + 5, c + 5),
+    }  # fmt: skip
     async with (
-        open_cli_supervisor(a) as member_a,
-        open_cli_supervisor(b) as member_b,
-        open_cli_supervisor(solo) as floor,
+        open_cli_supervisor(commands["pair_a"]) as pair_a,
+        open_cli_supervisor(commands["pair_b"]) as pair_b,
+        open_cli_supervisor(commands["leader"]) as leader,
+        open_cli_supervisor(commands["worker_1"]) as worker_1,
+        open_cli_supervisor(commands["worker_2"]) as worker_2,
+        open_cli_supervisor(commands["floor"]) as floor,
     ):
+        sups = {"pair_a": pair_a, "pair_b": pair_b, "leader": leader, "worker_1": worker_1,
+                "worker_2": worker_2, "floor": floor}  # fmt: skip
         with trio.fail_after(120):
-            for member in (member_a, member_b):
-                await member.wait_for_line(r"the group is ready")
-            await floor.wait_ready()
+            for name, sup in sups.items():
+                if name == "floor":
+                    await sup.wait_ready()
+                else:
+                    await sup.wait_for_line(r"the group is ready")
         await trio.sleep(2.0)  # the measured period starts after start-up work has settled
-        sups = (member_a, member_b, floor)
-        before = [await cpu_seconds(s) for s in sups]
+        before = {name: cpu_seconds(sup) for name, sup in sups.items()}
         await trio.sleep(seconds)  # the measured period itself
-        after = [await cpu_seconds(s) for s in sups]
-        for sup in sups:
+        cpu = {name: (cpu_seconds(sup) - before[name]) / seconds for name, sup in sups.items()}
+        for sup in sups.values():
             sup.send_signal(signal.SIGTERM)
+        for sup in sups.values():
             await sup.wait()
-    a_cpu, b_cpu, floor_cpu = ((y - x) / seconds for x, y in zip(before, after, strict=True))
+    floor_cpu = cpu["floor"]
     return {
-        "member_a": a_cpu,
-        "member_b": b_cpu,
-        "floor": floor_cpu,
-        "per_peer": statistics.mean([a_cpu, b_cpu]) - floor_cpu,
+        **cpu,
+        "per_peer_pair": statistics.mean([cpu["pair_a"], cpu["pair_b"]]) - floor_cpu,
+        "per_peer_leader": (cpu["leader"] - floor_cpu) / 2,
+        "per_peer_worker": statistics.mean([cpu["worker_1"], cpu["worker_2"]]) - floor_cpu,
     }
 
 
@@ -80,18 +100,21 @@ async def main(seconds: float, runs: int) -> None:
         result = await one_run(seconds)
         results.append(result)
         print(
-            f"run {index + 1}: member {result['member_a']:.4%} / {result['member_b']:.4%} of a "
-            f"core, floor {result['floor']:.4%}, per peer {result['per_peer']:.4%} "
-            f"(target <= {TARGET:.2%})",
+            f"run {index + 1}: floor {result['floor']:.3%} of a core; per peer: pair "
+            f"{result['per_peer_pair']:.3%}, star leader {result['per_peer_leader']:.3%}, "
+            f"star worker {result['per_peer_worker']:.3%} (target <= {TARGET:.2%})",
             flush=True,
         )
-    per_peer = statistics.median(r["per_peer"] for r in results)
-    print(f"median per peer: {per_peer:.4%} of a core; target <= {TARGET:.2%}")
+    medians = {
+        key: statistics.median(r[key] for r in results)
+        for key in ("per_peer_pair", "per_peer_leader", "per_peer_worker")
+    }
+    print("medians per peer: " + ", ".join(f"{k[9:]} {v:.3%}" for k, v in medians.items()))
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{datetime.date.today().isoformat()}-group-idle.json"
     info = {"cpus": os.cpu_count(), "python": sys.version.split()[0], "seconds": seconds}
-    path.write_text(json.dumps({"info": info, "runs": results, "median_per_peer": per_peer},
-                               indent=2) + "\n")  # fmt: skip
+    document = {"info": info, "runs": results, "medians": medians, "target": TARGET}
+    path.write_text(json.dumps(document, indent=2) + "\n")
     print(f"wrote {path}")
 
 

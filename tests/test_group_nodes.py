@@ -280,8 +280,9 @@ async def test_words_of_another_group_or_generation_are_ignored_and_a_failure_st
             answer = await http.get(f"{url}/group", params={**word, **other})
             assert answer.status_code == 409, answer.text
         assert (await http.get(f"{url}/status")).json()["failure"] is None
-        malformed = await http.get(f"{url}/group", params={**word, "member": "x"})
-        assert malformed.status_code == 400
+        for malformed in ({"member": "x"}, {"node": "10.0.0.2\nERROR forged"}, {"wait": "nan"}):
+            answer = await http.get(f"{url}/group", params={**word, **malformed})
+            assert answer.status_code == 400, malformed
         answer = await http.get(f"{url}/group", params={**word, "generation": generation})
         assert answer.status_code == 200
         assert answer.json()["state"] == "failed"

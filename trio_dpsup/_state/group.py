@@ -181,11 +181,14 @@ class GroupView:
         return [i for i, m in self._members.items() if m.state is MemberState.NOT_APPEARED]
 
     def untold(self, state: MemberState) -> list[int]:
-        """Members alive and reachable that have not yet received our `state`."""
+        """Members heard from directly, neither failed nor stopping themselves (those know
+        the group stops), that have not yet received our `state`."""
         return [
             i
             for i, m in self._members.items()
-            if m.direct and m.state not in _FINAL and m.told is not state
+            if m.direct
+            and m.state in (MemberState.STARTING, MemberState.READY)
+            and m.told is not state
         ]
 
     @staticmethod
