@@ -728,11 +728,10 @@ class SupervisorConfig:
     @property
     def member_node(self) -> str:
         """How this member names its node to the others (in their failure messages): the
-        control plane's address, else the advertised one, else the host's name."""
-        for host in (self.control_host, self.advertised_host):
-            if host not in WILDCARD_HOSTS and host != "localhost":
-                return host
-        return socket.gethostname()
+        control plane's address, else --advertise-host, else the host's name (a pod's)."""
+        if self.control_host not in WILDCARD_HOSTS:
+            return self.control_host
+        return self.advertise_host or socket.gethostname()
 
     @property
     def router_specs(self) -> tuple[RouterSpec, ...]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -188,7 +189,12 @@ class GroupMember:
         #: Set (and replaced) each time a member is known to have received our state.
         self._told = trio.Event()
         self._ignored: set[str] = set()  # what was logged as ignored, to log it once
-        self._cached: tuple[int, Word] | None = None  # (the board's version, our word)
+        #: (the board's version, our word, as a query, as an answer), made once per
+        #: version: read at every ask and every answer.
+        self._cached: tuple[int, Word, str, bytes] | None = None
+        self._asking: set[tuple[trio.CancelScope, MemberState]] = set()
+        #: When each member last asked us (trio.current_time()).
+        self._asked_at: dict[int, float] = {}
 
     @property
     def heartbeat(self) -> float:
@@ -213,12 +219,12 @@ class GroupMember:
             return Response(400, _TEXT, f"a malformed report: {exc}\n".encode())
         if not self._take(word):
             return Response(409, _TEXT, b"not a member of this group and generation\n")
+        self._asked_at[word.member] = trio.current_time()
         if wait > 0 and version == self._board.version:
             with trio.move_on_after(wait):
                 await self._board.changed.wait()
-        own = self._word()
+        _, own, _, body = self._cache()
         self._note_told(word.member, own.state)
-        body = json.dumps(own.to_json(self._board.version)).encode()
         return Response(200, _JSON, body)
 
     # -- asking -----------------------------------------------------------------------------
@@ -233,6 +239,7 @@ class GroupMember:
         async with trio.open_nursery() as nursery:
             for url in self._plan.peers:
                 nursery.start_soon(self._ask_peer, _PeerConnection(url, context))
+            nursery.start_soon(self._cancel_stale_asks)
             nursery.start_soon(self._watch_silence)
             nursery.start_soon(self._watch_startup)
             nursery.start_soon(self._log_ready)
@@ -273,12 +280,16 @@ class GroupMember:
         try:
             while True:
                 own = self._word()
-                query = {**own.query(), "version": str(version), "wait": f"{self.heartbeat:g}"}
+                target = f"/group?{self._query()}&version={version}&wait={self.heartbeat:g}"
                 answer: tuple[Word, int] | None = None
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._cancel_on_change, nursery.cancel_scope, own.state)
-                    answer = await self._ask(peer, query)
-                    nursery.cancel_scope.cancel()
+                # Cancelled by `_cancel_stale_asks` once our state is no longer `own.state`.
+                asking = (trio.CancelScope(), own.state)
+                self._asking.add(asking)
+                try:
+                    with asking[0]:
+                        answer = await self._ask(peer, target)
+                finally:
+                    self._asking.discard(asking)
                 if answer is None:
                     if self._word().state is own.state:  # not asked again at once for news
                         await trio.sleep(RETRY)
@@ -286,12 +297,26 @@ class GroupMember:
                 word, version = answer
                 if self._take(word):
                     self._note_told(word.member, own.state)
+                    if word.member < self._plan.member:
+                        await peer.aclose()  # idle meanwhile: the peer would close it
+                        await self._while_asked_by(word.member)
         finally:
             await peer.aclose()
 
-    async def _ask(self, peer: _PeerConnection, query: dict[str, str]) -> tuple[Word, int] | None:
+    async def _while_asked_by(self, member: int) -> None:
+        """Return once `member` has not asked us for two heartbeats. Two members that list
+        each other need only one of them asking: each ask carries the asker's word there
+        and the answer brings the other's back, and both time their silence. So the member
+        of the higher index leaves the asking to the lower while the lower asks, and asks
+        again when it stops (its silence is then timed from its last ask)."""
+        while True:
+            resume = self._asked_at.get(member, -math.inf) + 2 * self.heartbeat
+            if resume <= trio.current_time():
+                return
+            await trio.sleep_until(resume)  # a deadline, pushed back by each of its asks
+
+    async def _ask(self, peer: _PeerConnection, target: str) -> tuple[Word, int] | None:
         """One ask, bounded by a heartbeat and a peer timeout; None for no usable answer."""
-        target = "/group?" + urlencode(query)
         with trio.move_on_after(self.heartbeat + self._settings.peer_timeout):
             try:
                 status, body = await peer.get(target)
@@ -311,10 +336,15 @@ class GroupMember:
         await peer.aclose()  # no answer in time, or none to trust: the next ask starts afresh
         return None
 
-    async def _cancel_on_change(self, scope: trio.CancelScope, state: MemberState) -> None:
-        while self._word().state is state:
+    async def _cancel_stale_asks(self) -> None:
+        """Cancel each ask that carries a state of ours that is no longer ours: the news
+        goes out at once, in a new ask."""
+        while True:
             await self._board.changed.wait()
-        scope.cancel()
+            state = self._word().state
+            for scope, reported in list(self._asking):
+                if reported is not state:
+                    scope.cancel()
 
     # -- taking a word ----------------------------------------------------------------------
 
@@ -371,10 +401,19 @@ class GroupMember:
     def _word(self) -> Word:
         """This member's own word, now (made once per version of the board: it is read at
         every ask and every answer)."""
+        return self._cache()[1]
+
+    def _query(self) -> str:
+        """This member's own word, now, as a query string."""
+        return self._cache()[2]
+
+    def _cache(self) -> tuple[int, Word, str, bytes]:
         version = self._board.version
         if self._cached is None or self._cached[0] != version:
-            self._cached = (version, self._make_word())
-        return self._cached[1]
+            word = self._make_word()
+            body = json.dumps(word.to_json(version)).encode()
+            self._cached = (version, word, urlencode(word.query()), body)
+        return self._cached
 
     def _make_word(self) -> Word:
         status = self._board.snapshot()
