@@ -195,6 +195,8 @@ class GroupMember:
         self._asking: set[tuple[trio.CancelScope, MemberState]] = set()
         #: When each member last asked us (trio.current_time()).
         self._asked_at: dict[int, float] = {}
+        #: Set at each member's next ask (for `_while_asked_by`).
+        self._next_ask: dict[int, trio.Event] = {}
 
     @property
     def heartbeat(self) -> float:
@@ -220,6 +222,7 @@ class GroupMember:
         if not self._take(word):
             return Response(409, _TEXT, b"not a member of this group and generation\n")
         self._asked_at[word.member] = trio.current_time()
+        self._next_ask.pop(word.member, trio.Event()).set()
         if wait > 0 and version == self._board.version:
             with trio.move_on_after(wait):
                 await self._board.changed.wait()
@@ -297,7 +300,7 @@ class GroupMember:
                 word, version = answer
                 if self._take(word):
                     self._note_told(word.member, own.state)
-                    if word.member < self._plan.member:
+                    if word.member < self._plan.member and self._asked_lately(word.member):
                         await peer.aclose()  # idle meanwhile: the peer would close it
                         await self._while_asked_by(word.member)
         finally:
@@ -310,10 +313,15 @@ class GroupMember:
         of the higher index leaves the asking to the lower while the lower asks, and asks
         again when it stops (its silence is then timed from its last ask)."""
         while True:
-            resume = self._asked_at.get(member, -math.inf) + 2 * self.heartbeat
-            if resume <= trio.current_time():
+            with trio.move_on_after(2 * self.heartbeat) as quiet:
+                await self._next_ask.setdefault(member, trio.Event()).wait()
+            if quiet.cancelled_caught:
                 return
-            await trio.sleep_until(resume)  # a deadline, pushed back by each of its asks
+
+    def _asked_lately(self, member: int) -> bool:
+        """Whether `member` asked us within the last two heartbeats."""
+        last = self._asked_at.get(member, -math.inf)
+        return last + 2 * self.heartbeat > trio.current_time()
 
     async def _ask(self, peer: _PeerConnection, target: str) -> tuple[Word, int] | None:
         """One ask, bounded by a heartbeat and a peer timeout; None for no usable answer."""
