@@ -81,6 +81,18 @@ NOT_PEM = str(Path(__file__).parent.parent / "pyproject.toml")
             "but LWS_WORKER_INDEX not",
         ),
         (
+            ["--group", "--group-peer", PEER, "--group-member", "1", "--restart", "on-failure"],
+            {},
+            "--restart on-failure: --group-peer (or --group-size) makes this node one member "
+            "of a group across nodes, and ranks restarted on one node cannot rejoin it: pass "
+            "--restart never",
+        ),
+        (
+            ["--group", "--restart", "on-failure"],
+            LWS,
+            "--restart on-failure: LeaderWorkerSet's LWS_GROUP_SIZE=2 makes this node one",
+        ),
+        (
             ["--group"],
             {**LWS, "LWS_GROUP_SIZE": "two"},
             "LWS_GROUP_SIZE='two' is not a whole number of at least 1",

@@ -68,10 +68,10 @@ def member_args(
 
 def topology(net: Network, shape: str) -> list[tuple[Node, list[str]]]:
     """Each node with the peers it asks: "pair", two members asking each other; "star",
-    three, the workers asking the leader (member 0) as under LeaderWorkerSet."""
-    if shape == "pair":
-        a, b = net.nodes
-        return [(a, [control(b)]), (b, [control(a)])]
+    three, the workers asking the leader (member 0) as under LeaderWorkerSet; "mesh",
+    three, each asking the two others."""
+    if shape in ("pair", "mesh"):
+        return [(n, [control(o) for o in net.nodes if o is not n]) for n in net.nodes]
     leader, *workers = net.nodes
     return [(leader, []), *((w, [control(leader)]) for w in workers)]
 
@@ -136,7 +136,7 @@ async def out_times(process: trio.Process) -> dict[str, float]:
     return {doc["url"]: doc["out"] for doc in map(json.loads, data.decode().splitlines())}
 
 
-@pytest.mark.parametrize("shape", ["pair", "star"])
+@pytest.mark.parametrize("shape", ["pair", "star", "mesh"])
 async def test_a_rank_killed_on_one_member_takes_every_member_out_within_a_second(
     tmp_path: Path, shape: str
 ) -> None:

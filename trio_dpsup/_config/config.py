@@ -702,6 +702,8 @@ class SupervisorConfig:
                 "named in the failure messages of every member"
             )
         members = self.group_size or len(self.group_peers) + 1
+        if members > 1:
+            check_group_restarts(self, f"{peer} (or {size})")
         if len(self.group_peers) >= members:
             raise ConfigError(
                 f"{size} {members} leaves no room for this member and its "
@@ -803,6 +805,20 @@ def check_group(config: SupervisorConfig, ranks: int) -> None:
         f"restarted on one node cannot rejoin it: pass {_opt('restart')} never; the "
         "supervisor then exits non-zero and LeaderWorkerSet's RecreateGroupOnPodRestart "
         "recreates the whole group (deploy/kubernetes/leaderworkerset.yaml)"
+    )
+
+
+def check_group_restarts(config: SupervisorConfig, spanned_by: str) -> None:
+    """A group whose members are on several nodes (`spanned_by` says how it was told so)
+    is recreated whole, never restarted in part: refuse a restart policy."""
+    if config.restart is RestartPolicy.NEVER:
+        return
+    raise ConfigError(
+        f"{_opt('restart')} {config.restart.value}: {spanned_by} makes this node one member "
+        "of a group across nodes, and ranks restarted on one node cannot rejoin it: pass "
+        f"{_opt('restart')} never; a failure then stops every member, and LeaderWorkerSet's "
+        "RecreateGroupOnPodRestart (or your orchestrator) recreates the whole group "
+        "(docs/across-nodes.md)"
     )
 
 

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from .._errors import ConfigError
-from .config import SupervisorConfig, check_peer_url
+from .config import SupervisorConfig, check_group_restarts, check_peer_url
 from .options import option_name
 
 __all__ = ["LWS_VARIABLES", "GroupPlan", "plan_group"]
@@ -86,6 +86,7 @@ def plan_group(config: SupervisorConfig, environ: Mapping[str, str]) -> GroupPla
         )
     if size == 1:
         return None
+    check_group_restarts(config, f"LeaderWorkerSet's {LWS_GROUP_SIZE}={size}")
     leader = environ[LWS_LEADER_ADDRESS]
     peers: tuple[str, ...] = ()
     if member != 0:
