@@ -23,6 +23,7 @@ import httpx
 import pytest
 import trio
 
+from trio_dpsup import MemberState
 from trio_dpsup.testing import CliSupervisor, open_cli_supervisor, read_pid_file
 
 from .conftest import cli_args
@@ -276,6 +277,15 @@ async def test_words_of_another_group_or_generation_are_ignored_and_a_failure_st
         status = (await http.get(f"{url}/status")).json()
         generation = status["members"]["generation"]
         assert [m["state"] for m in status["members"]["members"]] == ["ready", "not yet appeared"]
+        typed = await member.status()  # the harness's typed form of the same document
+        assert typed.members is not None
+        assert [m.state for m in typed.members.members] == [
+            MemberState.READY,
+            MemberState.NOT_APPEARED,
+        ]
+        assert not typed.ready  # its ranks are, the group is not
+        metrics = (await http.get(f"{url}/metrics")).text
+        assert 'trio_dpsup_group_member_state{member="1",state="not yet appeared"} 1.0' in metrics
         for other in ({"group": "g2"}, {"generation": "an-older-one"}):
             answer = await http.get(f"{url}/group", params={**word, **other})
             assert answer.status_code == 409, answer.text
