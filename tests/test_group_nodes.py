@@ -24,7 +24,12 @@ import pytest
 import trio
 
 from trio_dpsup import MemberState
-from trio_dpsup.testing import CliSupervisor, open_cli_supervisor, read_pid_file
+from trio_dpsup.testing import (
+    CliSupervisor,
+    free_port_range,
+    open_cli_supervisor,
+    read_pid_file,
+)
 
 from .conftest import cli_args
 from .netns import Network, Node, open_network
@@ -249,7 +254,7 @@ async def test_a_member_that_never_appears_fails_the_group_at_the_startup_timeou
     # No namespace needed: the one member asks a port where nothing listens.
     args = cli_args(
         1,
-        8190,
+        free_port_range(1),
         options=[
             "--group", "--group-member", "0", "--group-peer", "http://127.0.0.1:9",
             "--startup-timeout", "3",
@@ -266,7 +271,8 @@ async def test_a_member_that_never_appears_fails_the_group_at_the_startup_timeou
 
 async def test_words_of_another_group_or_generation_are_ignored_and_a_failure_stops() -> None:
     # The hub of a star of two (no peers of its own): its watch is answered over HTTP here.
-    args = cli_args(1, 8195, options=["--group", "--group-size", "2", "--group-id", "g1"])
+    options = ["--group", "--group-size", "2", "--group-id", "g1"]
+    args = cli_args(1, free_port_range(1), options=options)
     async with open_cli_supervisor(args) as member, httpx.AsyncClient(trust_env=False) as http:
         with trio.fail_after(30):
             url = await member.control_url()

@@ -50,6 +50,8 @@ HEARTBEATS = 3
 #: The longest text a word carries (names, a failure's reason); the longest answer read.
 MAX_TEXT = 2000
 MAX_ANSWER = 64 * 1024
+#: The most kinds of ignored words logged (each once).
+MAX_IGNORED = 64
 #: How long to wait before asking again a member that did not answer (not yet listening,
 #: or its link down): short, since its silence is timed by the peer timeout, not by this.
 RETRY = 0.2
@@ -437,7 +439,9 @@ class GroupMember:
         self._told = trio.Event()
 
     def _ignore(self, key: str, message: str) -> None:
-        if key not in self._ignored:
+        """Log `message` once per `key` (at most `MAX_IGNORED` keys: words from a client
+        that makes up a new group at every ask must not fill memory or the log)."""
+        if key not in self._ignored and len(self._ignored) < MAX_IGNORED:
             self._ignored.add(key)
             logger.warning("%s", message)
 
