@@ -347,3 +347,45 @@ async def test_no_false_failure_under_300ms_delay_and_5_percent_loss(tmp_path: P
                 assert [status for status, _ in await exit_times([member_a, member_b])] == [0, 0]
     for member in (member_a, member_b):
         assert "group failed" not in member.log
+
+
+async def test_a_member_of_the_previous_generation_is_ignored_by_the_recreated_group(
+    tmp_path: Path,
+) -> None:
+    # The leader is recreated at its address (as LeaderWorkerSet recreates a group) while
+    # the old worker still runs: the new leader ignores the old worker's words, the old
+    # worker ignores the new leader's, and a new worker joins the new leader.
+    async with open_network(3) as net:
+        leader_node, old_node, new_node = net.nodes
+        to_leader = [control(leader_node)]
+        leader_args = member_args(leader_node, 0, [], 2)
+        async with (
+            open_cli_supervisor(leader_args, prefix=leader_node.prefix) as old_leader,
+            open_cli_supervisor(
+                member_args(old_node, 1, to_leader, 2), prefix=old_node.prefix
+            ) as old_worker,
+        ):
+            with trio.fail_after(60):
+                await wait_group_ready([old_leader, old_worker])
+            old_leader.send_signal(signal.SIGKILL)
+            with trio.fail_after(10):
+                await old_leader.wait()
+            async with open_cli_supervisor(leader_args, prefix=leader_node.prefix) as leader:
+                with trio.fail_after(60):
+                    await leader.wait_for_line(r"all 1 ranks are ready")
+                    # The old worker stops hearing its own leader, and fails.
+                    assert await old_worker.wait() == 1
+                assert "member 0 (10.231.0.1) stopped answering" in old_worker.log
+                assert "is of group group, generation" in leader.log  # ignored, once
+                code, body = await ready_status(leader_node, control(leader_node))
+                assert (code, body) == ("503", "waiting for the group: member 1 not yet appeared")
+                new_args = member_args(new_node, 1, to_leader, 2)
+                async with open_cli_supervisor(new_args, prefix=new_node.prefix) as new_worker:
+                    with trio.fail_after(60):
+                        await wait_group_ready([leader, new_worker])
+                    assert leader.process.returncode is None
+                    assert "group failed" not in leader.log
+                    for member in (leader, new_worker):
+                        member.send_signal(signal.SIGTERM)
+                    with trio.fail_after(30):
+                        assert [s for s, _ in await exit_times([leader, new_worker])] == [0, 0]
