@@ -389,3 +389,16 @@ async def test_a_member_of_the_previous_generation_is_ignored_by_the_recreated_g
                         member.send_signal(signal.SIGTERM)
                     with trio.fail_after(30):
                         assert [s for s, _ in await exit_times([leader, new_worker])] == [0, 0]
+
+
+async def test_a_planned_stop_of_the_leader_stops_the_star_as_planned(tmp_path: Path) -> None:
+    async with open_network(3) as net, open_members(net, "star", tmp_path) as members:
+        with trio.fail_after(60):
+            await wait_group_ready(members)
+        members[0].send_signal(signal.SIGTERM)
+        with trio.fail_after(30):
+            assert [status for status, _ in await exit_times(members)] == [0, 0, 0]
+    for member in members[1:]:
+        assert "group member 0 (10.231.0.1) is stopping as planned" in member.log
+        assert "draining ranks" in member.log
+        assert "group failed" not in member.log
