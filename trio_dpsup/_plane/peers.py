@@ -53,7 +53,8 @@ MAX_ANSWER = 64 * 1024
 #: The most kinds of ignored words logged (each once).
 MAX_IGNORED = 64
 #: How long to wait before asking again a member that did not answer (not yet listening,
-#: or its link down): short, since its silence is timed by the peer timeout, not by this.
+#: or its link down), at first: short, since its silence is timed by the peer timeout, not
+#: by this; it doubles at each ask left unanswered, up to a heartbeat.
 RETRY = 0.2
 #: The longest `linger` waits for every member to have our last state.
 LINGER = 2.0
@@ -282,6 +283,7 @@ class GroupMember:
 
         **Cancellation**: the connection is closed."""
         version = -1
+        pause = RETRY
         try:
             while True:
                 own = self._word()
@@ -297,8 +299,13 @@ class GroupMember:
                     self._asking.discard(asking)
                 if answer is None:
                     if self._word().state is own.state:  # not asked again at once for news
-                        await trio.sleep(RETRY)
+                        # Doubling up to a heartbeat: a member that never appears (a pod
+                        # never scheduled) is asked a few times a second at first, then
+                        # once a heartbeat, for as long as --startup-timeout.
+                        await trio.sleep(pause)
+                        pause = min(2 * pause, self.heartbeat)
                     continue
+                pause = RETRY
                 word, version = answer
                 if self._take(word):
                     self._note_told(word.member, own.state)
