@@ -17,7 +17,9 @@ from trio_dpsup import SupervisorConfig, plan_ranks
 # The CLI's own parser and its config, on purpose: each manifest's command line is planned
 # as the supervisor would plan it, without starting anything.
 from trio_dpsup._cli import build_parser
+from trio_dpsup._config.group import plan_group
 from trio_dpsup._config.options import from_namespace
+from trio_dpsup._plane.peers import LINGER
 
 KUBERNETES = Path(__file__).parent.parent / "deploy" / "kubernetes"
 MANIFESTS = sorted(KUBERNETES.glob("*.yaml"))
@@ -222,3 +224,31 @@ def test_replicas_restart_one_by_one_and_the_group_as_one() -> None:
         assert config.restart.value == "never"
     (lws, *_) = documents(KUBERNETES / "leaderworkerset.yaml")
     assert lws["spec"]["leaderWorkerTemplate"]["restartPolicy"] == "RecreateGroupOnPodRestart"
+
+
+def test_the_group_members_are_wired_to_leaderworkersets_environment() -> None:
+    # Each pod of the group, as the supervisor would plan it with the variables that
+    # LeaderWorkerSet sets in it: the leader asks no one, the worker asks the leader at the
+    # control port they share; the group fails as one, and LeaderWorkerSet recreates it.
+    (lws, *_) = documents(KUBERNETES / "leaderworkerset.yaml")
+    template = lws["spec"]["leaderWorkerTemplate"]
+    assert template["restartPolicy"] == "RecreateGroupOnPodRestart"
+    size = template["size"]
+    leader = "vllm-dp16-0.vllm-dp16.default"
+    for index, container in enumerate(containers_of(KUBERNETES / "leaderworkerset.yaml")):
+        config = config_of(container)
+        environ = {
+            "LWS_LEADER_ADDRESS": leader,
+            "LWS_GROUP_SIZE": str(size),
+            "LWS_WORKER_INDEX": str(index),
+        }
+        plan = plan_group(config, environ)
+        assert plan is not None
+        assert (plan.member, plan.size, plan.group_id) == (index, size, leader)
+        assert plan.peers == (() if index == 0 else (f"http://{leader}:{config.control_port}",))
+        # A lost node is noticed in seconds, and a planned stop of one member (the other's
+        # drain, then the peer timeout and its last words) fits the pod's grace period.
+        assert config.peer_timeout <= 10
+        grace = template["leaderTemplate"]["spec"]["terminationGracePeriodSeconds"]
+        stop = config.router_timeout + config.drain_delay + config.drain_timeout
+        assert grace > stop + config.grace_period + config.peer_timeout + LINGER

@@ -11,6 +11,7 @@ So the docs cannot rot again."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import re
 import shlex
@@ -20,6 +21,7 @@ import subprocess
 import tempfile
 import time
 import tomllib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -222,6 +224,32 @@ def test_a_long_page_has_contents(page: Path) -> None:
 # -- the runnable blocks
 
 
+#: The machine's lock on BLOCK_PORTS: two suites at once (or two checkouts) take turns with
+#: the blocks, which use the docs' fixed ports, instead of both finding them free and then
+#: colliding.
+PORTS_LOCK = Path(tempfile.gettempdir()) / "trio-dpsup-docs-ports.lock"
+#: The longest a block waits for the other suite's block to end (a block takes 4 s at most
+#: on 2 busy cores; BLOCK_TIMEOUT bounds it).
+LOCK_WAIT = BLOCK_TIMEOUT + 30
+
+
+@contextlib.contextmanager
+def _docs_ports() -> Iterator[None]:
+    """Hold PORTS_LOCK (an exclusive flock, released when the file is closed, also by a
+    killed holder); skip where another holder keeps it past LOCK_WAIT."""
+    with open(PORTS_LOCK, "a") as lock:
+        deadline = time.monotonic() + LOCK_WAIT
+        while True:  # bounded by the deadline
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    pytest.skip(f"the docs' ports stayed locked ({PORTS_LOCK}) by another run")
+                time.sleep(0.1)  # pacing the tries: a flock has no timeout of its own
+        yield
+
+
 def _port_taken(port: int) -> bool:
     with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -237,10 +265,11 @@ def test_a_runnable_block_runs_in_a_fresh_shell(block: Block) -> None:
     assert not re.search(r"\bsleep\b", block.text), "wait for a condition, not for a time"
     if not (ROOT / ".venv" / "bin" / "trio-dpsup").exists():
         pytest.skip("no .venv in the checkout: the docs' blocks run after the quick start")
-    taken = [port for port in BLOCK_PORTS if _port_taken(port)]
-    if taken:
-        pytest.skip(f"ports the docs' examples use are taken here: {taken}")
-    ran = run_block(block.text, BLOCK_TIMEOUT)
+    with _docs_ports():
+        taken = [port for port in BLOCK_PORTS if _port_taken(port)]
+        if taken:
+            pytest.skip(f"ports the docs' examples use are taken here: {taken}")
+        ran = run_block(block.text, BLOCK_TIMEOUT)
     assert not ran.overran, f"{block.id}: still running after {BLOCK_TIMEOUT} s:\n{ran.out}"
     assert ran.returncode == 0, f"{block.id}: exit {ran.returncode} in {ran.took:.1f} s:\n{ran.out}"
     assert not ran.left, f"{block.id}: left a process running (stop what you start):\n{ran.out}"

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import trio
 import trustme
 
 from trio_dpsup.testing import free_port_range, open_cli_supervisor, run_cli
@@ -118,3 +119,51 @@ async def test_bad_tls_options_exit_2(certs: Certs, options: list[str], message:
     status, _, stderr = await run_cli([*cli_args(1, free_port_range(1), options=options)], env=None)
     assert status == 2, stderr
     assert message in stderr
+
+
+def member_options(certs: Certs, control: int, peers: list[int], member: int) -> list[str]:
+    """A member of a group of two on loopback: HTTPS asking for client certificates, and
+    asking its `peers` over HTTPS, verified by our CA."""
+    return [
+        "--control-port", str(control),
+        "--ssl-certfile", str(certs.cert), "--ssl-keyfile", str(certs.key),
+        "--ssl-ca-certs", str(certs.ca_file),
+        "--group", "--group-member", str(member), "--group-size", "2",
+        *(f"--group-peer=https://127.0.0.1:{peer}" for peer in peers),
+        "--peer-ca-certs", str(certs.ca_file),
+        "--start-rank", str(member), "--peer-timeout", "2", "--startup-timeout", "4",
+    ]  # fmt: skip
+
+
+async def test_members_of_a_group_watch_each_other_over_mutual_tls(certs: Certs) -> None:
+    base = free_port_range(4)  # two ranks, then two control planes
+    client = ["--peer-certfile", str(certs.client), "--peer-keyfile", str(certs.client)]
+    a = [*member_options(certs, base + 2, [base + 3], 0), *client]
+    b = [*member_options(certs, base + 3, [base + 2], 1), *client]
+    async with (
+        open_cli_supervisor(cli_args(1, base, options=a)) as member_a,
+        open_cli_supervisor(cli_args(1, base + 1, options=b)) as member_b,
+    ):
+        with trio.fail_after(60):
+            for member in (member_a, member_b):
+                await member.wait_for_line(r"the group is ready: all 2 members")
+        member_b.send_signal(signal.SIGTERM)
+        with trio.fail_after(30):
+            assert await member_b.wait() == 0
+            assert await member_a.wait() == 0
+
+
+async def test_a_member_without_a_client_certificate_is_never_heard(certs: Certs) -> None:
+    # A star: the hub asks no one; the worker asks it, with no client certificate to show.
+    base = free_port_range(4)
+    hub = member_options(certs, base + 2, [], 0)
+    worker = member_options(certs, base + 3, [base + 2], 1)
+    async with (
+        open_cli_supervisor(cli_args(1, base, options=hub)) as member_a,
+        open_cli_supervisor(cli_args(1, base + 1, options=worker)) as member_b,
+    ):
+        with trio.fail_after(30):
+            assert await member_b.wait() == 1
+            assert await member_a.wait() == 1
+    assert "group failed: member 1 never appeared within --startup-timeout 4s" in member_a.log
+    assert "group failed: member 0 never appeared within --startup-timeout 4s" in member_b.log

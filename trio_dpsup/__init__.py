@@ -34,6 +34,7 @@ if typing.TYPE_CHECKING:
     from ._errors import GpuFailed as GpuFailed
     from ._errors import GpuLeftovers as GpuLeftovers
     from ._errors import GpuMemoryHeld as GpuMemoryHeld
+    from ._errors import GroupFailed as GroupFailed
     from ._errors import PortInUse as PortInUse
     from ._errors import RankExited as RankExited
     from ._errors import RankSpawnFailed as RankSpawnFailed
@@ -67,6 +68,9 @@ if typing.TYPE_CHECKING:
     from ._state.status import DrainEnd as DrainEnd
     from ._state.status import DrainReason as DrainReason
     from ._state.status import DrainStatus as DrainStatus
+    from ._state.status import GroupStatus as GroupStatus
+    from ._state.status import MemberState as MemberState
+    from ._state.status import MemberStatus as MemberStatus
     from ._state.status import ProbeResult as ProbeResult
     from ._state.status import ProgressStatus as ProgressStatus
     from ._state.status import RankState as RankState
@@ -95,6 +99,7 @@ _EXPORTS = {
     "GpuFailed": "._errors",
     "GpuLeftovers": "._errors",
     "GpuMemoryHeld": "._errors",
+    "GroupFailed": "._errors",
     "PortInUse": "._errors",
     "RankExited": "._errors",
     "RankSpawnFailed": "._errors",
@@ -128,6 +133,9 @@ _EXPORTS = {
     "DrainEnd": "._state.status",
     "DrainReason": "._state.status",
     "DrainStatus": "._state.status",
+    "GroupStatus": "._state.status",
+    "MemberState": "._state.status",
+    "MemberStatus": "._state.status",
     "ProbeResult": "._state.status",
     "ProgressStatus": "._state.status",
     "RankState": "._state.status",

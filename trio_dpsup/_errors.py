@@ -20,6 +20,7 @@ __all__ = [
     "GpuFailed",
     "GpuLeftovers",
     "GpuMemoryHeld",
+    "GroupFailed",
     "PortInUse",
     "RankExited",
     "RankSpawnFailed",
@@ -228,6 +229,20 @@ class GpuFailed(SupervisorFailure):
         self.gpu = gpu
         self.cause = cause
         super().__init__(f"rank {rank}: {gpu} failed: {cause}")
+
+
+class GroupFailed(SupervisorFailure):
+    """Another member of this supervisor's group across nodes failed, stopped answering for
+    longer than ``peer_timeout``, or never appeared within ``startup_timeout``: every member
+    stops its ranks and exits, so that the group is recreated whole. `member` and `node`
+    name the member where the group's failure began, `reason` what happened there."""
+
+    def __init__(self, member: int, node: str | None, reason: str) -> None:
+        self.member = member
+        self.node = node
+        self.reason = reason
+        where = f"member {member}" if node is None else f"member {member} ({node})"
+        super().__init__(f"group failed: {where} {reason}")
 
 
 class GpuLeftovers(SupervisorFailure):

@@ -17,9 +17,14 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
+from urllib.parse import urlsplit
+
+import trio
 
 from ._config.concerns import CleanStartSettings, derive
 from ._config.config import SupervisorConfig
+from ._config.enums import WILDCARD_HOSTS
+from ._config.group import GroupPlan, plan_group
 from ._config.options import option_name
 from ._config.plan import RankPlan, plan_ranks
 from ._config.presets import data_parallel_size
@@ -106,8 +111,11 @@ async def prepare_run(
             cgroups = _make_cgroups(run_id) if config.cgroups else None
             if cgroups is not None:
                 undo.callback(cgroups.remove)
+            group = plan_group(config, environ)
             sock = bind_control_socket(config.control_host, config.control_port)
             undo.callback(sock.close)
+            if group is not None:
+                await _check_not_self(group, sock)
             admin_sock = None
             if config.admin_socket is not None:
                 admin_sock = bind_admin_socket(config.admin_socket)
@@ -134,6 +142,7 @@ async def prepare_run(
         min_ready=config.min_ready,
         group=config.forms_group,
         routers=tuple(str(spec) for spec in config.router_specs),
+        members=None if group is None else (group, config.member_node),
     )
     trees = Trees(run_id, adopter=os.getpid() if subreaper else None)
     if cgroups is not None:
@@ -181,3 +190,42 @@ def _say_where_the_rest_run(config: SupervisorConfig, plans: tuple[RankPlan, ...
         last,
         size,
     )
+
+
+#: The longest the check of a peer's name may take (a name not yet known is not ours).
+_RESOLVE_TIMEOUT = 2.0
+
+
+async def _check_not_self(group: GroupPlan, sock: socket.socket) -> None:
+    """Raise ConfigError for a peer URL that is this member's own control plane: it would
+    watch itself and count itself as another member."""
+    host, port = sock.getsockname()[:2]
+    for url in group.peers:
+        parts = urlsplit(url)
+        if parts.port != port or parts.hostname is None:
+            continue
+        addresses: set[str] = set()
+        with trio.move_on_after(_RESOLVE_TIMEOUT):
+            try:
+                infos = await trio.socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
+            except OSError:
+                infos = []  # not resolvable (yet): another member's name, still starting
+            addresses = {str(info[4][0]) for info in infos}
+        if any(address == host or (host in WILDCARD_HOSTS and _is_local(address))
+               for address in addresses):  # fmt: skip
+            shown = f"[{host}]" if ":" in host else host
+            raise ConfigError(
+                f"{group.source} {url} is this member's own control plane ({shown}:{port}): "
+                "give the other members' control planes, not this one's"
+            )
+
+
+def _is_local(address: str) -> bool:
+    """Whether `address` is one of this machine's (a socket can be bound to it)."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((address, 0))
+    except OSError:
+        return False
+    return True

@@ -2,6 +2,9 @@
 
     run()                              root nursery
     ├── control plane (h11)            started first, stopped last
+    ├── group watch (across nodes)     asks the other members, times their silence; the
+    │                                  control plane answers theirs; lingers until each
+    │                                  has this member's last state, then stops with it
     ├── router feed (--router)         each router lists the serving ranks; empties them last
     ├── guardian process               kills the rank trees if the supervisor dies; told
     │                                  of each rank process and tree member as they come
@@ -24,7 +27,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
 
 import httpx
@@ -32,6 +35,7 @@ import trio
 
 from ._config.concerns import (
     AdminSettings,
+    PeerSettings,
     ProbeSettings,
     PublishSettings,
     RankSettings,
@@ -46,6 +50,7 @@ from ._plane.admin_socket import serve_admin
 from ._plane.control import ControlApp, serve_control_plane
 from ._plane.metrics import Metrics
 from ._plane.outcome import report_outcome
+from ._plane.peers import GroupMember
 from ._plane.routers import feed_routers
 from ._prepare import RunParts, prepare_run
 from ._proc.guardian import Guardian, open_guardian
@@ -234,7 +239,15 @@ class _Run:
         try:
             async with trio.open_nursery() as root:
                 publish = derive(PublishSettings, self.config)
-                app = ControlApp(self.board, self.metrics.render, publish)
+                group = None
+                if self.board.members is not None:
+                    group = GroupMember(
+                        derive(PeerSettings, self.config),
+                        self.board,
+                        self.fail,
+                        partial(self.request_shutdown, signal.SIGTERM),
+                    )
+                app = ControlApp(self.board, self.metrics.render, publish, group)
                 serve = partial(serve_control_plane, tls=TlsFiles.of(self.config))
                 url: str = await root.start(serve, app, self.parts.control_sock, stop_control.wait)
                 logger.info("control plane listening on %s", url)
@@ -247,6 +260,8 @@ class _Run:
                 # The routers are fed from the board: out the moment a rank leaves traffic,
                 # and every rank out of them once the ranks are gone (stop_control).
                 root.start_soon(feed_routers, publish, self.board, stop_control.wait)
+                if group is not None:
+                    root.start_soon(_until, stop_control.wait, group.run)
                 make_handle = partial(SupervisorHandle, self, url)
                 try:
                     async with open_guardian(self.board.run_id) as guardian:
@@ -261,6 +276,9 @@ class _Run:
                         fail=self.config.fail_on_leftovers,
                     )
                 finally:
+                    if group is not None:
+                        with trio.CancelScope(shield=True):  # bounded: peers.LINGER
+                            await group.linger()
                     stop_control.set()  # the control plane stops last, after every rank is gone
                 if not self._handed_out and self.board.failure is None:
                     # Shutdown was requested while ranks were being started: hand out the
@@ -383,6 +401,16 @@ class _Run:
         self.board.begin_stopping(SupervisorState.STOPPING)
         assert self._ranks_scope is not None
         self._ranks_scope.cancel()
+
+
+async def _until(
+    trigger: Callable[[], Awaitable[object]], task: Callable[[], Awaitable[object]]
+) -> None:
+    """Run `task` until `trigger` returns."""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(task)
+        await trigger()
+        nursery.cancel_scope.cancel()
 
 
 def _drain_ended(record: RankRecord) -> bool:

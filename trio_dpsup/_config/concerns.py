@@ -28,6 +28,7 @@ __all__ = [
     "EvidenceSettings",
     "GpuWatchSettings",
     "LogSettings",
+    "PeerSettings",
     "ProbeSettings",
     "ProgressSettings",
     "PublishSettings",
@@ -208,3 +209,14 @@ class PublishSettings:
     routers: tuple[str, ...]
     router_specs: tuple[RouterSpec, ...]
     router_timeout: float
+
+
+@dataclass(frozen=True)
+class PeerSettings:
+    """The watch between the members of a group across nodes (`_plane.peers`)."""
+
+    peer_timeout: float
+    startup_timeout: float
+    peer_ca_certs: str | None
+    peer_certfile: str | None
+    peer_keyfile: str | None

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from .._errors import ConfigError
 from .._output.redact import redact_text
@@ -313,6 +315,56 @@ class SupervisorConfig:
         "a wildcard address)",
         "drain and routers", "HOST",
     )  # fmt: skip
+    # -- across nodes: a group whose members (one supervisor per node) fail as one
+    group_peers: tuple[str, ...] = setting(
+        (),
+        "another member of the group: its control plane's URL (http[s]://HOST:PORT); this "
+        "member watches it and answers its watch, and a failure of either stops both "
+        "(repeatable; needs --group; default under LeaderWorkerSet: workers watch the "
+        "leader, LWS_LEADER_ADDRESS at our --control-port)",
+        "across nodes", "URL", flag="--group-peer",
+    )  # fmt: skip
+    #: None: the --group-peer count + 1, or LWS_GROUP_SIZE (see `_config/group.py`).
+    group_size: int | None = setting(
+        None,
+        "members in the group, this one included (default: --group-peer count + 1; under "
+        "LeaderWorkerSet: LWS_GROUP_SIZE)",
+        "across nodes", "N", check=at_least_one,
+    )  # fmt: skip
+    #: None: 0 with no --group-peer (the hub), else required; LWS_WORKER_INDEX under LWS.
+    group_member: int | None = setting(
+        None,
+        "this member's index, 0 to size-1 (named in every member's failure message; "
+        "required with --group-peer; under LeaderWorkerSet: LWS_WORKER_INDEX)",
+        "across nodes", "N", check=zero_or_more,
+    )  # fmt: skip
+    group_id: str | None = setting(
+        None,
+        "the group's name: an answer or a report from a member of another group is ignored "
+        "(default: under LeaderWorkerSet, LWS_LEADER_ADDRESS; else 'group')",
+        "across nodes", "NAME",
+    )  # fmt: skip
+    peer_timeout: float = setting(
+        5.0,
+        "a member not heard from for this long (its supervisor gone, its node cut off) "
+        "fails the group; members are asked at least three times within it",
+        "across nodes", "SECONDS", check=positive_seconds,
+    )  # fmt: skip
+    peer_ca_certs: str | None = setting(
+        None,
+        "verify members' HTTPS control planes against this CA bundle (default: the "
+        "system's CAs)",
+        "across nodes", "PATH",
+    )  # fmt: skip
+    peer_certfile: str | None = setting(
+        None,
+        "the client certificate (PEM chain) this member shows to members whose control "
+        "plane asks for one (their --ssl-ca-certs: mutual TLS)",
+        "across nodes", "PATH",
+    )  # fmt: skip
+    peer_keyfile: str | None = setting(
+        None, "the private key of --peer-certfile (PEM)", "across nodes", "PATH"
+    )
     # -- shutdown
     grace_period: float = setting(
         20.0,
@@ -443,6 +495,7 @@ class SupervisorConfig:
         self._check_ports()
         self._check_progress()
         self._check_drain()
+        self._check_group_peers()
         if self.log_dir is not None and not self.log_prefix:
             raise ConfigError(
                 f"{_opt('log_dir')} needs the ranks' lines to pass through the supervisor, "
@@ -625,6 +678,65 @@ class SupervisorConfig:
                 "router can reach: give this node's address or name"
             )
 
+    def _check_group_peers(self) -> None:
+        """The members' options: each needs --group, every URL is a control plane's, the
+        member's index is within the size. What comes from the environment (LeaderWorkerSet)
+        and what this member binds are checked when the run is planned (group.py)."""
+        peer, size, member = _opt("group_peers"), _opt("group_size"), _opt("group_member")
+        given = [
+            _opt(name)
+            for name in ("group_peers", "group_size", "group_member", "group_id")
+            if getattr(self, name) not in (None, ())
+        ]
+        if given and not self.forms_group:
+            raise ConfigError(
+                f"{', '.join(given)} make this supervisor one member of a group across "
+                f"nodes, and its ranks are not a group: pass {_opt('group')} (or drop "
+                f"{', '.join(given)})"
+            )
+        for url in self.group_peers:
+            check_peer_url(peer, url)
+        if len(set(self.group_peers)) != len(self.group_peers):
+            raise ConfigError(f"{peer}: a member is listed twice: list each member once")
+        if self.group_peers and self.group_member is None:
+            raise ConfigError(
+                f"{peer} needs {member}: this member's index in the group (0 to size-1), "
+                "named in the failure messages of every member"
+            )
+        members = self.group_size or len(self.group_peers) + 1
+        if members > 1:
+            check_group_restarts(self, f"{peer} (or {size})")
+        if len(self.group_peers) >= members:
+            raise ConfigError(
+                f"{size} {members} leaves no room for this member and its "
+                f"{len(self.group_peers)} {peer}(s): raise {size} or list fewer peers"
+            )
+        if self.group_member is not None and self.group_member >= members:
+            raise ConfigError(
+                f"{member} {self.group_member} is not a member of a group of {members}: "
+                f"give 0 to {members - 1}, or raise {size}"
+            )
+        if self.group_id is not None and not re.fullmatch(r"[\x21-\x7e]{1,200}", self.group_id):
+            raise ConfigError(
+                f"{_opt('group_id')} {self.group_id!r}: give a name of 1 to 200 visible ASCII "
+                "characters"
+            )
+        cert, key = _opt("peer_certfile"), _opt("peer_keyfile")
+        if (self.peer_certfile is None) != (self.peer_keyfile is None):
+            raise ConfigError(f"{cert} and {key} go together: pass both, or neither")
+        for name in ("peer_ca_certs", "peer_certfile", "peer_keyfile"):
+            path = getattr(self, name)
+            if path is not None and not os.path.isfile(path):
+                raise ConfigError(f"{_opt(name)} {path} is not a file: give the path of a PEM file")
+
+    @property
+    def member_node(self) -> str:
+        """How this member names its node to the others (in their failure messages): the
+        control plane's address, else --advertise-host, else the host's name (a pod's)."""
+        if self.control_host not in WILDCARD_HOSTS:
+            return self.control_host
+        return self.advertise_host or socket.gethostname()
+
     @property
     def router_specs(self) -> tuple[RouterSpec, ...]:
         """The routers to feed, parsed (each was checked when the config was built)."""
@@ -698,6 +810,20 @@ def check_group(config: SupervisorConfig, ranks: int) -> None:
     )
 
 
+def check_group_restarts(config: SupervisorConfig, spanned_by: str) -> None:
+    """A group whose members are on several nodes (`spanned_by` says how it was told so)
+    is recreated whole, never restarted in part: refuse a restart policy."""
+    if config.restart is RestartPolicy.NEVER:
+        return
+    raise ConfigError(
+        f"{_opt('restart')} {config.restart.value}: {spanned_by} makes this node one member "
+        "of a group across nodes, and ranks restarted on one node cannot rejoin it: pass "
+        f"{_opt('restart')} never; a failure then stops every member, and LeaderWorkerSet's "
+        "RecreateGroupOnPodRestart (or your orchestrator) recreates the whole group "
+        "(docs/across-nodes.md)"
+    )
+
+
 def check_unique_devices(devices: Sequence[str], where: str) -> None:
     """Raise ConfigError for an empty or repeated device; `where` says where they were listed
     ("in --devices", "in CUDA_VISIBLE_DEVICES")."""
@@ -708,3 +834,28 @@ def check_unique_devices(devices: Sequence[str], where: str) -> None:
         if device in seen:
             raise ConfigError(f"device {device} is listed twice {where}: list each device once")
         seen.add(device)
+
+
+def check_peer_url(option: str, url: str) -> None:
+    """Raise ConfigError unless `url` is a member's control plane: http(s)://HOST:PORT."""
+    shown = redact_text(url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigError(f"{option} {shown!r}: {exc}: give http(s)://HOST:PORT") from None
+    if parts.scheme not in ("http", "https"):
+        raise ConfigError(
+            f"{option} {shown!r} is not an http or https URL: give the member's control "
+            "plane, e.g. http://10.0.0.2:9000"
+        )
+    if not parts.hostname or port is None:
+        raise ConfigError(
+            f"{option} {shown!r} needs a host and the member's --control-port, e.g. "
+            f"{parts.scheme}://10.0.0.2:9000"
+        )
+    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+        raise ConfigError(
+            f"{option} {shown!r}: give only the scheme, host and port of the member's "
+            f"control plane, e.g. {parts.scheme}://{parts.netloc.rsplit('@', 1)[-1]}"
+        )

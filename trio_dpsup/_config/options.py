@@ -48,6 +48,7 @@ GROUPS = (
     "progress",
     "restarts",
     "drain and routers",
+    "across nodes",
     "shutdown",
     "logs",
 )

@@ -27,7 +27,14 @@ class TlsFiles:
         return cls(config.ssl_certfile, config.ssl_keyfile, config.ssl_ca_certs)
 
 
-__all__ = ["WILDCARD_HOSTS", "TlsFiles", "check_tls", "is_loopback", "rank_verify"]
+__all__ = [
+    "WILDCARD_HOSTS",
+    "TlsFiles",
+    "check_tls",
+    "is_loopback",
+    "peer_context",
+    "rank_verify",
+]
 
 
 def check_tls(config: SupervisorConfig) -> None:
@@ -35,6 +42,8 @@ def check_tls(config: SupervisorConfig) -> None:
     anything starts (the control plane and the prober load them again when they need them)."""
     if config.rank_scheme is RankScheme.HTTPS:
         rank_verify(config.host, config.rank_ca_certs)
+    if config.group_peers or config.peer_ca_certs or config.peer_certfile:
+        peer_context(config.peer_ca_certs, config.peer_certfile, config.peer_keyfile)
     if config.ssl_certfile is None or config.ssl_keyfile is None:
         return
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -71,3 +80,19 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def peer_context(ca_certs: str | None, certfile: str | None, keyfile: str | None) -> ssl.SSLContext:
+    """What this member verifies the other members' HTTPS control planes with
+    (--peer-ca-certs; the system's CAs without it), showing --peer-certfile where a member
+    asks for a client certificate."""
+    try:
+        context = ssl.create_default_context(cafile=ca_certs)
+        if certfile is not None:
+            context.load_cert_chain(certfile, keyfile)
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(
+            f"cannot use --peer-ca-certs {ca_certs} / --peer-certfile {certfile} / "
+            f"--peer-keyfile {keyfile}: {exc}: give a PEM CA bundle, certificate chain and key"
+        ) from exc
+    return context

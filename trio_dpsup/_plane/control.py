@@ -29,6 +29,7 @@ from .._state.status import RankStatus, SupervisorState, SupervisorStatus
 from .discovery import MAX_WAIT, prometheus_targets, ranks_document
 from .http_server import Response, serve_http
 from .metrics import CONTENT_TYPE
+from .peers import GroupMember
 
 __all__ = ["ControlApp", "bind_control_socket", "serve_control_plane"]
 
@@ -45,10 +46,17 @@ class ControlApp:
     each call, /metrics from `metrics()`, and /ranks (long polls included) and
     /prometheus/targets (see discovery.py) by `config`."""
 
-    def __init__(self, board: Board, metrics: Callable[[], bytes], config: PublishSettings) -> None:
+    def __init__(
+        self,
+        board: Board,
+        metrics: Callable[[], bytes],
+        config: PublishSettings,
+        group: GroupMember | None = None,
+    ) -> None:
         self._board = board
         self._metrics = metrics
         self._config = config
+        self._group = group
 
     async def respond(self, method: str, target: str) -> Response:
         """The answer to `method` `target` (the server leaves out the body of a HEAD).
@@ -58,6 +66,9 @@ class ControlApp:
         path, _, query = target.partition("?")
         if path == "/ranks" and method in ("GET", "HEAD"):
             return await self._ranks(parse_qs(query))
+        if path == "/group" and method == "GET" and self._group is not None:
+            # Another member's report, answered as a long poll (peers.py).
+            return await self._group.respond(parse_qs(query))
         return Response(*self._route(method, path))
 
     async def _ranks(self, query: dict[str, list[str]]) -> Response:
@@ -124,6 +135,12 @@ def _reason(status: SupervisorStatus) -> str:
     if status.failure is not None:
         return f"{status.state.value}: {status.failure}\n"
     ranks = ", ".join(str(r) for r in status.not_ready())
+    if status.ranks_ready and status.members is not None:
+        waited = ", ".join(
+            f"member {m.member}{'' if m.node is None else f' ({m.node})'} {m.state.value}"
+            for m in status.members.not_ready()
+        )
+        return f"waiting for the group: {waited}\n"
     if status.state is SupervisorState.STARTING:
         return f"starting: ranks not ready: {ranks}\n"
     if status.state is SupervisorState.READY:  # too few ranks serving: restarting, or out

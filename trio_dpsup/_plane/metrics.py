@@ -9,6 +9,7 @@ ratios), ``_total`` for counters.
 from __future__ import annotations
 
 import platform
+import time
 from collections.abc import Iterator
 
 import trio
@@ -24,7 +25,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from .._state.board import Board
-from .._state.status import ProbeResult, RankState, SupervisorState
+from .._state.status import GroupStatus, MemberState, ProbeResult, RankState, SupervisorState
 from .._version import __version__
 from .protocol import Action
 
@@ -214,3 +215,27 @@ class _BoardCollector(Collector):
             yield from (errors, listed)
         if any(rank.gpu_samples for rank in status.ranks):
             yield from gpu.values()
+        if status.members is not None:
+            yield from _group_metrics(status.members)
+
+
+def _group_metrics(group: GroupStatus) -> Iterator[Metric]:
+    """The group across nodes: each member's state, and how long ago it was heard from."""
+    state = GaugeMetricFamily(
+        "trio_dpsup_group_member_state",
+        "1 for each member's current state, as this member last heard (this one included).",
+        labels=["member", "state"],
+    )
+    silent = GaugeMetricFamily(
+        "trio_dpsup_group_member_silence_seconds",
+        "Seconds since each other member was last heard from directly (--peer-timeout bounds it).",
+        labels=["member"],
+    )
+    now = time.time()
+    for member in group.members:
+        for each_state in MemberState:
+            state.add_metric([str(member.member), each_state.value],
+                             float(member.state is each_state))  # fmt: skip
+        if member.member != group.member and member.heard is not None:
+            silent.add_metric([str(member.member)], max(0.0, now - member.heard))
+    yield from (state, silent)

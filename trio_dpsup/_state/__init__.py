@@ -1,6 +1,6 @@
 """The supervisor's state: the typed snapshots the outside reads (status.py), the one
-mutable `Board` they are taken from (board.py), and their JSON form, /status's document
-(document.py).
+mutable `Board` they are taken from (board.py), with its view of the other members of a
+group across nodes (group.py), and their JSON form, /status's document (document.py).
 
 It stands below every family that reads or writes state (`_ranks`, `_plane`, the
 supervisor, the harness).

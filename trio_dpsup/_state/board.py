@@ -14,11 +14,13 @@ from collections.abc import Callable
 
 import trio
 
+from .._config.group import GroupPlan
 from .._config.plan import RankPlan
 from .._errors import SupervisorFailure
 from .._gpu.nvml import GpuSample, XidSeen
 from .._gpu.placement import PENDING, Placement
 from .._output.pump import RankOutput
+from .group import GroupView
 from .status import (
     DrainEnd,
     DrainReason,
@@ -466,6 +468,7 @@ class Board:
         min_ready: int | None = None,
         group: bool = False,
         routers: tuple[str, ...] = (),
+        members: tuple[GroupPlan, str] | None = None,
     ) -> None:
         self.run_id = run_id
         #: The routers fed with the ranks' URLs, by name (KIND=URL): see `set_router`.
@@ -489,6 +492,10 @@ class Board:
         self._xid_events: collections.deque[XidSeen] = collections.deque(maxlen=64)
         self.all_ready = trio.Event()  # set once, when every rank is first ready
         self.stopping = trio.Event()  # set once, when shutdown or a failure begins
+        #: The group across nodes this is a member of ((its plan, this node's name) given).
+        self.members = (
+            None if members is None else GroupView(members[0], run_id, members[1], self._bump)
+        )
 
     @property
     def state(self) -> SupervisorState:
@@ -574,6 +581,12 @@ class Board:
                 nursery.start_soon(wait_and_cancel, event)
 
     def snapshot(self) -> SupervisorStatus:
+        status = self._local_snapshot()
+        if self.members is None:
+            return status
+        return dataclasses.replace(status, members=self.members.snapshot(status))
+
+    def _local_snapshot(self) -> SupervisorStatus:
         return SupervisorStatus(
             run_id=self.run_id,
             state=self.state,

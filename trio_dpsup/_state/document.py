@@ -31,6 +31,9 @@ from .status import (
     DrainEnd,
     DrainReason,
     DrainStatus,
+    GroupStatus,
+    MemberState,
+    MemberStatus,
     ProbeResult,
     ProgressStatus,
     RankState,
@@ -169,6 +172,7 @@ def status_to_json(status: SupervisorStatus) -> JSON:
         },
         "ranks": [rank_to_json(r) for r in status.ranks],
         "routers": [_router_json(r) for r in status.routers],
+        "members": None if status.members is None else _group_json(status.members),
     }
 
 
@@ -192,6 +196,38 @@ def status_from_json(doc: JSON) -> SupervisorStatus:
         group=doc.get("group", False),
         version=doc.get("version", 0),
         routers=tuple(_router_from_json(r) for r in doc.get("routers", ())),
+        members=None if doc.get("members") is None else _group_from_json(doc["members"]),
+    )
+
+
+def _group_json(group: GroupStatus) -> JSON:
+    return {
+        "group_id": group.group_id,
+        "generation": group.generation,
+        "member": group.member,
+        "ready": group.ready,
+        "members": [
+            {
+                "member": m.member,
+                "node": m.node,
+                "state": m.state.value,
+                "cause": m.cause,
+                "heard": m.heard,
+            }
+            for m in group.members
+        ],
+    }
+
+
+def _group_from_json(doc: JSON) -> GroupStatus:
+    return GroupStatus(
+        group_id=doc["group_id"],
+        generation=doc["generation"],
+        member=doc["member"],
+        members=tuple(
+            MemberStatus(m["member"], m["node"], MemberState(m["state"]), m["cause"], m["heard"])
+            for m in doc["members"]
+        ),
     )
 
 

@@ -15,6 +15,9 @@ __all__ = [
     "DrainEnd",
     "DrainReason",
     "DrainStatus",
+    "GroupStatus",
+    "MemberState",
+    "MemberStatus",
     "ProbeResult",
     "ProgressStatus",
     "RankState",
@@ -46,6 +49,22 @@ class SupervisorState(enum.Enum):
     DRAINING = "draining"  # shutdown requested; not ready, ranks still serving
     STOPPING = "stopping"  # ranks being signalled and killed
     STOPPED = "stopped"
+
+
+class MemberState(enum.Enum):
+    """The life of one member of a group across nodes, as the others see it."""
+
+    NOT_APPEARED = "not yet appeared"  # never heard from (not failed: it may be starting)
+    STARTING = "starting"  # heard from; not every rank of it is ready
+    READY = "ready"  # every rank of it is ready
+    DRAINING = "draining"  # a planned stop: the group drains, then stops
+    STOPPING = "stopping"  # a planned stop, past its drain
+    FAILED = "failed"  # it failed, or it saw the group fail: the group fails
+    LOST = "lost"  # not heard from for longer than --peer-timeout: the group fails
+
+    @property
+    def planned_stop(self) -> bool:
+        return self in (MemberState.DRAINING, MemberState.STOPPING)
 
 
 class DrainReason(enum.Enum):
@@ -198,6 +217,45 @@ class RootCause:
 
 
 @dataclass(frozen=True)
+class MemberStatus:
+    """One member of the group, as this member last heard of it."""
+
+    member: int
+    #: How it names its node (its control plane's address), once heard from.
+    node: str | None
+    state: MemberState
+    #: Why it failed (the group's first failure, as it told it), once it has.
+    cause: str | None = None
+    #: When this member last heard from it directly (wall clock); None: never, or only
+    #: through another member.
+    heard: float | None = None
+
+
+@dataclass(frozen=True)
+class GroupStatus:
+    """The group across nodes this supervisor is a member of."""
+
+    group_id: str
+    #: The group's generation (its first member's run): words from members of another
+    #: generation are ignored. None until learned.
+    generation: str | None
+    #: This member's index.
+    member: int
+    #: Every member, this one included, by index.
+    members: tuple[MemberStatus, ...]
+
+    @property
+    def ready(self) -> bool:
+        """Every other member reports every rank of its own ready."""
+        return all(m.state is MemberState.READY for m in self.members if m.member != self.member)
+
+    def not_ready(self) -> tuple[MemberStatus, ...]:
+        return tuple(
+            m for m in self.members if m.member != self.member and m.state is not MemberState.READY
+        )
+
+
+@dataclass(frozen=True)
 class SupervisorStatus:
     #: Names this run; every process of its trees carries it in TRIO_DPSUP_TREE.
     run_id: str
@@ -221,11 +279,19 @@ class SupervisorStatus:
     group: bool = False
     #: The routers fed with the ranks' URLs (``--router``).
     routers: tuple[RouterStatus, ...] = ()
+    #: The group across nodes this supervisor is a member of (--group-peer, LeaderWorkerSet).
+    members: GroupStatus | None = None
+
+    @property
+    def ranks_ready(self) -> bool:
+        """Serving, and enough of this node's ranks ready (they may be restarting)."""
+        return self.state is SupervisorState.READY and self.serving() >= self.min_ready
 
     @property
     def ready(self) -> bool:
-        """What /ready answers: serving, and enough ranks ready (they may be restarting)."""
-        return self.state is SupervisorState.READY and self.serving() >= self.min_ready
+        """What /ready answers: this node's ranks ready (`ranks_ready`) and, in a group
+        across nodes, every other member's too."""
+        return self.ranks_ready and (self.members is None or self.members.ready)
 
     def serving(self) -> int:
         """Ranks that take traffic: ready and not taken out (what --min-ready counts)."""

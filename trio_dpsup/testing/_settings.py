@@ -65,6 +65,14 @@ class SupervisorSettings(TypedDict, total=False):
     routers: tuple[str, ...]
     router_timeout: float
     advertise_host: str | None
+    group_peers: tuple[str, ...]
+    group_size: int | None
+    group_member: int | None
+    group_id: str | None
+    peer_timeout: float
+    peer_ca_certs: str | None
+    peer_certfile: str | None
+    peer_keyfile: str | None
     grace_period: float
     cgroups: bool
     tree_watch_interval: float
