@@ -690,7 +690,8 @@ class SupervisorConfig:
         ]
         if given and not self.forms_group:
             raise ConfigError(
-                f"{', '.join(given)} make this supervisor one member of a group across "
+                f"{', '.join(given)} {'makes' if len(given) == 1 else 'make'} this supervisor "
+                "one member of a group across "
                 f"nodes, and its ranks are not a group: pass {_opt('group')} (or drop "
                 f"{', '.join(given)})"
             )
