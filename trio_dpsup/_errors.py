@@ -17,6 +17,7 @@ if typing.TYPE_CHECKING:  # only for annotations: this module stays light
 
 __all__ = [
     "ConfigError",
+    "GenerationFailed",
     "GpuFailed",
     "GpuLeftovers",
     "GpuMemoryHeld",
@@ -126,6 +127,20 @@ class RankStalled(SupervisorFailure):
         super().__init__(
             f"rank {rank} stalled: {busy_metric} = {busy:g} but {progress_metric} stayed at "
             f"{progress:g} for {seconds:.1f}s"
+        )
+
+
+class GenerationFailed(SupervisorFailure):
+    """A ready, idle rank failed `attempts` canaries in a row (one-token generations, the
+    second sent at once to confirm the first): /health may answer, but it does not
+    generate."""
+
+    def __init__(self, rank: int, attempts: int, last_error: str) -> None:
+        self.rank = rank
+        self.attempts = attempts
+        self.last_error = last_error
+        super().__init__(
+            f"rank {rank} generation failed: {attempts} canaries in a row, last: {last_error}"
         )
 
 

@@ -17,12 +17,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
+from .canary import CanaryRequest
 from .config import SupervisorConfig
 from .enums import WILDCARD_HOSTS, LogFormat, RankScheme, RestartPolicy, RestartScope
 from .routers import RouterSpec
 
 __all__ = [
     "AdminSettings",
+    "CanarySettings",
     "CleanStartSettings",
     "DrainSettings",
     "EvidenceSettings",
@@ -109,6 +111,22 @@ class ProgressSettings:
 
 
 @dataclass(frozen=True)
+class CanarySettings:
+    """The canary: a one-token generation sent to each idle rank (see _ranks/canary.py)."""
+
+    address: RankAddress
+    canary_on: bool
+    canary_spec: CanaryRequest | None
+    canary_idle: float
+    canary_timeout: float
+    canary_busy_metrics: tuple[str, ...]
+    canary_progress_metric: str | None
+    #: How often a busy rank's gauges are read again, waiting for it to be idle.
+    progress_interval: float
+    probe_timeout: float
+
+
+@dataclass(frozen=True)
 class DrainSettings:
     """A planned stop's drain: out of the routers, the delay, in flight to zero."""
 
@@ -190,6 +208,7 @@ class RankSettings:
 
     probes: ProbeSettings
     progress: ProgressSettings
+    canary: CanarySettings
     drain: DrainSettings
     evidence: EvidenceSettings
     clean_start: CleanStartSettings

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from .._errors import ConfigError
 from .._output.redact import redact_text
+from .canary import CanaryRequest, not_generating, parse_canary_request, preset_canary
 from .enums import WILDCARD_HOSTS, LogFormat, RankScheme, RestartPolicy, RestartScope
 from .options import (
     at_least_one,
@@ -198,6 +199,35 @@ class SupervisorConfig:
     metrics_path: str = setting(
         "/metrics", "where each rank serves its Prometheus metrics", "progress", "PATH"
     )
+    # -- canary (generation proven on idle ranks; see _config/canary.py)
+    #: None: on with a preset that knows a request and a model that generates, or with
+    #: --canary-request. Resolved when the config is built.
+    canary: bool | None = setting(
+        None,
+        "send each ready rank that is idle (its in-flight gauge reads 0 and its progress "
+        "counter has not moved for --canary-idle) a one-token generation, never one to a "
+        "busy rank; a failure is confirmed by one more at once, and two in a row fail the "
+        "rank (default: on with --preset when the model generates, or with "
+        "--canary-request)",
+        "canary",
+    )
+    canary_idle: float = setting(
+        10.0,
+        "how long a rank stays idle before a canary is sent: one canary per idle rank this "
+        "often",
+        "canary", "SECONDS", check=positive_seconds,
+    )  # fmt: skip
+    canary_timeout: float = setting(
+        10.0, "how long a canary may take before it counts as failed", "canary", "SECONDS",
+        check=positive_seconds,
+    )  # fmt: skip
+    canary_request: tuple[str, ...] = setting(
+        (),
+        "the canary for a server no preset knows: METHOD (GET or POST), PATH and a JSON "
+        "body, e.g. POST /v1/completions '{\"model\": \"m\", \"prompt\": \"Hi\", "
+        "\"max_tokens\": 1}'",
+        "canary", "METHOD PATH JSON", nargs=3, show_default=False,
+    )  # fmt: skip
     # -- restarts
     restart: RestartPolicy = setting(
         RestartPolicy.NEVER,
@@ -441,6 +471,7 @@ class SupervisorConfig:
         self._check_ports()
         self._check_progress()
         self._check_drain()
+        self._check_canary()
         if self.log_dir is not None and not self.log_prefix:
             raise ConfigError(
                 f"{_opt('log_dir')} needs the ranks' lines to pass through the supervisor, "
@@ -622,6 +653,77 @@ class SupervisorConfig:
                 f"{_opt('advertise_host')} {self.advertise_host!r} is not an address a "
                 "router can reach: give this node's address or name"
             )
+
+    def _check_canary(self) -> None:
+        """Resolve `canary` (on, off); with it on, a request and the gauges that tell an
+        idle rank must be known."""
+        option = _opt("canary")
+        request = self.canary_spec  # a bad --canary-request is refused, on or off
+        if self.canary is False:
+            return
+        explicit = self.canary is True or bool(self.canary_request)
+        why_not = None
+        if request is None:
+            why_not = (
+                f"{option} needs a request: pass {_opt('canary_request')} METHOD PATH JSON, "
+                f"or {_opt('preset')} vllm|sglang|llama-cpp (vLLM's needs the model in the "
+                "command)"
+            )
+        elif not self.canary_request and self.preset is not None:
+            flag = not_generating(self.preset, self.command)
+            if flag is not None:
+                why_not = (
+                    f"{option}: {flag} in the command serves a model that does not generate: "
+                    f"drop {option}, or give {_opt('canary_request')} METHOD PATH JSON"
+                )
+            elif self.preset is Preset.SGLANG and "--enable-metrics" not in self.command:
+                why_not = (
+                    f"{option} with --preset sglang: SGLang serves the gauge that tells an idle "
+                    "rank only with --enable-metrics: add it to the command, or pass "
+                    f"--no-{option[2:]}"
+                )
+        if why_not is None and (not self.canary_busy_metrics or not self.canary_progress_metric):
+            why_not = (
+                f"{option} sends canaries only to idle ranks, told by a busy gauge and a "
+                f"progress counter on the ranks' {self.metrics_path}: pass "
+                f"{_opt('progress_busy_metric')} and {_opt('progress_metric')}, or "
+                f"{_opt('preset')} vllm|sglang|llama-cpp"
+            )
+        if why_not is not None and explicit:
+            raise ConfigError(why_not)
+        object.__setattr__(self, "canary", why_not is None)  # frozen: set once, here
+
+    @property
+    def canary_on(self) -> bool:
+        """Whether canaries are sent, resolved (see `canary`)."""
+        return bool(self.canary)
+
+    @property
+    def canary_spec(self) -> CanaryRequest | None:
+        """The canary's request: ``--canary-request``'s, else the preset's; None if neither."""
+        if self.canary_request:
+            return parse_canary_request(_opt("canary_request"), self.canary_request)
+        if self.preset is None:
+            return None
+        return preset_canary(self.preset, self.command)
+
+    @property
+    def canary_busy_metrics(self) -> tuple[str, ...]:
+        """The gauges that read 0 on an idle rank: the in-flight gauges (running and
+        queued), else the progress check's busy gauge, else the preset's."""
+        if self.inflight_metrics:
+            return self.inflight_metrics
+        if self.progress_busy_metric is not None:
+            return (self.progress_busy_metric,)
+        return () if self.preset is None else (PROGRESS_METRICS[self.preset][0],)
+
+    @property
+    def canary_progress_metric(self) -> str | None:
+        """The counter that stays still on an idle rank: the progress check's, else the
+        preset's."""
+        if self.progress_metric is not None:
+            return self.progress_metric
+        return None if self.preset is None else PROGRESS_METRICS[self.preset][1]
 
     @property
     def router_specs(self) -> tuple[RouterSpec, ...]:

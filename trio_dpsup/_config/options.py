@@ -46,6 +46,7 @@ GROUPS = (
     "control plane",
     "health probes",
     "progress",
+    "canary",
     "restarts",
     "drain and routers",
     "shutdown",
@@ -69,6 +70,9 @@ class Setting:
     #: Validates the value (None passes when the default is None); raises ConfigError
     #: naming the option as the user spells it.
     check: Callable[[str, Any], None] | None = None
+    #: Values the option takes at once (``--canary-request METHOD PATH JSON``), named by
+    #: `unit` split at spaces; the field is a tuple of them, empty when not given.
+    nargs: int | None = None
 
 
 def at_least_one(option: str, value: int) -> None:
@@ -182,8 +186,15 @@ def add_settings(cls: type, groups: Mapping[str, argparse._ArgumentGroup]) -> No
         base = _base_type(hint)
         kwargs: dict[str, Any] = {"dest": field.name, "help": decl.help}
         default = field.default
-        if base is bool:
+        if base is bool and default is None:  # on, off, or decided by the other settings
+            kwargs["action"] = argparse.BooleanOptionalAction
+            kwargs["default"] = None
+        elif base is bool:
             kwargs["action"] = "store_false" if decl.flag else "store_true"
+        elif base is tuple and decl.nargs is not None:
+            kwargs["nargs"] = decl.nargs
+            kwargs["default"] = ()
+            kwargs["metavar"] = tuple((decl.unit or "").split())
         elif isinstance(base, type) and issubclass(base, enum.Enum):
             kwargs["choices"] = [m.value for m in base]
             kwargs["default"] = None if default is None else default.value
@@ -196,7 +207,8 @@ def add_settings(cls: type, groups: Mapping[str, argparse._ArgumentGroup]) -> No
         else:
             kwargs["type"] = base
             kwargs["default"] = default
-        if decl.unit is not None and kwargs.get("action") in (None, "append"):
+        plain = decl.nargs is None and kwargs.get("action") in (None, "append")
+        if decl.unit is not None and plain:
             kwargs["metavar"] = decl.unit
         if decl.show_default and base is not bool and default is not None and default != ():
             kwargs["help"] += " (default: %(default)s)"
@@ -224,9 +236,14 @@ def cli_arguments(cls: type, settings: Mapping[str, Any]) -> list[str]:
         field, decl, hint = declared[name]
         flag = flag_of(name, decl)
         base = _base_type(hint)
-        if base is bool:
+        if base is bool and field.default is None:
+            if value is not None:
+                out.append(flag if value else f"--no-{flag[2:]}")
+        elif base is bool:
             if value != field.default:
                 out.append(flag)
+        elif base is tuple and decl.nargs is not None:
+            out += [flag, *value] if value else []
         elif isinstance(value, enum.Enum):
             out += [flag, str(value.value)]
         elif base is tuple and name == "devices":

@@ -24,7 +24,7 @@ from .._proc.process_tree import TreeScanner
 from .._proc.spawn import Spawner, open_spawner
 from .._proc.stop import StopClock
 from .._state.board import Board
-from .._state.status import ProbeResult
+from .._state.status import CanaryResult, ProbeResult
 from .prober import RankProbe, Ticker, open_probe_client, probe_factory
 from .restart import Restarter
 
@@ -57,6 +57,8 @@ class RankContext:
     owner: Callable[[int], Owner]
     nvml: NvmlBackend | None
     observe: Callable[[int, ProbeResult], None] | None = None
+    #: Sees each canary (for its latency histogram).
+    observe_canary: Callable[[int, CanaryResult], None] | None = None
     pump: LogPump | None = None
     #: The ranks' cgroups, with --cgroups.
     cgroups: RunCgroups | None = None
@@ -81,6 +83,7 @@ async def open_rank_context(
     evidence_dir: int | None,
     transport: httpx.AsyncBaseTransport | None,
     observe: Callable[[int, ProbeResult], None] | None,
+    observe_canary: Callable[[int, CanaryResult], None] | None = None,
 ) -> AsyncIterator[RankContext]:
     """The rank tasks' shared context, with the spawner, the log pump (which takes `log_dir`,
     the checked --log-dir's descriptor, over) and the probe client open for its lifetime.
@@ -120,6 +123,7 @@ async def open_rank_context(
             owner=owner_from_trees(trees),
             nvml=nvml,
             observe=observe,
+            observe_canary=observe_canary,
             pump=pump,
             evidence_dir=evidence_dir,
         )

@@ -31,6 +31,7 @@ from .._proc.spawn import RankProcess
 from .._proc.stop import stop_rank
 from .._state.board import RankRecord
 from .._state.status import DrainReason
+from .canary import watch_generation
 from .clean_start import wait_clean_restart
 from .context import RankContext
 from .drain import drain_rank
@@ -204,7 +205,8 @@ async def _evidence(
 async def _watch(
     record: RankRecord, process: RankProcess, ctx: RankContext
 ) -> SupervisorFailure | None:
-    """The first failure of this process (its exit, its failed probes, a stall), or None
+    """The first failure of this process (its exit, its failed probes, a stall, failed
+    canaries), or None
     once a restart is asked for (an operator's, drained first; a group's, at once). A
     failure during a drain ends the drain: it is a failure, not a planned stop.
 
@@ -254,6 +256,14 @@ async def _watch(
         except SupervisorFailure as failure:
             await verdict(failure, cancel)
 
+    async def canary(cancel: trio.CancelScope) -> None:
+        try:
+            await watch_generation(
+                ctx.settings.canary, record, ctx.client, observe=ctx.observe_canary
+            )
+        except SupervisorFailure as failure:
+            await verdict(failure, cancel)
+
     async def planned(cancel: trio.CancelScope) -> None:
         while True:  # ends by cancellation, or once drained for a restart
             reason = await record.next_drain_request()
@@ -275,7 +285,7 @@ async def _watch(
         cancel.cancel()
 
     async with trio.open_nursery() as nursery:
-        for watcher in (exits, probes, progress, planned, cut):
+        for watcher in (exits, probes, progress, canary, planned, cut):
             nursery.start_soon(watcher, nursery.cancel_scope)
     exited = [f for f in found if isinstance(f, RankExited)]
     return exited[0] if exited else found[0] if found else None

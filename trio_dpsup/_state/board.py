@@ -20,6 +20,8 @@ from .._gpu.nvml import GpuSample, XidSeen
 from .._gpu.placement import PENDING, Placement
 from .._output.pump import RankOutput
 from .status import (
+    CanaryResult,
+    CanaryStatus,
     DrainEnd,
     DrainReason,
     DrainStatus,
@@ -46,6 +48,7 @@ class RankRecord:
     `on_change` (the board's version, for /ranks)."""
 
     __slots__ = (
+        "_canary",
         "_consecutive_failures",
         "_cut",
         "_drain",
@@ -97,6 +100,7 @@ class RankRecord:
         self._last_causes: collections.deque[SupervisorFailure] = collections.deque(maxlen=5)
         self._restart_times: collections.deque[float] = collections.deque(maxlen=64)
         self._progress: ProgressStatus | None = None
+        self._canary: CanaryStatus | None = None
         self._waiting: str | None = None
         self._evidence: str | None = None
         self._drained = False
@@ -187,6 +191,11 @@ class RankRecord:
     @property
     def progress(self) -> ProgressStatus | None:
         return self._progress
+
+    @property
+    def canary(self) -> CanaryStatus | None:
+        """Its canaries (with ``canary`` on): counts kept across restarts."""
+        return self._canary
 
     @property
     def waiting(self) -> str | None:
@@ -334,6 +343,23 @@ class RankRecord:
     def note_progress(self, progress: ProgressStatus) -> None:
         self._progress = progress
 
+    def record_canary(self, result: CanaryResult) -> None:
+        """One canary sent and answered (or given up on)."""
+        last = self._canary or CanaryStatus()
+        self._canary = dataclasses.replace(
+            last, sent=last.sent + 1, failed=last.failed + (not result.ok), last=result
+        )
+
+    def canary_off(self, why: str) -> None:
+        """Canaries are off for this rank from now on (a configuration error: see `off`)."""
+        self._canary = dataclasses.replace(self._canary or CanaryStatus(), off=why)
+
+    def canary_problem(self, problem: str | None) -> None:
+        """Why the rank's idle gauges cannot be read now (None: they can)."""
+        last = self._canary or CanaryStatus()
+        if last.problem != problem:
+            self._canary = dataclasses.replace(last, problem=problem)
+
     def set_waiting(self, what: str | None) -> None:
         self._waiting = what
 
@@ -447,6 +473,7 @@ class RankRecord:
             probes_paused_until=self.paused_until_wall(),
             drain=self._drain,
             failing=self._failing,
+            canary=self._canary,
         )
 
     def paused_until_wall(self) -> float | None:

@@ -28,6 +28,8 @@ from .._gpu.placement import (
 )
 from .._proc.owners import Owner, OwnerKind, PortHolder
 from .status import (
+    CanaryResult,
+    CanaryStatus,
     DrainEnd,
     DrainReason,
     DrainStatus,
@@ -231,6 +233,7 @@ def rank_to_json(rank: RankStatus) -> JSON:
             "stalled_for_s": round(rank.progress.stalled_for, 3),
             "problem": rank.progress.problem,
         },
+        "canary": None if rank.canary is None else _canary_json(rank.canary),
         "waiting": rank.waiting,
         "evidence": rank.evidence,
         "drain": None if rank.drain is None else _drain_json(rank.drain),
@@ -320,6 +323,41 @@ def _rank_from_json(doc: JSON) -> RankStatus:
         failing=doc.get("failing", False),
         probes_paused_until=doc.get("probes_paused_until"),
         drain=None if (d := doc.get("drain")) is None else _drain_from_json(d),
+        canary=None if (c := doc.get("canary")) is None else _canary_from_json(c),
+    )
+
+
+def _canary_json(canary: CanaryStatus) -> JSON:
+    last = canary.last
+    return {
+        "sent": canary.sent,
+        "failed": canary.failed,
+        "off": canary.off,
+        "problem": canary.problem,
+        "last": None
+        if last is None
+        else {
+            "ok": last.ok,
+            "status_code": last.status_code,
+            "error": last.error,
+            "latency_ms": round(last.latency * 1000, 3),
+            "at": last.at,
+        },
+    }
+
+
+def _canary_from_json(doc: JSON) -> CanaryStatus:
+    last = doc["last"]
+    return CanaryStatus(
+        sent=doc["sent"],
+        failed=doc["failed"],
+        off=doc["off"],
+        problem=doc["problem"],
+        last=None
+        if last is None
+        else CanaryResult(
+            last["ok"], last["status_code"], last["error"], last["latency_ms"] / 1000, last["at"]
+        ),
     )
 
 

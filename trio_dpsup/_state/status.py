@@ -12,6 +12,8 @@ from .._gpu.nvml import GpuInfo, GpuSample
 from .._gpu.placement import PENDING, Placement
 
 __all__ = [
+    "CanaryResult",
+    "CanaryStatus",
     "DrainEnd",
     "DrainReason",
     "DrainStatus",
@@ -120,6 +122,35 @@ class ProgressStatus:
 
 
 @dataclass(frozen=True)
+class CanaryResult:
+    """One canary (a one-token generation) sent to an idle rank."""
+
+    ok: bool
+    #: HTTP status, or None when no answer came (refused, timed out).
+    status_code: int | None
+    error: str | None
+    latency: float
+    #: When it was answered (or given up on): wall clock, seconds since the epoch.
+    at: float
+
+
+@dataclass(frozen=True)
+class CanaryStatus:
+    """A rank's canaries, with ``canary`` on."""
+
+    #: Canaries sent to the rank (all its processes), and how many failed.
+    sent: int = 0
+    failed: int = 0
+    #: The last one; None before the first.
+    last: CanaryResult | None = None
+    #: Why canaries are off for this rank (its first was refused: a configuration error,
+    #: logged once with the fix); None while they are on.
+    off: str | None = None
+    #: Why the gauges that tell an idle rank could not be read (no canary is sent then).
+    problem: str | None = None
+
+
+@dataclass(frozen=True)
 class RankStatus:
     rank: int
     local_rank: int
@@ -157,6 +188,8 @@ class RankStatus:
     #: A failure was seen and its cause is being settled (a probe failure waits briefly for
     #: the process's own exit, the truer cause): out of traffic meanwhile.
     failing: bool = False
+    #: Its canaries, with ``canary`` on; None when it is off.
+    canary: CanaryStatus | None = None
 
     @property
     def ready(self) -> bool:

@@ -48,6 +48,10 @@ class SupervisorSettings(TypedDict, total=False):
     progress_busy_metric: str | None
     progress_metric: str | None
     metrics_path: str
+    canary: bool | None
+    canary_idle: float
+    canary_timeout: float
+    canary_request: tuple[str, ...]
     restart: RestartPolicy
     restart_scope: RestartScope | None
     group: bool
