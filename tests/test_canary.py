@@ -316,6 +316,11 @@ def test_the_command_line_and_the_file_spell_it_alike(tmp_path: Path) -> None:
     path.write_text('no-canary = true\ncanary-request = ["GET", "/health_generate", "null"]\n')
     defaults, _ = load_config_file(str(path), parser._actions)
     assert defaults == {"canary": False, "canary_request": ("GET", "/health_generate", "null")}
+    path.write_text('progress-timeout = "auto"\nprogress-timeout-max = 60\n')
+    defaults, _ = load_config_file(str(path), parser._actions)
+    assert defaults == {"progress_timeout": None, "progress_timeout_max": 60.0}
+    assert parser.parse_args(["--progress-timeout", "auto"]).progress_timeout is None
+    assert parser.parse_args(["--progress-timeout", "7"]).progress_timeout == 7.0
     path.write_text('canary-request = ["GET", "/x"]\n')
     with pytest.raises(ConfigError, match="canary-request must be a list of 3 strings"):
         load_config_file(str(path), parser._actions)

@@ -103,7 +103,12 @@ class ProgressSettings:
     """The progress check: a busy rank whose counter does not move has stalled."""
 
     address: RankAddress
-    progress_timeout: float
+    progress_on: bool
+    progress_learned: bool
+    #: The fixed limit; None with ``auto`` (`progress_learned`).
+    progress_timeout: float | None
+    progress_timeout_min: float
+    progress_timeout_max: float
     progress_interval: float
     progress_busy_metric: str | None
     progress_metric: str | None

@@ -25,6 +25,7 @@ from .options import (
     interval_or_zero,
     option_name,
     positive_seconds,
+    seconds_or_auto,
     seconds_or_zero,
     setting,
     writable_directory_of,
@@ -172,11 +173,29 @@ class SupervisorConfig:
     #: How often a rank that is not ready yet is probed (no CLI option).
     startup_probe_interval: float = DEFAULT_STARTUP_PROBE_INTERVAL
     # -- progress (hang detection beyond /health)
-    progress_timeout: float = setting(
-        0.0,
+    #: None: auto, learned per rank, where the metrics are known (a preset, or both names
+    #: given); resolved to 0.0 (off) where they are not. Read `progress_on` and
+    #: `progress_learned`.
+    progress_timeout: float | None = setting(
+        None,
         "a ready rank that is busy (--progress-busy-metric > 0) while --progress-metric does "
-        "not advance for this long has stalled, and fails; 0: off",
-        "progress", "SECONDS", check=seconds_or_zero,
+        "not advance for this long has stalled, and fails; auto: learned per rank from its "
+        "own gaps between progress while busy (3 x their 99th percentile, within "
+        "--progress-timeout-min and --progress-timeout-max; 120 s until 20 gaps are seen); "
+        "0: off (default: auto where the metrics are known: a preset, or "
+        "--progress-busy-metric and --progress-metric; else off)",
+        "progress", "SECONDS|auto", check=seconds_or_zero, parse=seconds_or_auto,
+        show_default=False,
+    )  # fmt: skip
+    progress_timeout_min: float = setting(
+        30.0,
+        "with --progress-timeout auto: the shortest limit learned; keep it above the longest "
+        "single engine step you expect (one prefill batch)",
+        "progress", "SECONDS", check=positive_seconds,
+    )  # fmt: skip
+    progress_timeout_max: float = setting(
+        600.0, "with --progress-timeout auto: the longest limit learned", "progress", "SECONDS",
+        check=positive_seconds,
     )  # fmt: skip
     progress_interval: float = setting(
         5.0, "seconds between reads of each ready rank's metrics", "progress", "SECONDS",
@@ -620,11 +639,24 @@ class SupervisorConfig:
         preset's (filled in here, so everything downstream reads them from the config)."""
         if not self.metrics_path.startswith("/"):
             raise ConfigError(f"{_opt('metrics_path')} must start with '/', e.g. /metrics")
-        if not self.progress_timeout:
+        if self.progress_timeout_min > self.progress_timeout_max:
+            raise ConfigError(
+                f"{_opt('progress_timeout_min')} {self.progress_timeout_min:g} is above "
+                f"{_opt('progress_timeout_max')} {self.progress_timeout_max:g}: lower it"
+            )
+        if self.progress_timeout == 0:
             return
         busy, progress = (None, None)
         if self.preset is not None:
             busy, progress = PROGRESS_METRICS[self.preset]
+        if self.progress_timeout is None and (
+            (self.progress_busy_metric or busy) is None
+            or (self.progress_metric or progress) is None
+            or (self.preset is Preset.SGLANG and "--enable-metrics" not in self.command)
+        ):
+            # auto, with nothing to learn from: off (SGLang serves no metrics without it).
+            object.__setattr__(self, "progress_timeout", 0.0)  # frozen: set once, here
+            return
         for name, default in (("progress_busy_metric", busy), ("progress_metric", progress)):
             if getattr(self, name) is None:
                 if default is None:
@@ -692,6 +724,16 @@ class SupervisorConfig:
         if why_not is not None and explicit:
             raise ConfigError(why_not)
         object.__setattr__(self, "canary", why_not is None)  # frozen: set once, here
+
+    @property
+    def progress_on(self) -> bool:
+        """Whether the progress check runs, resolved (see `progress_timeout`)."""
+        return self.progress_timeout != 0
+
+    @property
+    def progress_learned(self) -> bool:
+        """Whether each rank's progress limit is learned (``--progress-timeout auto``)."""
+        return self.progress_timeout is None
 
     @property
     def canary_on(self) -> bool:

@@ -121,7 +121,7 @@ def _value(path: str, key: str, action: argparse.Action, value: Any) -> Any:
     if isinstance(value, str) and action.type is not None and action.type is not str:
         try:
             value = action.type(value)  # type: ignore[operator]
-        except ValueError as exc:
+        except (ValueError, argparse.ArgumentTypeError) as exc:
             raise ConfigError(f"{path}: {key} = {shown} is not valid: {exc}") from exc
     if action.type is int and (isinstance(value, bool) or not isinstance(value, int)):
         raise ConfigError(f"{path}: {key} must be a whole number, not {shown}")

@@ -34,6 +34,7 @@ __all__ = [
     "interval_or_zero",
     "option_name",
     "positive_seconds",
+    "seconds_or_auto",
     "seconds_or_zero",
     "setting",
     "writable_directory_of",
@@ -73,6 +74,8 @@ class Setting:
     #: Values the option takes at once (``--canary-request METHOD PATH JSON``), named by
     #: `unit` split at spaces; the field is a tuple of them, empty when not given.
     nargs: int | None = None
+    #: Reads the option's text, where the field's type cannot (``--progress-timeout auto``).
+    parse: Callable[[str], Any] | None = None
 
 
 def at_least_one(option: str, value: int) -> None:
@@ -111,6 +114,18 @@ def interval_or_zero(option: str, value: float) -> None:
         interval(option, value)
     else:
         seconds_or_zero(option, value)
+
+
+def seconds_or_auto(text: str) -> float | None:
+    """``auto`` (None: learned) or a number of seconds, as the command line gives it."""
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"give a number of seconds or auto, not {text!r}"
+        ) from None
 
 
 def seconds_or_zero(option: str, value: float) -> None:
@@ -205,7 +220,7 @@ def add_settings(cls: type, groups: Mapping[str, argparse._ArgumentGroup]) -> No
             kwargs["action"] = "append"
             kwargs["default"] = []
         else:
-            kwargs["type"] = base
+            kwargs["type"] = decl.parse or base
             kwargs["default"] = default
         plain = decl.nargs is None and kwargs.get("action") in (None, "append")
         if decl.unit is not None and plain:

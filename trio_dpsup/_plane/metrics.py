@@ -176,6 +176,12 @@ class _BoardCollector(Collector):
             "1 while an operator has the rank's health probes paused (ctl pause-probes).",
             labels=["rank"],
         )
+        progress_limit = GaugeMetricFamily(
+            "trio_dpsup_progress_limit_seconds",
+            "How long the rank may be busy without progress before it has stalled: the "
+            "fixed --progress-timeout, or the one learned (auto).",
+            labels=["rank"],
+        )
         canaries = CounterMetricFamily(
             "trio_dpsup_canaries", "Canaries sent to the rank.", labels=["rank"]
         )
@@ -212,6 +218,8 @@ class _BoardCollector(Collector):
                 restarted.add_metric([label], record.restarted_at)
             if record is not None:
                 dropped.add_metric([label], float(record.output.file_dropped_lines))
+            if rank.progress is not None and rank.progress.limit is not None:
+                progress_limit.add_metric([label], rank.progress.limit)
             if rank.canary is not None:
                 canaries.add_metric([label], float(rank.canary.sent))
                 canary_failures.add_metric([label], float(rank.canary.failed))
@@ -227,6 +235,8 @@ class _BoardCollector(Collector):
                 if sample.power is not None:
                     gpu["power_watts"].add_metric(labels, sample.power)
         yield from (rank_state, up, restarts, exit_status, restarted, dropped, paused)
+        if any(rank.progress is not None for rank in status.ranks):
+            yield progress_limit
         if any(rank.canary is not None for rank in status.ranks):
             yield from (canaries, canary_failures, canary_off)
         if status.routers:

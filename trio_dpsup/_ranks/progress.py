@@ -6,11 +6,29 @@ gauge is above 0 and the progress counter stays where it was for `progress_timeo
 seconds, the rank has stalled (`RankStalled`). An idle rank never stalls: the clock starts
 again whenever the rank is idle or its counter moves. A rank whose metrics cannot be read is
 reported in /status, not failed: a missing page is no evidence of a hang.
+
+With ``--progress-timeout auto`` each rank process learns its own limit (`LearnedLimit`):
+from the gaps between its counter's moves while busy, 3 x their 99th percentile, within
+`progress_timeout_min` and `progress_timeout_max`; `WARMUP_SECONDS` (within the same
+bounds) until `WARMUP_GAPS` gaps are seen. A quantile times a factor rather than an
+accrual detector (phi): phi fits a distribution (normal, or exponential) to the gaps by
+their mean and variance, and these gaps are nothing like one: quantized to the reading
+interval, and bimodal (decode steps of milliseconds, prefill batches of seconds), so the
+first long prefill after many short steps scores a huge phi, which is the busy-is-not-hung
+mistake this check must not make. A quantile assumes no shape, is bounded, and reads as a
+number of seconds an operator can check against the engine's own step times.
+
+One engine step (one decode call) longer than anything seen before, and longer than the
+learned limit, is taken for a hang: the limit knows only what the rank has done. That is
+what `progress_timeout_min` is for: keep it above the slowest single step the engine may
+take (for llama.cpp, one -ub batch of a prompt at the rank's prefill speed; default 30 s).
 """
 
 from __future__ import annotations
 
+import collections
 import logging
+import math
 
 import httpx
 import trio
@@ -22,6 +40,7 @@ from .._state.board import RankRecord
 from .._state.status import ProgressStatus, RankState
 
 __all__ = [
+    "LearnedLimit",
     "NoAnswer",
     "StallClock",
     "metric_sums",
@@ -64,14 +83,53 @@ class StallClock:
     def __init__(self) -> None:
         self._last: float | None = None
         self._since = 0.0
+        self._busy = False
+        #: The gap the last reading closed: seconds from the counter's previous move (or
+        #: the start of the busy spell) to this move, when busy all along; else None.
+        self.gap: float | None = None
 
     def observe(self, now: float, busy: float, progress: float) -> float:
         """Seconds busy with the counter unmoved, as of the reading taken at `now`."""
-        if busy <= 0 or progress != self._last:
+        moved = progress != self._last
+        self.gap = now - self._since if busy > 0 and self._busy and moved else None
+        if busy <= 0 or moved:
             # Idle, or it moved (a restarted counter moves too): the clock starts again.
             self._last = progress
             self._since = now
+        self._busy = busy > 0
         return now - self._since
+
+
+#: ``--progress-timeout auto``: the learned limit is FACTOR x the QUANTILE of the gaps.
+FACTOR = 3.0
+QUANTILE = 0.99
+#: Gaps kept (the most recent), and those needed before the limit is learned.
+WINDOW = 512
+WARMUP_GAPS = 20
+#: The limit until then (within the bounds): the grace that gave no false restarts in the
+#: field (gonka-ai/gonka#1421: a token-progress check with a 120 s grace).
+WARMUP_SECONDS = 120.0
+
+
+class LearnedLimit:
+    """One rank process's progress limit, learned from its own gaps (see the module)."""
+
+    def __init__(self, low: float, high: float) -> None:
+        self._low = low
+        self._high = high
+        self._gaps: collections.deque[float] = collections.deque(maxlen=WINDOW)
+        self.seen = 0
+
+    def add(self, gap: float) -> None:
+        self._gaps.append(gap)
+        self.seen += 1
+
+    def limit(self) -> float:
+        if self.seen < WARMUP_GAPS:
+            return min(max(WARMUP_SECONDS, self._low), self._high)
+        ordered = sorted(self._gaps)
+        quantile = ordered[max(0, math.ceil(QUANTILE * len(ordered)) - 1)]
+        return min(max(FACTOR * quantile, self._low), self._high)
 
 
 async def watch_progress(
@@ -83,13 +141,18 @@ async def watch_progress(
 
     **Cancellation**: prompt; an in-flight read is abandoned.
     """
-    if not config.progress_timeout:
+    if not config.progress_on:
         return
     busy_metric, progress_metric = config.progress_busy_metric, config.progress_metric
     assert busy_metric is not None  # both filled in by the config
     assert progress_metric is not None
     url = config.address.url(record.plan.port, config.address.metrics_path)
     clock = StallClock()
+    learned = None
+    if config.progress_learned:
+        learned = LearnedLimit(config.progress_timeout_min, config.progress_timeout_max)
+    limit = learned.limit() if learned is not None else config.progress_timeout
+    assert limit is not None  # a fixed limit, when not learned
     while True:  # ends by cancellation or by the stall it raises
         await trio.sleep(config.progress_interval)
         if record.state is not RankState.READY or record.probes_paused:
@@ -112,12 +175,19 @@ async def watch_progress(
                     None if last is None else last.progress,
                     0.0 if last is None else last.stalled_for,
                     problem,
+                    limit,
+                    0 if learned is None else learned.seen,
                 )
             )
             continue
         stalled_for = clock.observe(trio.current_time(), busy, progress)
-        record.note_progress(ProgressStatus(busy, progress, stalled_for, None))
-        if stalled_for >= config.progress_timeout:
+        if learned is not None:
+            if clock.gap is not None:
+                learned.add(clock.gap)
+            limit = learned.limit()
+        seen = 0 if learned is None else learned.seen
+        record.note_progress(ProgressStatus(busy, progress, stalled_for, None, limit, seen))
+        if stalled_for >= limit:
             raise RankStalled(
                 record.plan.rank, busy_metric, busy, progress_metric, progress, stalled_for
             )

@@ -232,6 +232,8 @@ def rank_to_json(rank: RankStatus) -> JSON:
             "progress": rank.progress.progress,
             "stalled_for_s": round(rank.progress.stalled_for, 3),
             "problem": rank.progress.problem,
+            "limit_s": None if rank.progress.limit is None else round(rank.progress.limit, 3),
+            "gaps": rank.progress.gaps,
         },
         "canary": None if rank.canary is None else _canary_json(rank.canary),
         "waiting": rank.waiting,
@@ -315,7 +317,14 @@ def _rank_from_json(doc: JSON) -> RankStatus:
         last_causes=tuple(failure_from_json(c) for c in doc["last_cause_details"]),
         progress=None
         if (p := doc.get("progress")) is None
-        else ProgressStatus(p["busy"], p["progress"], p["stalled_for_s"], p["problem"]),
+        else ProgressStatus(
+            p["busy"],
+            p["progress"],
+            p["stalled_for_s"],
+            p["problem"],
+            p.get("limit_s"),
+            p.get("gaps", 0),
+        ),
         waiting=doc.get("waiting"),
         evidence=doc.get("evidence"),
         since=doc.get("since", 0.0),

@@ -119,6 +119,10 @@ class ProgressStatus:
     stalled_for: float
     #: Why the last read failed (the rank is not failed for it); None after a good read.
     problem: str | None
+    #: The limit in force: the fixed ``progress_timeout``, or the one learned (``auto``).
+    limit: float | None = None
+    #: With ``auto``: the gaps between progress seen while busy (it learns from 20 on).
+    gaps: int = 0
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,9 @@ class SupervisorSettings(TypedDict, total=False):
     fail_on_status: tuple[str, ...]
     startup_timeout: float
     startup_probe_interval: float
-    progress_timeout: float
+    progress_timeout: float | None
+    progress_timeout_min: float
+    progress_timeout_max: float
     progress_interval: float
     progress_busy_metric: str | None
     progress_metric: str | None
