@@ -198,8 +198,10 @@ async def test_the_canary_proves_an_idle_engine_generates_and_a_stopped_one_is_c
     assert (canary.failed, canary.off) == (0, None)
     assert canary.last is not None
     assert canary.last.status_code == 200
-    # SIGSTOP: /health stops answering; with the default probes (1 s apart, 2 s timeout,
-    # confirmed by overlapping probes) it is caught within 5 s.
+    # SIGSTOP: /health stops answering; with the default probes it is caught by the probe
+    # timeout: the next probe (within 1 s) times out after 2 s, then two confirmation
+    # probes 0.03 s apart time out 2 s later: 4.03 to 5.03 s by construction (4.86 and
+    # 4.9 s measured by bench/soak.py), asserted with room for a loaded machine.
     await deployment.signal_rank(0, signal.SIGSTOP)
     began = trio.current_time()
     with trio.fail_after(15):
@@ -207,7 +209,7 @@ async def test_the_canary_proves_an_idle_engine_generates_and_a_stopped_one_is_c
             lambda s: s.ranks[0].failing or s.failure is not None, "the stopped rank caught"
         )
     took = trio.current_time() - began
-    assert took <= 5.0, f"caught after {took:.2f}s"
+    assert took <= 5.5, f"caught after {took:.2f}s"
     with trio.fail_after(30):
         assert await deployment.wait_exit() == 1
     failure = await deployment.failure()
