@@ -45,6 +45,7 @@ if typing.TYPE_CHECKING:
     from ._errors import RestartedWith as RestartedWith
     from ._errors import RestartRequested as RestartRequested
     from ._errors import RestartsExhausted as RestartsExhausted
+    from ._errors import StartupStalled as StartupStalled
     from ._errors import StartupTimeout as StartupTimeout
     from ._errors import SupervisorFailure as SupervisorFailure
     from ._errors import SupervisorStopped as SupervisorStopped
@@ -77,6 +78,7 @@ if typing.TYPE_CHECKING:
     from ._state.status import RankStatus as RankStatus
     from ._state.status import RootCause as RootCause
     from ._state.status import RouterStatus as RouterStatus
+    from ._state.status import StartupProgress as StartupProgress
     from ._state.status import SupervisorState as SupervisorState
     from ._state.status import SupervisorStatus as SupervisorStatus
     from ._supervisor import Supervisor as Supervisor
@@ -110,6 +112,7 @@ _EXPORTS = {
     "RestartedWith": "._errors",
     "RestartRequested": "._errors",
     "RestartsExhausted": "._errors",
+    "StartupStalled": "._errors",
     "StartupTimeout": "._errors",
     "SupervisorFailure": "._errors",
     "SupervisorStopped": "._errors",
@@ -142,6 +145,7 @@ _EXPORTS = {
     "RankStatus": "._state.status",
     "RootCause": "._state.status",
     "RouterStatus": "._state.status",
+    "StartupProgress": "._state.status",
     "SupervisorState": "._state.status",
     "SupervisorStatus": "._state.status",
     "Supervisor": "._supervisor",

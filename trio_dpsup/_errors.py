@@ -30,6 +30,7 @@ __all__ = [
     "RestartRequested",
     "RestartedWith",
     "RestartsExhausted",
+    "StartupStalled",
     "StartupTimeout",
     "SupervisorFailure",
     "SupervisorStopped",
@@ -141,6 +142,21 @@ class GenerationFailed(SupervisorFailure):
         self.last_error = last_error
         super().__init__(
             f"rank {rank} generation failed: {attempts} canaries in a row, last: {last_error}"
+        )
+
+
+class StartupStalled(SupervisorFailure):
+    """A starting rank showed no work moving toward ready (bytes read from storage, GPU
+    memory growth, output lines) for `seconds`: a wedged load, failed before the startup
+    deadline. `last_moved` says what moved last, and when."""
+
+    def __init__(self, rank: int, seconds: float, last_moved: str) -> None:
+        self.rank = rank
+        self.seconds = seconds
+        self.last_moved = last_moved
+        super().__init__(
+            f"rank {rank} startup stalled: nothing moved toward ready (bytes read, GPU "
+            f"memory, output lines) for {seconds:.1f}s; last moved: {last_moved}"
         )
 
 

@@ -90,6 +90,7 @@ class ProbeSettings:
     fail_on_status: tuple[str, ...]
     startup_timeout: float
     startup_probe_interval: float
+    startup_stall_timeout: float
     progress_log_interval: float
 
     def fails_at_once(self, status: int) -> bool:

@@ -170,6 +170,14 @@ class SupervisorConfig:
         "SECONDS",
         check=seconds_or_zero,
     )
+    startup_stall_timeout: float = setting(
+        0.0,
+        "a starting rank that shows no work moving toward ready for this long fails before "
+        "--startup-timeout: no bytes read from storage by its processes (/proc/PID/io), no "
+        "growth of its GPUs' memory (NVML), no output line; CPU time alone is not progress "
+        "(a collective that waits spins); 0: off",
+        "health probes", "SECONDS", check=seconds_or_zero,
+    )  # fmt: skip
     #: How often a rank that is not ready yet is probed (no CLI option).
     startup_probe_interval: float = DEFAULT_STARTUP_PROBE_INTERVAL
     # -- progress (hang detection beyond /health)
@@ -491,6 +499,12 @@ class SupervisorConfig:
         self._check_progress()
         self._check_drain()
         self._check_canary()
+        stall, deadline = self.startup_stall_timeout, self.startup_timeout
+        if stall and deadline and stall >= deadline:
+            raise ConfigError(
+                f"{_opt('startup_stall_timeout')} {stall:g} is not below "
+                f"{_opt('startup_timeout')} {deadline:g}, so it could never fire: lower it"
+            )
         if self.log_dir is not None and not self.log_prefix:
             raise ConfigError(
                 f"{_opt('log_dir')} needs the ranks' lines to pass through the supervisor, "

@@ -42,6 +42,7 @@ from .._errors import (
     RankStalled,
     RankStartTimeout,
     RankUnhealthy,
+    StartupStalled,
     StartupTimeout,
     SupervisorFailure,
 )
@@ -62,6 +63,7 @@ _KINDS = (
     RankStalled,
     GenerationFailed,
     RankStartTimeout,
+    StartupStalled,
     StartupTimeout,
     GpuFailed,
 )

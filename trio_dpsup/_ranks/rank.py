@@ -38,6 +38,7 @@ from .drain import drain_rank
 from .evidence import EvidenceRequest, capture_evidence, wants_evidence
 from .prober import probe_rank
 from .progress import watch_progress
+from .startup import watch_startup
 
 __all__ = ["run_rank"]
 
@@ -256,6 +257,15 @@ async def _watch(
         except SupervisorFailure as failure:
             await verdict(failure, cancel)
 
+    async def loading(cancel: trio.CancelScope) -> None:
+        async def pids() -> set[int]:
+            return {p.pid for p in await ctx.scanner.scan(rank)} | {process.pid}
+
+        try:
+            await watch_startup(ctx.settings.probes, record, pids)
+        except SupervisorFailure as failure:
+            await verdict(failure, cancel)
+
     async def canary(cancel: trio.CancelScope) -> None:
         try:
             await watch_generation(
@@ -285,7 +295,7 @@ async def _watch(
         cancel.cancel()
 
     async with trio.open_nursery() as nursery:
-        for watcher in (exits, probes, progress, canary, planned, cut):
+        for watcher in (exits, probes, loading, progress, canary, planned, cut):
             nursery.start_soon(watcher, nursery.cancel_scope)
     exited = [f for f in found if isinstance(f, RankExited)]
     return exited[0] if exited else found[0] if found else None

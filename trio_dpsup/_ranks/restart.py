@@ -25,6 +25,7 @@ from .._errors import (
     RankStartTimeout,
     RankUnhealthy,
     RestartsExhausted,
+    StartupStalled,
     SupervisorFailure,
 )
 
@@ -62,7 +63,12 @@ class Restarter:
             return False
         return isinstance(
             failure,
-            RankExited | RankUnhealthy | RankStartTimeout | RankStalled | GenerationFailed,
+            RankExited
+            | RankUnhealthy
+            | RankStartTimeout
+            | RankStalled
+            | GenerationFailed
+            | StartupStalled,
         )
 
     def decide(self, failure: SupervisorFailure) -> SupervisorFailure | None:

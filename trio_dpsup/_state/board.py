@@ -31,6 +31,7 @@ from .status import (
     RankStatus,
     RootCause,
     RouterStatus,
+    StartupProgress,
     SupervisorState,
     SupervisorStatus,
 )
@@ -77,6 +78,7 @@ class RankRecord:
         "_restarts",
         "_returncode",
         "_since",
+        "_startup",
         "_state",
         "_waiting",
     )  # fmt: skip
@@ -101,6 +103,7 @@ class RankRecord:
         self._restart_times: collections.deque[float] = collections.deque(maxlen=64)
         self._progress: ProgressStatus | None = None
         self._canary: CanaryStatus | None = None
+        self._startup: StartupProgress | None = None
         self._waiting: str | None = None
         self._evidence: str | None = None
         self._drained = False
@@ -193,6 +196,11 @@ class RankRecord:
         return self._progress
 
     @property
+    def startup(self) -> StartupProgress | None:
+        """What moved while its current process started (with ``startup_stall_timeout``)."""
+        return self._startup
+
+    @property
     def canary(self) -> CanaryStatus | None:
         """Its canaries (with ``canary`` on): counts kept across restarts."""
         return self._canary
@@ -252,6 +260,7 @@ class RankRecord:
         self._pid = pid
         self._returncode = None
         self._progress = None
+        self._startup = None
         self._failing = False
         self._live = True
         self._cut = trio.Event()
@@ -342,6 +351,10 @@ class RankRecord:
 
     def note_progress(self, progress: ProgressStatus) -> None:
         self._progress = progress
+
+    def note_startup(self, progress: StartupProgress) -> None:
+        """A reading of what moves while it starts."""
+        self._startup = progress
 
     def record_canary(self, result: CanaryResult) -> None:
         """One canary sent and answered (or given up on)."""
@@ -474,6 +487,7 @@ class RankRecord:
             drain=self._drain,
             failing=self._failing,
             canary=self._canary,
+            startup=self._startup,
         )
 
     def paused_until_wall(self) -> float | None:

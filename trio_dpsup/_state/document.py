@@ -39,6 +39,7 @@ from .status import (
     RankStatus,
     RootCause,
     RouterStatus,
+    StartupProgress,
     SupervisorState,
     SupervisorStatus,
 )
@@ -236,6 +237,7 @@ def rank_to_json(rank: RankStatus) -> JSON:
             "gaps": rank.progress.gaps,
         },
         "canary": None if rank.canary is None else _canary_json(rank.canary),
+        "startup": None if rank.startup is None else _startup_json(rank.startup),
         "waiting": rank.waiting,
         "evidence": rank.evidence,
         "drain": None if rank.drain is None else _drain_json(rank.drain),
@@ -333,6 +335,30 @@ def _rank_from_json(doc: JSON) -> RankStatus:
         probes_paused_until=doc.get("probes_paused_until"),
         drain=None if (d := doc.get("drain")) is None else _drain_from_json(d),
         canary=None if (c := doc.get("canary")) is None else _canary_from_json(c),
+        startup=None if (s := doc.get("startup")) is None else _startup_from_json(s),
+    )
+
+
+def _startup_json(startup: StartupProgress) -> JSON:
+    return {
+        "read_bytes": startup.read_bytes,
+        "gpu_memory_mib": None if startup.gpu_memory is None else startup.gpu_memory // MIB,
+        "lines": startup.lines,
+        "last_moved": startup.last_moved,
+        "last_moved_at": startup.last_moved_at,
+        "still_for_s": round(startup.still_for, 3),
+    }
+
+
+def _startup_from_json(doc: JSON) -> StartupProgress:
+    memory = doc["gpu_memory_mib"]
+    return StartupProgress(
+        read_bytes=doc["read_bytes"],
+        gpu_memory=None if memory is None else memory * MIB,
+        lines=doc["lines"],
+        last_moved=doc["last_moved"],
+        last_moved_at=doc["last_moved_at"],
+        still_for=doc["still_for_s"],
     )
 
 

@@ -23,6 +23,7 @@ __all__ = [
     "RankStatus",
     "RootCause",
     "RouterStatus",
+    "StartupProgress",
     "SupervisorState",
     "SupervisorStatus",
 ]
@@ -126,6 +127,24 @@ class ProgressStatus:
 
 
 @dataclass(frozen=True)
+class StartupProgress:
+    """What moves while a rank starts (with ``startup_stall_timeout``): the bytes its
+    processes read from storage, its GPUs' memory in use, its output lines."""
+
+    #: Summed over the rank's tree (None when /proc/PID/io cannot be read).
+    read_bytes: int | None
+    #: Summed over its GPUs (None without NVML readings).
+    gpu_memory: int | None
+    lines: int
+    #: What moved last ("bytes read", "GPU memory", "output lines"), and when (wall
+    #: clock); None while nothing has.
+    last_moved: str | None
+    last_moved_at: float | None
+    #: Seconds with nothing moving (since the last move, or since the process started).
+    still_for: float
+
+
+@dataclass(frozen=True)
 class CanaryResult:
     """One canary (a one-token generation) sent to an idle rank."""
 
@@ -194,6 +213,8 @@ class RankStatus:
     failing: bool = False
     #: Its canaries, with ``canary`` on; None when it is off.
     canary: CanaryStatus | None = None
+    #: While it starts, with ``startup_stall_timeout``: what moves; None otherwise.
+    startup: StartupProgress | None = None
 
     @property
     def ready(self) -> bool:

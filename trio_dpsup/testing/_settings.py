@@ -43,6 +43,7 @@ class SupervisorSettings(TypedDict, total=False):
     fail_on_status: tuple[str, ...]
     startup_timeout: float
     startup_probe_interval: float
+    startup_stall_timeout: float
     progress_timeout: float | None
     progress_timeout_min: float
     progress_timeout_max: float
