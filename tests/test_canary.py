@@ -22,9 +22,10 @@ from trio_dpsup import (
 
 # The CLI's parser and the file reader, to hold both spellings of --canary/--no-canary.
 from trio_dpsup._cli import build_parser
+from trio_dpsup._config.canary import not_generating, preset_canary
 
 # The pure parts of the canary (the request per preset, the key, the idle clock), on purpose.
-from trio_dpsup._config.canary import not_generating, preset_canary
+from trio_dpsup._config.concerns import CanarySettings, derive
 from trio_dpsup._config.file import load_config_file
 from trio_dpsup._ranks.canary import IdleClock, api_key
 from trio_dpsup.testing import Fault, Form, Harness, SupervisorSettings, run_cli
@@ -324,3 +325,18 @@ def test_the_command_line_and_the_file_spell_it_alike(tmp_path: Path) -> None:
     path.write_text('canary-request = ["GET", "/x"]\n')
     with pytest.raises(ConfigError, match="canary-request must be a list of 3 strings"):
         load_config_file(str(path), parser._actions)
+
+
+def test_after_a_canary_the_next_reading_is_at_once_then_one_idle_period() -> None:
+    config = SupervisorConfig(command=("server",), **CANARY)
+    settings = derive(CanarySettings, config)
+    clock = IdleClock()
+    assert clock.next_reading(0.0, settings) == settings.progress_interval  # not read yet
+    clock.observe(0.0, busy=0, progress=5)
+    assert clock.next_reading(0.0, settings) == IDLE
+    clock.canary_sent()
+    assert clock.next_reading(1.0, settings) == 0.0  # the counter the canary moved
+    clock.observe(1.0, busy=0, progress=6)
+    assert clock.next_reading(1.0, settings) == IDLE
+    clock.observe(1.5, busy=1, progress=6)
+    assert clock.next_reading(1.5, settings) == settings.progress_interval

@@ -6,6 +6,7 @@ from __future__ import annotations
 import httpx
 import pytest
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 
 from trio_dpsup import (
     ConfigError,
@@ -22,6 +23,7 @@ from trio_dpsup._ranks.progress import (
     WARMUP_SECONDS,
     LearnedLimit,
     StallClock,
+    metric_sums,
     parse_progress,
 )
 from trio_dpsup.testing import (
@@ -309,3 +311,47 @@ async def test_a_learned_limit_shows_and_catches_a_stall(dpsup: Harness, form: F
     failure = await deployment.failure()
     assert isinstance(failure, RankStalled)
     assert 0.5 <= failure.seconds < 0.5 + 1.0
+
+
+PAGES = [
+    # The fake rank's, vLLM's (labels by model and engine, a histogram), odd but legal lines.
+    '# TYPE fake:requests_running gauge\nfake:requests_running{model_name="fake"} 2.0\n'
+    '# TYPE fake:tokens counter\nfake:tokens_total{model_name="fake"} 17.0\n',
+    "# HELP vllm:num_requests_running Number of requests in model execution batches.\n"
+    "# TYPE vllm:num_requests_running gauge\n"
+    'vllm:num_requests_running{engine="0",model_name="a b } c"} 3.0\n'
+    'vllm:num_requests_running{engine="1",model_name="a b } c"} 1.0\n'
+    "# TYPE vllm:generation_tokens counter\n"
+    'vllm:generation_tokens_total{engine="0",model_name="m"} 1.5e3\n'
+    'vllm:generation_tokens_total{engine="1",model_name="m"} 12 1700000000000\n'
+    "# TYPE vllm:e2e_request_latency_seconds histogram\n"
+    'vllm:e2e_request_latency_seconds_bucket{le="+Inf",model_name="m"} 4.0\n'
+    'vllm:e2e_request_latency_seconds_count{model_name="m"} 4.0\n'
+    'vllm:e2e_request_latency_seconds_sum{model_name="m"} 2.5\n',
+    "# TYPE up gauge\nup 1\n# TYPE x_total counter\nx_total   +Inf\n",
+]
+WANTED = [
+    ("fake:requests_running", "fake:tokens_total"),
+    ("vllm:num_requests_running", "vllm:generation_tokens_total"),
+    ("vllm:e2e_request_latency_seconds_count", "vllm:e2e_request_latency_seconds_sum"),
+    ("up", "x_total"),
+]
+
+
+@pytest.mark.parametrize("page", PAGES)
+@pytest.mark.parametrize("names", WANTED)
+def test_the_metrics_scan_sums_as_prometheus_clients_parser(
+    page: str, names: tuple[str, str]
+) -> None:
+    expected: dict[str, float] = dict.fromkeys(names, 0.0)
+    seen = set()
+    for family in text_string_to_metric_families(page):
+        for sample in family.samples:
+            if sample.name in expected:
+                expected[sample.name] += sample.value
+                seen.add(sample.name)
+    if seen != set(names):
+        with pytest.raises(ValueError, match="in the rank's metrics"):
+            metric_sums(page, names)
+    else:
+        assert metric_sums(page, names) == expected

@@ -32,14 +32,14 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 
-import httpx
 import trio
 
 from .._config.concerns import CanarySettings
 from .._errors import GenerationFailed
 from .._state.board import RankRecord
 from .._state.status import CanaryResult
-from .progress import NoAnswer, metric_sums, read_metrics
+from .prober import ExchangeFactory, RankExchange
+from .progress import NoAnswer, fetch_metrics, metric_sums_soon
 
 __all__ = ["CONFIG_STATUSES", "IdleClock", "api_key", "watch_generation"]
 
@@ -57,6 +57,8 @@ CONFIG_STATUSES = {
 ATTEMPTS = 2
 #: The most bytes of an answer kept for a message.
 _SHOWN = 200
+#: The largest canary answer read (a one-token completion is a few hundred bytes).
+MAX_ANSWER_BYTES = 1024 * 1024
 
 
 def api_key(argv: Sequence[str]) -> str | None:
@@ -80,12 +82,14 @@ class IdleClock:
         self._last: float | None = None
         self._since: float | None = None
         self.busy = True
+        self._read_now = False
 
     def observe(self, now: float, busy: float, progress: float) -> float:
         """Seconds idle with the counter unmoved, as of the reading taken at `now`: counted
         from the first reading that found it so (never from a busy one: it may have been
         busy until just before)."""
         self.busy = busy > 0
+        self._read_now = False
         if self.busy:
             self._since = None
             return 0.0
@@ -97,6 +101,8 @@ class IdleClock:
     def next_reading(self, now: float, config: CanarySettings) -> float:
         """Seconds until the next reading is worth taking: when the idle rank's canary is
         due, or, while it is busy (or not read yet), after `progress_interval`."""
+        if self._read_now:
+            return 0.0
         if self.busy or self._since is None:
             return config.progress_interval
         return max(0.0, self._since + config.canary_idle - now)
@@ -106,12 +112,13 @@ class IdleClock:
         self._last = None
         self._since = None
         self.busy = False
+        self._read_now = True
 
 
 async def watch_generation(
     config: CanarySettings,
     record: RankRecord,
-    client: httpx.AsyncClient,
+    exchanges: ExchangeFactory,
     observe: Callable[[int, CanaryResult], None] | None = None,
 ) -> None:
     """Send canaries to one rank process while it is ready, serving and idle; raise
@@ -126,15 +133,32 @@ async def watch_generation(
         return
     if record.canary is not None and record.canary.off is not None:
         return  # off since an earlier process's first canary: the same command, the same error
-    rank, port = record.plan.rank, record.plan.port
-    metrics_url = config.address.url(port, config.address.metrics_path)
-    url = config.address.url(port, spec.path)
-    headers = {"User-Agent": "trio-dpsup canary"}
+    port = record.plan.port
+    headers: list[tuple[str, str]] = []
     if spec.body is not None:
-        headers["Content-Type"] = "application/json"
+        headers.append(("Content-Type", "application/json"))
     key = api_key(record.plan.argv)
     if key is not None:
-        headers["Authorization"] = f"Bearer {key}"
+        headers.append(("Authorization", f"Bearer {key}"))
+    metrics = exchanges(port, "GET", config.address.metrics_path, None, ())
+    canary = exchanges(port, spec.method, spec.path, spec.body, tuple(headers))
+    try:
+        await _watch(config, record, metrics, canary, observe)
+    finally:
+        await metrics.aclose()
+        await canary.aclose()
+
+
+async def _watch(
+    config: CanarySettings,
+    record: RankRecord,
+    metrics: RankExchange,
+    canary: RankExchange,
+    observe: Callable[[int, CanaryResult], None] | None,
+) -> None:
+    spec = config.canary_spec
+    assert spec is not None
+    rank = record.plan.rank
     progress_metric = config.canary_progress_metric
     assert progress_metric is not None  # the config refuses a canary without one
     names = (*config.canary_busy_metrics, progress_metric)
@@ -145,9 +169,9 @@ async def watch_generation(
             idle = IdleClock()  # not serving (yet, or any more): nothing to prove
             continue
         try:
-            text = await read_metrics(client, metrics_url, config.probe_timeout)
-            sums = await trio.to_thread.run_sync(metric_sums, text, names)
-        except (httpx.HTTPError, ValueError, NoAnswer) as exc:
+            text = await fetch_metrics(metrics, config.probe_timeout)
+            sums = await metric_sums_soon(text, names)
+        except (ValueError, NoAnswer) as exc:
             record.canary_problem(
                 f"cannot read {config.address.metrics_path}: {exc or type(exc).__name__}"
             )
@@ -159,7 +183,7 @@ async def watch_generation(
             continue
         first = record.canary is None or record.canary.sent == 0
         for attempt in range(1, ATTEMPTS + 1):
-            result = await _send(client, spec.method, url, spec.body, headers, config)
+            result = await _send(canary, config)
             record.record_canary(result)
             if observe is not None:
                 observe(rank, result)
@@ -192,31 +216,11 @@ async def watch_generation(
 
 
 # The timeout is part of the verdict (a slow canary is a failed one), not a cancel bound.
-async def _send(
-    client: httpx.AsyncClient,
-    method: str,
-    url: str,
-    body: bytes | None,
-    headers: dict[str, str],
-    config: CanarySettings,
-) -> CanaryResult:
-    """One canary within `canary_timeout` seconds: a 2xx with its whole body is a success."""
-    start = trio.current_time()
-    status: int | None = None
-    error: str | None = None
-    with trio.move_on_after(config.canary_timeout) as scope:
-        try:
-            # No timeout of httpx's own (5 s per phase by default): this scope is the bound.
-            response = await client.request(
-                method, url, content=body, headers=headers, timeout=None
-            )
-            status = response.status_code
-            if not response.is_success:
-                shown = response.text[:_SHOWN].strip()
-                error = f"HTTP {status}" + (f": {shown}" if shown else "")
-        except httpx.HTTPError as exc:
-            error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-    if scope.cancelled_caught:
-        error = f"no answer within {config.canary_timeout:g}s"
-    latency = trio.current_time() - start
-    return CanaryResult(error is None, status, error, latency, time.time())
+async def _send(canary: RankExchange, config: CanarySettings) -> CanaryResult:
+    """One canary within `canary_timeout` seconds: a 2xx with its whole body is a success;
+    a failure's answer is quoted (its start) in the error."""
+    result, body = await canary.fetch(config.canary_timeout, MAX_ANSWER_BYTES)
+    error = result.error
+    if error is not None and result.status_code is not None and body:
+        error += ": " + body[:_SHOWN].decode("utf-8", errors="replace").strip()
+    return CanaryResult(result.ok, result.status_code, error, result.latency, time.time())

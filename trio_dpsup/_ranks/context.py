@@ -25,7 +25,14 @@ from .._proc.spawn import Spawner, open_spawner
 from .._proc.stop import StopClock
 from .._state.board import Board
 from .._state.status import CanaryResult, ProbeResult
-from .prober import RankProbe, Ticker, open_probe_client, probe_factory
+from .prober import (
+    ExchangeFactory,
+    RankProbe,
+    Ticker,
+    exchange_factory,
+    open_probe_client,
+    probe_factory,
+)
 from .restart import Restarter
 
 __all__ = ["RankContext", "open_rank_context"]
@@ -48,6 +55,8 @@ class RankContext:
     client: httpx.AsyncClient
     #: Makes the health probe of the rank on a port (see prober.probe_factory).
     probes: Callable[[int], RankProbe]
+    #: Makes the other exchanges with a rank: metrics reads, canaries (prober.exchange_factory).
+    exchanges: ExchangeFactory
     #: The clock of the ready ranks' probes.
     ticker: Ticker
     restarter: Restarter
@@ -107,6 +116,9 @@ async def open_rank_context(
             clock=clock,
             client=client,
             probes=probe_factory(
+                settings.probes.address, client, through_httpx=transport is not None
+            ),
+            exchanges=exchange_factory(
                 settings.probes.address, client, through_httpx=transport is not None
             ),
             ticker=Ticker(settings.probes.probe_interval),

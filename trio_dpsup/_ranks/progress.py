@@ -1,7 +1,8 @@
 """Hang detection by progress: /health answering 200 does not mean the engine works.
 
-Every `progress_interval`, each ready rank's own Prometheus metrics are read (parsed with
-prometheus-client's text parser, in a worker thread: a vLLM page is large). While the busy
+Every `progress_interval`, each ready rank's own Prometheus metrics are read (through the
+probes' own HTTP client, and scanned for the few samples wanted: see `metric_sums`; in a
+worker thread when the page is large, as vLLM's is). While the busy
 gauge is above 0 and the progress counter stays where it was for `progress_timeout`
 seconds, the rank has stalled (`RankStalled`). An idle rank never stalls: the clock starts
 again whenever the rank is idle or its counter moves. A rank whose metrics cannot be read is
@@ -32,18 +33,20 @@ import math
 
 import httpx
 import trio
-from prometheus_client.parser import text_string_to_metric_families
 
 from .._config.concerns import ProgressSettings
 from .._errors import RankStalled
 from .._state.board import RankRecord
 from .._state.status import ProgressStatus, RankState
+from .prober import RankExchange
 
 __all__ = [
     "LearnedLimit",
     "NoAnswer",
     "StallClock",
+    "fetch_metrics",
     "metric_sums",
+    "metric_sums_soon",
     "parse_progress",
     "read_metrics",
     "watch_progress",
@@ -53,22 +56,59 @@ logger = logging.getLogger(__name__)
 
 #: A metrics page larger than this is not read (a runaway label set): reported, not parsed.
 MAX_METRICS_BYTES = 16 * 2**20
+#: A page up to this size is parsed on the Trio thread: a trip to a worker thread costs
+#: more than parsing a small page (llama-server's, a fake rank's); vLLM's go to a thread.
+INLINE_PARSE_BYTES = 32 * 1024
 
 
 def metric_sums(text: str, names: tuple[str, ...]) -> dict[str, float]:
     """Each metric of `names` in `text`, summed over its label sets (vLLM labels by model
     and engine). Raises ValueError naming a metric that is missing."""
+    # A scan of the text format's sample lines (``name{labels} value [timestamp]``), not
+    # prometheus-client's parser: it builds every family of the page, which cost most of
+    # an idle supervisor's CPU once each rank's page was read every few seconds.
+    # tests/test_progress.py holds the two to the same sums.
     sums = dict.fromkeys(names, 0.0)
     seen: set[str] = set()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name in sums:
-                sums[sample.name] += sample.value
-                seen.add(sample.name)
+    for line in text.splitlines():
+        if not line or line[0] == "#":
+            continue
+        brace, space = line.find("{"), line.find(" ")
+        if brace >= 0 and (space < 0 or brace < space):
+            name, rest = line[:brace], line[line.rfind("}") + 1 :]
+        elif space >= 0:
+            name, rest = line[:space], line[space:]
+        else:
+            continue
+        if name not in sums:
+            continue
+        fields = rest.split()
+        if not fields:
+            raise ValueError(f"a sample of {name} with no value: {line[:200]!r}")
+        sums[name] += float(fields[0])  # ValueError for a value that is no number
+        seen.add(name)
     missing = [name for name in sums if name not in seen]
     if missing:
         raise ValueError(f"no {' or '.join(missing)} in the rank's metrics")
     return sums
+
+
+async def metric_sums_soon(text: str, names: tuple[str, ...]) -> dict[str, float]:
+    """`metric_sums`, on this thread for a small page, in a worker thread for a large one."""
+    if len(text) <= INLINE_PARSE_BYTES:
+        return metric_sums(text, names)
+    return await trio.to_thread.run_sync(metric_sums, text, names)
+
+
+async def fetch_metrics(metrics: RankExchange, timeout: float) -> str:  # noqa: ASYNC109
+    """A rank's metrics page through `metrics` (a GET of its metrics path), within
+    `timeout` seconds. Raises NoAnswer with the reason (an error, a status, no answer).
+
+    **Cancellation**: prompt; the request is abandoned."""
+    result, body = await metrics.fetch(timeout, MAX_METRICS_BYTES)
+    if not result.ok:
+        raise NoAnswer(result.error or "no answer")
+    return body.decode("utf-8", errors="replace")
 
 
 def parse_progress(text: str, busy_metric: str, progress_metric: str) -> tuple[float, float]:
@@ -133,7 +173,7 @@ class LearnedLimit:
 
 
 async def watch_progress(
-    config: ProgressSettings, record: RankRecord, client: httpx.AsyncClient
+    config: ProgressSettings, record: RankRecord, metrics: RankExchange
 ) -> None:
     """Read one rank process's metrics every `progress_interval` while it is ready; raise
     `RankStalled` once it has been busy without progress for `progress_timeout`. Returns at
@@ -146,7 +186,6 @@ async def watch_progress(
     busy_metric, progress_metric = config.progress_busy_metric, config.progress_metric
     assert busy_metric is not None  # both filled in by the config
     assert progress_metric is not None
-    url = config.address.url(record.plan.port, config.address.metrics_path)
     clock = StallClock()
     learned = None
     if config.progress_learned:
@@ -159,11 +198,10 @@ async def watch_progress(
             clock = StallClock()  # not serving yet (or any more): nothing to hold against it
             continue
         try:
-            text = await read_metrics(client, url, config.probe_timeout)
-            busy, progress = await trio.to_thread.run_sync(
-                parse_progress, text, busy_metric, progress_metric
-            )
-        except (httpx.HTTPError, ValueError, NoAnswer) as exc:
+            text = await fetch_metrics(metrics, config.probe_timeout)
+            sums = await metric_sums_soon(text, (busy_metric, progress_metric))
+            busy, progress = sums[busy_metric], sums[progress_metric]
+        except (ValueError, NoAnswer) as exc:
             problem = f"cannot read {config.address.metrics_path}: {exc or type(exc).__name__}"
             if record.progress is None or record.progress.problem != problem:
                 rank = record.plan.rank

@@ -252,10 +252,14 @@ async def _watch(
             await probe.aclose()
 
     async def progress(cancel: trio.CancelScope) -> None:
+        path = ctx.settings.progress.address.metrics_path
+        metrics = ctx.exchanges(record.plan.port, "GET", path, None, ())
         try:
-            await watch_progress(ctx.settings.progress, record, ctx.client)
+            await watch_progress(ctx.settings.progress, record, metrics)
         except SupervisorFailure as failure:
             await verdict(failure, cancel)
+        finally:
+            await metrics.aclose()
 
     async def loading(cancel: trio.CancelScope) -> None:
         async def pids() -> set[int]:
@@ -269,7 +273,7 @@ async def _watch(
     async def canary(cancel: trio.CancelScope) -> None:
         try:
             await watch_generation(
-                ctx.settings.canary, record, ctx.client, observe=ctx.observe_canary
+                ctx.settings.canary, record, ctx.exchanges, observe=ctx.observe_canary
             )
         except SupervisorFailure as failure:
             await verdict(failure, cancel)
