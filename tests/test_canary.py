@@ -340,3 +340,19 @@ def test_after_a_canary_the_next_reading_is_at_once_then_one_idle_period() -> No
     assert clock.next_reading(1.0, settings) == IDLE
     clock.observe(1.5, busy=1, progress=6)
     assert clock.next_reading(1.5, settings) == settings.progress_interval
+
+
+async def test_the_cause_is_in_the_evidence(dpsup: Harness, tmp_path: Path) -> None:
+    evidence = tmp_path / "evidence"
+    settings: SupervisorSettings = {
+        **CANARY,
+        "evidence_dir": str(evidence),
+        "evidence_timeout": 10.0,
+    }
+    deployment = await dpsup.start(1, **settings)
+    await deployment.wait_ready()
+    await deployment.inject(0, Fault.generate_hang())
+    with trio.fail_after(20):
+        assert await deployment.wait_exit() == 1
+    (cause,) = evidence.glob("*/*-rank0/cause.txt")
+    assert "rank 0 generation failed: 2 canaries in a row" in cause.read_text()
