@@ -20,7 +20,7 @@ from trio_dpsup import (
 
 # The pure part of the check (what counts as a move), on purpose.
 from trio_dpsup._ranks.startup import StartupWatch
-from trio_dpsup.testing import Form, Harness, run_cli
+from trio_dpsup.testing import FakeNvml, Form, Harness, run_cli
 
 from .conftest import FORMS, cli_args
 
@@ -129,3 +129,35 @@ async def test_a_load_three_times_as_long_that_moves_becomes_ready(
     assert time.time() - began >= 3 * STALL  # it did take three stall timeouts
     document = await deployment.status_document()
     assert document["ranks"][0]["startup"]["lines"] > 0
+
+
+async def test_gpu_memory_growth_is_progress(dpsup: Harness) -> None:
+    # A load that reads nothing and says nothing, but fills its GPU (as NVML reports):
+    # it moves while the memory grows, and is caught once it stops.
+    fake = FakeNvml(gpus=1)
+    deployment = await dpsup.start(
+        1, nvml=fake.factory, gpus_per_rank=1, gpu_interval=0.1, rank_args=["--load-wedge"],
+        wait_ready=False, startup_stall_timeout=STALL, startup_timeout=60.0,
+    )  # fmt: skip
+    pid = await deployment.rank_pid(0)
+    uuid = fake.gpus[0].uuid
+    for step in range(8):  # 4 s of growth: twice the stall timeout
+        fake.place(pid, uuid, used_mib=1024 * (step + 1))
+        await trio.sleep(0.5)  # the simulated load's pace
+        status = await deployment.status()
+        assert status.ranks[0].state is RankState.STARTING
+        assert not status.ranks[0].failing
+    startup = status.ranks[0].startup
+    assert startup is not None
+    assert startup.last_moved == "GPU memory"
+    stopped = trio.current_time()
+    with trio.fail_after(20):
+        await deployment.wait_for_status(
+            lambda s: s.ranks[0].failing or s.failure is not None, "rank 0 caught"
+        )
+    assert trio.current_time() - stopped <= STALL + 1.0
+    with trio.fail_after(20):
+        assert await deployment.wait_exit() == 1
+    failure = await deployment.failure()
+    assert isinstance(failure, StartupStalled)
+    assert "last moved: GPU memory" in str(failure)
