@@ -182,16 +182,17 @@ async def test_the_canary_proves_an_idle_engine_generates_and_a_stopped_one_is_c
 ) -> None:
     # The preset's canary (POST /completion, n_predict 1; idle told by
     # llamacpp:requests_processing + requests_deferred and n_decode_total) and the probes'
-    # defaults; only the idle period is short, so that canaries come in seconds.
+    # defaults; only the idle period is shorter, 6 s: longer than the 5 s after which
+    # llama-server closes an idle kept connection, which each canary then finds closed.
     command = llama(llama_server, tiny_model)
     deployment = await start(
-        dpsup, 1, command, canary_idle=1.0, probe_interval=1.0, probe_timeout=2.0,
+        dpsup, 1, command, canary_idle=6.0, probe_interval=1.0, probe_timeout=2.0,
         failure_threshold=3,
     )  # fmt: skip
-    with trio.fail_after(30):
+    with trio.fail_after(60):
         status = await deployment.wait_for_status(
-            lambda s: (c := s.ranks[0].canary) is not None and c.sent >= 3,
-            "three canaries",
+            lambda s: (c := s.ranks[0].canary) is not None and c.sent >= 2,
+            "two canaries",
         )
     canary = status.ranks[0].canary
     assert canary is not None

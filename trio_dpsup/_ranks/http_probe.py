@@ -7,7 +7,10 @@ This client does the one thing a probe needs: send a fixed GET, read the status
 line and headers (at most MAX_HEADER bytes), read and discard the body (Content-Length,
 chunked, or to EOF; at most MAX_BODY bytes), and keep the connection for the next probe.
 Any error, a timeout, a body too large or ``Connection: close`` drops the connection: the
-next probe opens a new one. HTTPS goes through `trio.SSLStream` with the context the prober
+next probe opens a new one. A kept connection the server has closed meanwhile (llama-server
+closes one idle for 5 s: measured, build 11434) fails before any byte of an answer: the
+request is sent again, once, on a new connection, within the same timeout; a failure on a
+new connection is the rank's. HTTPS goes through `trio.SSLStream` with the context the prober
 verifies ranks with (see _config.tls.rank_verify).
 
 Probes of one rank may overlap (confirmation probes, see prober.py): each takes an idle
@@ -45,6 +48,10 @@ _IDLE = 4
 
 class ProbeError(Exception):
     """The answer could not be read as HTTP/1.x."""
+
+
+class Unanswered(ProbeError):
+    """The connection ended before any byte of an answer."""
 
 
 class HttpProbe:
@@ -108,16 +115,28 @@ class HttpProbe:
         keep = False
         try:
             with trio.move_on_after(timeout) as scope:
-                try:
-                    stream = self._idle.pop() if self._idle else await self._connect()
-                    await stream.send_all(self._request)
-                    status, keep = await _read_response(stream, body, max_body)
-                    if not 200 <= status < 300:
-                        error = f"HTTP {status}"
-                except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                    error = _describe(exc)
-                except (ProbeError, ssl.SSLError) as exc:
-                    error = f"{type(exc).__name__}: {exc}"
+                for attempt in range(2):  # again, once, after a kept connection went stale
+                    reused = attempt == 0 and bool(self._idle)
+                    try:
+                        stream = self._idle.pop() if reused else await self._connect()
+                        await stream.send_all(self._request)
+                        status, keep = await _read_response(stream, body, max_body)
+                        if not 200 <= status < 300:
+                            error = f"HTTP {status}"
+                    except (
+                        OSError,
+                        trio.BrokenResourceError,
+                        trio.ClosedResourceError,
+                        Unanswered,
+                    ) as exc:
+                        if reused and stream is not None and not body:
+                            _drop(stream)  # closed by the server while it idled: again
+                            stream = None
+                            continue
+                        error = _describe(exc)
+                    except (ProbeError, ssl.SSLError) as exc:
+                        error = f"{type(exc).__name__}: {exc}"
+                    break
         except BaseException:
             # Cancelled from outside (a confirmation no longer needed, a stop): the
             # connection is mid-answer, and no await may run now. Drop it at once.
@@ -171,6 +190,8 @@ async def _read_response(
         if len(buffer) > MAX_HEADER:
             raise ProbeError(f"headers longer than {MAX_HEADER} bytes")
         chunk = await stream.receive_some(_READ)
+        if not chunk and not buffer:
+            raise Unanswered("connection closed before an answer")
         if not chunk:
             raise ProbeError("connection closed before the headers ended")
         buffer += chunk
