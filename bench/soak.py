@@ -23,7 +23,7 @@ ranks, a generation that hangs while /health answers (``generate-hang``: the can
 a busy rank whose counter stops (``stall``: the progress check). A fault not caught within
 `FAULT_WAIT` seconds is reported as not caught.
 
-Results go to bench/results/DATE-soak.json, with the soak's actual length.
+Results go to bench/results/DATE-soak.json (``--name``), with the soak's actual length.
 """
 
 from __future__ import annotations
@@ -253,6 +253,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__)
     parser.add_argument("--minutes", type=float, default=30.0, help="soak length (default 30)")
     parser.add_argument("--ranks", type=int, default=2, help="ranks per setup (default 2)")
+    parser.add_argument(
+        "--name", default="soak", help="results file: bench/results/DATE-NAME.json (default soak)"
+    )
     args = parser.parse_args()
     import tempfile
 
@@ -265,7 +268,7 @@ def main() -> None:
         **document,
     }
     RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"{document['date'][:10]}-soak.json"  # type: ignore[index]
+    path = RESULTS / f"{document['date'][:10]}-{args.name}.json"  # type: ignore[index]
     path.write_text(json.dumps(document, indent=2) + "\n")
     print(json.dumps(document, indent=2))
     print(f"\nwrote {path}")
