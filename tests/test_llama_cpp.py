@@ -175,3 +175,44 @@ async def test_log_dir_holds_the_engines_lines_and_a_killed_supervisor_leaves_no
 def _after(option: str, argv: list[str]) -> list[str]:
     """The values that follow `option` in `argv`."""
     return [value for flag, value in itertools.pairwise(argv) if flag == option]
+
+
+async def test_the_canary_proves_an_idle_engine_generates_and_a_stopped_one_is_caught(
+    dpsup: Harness, llama_server: Path, tiny_model: Path
+) -> None:
+    # The preset's canary (POST /completion, n_predict 1; idle told by
+    # llamacpp:requests_processing + requests_deferred and n_decode_total) and the probes'
+    # defaults; only the idle period is shorter, 6 s: longer than the 5 s after which
+    # llama-server closes an idle kept connection, which each canary then finds closed.
+    command = llama(llama_server, tiny_model)
+    deployment = await start(
+        dpsup, 1, command, canary_idle=6.0, probe_interval=1.0, probe_timeout=2.0,
+        failure_threshold=3,
+    )  # fmt: skip
+    with trio.fail_after(60):
+        status = await deployment.wait_for_status(
+            lambda s: (c := s.ranks[0].canary) is not None and c.sent >= 2,
+            "two canaries",
+        )
+    canary = status.ranks[0].canary
+    assert canary is not None
+    assert (canary.failed, canary.off) == (0, None)
+    assert canary.last is not None
+    assert canary.last.status_code == 200
+    # SIGSTOP: /health stops answering; with the default probes it is caught by the probe
+    # timeout: the next probe (within 1 s) times out after 2 s, then two confirmation
+    # probes 0.03 s apart time out 2 s later: 4.03 to 5.03 s by construction (4.86 and
+    # 4.9 s measured by bench/soak.py), asserted with room for a loaded machine.
+    await deployment.signal_rank(0, signal.SIGSTOP)
+    began = trio.current_time()
+    with trio.fail_after(15):
+        await deployment.wait_for_status(
+            lambda s: s.ranks[0].failing or s.failure is not None, "the stopped rank caught"
+        )
+    took = trio.current_time() - began
+    assert took <= 5.5, f"caught after {took:.2f}s"
+    with trio.fail_after(30):
+        assert await deployment.wait_exit() == 1
+    failure = await deployment.failure()
+    assert isinstance(failure, RankUnhealthy), failure
+    await deployment.assert_no_leftovers()

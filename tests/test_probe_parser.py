@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from functools import partial
 
 import h11
 import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trio_dpsup._ranks.http_probe import _read_response  # the parser itself, held to h11
+from trio_dpsup._ranks.http_probe import HttpProbe, _read_response  # held to h11
 
 REQUEST = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1:8000\r\nUser-Agent: trio-dpsup\r\n\r\n"
 
@@ -137,6 +138,10 @@ def test_the_probe_parser_agrees_with_h11(
     got = trio.run(_read_response, stream)
     assert got == expected, (data[:300], got, expected)
     assert stream.left == 0, "the probe left part of the response unread"
+    # Kept (a metrics read, a canary): the body as sent, whatever its framing and cuts.
+    kept = bytearray()
+    assert trio.run(_read_response, Pieces(pieces), kept) == expected
+    assert bytes(kept) == (b"" if status in (204, 304) else body)
 
 
 @settings(max_examples=50, deadline=None)
@@ -155,3 +160,32 @@ def test_the_probe_parser_reads_a_byte_at_a_time(
     stream = Pieces([data[i : i + 1] for i in range(len(data))])
     assert trio.run(_read_response, stream) == h11_reads(data)
     assert stream.left == 0
+
+
+async def test_a_kept_connection_the_server_closed_is_replaced_once() -> None:
+    # A server that answers once per connection and then closes it, as llama-server does
+    # with a connection idle for 5 s: the next request on the kept one gets nothing back.
+    answered = []
+
+    async def serve(stream: trio.SocketStream) -> None:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = await stream.receive_some(4096)
+            if not chunk:
+                return
+            data += chunk
+        answered.append(data.split(b"\r\n", 1)[0])
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await stream.aclose()  # after the answer, without Connection: close
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, serve, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        probe = HttpProbe("127.0.0.1", port, "/health")
+        for _ in range(3):  # each after the first finds its kept connection closed
+            result, body = await probe.fetch(5.0, 1024)
+            assert result.ok, result.error
+            assert (result.status_code, body) == (200, b"ok")
+        assert answered == [b"GET /health HTTP/1.1"] * 3
+        await probe.aclose()
+        nursery.cancel_scope.cancel()

@@ -3,8 +3,10 @@ one never has, and one whose metrics cannot be read is reported, not failed."""
 
 from __future__ import annotations
 
+import httpx
 import pytest
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 
 from trio_dpsup import (
     ConfigError,
@@ -16,7 +18,14 @@ from trio_dpsup import (
 )
 
 # The pure parts of the progress check (the metrics parser, the stall clock), on purpose.
-from trio_dpsup._ranks.progress import StallClock, parse_progress
+from trio_dpsup._ranks.progress import (
+    WARMUP_GAPS,
+    WARMUP_SECONDS,
+    LearnedLimit,
+    StallClock,
+    metric_sums,
+    parse_progress,
+)
 from trio_dpsup.testing import (
     Fault,
     Form,
@@ -25,10 +34,11 @@ from trio_dpsup.testing import (
     free_port_range,
     inject_fault,
     open_cli_supervisor,
+    run_cli,
 )
 from trio_dpsup.testing.fake_rank import METRIC_NAMES
 
-from .conftest import FORMS, on_failure
+from .conftest import FORMS, cli_args, on_failure
 
 pytest_plugins = ["trio_dpsup.testing.plugin"]
 
@@ -191,3 +201,157 @@ async def test_sglang_preset_needs_enable_metrics(fake_env: dict[str, str]) -> N
     async with open_cli_supervisor(args, env=fake_env) as sup:
         assert await sup.wait() == 2
     assert "SGLang serves /metrics only with --enable-metrics: add it" in sup.log
+
+
+# -- the limit learned per rank (--progress-timeout auto) -----------------------------------
+
+
+def test_the_learned_limit_warms_up_then_takes_three_times_the_99th_percentile() -> None:
+    learned = LearnedLimit(low=1.0, high=300.0)
+    assert learned.limit() == WARMUP_SECONDS  # no gap seen yet
+    for _ in range(WARMUP_GAPS - 1):
+        learned.add(5.0)
+    assert learned.limit() == WARMUP_SECONDS  # one short of learning
+    learned.add(5.0)
+    assert learned.limit() == 15.0
+    for _ in range(2):  # two long prefills among 22 gaps: above the 99th percentile's rank
+        learned.add(40.0)
+    assert learned.limit() == 120.0
+    assert LearnedLimit(low=30.0, high=300.0).limit() == WARMUP_SECONDS
+    assert LearnedLimit(low=200.0, high=300.0).limit() == 200.0  # warm-up within the bounds
+    capped = LearnedLimit(low=1.0, high=50.0)
+    for _ in range(WARMUP_GAPS):
+        capped.add(40.0)
+    assert capped.limit() == 50.0
+
+
+def test_the_stall_clock_measures_gaps_only_while_busy() -> None:
+    clock = StallClock()
+    clock.observe(0.0, busy=0, progress=1)
+    assert clock.gap is None
+    clock.observe(1.0, busy=1, progress=1)
+    assert clock.gap is None  # busy now, not moved
+    clock.observe(3.0, busy=1, progress=2)
+    assert clock.gap == 3.0  # since the last idle reading
+    clock.observe(4.0, busy=1, progress=5)
+    assert clock.gap == 1.0
+    clock.observe(6.0, busy=0, progress=6)
+    assert clock.gap is None  # it went idle: no gap of a busy spell
+
+
+def test_auto_is_the_default_where_the_metrics_are_known() -> None:
+    llama = SupervisorConfig(command=("llama-server", "-m", "m"), preset=Preset.LLAMA_CPP)
+    assert (llama.progress_on, llama.progress_learned) == (True, True)
+    assert (llama.progress_timeout_min, llama.progress_timeout_max) == (30.0, 600.0)
+    assert not SupervisorConfig(command=("server",)).progress_on
+    named = SupervisorConfig(command=("server",), progress_busy_metric=BUSY, progress_metric=TOKENS)
+    assert named.progress_learned
+    sglang = ("python", "-m", "sglang.launch_server")
+    assert not SupervisorConfig(command=sglang, preset=Preset.SGLANG).progress_on
+    fixed = SupervisorConfig(command=("llama-server",), preset=Preset.LLAMA_CPP, progress_timeout=9)
+    assert (fixed.progress_on, fixed.progress_learned) == (True, False)
+    off = SupervisorConfig(command=("llama-server",), preset=Preset.LLAMA_CPP, progress_timeout=0)
+    assert not off.progress_on
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (
+            {"progress_timeout_min": 60.0, "progress_timeout_max": 30.0},
+            "--progress-timeout-min 60 is above --progress-timeout-max 30: lower it",
+        ),
+        ({"progress_timeout_min": 0.0}, "--progress-timeout-min must be more than 0 seconds"),
+        ({"progress_timeout_max": -1.0}, "--progress-timeout-max must be more than 0 seconds"),
+        ({"progress_timeout": -1.0}, "--progress-timeout must be 0 or more seconds"),
+    ],
+)
+def test_bad_progress_limits_name_the_fix(settings: SupervisorSettings, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        SupervisorConfig(command=("server",), **settings)
+
+
+async def test_auto_is_spelt_on_the_command_line_and_bad_values_exit_2() -> None:
+    base = free_port_range(1)
+    status, _, stderr = await run_cli(cli_args(1, base, options=["--progress-timeout", "soon"]))
+    assert status == 2
+    assert "give a number of seconds or auto, not 'soon'" in stderr
+    status, _, stderr = await run_cli(
+        cli_args(1, base, options=["--progress-timeout-min", "9", "--progress-timeout-max", "3"])
+    )
+    assert status == 2
+    assert "--progress-timeout-min 9 is above --progress-timeout-max 3: lower it" in stderr
+
+
+@FORMS
+async def test_a_learned_limit_shows_and_catches_a_stall(dpsup: Harness, form: Form) -> None:
+    learning: SupervisorSettings = {
+        **PROGRESS,
+        "progress_timeout": None,  # auto
+        "progress_timeout_min": 0.5,
+        "progress_timeout_max": 5.0,
+    }
+    deployment = await dpsup.start(1, form=form, **learning)
+    await deployment.make_busy(0, 1)
+    with trio.fail_after(10):
+        # Warm-up: 5 s (120 s within the bounds); then 3 x 0.1 s gaps, raised to the floor.
+        status = await deployment.wait_for_status(
+            lambda s: (p := s.ranks[0].progress) is not None and p.gaps >= 20,
+            "twenty gaps seen",
+        )
+    progress = status.ranks[0].progress
+    assert progress is not None
+    assert progress.limit == 0.5
+    async with httpx.AsyncClient(trust_env=False, timeout=5) as client:
+        metrics = (await client.get(f"{deployment.control_url}/metrics")).text
+    assert 'trio_dpsup_progress_limit_seconds{rank="0"} 0.5' in metrics
+    await deployment.stall(0)
+    with trio.fail_after(10):
+        assert await deployment.wait_exit() == 1
+    failure = await deployment.failure()
+    assert isinstance(failure, RankStalled)
+    assert 0.5 <= failure.seconds < 0.5 + 1.0
+
+
+PAGES = [
+    # The fake rank's, vLLM's (labels by model and engine, a histogram), odd but legal lines.
+    '# TYPE fake:requests_running gauge\nfake:requests_running{model_name="fake"} 2.0\n'
+    '# TYPE fake:tokens counter\nfake:tokens_total{model_name="fake"} 17.0\n',
+    "# HELP vllm:num_requests_running Number of requests in model execution batches.\n"
+    "# TYPE vllm:num_requests_running gauge\n"
+    'vllm:num_requests_running{engine="0",model_name="a b } c"} 3.0\n'
+    'vllm:num_requests_running{engine="1",model_name="a b } c"} 1.0\n'
+    "# TYPE vllm:generation_tokens counter\n"
+    'vllm:generation_tokens_total{engine="0",model_name="m"} 1.5e3\n'
+    'vllm:generation_tokens_total{engine="1",model_name="m"} 12 1700000000000\n'
+    "# TYPE vllm:e2e_request_latency_seconds histogram\n"
+    'vllm:e2e_request_latency_seconds_bucket{le="+Inf",model_name="m"} 4.0\n'
+    'vllm:e2e_request_latency_seconds_count{model_name="m"} 4.0\n'
+    'vllm:e2e_request_latency_seconds_sum{model_name="m"} 2.5\n',
+    "# TYPE up gauge\nup 1\n# TYPE x_total counter\nx_total   +Inf\n",
+]
+WANTED = [
+    ("fake:requests_running", "fake:tokens_total"),
+    ("vllm:num_requests_running", "vllm:generation_tokens_total"),
+    ("vllm:e2e_request_latency_seconds_count", "vllm:e2e_request_latency_seconds_sum"),
+    ("up", "x_total"),
+]
+
+
+@pytest.mark.parametrize("page", PAGES)
+@pytest.mark.parametrize("names", WANTED)
+def test_the_metrics_scan_sums_as_prometheus_clients_parser(
+    page: str, names: tuple[str, str]
+) -> None:
+    expected: dict[str, float] = dict.fromkeys(names, 0.0)
+    seen = set()
+    for family in text_string_to_metric_families(page):
+        for sample in family.samples:
+            if sample.name in expected:
+                expected[sample.name] += sample.value
+                seen.add(sample.name)
+    if seen != set(names):
+        with pytest.raises(ValueError, match="in the rank's metrics"):
+            metric_sums(page, names)
+    else:
+        assert metric_sums(page, names) == expected

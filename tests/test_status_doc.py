@@ -8,6 +8,7 @@ import json
 
 import trio_dpsup
 from trio_dpsup import (
+    GenerationFailed,
     GpuFailed,
     GpuHolder,
     GpuLeftovers,
@@ -25,6 +26,7 @@ from trio_dpsup import (
     RestartedWith,
     RestartRequested,
     RestartsExhausted,
+    StartupStalled,
     StartupTimeout,
     SupervisorFailure,
     SupervisorState,
@@ -45,6 +47,8 @@ EXAMPLES: list[SupervisorFailure] = [
     StartupTimeout(30.0, (1, 2)),
     RankStartTimeout(1, 5.0),
     RankStalled(2, "vllm:num_requests_running", 4.0, "vllm:generation_tokens_total", 812.0, 31.5),
+    GenerationFailed(1, 2, "no answer within 10s"),
+    StartupStalled(0, 300.5, "output lines, 12.0s after the start"),
     RestartsExhausted(RankExited(3, 7), 3, 60.0),
     RestartedWith(0, RankUnhealthy(2, 3, "no answer")),
     RestartRequested(2),

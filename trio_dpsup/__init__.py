@@ -20,6 +20,7 @@ from ._version import __version__ as __version__
 # The public names, for type checkers: at run time this block is skipped. Ranks run
 # `python -m trio_dpsup.demo`, so this package must import nothing heavy (see _lazy).
 if typing.TYPE_CHECKING:
+    from ._config.canary import CanaryRequest as CanaryRequest
     from ._config.config import SupervisorConfig as SupervisorConfig
     from ._config.enums import LogFormat as LogFormat
     from ._config.enums import RankScheme as RankScheme
@@ -31,6 +32,7 @@ if typing.TYPE_CHECKING:
     from ._config.routers import RouterKind as RouterKind
     from ._config.routers import RouterSpec as RouterSpec
     from ._errors import ConfigError as ConfigError
+    from ._errors import GenerationFailed as GenerationFailed
     from ._errors import GpuFailed as GpuFailed
     from ._errors import GpuLeftovers as GpuLeftovers
     from ._errors import GpuMemoryHeld as GpuMemoryHeld
@@ -44,6 +46,7 @@ if typing.TYPE_CHECKING:
     from ._errors import RestartedWith as RestartedWith
     from ._errors import RestartRequested as RestartRequested
     from ._errors import RestartsExhausted as RestartsExhausted
+    from ._errors import StartupStalled as StartupStalled
     from ._errors import StartupTimeout as StartupTimeout
     from ._errors import SupervisorFailure as SupervisorFailure
     from ._errors import SupervisorStopped as SupervisorStopped
@@ -65,6 +68,8 @@ if typing.TYPE_CHECKING:
     from ._proc.owners import Owner as Owner
     from ._proc.owners import OwnerKind as OwnerKind
     from ._proc.owners import PortHolder as PortHolder
+    from ._state.status import CanaryResult as CanaryResult
+    from ._state.status import CanaryStatus as CanaryStatus
     from ._state.status import DrainEnd as DrainEnd
     from ._state.status import DrainReason as DrainReason
     from ._state.status import DrainStatus as DrainStatus
@@ -77,6 +82,7 @@ if typing.TYPE_CHECKING:
     from ._state.status import RankStatus as RankStatus
     from ._state.status import RootCause as RootCause
     from ._state.status import RouterStatus as RouterStatus
+    from ._state.status import StartupProgress as StartupProgress
     from ._state.status import SupervisorState as SupervisorState
     from ._state.status import SupervisorStatus as SupervisorStatus
     from ._supervisor import Supervisor as Supervisor
@@ -85,6 +91,7 @@ if typing.TYPE_CHECKING:
 # The same names for the run time: `_lazy` serves each from its module on first use.
 # tests/test_public_api.py holds that this table and the block above agree exactly.
 _EXPORTS = {
+    "CanaryRequest": "._config.canary",
     "SupervisorConfig": "._config.config",
     "LogFormat": "._config.enums",
     "RankScheme": "._config.enums",
@@ -96,6 +103,7 @@ _EXPORTS = {
     "RouterKind": "._config.routers",
     "RouterSpec": "._config.routers",
     "ConfigError": "._errors",
+    "GenerationFailed": "._errors",
     "GpuFailed": "._errors",
     "GpuLeftovers": "._errors",
     "GpuMemoryHeld": "._errors",
@@ -109,6 +117,7 @@ _EXPORTS = {
     "RestartedWith": "._errors",
     "RestartRequested": "._errors",
     "RestartsExhausted": "._errors",
+    "StartupStalled": "._errors",
     "StartupTimeout": "._errors",
     "SupervisorFailure": "._errors",
     "SupervisorStopped": "._errors",
@@ -130,6 +139,8 @@ _EXPORTS = {
     "Owner": "._proc.owners",
     "OwnerKind": "._proc.owners",
     "PortHolder": "._proc.owners",
+    "CanaryResult": "._state.status",
+    "CanaryStatus": "._state.status",
     "DrainEnd": "._state.status",
     "DrainReason": "._state.status",
     "DrainStatus": "._state.status",
@@ -142,6 +153,7 @@ _EXPORTS = {
     "RankStatus": "._state.status",
     "RootCause": "._state.status",
     "RouterStatus": "._state.status",
+    "StartupProgress": "._state.status",
     "SupervisorState": "._state.status",
     "SupervisorStatus": "._state.status",
     "Supervisor": "._supervisor",

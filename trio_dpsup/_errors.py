@@ -17,6 +17,7 @@ if typing.TYPE_CHECKING:  # only for annotations: this module stays light
 
 __all__ = [
     "ConfigError",
+    "GenerationFailed",
     "GpuFailed",
     "GpuLeftovers",
     "GpuMemoryHeld",
@@ -30,6 +31,7 @@ __all__ = [
     "RestartRequested",
     "RestartedWith",
     "RestartsExhausted",
+    "StartupStalled",
     "StartupTimeout",
     "SupervisorFailure",
     "SupervisorStopped",
@@ -127,6 +129,35 @@ class RankStalled(SupervisorFailure):
         super().__init__(
             f"rank {rank} stalled: {busy_metric} = {busy:g} but {progress_metric} stayed at "
             f"{progress:g} for {seconds:.1f}s"
+        )
+
+
+class GenerationFailed(SupervisorFailure):
+    """A ready, idle rank failed `attempts` canaries in a row (one-token generations, the
+    second sent at once to confirm the first): /health may answer, but it does not
+    generate."""
+
+    def __init__(self, rank: int, attempts: int, last_error: str) -> None:
+        self.rank = rank
+        self.attempts = attempts
+        self.last_error = last_error
+        super().__init__(
+            f"rank {rank} generation failed: {attempts} canaries in a row, last: {last_error}"
+        )
+
+
+class StartupStalled(SupervisorFailure):
+    """A starting rank showed no work moving toward ready (bytes read from storage, GPU
+    memory growth, output lines) for `seconds`: a wedged load, failed before the startup
+    deadline. `last_moved` says what moved last, and when."""
+
+    def __init__(self, rank: int, seconds: float, last_moved: str) -> None:
+        self.rank = rank
+        self.seconds = seconds
+        self.last_moved = last_moved
+        super().__init__(
+            f"rank {rank} startup stalled: nothing moved toward ready (bytes read, GPU "
+            f"memory, output lines) for {seconds:.1f}s; last moved: {last_moved}"
         )
 
 

@@ -315,6 +315,7 @@ class _Run:
             evidence_dir=self.parts.evidence_dir,
             transport=self.transport,
             observe=self.metrics.observe_probe,
+            observe_canary=self.metrics.observe_canary,
         ) as ctx:
             try:
                 async with trio.open_nursery() as ranks:

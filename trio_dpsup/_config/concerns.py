@@ -17,12 +17,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
+from .canary import CanaryRequest
 from .config import SupervisorConfig
 from .enums import WILDCARD_HOSTS, LogFormat, RankScheme, RestartPolicy, RestartScope
 from .routers import RouterSpec
 
 __all__ = [
     "AdminSettings",
+    "CanarySettings",
     "CleanStartSettings",
     "DrainSettings",
     "EvidenceSettings",
@@ -89,6 +91,7 @@ class ProbeSettings:
     fail_on_status: tuple[str, ...]
     startup_timeout: float
     startup_probe_interval: float
+    startup_stall_timeout: float
     progress_log_interval: float
 
     def fails_at_once(self, status: int) -> bool:
@@ -102,10 +105,31 @@ class ProgressSettings:
     """The progress check: a busy rank whose counter does not move has stalled."""
 
     address: RankAddress
-    progress_timeout: float
+    progress_on: bool
+    progress_learned: bool
+    #: The fixed limit; None with ``auto`` (`progress_learned`).
+    progress_timeout: float | None
+    progress_timeout_min: float
+    progress_timeout_max: float
     progress_interval: float
     progress_busy_metric: str | None
     progress_metric: str | None
+    probe_timeout: float
+
+
+@dataclass(frozen=True)
+class CanarySettings:
+    """The canary: a one-token generation sent to each idle rank (see _ranks/canary.py)."""
+
+    address: RankAddress
+    canary_on: bool
+    canary_spec: CanaryRequest | None
+    canary_idle: float
+    canary_timeout: float
+    canary_busy_metrics: tuple[str, ...]
+    canary_progress_metric: str | None
+    #: How often a busy rank's gauges are read again, waiting for it to be idle.
+    progress_interval: float
     probe_timeout: float
 
 
@@ -191,6 +215,7 @@ class RankSettings:
 
     probes: ProbeSettings
     progress: ProgressSettings
+    canary: CanarySettings
     drain: DrainSettings
     evidence: EvidenceSettings
     clean_start: CleanStartSettings

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 from .._errors import ConfigError
 from .._output.redact import redact_text
+from .canary import CanaryRequest, not_generating, parse_canary_request, preset_canary
 from .enums import WILDCARD_HOSTS, LogFormat, RankScheme, RestartPolicy, RestartScope
 from .options import (
     at_least_one,
@@ -27,6 +28,7 @@ from .options import (
     interval_or_zero,
     option_name,
     positive_seconds,
+    seconds_or_auto,
     seconds_or_zero,
     setting,
     writable_directory_of,
@@ -171,14 +173,40 @@ class SupervisorConfig:
         "SECONDS",
         check=seconds_or_zero,
     )
+    startup_stall_timeout: float = setting(
+        0.0,
+        "a starting rank that shows no work moving toward ready for this long fails before "
+        "--startup-timeout: no bytes read from storage by its processes (/proc/PID/io), no "
+        "growth of its GPUs' memory (NVML), no output line; CPU time alone is not progress "
+        "(a collective that waits spins); 0: off",
+        "health probes", "SECONDS", check=seconds_or_zero,
+    )  # fmt: skip
     #: How often a rank that is not ready yet is probed (no CLI option).
     startup_probe_interval: float = DEFAULT_STARTUP_PROBE_INTERVAL
     # -- progress (hang detection beyond /health)
-    progress_timeout: float = setting(
-        0.0,
+    #: None: auto, learned per rank, where the metrics are known (a preset, or both names
+    #: given); resolved to 0.0 (off) where they are not. Read `progress_on` and
+    #: `progress_learned`.
+    progress_timeout: float | None = setting(
+        None,
         "a ready rank that is busy (--progress-busy-metric > 0) while --progress-metric does "
-        "not advance for this long has stalled, and fails; 0: off",
-        "progress", "SECONDS", check=seconds_or_zero,
+        "not advance for this long has stalled, and fails; auto: learned per rank from its "
+        "own gaps between progress while busy (3 x their 99th percentile, within "
+        "--progress-timeout-min and --progress-timeout-max; 120 s until 20 gaps are seen); "
+        "0: off (default: auto where the metrics are known: a preset, or "
+        "--progress-busy-metric and --progress-metric; else off)",
+        "progress", "SECONDS|auto", check=seconds_or_zero, parse=seconds_or_auto,
+        show_default=False,
+    )  # fmt: skip
+    progress_timeout_min: float = setting(
+        30.0,
+        "with --progress-timeout auto: the shortest limit learned; keep it above the longest "
+        "single engine step you expect (one prefill batch)",
+        "progress", "SECONDS", check=positive_seconds,
+    )  # fmt: skip
+    progress_timeout_max: float = setting(
+        600.0, "with --progress-timeout auto: the longest limit learned", "progress", "SECONDS",
+        check=positive_seconds,
     )  # fmt: skip
     progress_interval: float = setting(
         5.0, "seconds between reads of each ready rank's metrics", "progress", "SECONDS",
@@ -201,6 +229,35 @@ class SupervisorConfig:
     metrics_path: str = setting(
         "/metrics", "where each rank serves its Prometheus metrics", "progress", "PATH"
     )
+    # -- canary (generation proven on idle ranks; see _config/canary.py)
+    #: None: on with a preset that knows a request and a model that generates, or with
+    #: --canary-request. Resolved when the config is built.
+    canary: bool | None = setting(
+        None,
+        "send each ready rank that is idle (its in-flight gauge reads 0 and its progress "
+        "counter has not moved for --canary-idle) a one-token generation, never one to a "
+        "busy rank; a failure is confirmed by one more at once, and two in a row fail the "
+        "rank (default: on with --preset when the model generates, or with "
+        "--canary-request)",
+        "canary",
+    )
+    canary_idle: float = setting(
+        10.0,
+        "how long a rank stays idle before a canary is sent: one canary per idle rank this "
+        "often",
+        "canary", "SECONDS", check=positive_seconds,
+    )  # fmt: skip
+    canary_timeout: float = setting(
+        10.0, "how long a canary may take before it counts as failed", "canary", "SECONDS",
+        check=positive_seconds,
+    )  # fmt: skip
+    canary_request: tuple[str, ...] = setting(
+        (),
+        "the canary for a server no preset knows: METHOD (GET or POST), PATH and a JSON "
+        "body, e.g. POST /v1/completions '{\"model\": \"m\", \"prompt\": \"Hi\", "
+        "\"max_tokens\": 1}'",
+        "canary", "METHOD PATH JSON", nargs=3, show_default=False,
+    )  # fmt: skip
     # -- restarts
     restart: RestartPolicy = setting(
         RestartPolicy.NEVER,
@@ -496,6 +553,13 @@ class SupervisorConfig:
         self._check_progress()
         self._check_drain()
         self._check_group_peers()
+        self._check_canary()
+        stall, deadline = self.startup_stall_timeout, self.startup_timeout
+        if stall and deadline and stall >= deadline:
+            raise ConfigError(
+                f"{_opt('startup_stall_timeout')} {stall:g} is not below "
+                f"{_opt('startup_timeout')} {deadline:g}, so it could never fire: lower it"
+            )
         if self.log_dir is not None and not self.log_prefix:
             raise ConfigError(
                 f"{_opt('log_dir')} needs the ranks' lines to pass through the supervisor, "
@@ -644,11 +708,24 @@ class SupervisorConfig:
         preset's (filled in here, so everything downstream reads them from the config)."""
         if not self.metrics_path.startswith("/"):
             raise ConfigError(f"{_opt('metrics_path')} must start with '/', e.g. /metrics")
-        if not self.progress_timeout:
+        if self.progress_timeout_min > self.progress_timeout_max:
+            raise ConfigError(
+                f"{_opt('progress_timeout_min')} {self.progress_timeout_min:g} is above "
+                f"{_opt('progress_timeout_max')} {self.progress_timeout_max:g}: lower it"
+            )
+        if self.progress_timeout == 0:
             return
         busy, progress = (None, None)
         if self.preset is not None:
             busy, progress = PROGRESS_METRICS[self.preset]
+        if self.progress_timeout is None and (
+            (self.progress_busy_metric or busy) is None
+            or (self.progress_metric or progress) is None
+            or (self.preset is Preset.SGLANG and "--enable-metrics" not in self.command)
+        ):
+            # auto, with nothing to learn from: off (SGLang serves no metrics without it).
+            object.__setattr__(self, "progress_timeout", 0.0)  # frozen: set once, here
+            return
         for name, default in (("progress_busy_metric", busy), ("progress_metric", progress)):
             if getattr(self, name) is None:
                 if default is None:
@@ -737,6 +814,87 @@ class SupervisorConfig:
         if self.control_host not in WILDCARD_HOSTS:
             return self.control_host
         return self.advertise_host or socket.gethostname()
+
+    def _check_canary(self) -> None:
+        """Resolve `canary` (on, off); with it on, a request and the gauges that tell an
+        idle rank must be known."""
+        option = _opt("canary")
+        request = self.canary_spec  # a bad --canary-request is refused, on or off
+        if self.canary is False:
+            return
+        explicit = self.canary is True or bool(self.canary_request)
+        why_not = None
+        if request is None:
+            why_not = (
+                f"{option} needs a request: pass {_opt('canary_request')} METHOD PATH JSON, "
+                f"or {_opt('preset')} vllm|sglang|llama-cpp (vLLM's needs the model in the "
+                "command)"
+            )
+        elif not self.canary_request and self.preset is not None:
+            flag = not_generating(self.preset, self.command)
+            if flag is not None:
+                why_not = (
+                    f"{option}: {flag} in the command serves a model that does not generate: "
+                    f"drop {option}, or give {_opt('canary_request')} METHOD PATH JSON"
+                )
+            elif self.preset is Preset.SGLANG and "--enable-metrics" not in self.command:
+                why_not = (
+                    f"{option} with --preset sglang: SGLang serves the gauge that tells an idle "
+                    "rank only with --enable-metrics: add it to the command, or pass "
+                    f"--no-{option[2:]}"
+                )
+        if why_not is None and (not self.canary_busy_metrics or not self.canary_progress_metric):
+            why_not = (
+                f"{option} sends canaries only to idle ranks, told by a busy gauge and a "
+                f"progress counter on the ranks' {self.metrics_path}: pass "
+                f"{_opt('progress_busy_metric')} and {_opt('progress_metric')}, or "
+                f"{_opt('preset')} vllm|sglang|llama-cpp"
+            )
+        if why_not is not None and explicit:
+            raise ConfigError(why_not)
+        object.__setattr__(self, "canary", why_not is None)  # frozen: set once, here
+
+    @property
+    def progress_on(self) -> bool:
+        """Whether the progress check runs, resolved (see `progress_timeout`)."""
+        return self.progress_timeout != 0
+
+    @property
+    def progress_learned(self) -> bool:
+        """Whether each rank's progress limit is learned (``--progress-timeout auto``)."""
+        return self.progress_timeout is None
+
+    @property
+    def canary_on(self) -> bool:
+        """Whether canaries are sent, resolved (see `canary`)."""
+        return bool(self.canary)
+
+    @property
+    def canary_spec(self) -> CanaryRequest | None:
+        """The canary's request: ``--canary-request``'s, else the preset's; None if neither."""
+        if self.canary_request:
+            return parse_canary_request(_opt("canary_request"), self.canary_request)
+        if self.preset is None:
+            return None
+        return preset_canary(self.preset, self.command)
+
+    @property
+    def canary_busy_metrics(self) -> tuple[str, ...]:
+        """The gauges that read 0 on an idle rank: the in-flight gauges (running and
+        queued), else the progress check's busy gauge, else the preset's."""
+        if self.inflight_metrics:
+            return self.inflight_metrics
+        if self.progress_busy_metric is not None:
+            return (self.progress_busy_metric,)
+        return () if self.preset is None else (PROGRESS_METRICS[self.preset][0],)
+
+    @property
+    def canary_progress_metric(self) -> str | None:
+        """The counter that stays still on an idle rank: the progress check's, else the
+        preset's."""
+        if self.progress_metric is not None:
+            return self.progress_metric
+        return None if self.preset is None else PROGRESS_METRICS[self.preset][1]
 
     @property
     def router_specs(self) -> tuple[RouterSpec, ...]:

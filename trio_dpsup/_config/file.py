@@ -83,6 +83,19 @@ def load_config_file(
 
 def _value(path: str, key: str, action: argparse.Action, value: Any) -> Any:
     shown = _shown(value)
+    if isinstance(action, argparse.BooleanOptionalAction):  # on, off (or left to decide)
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: {key} must be true or false, not {shown}")
+        return not value if key.replace("_", "-").startswith("no-") else value
+    if isinstance(action.nargs, int) and action.nargs > 1:  # several values at once
+        if not (
+            isinstance(value, list)
+            and len(value) == action.nargs
+            and all(_short_str(v) for v in value)
+        ):
+            count = action.nargs
+            raise ConfigError(f"{path}: {key} must be a list of {count} strings, not {shown}")
+        return tuple(value)
     if isinstance(action, argparse._StoreConstAction):  # store_true / store_false
         if not isinstance(value, bool):
             raise ConfigError(f"{path}: {key} must be true or false, not {shown}")
@@ -108,7 +121,7 @@ def _value(path: str, key: str, action: argparse.Action, value: Any) -> Any:
     if isinstance(value, str) and action.type is not None and action.type is not str:
         try:
             value = action.type(value)  # type: ignore[operator]
-        except ValueError as exc:
+        except (ValueError, argparse.ArgumentTypeError) as exc:
             raise ConfigError(f"{path}: {key} = {shown} is not valid: {exc}") from exc
     if action.type is int and (isinstance(value, bool) or not isinstance(value, int)):
         raise ConfigError(f"{path}: {key} must be a whole number, not {shown}")

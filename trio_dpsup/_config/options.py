@@ -34,6 +34,7 @@ __all__ = [
     "interval_or_zero",
     "option_name",
     "positive_seconds",
+    "seconds_or_auto",
     "seconds_or_zero",
     "setting",
     "writable_directory_of",
@@ -46,6 +47,7 @@ GROUPS = (
     "control plane",
     "health probes",
     "progress",
+    "canary",
     "restarts",
     "drain and routers",
     "across nodes",
@@ -70,6 +72,11 @@ class Setting:
     #: Validates the value (None passes when the default is None); raises ConfigError
     #: naming the option as the user spells it.
     check: Callable[[str, Any], None] | None = None
+    #: Values the option takes at once (``--canary-request METHOD PATH JSON``), named by
+    #: `unit` split at spaces; the field is a tuple of them, empty when not given.
+    nargs: int | None = None
+    #: Reads the option's text, where the field's type cannot (``--progress-timeout auto``).
+    parse: Callable[[str], Any] | None = None
 
 
 def at_least_one(option: str, value: int) -> None:
@@ -108,6 +115,18 @@ def interval_or_zero(option: str, value: float) -> None:
         interval(option, value)
     else:
         seconds_or_zero(option, value)
+
+
+def seconds_or_auto(text: str) -> float | None:
+    """``auto`` (None: learned) or a number of seconds, as the command line gives it."""
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"give a number of seconds or auto, not {text!r}"
+        ) from None
 
 
 def seconds_or_zero(option: str, value: float) -> None:
@@ -233,8 +252,15 @@ def add_settings(cls: type, groups: Mapping[str, argparse._ArgumentGroup]) -> No
         base = _base_type(hint)
         kwargs: dict[str, Any] = {"dest": field.name, "help": decl.help}
         default = field.default
-        if base is bool:
+        if base is bool and default is None:  # on, off, or decided by the other settings
+            kwargs["action"] = argparse.BooleanOptionalAction
+            kwargs["default"] = None
+        elif base is bool:
             kwargs["action"] = "store_false" if decl.flag else "store_true"
+        elif base is tuple and decl.nargs is not None:
+            kwargs["nargs"] = decl.nargs
+            kwargs["default"] = ()
+            kwargs["metavar"] = tuple((decl.unit or "").split())
         elif isinstance(base, type) and issubclass(base, enum.Enum):
             kwargs["choices"] = [m.value for m in base]
             kwargs["default"] = None if default is None else default.value
@@ -245,9 +271,10 @@ def add_settings(cls: type, groups: Mapping[str, argparse._ArgumentGroup]) -> No
             kwargs["action"] = "append"
             kwargs["default"] = []
         else:
-            kwargs["type"] = base
+            kwargs["type"] = decl.parse or base
             kwargs["default"] = default
-        if decl.unit is not None and kwargs.get("action") in (None, "append"):
+        plain = decl.nargs is None and kwargs.get("action") in (None, "append")
+        if decl.unit is not None and plain:
             kwargs["metavar"] = decl.unit
         if decl.show_default and base is not bool and default is not None and default != ():
             kwargs["help"] += " (default: %(default)s)"
@@ -275,9 +302,14 @@ def cli_arguments(cls: type, settings: Mapping[str, Any]) -> list[str]:
         field, decl, hint = declared[name]
         flag = flag_of(name, decl)
         base = _base_type(hint)
-        if base is bool:
+        if base is bool and field.default is None:
+            if value is not None:
+                out.append(flag if value else f"--no-{flag[2:]}")
+        elif base is bool:
             if value != field.default:
                 out.append(flag)
+        elif base is tuple and decl.nargs is not None:
+            out += [flag, *value] if value else []
         elif isinstance(value, enum.Enum):
             out += [flag, str(value.value)]
         elif base is tuple and name == "devices":

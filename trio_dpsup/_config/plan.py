@@ -94,7 +94,7 @@ def plan_ranks(
     check_group(config, ranks)
     if config.preset is not None:
         check_preset_ranks(config.preset, command, config.start_rank, ranks)
-        if config.progress_timeout:
+        if config.progress_on:
             check_progress(config.preset, command)
     _check_placeholders(command, has_devices=devices is not None)
     plans = []

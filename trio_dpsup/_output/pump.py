@@ -96,6 +96,8 @@ class RankOutput:
         self.pipes = _Pipes()
         #: Lines not written to the rank's --log-dir file because its writer was behind.
         self.file_dropped_lines = 0
+        #: Lines read from both streams, over all of its processes (startup progress).
+        self.lines = 0
 
     def tail(self) -> tuple[str, ...]:
         """The last lines of its stderr, oldest first, secrets redacted."""
@@ -274,6 +276,7 @@ async def _pump(
             while chunk := await stream.receive_some(_READ_SIZE):
                 lines = _split(partial, chunk)
                 if lines:
+                    output.lines += len(lines)
                     await send(lines)
                     recent.extend((name, line[:RECENT_LINE_BYTES]) for line in lines)
                     if tail is not None:

@@ -12,6 +12,7 @@ import re
 import resource
 import socket
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
@@ -96,7 +97,7 @@ class ControlApp:
         if path == "/startupz":
             if status.started:
                 return 200, _TEXT, b"ok\n"
-            return 503, _TEXT, _reason(status).encode()
+            return 503, _TEXT, (_reason(status) + _startup_lines(status)).encode()
         if path in _READY_PATHS:
             if status.ready:
                 return 200, _TEXT, b"ok\n"
@@ -158,6 +159,23 @@ def _why_out(rank: RankStatus) -> str:
     if rank.drain is not None:
         return f"draining for a {rank.drain.reason.value}"
     return "failing"
+
+
+def _startup_lines(status: SupervisorStatus) -> str:
+    """What moved last in each starting rank (with ``startup_stall_timeout``), one line each:
+    ``rank 1: output lines moved 0.4s ago`` or ``rank 1: nothing moved for 12.0s``."""
+    now = time.time()
+    lines = []
+    for rank in status.ranks:
+        startup = rank.startup
+        if startup is None or rank.ready:
+            continue
+        if startup.last_moved is None or startup.last_moved_at is None:
+            lines.append(f"rank {rank.rank}: nothing moved for {startup.still_for:.1f}s\n")
+        else:
+            ago = max(0.0, now - startup.last_moved_at)
+            lines.append(f"rank {rank.rank}: {startup.last_moved} moved {ago:.1f}s ago\n")
+    return "".join(lines)
 
 
 def bind_control_socket(host: str, port: int) -> socket.socket:

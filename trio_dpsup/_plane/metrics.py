@@ -25,7 +25,14 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from .._state.board import Board
-from .._state.status import GroupStatus, MemberState, ProbeResult, RankState, SupervisorState
+from .._state.status import (
+    CanaryResult,
+    GroupStatus,
+    MemberState,
+    ProbeResult,
+    RankState,
+    SupervisorState,
+)
 from .._version import __version__
 from .protocol import Action
 
@@ -37,6 +44,9 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 #: Probe latency buckets, seconds: loopback answers take about a millisecond; the default
 #: probe timeout is 2 s.
 _PROBE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+#: Canary latency buckets, seconds: a one-token generation on an idle rank takes
+#: milliseconds to a second (a first prefill, a CPU model); the default timeout is 10 s.
+_CANARY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
 class Metrics:
@@ -55,6 +65,14 @@ class Metrics:
             "trio_dpsup_probe_failures",
             "Failed health probes of ready ranks: non-2xx, timeout, refused.",
             ["rank"],
+            registry=self.registry,
+        )
+        self._canary_seconds = Histogram(
+            "trio_dpsup_canary_duration_seconds",
+            "Latency of canaries (one-token generations sent to idle ranks; failures count "
+            "as the time they took).",
+            ["rank"],
+            buckets=_CANARY_BUCKETS,
             registry=self.registry,
         )
         self._actions = Counter(
@@ -84,6 +102,9 @@ class Metrics:
         self._probe_seconds.labels(label).observe(result.latency)
         if not result.ok:
             self._probe_failures.labels(label).inc()
+
+    def observe_canary(self, rank: int, result: CanaryResult) -> None:
+        self._canary_seconds.labels(str(rank)).observe(result.latency)
 
     def count_action(self, action: Action) -> None:
         self._actions.labels(action.value).inc()
@@ -163,6 +184,24 @@ class _BoardCollector(Collector):
             "1 while an operator has the rank's health probes paused (ctl pause-probes).",
             labels=["rank"],
         )
+        progress_limit = GaugeMetricFamily(
+            "trio_dpsup_progress_limit_seconds",
+            "How long the rank may be busy without progress before it has stalled: the "
+            "fixed --progress-timeout, or the one learned (auto).",
+            labels=["rank"],
+        )
+        canaries = CounterMetricFamily(
+            "trio_dpsup_canaries", "Canaries sent to the rank.", labels=["rank"]
+        )
+        canary_failures = CounterMetricFamily(
+            "trio_dpsup_canary_failures", "Canaries of the rank that failed.", labels=["rank"]
+        )
+        canary_off = GaugeMetricFamily(
+            "trio_dpsup_canary_off",
+            "1 when canaries are off for the rank: its first was refused (401, 403, 404, "
+            "405), a configuration error, logged with the fix.",
+            labels=["rank"],
+        )
         gpu = {
             name: GaugeMetricFamily(f"trio_dpsup_gpu_{name}", text, labels=["rank", "gpu"])
             for name, text in (
@@ -187,6 +226,12 @@ class _BoardCollector(Collector):
                 restarted.add_metric([label], record.restarted_at)
             if record is not None:
                 dropped.add_metric([label], float(record.output.file_dropped_lines))
+            if rank.progress is not None and rank.progress.limit is not None:
+                progress_limit.add_metric([label], rank.progress.limit)
+            if rank.canary is not None:
+                canaries.add_metric([label], float(rank.canary.sent))
+                canary_failures.add_metric([label], float(rank.canary.failed))
+                canary_off.add_metric([label], float(rank.canary.off is not None))
             for sample in rank.gpu_samples:
                 labels = [label, sample.uuid]
                 gpu["memory_used_bytes"].add_metric(labels, float(sample.memory_used))
@@ -198,6 +243,10 @@ class _BoardCollector(Collector):
                 if sample.power is not None:
                     gpu["power_watts"].add_metric(labels, sample.power)
         yield from (rank_state, up, restarts, exit_status, restarted, dropped, paused)
+        if any(rank.progress is not None for rank in status.ranks):
+            yield progress_limit
+        if any(rank.canary is not None for rank in status.ranks):
+            yield from (canaries, canary_failures, canary_off)
         if status.routers:
             errors = CounterMetricFamily(
                 "trio_dpsup_router_errors",

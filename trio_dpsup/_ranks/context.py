@@ -24,8 +24,15 @@ from .._proc.process_tree import TreeScanner
 from .._proc.spawn import Spawner, open_spawner
 from .._proc.stop import StopClock
 from .._state.board import Board
-from .._state.status import ProbeResult
-from .prober import RankProbe, Ticker, open_probe_client, probe_factory
+from .._state.status import CanaryResult, ProbeResult
+from .prober import (
+    ExchangeFactory,
+    RankProbe,
+    Ticker,
+    exchange_factory,
+    open_probe_client,
+    probe_factory,
+)
 from .restart import Restarter
 
 __all__ = ["RankContext", "open_rank_context"]
@@ -48,6 +55,8 @@ class RankContext:
     client: httpx.AsyncClient
     #: Makes the health probe of the rank on a port (see prober.probe_factory).
     probes: Callable[[int], RankProbe]
+    #: Makes the other exchanges with a rank: metrics reads, canaries (prober.exchange_factory).
+    exchanges: ExchangeFactory
     #: The clock of the ready ranks' probes.
     ticker: Ticker
     restarter: Restarter
@@ -57,6 +66,8 @@ class RankContext:
     owner: Callable[[int], Owner]
     nvml: NvmlBackend | None
     observe: Callable[[int, ProbeResult], None] | None = None
+    #: Sees each canary (for its latency histogram).
+    observe_canary: Callable[[int, CanaryResult], None] | None = None
     pump: LogPump | None = None
     #: The ranks' cgroups, with --cgroups.
     cgroups: RunCgroups | None = None
@@ -81,6 +92,7 @@ async def open_rank_context(
     evidence_dir: int | None,
     transport: httpx.AsyncBaseTransport | None,
     observe: Callable[[int, ProbeResult], None] | None,
+    observe_canary: Callable[[int, CanaryResult], None] | None = None,
 ) -> AsyncIterator[RankContext]:
     """The rank tasks' shared context, with the spawner, the log pump (which takes `log_dir`,
     the checked --log-dir's descriptor, over) and the probe client open for its lifetime.
@@ -106,6 +118,9 @@ async def open_rank_context(
             probes=probe_factory(
                 settings.probes.address, client, through_httpx=transport is not None
             ),
+            exchanges=exchange_factory(
+                settings.probes.address, client, through_httpx=transport is not None
+            ),
             ticker=Ticker(settings.probes.probe_interval),
             restarter=Restarter(
                 restarts.restart,
@@ -120,6 +135,7 @@ async def open_rank_context(
             owner=owner_from_trees(trees),
             nvml=nvml,
             observe=observe,
+            observe_canary=observe_canary,
             pump=pump,
             evidence_dir=evidence_dir,
         )

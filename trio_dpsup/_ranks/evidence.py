@@ -37,10 +37,12 @@ import trio
 
 from .._config.concerns import EvidenceSettings
 from .._errors import (
+    GenerationFailed,
     GpuFailed,
     RankStalled,
     RankStartTimeout,
     RankUnhealthy,
+    StartupStalled,
     StartupTimeout,
     SupervisorFailure,
 )
@@ -56,7 +58,15 @@ __all__ = ["EVIDENCE_DIR_MODE", "EvidenceRequest", "capture_evidence", "wants_ev
 logger = logging.getLogger(__name__)
 
 #: Failures whose rank may still be running, and whose stacks say why.
-_KINDS = (RankUnhealthy, RankStalled, RankStartTimeout, StartupTimeout, GpuFailed)
+_KINDS = (
+    RankUnhealthy,
+    RankStalled,
+    GenerationFailed,
+    RankStartTimeout,
+    StartupStalled,
+    StartupTimeout,
+    GpuFailed,
+)
 #: The folders of the evidence: only our user may read what ranks printed.
 EVIDENCE_DIR_MODE = 0o700
 _NO_PY_SPY = (

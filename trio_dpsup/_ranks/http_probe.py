@@ -7,11 +7,18 @@ This client does the one thing a probe needs: send a fixed GET, read the status
 line and headers (at most MAX_HEADER bytes), read and discard the body (Content-Length,
 chunked, or to EOF; at most MAX_BODY bytes), and keep the connection for the next probe.
 Any error, a timeout, a body too large or ``Connection: close`` drops the connection: the
-next probe opens a new one. HTTPS goes through `trio.SSLStream` with the context the prober
+next probe opens a new one. A kept connection the server has closed meanwhile (llama-server
+closes one idle for 5 s: measured, build 11434) fails before any byte of an answer: the
+request is sent again, once, on a new connection, within the same timeout; a failure on a
+new connection is the rank's. HTTPS goes through `trio.SSLStream` with the context the prober
 verifies ranks with (see _config.tls.rank_verify).
 
 Probes of one rank may overlap (confirmation probes, see prober.py): each takes an idle
 connection or opens its own, and gives it back when it is still good.
+
+The same client makes the supervisor's other small exchanges with a rank, at the same low
+cost: the reads of its /metrics (`fetch` keeps the body, up to a bound) and the canary (a
+POST with a JSON body and its headers).
 
 Parsing by hand is kept only while it agrees with h11: tests/test_probe_parser.py feeds it
 responses as h11 writes them (chunked or not, odd but legal headers, cut at any read
@@ -21,6 +28,7 @@ boundary) and checks status and keep-alive against h11's own client (hypothesis)
 from __future__ import annotations
 
 import ssl
+from collections.abc import Sequence
 
 import trio
 
@@ -42,21 +50,38 @@ class ProbeError(Exception):
     """The answer could not be read as HTTP/1.x."""
 
 
+class Unanswered(ProbeError):
+    """The connection ended before any byte of an answer."""
+
+
 class HttpProbe:
     """GET `path` on `host`:`port` (TLS when `tls` is given), one connection kept alive.
 
     `probe` never raises for the rank's faults: they are its ProbeResult.
     """
 
-    def __init__(self, host: str, port: int, path: str, tls: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        path: str,
+        tls: ssl.SSLContext | None = None,
+        *,
+        method: str = "GET",
+        body: bytes | None = None,
+        headers: Sequence[tuple[str, str]] = (),
+    ) -> None:
         self._host = host
         self._port = port
         self._tls = tls
         authority = f"[{host}]" if ":" in host else host
+        extra = "".join(f"{name}: {value}\r\n" for name, value in headers)
+        if body is not None:
+            extra += f"Content-Length: {len(body)}\r\n"
         self._request = (
-            f"GET {path} HTTP/1.1\r\nHost: {authority}:{port}\r\n"
-            "User-Agent: trio-dpsup\r\nAccept: */*\r\n\r\n"
-        ).encode()
+            f"{method} {path} HTTP/1.1\r\nHost: {authority}:{port}\r\n"
+            f"User-Agent: trio-dpsup\r\nAccept: */*\r\n{extra}\r\n"
+        ).encode() + (body or b"")
         self._idle: list[trio.abc.Stream] = []
 
     async def probe(self, timeout: float) -> ProbeResult:  # noqa: ASYNC109
@@ -65,6 +90,24 @@ class HttpProbe:
 
         **Cancellation**: safe; the connection in use is dropped.
         """
+        return await self._exchange(timeout, None, MAX_BODY)
+
+    async def fetch(self, timeout: float, max_body: int) -> tuple[ProbeResult, bytes]:  # noqa: ASYNC109
+        """One request within `timeout` seconds, as `probe`, and its body (at most
+        `max_body` bytes: a longer one is a failure).
+
+        **Cancellation**: safe; the connection in use is dropped.
+        """
+        body = bytearray()
+        result = await self._exchange(timeout, body, max_body)
+        return result, bytes(body)
+
+    async def _exchange(
+        self,
+        timeout: float,  # noqa: ASYNC109
+        body: bytearray | None,
+        max_body: int,
+    ) -> ProbeResult:
         start = trio.current_time()
         status: int | None = None
         error: str | None = None
@@ -72,16 +115,28 @@ class HttpProbe:
         keep = False
         try:
             with trio.move_on_after(timeout) as scope:
-                try:
-                    stream = self._idle.pop() if self._idle else await self._connect()
-                    await stream.send_all(self._request)
-                    status, keep = await _read_response(stream)
-                    if not 200 <= status < 300:
-                        error = f"HTTP {status}"
-                except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                    error = _describe(exc)
-                except (ProbeError, ssl.SSLError) as exc:
-                    error = f"{type(exc).__name__}: {exc}"
+                for attempt in range(2):  # again, once, after a kept connection went stale
+                    reused = attempt == 0 and bool(self._idle)
+                    try:
+                        stream = self._idle.pop() if reused else await self._connect()
+                        await stream.send_all(self._request)
+                        status, keep = await _read_response(stream, body, max_body)
+                        if not 200 <= status < 300:
+                            error = f"HTTP {status}"
+                    except (
+                        OSError,
+                        trio.BrokenResourceError,
+                        trio.ClosedResourceError,
+                        Unanswered,
+                    ) as exc:
+                        if reused and stream is not None and not body:
+                            _drop(stream)  # closed by the server while it idled: again
+                            stream = None
+                            continue
+                        error = _describe(exc)
+                    except (ProbeError, ssl.SSLError) as exc:
+                        error = f"{type(exc).__name__}: {exc}"
+                    break
         except BaseException:
             # Cancelled from outside (a confirmation no longer needed, a stop): the
             # connection is mid-answer, and no await may run now. Drop it at once.
@@ -125,14 +180,18 @@ class HttpProbe:
             _drop(stream)  # over the cap (probes overlapped): let it go at once
 
 
-async def _read_response(stream: trio.abc.ReceiveStream) -> tuple[int, bool]:
-    """The status of the answer on `stream`, once its body is read; and whether the
-    connection may be used again."""
+async def _read_response(
+    stream: trio.abc.ReceiveStream, keep: bytearray | None = None, max_body: int = MAX_BODY
+) -> tuple[int, bool]:
+    """The status of the answer on `stream`, once its body is read (into `keep`, when
+    given, up to `max_body` bytes); and whether the connection may be used again."""
     buffer = bytearray()
     while (end := buffer.find(b"\r\n\r\n")) < 0:
         if len(buffer) > MAX_HEADER:
             raise ProbeError(f"headers longer than {MAX_HEADER} bytes")
         chunk = await stream.receive_some(_READ)
+        if not chunk and not buffer:
+            raise Unanswered("connection closed before an answer")
         if not chunk:
             raise ProbeError("connection closed before the headers ended")
         buffer += chunk
@@ -154,42 +213,67 @@ async def _read_response(stream: trio.abc.ReceiveStream) -> tuple[int, bool]:
         )  # fmt: skip
     # "close" among Connection's tokens ends the connection ("keep-alive, close" too).
     tokens = {token.strip() for token in headers.get("connection", "").split(",")}
-    keep = parts[0] == "HTTP/1.1" and "close" not in tokens
+    keep_alive = parts[0] == "HTTP/1.1" and "close" not in tokens
     if status in (204, 304) or 100 <= status < 200:
-        return status, keep
+        return status, keep_alive
     if "chunked" in headers.get("transfer-encoding", ""):
-        await _discard_chunked(stream, rest)
+        await _discard_chunked(stream, rest, keep, max_body)
     elif (length := headers.get("content-length")) is not None:
         if not length.isdigit():
             raise ProbeError(f"bad Content-Length {length!r}")
-        await _discard(stream, rest, int(length))
+        await _discard(stream, rest, int(length), keep, max_body)
     else:
-        await _discard_to_eof(stream, rest)
-        keep = False
-    return status, keep
+        await _discard_to_eof(stream, rest, keep, max_body)
+        keep_alive = False
+    return status, keep_alive
 
 
-async def _discard(stream: trio.abc.ReceiveStream, have: bytearray, length: int) -> None:
-    if length > MAX_BODY:
-        raise ProbeError(f"a body of {length} bytes, more than {MAX_BODY}")
+async def _discard(
+    stream: trio.abc.ReceiveStream,
+    have: bytearray,
+    length: int,
+    keep: bytearray | None = None,
+    max_body: int = MAX_BODY,
+) -> None:
+    if length > max_body:
+        raise ProbeError(f"a body of {length} bytes, more than {max_body}")
+    if keep is not None:
+        keep += have[:length]
     left = length - len(have)
     while left > 0:
         chunk = await stream.receive_some(min(left, _READ))
         if not chunk:
             raise ProbeError("connection closed in the body")
         left -= len(chunk)
+        if keep is not None:
+            keep += chunk
 
 
-async def _discard_to_eof(stream: trio.abc.ReceiveStream, have: bytearray) -> None:
+async def _discard_to_eof(
+    stream: trio.abc.ReceiveStream,
+    have: bytearray,
+    keep: bytearray | None = None,
+    max_body: int = MAX_BODY,
+) -> None:
     total = len(have)
+    if keep is not None:
+        keep += have
     while chunk := await stream.receive_some(_READ):
         total += len(chunk)
-        if total > MAX_BODY:
-            raise ProbeError(f"a body of more than {MAX_BODY} bytes")
+        if total > max_body:
+            raise ProbeError(f"a body of more than {max_body} bytes")
+        if keep is not None:
+            keep += chunk
 
 
-async def _discard_chunked(stream: trio.abc.ReceiveStream, have: bytearray) -> None:
-    """Read a chunked body to its end (trailers included), keeping at most a chunk's worth."""
+async def _discard_chunked(
+    stream: trio.abc.ReceiveStream,
+    have: bytearray,
+    keep: bytearray | None = None,
+    max_body: int = MAX_BODY,
+) -> None:
+    """Read a chunked body to its end (trailers included), keeping at most a chunk's worth
+    (or, into `keep`, the whole body)."""
     buffer = bytearray(have)
     total = 0
 
@@ -222,10 +306,12 @@ async def _discard_chunked(stream: trio.abc.ReceiveStream, have: bytearray) -> N
                 else:
                     await more()
         total += size
-        if total > MAX_BODY:
-            raise ProbeError(f"a body of more than {MAX_BODY} bytes")
+        if total > max_body:
+            raise ProbeError(f"a body of more than {max_body} bytes")
         while len(buffer) < size + 2:
             await more()
+        if keep is not None:
+            keep += buffer[:size]
         del buffer[: size + 2]
 
 

@@ -41,8 +41,10 @@ from .._state.status import ProbeResult, SupervisorStatus
 from .http_probe import HttpProbe
 
 __all__ = [
+    "RankExchange",
     "RankProbe",
     "Ticker",
+    "exchange_factory",
     "log_startup_progress",
     "open_probe_client",
     "probe_factory",
@@ -59,6 +61,21 @@ class RankProbe(Protocol):
     async def probe(self, timeout: float) -> ProbeResult: ...  # noqa: ASYNC109
 
     async def aclose(self) -> None: ...
+
+
+class RankExchange(Protocol):
+    """One kind of request to one rank (a read of its metrics, a canary), made again and
+    again: `fetch` sends it and returns the result and the body."""
+
+    async def fetch(self, timeout: float, max_body: int) -> tuple[ProbeResult, bytes]: ...  # noqa: ASYNC109
+
+    async def aclose(self) -> None: ...
+
+
+#: What makes a `RankExchange`: (port, method, path, body, headers).
+ExchangeFactory = Callable[
+    [int, str, str, "bytes | None", tuple[tuple[str, str], ...]], RankExchange
+]
 
 
 class Ticker:
@@ -94,6 +111,69 @@ class _HttpxProbe:
 
     async def aclose(self) -> None:
         pass
+
+
+class _HttpxExchange:
+    """A `RankExchange` through an httpx client: for tests that inject a transport."""
+
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        method: str,
+        url: str,
+        body: bytes | None,
+        headers: tuple[tuple[str, str], ...],
+    ) -> None:
+        self._client = client
+        self._request = (method, url, body, dict(headers))
+
+    async def fetch(self, timeout: float, max_body: int) -> tuple[ProbeResult, bytes]:  # noqa: ASYNC109
+        method, url, body, headers = self._request
+        start = trio.current_time()
+        status: int | None = None
+        error: str | None = None
+        content = b""
+        with trio.move_on_after(timeout) as scope:
+            try:
+                response = await self._client.request(
+                    method, url, content=body, headers=headers, timeout=None
+                )
+                status, content = response.status_code, response.content
+                if not response.is_success:
+                    error = f"HTTP {status}"
+                elif len(content) > max_body:
+                    error = f"a body of {len(content)} bytes, more than {max_body}"
+            except httpx.HTTPError as exc:
+                error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        if scope.cancelled_caught:
+            error = f"no answer within {timeout:g}s"
+        latency = trio.current_time() - start
+        return ProbeResult(error is None, status, error, latency), content
+
+    async def aclose(self) -> None:
+        pass
+
+
+def exchange_factory(
+    address: RankAddress, client: httpx.AsyncClient, *, through_httpx: bool
+) -> ExchangeFactory:
+    """Makes the exchanges of the rank listening on a port (its metrics reads, its
+    canary): through the native client, or (with an injected transport) `client`."""
+    host = WILDCARD_HOSTS.get(address.host, address.host)
+    tls = _tls_context(address) if address.rank_scheme is RankScheme.HTTPS else None
+
+    def make(
+        port: int,
+        method: str,
+        path: str,
+        body: bytes | None,
+        headers: tuple[tuple[str, str], ...],
+    ) -> RankExchange:
+        if through_httpx:
+            return _HttpxExchange(client, method, address.url(port, path), body, headers)
+        return HttpProbe(host, port, path, tls, method=method, body=body, headers=headers)
+
+    return make
 
 
 def probe_factory(

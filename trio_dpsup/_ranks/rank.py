@@ -31,12 +31,14 @@ from .._proc.spawn import RankProcess
 from .._proc.stop import stop_rank
 from .._state.board import RankRecord
 from .._state.status import DrainReason
+from .canary import watch_generation
 from .clean_start import wait_clean_restart
 from .context import RankContext
 from .drain import drain_rank
 from .evidence import EvidenceRequest, capture_evidence, wants_evidence
 from .prober import probe_rank
 from .progress import watch_progress
+from .startup import watch_startup
 
 __all__ = ["run_rank"]
 
@@ -204,7 +206,8 @@ async def _evidence(
 async def _watch(
     record: RankRecord, process: RankProcess, ctx: RankContext
 ) -> SupervisorFailure | None:
-    """The first failure of this process (its exit, its failed probes, a stall), or None
+    """The first failure of this process (its exit, its failed probes, a stall, failed
+    canaries), or None
     once a restart is asked for (an operator's, drained first; a group's, at once). A
     failure during a drain ends the drain: it is a failure, not a planned stop.
 
@@ -249,8 +252,29 @@ async def _watch(
             await probe.aclose()
 
     async def progress(cancel: trio.CancelScope) -> None:
+        path = ctx.settings.progress.address.metrics_path
+        metrics = ctx.exchanges(record.plan.port, "GET", path, None, ())
         try:
-            await watch_progress(ctx.settings.progress, record, ctx.client)
+            await watch_progress(ctx.settings.progress, record, metrics)
+        except SupervisorFailure as failure:
+            await verdict(failure, cancel)
+        finally:
+            await metrics.aclose()
+
+    async def loading(cancel: trio.CancelScope) -> None:
+        async def pids() -> set[int]:
+            return {p.pid for p in await ctx.scanner.scan(rank)} | {process.pid}
+
+        try:
+            await watch_startup(ctx.settings.probes, record, pids)
+        except SupervisorFailure as failure:
+            await verdict(failure, cancel)
+
+    async def canary(cancel: trio.CancelScope) -> None:
+        try:
+            await watch_generation(
+                ctx.settings.canary, record, ctx.exchanges, observe=ctx.observe_canary
+            )
         except SupervisorFailure as failure:
             await verdict(failure, cancel)
 
@@ -275,7 +299,7 @@ async def _watch(
         cancel.cancel()
 
     async with trio.open_nursery() as nursery:
-        for watcher in (exits, probes, progress, planned, cut):
+        for watcher in (exits, probes, loading, progress, canary, planned, cut):
             nursery.start_soon(watcher, nursery.cancel_scope)
     exited = [f for f in found if isinstance(f, RankExited)]
     return exited[0] if exited else found[0] if found else None

@@ -19,11 +19,13 @@ import trio
 
 from .._config.enums import RestartPolicy, RestartScope
 from .._errors import (
+    GenerationFailed,
     RankExited,
     RankStalled,
     RankStartTimeout,
     RankUnhealthy,
     RestartsExhausted,
+    StartupStalled,
     SupervisorFailure,
 )
 
@@ -59,7 +61,15 @@ class Restarter:
         (a restart cannot mend those)."""
         if self.policy is RestartPolicy.NEVER:
             return False
-        return isinstance(failure, RankExited | RankUnhealthy | RankStartTimeout | RankStalled)
+        return isinstance(
+            failure,
+            RankExited
+            | RankUnhealthy
+            | RankStartTimeout
+            | RankStalled
+            | GenerationFailed
+            | StartupStalled,
+        )
 
     def decide(self, failure: SupervisorFailure) -> SupervisorFailure | None:
         """None: restart. Otherwise the failure to stop everything with: `failure` itself,

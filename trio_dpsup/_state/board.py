@@ -22,6 +22,8 @@ from .._gpu.placement import PENDING, Placement
 from .._output.pump import RankOutput
 from .group import GroupView
 from .status import (
+    CanaryResult,
+    CanaryStatus,
     DrainEnd,
     DrainReason,
     DrainStatus,
@@ -31,6 +33,7 @@ from .status import (
     RankStatus,
     RootCause,
     RouterStatus,
+    StartupProgress,
     SupervisorState,
     SupervisorStatus,
 )
@@ -48,6 +51,7 @@ class RankRecord:
     `on_change` (the board's version, for /ranks)."""
 
     __slots__ = (
+        "_canary",
         "_consecutive_failures",
         "_cut",
         "_drain",
@@ -76,6 +80,7 @@ class RankRecord:
         "_restarts",
         "_returncode",
         "_since",
+        "_startup",
         "_state",
         "_waiting",
     )  # fmt: skip
@@ -99,6 +104,8 @@ class RankRecord:
         self._last_causes: collections.deque[SupervisorFailure] = collections.deque(maxlen=5)
         self._restart_times: collections.deque[float] = collections.deque(maxlen=64)
         self._progress: ProgressStatus | None = None
+        self._canary: CanaryStatus | None = None
+        self._startup: StartupProgress | None = None
         self._waiting: str | None = None
         self._evidence: str | None = None
         self._drained = False
@@ -191,6 +198,16 @@ class RankRecord:
         return self._progress
 
     @property
+    def startup(self) -> StartupProgress | None:
+        """What moved while its current process started (with ``startup_stall_timeout``)."""
+        return self._startup
+
+    @property
+    def canary(self) -> CanaryStatus | None:
+        """Its canaries (with ``canary`` on): counts kept across restarts."""
+        return self._canary
+
+    @property
     def waiting(self) -> str | None:
         """What a restart waits for before it starts the process (a held port, GPU memory)."""
         return self._waiting
@@ -245,6 +262,7 @@ class RankRecord:
         self._pid = pid
         self._returncode = None
         self._progress = None
+        self._startup = None
         self._failing = False
         self._live = True
         self._cut = trio.Event()
@@ -335,6 +353,27 @@ class RankRecord:
 
     def note_progress(self, progress: ProgressStatus) -> None:
         self._progress = progress
+
+    def note_startup(self, progress: StartupProgress) -> None:
+        """A reading of what moves while it starts."""
+        self._startup = progress
+
+    def record_canary(self, result: CanaryResult) -> None:
+        """One canary sent and answered (or given up on)."""
+        last = self._canary or CanaryStatus()
+        self._canary = dataclasses.replace(
+            last, sent=last.sent + 1, failed=last.failed + (not result.ok), last=result
+        )
+
+    def canary_off(self, why: str) -> None:
+        """Canaries are off for this rank from now on (a configuration error: see `off`)."""
+        self._canary = dataclasses.replace(self._canary or CanaryStatus(), off=why)
+
+    def canary_problem(self, problem: str | None) -> None:
+        """Why the rank's idle gauges cannot be read now (None: they can)."""
+        last = self._canary or CanaryStatus()
+        if last.problem != problem:
+            self._canary = dataclasses.replace(last, problem=problem)
 
     def set_waiting(self, what: str | None) -> None:
         self._waiting = what
@@ -449,6 +488,8 @@ class RankRecord:
             probes_paused_until=self.paused_until_wall(),
             drain=self._drain,
             failing=self._failing,
+            canary=self._canary,
+            startup=self._startup,
         )
 
     def paused_until_wall(self) -> float | None:

@@ -28,6 +28,8 @@ from .._gpu.placement import (
 )
 from .._proc.owners import Owner, OwnerKind, PortHolder
 from .status import (
+    CanaryResult,
+    CanaryStatus,
     DrainEnd,
     DrainReason,
     DrainStatus,
@@ -40,6 +42,7 @@ from .status import (
     RankStatus,
     RootCause,
     RouterStatus,
+    StartupProgress,
     SupervisorState,
     SupervisorStatus,
 )
@@ -266,7 +269,11 @@ def rank_to_json(rank: RankStatus) -> JSON:
             "progress": rank.progress.progress,
             "stalled_for_s": round(rank.progress.stalled_for, 3),
             "problem": rank.progress.problem,
+            "limit_s": None if rank.progress.limit is None else round(rank.progress.limit, 3),
+            "gaps": rank.progress.gaps,
         },
+        "canary": None if rank.canary is None else _canary_json(rank.canary),
+        "startup": None if rank.startup is None else _startup_json(rank.startup),
         "waiting": rank.waiting,
         "evidence": rank.evidence,
         "drain": None if rank.drain is None else _drain_json(rank.drain),
@@ -348,7 +355,14 @@ def _rank_from_json(doc: JSON) -> RankStatus:
         last_causes=tuple(failure_from_json(c) for c in doc["last_cause_details"]),
         progress=None
         if (p := doc.get("progress")) is None
-        else ProgressStatus(p["busy"], p["progress"], p["stalled_for_s"], p["problem"]),
+        else ProgressStatus(
+            p["busy"],
+            p["progress"],
+            p["stalled_for_s"],
+            p["problem"],
+            p.get("limit_s"),
+            p.get("gaps", 0),
+        ),
         waiting=doc.get("waiting"),
         evidence=doc.get("evidence"),
         since=doc.get("since", 0.0),
@@ -356,6 +370,65 @@ def _rank_from_json(doc: JSON) -> RankStatus:
         failing=doc.get("failing", False),
         probes_paused_until=doc.get("probes_paused_until"),
         drain=None if (d := doc.get("drain")) is None else _drain_from_json(d),
+        canary=None if (c := doc.get("canary")) is None else _canary_from_json(c),
+        startup=None if (s := doc.get("startup")) is None else _startup_from_json(s),
+    )
+
+
+def _startup_json(startup: StartupProgress) -> JSON:
+    return {
+        "read_bytes": startup.read_bytes,
+        "gpu_memory_mib": None if startup.gpu_memory is None else startup.gpu_memory // MIB,
+        "lines": startup.lines,
+        "last_moved": startup.last_moved,
+        "last_moved_at": startup.last_moved_at,
+        "still_for_s": round(startup.still_for, 3),
+    }
+
+
+def _startup_from_json(doc: JSON) -> StartupProgress:
+    memory = doc["gpu_memory_mib"]
+    return StartupProgress(
+        read_bytes=doc["read_bytes"],
+        gpu_memory=None if memory is None else memory * MIB,
+        lines=doc["lines"],
+        last_moved=doc["last_moved"],
+        last_moved_at=doc["last_moved_at"],
+        still_for=doc["still_for_s"],
+    )
+
+
+def _canary_json(canary: CanaryStatus) -> JSON:
+    last = canary.last
+    return {
+        "sent": canary.sent,
+        "failed": canary.failed,
+        "off": canary.off,
+        "problem": canary.problem,
+        "last": None
+        if last is None
+        else {
+            "ok": last.ok,
+            "status_code": last.status_code,
+            "error": last.error,
+            "latency_ms": round(last.latency * 1000, 3),
+            "at": last.at,
+        },
+    }
+
+
+def _canary_from_json(doc: JSON) -> CanaryStatus:
+    last = doc["last"]
+    return CanaryStatus(
+        sent=doc["sent"],
+        failed=doc["failed"],
+        off=doc["off"],
+        problem=doc["problem"],
+        last=None
+        if last is None
+        else CanaryResult(
+            last["ok"], last["status_code"], last["error"], last["latency_ms"] / 1000, last["at"]
+        ),
     )
 
 

@@ -12,6 +12,8 @@ from .._gpu.nvml import GpuInfo, GpuSample
 from .._gpu.placement import PENDING, Placement
 
 __all__ = [
+    "CanaryResult",
+    "CanaryStatus",
     "DrainEnd",
     "DrainReason",
     "DrainStatus",
@@ -24,6 +26,7 @@ __all__ = [
     "RankStatus",
     "RootCause",
     "RouterStatus",
+    "StartupProgress",
     "SupervisorState",
     "SupervisorStatus",
 ]
@@ -136,6 +139,57 @@ class ProgressStatus:
     stalled_for: float
     #: Why the last read failed (the rank is not failed for it); None after a good read.
     problem: str | None
+    #: The limit in force: the fixed ``progress_timeout``, or the one learned (``auto``).
+    limit: float | None = None
+    #: With ``auto``: the gaps between progress seen while busy (it learns from 20 on).
+    gaps: int = 0
+
+
+@dataclass(frozen=True)
+class StartupProgress:
+    """What moves while a rank starts (with ``startup_stall_timeout``): the bytes its
+    processes read from storage, its GPUs' memory in use, its output lines."""
+
+    #: Summed over the rank's tree (None when /proc/PID/io cannot be read).
+    read_bytes: int | None
+    #: Summed over its GPUs (None without NVML readings).
+    gpu_memory: int | None
+    lines: int
+    #: What moved last ("bytes read", "GPU memory", "output lines"), and when (wall
+    #: clock); None while nothing has.
+    last_moved: str | None
+    last_moved_at: float | None
+    #: Seconds with nothing moving (since the last move, or since the process started).
+    still_for: float
+
+
+@dataclass(frozen=True)
+class CanaryResult:
+    """One canary (a one-token generation) sent to an idle rank."""
+
+    ok: bool
+    #: HTTP status, or None when no answer came (refused, timed out).
+    status_code: int | None
+    error: str | None
+    latency: float
+    #: When it was answered (or given up on): wall clock, seconds since the epoch.
+    at: float
+
+
+@dataclass(frozen=True)
+class CanaryStatus:
+    """A rank's canaries, with ``canary`` on."""
+
+    #: Canaries sent to the rank (all its processes), and how many failed.
+    sent: int = 0
+    failed: int = 0
+    #: The last one; None before the first.
+    last: CanaryResult | None = None
+    #: Why canaries are off for this rank (its first was refused: a configuration error,
+    #: logged once with the fix); None while they are on.
+    off: str | None = None
+    #: Why the gauges that tell an idle rank could not be read (no canary is sent then).
+    problem: str | None = None
 
 
 @dataclass(frozen=True)
@@ -176,6 +230,10 @@ class RankStatus:
     #: A failure was seen and its cause is being settled (a probe failure waits briefly for
     #: the process's own exit, the truer cause): out of traffic meanwhile.
     failing: bool = False
+    #: Its canaries, with ``canary`` on; None when it is off.
+    canary: CanaryStatus | None = None
+    #: While it starts, with ``startup_stall_timeout``: what moves; None otherwise.
+    startup: StartupProgress | None = None
 
     @property
     def ready(self) -> bool:

@@ -43,11 +43,18 @@ class SupervisorSettings(TypedDict, total=False):
     fail_on_status: tuple[str, ...]
     startup_timeout: float
     startup_probe_interval: float
-    progress_timeout: float
+    startup_stall_timeout: float
+    progress_timeout: float | None
+    progress_timeout_min: float
+    progress_timeout_max: float
     progress_interval: float
     progress_busy_metric: str | None
     progress_metric: str | None
     metrics_path: str
+    canary: bool | None
+    canary_idle: float
+    canary_timeout: float
+    canary_request: tuple[str, ...]
     restart: RestartPolicy
     restart_scope: RestartScope | None
     group: bool
