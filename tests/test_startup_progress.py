@@ -4,6 +4,7 @@ takes within the deadline; a wedged load (a spinning CPU, nothing else) fails wi
 
 from __future__ import annotations
 
+import re
 import time
 
 import httpx
@@ -66,6 +67,10 @@ async def test_a_stall_timeout_that_could_never_fire_exits_2() -> None:
     assert "so it could never fire: lower it" in stderr
 
 
+#: What two suites at once on 2 cores add to a start (the interpreter's own reads).
+LOADED = 2.0
+
+
 @FORMS
 async def test_a_wedged_load_fails_within_the_stall_timeout(dpsup: Harness, form: Form) -> None:
     deployment = await dpsup.start(
@@ -81,14 +86,16 @@ async def test_a_wedged_load_fails_within_the_stall_timeout(dpsup: Harness, form
     async with httpx.AsyncClient(trust_env=False, timeout=5) as client:
         startupz = await client.get(f"{deployment.control_url}/startupz")
     assert startupz.status_code == 503
-    assert "rank 0: nothing moved for " in startupz.text
+    # Nothing yet, or the interpreter's own start (it reads its modules: bytes read).
+    assert re.search(r"rank 0: (nothing moved for|bytes read moved) [\d.]+s", startupz.text)
     with trio.fail_after(20):
         await deployment.wait_for_status(
             lambda s: s.ranks[0].failing or s.failure is not None, "rank 0 caught"
         )
     took = time.time() - spawned
-    # The bound: the stall timeout + 1 s, from the process's start.
-    assert took <= STALL + 1.0, f"caught {took:.2f}s after the start"
+    # The bound: the stall timeout + 1 s, from the process's start (measured quiet:
+    # 2.03-2.06 s); a loaded machine starts the interpreter later, and its reads are moves.
+    assert took <= STALL + 1.0 + LOADED, f"caught {took:.2f}s after the start"
     with trio.fail_after(20):
         assert await deployment.wait_exit() == 1
     failure = await deployment.failure()
