@@ -250,14 +250,7 @@ def rank_to_json(rank: RankStatus) -> JSON:
         "devices": list(rank.devices),
         "returncode": rank.returncode,
         "consecutive_failures": rank.consecutive_failures,
-        "last_probe": None
-        if probe is None
-        else {
-            "ok": probe.ok,
-            "status_code": probe.status_code,
-            "error": probe.error,
-            "latency_ms": round(probe.latency * 1000, 3),
-        },
+        "last_probe": None if probe is None else _answer_json(probe),
         "command": list(rank.command),
         "restarts": rank.restarts,
         "last_causes": [str(c) for c in rank.last_causes],
@@ -398,6 +391,16 @@ def _startup_from_json(doc: JSON) -> StartupProgress:
     )
 
 
+def _answer_json(answer: ProbeResult | CanaryResult) -> JSON:
+    """One probe's or one canary's answer: what came back, and how long it took."""
+    return {
+        "ok": answer.ok,
+        "status_code": answer.status_code,
+        "error": answer.error,
+        "latency_ms": round(answer.latency * 1000, 3),
+    }
+
+
 def _canary_json(canary: CanaryStatus) -> JSON:
     last = canary.last
     return {
@@ -405,15 +408,7 @@ def _canary_json(canary: CanaryStatus) -> JSON:
         "failed": canary.failed,
         "off": canary.off,
         "problem": canary.problem,
-        "last": None
-        if last is None
-        else {
-            "ok": last.ok,
-            "status_code": last.status_code,
-            "error": last.error,
-            "latency_ms": round(last.latency * 1000, 3),
-            "at": last.at,
-        },
+        "last": None if last is None else {**_answer_json(last), "at": last.at},
     }
 
 
