@@ -25,9 +25,10 @@ from trio_dpsup._cli import build_parser
 from trio_dpsup._config.canary import not_generating, preset_canary
 
 # The pure parts of the canary (the request per preset, the key, the idle clock), on purpose.
-from trio_dpsup._config.concerns import CanarySettings, derive
+from trio_dpsup._config.concerns import CanarySettings, ProgressSettings, derive
 from trio_dpsup._config.file import load_config_file
 from trio_dpsup._ranks.canary import IdleClock, api_key
+from trio_dpsup._ranks.readings import reading_interval
 from trio_dpsup.testing import Fault, Form, Harness, SupervisorSettings, run_cli
 from trio_dpsup.testing.fake_rank import METRIC_NAMES
 
@@ -327,19 +328,36 @@ def test_the_command_line_and_the_file_spell_it_alike(tmp_path: Path) -> None:
         load_config_file(str(path), parser._actions)
 
 
-def test_after_a_canary_the_next_reading_is_at_once_then_one_idle_period() -> None:
-    config = SupervisorConfig(command=("server",), **CANARY)
-    settings = derive(CanarySettings, config)
+def test_after_a_canary_the_next_one_is_one_idle_period_later_with_no_read_of_its_own() -> None:
     clock = IdleClock()
-    assert clock.next_reading(0.0, settings) == settings.progress_interval  # not read yet
-    clock.observe(0.0, busy=0, progress=5)
-    assert clock.next_reading(0.0, settings) == IDLE
-    clock.canary_sent()
-    assert clock.next_reading(1.0, settings) == 0.0  # the counter the canary moved
-    clock.observe(1.0, busy=0, progress=6)
-    assert clock.next_reading(1.0, settings) == IDLE
-    clock.observe(1.5, busy=1, progress=6)
-    assert clock.next_reading(1.5, settings) == settings.progress_interval
+    assert clock.observe(0.0, busy=0, progress=5) == 0.0
+    assert clock.observe(5.0, busy=0, progress=5) == 5.0
+    assert clock.observe(10.0, busy=0, progress=5) == 10.0  # due: the canary goes now
+    clock.canary_sent(10.0)
+    # The counter the canary moved is taken as found, and the clock runs from the canary.
+    assert clock.observe(15.0, busy=0, progress=6) == 5.0
+    assert clock.observe(20.0, busy=0, progress=6) == 10.0
+    clock.canary_sent(20.0)
+    assert clock.observe(25.0, busy=0, progress=7) == 5.0
+    assert clock.observe(27.0, busy=0, progress=9) == 0.0  # work of its own since: from now
+    clock.canary_sent(30.0)
+    assert clock.observe(31.0, busy=1, progress=9) == 0.0  # busy: never counted
+
+
+def test_readings_come_often_enough_for_the_canary_and_the_progress_check() -> None:
+    config = SupervisorConfig(command=("server",), **CANARY)
+    progress, canary = derive(ProgressSettings, config), derive(CanarySettings, config)
+    assert reading_interval(progress, canary) == min(config.progress_interval, IDLE)
+    no_canary: SupervisorSettings = {**CANARY, "canary": False}
+    off = SupervisorConfig(command=("server",), **no_canary)
+    assert reading_interval(derive(ProgressSettings, off), derive(CanarySettings, off)) == (
+        off.progress_interval
+    )
+    no_progress: SupervisorSettings = {**CANARY, "progress_timeout": 0.0}
+    alone = SupervisorConfig(command=("server",), **no_progress)
+    assert reading_interval(derive(ProgressSettings, alone), derive(CanarySettings, alone)) == (
+        alone.canary_idle
+    )
 
 
 async def test_the_cause_is_in_the_evidence(dpsup: Harness, tmp_path: Path) -> None:

@@ -313,6 +313,38 @@ async def test_a_learned_limit_shows_and_catches_a_stall(dpsup: Harness, form: F
     assert 0.5 <= failure.seconds < 0.5 + 1.0
 
 
+async def test_a_restarted_rank_keeps_the_limit_it_learned(dpsup: Harness) -> None:
+    learning: SupervisorSettings = {
+        **PROGRESS,
+        "progress_timeout": None,  # auto
+        "progress_timeout_min": 0.5,
+        "progress_timeout_max": 5.0,
+    }
+    deployment = await dpsup.start(1, **on_failure(0.1, **learning))
+    await deployment.make_busy(0, 1)
+    with trio.fail_after(10):
+        await deployment.wait_for_status(
+            lambda s: (p := s.ranks[0].progress) is not None and p.gaps >= 20,
+            "twenty gaps seen",
+        )
+    await deployment.crash_rank(0)
+    with trio.fail_after(30):
+        # Its next process: ready, read, and held to the limit learned before, not warm-up.
+        status = await deployment.wait_for_status(
+            lambda s: (
+                s.ranks[0].restarts == 1
+                and (p := s.ranks[0].progress) is not None
+                and p.problem is None
+                and p.busy == 0
+            ),
+            "the restarted rank read",
+        )
+    progress = status.ranks[0].progress
+    assert progress is not None
+    assert progress.gaps >= 20
+    assert progress.limit == 0.5
+
+
 PAGES = [
     # The fake rank's, vLLM's (labels by model and engine, a histogram), odd but legal lines.
     '# TYPE fake:requests_running gauge\nfake:requests_running{model_name="fake"} 2.0\n'

@@ -323,6 +323,7 @@ class _Run:
                     # First: a shutdown requested while ranks start stops the starting.
                     ranks.start_soon(self._watch_shutdown)
                     await ranks.start(ctx.ticker.run)
+                    await ranks.start(ctx.readings.run)
                     await ranks.start(
                         partial(
                             run_tree_watch,

@@ -209,7 +209,10 @@ class SupervisorConfig:
         check=positive_seconds,
     )  # fmt: skip
     progress_interval: float = setting(
-        5.0, "seconds between reads of each ready rank's metrics", "progress", "SECONDS",
+        5.0,
+        "seconds between reads of each ready rank's metrics (with canaries on, a rank found "
+        "idle is read again when its canary is due)",
+        "progress", "SECONDS",
         check=interval,
     )  # fmt: skip
     #: None: the preset's (vLLM's vllm:num_requests_running, SGLang's sglang:num_running_reqs).

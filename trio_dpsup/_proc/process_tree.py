@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import signal
 from collections.abc import Callable, Iterable
@@ -209,4 +210,6 @@ async def run_tree_watch(
         rounds += 1
         if rounds % EVERY_THREAD_ROUNDS == 0:
             trees.prune()  # restarts must not pile up records that every round reads
-        await trio.sleep(interval)
+        # On the grid of Trio's clock, as the probes' ticks (_ranks.prober.Ticker): with the
+        # same interval, the walk and the probes take one wake of the event loop, not two.
+        await trio.sleep_until((math.floor(trio.current_time() / interval) + 1) * interval)

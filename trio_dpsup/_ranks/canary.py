@@ -5,14 +5,17 @@ counter has not moved: the progress check (progress.py) sees a hang only while a
 busy, and a rank that takes no traffic is never busy. So, once a rank has been idle for
 `canary_idle` seconds, it gets a one-token generation, the canary (its request: see
 _config/canary.py). Never a busy rank, even one whose counter is still (a long prefill):
-that one is the progress check's. At most one canary is in flight per rank, and the canary
-itself restarts the idle clock (it moves the counter): one canary per idle rank per
-`canary_idle`.
+that one is the progress check's. The gauges come from the metrics readings the progress
+check takes too (readings.py: one read for both, on the probes' clock), so a canary goes
+out at the first reading `canary_idle` or more after the rank was first seen idle. At most
+one canary is in flight per rank, and the idle clock starts again at the reading that sent
+it, the counter it moved taken as it is at the next: one canary per idle rank per
+`canary_idle`, and no read of its own.
 
 A canary that fails (no answer within `canary_timeout`, an error, a status other than 2xx)
 is confirmed by one more, sent at once; two failures in a row fail the rank
 (`GenerationFailed`). A hang is therefore caught within canary-idle + 2 x canary-timeout
-(plus a read of the gauges) of the rank's last work. The health probes' failure threshold
+(plus one reading interval) of the rank's last work. The health probes' failure threshold
 does not apply.
 
 A rank's first canary refused with 401, 403, 404 or 405 is a configuration error (a key the
@@ -32,16 +35,13 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 
-import trio
-
 from .._config.concerns import CanarySettings
 from .._errors import GenerationFailed
 from .._state.board import RankRecord
 from .._state.status import CanaryResult
 from .prober import ExchangeFactory, RankExchange
-from .progress import NoAnswer, fetch_metrics, metric_sums_soon
 
-__all__ = ["CONFIG_STATUSES", "IdleClock", "api_key", "watch_generation"]
+__all__ = ["CONFIG_STATUSES", "Canaries", "IdleClock", "api_key", "canary_exchange"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,112 +81,101 @@ class IdleClock:
     def __init__(self) -> None:
         self._last: float | None = None
         self._since: float | None = None
-        self.busy = True
-        self._read_now = False
 
     def observe(self, now: float, busy: float, progress: float) -> float:
         """Seconds idle with the counter unmoved, as of the reading taken at `now`: counted
         from the first reading that found it so (never from a busy one: it may have been
-        busy until just before)."""
-        self.busy = busy > 0
-        self._read_now = False
-        if self.busy:
+        busy until just before), or from the last canary."""
+        if busy > 0:
             self._since = None
             return 0.0
-        if progress != self._last or self._since is None:
-            self._last = progress
-            self._since = now
+        if self._since is None:
+            self._last, self._since = progress, now
+        elif self._last is None:
+            self._last = progress  # as the last canary left it: that move was the canary's
+        elif progress != self._last:
+            self._last, self._since = progress, now
         return now - self._since
 
-    def next_reading(self, now: float, config: CanarySettings) -> float:
-        """Seconds until the next reading is worth taking: when the idle rank's canary is
-        due, or, while it is busy (or not read yet), after `progress_interval`."""
-        if self._read_now:
-            return 0.0
-        if self.busy or self._since is None:
-            return config.progress_interval
-        return max(0.0, self._since + config.canary_idle - now)
+    def due(self, now: float, idle: float) -> bool:
+        """Whether a reading at `now` could send the canary (`idle` seconds unmoved wanted):
+        the rank was idle at the last reading, for long enough by now (or not read yet)."""
+        return self._since is None or now - self._since >= idle
 
-    def canary_sent(self) -> None:
-        """The canary moved the counter: start again from the next reading (taken at once)."""
+    def canary_sent(self, at: float) -> None:
+        """A canary went out at the reading taken at `at`: idle from then, and the counter it
+        moved is taken as the next reading finds it."""
         self._last = None
-        self._since = None
-        self.busy = False
-        self._read_now = True
+        self._since = at
 
 
-async def watch_generation(
-    config: CanarySettings,
-    record: RankRecord,
-    exchanges: ExchangeFactory,
-    observe: Callable[[int, CanaryResult], None] | None = None,
-) -> None:
-    """Send canaries to one rank process while it is ready, serving and idle; raise
-    `GenerationFailed` at the second failure in a row. Returns at once when canaries are
-    off (for every rank, or for this one after a configuration error), and when a
-    configuration error turns them off.
+class Canaries:
+    """The canary of one rank process: fed its metrics readings (readings.py), it sends the
+    idle rank its canary, and raises `GenerationFailed` at the second failure in a row.
 
-    **Cancellation**: prompt; a canary in flight is abandoned.
+    `off` once a configuration error turned canaries off for this rank (or an earlier
+    process of it did: the same command, the same error).
     """
-    spec = config.canary_spec
-    if not config.canary_on or spec is None:
-        return
-    if record.canary is not None and record.canary.off is not None:
-        return  # off since an earlier process's first canary: the same command, the same error
-    port = record.plan.port
-    headers: list[tuple[str, str]] = []
-    if spec.body is not None:
-        headers.append(("Content-Type", "application/json"))
-    key = api_key(record.plan.argv)
-    if key is not None:
-        headers.append(("Authorization", f"Bearer {key}"))
-    metrics = exchanges(port, "GET", config.address.metrics_path, None, ())
-    canary = exchanges(port, spec.method, spec.path, spec.body, tuple(headers))
-    try:
-        await _watch(config, record, metrics, canary, observe)
-    finally:
-        await metrics.aclose()
-        await canary.aclose()
 
+    def __init__(
+        self,
+        config: CanarySettings,
+        record: RankRecord,
+        canary: RankExchange,
+        observe: Callable[[int, CanaryResult], None] | None = None,
+    ) -> None:
+        progress_metric = config.canary_progress_metric
+        assert progress_metric is not None  # the config refuses a canary without one
+        self.names = (*config.canary_busy_metrics, progress_metric)
+        self._config = config
+        self._record = record
+        self._canary = canary
+        self._observe = observe
+        self._idle = IdleClock()
 
-async def _watch(
-    config: CanarySettings,
-    record: RankRecord,
-    metrics: RankExchange,
-    canary: RankExchange,
-    observe: Callable[[int, CanaryResult], None] | None,
-) -> None:
-    spec = config.canary_spec
-    assert spec is not None
-    rank = record.plan.rank
-    progress_metric = config.canary_progress_metric
-    assert progress_metric is not None  # the config refuses a canary without one
-    names = (*config.canary_busy_metrics, progress_metric)
-    idle = IdleClock()
-    while True:  # ends by cancellation, by a configuration error, or by the failure it raises
-        await trio.sleep(idle.next_reading(trio.current_time(), config))
-        if not record.serving or record.probes_paused:
-            idle = IdleClock()  # not serving (yet, or any more): nothing to prove
-            continue
-        try:
-            text = await fetch_metrics(metrics, config.probe_timeout)
-            sums = await metric_sums_soon(text, names)
-        except (ValueError, NoAnswer) as exc:
-            record.canary_problem(
-                f"cannot read {config.address.metrics_path}: {exc or type(exc).__name__}"
-            )
-            idle = IdleClock()  # idle is not proven: no canary
-            continue
-        record.canary_problem(None)
-        busy = sum(sums[name] for name in config.canary_busy_metrics)
-        if idle.observe(trio.current_time(), busy, sums[progress_metric]) < config.canary_idle:
-            continue
+    @property
+    def off(self) -> bool:
+        canary = self._record.canary
+        return canary is not None and canary.off is not None
+
+    def reset(self) -> None:
+        """The rank is not serving (yet, or any more): nothing to prove."""
+        self._idle = IdleClock()
+
+    def due(self, now: float) -> bool:
+        """Whether a reading at `now` may send the canary (see `IdleClock.due`)."""
+        return self._idle.due(now, self._config.canary_idle)
+
+    async def aclose(self) -> None:
+        """Close the canary's connection. **Cancellation**: safe."""
+        await self._canary.aclose()
+
+    def unreadable(self, why: str) -> None:
+        """The gauges could not be read: idle is not proven, so no canary (shown in /status)."""
+        self._record.canary_problem(f"cannot read {self._config.address.metrics_path}: {why}")
+        self._idle = IdleClock()
+
+    async def reading(self, now: float, sums: dict[str, float]) -> None:
+        """One reading, taken at `now`: the canary (and its confirmation) when the rank has
+        been idle long enough. Raises GenerationFailed at the second failure in a row.
+
+        **Cancellation**: prompt; a canary in flight is abandoned.
+        """
+        config, record = self._config, self._record
+        self._record.canary_problem(None)
+        *busy_metrics, progress_metric = self.names
+        busy = sum(sums[name] for name in busy_metrics)
+        if self._idle.observe(now, busy, sums[progress_metric]) < config.canary_idle:
+            return
+        spec = config.canary_spec
+        assert spec is not None
+        rank = record.plan.rank
         first = record.canary is None or record.canary.sent == 0
         for attempt in range(1, ATTEMPTS + 1):
-            result = await _send(canary, config)
+            result = await _send(self._canary, config)
             record.record_canary(result)
-            if observe is not None:
-                observe(rank, result)
+            if self._observe is not None:
+                self._observe(rank, result)
             if result.ok:
                 break
             fix = CONFIG_STATUSES.get(result.status_code or 0)
@@ -212,7 +201,22 @@ async def _watch(
             first = False
         else:
             raise GenerationFailed(rank, ATTEMPTS, result.error or "")
-        idle.canary_sent()
+        self._idle.canary_sent(now)
+
+
+def canary_exchange(
+    config: CanarySettings, record: RankRecord, exchanges: ExchangeFactory
+) -> RankExchange:
+    """The rank's canary request, with its API key (see `api_key`) as a Bearer token."""
+    spec = config.canary_spec
+    assert spec is not None
+    headers: list[tuple[str, str]] = []
+    if spec.body is not None:
+        headers.append(("Content-Type", "application/json"))
+    key = api_key(record.plan.argv)
+    if key is not None:
+        headers.append(("Authorization", f"Bearer {key}"))
+    return exchanges(record.plan.port, spec.method, spec.path, spec.body, tuple(headers))
 
 
 # The timeout is part of the verdict (a slow canary is a failed one), not a cancel bound.

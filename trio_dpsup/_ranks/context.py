@@ -33,6 +33,7 @@ from .prober import (
     open_probe_client,
     probe_factory,
 )
+from .readings import reading_interval
 from .restart import Restarter
 
 __all__ = ["RankContext", "open_rank_context"]
@@ -59,6 +60,8 @@ class RankContext:
     exchanges: ExchangeFactory
     #: The clock of the ready ranks' probes.
     ticker: Ticker
+    #: The clock of the ready ranks' metrics readings (readings.py), on the probes' grid.
+    readings: Ticker
     restarter: Restarter
     environ: Mapping[str, str]
     fail: Callable[[SupervisorFailure], SupervisorFailure]
@@ -96,7 +99,7 @@ async def open_rank_context(
 ) -> AsyncIterator[RankContext]:
     """The rank tasks' shared context, with the spawner, the log pump (which takes `log_dir`,
     the checked --log-dir's descriptor, over) and the probe client open for its lifetime.
-    The caller runs ``ctx.ticker.run`` beside the rank tasks.
+    The caller runs ``ctx.ticker.run`` and ``ctx.readings.run`` beside the rank tasks.
 
     **Cancellation**: closing waits for the spawner's thread and drains the pump.
     """
@@ -122,6 +125,7 @@ async def open_rank_context(
                 settings.probes.address, client, through_httpx=transport is not None
             ),
             ticker=Ticker(settings.probes.probe_interval),
+            readings=Ticker(reading_interval(settings.progress, settings.canary)),
             restarter=Restarter(
                 restarts.restart,
                 restarts.scope,

@@ -79,7 +79,13 @@ ExchangeFactory = Callable[
 
 
 class Ticker:
-    """One clock for the ready ranks' probes: `wait` returns at the next tick.
+    """One clock for many loops: `wait` returns at the next tick.
+
+    Ticks fall on a grid of Trio's clock, every multiple of `interval`, not `interval`
+    after the last one: tickers whose intervals are multiples (the probes' every second,
+    the metrics readings' every five, the tree watch's) tick in the same wake of the event
+    loop, and none drifts from the others. A tick missed (a loop held up longer than an
+    interval) is skipped, not caught up on.
 
     **Cancellation**: `run` and `wait` are prompt.
     """
@@ -87,16 +93,26 @@ class Ticker:
     def __init__(self, interval: float) -> None:
         self.interval = interval
         self._tick = trio.Event()
+        self._at = 0.0
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         while True:  # ends by cancellation
-            await trio.sleep(self.interval)
-            tick, self._tick = self._tick, trio.Event()
+            at = next_tick(self.interval)
+            await trio.sleep_until(at)
+            tick, self._tick, self._at = self._tick, trio.Event(), at
             tick.set()
 
-    async def wait(self) -> None:
+    async def wait(self) -> float:
+        """Wait for the next tick; its time on the grid (periods counted from it are whole
+        intervals, whatever the wake's delay)."""
         await self._tick.wait()
+        return self._at
+
+
+def next_tick(interval: float) -> float:
+    """The next multiple of `interval` on Trio's clock."""
+    return (math.floor(trio.current_time() / interval) + 1) * interval
 
 
 class _HttpxProbe:

@@ -1,14 +1,15 @@
 """Hang detection by progress: /health answering 200 does not mean the engine works.
 
-Every `progress_interval`, each ready rank's own Prometheus metrics are read (through the
-probes' own HTTP client, and scanned for the few samples wanted: see `metric_sums`; in a
-worker thread when the page is large, as vLLM's is). While the busy
+Every `progress_interval`, each ready rank's own Prometheus metrics are read (readings.py:
+one read serves this check and the canary) and scanned for the few samples wanted (see
+`scan_metrics`; in a worker thread when the page is large, as vLLM's is). While the busy
 gauge is above 0 and the progress counter stays where it was for `progress_timeout`
 seconds, the rank has stalled (`RankStalled`). An idle rank never stalls: the clock starts
 again whenever the rank is idle or its counter moves. A rank whose metrics cannot be read is
 reported in /status, not failed: a missing page is no evidence of a hang.
 
-With ``--progress-timeout auto`` each rank process learns its own limit (`LearnedLimit`):
+With ``--progress-timeout auto`` each rank learns its own limit (`LearnedLimit`, kept
+across its restarts):
 from the gaps between its counter's moves while busy, 3 x their 99th percentile, within
 `progress_timeout_min` and `progress_timeout_max`; `WARMUP_SECONDS` (within the same
 bounds) until `WARMUP_GAPS` gaps are seen. A quantile times a factor rather than an
@@ -37,19 +38,22 @@ import trio
 from .._config.concerns import ProgressSettings
 from .._errors import RankStalled
 from .._state.board import RankRecord
-from .._state.status import ProgressStatus, RankState
+from .._state.status import ProgressStatus
 from .prober import RankExchange
 
 __all__ = [
     "LearnedLimit",
     "NoAnswer",
+    "ProgressCheck",
     "StallClock",
     "fetch_metrics",
+    "learned_limit",
     "metric_sums",
-    "metric_sums_soon",
     "parse_progress",
     "read_metrics",
-    "watch_progress",
+    "require",
+    "scan_metrics",
+    "scan_metrics_soon",
 ]
 
 logger = logging.getLogger(__name__)
@@ -61,15 +65,16 @@ MAX_METRICS_BYTES = 16 * 2**20
 INLINE_PARSE_BYTES = 32 * 1024
 
 
-def metric_sums(text: str, names: tuple[str, ...]) -> dict[str, float]:
-    """Each metric of `names` in `text`, summed over its label sets (vLLM labels by model
-    and engine). Raises ValueError naming a metric that is missing."""
+def scan_metrics(text: str, names: tuple[str, ...]) -> dict[str, float]:
+    """Each metric of `names` that `text` has, summed over its label sets (vLLM labels by
+    model and engine); one it has not is left out. Raises ValueError for a sample whose
+    value is missing or no number."""
     # A scan of the text format's sample lines (``name{labels} value [timestamp]``), not
     # prometheus-client's parser: it builds every family of the page, which cost most of
     # an idle supervisor's CPU once each rank's page was read every few seconds.
     # tests/test_progress.py holds the two to the same sums.
-    sums = dict.fromkeys(names, 0.0)
-    seen: set[str] = set()
+    sums: dict[str, float] = {}
+    wanted = set(names)
     for line in text.splitlines():
         if not line or line[0] == "#":
             continue
@@ -80,24 +85,34 @@ def metric_sums(text: str, names: tuple[str, ...]) -> dict[str, float]:
             name, rest = line[:space], line[space:]
         else:
             continue
-        if name not in sums:
+        if name not in wanted:
             continue
         fields = rest.split()
         if not fields:
             raise ValueError(f"a sample of {name} with no value: {line[:200]!r}")
-        sums[name] += float(fields[0])  # ValueError for a value that is no number
-        seen.add(name)
-    missing = [name for name in sums if name not in seen]
-    if missing:
-        raise ValueError(f"no {' or '.join(missing)} in the rank's metrics")
+        sums[name] = sums.get(name, 0.0) + float(fields[0])  # ValueError: no number
     return sums
 
 
-async def metric_sums_soon(text: str, names: tuple[str, ...]) -> dict[str, float]:
-    """`metric_sums`, on this thread for a small page, in a worker thread for a large one."""
+def require(sums: dict[str, float], names: tuple[str, ...]) -> dict[str, float]:
+    """`sums` (from `scan_metrics`) for `names`; raises ValueError naming those missing."""
+    missing = [name for name in names if name not in sums]
+    if missing:
+        raise ValueError(f"no {' or '.join(missing)} in the rank's metrics")
+    return {name: sums[name] for name in names}
+
+
+def metric_sums(text: str, names: tuple[str, ...]) -> dict[str, float]:
+    """Each metric of `names` in `text`, summed over its label sets. Raises ValueError
+    naming a metric that is missing."""
+    return require(scan_metrics(text, names), names)
+
+
+async def scan_metrics_soon(text: str, names: tuple[str, ...]) -> dict[str, float]:
+    """`scan_metrics`, on this thread for a small page, in a worker thread for a large one."""
     if len(text) <= INLINE_PARSE_BYTES:
-        return metric_sums(text, names)
-    return await trio.to_thread.run_sync(metric_sums, text, names)
+        return scan_metrics(text, names)
+    return await trio.to_thread.run_sync(scan_metrics, text, names)
 
 
 async def fetch_metrics(metrics: RankExchange, timeout: float) -> str:  # noqa: ASYNC109
@@ -124,6 +139,8 @@ class StallClock:
         self._last: float | None = None
         self._since = 0.0
         self._busy = False
+        #: The last reading found the busy gauge at 0 (False before the first).
+        self.idle = False
         #: The gap the last reading closed: seconds from the counter's previous move (or
         #: the start of the busy spell) to this move, when busy all along; else None.
         self.gap: float | None = None
@@ -137,6 +154,7 @@ class StallClock:
             self._last = progress
             self._since = now
         self._busy = busy > 0
+        self.idle = not self._busy
         return now - self._since
 
 
@@ -172,63 +190,85 @@ class LearnedLimit:
         return min(max(FACTOR * quantile, self._low), self._high)
 
 
-async def watch_progress(
-    config: ProgressSettings, record: RankRecord, metrics: RankExchange
-) -> None:
-    """Read one rank process's metrics every `progress_interval` while it is ready; raise
-    `RankStalled` once it has been busy without progress for `progress_timeout`. Returns at
-    once when the check is off.
+def learned_limit(config: ProgressSettings) -> LearnedLimit | None:
+    """A rank's learned limit, with ``--progress-timeout auto``; None with a fixed one."""
+    if not config.progress_learned:
+        return None
+    return LearnedLimit(config.progress_timeout_min, config.progress_timeout_max)
 
-    **Cancellation**: prompt; an in-flight read is abandoned.
-    """
-    if not config.progress_on:
-        return
-    busy_metric, progress_metric = config.progress_busy_metric, config.progress_metric
-    assert busy_metric is not None  # both filled in by the config
-    assert progress_metric is not None
-    clock = StallClock()
-    learned = None
-    if config.progress_learned:
-        learned = LearnedLimit(config.progress_timeout_min, config.progress_timeout_max)
-    limit = learned.limit() if learned is not None else config.progress_timeout
-    assert limit is not None  # a fixed limit, when not learned
-    while True:  # ends by cancellation or by the stall it raises
-        await trio.sleep(config.progress_interval)
-        if record.state is not RankState.READY or record.probes_paused:
-            clock = StallClock()  # not serving yet (or any more): nothing to hold against it
-            continue
-        try:
-            text = await fetch_metrics(metrics, config.probe_timeout)
-            sums = await metric_sums_soon(text, (busy_metric, progress_metric))
-            busy, progress = sums[busy_metric], sums[progress_metric]
-        except (ValueError, NoAnswer) as exc:
-            problem = f"cannot read {config.address.metrics_path}: {exc or type(exc).__name__}"
-            if record.progress is None or record.progress.problem != problem:
-                rank = record.plan.rank
-                logger.warning("rank %d: %s", rank, problem, extra={"rank": rank})
-            last = record.progress
-            record.note_progress(
-                ProgressStatus(
-                    None if last is None else last.busy,
-                    None if last is None else last.progress,
-                    0.0 if last is None else last.stalled_for,
-                    problem,
-                    limit,
-                    0 if learned is None else learned.seen,
-                )
+
+class ProgressCheck:
+    """The progress check of one rank process: fed its metrics readings (readings.py), it
+    raises `RankStalled` once the rank has been busy without progress for its limit (the
+    fixed `progress_timeout`, or the one it learns), and shows each reading in /status.
+
+    `learned` (with ``auto``) is the rank's, not the process's: the rank task keeps it
+    across restarts (see `learned_limit`), since the same command on the same GPUs steps
+    at the same pace, and a restarted rank should not wait out the warm-up again."""
+
+    def __init__(
+        self, config: ProgressSettings, record: RankRecord, learned: LearnedLimit | None = None
+    ) -> None:
+        busy_metric, progress_metric = config.progress_busy_metric, config.progress_metric
+        assert busy_metric is not None  # both filled in by the config
+        assert progress_metric is not None
+        self.names = (busy_metric, progress_metric)
+        self._record = record
+        self._clock = StallClock()
+        # With auto, the rank's limit when given; else a fresh one (this process's only).
+        self._learned = (learned or learned_limit(config)) if config.progress_learned else None
+        limit = self._learned.limit() if self._learned is not None else config.progress_timeout
+        assert limit is not None  # a fixed limit, when not learned
+        self._limit = limit
+        self._path = config.address.metrics_path
+
+    def reset(self) -> None:
+        """The rank is not serving (yet, or any more): nothing to hold against it."""
+        self._clock = StallClock()
+
+    @property
+    def idle(self) -> bool:
+        """The last reading found the rank idle (False before the first)."""
+        return self._clock.idle
+
+    def unreadable(self, why: str) -> None:
+        """The reading failed: shown (and logged once per reason), never a failure."""
+        problem = f"cannot read {self._path}: {why}"
+        last = self._record.progress
+        if last is None or last.problem != problem:
+            rank = self._record.plan.rank
+            logger.warning("rank %d: %s", rank, problem, extra={"rank": rank})
+        self._record.note_progress(
+            ProgressStatus(
+                None if last is None else last.busy,
+                None if last is None else last.progress,
+                0.0 if last is None else last.stalled_for,
+                problem,
+                self._limit,
+                self._seen,
             )
-            continue
-        stalled_for = clock.observe(trio.current_time(), busy, progress)
-        if learned is not None:
-            if clock.gap is not None:
-                learned.add(clock.gap)
-            limit = learned.limit()
-        seen = 0 if learned is None else learned.seen
-        record.note_progress(ProgressStatus(busy, progress, stalled_for, None, limit, seen))
-        if stalled_for >= limit:
+        )
+
+    def reading(self, now: float, sums: dict[str, float]) -> None:
+        """One reading, taken at `now`; raises RankStalled at the limit."""
+        busy_metric, progress_metric = self.names
+        busy, progress = sums[busy_metric], sums[progress_metric]
+        stalled_for = self._clock.observe(now, busy, progress)
+        if self._learned is not None:
+            if self._clock.gap is not None:
+                self._learned.add(self._clock.gap)
+            self._limit = self._learned.limit()
+        self._record.note_progress(
+            ProgressStatus(busy, progress, stalled_for, None, self._limit, self._seen)
+        )
+        if stalled_for >= self._limit:
             raise RankStalled(
-                record.plan.rank, busy_metric, busy, progress_metric, progress, stalled_for
+                self._record.plan.rank, busy_metric, busy, progress_metric, progress, stalled_for
             )
+
+    @property
+    def _seen(self) -> int:
+        return 0 if self._learned is None else self._learned.seen
 
 
 class NoAnswer(Exception):

@@ -31,13 +31,13 @@ from .._proc.spawn import RankProcess
 from .._proc.stop import stop_rank
 from .._state.board import RankRecord
 from .._state.status import DrainReason
-from .canary import watch_generation
 from .clean_start import wait_clean_restart
 from .context import RankContext
 from .drain import drain_rank
 from .evidence import EvidenceRequest, capture_evidence, wants_evidence
 from .prober import probe_rank
-from .progress import watch_progress
+from .progress import LearnedLimit, learned_limit
+from .readings import watch_metrics
 from .startup import watch_startup
 
 __all__ = ["run_rank"]
@@ -70,6 +70,7 @@ async def run_rank(
     backoff wait ends at once: there is no process to stop then.
     """
     first = True
+    learned = learned_limit(ctx.settings.progress)  # the rank's, kept across its restarts
     while True:
         if not first:
             await _clean_restart(record, ctx)
@@ -77,7 +78,7 @@ async def run_rank(
         if first:
             task_status.started()
             first = False
-        restart = await _run_process(record, process, ctx)
+        restart = await _run_process(record, process, ctx, learned)
         if restart is not None:
             raise restart  # stopping everything, with this rank's failure as the cause
         asked = record.restarted()
@@ -138,7 +139,7 @@ async def _spawn(record: RankRecord, ctx: RankContext) -> RankProcess:
 
 
 async def _run_process(
-    record: RankRecord, process: RankProcess, ctx: RankContext
+    record: RankRecord, process: RankProcess, ctx: RankContext, learned: LearnedLimit | None
 ) -> SupervisorFailure | None:
     """Watch one process of the rank until it fails, then stop its tree.
 
@@ -149,7 +150,7 @@ async def _run_process(
     escalate: SupervisorFailure | None = None
     failure: SupervisorFailure | None = None
     try:
-        failure = await _watch(record, process, ctx)
+        failure = await _watch(record, process, ctx, learned)
         if failure is not None:  # None: a restart asked for (drained first) or a group's
             escalate = _decide(record, failure, ctx)
     finally:
@@ -204,7 +205,7 @@ async def _evidence(
 
 
 async def _watch(
-    record: RankRecord, process: RankProcess, ctx: RankContext
+    record: RankRecord, process: RankProcess, ctx: RankContext, learned: LearnedLimit | None
 ) -> SupervisorFailure | None:
     """The first failure of this process (its exit, its failed probes, a stall, failed
     canaries), or None
@@ -251,15 +252,19 @@ async def _watch(
         finally:
             await probe.aclose()
 
-    async def progress(cancel: trio.CancelScope) -> None:
-        path = ctx.settings.progress.address.metrics_path
-        metrics = ctx.exchanges(record.plan.port, "GET", path, None, ())
+    async def readings(cancel: trio.CancelScope) -> None:
         try:
-            await watch_progress(ctx.settings.progress, record, metrics)
+            await watch_metrics(
+                ctx.settings.progress,
+                ctx.settings.canary,
+                record,
+                ctx.exchanges,
+                ctx.readings,
+                learned,
+                ctx.observe_canary,
+            )
         except SupervisorFailure as failure:
             await verdict(failure, cancel)
-        finally:
-            await metrics.aclose()
 
     async def loading(cancel: trio.CancelScope) -> None:
         async def pids() -> set[int]:
@@ -267,14 +272,6 @@ async def _watch(
 
         try:
             await watch_startup(ctx.settings.probes, record, pids)
-        except SupervisorFailure as failure:
-            await verdict(failure, cancel)
-
-    async def canary(cancel: trio.CancelScope) -> None:
-        try:
-            await watch_generation(
-                ctx.settings.canary, record, ctx.exchanges, observe=ctx.observe_canary
-            )
         except SupervisorFailure as failure:
             await verdict(failure, cancel)
 
@@ -299,7 +296,7 @@ async def _watch(
         cancel.cancel()
 
     async with trio.open_nursery() as nursery:
-        for watcher in (exits, probes, loading, progress, canary, planned, cut):
+        for watcher in (exits, probes, loading, readings, planned, cut):
             nursery.start_soon(watcher, nursery.cancel_scope)
     exited = [f for f in found if isinstance(f, RankExited)]
     return exited[0] if exited else found[0] if found else None

@@ -1,0 +1,107 @@
+"""The metrics readings' cadence (readings.py), on Trio's mock clock: one read serves the
+progress check and the canary, an idle rank gets one read and one canary per
+--canary-idle, and a busy one is read every --progress-interval and gets no canary."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import trio
+import trio.testing
+
+# The ranks family's own loop, unit-tested on purpose: its cadence is what it is for.
+from trio_dpsup import SupervisorConfig
+from trio_dpsup._config.concerns import CanarySettings, ProgressSettings, derive
+from trio_dpsup._config.plan import RankPlan
+from trio_dpsup._ranks.prober import Ticker
+from trio_dpsup._ranks.readings import reading_interval, watch_metrics
+from trio_dpsup._state.board import Board
+from trio_dpsup._state.status import ProbeResult
+
+pytest_plugins = ["trio_dpsup.testing.plugin"]
+
+PLAN = RankPlan(rank=0, local_rank=0, port=8000, devices=(), argv=("rank",), env=())
+CONFIG = SupervisorConfig(
+    command=("rank",),
+    canary=True,
+    canary_request=("POST", "/v1/completions", json.dumps({"prompt": "Hi", "max_tokens": 1})),
+    progress_busy_metric="busy",
+    progress_metric="tokens_total",
+)  # defaults otherwise: --canary-idle 10, --progress-interval 5, --progress-timeout auto
+
+
+class Rank:
+    """A rank's two exchanges as the readings see them: its metrics page (the gauges set
+    here) and its canary (which generates one token); every request counted."""
+
+    def __init__(self) -> None:
+        self.busy = 0
+        self.tokens = 0
+        self.reads: list[float] = []
+        self.canaries: list[float] = []
+
+    def exchange(
+        self, port: int, method: str, path: str, body: bytes | None, headers: object
+    ) -> _Exchange:
+        return _Exchange(self, path == "/metrics")
+
+
+class _Exchange:
+    def __init__(self, rank: Rank, metrics: bool) -> None:
+        self._rank = rank
+        self._metrics = metrics
+
+    async def fetch(self, timeout: float, max_body: int) -> tuple[ProbeResult, bytes]:  # noqa: ASYNC109
+        rank = self._rank
+        if self._metrics:
+            rank.reads.append(trio.current_time())
+            page = f"busy {rank.busy}\ntokens_total {rank.tokens}\n"
+            return ProbeResult(True, 200, None, 0.001), page.encode()
+        rank.canaries.append(trio.current_time())
+        rank.tokens += 1
+        return ProbeResult(True, 200, None, 0.001), b'{"choices": []}'
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def run_for(seconds: float, rank: Rank, *, busy: bool = False) -> None:
+    board = Board((PLAN,), run_id="run")
+    record = board.ranks[0]
+    record.started(1234)
+    board.mark_ready(record)
+    rank.busy = 1 if busy else 0
+    progress, canary = derive(ProgressSettings, CONFIG), derive(CanarySettings, CONFIG)
+    ticker = Ticker(reading_interval(progress, canary))
+    with trio.move_on_after(seconds):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ticker.run)
+            nursery.start_soon(watch_metrics, progress, canary, record, rank.exchange, ticker)
+            if busy:  # a busy rank that makes progress: no stall, and no canary
+                while True:
+                    await trio.sleep(1.0)
+                    rank.tokens += 10
+
+
+async def test_an_idle_rank_gets_one_read_and_one_canary_per_idle_period(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    rank = Rank()
+    await run_for(100.0, rank)
+    # First seen idle at the first tick; then a canary every 10 s, each after one read.
+    assert 9 <= len(rank.canaries) <= 10
+    assert len(rank.reads) <= len(rank.canaries) + 2
+    gaps = [b - a for a, b in zip(rank.canaries, rank.canaries[1:], strict=False)]
+    assert gaps == pytest.approx([10.0] * len(gaps), abs=0.01)
+
+
+async def test_a_busy_rank_is_read_every_progress_interval_and_gets_no_canary(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    rank = Rank()
+    await run_for(100.0, rank, busy=True)
+    assert rank.canaries == []
+    assert 19 <= len(rank.reads) <= 20
+    gaps = [b - a for a, b in zip(rank.reads, rank.reads[1:], strict=False)]
+    assert gaps == pytest.approx([5.0] * len(gaps), abs=0.01)
