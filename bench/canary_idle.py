@@ -8,7 +8,10 @@ Side by side, each supervisor with 8 idle fake ranks probed every second (the de
   rank every 10 s) and ``--progress-timeout auto`` (a read of each rank's metrics every
   5 s), on the fake rank's gauges and generation endpoint;
 * ``before`` (with ``--before DIR``, a checkout of an earlier revision): that revision's
-  supervisor with health probes only, run from DIR, the "today" a change is held to.
+  supervisor with health probes only, run from DIR, the "today" a change is held to
+  (``git worktree add /tmp/before 10b0d06``: the last revision before canaries);
+* ``previous`` (with ``--previous DIR``): that revision's supervisor in the ``canary``
+  setup, to compare two ways of doing the same checks.
 
 The CPU time of each supervisor process over `--seconds` of steady state (every thread's,
 from /proc/PID/task/TID/schedstat). Target (issue 29): ``canary`` no higher than the idle
@@ -52,7 +55,7 @@ def args_for(base: int, *options: str) -> list[str]:
     ]  # fmt: skip
 
 
-async def one_run(seconds: float, before: Path | None) -> dict[str, float]:
+async def one_run(seconds: float, before: Path | None, previous: Path | None) -> dict[str, float]:
     setups: dict[str, tuple[list[str], dict[str, str] | None]] = {
         "probes": (args_for(free_port_range(RANKS)), None),
         "canary": (args_for(free_port_range(RANKS), *CANARY), None),
@@ -60,6 +63,9 @@ async def one_run(seconds: float, before: Path | None) -> dict[str, float]:
     if before is not None:
         env = {**os.environ, "PYTHONPATH": str(before)}
         setups["before"] = (args_for(free_port_range(RANKS)), env)
+    if previous is not None:
+        env = {**os.environ, "PYTHONPATH": str(previous)}
+        setups["previous"] = (args_for(free_port_range(RANKS), *CANARY), env)
     cpu: dict[str, float] = {}
     ready = trio.Event()
     started: list[str] = []
@@ -96,10 +102,13 @@ def main() -> None:
     parser.add_argument(
         "--before", type=Path, help="a checkout of an earlier revision, run with probes only"
     )
+    parser.add_argument(
+        "--previous", type=Path, help="a checkout of an earlier revision, run with canaries"
+    )
     args = parser.parse_args()
     runs = []
     for index in range(args.runs):
-        cpu = trio.run(one_run, args.seconds, args.before)
+        cpu = trio.run(one_run, args.seconds, args.before, args.previous)
         runs.append(cpu)
         print(
             f"run {index + 1}: "

@@ -177,17 +177,18 @@ class LearnedLimit:
         self._high = high
         self._gaps: collections.deque[float] = collections.deque(maxlen=WINDOW)
         self.seen = 0
+        self._limit = min(max(WARMUP_SECONDS, low), high)
 
     def add(self, gap: float) -> None:
         self._gaps.append(gap)
         self.seen += 1
+        if self.seen >= WARMUP_GAPS:  # worked out once a gap, not at every reading
+            ordered = sorted(self._gaps)
+            quantile = ordered[max(0, math.ceil(QUANTILE * len(ordered)) - 1)]
+            self._limit = min(max(FACTOR * quantile, self._low), self._high)
 
     def limit(self) -> float:
-        if self.seen < WARMUP_GAPS:
-            return min(max(WARMUP_SECONDS, self._low), self._high)
-        ordered = sorted(self._gaps)
-        quantile = ordered[max(0, math.ceil(QUANTILE * len(ordered)) - 1)]
-        return min(max(FACTOR * quantile, self._low), self._high)
+        return self._limit
 
 
 def learned_limit(config: ProgressSettings) -> LearnedLimit | None:
