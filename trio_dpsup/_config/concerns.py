@@ -128,9 +128,6 @@ class CanarySettings:
     canary_timeout: float
     canary_busy_metrics: tuple[str, ...]
     canary_progress_metric: str | None
-    #: How often a busy rank's gauges are read again, waiting for it to be idle.
-    progress_interval: float
-    probe_timeout: float
 
 
 @dataclass(frozen=True)

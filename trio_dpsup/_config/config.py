@@ -210,8 +210,7 @@ class SupervisorConfig:
     )  # fmt: skip
     progress_interval: float = setting(
         5.0,
-        "seconds between reads of each ready rank's metrics (with canaries on, a rank found "
-        "idle is read again when its canary is due)",
+        "seconds between reads of each ready rank's metrics",
         "progress", "SECONDS",
         check=interval,
     )  # fmt: skip

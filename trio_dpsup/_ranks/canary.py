@@ -97,11 +97,6 @@ class IdleClock:
             self._last, self._since = progress, now
         return now - self._since
 
-    def due(self, now: float, idle: float) -> bool:
-        """Whether a reading at `now` could send the canary (`idle` seconds unmoved wanted):
-        the rank was idle at the last reading, for long enough by now (or not read yet)."""
-        return self._since is None or now - self._since >= idle
-
     def canary_sent(self, at: float) -> None:
         """A canary went out at the reading taken at `at`: idle from then, and the counter it
         moved is taken as the next reading finds it."""
@@ -141,10 +136,6 @@ class Canaries:
     def reset(self) -> None:
         """The rank is not serving (yet, or any more): nothing to prove."""
         self._idle = IdleClock()
-
-    def due(self, now: float) -> bool:
-        """Whether a reading at `now` may send the canary (see `IdleClock.due`)."""
-        return self._idle.due(now, self._config.canary_idle)
 
     async def aclose(self) -> None:
         """Close the canary's connection. **Cancellation**: safe."""

@@ -139,8 +139,6 @@ class StallClock:
         self._last: float | None = None
         self._since = 0.0
         self._busy = False
-        #: The last reading found the busy gauge at 0 (False before the first).
-        self.idle = False
         #: The gap the last reading closed: seconds from the counter's previous move (or
         #: the start of the busy spell) to this move, when busy all along; else None.
         self.gap: float | None = None
@@ -154,7 +152,6 @@ class StallClock:
             self._last = progress
             self._since = now
         self._busy = busy > 0
-        self.idle = not self._busy
         return now - self._since
 
 
@@ -226,11 +223,6 @@ class ProgressCheck:
     def reset(self) -> None:
         """The rank is not serving (yet, or any more): nothing to hold against it."""
         self._clock = StallClock()
-
-    @property
-    def idle(self) -> bool:
-        """The last reading found the rank idle (False before the first)."""
-        return self._clock.idle
 
     def unreadable(self, why: str) -> None:
         """The reading failed: shown (and logged once per reason), never a failure."""
