@@ -52,8 +52,6 @@ class RankContext:
     guardian: Guardian
     #: The shutdown's clock: one grace deadline for every rank.
     clock: StopClock
-    #: For the progress check's reads of each rank's metrics.
-    client: httpx.AsyncClient
     #: Makes the health probe of the rank on a port (see prober.probe_factory).
     probes: Callable[[int], RankProbe]
     #: Makes the other exchanges with a rank: metrics reads, canaries (prober.exchange_factory).
@@ -117,7 +115,6 @@ async def open_rank_context(
             guardian=guardian,
             cgroups=cgroups,
             clock=clock,
-            client=client,
             probes=probe_factory(
                 settings.probes.address, client, through_httpx=transport is not None
             ),

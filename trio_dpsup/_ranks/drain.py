@@ -30,13 +30,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-import httpx
 import trio
 
+from .._config.concerns import DrainSettings
 from .._state.board import RankRecord
 from .._state.status import DrainEnd, DrainReason
 from .context import RankContext
-from .progress import NoAnswer, metric_sums, read_metrics
+from .prober import RankExchange
+from .progress import NoAnswer, fetch_metrics, require, scan_metrics_soon
 
 __all__ = ["POLL", "drain_rank"]
 
@@ -140,15 +141,29 @@ async def _until_idle(record: RankRecord, ctx: RankContext, began: float) -> Dra
     names = config.inflight_metrics
     if not names:
         return DrainEnd.UNKNOWN
+    # The probes' own client, one connection kept across the polls (as the readings do).
+    metrics = ctx.exchanges(record.plan.port, "GET", config.address.metrics_path, None, ())
+    try:
+        return await _poll_inflight(record, config, metrics, names, began)
+    finally:
+        await metrics.aclose()
+
+
+async def _poll_inflight(
+    record: RankRecord,
+    config: DrainSettings,
+    metrics: RankExchange,
+    names: tuple[str, ...],
+    began: float,
+) -> DrainEnd | None:
     rank = record.plan.rank
-    url = config.address.url(record.plan.port, config.address.metrics_path)
     idle_reads = failures = 0
     with trio.move_on_after(config.drain_timeout):
         while record.draining_since(began):
             try:
-                text = await read_metrics(ctx.client, url, config.probe_timeout)
-                sums = await trio.to_thread.run_sync(metric_sums, text, names)
-            except (httpx.HTTPError, ValueError, NoAnswer) as exc:
+                text = await fetch_metrics(metrics, config.probe_timeout)
+                sums = require(await scan_metrics_soon(text, names), names)
+            except (ValueError, NoAnswer) as exc:
                 failures += 1
                 if failures < UNREADABLE:
                     await trio.sleep(POLL)

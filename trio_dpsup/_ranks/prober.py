@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import ssl
+import sys
 from collections.abc import Callable
 from typing import NoReturn, Protocol
 
@@ -239,22 +240,10 @@ async def probe_once(client: httpx.AsyncClient, url: str, timeout: float) -> Pro
 
     **Cancellation**: safe; the request is abandoned.
     """
-    start = trio.current_time()
-    status_code: int | None = None
-    error: str | None = None
-    # One bound for the whole probe: httpx's own timeouts are per phase, not in total.
-    with trio.move_on_after(timeout) as scope:
-        try:
-            response = await client.get(url)
-            status_code = response.status_code
-            if not response.is_success:
-                error = f"HTTP {status_code}"
-        except httpx.HTTPError as exc:
-            error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-    if scope.cancelled_caught:
-        error = f"no answer within {timeout:g}s"
-    latency = trio.current_time() - start
-    return ProbeResult(ok=error is None, status_code=status_code, error=error, latency=latency)
+    # The exchange's own request, without a body limit: a probe's body is read and dropped.
+    exchange = _HttpxExchange(client, "GET", url, None, ())
+    result, _ = await exchange.fetch(timeout, sys.maxsize)
+    return result
 
 
 async def probe_rank(

@@ -32,7 +32,6 @@ import collections
 import logging
 import math
 
-import httpx
 import trio
 
 from .._config.concerns import ProgressSettings
@@ -50,7 +49,6 @@ __all__ = [
     "learned_limit",
     "metric_sums",
     "parse_progress",
-    "read_metrics",
     "require",
     "scan_metrics",
     "scan_metrics_soon",
@@ -266,17 +264,3 @@ class ProgressCheck:
 
 class NoAnswer(Exception):
     """A rank's metrics did not come within the time given."""
-
-
-async def read_metrics(client: httpx.AsyncClient, url: str, timeout: float) -> str:  # noqa: ASYNC109
-    """GET `url` within `timeout` seconds (a verdict, like a probe's): its text. Raises
-    httpx.HTTPError, ValueError (a page too large) or NoAnswer.
-
-    **Cancellation**: prompt; the request is abandoned."""
-    with trio.move_on_after(timeout):
-        response = await client.get(url)
-        response.raise_for_status()
-        if len(response.content) > MAX_METRICS_BYTES:
-            raise ValueError(f"the page is larger than {MAX_METRICS_BYTES} bytes")
-        return response.text
-    raise NoAnswer(f"no answer within {timeout:g}s")
