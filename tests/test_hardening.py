@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -293,6 +294,113 @@ def test_restart_records_of_the_dead_are_pruned() -> None:
         alive.wait()
     trees.prune()
     assert trees.roots == []
+
+
+def test_the_walk_keeps_a_members_files_open_and_closes_them_once_it_is_gone() -> None:
+    # A unit test of Trees on purpose (private): the tree watch reads a known member
+    # through descriptors it keeps (two reads a round, not six syscalls by path); they
+    # must not outlive the member, nor the watch.
+    from trio_dpsup._proc.membership import Trees
+
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    script = "import subprocess, time; subprocess.Popen(['sleep', '60']); time.sleep(60)"
+    parent = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline = time.monotonic() + 10
+        while not psutil.Process(parent.pid).children():
+            assert time.monotonic() < deadline, "the parent never started its child"
+            time.sleep(0.01)
+        (child,) = psutil.Process(parent.pid).children()
+        trees = Trees("unit")
+        trees.add_root(0, parent.pid)
+        before = open_fds()
+        assert [pid for pid, _, _ in trees.walk(every_thread=False)] == [child.pid]
+        assert open_fds() == before + 4  # a stat and a children file per member
+        for every_thread in (False, True):  # known now: read through what is kept
+            assert trees.walk(every_thread=every_thread) == []
+            assert open_fds() == before + 4
+        child.kill()  # a zombie of its parent: still listed, no longer a member to watch
+        while child.status() != psutil.STATUS_ZOMBIE:
+            assert time.monotonic() < deadline + 10, "the child never exited"
+            time.sleep(0.01)
+        assert trees.walk(every_thread=False) == []
+        assert open_fds() == before + 2
+        parent.kill()
+        parent.wait()  # both gone (the zombie with its parent)
+        assert trees.walk(every_thread=False) == []
+        assert open_fds() == before
+        trees.walk(every_thread=False)
+        trees.close()
+        assert open_fds() == before
+    finally:
+        parent.kill()
+        parent.wait()
+
+
+def test_the_kill_passes_return_once_those_they_killed_have_exited(tmp_path: Path) -> None:
+    # A unit test of Trees on purpose (private): SIGKILL is delivered, not done, when it is
+    # sent. A member with memory to give back (1 GiB here; an engine has far more) holds
+    # its files and locks for a fifth of a second after it: a stop that says it is done
+    # must not be ahead of that (the forks-in-a-loop test once found the lock still held).
+    from trio_dpsup._proc.membership import Trees
+
+    lock = tmp_path / "member.lock"
+    lock.touch()
+    member = (
+        "import fcntl, mmap, os, sys, time\n"
+        "fcntl.flock(os.open(sys.argv[1], os.O_RDONLY), fcntl.LOCK_SH)\n"
+        "flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE\n"
+        "memory = mmap.mmap(-1, 1 << 30, flags=flags)\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    with subprocess.Popen(
+        [sys.executable, "-c", member, str(lock)],
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+    ) as process:
+        try:
+            assert process.stdout is not None
+            assert process.stdout.readline() == b"ready\n"
+            trees = Trees("unit")
+            trees.add_root(0, process.pid)
+            assert trees.kill_members([0]) >= 1
+            assert not holders_now(lock), describe_holders(lock)
+        finally:
+            process.kill()
+
+
+def test_waiting_for_the_killed_is_bounded_and_closes_their_pidfds() -> None:
+    # A unit test of the kill passes' wait on purpose (private): a process that does not
+    # exit (here: not killed at all) holds the wait only until its timeout, and every pidfd
+    # is closed, whether its process exited or not.
+    from trio_dpsup._proc.membership import kill_process, read_stat, wait_exited
+
+    with (
+        subprocess.Popen(["sleep", "60"]) as stays,
+        subprocess.Popen(["sleep", "60"]) as killed,
+    ):
+        try:
+            stat = read_stat(killed.pid)
+            assert stat is not None
+            dying: dict[tuple[int, int], int] = {}
+            assert kill_process(killed.pid, stat.start, dying) == 1
+            dying[(stays.pid, 0)] = os.pidfd_open(stays.pid)
+            pidfds = list(dying.values())
+            started = time.monotonic()
+            wait_exited(dying, 0.5)
+            assert 0.5 <= time.monotonic() - started < 5
+            assert dying == {}
+            for pidfd in pidfds:
+                with pytest.raises(OSError, match="Bad file descriptor"):
+                    os.fstat(pidfd)
+            assert killed.wait(5) == -signal.SIGKILL
+            assert stays.poll() is None
+        finally:
+            stays.kill()
+            killed.kill()
 
 
 def test_a_dead_rank_whose_member_lives_is_kept() -> None:

@@ -318,7 +318,7 @@ async def test_admin_connections_past_the_open_files_limit(tmp_path: Path) -> No
     args = cli_args(1, free_port_range(1), options=["--admin-socket", str(sock)])
 
     def low_limit() -> None:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (96, 96))  # the plan needs about 88
+        resource.setrlimit(resource.RLIMIT_NOFILE, (104, 104))  # the plan needs 102
 
     process = await trio.lowlevel.open_process(
         [*CLI, *args],  # no output read: run_cli and open_cli_supervisor read it
@@ -331,7 +331,7 @@ async def test_admin_connections_past_the_open_files_limit(tmp_path: Path) -> No
             while not sock.exists():  # noqa: ASYNC110
                 await trio.sleep(0.05)  # the socket file appears once the supervisor listens
         with trio.move_on_after(10):
-            while len(held) < 300:  # past the 96 files the supervisor may open
+            while len(held) < 300:  # past the 104 files the supervisor may open
                 client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 client.setblocking(False)
                 try:

@@ -11,11 +11,12 @@ from collections.abc import Sequence
 from functools import partial
 
 import h11
+import pytest
 import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trio_dpsup._ranks.http_probe import HttpProbe, _read_response  # held to h11
+from trio_dpsup._ranks.http_probe import HttpProbe, ProbeError, _read_response  # held to h11
 
 REQUEST = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1:8000\r\nUser-Agent: trio-dpsup\r\n\r\n"
 
@@ -189,3 +190,17 @@ async def test_a_kept_connection_the_server_closed_is_replaced_once() -> None:
         assert answered == [b"GET /health HTTP/1.1"] * 3
         await probe.aclose()
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "HTTP/1.1 2\u00b2 OK\r\nContent-Length: 0\r\n\r\n",  # latin-1's '²', a "digit"
+        "HTTP/1.1 200 OK\r\nContent-Length: \u00b2\r\n\r\n",
+    ],
+)
+def test_a_digit_that_int_cannot_read_is_a_failed_probe(answer: str) -> None:
+    # str.isdigit takes '²' for a digit and int() does not: a ValueError there escaped the
+    # probe instead of failing it.
+    with pytest.raises(ProbeError):
+        trio.run(_read_response, Pieces([answer.encode("latin-1")]))

@@ -73,9 +73,11 @@ async def run_for(seconds: float, rank: Rank, *, busy: bool = False) -> None:
     board.mark_ready(record)
     rank.busy = 1 if busy else 0
     progress, canary = derive(ProgressSettings, CONFIG), derive(CanarySettings, CONFIG)
-    ticker = Ticker(reading_interval(progress, canary))
+    probes = Ticker(1.0)  # as the supervisor's: the readings tick on the probes' ticks
+    ticker = Ticker(reading_interval(progress, canary), probes)
     with trio.move_on_after(seconds):
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(probes.run)
             nursery.start_soon(ticker.run)
             nursery.start_soon(watch_metrics, progress, canary, record, rank.exchange, ticker)
             if busy:  # a busy rank that makes progress: no stall, and no canary
@@ -106,3 +108,82 @@ async def test_a_busy_rank_is_read_every_progress_interval_and_gets_no_canary(
     assert 19 <= len(rank.reads) <= 20
     gaps = [b - a for a, b in zip(rank.reads, rank.reads[1:], strict=False)]
     assert gaps == pytest.approx([5.0] * len(gaps), abs=0.01)
+
+
+async def _ticks(
+    tickers: dict[str, Ticker], run: list[Ticker], seconds: float
+) -> dict[str, list[float]]:
+    seen: dict[str, list[float]] = {name: [] for name in tickers}
+
+    async def collect(name: str, ticker: Ticker) -> None:
+        while True:
+            at = await ticker.wait()
+            assert at == trio.current_time()  # autojump: each tick wakes at its grid time
+            seen[name].append(at)
+
+    with trio.move_on_after(seconds):
+        async with trio.open_nursery() as nursery:
+            for ticker in run:
+                await nursery.start(ticker.run)
+            for name, ticker in tickers.items():
+                nursery.start_soon(collect, name, ticker)
+    return seen
+
+
+async def test_a_ticker_on_a_base_ticks_on_its_ticks(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    probes = Ticker(1.0)
+    tickers = {
+        "probes": probes,
+        "readings": Ticker(5.0, probes),  # one base tick in five
+        "walks": Ticker(1.0, probes),  # every base tick: the base's own
+        "odd": Ticker(1.5, probes),  # no whole multiple: a timer of its own
+    }
+    seen = await _ticks(tickers, list(tickers.values()), 20.5)
+    assert seen["probes"] == [float(t) for t in range(1, 21)]
+    assert seen["readings"] == [5.0, 10.0, 15.0, 20.0]
+    assert seen["walks"] == seen["probes"]
+    assert seen["odd"] == [1.5 * t for t in range(1, 14)]
+
+
+async def test_a_ticker_on_a_base_has_no_timer_of_its_own(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Its base not running, it never ticks: the timer that wakes the loop is the base's.
+    probes = Ticker(1.0)
+    readings, walks, odd = Ticker(5.0, probes), Ticker(1.0, probes), Ticker(1.5, probes)
+    seen = await _ticks(
+        {"readings": readings, "walks": walks, "odd": odd}, [readings, walks, odd], 20.5
+    )
+    assert seen["readings"] == seen["walks"] == []
+    assert len(seen["odd"]) == 13
+
+
+async def test_a_ticker_on_a_base_that_missed_its_tick_ticks_at_the_next(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The loop held up 2 s at 8.5 s: the probes' ticker misses its tick at 10 s. The
+    # readings' tick of that period comes at the base's next tick (11 s), counted as 10 s,
+    # not a whole period later.
+    probes = Ticker(1.0)
+    readings = Ticker(5.0, probes)
+    seen: list[tuple[float, float]] = []
+
+    async def collect() -> None:
+        while True:
+            at = await readings.wait()
+            seen.append((at, trio.current_time()))
+
+    async def hold_up() -> None:
+        await trio.sleep_until(8.5)
+        autojump_clock.jump(2.0)  # as a blocking call would: no task runs meanwhile
+
+    with trio.move_on_after(20.5):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(probes.run)
+            await nursery.start(readings.run)
+            nursery.start_soon(collect)
+            nursery.start_soon(hold_up)
+    assert [at for at, _ in seen] == [5.0, 10.0, 15.0, 20.0]
+    assert seen[1][1] == pytest.approx(11.0)

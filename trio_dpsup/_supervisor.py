@@ -59,7 +59,7 @@ from ._proc.process_tree import TreeScanner, run_tree_watch
 from ._proc.stop import StopClock, sweep_orphans
 from ._ranks.context import open_rank_context
 from ._ranks.gpu_watch import report_leftovers, run_gpu_watch
-from ._ranks.prober import log_startup_progress, run_startup_deadline
+from ._ranks.prober import Ticker, log_startup_progress, run_startup_deadline
 from ._ranks.rank import run_rank
 from ._state.board import RankRecord
 from ._state.status import DrainReason, RankState, SupervisorState, SupervisorStatus
@@ -324,14 +324,10 @@ class _Run:
                     ranks.start_soon(self._watch_shutdown)
                     await ranks.start(ctx.ticker.run)
                     await ranks.start(ctx.readings.run)
+                    walks = Ticker(config.tree_watch_interval, ctx.ticker)
+                    await ranks.start(walks.run)
                     await ranks.start(
-                        partial(
-                            run_tree_watch,
-                            self.trees,
-                            guardian.seen,
-                            ctx.spawner,
-                            interval=config.tree_watch_interval,
-                        )
+                        run_tree_watch, self.trees, guardian.seen, ctx.spawner, walks.wait
                     )
                     for record in self.board.ranks:
                         await ranks.start(run_rank, record, ctx)

@@ -210,10 +210,12 @@ def _rank_count(
     return ranks
 
 
-#: Open files the supervisor holds per rank: measured 4 at steady state (17 ranks: 79, one
-#: rank: 15) — the stdout and stderr pipes, a pidfd and the probe connection; counted twice,
-#: for the tree scans' pidfds and a restart's overlap of old and new process.
-FDS_PER_RANK = 8
+#: Open files the supervisor holds per rank: measured 8 at steady state with the canary
+#: and the progress check on (17 fake ranks: 149) — the stdout and stderr pipes, a pidfd,
+#: the probe's, the metrics reads' and the canary's connections, and the tree watch's two
+#: kept /proc files per member (see _proc.membership.Trees.walk); with room for the tree
+#: scans' pidfds and a restart's overlap of old and new process.
+FDS_PER_RANK = 12
 #: Open files the supervisor needs whatever the rank count (measured 11 with no rank: the
 #: guardian's pipe, the control plane's listener, Python's own), with room for NVML.
 FDS_BASE = 64

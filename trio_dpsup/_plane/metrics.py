@@ -81,8 +81,15 @@ class Metrics:
             ["action"],
             registry=self.registry,
         )
-        for record in board.ranks:  # every rank's series exists from the start, at 0
-            self._probe_failures.labels(str(record.plan.rank))
+        # Every rank's series exists from the start, at 0; a probe (every rank, every
+        # interval) observes its rank's children, not a lookup of its labels each time.
+        self._probe_series = {
+            record.plan.rank: (
+                self._probe_seconds.labels(str(record.plan.rank)),
+                self._probe_failures.labels(str(record.plan.rank)),
+            )
+            for record in board.ranks
+        }
         build = Gauge(
             "trio_dpsup_build_info",
             "1, labelled with the supervisor's version and Python's.",
@@ -98,10 +105,10 @@ class Metrics:
         self._served.register(_WithoutCreated(self.registry))
 
     def observe_probe(self, rank: int, result: ProbeResult) -> None:
-        label = str(rank)
-        self._probe_seconds.labels(label).observe(result.latency)
+        seconds, failures = self._probe_series[rank]
+        seconds.observe(result.latency)
         if not result.ok:
-            self._probe_failures.labels(label).inc()
+            failures.inc()
 
     def observe_canary(self, rank: int, result: CanaryResult) -> None:
         self._canary_seconds.labels(str(rank)).observe(result.latency)

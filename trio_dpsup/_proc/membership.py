@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -44,6 +46,15 @@ ADOPTED = -1
 _MAX_DEPTH = 64
 #: Kill passes: a process forked while one pass runs is caught by the next.
 MAX_KILL_PASSES = 20
+#: How long the kill passes wait for the processes they killed to have exited, and for
+#: how many at most (one pidfd each: a process that forks in a loop must not use up the
+#: open files the passes need to kill it).
+EXIT_TIMEOUT = 5.0
+MAX_DYING = 256
+#: Members the walk keeps two descriptors open for (see Trees.walk); more are read by
+#: path. 64 covers 8 ranks of 8 processes in 128 descriptors, within what the plan
+#: budgets for ranks (see _config.plan.FDS_PER_RANK).
+MAX_WATCHED = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,9 +94,37 @@ def _read(path: str, *, whole: bool = False) -> bytes | None:
         os.close(fd)
 
 
+def _open(path: str) -> int | None:
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+
+
+def _pread(fd: int, *, whole: bool = False) -> bytes | None:
+    """A kept /proc file's bytes, read again from its start, as `_read` reads by path;
+    None once its process is gone (ESRCH: the descriptor names the process, not its
+    pid)."""
+    try:
+        data = os.pread(fd, 4096, 0)
+        if whole and data:
+            while chunk := os.pread(fd, 65536, len(data)):
+                data += chunk
+        return data
+    except OSError:
+        return None
+
+
+def _pids(data: bytes) -> list[int]:
+    return [int(pid) for pid in data.split()]
+
+
 def read_stat(pid: int) -> ProcStat | None:
     """/proc/PID/stat, or None if the process is gone (or in no namespace of ours)."""
-    data = _read(f"/proc/{pid}/stat")  # under 1 KiB: one read holds it
+    return _parse_stat(pid, _read(f"/proc/{pid}/stat"))  # under 1 KiB: one read holds it
+
+
+def _parse_stat(pid: int, data: bytes | None) -> ProcStat | None:
     if data is None:
         return None
     # The command name sits in parentheses and may itself hold ')' or spaces.
@@ -138,6 +177,36 @@ class Root:
 Key = tuple[int, int]
 
 
+@dataclass(frozen=True, slots=True)
+class _Kept:
+    """A member's /proc files, kept open by the walk (see Trees.walk): its stat, which
+    cannot be read once the process is gone (the descriptor names the process, not its
+    pid: a reused pid does not read as the member), and its main thread's children."""
+
+    start: int
+    stat: int
+    children: int
+
+    @classmethod
+    def open(cls, pid: int) -> tuple[ProcStat, _Kept] | None:
+        """Open both, and read the stat through its descriptor; None if `pid` is gone."""
+        stat_fd = _open(f"/proc/{pid}/stat")
+        if stat_fd is None:
+            return None
+        children = _open(f"/proc/{pid}/task/{pid}/children")
+        stat = _parse_stat(pid, _pread(stat_fd)) if children is not None else None
+        if stat is None or children is None:
+            os.close(stat_fd)
+            if children is not None:
+                os.close(children)
+            return None
+        return stat, cls(stat.start, stat_fd, children)
+
+    def close(self) -> None:
+        os.close(self.stat)
+        os.close(self.children)
+
+
 class Trees:
     """What is known of one run's rank trees, and the scans that find their members.
 
@@ -162,6 +231,9 @@ class Trees:
         self.cgroup_marker: bytes | None = None
         # Processes whose environment had no cookie of ours: none can gain one later.
         self._no_cookie: set[Key] = set()
+        # Members the walk reached, by pid, with their /proc files kept open (see walk).
+        # The event loop's alone: no scan reads them.
+        self._watched: dict[int, _Kept] = {}
 
     # -- what is known --------------------------------------------------------------------
 
@@ -256,23 +328,77 @@ class Trees:
         threads, a walk once a second cost 1.9 to 2.6 ms asking every thread and about
         0.5 ms asking main threads (`python -m bench.tree_walk_torch`, H100 machine), so the
         tree watch asks every thread one round in a few only.
+
+        A member met before is read through descriptors kept open since (`_visit`): a
+        read of its stat and one of its children a round, where reading them by path is
+        two opens, two reads and two closes (`python -m bench.idle_parts`). `close`
+        closes them; a member the walk no longer reaches, or a zombie, is closed at once.
         """
         new: list[tuple[int, int, int]] = []
+        reached: set[int] = set()
         starts = [(r.pid, r.rank, r.start) for r in self.roots]
         starts.extend((stat.pid, rank, stat.start) for stat, rank in self.adopted(orphans))
         for top, rank, top_start in starts:
             todo = [(top, 0)]
             while todo:
                 pid, depth = todo.pop()
-                stat = read_stat(pid)
-                if stat is None or stat.zombie or (depth == 0 and stat.start != top_start):
+                member = self._visit(pid, top_start if depth == 0 else None, every_thread)
+                if member is None:
                     continue  # gone (a top whose pid now names another process is gone too)
-                if self.remember(pid, stat.start, rank):
-                    new.append((pid, stat.start, rank))
+                start, children = member
+                reached.add(pid)
+                if self.remember(pid, start, rank):
+                    new.append((pid, start, rank))
                 if depth < _MAX_DEPTH:
-                    children = children_of(pid, every_thread=every_thread)
                     todo.extend((child, depth + 1) for child in children)
+        for pid in self._watched.keys() - reached:
+            self._unwatch(pid)
         return new
+
+    def _visit(
+        self, pid: int, start: int | None, every_thread: bool
+    ) -> tuple[int, list[int]] | None:
+        """A live member's start and children; None if `pid` is gone, a zombie, or (with
+        `start`) now another process.
+
+        The first time, its files are opened and kept (`_Kept`: beyond MAX_WATCHED members,
+        read by path); later, a read of each is all a round costs (of its stat alone, when
+        every thread's children are read by path).
+        """
+        if (kept := self._watched.get(pid)) is not None:
+            stat = _parse_stat(pid, _pread(kept.stat)) if start in (None, kept.start) else None
+            if stat is not None and not stat.zombie:
+                if every_thread:
+                    return kept.start, children_of(pid)
+                data = _pread(kept.children, whole=True)
+                if data is not None:
+                    return kept.start, _pids(data)
+            self._unwatch(pid)
+            if stat is not None:
+                return None  # a zombie, or gone since its stat was read
+        opened = _Kept.open(pid) if len(self._watched) < MAX_WATCHED else None
+        stat = read_stat(pid) if opened is None else opened[0]
+        data = None
+        if stat is not None and not stat.zombie and start in (None, stat.start):
+            if opened is None:
+                data = _read(f"/proc/{pid}/task/{pid}/children", whole=True)
+            else:
+                data = _pread(opened[1].children, whole=True)
+        if stat is None or data is None:
+            if opened is not None:
+                opened[1].close()
+            return None
+        if opened is not None:
+            self._watched[pid] = opened[1]
+        return stat.start, children_of(pid) if every_thread else _pids(data)
+
+    def _unwatch(self, pid: int) -> None:
+        self._watched.pop(pid).close()
+
+    def close(self) -> None:
+        """Close the descriptors the walks keep (a later walk opens them again)."""
+        for pid in list(self._watched):
+            self._unwatch(pid)
 
     def adopted(self, orphans: list[ProcStat] | None = None) -> list[tuple[ProcStat, int]]:
         """The live orphans this subreaper adopted, with their rank (from the registry or
@@ -411,29 +537,34 @@ class Trees:
         checked against the start time (never a reused pid). A subreaper's own children
         are killed first, with no scan: a process that forks and exits in a loop re-parents
         to us at each step and is caught there. Without `scan`, only that cheap part runs.
+        Returns once those killed have exited (at most EXIT_TIMEOUT seconds more).
         """
         wanted = None if ranks is None else set(ranks)
         killed = 0
+        dying: dict[Key, int] = {}
 
         def kill(stat: ProcStat, rank: int) -> None:
             nonlocal killed
             if wanted is None or rank in wanted:
-                killed += kill_process(stat.pid, stat.start)
+                killed += kill_process(stat.pid, stat.start, dying)
 
-        for _ in range(MAX_KILL_PASSES):
-            before = killed
-            for _ in range(_MAX_DEPTH):
-                adopted = [
-                    stat for stat, rank in self.adopted() if wanted is None or rank in wanted
-                ]
-                for stat in adopted:
-                    killed += kill_process(stat.pid, stat.start)
-                if not adopted:
+        try:
+            for _ in range(MAX_KILL_PASSES):
+                before = killed
+                for _ in range(_MAX_DEPTH):
+                    adopted = [
+                        stat for stat, rank in self.adopted() if wanted is None or rank in wanted
+                    ]
+                    for stat in adopted:
+                        killed += kill_process(stat.pid, stat.start, dying)
+                    if not adopted:
+                        break
+                if scan:
+                    self.scan(kill)
+                if killed == before:
                     break
-            if scan:
-                self.scan(kill)
-            if killed == before:
-                break
+        finally:
+            wait_exited(dying, EXIT_TIMEOUT)
         return killed
 
     def kill_groups(self) -> None:
@@ -467,22 +598,51 @@ class Trees:
         return reaped
 
 
-def kill_process(pid: int, start: int) -> int:
-    """SIGKILL the process (pid, start) if it still is that process; 1 if signalled."""
+def kill_process(pid: int, start: int, dying: dict[Key, int] | None = None) -> int:
+    """SIGKILL the process (pid, start) if it still is that process; 1 if signalled.
+
+    With `dying`, the pidfd of a process signalled stays open in it, by (pid, start), for
+    `wait_exited`: SIGKILL is delivered, not done, when the call returns."""
     try:
         pidfd = os.pidfd_open(pid)
     except OSError:
         return 0
+    kept = False
     try:
         stat = read_stat(pid)  # after the pidfd: it now names one process for good
         if stat is None or stat.start != start or stat.zombie:
             return 0
         signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        if dying is not None and (pid, start) not in dying and len(dying) < MAX_DYING:
+            dying[(pid, start)] = pidfd
+            kept = True
         return 1
     except OSError:
         return 0
     finally:
-        os.close(pidfd)
+        if not kept:
+            os.close(pidfd)
+
+
+def wait_exited(dying: dict[Key, int], timeout: float) -> None:
+    """Return once every process of `dying` (from `kill_process`) has exited, its pidfd
+    readable, or after `timeout` seconds; close the pidfds. A killed process holds its
+    files, locks and memory until it has exited: a stop that says it is done must not be
+    ahead of that (a process in the kernel, a GPU driver's teardown, a loaded machine)."""
+    poller = select.poll()
+    for pidfd in dying.values():
+        poller.register(pidfd, select.POLLIN)
+    left = len(dying)
+    deadline = time.monotonic() + timeout
+    try:
+        while left and (remaining := deadline - time.monotonic()) > 0:
+            for pidfd, _ in poller.poll(remaining * 1000):
+                poller.unregister(pidfd)
+                left -= 1
+    finally:
+        for pidfd in dying.values():
+            os.close(pidfd)
+        dying.clear()
 
 
 def _same(key: Key) -> bool:

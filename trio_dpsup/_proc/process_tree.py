@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import signal
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from functools import partial
 
 import psutil
@@ -174,13 +173,15 @@ async def run_tree_watch(
     trees: Trees,
     tell: Callable[[int, int, int], None],
     spawner: Spawner,
+    tick: Callable[[], Awaitable[object]],
     *,
-    interval: float,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Every `interval` seconds: walk the rank trees by children links and `tell` (rank,
-    pid, start) of each member not seen before (the guardian's registry); where we are a
-    child subreaper, reap the orphans we adopted that have exited.
+    """At once and then each time `tick` returns (every ``--tree-watch-interval``: on the
+    probes' ticks where it is a whole multiple of theirs, see _ranks.prober.Ticker): walk
+    the rank trees by children links and `tell` (rank, pid, start) of each member not
+    seen before (the guardian's registry); where we are a child subreaper, reap the
+    orphans we adopted that have exited.
 
     A walk reads only the trees' own /proc entries (a fraction of a millisecond for a
     node's ranks), so it runs on the event loop. It asks each member's main thread for its
@@ -191,25 +192,29 @@ async def run_tree_watch(
     """
     task_status.started()
     rounds = 0
-    while True:
-        # One listing of our orphans serves the walk and the reaping. Reaping waits for
-        # a round in which no rank is being started (see Spawner.lock); the walk does not.
-        locked = trees.adopter is not None and spawner.lock.acquire(blocking=False)
-        try:
-            orphans = trees.orphans(spawner.own) if locked else None
-            new = trees.walk(orphans, every_thread=rounds % EVERY_THREAD_ROUNDS == 0)
-            reaped = trees.reap(orphans) if orphans else []
-        finally:
-            if locked:
-                spawner.lock.release()
-        for pid, start, rank in new:
-            tell(rank, pid, start)
-            logger.debug("rank %d: tree member pid %d recorded", rank, pid, extra={"rank": rank})
-        if reaped:
-            logger.debug("reaped adopted orphans %s", reaped)
-        rounds += 1
-        if rounds % EVERY_THREAD_ROUNDS == 0:
-            trees.prune()  # restarts must not pile up records that every round reads
-        # On the grid of Trio's clock, as the probes' ticks (_ranks.prober.Ticker): with the
-        # same interval, the walk and the probes take one wake of the event loop, not two.
-        await trio.sleep_until((math.floor(trio.current_time() / interval) + 1) * interval)
+    try:
+        while True:
+            # One listing of our orphans serves the walk and the reaping. Reaping waits
+            # for a round in which no rank is being started (see Spawner.lock); the walk
+            # does not.
+            locked = trees.adopter is not None and spawner.lock.acquire(blocking=False)
+            try:
+                orphans = trees.orphans(spawner.own) if locked else None
+                new = trees.walk(orphans, every_thread=rounds % EVERY_THREAD_ROUNDS == 0)
+                reaped = trees.reap(orphans) if orphans else []
+            finally:
+                if locked:
+                    spawner.lock.release()
+            for pid, start, rank in new:
+                tell(rank, pid, start)
+                logger.debug(
+                    "rank %d: tree member pid %d recorded", rank, pid, extra={"rank": rank}
+                )
+            if reaped:
+                logger.debug("reaped adopted orphans %s", reaped)
+            rounds += 1
+            if rounds % EVERY_THREAD_ROUNDS == 0:
+                trees.prune()  # restarts must not pile up records that every round reads
+            await tick()
+    finally:
+        trees.close()  # the descriptors the walks keep

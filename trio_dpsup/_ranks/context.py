@@ -107,6 +107,7 @@ async def open_rank_context(
         open_probe_client(settings.probes.address, transport) as client,
     ):
         restarts = settings.restarts
+        ticker = Ticker(settings.probes.probe_interval)
         yield RankContext(
             settings=settings,
             board=board,
@@ -121,8 +122,8 @@ async def open_rank_context(
             exchanges=exchange_factory(
                 settings.probes.address, client, through_httpx=transport is not None
             ),
-            ticker=Ticker(settings.probes.probe_interval),
-            readings=Ticker(reading_interval(settings.progress, settings.canary)),
+            ticker=ticker,
+            readings=Ticker(reading_interval(settings.progress, settings.canary), ticker),
             restarter=Restarter(
                 restarts.restart,
                 restarts.scope,
