@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import signal
 import statistics
@@ -34,9 +33,9 @@ import trio
 
 from trio_dpsup.testing import FAKE_RANK, CliSupervisor, free_port_range, open_cli_supervisor
 
+from . import write_result
 from .group_idle import cpu_seconds
 
-RESULTS = Path(__file__).parent / "results"
 RANKS = 8
 TARGET = 0.0020  # of one core: the idle CPU at N = 8 before canaries, as the issue measured
 #: The fake rank's gauges and generation endpoint, as a preset names an engine's.
@@ -131,10 +130,7 @@ def main() -> None:
     for name, value in sorted(medians.items()):
         print(f"median {name}: {value * 100:.3f} % of a core")
     print(f"target met: {document['met']}")
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"{document['date'][:10]}-canary-idle.json"
-    path.write_text(json.dumps(document, indent=2) + "\n")
-    print(f"wrote {path}")
+    write_result(f"{document['date'][:10]}-canary-idle", document)
 
 
 if __name__ == "__main__":

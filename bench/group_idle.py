@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import signal
 import statistics
@@ -26,7 +25,8 @@ import trio
 
 from trio_dpsup.testing import FAKE_RANK, CliSupervisor, free_port_range, open_cli_supervisor
 
-RESULTS = Path(__file__).parent / "results"
+from . import write_result
+
 TARGET = 0.0005  # of one core, per peer
 
 
@@ -118,12 +118,9 @@ async def main(seconds: float, runs: int) -> None:
         for key in ("per_peer_pair", "per_peer_leader", "per_peer_worker")
     }
     print("medians per peer: " + ", ".join(f"{k[9:]} {v:.3%}" for k, v in medians.items()))
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"{datetime.date.today().isoformat()}-group-idle.json"
     info = {"cpus": os.cpu_count(), "python": sys.version.split()[0], "seconds": seconds}
     document = {"info": info, "runs": results, "medians": medians, "target": TARGET}
-    path.write_text(json.dumps(document, indent=2) + "\n")
-    print(f"wrote {path}")
+    write_result(f"{datetime.date.today().isoformat()}-group-idle", document)
 
 
 if __name__ == "__main__":

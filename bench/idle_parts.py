@@ -30,7 +30,6 @@ import time
 from pathlib import Path
 from typing import TypedDict
 
-RESULTS = Path(__file__).parent / "results"
 ROOT = Path(__file__).resolve().parent.parent
 RANKS = 8
 PR_SET_CHILD_SUBREAPER = 36
@@ -201,10 +200,9 @@ def main() -> None:
     }
     for name, parts in medians.items():
         print(f"median {name}: probe {parts['probe_us']:.1f} µs, walk {parts['walk_us']:.1f} µs")
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"{date[:10]}-idle-parts.json"
-    path.write_text(json.dumps(document, indent=2) + "\n")
-    print(f"wrote {path}")
+    from bench import write_result  # here: run as a file to measure, there is no package
+
+    write_result(f"{date[:10]}-idle-parts", document)
 
 
 if __name__ == "__main__":

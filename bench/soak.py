@@ -53,7 +53,8 @@ from trio_dpsup.testing import (
 )
 from trio_dpsup.testing.llama_cpp import find_llama_server, vocab_file, write_tiny_model
 
-RESULTS = Path(__file__).parent / "results"
+from . import write_result
+
 FAKE_RANK = (sys.executable, "-m", "trio_dpsup.testing.fake_rank")
 #: The longest a fault is given to be caught.
 FAULT_WAIT = 60.0
@@ -267,11 +268,8 @@ def main() -> None:
         "asked_minutes": args.minutes,
         **document,
     }
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"{document['date'][:10]}-{args.name}.json"  # type: ignore[index]
-    path.write_text(json.dumps(document, indent=2) + "\n")
     print(json.dumps(document, indent=2))
-    print(f"\nwrote {path}")
+    write_result(f"{document['date'][:10]}-{args.name}", document)  # type: ignore[index]
 
 
 if __name__ == "__main__":
